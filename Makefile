@@ -1,0 +1,41 @@
+# tuneserve developer entry points. `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/tuneserve/v1/*.proto)
+
+.PHONY: setup demo test test-fast protos bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: on our machines that spec is a local CPU build,
+# while a bare `torch` requirement can pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tuneserve demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# Regenerates the gRPC code and type stubs checked in under services/protocol.
+# tests/unit/test_protos.py fails when they are stale.
+protos: setup
+	$(PY) -m services.protogen
+
+bench: setup
+	$(PY) bench/serve.py
+
+clean:
+	rm -rf $(VENV) .tuneserve .pytest_cache

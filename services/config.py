@@ -1,0 +1,247 @@
+"""Typed configuration for training runs and for serving.
+
+One YAML file per run (`tuneserve train --config run.yaml`); command-line flags
+override it; the resolved config is validated in `__post_init__`-style `validate()`
+and saved inside every published checkpoint's manifest, so a version always says how
+it was trained. Units are in the names (`_s`, `_chars`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from services.errors import ConfigError
+
+DEFAULT_HOME = Path(os.environ.get("TUNESERVE_HOME", ".tuneserve"))
+DEFAULT_REGISTRY = str(DEFAULT_HOME / "registry")
+DEFAULT_RUNS_DIR = str(DEFAULT_HOME / "runs")
+TASKS = ("classification", "generation")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field docs are the CLI's help texts."""
+
+    model: Optional[str] = None
+    """Hugging Face model id or local folder (config.json + weights + tokenizer)."""
+    train: Optional[str] = None
+    """Training data: .csv, .tsv, .jsonl or .parquet."""
+    eval: Optional[str] = None
+    """Evaluation data; when absent, `eval_fraction` of the training data is held out."""
+    eval_fraction: float = 0.1
+    """Share of the training data held out for evaluation when no --eval file is given."""
+    task: str = "classification"
+    """classification (generation comes with causal-LM support)."""
+    text_column: Optional[str] = None
+    """Column with the text; default: the first of text, sentence, content, review."""
+    label_column: Optional[str] = None
+    """Column with the label; default: the first of label, labels, category, class."""
+    columns: Optional[list[str]] = None
+    """Column names for CSV/TSV files without a header row, e.g. [text, label]."""
+    name: Optional[str] = None
+    """Model name in the registry; default: the training file's stem."""
+    registry: str = DEFAULT_REGISTRY
+    """Registry root folder."""
+    runs_dir: str = DEFAULT_RUNS_DIR
+    """Where Ray Train keeps run state and checkpoints."""
+    workers: int = 1
+    """Number of Ray Train workers (data parallel)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; also the worker's torch thread count."""
+    use_gpu: bool = False
+    """One GPU per worker, bf16 autocast where supported."""
+    epochs: int = 3
+    batch_size: int = 32
+    """Global batch size per optimizer step, split across workers and accumulation steps."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step on each worker."""
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    """Share of all optimizer steps spent warming the learning rate up from 0."""
+    max_length: int = 128
+    """Maximum tokens per example; longer texts are truncated."""
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every_steps: int = 10
+    """How often workers report progress (loss, samples/s) to the driver."""
+    address: Optional[str] = None
+    """Ray cluster address; default: start a local cluster in-process."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes kept in the manifest."""
+
+    def validate(self) -> "TrainConfig":
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid config field '{name}': {why}")
+
+        if not self.model:
+            raise bad("model", "required (a Hugging Face model id or a local folder)")
+        if not self.train:
+            raise bad("train", "required (path of the training data file)")
+        if self.task not in TASKS:
+            raise bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if not (0.0 < self.eval_fraction < 1.0):
+            raise bad("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
+        for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
+                     "log_every_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, f"must be a positive integer, got {value!r}")
+        if self.max_length < 8:
+            raise bad("max_length", f"must be at least 8, got {self.max_length}")
+        if self.cpus_per_worker <= 0:
+            raise bad("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if not (0.0 < self.learning_rate < 1.0):
+            raise bad("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        if not (0.0 <= self.weight_decay < 1.0):
+            raise bad("weight_decay", f"must be in [0, 1), got {self.weight_decay}")
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm <= 0:
+            raise bad("max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        per_step = self.workers * self.grad_accum_steps
+        if self.batch_size % per_step:
+            raise bad(
+                "batch_size",
+                f"{self.batch_size} is not divisible by workers x grad_accum_steps "
+                f"({self.workers} x {self.grad_accum_steps} = {per_step})",
+            )
+        if self.columns is not None:
+            if isinstance(self.columns, str):
+                self.columns = [c.strip() for c in self.columns.split(",")]
+            if not self.columns or any(not c for c in self.columns):
+                raise bad("columns", "must be a comma-separated list of column names")
+        if self.name is None:
+            self.name = Path(self.train).stem
+        from services.registry import validate_name
+
+        try:
+            validate_name(self.name, "name")
+        except Exception as exc:
+            raise bad("name", str(exc)) from None
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per forward pass on one worker."""
+        return self.batch_size // (self.workers * self.grad_accum_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = set(cls.field_names())
+        unknown = sorted(k for k in data if k.replace("-", "_") not in known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown config field(s) {', '.join(map(repr, unknown))}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        cfg = cls()
+        for key, value in data.items():
+            key = key.replace("-", "_")
+            setattr(cfg, key, _coerce(cls, key, value, source))
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(load_yaml_mapping(path), source=str(path))
+
+    def merged(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """A copy with every non-None override applied."""
+        data = self.to_dict()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig.from_dict(data, source="command line")
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    return data
+
+
+def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
+    """Check a YAML value against the field's declared type, converting int -> float."""
+    hints = {f.name: f.type for f in fields(cls)}
+    hint = str(hints[key])
+    if value is None:
+        return None
+    expect: tuple[type, ...]
+    if "bool" in hint:
+        expect = (bool,)
+    elif "float" in hint:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        expect = (float,)
+    elif "int" in hint:
+        expect = (int,)
+    elif "list" in hint:
+        if isinstance(value, str):
+            value = [c.strip() for c in value.split(",")]
+        expect = (list,)
+    elif "dict" in hint:
+        expect = (dict,)
+    else:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        expect = (str,)
+    if not isinstance(value, expect) or (expect == (int,) and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: invalid config field '{key}': expected {expect[0].__name__}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+@dataclass
+class ServeLimits:
+    """Request limits enforced by the gRPC ingress (all configurable)."""
+
+    max_texts_per_request: int = 128
+    max_text_chars: int = 20_000
+    max_model_name_chars: int = 128
+
+
+@dataclass
+class ServeConfig:
+    """What `tuneserve serve` needs."""
+
+    registry: str = DEFAULT_REGISTRY
+    grpc_port: int = 9000
+    host: str = "0.0.0.0"
+    metrics_port: Optional[int] = None
+    address: Optional[str] = None
+    channel: str = "production"
+    poll_interval_s: float = 2.0
+    """How often each replica checks the registry for a moved channel."""
+    replica_cpus: float = 1.0
+    """CPUs reserved per model replica; also its torch thread count (rounded up)."""
+    ingress_cpus: float = 0.1
+    num_replicas: int = 1
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    models: Optional[list[str]] = None
+    """Model names to serve; default: every model in the registry."""
+    limits: ServeLimits = field(default_factory=ServeLimits)

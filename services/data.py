@@ -1,0 +1,245 @@
+"""Reading labelled data sets: CSV, TSV, JSONL and Parquet, local paths.
+
+`load_labelled(path, ...)` returns texts and raw labels; `LabelSet` maps raw labels
+(ints or strings) to contiguous ids and back, and is stored in the checkpoint as
+`id2label`. Every error names the file and, for text formats, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from services.errors import DataError
+
+TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "category", "class", "target")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+           ".parquet": "parquet", ".pq": "parquet"}
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def detect_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{path}: unsupported file type '{path.suffix or '(none)'}'; "
+            f"use one of {', '.join(sorted(FORMATS))}"
+        )
+    return fmt
+
+
+@dataclass
+class Row:
+    """One record and where it came from (line number for text formats, else row)."""
+
+    values: dict[str, Any]
+    where: str
+
+
+def iter_rows(path: str | Path, columns: Optional[Sequence[str]] = None) -> Iterator[Row]:
+    """Yield rows as dicts. `columns` names the fields of a headerless CSV/TSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    fmt = detect_format(path)
+    if fmt in ("csv", "tsv"):
+        yield from _iter_delimited(path, fmt, columns)
+    elif fmt == "jsonl":
+        yield from _iter_jsonl(path)
+    else:
+        yield from _iter_parquet(path)
+
+
+def _iter_delimited(path: Path, fmt: str, columns: Optional[Sequence[str]]) -> Iterator[Row]:
+    # TSV files in the wild (GLUE, AG News) are not quoted: a quote is just a character.
+    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+    delimiter = "\t" if fmt == "tsv" else ","
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+            header: Optional[list[str]] = list(columns) if columns else None
+            for record in reader:
+                line = reader.line_num
+                if header is None:
+                    header = [h.strip() for h in record]
+                    if not any(header):
+                        raise DataError(f"{path}:{line}: empty header row")
+                    continue
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue  # blank line
+                if len(record) != len(header):
+                    raise DataError(
+                        f"{path}:{line}: expected {len(header)} fields "
+                        f"({', '.join(header)}), found {len(record)}"
+                        + ("" if columns else "; headerless file? pass --columns text,label")
+                    )
+                yield Row(dict(zip(header, record)), f"{path}:{line}")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed {fmt.upper()}: {exc}") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[Row]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{line_no}: invalid JSON: {exc.msg}") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object per line")
+                yield Row(obj, f"{path}:{line_no}")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _iter_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    for i, obj in enumerate(table.to_pylist()):
+        yield Row(obj, f"{path}: row {i + 1}")
+
+
+def _pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
+                 candidates: Sequence[str], what: str) -> str:
+    if wanted:
+        if wanted not in available:
+            raise DataError(
+                f"{path}: no {what} column '{wanted}'; columns are: {', '.join(available)}"
+            )
+        return wanted
+    for name in candidates:
+        if name in available:
+            return name
+    raise DataError(
+        f"{path}: cannot tell which column holds the {what}; columns are: "
+        f"{', '.join(available)}; pass --{what}-column"
+    )
+
+
+@dataclass
+class LabelledData:
+    texts: list[str]
+    labels: list[Any]
+    text_column: str
+    label_column: str
+    path: str
+    sha256: str
+
+
+def load_labelled(path: str | Path, text_column: Optional[str] = None,
+                  label_column: Optional[str] = None,
+                  columns: Optional[Sequence[str]] = None) -> LabelledData:
+    """Read (text, label) pairs; empty texts and missing labels are errors with a line."""
+    path = Path(path)
+    texts: list[str] = []
+    labels: list[Any] = []
+    tcol = lcol = None
+    for row in iter_rows(path, columns):
+        if tcol is None:
+            keys = list(row.values)
+            tcol = _pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text")
+            lcol = _pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label")
+        text = row.values.get(tcol)
+        label = row.values.get(lcol)
+        if not isinstance(text, str):
+            if text is None:
+                raise DataError(f"{row.where}: missing text in column '{tcol}'")
+            raise DataError(f"{row.where}: text in column '{tcol}' is not a string: {text!r}")
+        if not text.strip():
+            raise DataError(f"{row.where}: empty text in column '{tcol}'")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"{row.where}: missing label in column '{lcol}'")
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise DataError(f"{row.where}: label must be a string or an integer, got {label!r}")
+        texts.append(text)
+        labels.append(label.strip() if isinstance(label, str) else label)
+    if not texts:
+        raise DataError(f"{path}: no examples found")
+    return LabelledData(texts, labels, tcol, lcol, str(path), file_sha256(path))
+
+
+class LabelSet:
+    """Raw labels <-> contiguous ids. Integer-like labels keep numeric order."""
+
+    def __init__(self, names: Sequence[str]):
+        if len(set(names)) != len(names):
+            raise DataError(f"duplicate label names: {list(names)}")
+        self.names = list(names)
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[Any]) -> "LabelSet":
+        uniq = {str(lab) for lab in labels}
+        if len(uniq) < 2:
+            raise DataError(
+                f"need at least 2 distinct labels to train a classifier, found {sorted(uniq)}"
+            )
+        if all(_is_int(u) for u in uniq):
+            names = sorted(uniq, key=lambda s: int(s))
+        else:
+            names = sorted(uniq)
+        return cls(names)
+
+    def encode(self, labels: Sequence[Any], where: str = "") -> list[int]:
+        out = []
+        for lab in labels:
+            key = str(lab)
+            if key not in self.index:
+                raise DataError(
+                    f"{where}label {lab!r} does not occur in the training data "
+                    f"(known labels: {', '.join(self.names)})"
+                )
+            out.append(self.index[key])
+        return out
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A deterministic shuffled split into (train, eval) indices; eval is never empty."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(n * eval_fraction)))
+    if n - n_eval < 1:
+        raise DataError(f"only {n} examples: too few to hold out an eval split")
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,20 @@
+"""The wire protocol: generated protobuf / gRPC modules for `tuneserve.v1`.
+
+Import the messages from here, not from the generated modules, so that the layout of
+generated code can change without touching callers.
+"""
+
+from services.protocol.tuneserve.v1 import inference_pb2 as pb
+from services.protocol.tuneserve.v1 import inference_pb2_grpc as pb_grpc
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+# Import paths of the `add_*Servicer_to_server` functions that Ray Serve's gRPC proxy
+# registers (`gRPCOptions.grpc_servicer_functions`). The health service is routed
+# through the proxy like any other, so Kubernetes' native gRPC probe reaches the app.
+SERVICER_FUNCTIONS = [
+    "services.protocol.tuneserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+__all__ = ["pb", "pb_grpc", "INFERENCE_SERVICE", "SERVICER_FUNCTIONS"]

@@ -1,0 +1,24 @@
+"""The model registry: versioned, verified checkpoints on a shared filesystem.
+
+Layout (one folder per model name, one sub-folder per version)::
+
+    <root>/<name>/v1/                 model.safetensors, config.json, tokenizer files,
+                                      manifest.json (written last)
+    <root>/<name>/channels/production.json   {"version": "v1", "history": [...]}
+    <root>/<name>/.staging-<id>/      a publish in progress (never listed or loaded)
+
+Publishing copies into a staging folder, fsyncs every file, writes manifest.json last
+and then renames the folder into place, so a version either exists completely or not
+at all. Channel pointers are small JSON files replaced with os.replace. Weights are
+only ever safetensors: a version holding a pickle-based file is refused.
+"""
+
+from services.registry.store import (
+    MANIFEST,
+    PublishResult,
+    Registry,
+    validate_name,
+    validate_version,
+)
+
+__all__ = ["MANIFEST", "PublishResult", "Registry", "validate_name", "validate_version"]

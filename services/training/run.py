@@ -1,0 +1,249 @@
+"""The training driver: data -> Ray Train -> registry.
+
+    from services.config import TrainConfig
+    from services.training.run import run_training
+    result = run_training(TrainConfig(model=..., train="data.csv", workers=2))
+
+Reads and tokenises the data once on the driver (no tokenisation inside the loop),
+ships it to the workers through the object store, runs `TorchTrainer`, shows progress
+from rank 0's reports, and publishes the best epoch's checkpoint with a manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from services import __version__
+from services.config import TrainConfig
+from services.data import LabelSet, load_labelled, split_indices
+from services.errors import DataError, TrainingFailed
+from services.evaluation import summary
+from services.raycluster import ensure_ray
+from services.registry import Registry
+from services.training.encoded import encode_texts
+
+PRIMARY_METRIC = "eval_accuracy"
+
+
+@dataclass
+class TrainResult:
+    name: str
+    version: Optional[str]
+    promoted: bool
+    metrics: dict[str, Any]
+    run_dir: str
+    registry: str
+    checkpoint_dir: Optional[str] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    samples_per_s: Optional[float] = None
+
+
+def _prepare_data(cfg: TrainConfig, tokenizer):
+    train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
+    if cfg.eval:
+        evald = load_labelled(cfg.eval, cfg.text_column or train.text_column,
+                              cfg.label_column or train.label_column, cfg.columns)
+        tr_texts, tr_labels = train.texts, train.labels
+        ev_texts, ev_labels = evald.texts, evald.labels
+        eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
+        split = None
+    else:
+        tr_idx, ev_idx = split_indices(len(train.texts), cfg.eval_fraction, cfg.seed)
+        tr_texts = [train.texts[i] for i in tr_idx]
+        tr_labels = [train.labels[i] for i in tr_idx]
+        ev_texts = [train.texts[i] for i in ev_idx]
+        ev_labels = [train.labels[i] for i in ev_idx]
+        eval_info = None
+        split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+                 "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+    labelset = LabelSet.from_labels(tr_labels)
+    tr_ids = labelset.encode(tr_labels)
+    ev_ids = labelset.encode(ev_labels, where=f"{cfg.eval or cfg.train}: ")
+    data = {
+        "train": encode_texts(tokenizer, tr_texts, tr_ids, cfg.max_length),
+        "eval": encode_texts(tokenizer, ev_texts, ev_ids, cfg.max_length),
+    }
+    info = {"train": {"path": train.path, "sha256": train.sha256, "rows": len(train.texts),
+                      "text_column": train.text_column, "label_column": train.label_column},
+            "eval": eval_info, "split": split}
+    return data, labelset, info
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+    import transformers
+
+    return {"tuneserve": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class _Progress:
+    """Renders rank 0's events: a tqdm bar on a terminal, log lines otherwise."""
+
+    def __init__(self, out: Callable[[str], None], bar: Optional[bool]):
+        self.out = out
+        self.use_bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = None
+        self.history: list[dict[str, Any]] = []
+        self.last_rate: Optional[float] = None
+
+    def handle(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind == "start":
+            self.out(f"training: {ev['train_examples']} examples, {ev['eval_examples']} for "
+                     f"eval, {ev['world_size']} worker(s), {ev['epochs']} epoch(s), "
+                     f"{ev['total_steps']} optimizer steps")
+            if self.use_bar:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=ev["total_steps"], unit="step", dynamic_ncols=True)
+        elif kind == "step":
+            self.history.append(ev)
+            self.last_rate = ev["samples_per_s"]
+            text = (f"epoch {ev['epoch']} step {ev['step']} loss {ev['loss']:.4f} "
+                    f"lr {ev['lr']:.2e} {ev['samples_per_s']:.1f} samples/s")
+            if self.bar is not None:
+                self.bar.n = ev["step"]
+                self.bar.set_postfix_str(text, refresh=True)
+            else:
+                self.out(text)
+        elif kind == "eval":
+            self.history.append(ev)
+            text = (f"epoch {ev['epoch']} eval: accuracy {ev['eval_accuracy']:.4f} "
+                    f"macro-F1 {ev['eval_macro_f1']:.4f} loss {ev['eval_loss']:.4f}")
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                self.out(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bool] = None,
+                 out: Callable[[str], None] = print, progress_bar: Optional[bool] = None,
+                 verbose: bool = False) -> TrainResult:
+    """Train, evaluate each epoch, publish the best epoch. Raises TrainingFailed."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from services.modeling import describe_model_ref, load_tokenizer
+    from services.training.loop import train_loop_per_worker
+
+    started = time.perf_counter()
+    cfg.validate()
+    out(f"model: {describe_model_ref(cfg.model)}")
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except Exception as exc:
+        raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {exc}") from None
+    data, labelset, data_info = _prepare_data(cfg, tokenizer)
+    out(f"labels: {', '.join(labelset.names)}")
+
+    ensure_ray(cfg.address, verbose=verbose)
+    run_name = f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    runs_dir = Path(cfg.runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    queue = Queue(actor_options={"num_cpus": 0})
+    loop_cfg = {
+        "model": cfg.model, "data_ref": ray.put(data), "id2label": labelset.id2label,
+        "pad_token_id": tokenizer.pad_token_id, "seed": cfg.seed, "epochs": cfg.epochs,
+        "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+        "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay,
+        "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
+        "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": cfg.use_gpu,
+        "log_every_steps": cfg.log_every_steps, "progress_queue": queue,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(runs_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=2,
+                                               checkpoint_score_attribute=PRIMARY_METRIC,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    progress = _Progress(out, progress_bar)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # reported on the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="tuneserve-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                progress.handle(queue.get(timeout=0.5))
+            except Empty:
+                pass
+    finally:
+        progress.close()
+        thread.join()
+        ray.kill(queue.actor, no_restart=True)
+    if "error" in outcome:
+        raise TrainingFailed(f"training failed: {_root_cause(outcome['error'])}") from None
+    result = outcome["result"]
+    if result.error is not None:
+        raise TrainingFailed(f"training failed: {_root_cause(result.error)}")
+    best = result.get_best_checkpoint(PRIMARY_METRIC, "max") or result.checkpoint
+    if best is None:
+        raise TrainingFailed("training produced no checkpoint")
+    best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path),
+                        result.metrics)
+    metrics = summary({k.removeprefix("eval_"): v for k, v in best_metrics.items()
+                       if k.startswith("eval_") and isinstance(v, (int, float))})
+    metrics["loss"] = float(best_metrics.get("eval_loss", float("nan")))
+    res = TrainResult(name=cfg.name, version=None, promoted=False, metrics=metrics,
+                      run_dir=str(runs_dir / run_name), registry=str(cfg.registry),
+                      checkpoint_dir=best.path, history=progress.history,
+                      samples_per_s=progress.last_rate)
+    if publish:
+        manifest = {
+            "task": cfg.task, "base_model": cfg.model, "labels": labelset.names,
+            "metrics": metrics, "best_epoch": best_metrics.get("epoch"),
+            "per_class": best_metrics.get("eval_per_class"),
+            "confusion_matrix": best_metrics.get("confusion_matrix"),
+            "config": cfg.to_dict(), "data": data_info, "run": run_name,
+            "versions": _versions(),
+        }
+        with best.as_directory() as ckpt_dir:
+            pub = Registry(cfg.registry).publish(cfg.name, ckpt_dir, manifest, promote=promote)
+        res.version, res.promoted = pub.version, pub.promoted
+        res.checkpoint_dir = str(pub.path)
+    res.wall_s = time.perf_counter() - started
+    return res
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's message, without Ray's wrapping and tracebacks."""
+    seen = set()
+    while True:
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(exc))
+        exc = nxt
+    text = str(exc).strip().splitlines()
+    last = text[-1] if text else ""
+    return f"{type(exc).__name__}: {last}" if last else type(exc).__name__
