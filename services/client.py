@@ -1,0 +1,92 @@
+"""A small Python client for the tuneserve gRPC API.
+
+    from services.client import Client
+    with Client("localhost:9000") as c:
+        resp = c.classify("sentiment", ["what a lovely film"])
+        print(resp.results[0].label, resp.version)
+
+Other languages: generate stubs from protos/tuneserve/v1/inference.proto, or explore
+with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.protocol import INFERENCE_SERVICE, pb, pb_grpc
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class Client:
+    def __init__(self, address: str, *, token: Optional[str] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address)
+        self.inference = pb_grpc.InferenceStub(self.channel)
+        self._health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def classify(self, model: str, texts: Sequence[str], version: str = "",
+                 timeout_s: Optional[float] = None) -> pb.ClassifyResponse:
+        req = pb.ClassifyRequest(model=model, texts=list(texts), version=version)
+        return self.inference.Classify(req, timeout=timeout_s or self.timeout_s,
+                                       metadata=self._metadata)
+
+    def generate(self, model: str, prompt: str, **params) -> pb.GenerateResponse:
+        timeout_s = params.pop("timeout_s", None) or self.timeout_s
+        req = pb.GenerateRequest(model=model, prompt=prompt, **params)
+        return self.inference.Generate(req, timeout=timeout_s, metadata=self._metadata)
+
+    def generate_stream(self, model: str, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
+        timeout_s = params.pop("timeout_s", None) or self.timeout_s
+        req = pb.GenerateRequest(model=model, prompt=prompt, **params)
+        return self.inference.GenerateStream(req, timeout=timeout_s, metadata=self._metadata)
+
+    def list_models(self, model: str = "") -> pb.ListModelsResponse:
+        return self.inference.ListModels(pb.ListModelsRequest(model=model),
+                                         timeout=self.timeout_s, metadata=self._metadata)
+
+    def health(self, service: str = INFERENCE_SERVICE, timeout_s: float = 5.0) -> str:
+        """'SERVING', 'NOT_SERVING', ... as a name."""
+        resp = self._health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                 timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_until_serving(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health()
+                if last == "SERVING":
+                    return
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(poll_s)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout_s:.0f}s ({last})")
+
+
+def format_table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)

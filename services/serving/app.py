@@ -1,0 +1,133 @@
+"""Building the Serve application and starting Serve with its gRPC proxy.
+
+    tuneserve serve --registry DIR --grpc-port 9000
+
+or, for a Serve config file / KubeRay RayService, the import path
+`services.serving.app:app_builder` with args {registry: ..., ...}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Optional
+
+from services.config import ServeConfig, ServeLimits
+from services.errors import RegistryError
+from services.protocol import SERVICER_FUNCTIONS
+from services.raycluster import ensure_ray
+from services.registry import Registry
+
+APP_NAME = "tuneserve"
+logger = logging.getLogger(__name__)
+
+
+def model_deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> dict[str, str]:
+    """model name -> task, for every servable model (or the ones asked for)."""
+    names = wanted or registry.model_names()
+    tasks: dict[str, str] = {}
+    for name in names:
+        versions = registry.versions(name)
+        if not versions:
+            raise RegistryError(f"model '{name}' not found in registry {registry.root}")
+        target = registry.channel(name, "production") or versions[-1]
+        tasks[name] = str(registry.manifest(name, target).get("task", "classification"))
+    return tasks
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application: one ingress, one model deployment per model name."""
+    from ray import serve
+
+    from services.serving.classifier import Classifier
+    from services.serving.ingress import InferenceIngress
+
+    registry = Registry(cfg.registry)
+    tasks = discover_models(registry, cfg.models)
+    if not tasks:
+        raise RegistryError(f"no models in registry {cfg.registry}: train one first "
+                            "(tuneserve train ...)")
+    handles = {}
+    threads = max(1, math.ceil(cfg.replica_cpus))
+    for name, task in tasks.items():
+        if task != "classification":
+            logger.warning("model %s has task %s, which this server cannot serve yet",
+                           name, task)
+            continue
+        deployment = serve.deployment(Classifier).options(
+            name=model_deployment_name(name),
+            num_replicas=cfg.num_replicas,
+            ray_actor_options={"num_cpus": cfg.replica_cpus,
+                               "runtime_env": {"env_vars": {
+                                   "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}},
+            user_config={"channel": cfg.channel, "pinned_version": None,
+                         "poll_interval_s": cfg.poll_interval_s},
+            health_check_period_s=10,
+        )
+        handles[name] = deployment.bind(
+            str(registry.root.resolve()), name, channel=cfg.channel,
+            poll_interval_s=cfg.poll_interval_s, threads=threads,
+            max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+    ingress = serve.deployment(InferenceIngress).options(
+        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+    )
+    served_tasks = {n: t for n, t in tasks.items() if n in handles}
+    return ingress.bind(str(registry.root.resolve()), handles, served_tasks,
+                        dataclasses.asdict(cfg.limits))
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for Serve config files (`import_path: services.serving.app:app_builder`)."""
+    args = dict(args or {})
+    limits = ServeLimits(**args.pop("limits", {}) or {})
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown application args: {', '.join(unknown)}")
+    return build_app(ServeConfig(limits=limits, **args))
+
+
+def grpc_options(cfg: ServeConfig) -> dict[str, Any]:
+    return {"port": cfg.grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)}
+
+
+def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = False,
+                  wait_for_models: bool = True, timeout_s: float = 300.0) -> None:
+    """Start (or reuse) Ray, start Serve's gRPC proxy, deploy, wait until serving."""
+    from ray import serve
+
+    app = build_app(cfg)  # fail fast on an empty or bad registry, before Ray starts
+    ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
+    serve.start(http_options={"host": cfg.host, "port": http_port},
+                grpc_options=grpc_options(cfg))
+    serve.run(app, name=APP_NAME, blocking=False)
+    if wait_for_models:
+        wait_until_serving(timeout_s)
+
+
+def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[str, Any]:
+    """Poll the ingress until every model has a loaded version."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    statuses: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        statuses = handle._statuses.remote().result()
+        if statuses and all(s.get("version") for s in statuses.values()):
+            return statuses
+        time.sleep(poll_s)
+    raise TimeoutError(f"models not loaded after {timeout_s:.0f}s: {statuses}")
+
+
+def stop_serving() -> None:
+    from ray import serve
+
+    serve.shutdown()

@@ -1,0 +1,264 @@
+"""The classification model deployment (one per model name). No gRPC in here.
+
+Each replica follows its model's channel (`production` by default) in the registry,
+or a version pinned through `reconfigure` (Serve `user_config`). A background task
+polls the registry; when the target moves it verifies the new version (manifest,
+sha256 of every file, labels), loads it beside the old one, runs one smoke inference
+and swaps the reference atomically. Requests already running finish on the old
+model. A version that fails any check is refused and not retried until it changes.
+
+Requests are batched across callers with `@serve.batch`; inside a batch the texts are
+sorted by length so each forward pass pads as little as possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ray import serve
+
+from services.errors import CorruptVersion, ModelLoading, ModelNotFound, TuneserveError
+from services.registry import Registry
+
+logger = logging.getLogger("ray.serve")
+
+SMOKE_TEXT = "tuneserve smoke test"
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    loaded_at: float
+
+
+def _load_version(registry: Registry, name: str, version: str) -> LoadedModel:
+    """Verify, load and smoke-test one version (runs in a worker thread)."""
+    import torch
+
+    from services.modeling import load_classifier_for_serving
+
+    manifest = registry.verify(name, version)
+    if manifest.get("task") != "classification":
+        raise CorruptVersion(f"{name} {version}: task is {manifest.get('task')!r}, "
+                             "not classification")
+    model, tokenizer = load_classifier_for_serving(registry.version_dir(name, version))
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if labels != manifest.get("labels"):
+        raise CorruptVersion(f"{name} {version}: model labels differ from the manifest")
+    max_length = int((manifest.get("config") or {}).get("max_length") or 512)
+    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    loaded = LoadedModel(version, model, tokenizer, labels, max_length, time.time())
+    probs = _predict(loaded, [SMOKE_TEXT])
+    if probs.shape != (1, len(labels)) or not bool(torch.isfinite(probs).all()):
+        raise CorruptVersion(f"{name} {version}: smoke inference gave invalid output")
+    return loaded
+
+
+def _predict(loaded: LoadedModel, texts: list[str], chunk: int = 64):
+    """Class probabilities for texts, in order; batches padded to their longest text."""
+    import torch
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty((len(texts), len(loaded.labels)), dtype=torch.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            enc = loaded.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                   max_length=loaded.max_length, return_tensors="pt")
+            logits = loaded.model(**enc).logits.float()
+            out[idx] = torch.softmax(logits, dim=-1)
+    return out
+
+
+class Classifier:
+    """Serve deployment class; `app.py` wraps it with `serve.deployment`."""
+
+    def __init__(self, registry: str, name: str, channel: str = "production",
+                 poll_interval_s: float = 2.0, threads: Optional[int] = None,
+                 cache_versions: int = 2, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.005):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads or math.ceil(
+            float(os.environ.get("TUNESERVE_REPLICA_CPUS", "1"))))))
+        self.registry = Registry(registry)
+        self.name = name
+        self.channel = channel
+        self.pinned: Optional[str] = None
+        self.poll_interval_s = poll_interval_s
+        self.cache_versions = cache_versions
+        self.current: Optional[LoadedModel] = None
+        self.others: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.refused: dict[str, str] = {}
+        self.last_error: Optional[str] = None
+        self.state = "loading"
+        self._wake = asyncio.Event()
+        self._load_lock = asyncio.Lock()
+        self._follower: Optional[asyncio.Task] = None
+        self.set_batching(max_batch_size, batch_wait_timeout_s)
+
+    def _ensure_follower(self) -> None:
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Record the target only; the load happens in the background (never blocks)."""
+        user_config = user_config or {}
+        self.pinned = user_config.get("pinned_version") or None
+        self.channel = user_config.get("channel") or self.channel
+        if user_config.get("poll_interval_s"):
+            self.poll_interval_s = float(user_config["poll_interval_s"])
+        self._ensure_follower()
+        self._wake.set()
+
+    def _target(self) -> Optional[str]:
+        if self.pinned:
+            return self.pinned if self.registry.exists(self.name, self.pinned) else None
+        return self.registry.channel(self.name, self.channel)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                target = await asyncio.to_thread(self._target)
+                current = self.current.version if self.current else None
+                if target and target != current and target not in self.refused:
+                    await self._switch_to(target)
+                elif target is None and current is None:
+                    self.last_error = (f"model '{self.name}' has no {self.channel} version"
+                                       if not self.pinned else
+                                       f"pinned version {self.pinned} does not exist")
+            except Exception as exc:  # the follower must never die
+                logger.exception("registry poll failed for %s", self.name)
+                self.last_error = str(exc)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _get_or_load(self, version: str) -> LoadedModel:
+        async with self._load_lock:
+            for loaded in (self.current, *self.others.values()):
+                if loaded is not None and loaded.version == version:
+                    return loaded
+            if version in self.refused:
+                raise CorruptVersion(f"version {version} of '{self.name}' was refused: "
+                                     f"{self.refused[version]}")
+            started = time.perf_counter()
+            try:
+                loaded = await asyncio.to_thread(_load_version, self.registry, self.name, version)
+            except TuneserveError as exc:
+                self.refused[version] = exc.message
+                self.last_error = exc.message
+                logger.error("refused %s %s: %s", self.name, version, exc.message)
+                raise
+            except Exception as exc:
+                msg = f"load failed: {type(exc).__name__}"
+                self.refused[version] = msg
+                self.last_error = msg
+                logger.exception("loading %s %s failed", self.name, version)
+                raise CorruptVersion(f"version {version} of '{self.name}' could not be "
+                                     "loaded") from None
+            logger.info("loaded %s %s in %.2fs", self.name, version,
+                        time.perf_counter() - started)
+            return loaded
+
+    async def _switch_to(self, version: str) -> None:
+        try:
+            loaded = await self._get_or_load(version)
+        except TuneserveError:
+            self.state = "ready" if self.current else "failed"
+            return
+        old = self.current
+        self.others.pop(version, None)
+        self.current = loaded  # the swap: one reference assignment
+        self.state = "ready"
+        self.last_error = None
+        if old is not None and old.version != version:
+            self._remember(old)
+
+    def _remember(self, loaded: LoadedModel) -> None:
+        self.others[loaded.version] = loaded
+        self.others.move_to_end(loaded.version)
+        while len(self.others) > self.cache_versions:
+            self.others.popitem(last=False)  # memory freed once in-flight calls finish
+
+    async def _model_for(self, version: Optional[str]) -> LoadedModel:
+        self._ensure_follower()
+        if version is None or (self.current and self.current.version == version):
+            if self.current is None:
+                raise ModelLoading(f"model '{self.name}' is loading; retry shortly"
+                                   + (f" ({self.last_error})" if self.last_error else ""))
+            return self.current
+        if version in self.others:
+            self.others.move_to_end(version)
+            return self.others[version]
+        if not await asyncio.to_thread(self.registry.exists, self.name, version):
+            raise ModelNotFound(f"model '{self.name}' has no version '{version}'")
+        loaded = await self._get_or_load(version)
+        self._remember(loaded)
+        return loaded
+
+    async def classify(self, texts: list[str], version: Optional[str] = None) -> dict[str, Any]:
+        loaded = await self._model_for(version)
+        probs = await self._batched((loaded, texts))
+        results = []
+        for row in probs:
+            ranked = sorted(zip(loaded.labels, row), key=lambda p: -p[1])
+            results.append({"label": ranked[0][0], "score": ranked[0][1],
+                            "scores": ranked})
+        return {"version": loaded.version, "results": results}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[tuple[LoadedModel, list[str]]]) -> list[list[list[float]]]:
+        """One forward pass per model version over all texts of all batched requests."""
+        return await asyncio.to_thread(self._run_batch, items)
+
+    @staticmethod
+    def _run_batch(items):
+        groups: dict[int, list[int]] = {}
+        for i, (loaded, _) in enumerate(items):
+            groups.setdefault(id(loaded), []).append(i)
+        answers: list[Any] = [None] * len(items)
+        for members in groups.values():
+            loaded = items[members[0]][0]
+            texts = [t for i in members for t in items[i][1]]
+            probs = _predict(loaded, texts).tolist()
+            pos = 0
+            for i in members:
+                n = len(items[i][1])
+                answers[i] = probs[pos:pos + n]
+                pos += n
+        return answers
+
+    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def status(self) -> dict[str, Any]:
+        self._ensure_follower()
+        ctx = serve.get_replica_context()
+        return {
+            "name": self.name, "state": self.state,
+            "version": self.current.version if self.current else None,
+            "cached_versions": list(self.others), "pinned_version": self.pinned,
+            "channel": self.channel, "refused": dict(self.refused),
+            "last_error": self.last_error, "replica": ctx.replica_tag if ctx else None,
+            "labels": self.current.labels if self.current else [],
+        }
+
+    async def check_health(self) -> None:
+        # A replica whose follower died would never pick up new versions: restart it.
+        if self._follower is not None and self._follower.done():
+            raise RuntimeError("registry follower stopped")
