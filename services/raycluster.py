@@ -24,6 +24,8 @@ def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = Non
     level = logging.INFO if verbose else logging.WARNING
     if address:
         ray.init(address=address, logging_level=level, log_to_driver=verbose)
+        if not verbose:
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
         return False
     kwargs = dict(include_dashboard=False, logging_level=level, log_to_driver=verbose,
                   configure_logging=True)
@@ -32,4 +34,6 @@ def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = Non
     if metrics_port is not None:
         kwargs["_metrics_export_port"] = metrics_port
     ray.init(**kwargs)
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return True

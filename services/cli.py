@@ -1,0 +1,282 @@
+"""The `tuneserve` command line.
+
+    tuneserve train --config run.yaml [--flags that override it]
+    tuneserve serve --registry DIR --grpc-port 9000
+    tuneserve classify --address HOST:PORT --model NAME "text" ...
+    tuneserve models list --registry DIR
+    tuneserve demo
+
+Errors print one line naming the bad field, file or status and exit non-zero (2 for
+bad input, 1 for everything else); no tracebacks unless --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, Optional, Sequence
+
+from services import __version__
+from services.config import DEFAULT_REGISTRY, ServeConfig, TrainConfig
+from services.errors import InvalidInput, TuneserveError
+
+TRAIN_FLAG_SKIP = {"extra"}
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Field docstrings (the string literal after each field) as help texts."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    helps: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            helps[node.target.id] = " ".join(str(nxt.value.value).split())
+    return helps
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    helps = _field_help(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in TRAIN_FLAG_SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = helps.get(f.name, "")
+        if default not in (None, False, [], {}):
+            text += f" (default: {default})"
+        hint = str(f.type)
+        if "bool" in hint:
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+        elif "float" in hint:
+            p.add_argument(flag, dest=f.name, type=float, default=None, help=text, metavar="X")
+        elif "int" in hint:
+            p.add_argument(flag, dest=f.name, type=int, default=None, help=text, metavar="N")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=text,
+                           metavar="A,B" if "list" in hint else "VALUE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneserve",
+        description="Fine-tune Hugging Face models with Ray Train; serve them over gRPC "
+                    "with Ray Serve.")
+    parser.add_argument("--version", action="version", version=f"tuneserve {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model and publish it to the registry")
+    p.add_argument("--config", help="YAML run config; flags override its fields")
+    _add_train_flags(p)
+    p.add_argument("--no-publish", action="store_true", help="train and evaluate only")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("serve", help="serve the registry's models over gRPC (foreground)")
+    p.add_argument("--registry", default=DEFAULT_REGISTRY)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="Ray Serve's HTTP proxy port (unused by the gRPC API)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus metrics port of the local Ray node")
+    p.add_argument("--host", default="0.0.0.0", help="HTTP proxy host (Serve's gRPC proxy "
+                   "listens on all interfaces)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    p.add_argument("--models", default=None, help="comma-separated model names "
+                   "(default: all in the registry)")
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--poll-interval-s", type=float, default=2.0)
+
+    p = sub.add_parser("classify", help="classify texts through a running server")
+    p.add_argument("--address", default="localhost:9000", help="HOST:PORT of the gRPC API")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", dest="model_version", default="")
+    p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+
+    p = sub.add_parser("models", help="inspect the registry")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    q = msub.add_parser("list", help="models, versions, channels and metrics")
+    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("verify", help="check a version's manifest and checksums")
+    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    q.add_argument("name")
+    q.add_argument("model_version", metavar="VERSION")
+
+    p = sub.add_parser("demo", help="train, publish, serve and query the bundled MiniLM "
+                       "on the bundled sentiment data, on a local Ray cluster")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--grpc-port", type=int, default=0, help="default: a free port")
+    p.add_argument("--home", default=None, help="where registry and runs go "
+                   "(default: .tuneserve)")
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.training.run import run_training
+
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in TRAIN_FLAG_SKIP}
+    cfg = cfg.merged(overrides)
+    result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose)
+    summary = {"name": result.name, "version": result.version, "promoted": result.promoted,
+               "metrics": result.metrics, "registry": result.registry,
+               "checkpoint": result.checkpoint_dir, "run_dir": result.run_dir,
+               "wall_s": round(result.wall_s, 1),
+               "samples_per_s": result.samples_per_s}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(_train_summary(summary))
+    return 0
+
+
+def _train_summary(s: dict[str, Any]) -> str:
+    from services.client import format_table
+
+    rows = [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
+    lines = ["", format_table(rows, ["metric", "value"]), ""]
+    if s["version"]:
+        lines.append(f"published {s['name']} {s['version']}"
+                     + (" (production)" if s["promoted"] else "")
+                     + f" -> {s['checkpoint']}")
+        lines.append(f"serve it:  tuneserve serve --registry {s['registry']} --grpc-port 9000")
+    else:
+        lines.append(f"best checkpoint (not published): {s['checkpoint']}")
+    lines.append(f"wall time {s['wall_s']}s")
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from services.serving.app import APP_NAME, start_serving
+
+    cfg = ServeConfig(registry=args.registry, grpc_port=args.grpc_port, host=args.host,
+                      metrics_port=args.metrics_port, address=args.address,
+                      num_replicas=args.num_replicas, replica_cpus=args.replica_cpus,
+                      poll_interval_s=args.poll_interval_s,
+                      models=[m.strip() for m in args.models.split(",")] if args.models else None)
+    if cfg.grpc_port < 1 or cfg.grpc_port > 65535:
+        raise InvalidInput(f"--grpc-port: {cfg.grpc_port} is not a port number")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting Ray Serve (registry {cfg.registry}) ...", flush=True)
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    start_serving(cfg, http_port=args.http_port, verbose=args.verbose)
+    print(f"serving gRPC on port {cfg.grpc_port}; health: grpc.health.v1.Health; "
+          "Ctrl-C stops", flush=True)
+    try:
+        stop.wait()
+    finally:
+        print("shutting down ...", flush=True)
+        if not local:
+            serve.delete(APP_NAME)  # leave the shared cluster as we found it
+        ray.shutdown()
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from services.client import Client, format_table
+
+    with Client(args.address, timeout_s=args.timeout_s) as client:
+        resp = client.classify(args.model, args.texts, version=args.model_version)
+    if args.json:
+        for text, r in zip(args.texts, resp.results):
+            print(json.dumps({"text": text, "label": r.label, "score": round(r.score, 6),
+                              "scores": {s.label: round(s.score, 6) for s in r.scores},
+                              "model": resp.model, "version": resp.version}))
+    else:
+        rows = [(_clip(t), r.label, f"{r.score:.3f}") for t, r in zip(args.texts, resp.results)]
+        print(format_table(rows, ["text", "label", "score"]))
+        print(f"model {resp.model} {resp.version}")
+    return 0
+
+
+def _clip(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from services.client import format_table
+    from services.registry import Registry
+
+    reg = Registry(args.registry)
+    if args.models_command == "verify":
+        manifest = reg.verify(args.name, args.model_version)
+        print(f"{args.name} {args.model_version}: OK ({len(manifest['files'])} files verified)")
+        return 0
+    data = []
+    for name in reg.model_names():
+        channels = reg.channels_of(name)
+        for version in reg.versions(name):
+            m = reg.manifest(name, version)
+            data.append({"name": name, "version": version, "task": m.get("task"),
+                         "channels": [c for c, v in channels.items() if v == version],
+                         "metrics": m.get("metrics", {}), "created_at": m.get("created_at")})
+    if args.json:
+        for row in data:
+            print(json.dumps(row))
+        return 0
+    if not data:
+        print(f"no models in {args.registry}")
+        return 0
+    rows = [(d["name"], d["version"], d["task"], ",".join(d["channels"]) or "-",
+             f"{d['metrics'].get('accuracy', float('nan')):.4f}", d["created_at"]) for d in data]
+    print(format_table(rows, ["model", "version", "task", "channels", "accuracy", "created"]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(workers=args.workers, epochs=args.epochs, grpc_port=args.grpc_port,
+                    home=args.home, verbose=args.verbose)
+
+
+COMMANDS = {"train": cmd_train, "serve": cmd_serve, "classify": cmd_classify,
+            "models": cmd_models, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import grpc
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TuneserveError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidInput) else 1
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Session fixtures: one tiny model, one Ray cluster, one trained registry, one server.
+
+The Ray cluster is started once per test session (4 logical CPUs on 2 cores: training
+uses 2, serving replicas use fractions). Fixtures that need Ray are only created when a
+test asks for them, so `pytest tests/unit` never starts Ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+from tests.helpers import build_tiny_bert, free_port, toy_sentiment_rows, write_csv
+
+
+@pytest.fixture(scope="session")
+def toy_rows():
+    return toy_sentiment_rows(200)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, toy_rows):
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), [t for t, _ in toy_rows])
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory, toy_rows):
+    return write_csv(tmp_path_factory.mktemp("data") / "toy.csv", toy_rows)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from services.raycluster import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
+    """The tiny BERT fine-tuned by 2 Ray Train workers and published as toy v1."""
+    from services.config import TrainConfig
+    from services.training.run import run_training
+
+    home = tmp_path_factory.mktemp("home")
+    cfg = TrainConfig(model=str(tiny_model_dir), train=str(toy_csv), name="toy",
+                      registry=str(home / "registry"), runs_dir=str(home / "runs"),
+                      workers=2, epochs=4, batch_size=16, learning_rate=2e-3,
+                      log_every_steps=2, seed=1)
+    result = run_training(cfg, progress_bar=False)
+    return cfg, result
+
+
+@pytest.fixture(scope="session")
+def server(trained):
+    """Serve's gRPC proxy on a free port in front of the trained registry."""
+    from services.client import Client
+    from services.config import ServeConfig
+    from services.serving.app import start_serving
+
+    cfg, _ = trained
+    port = free_port()
+    start_serving(ServeConfig(registry=cfg.registry, grpc_port=port, replica_cpus=0.5,
+                              poll_interval_s=0.5),
+                  http_port=free_port())
+    client = Client(f"127.0.0.1:{port}", timeout_s=60)
+    client.wait_until_serving(timeout_s=120)
+    yield client
+    client.close()

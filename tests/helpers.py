@@ -1,0 +1,78 @@
+"""Test-only builders: a tokenizer trained in the fixture and tiny models from a config.
+
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful", "brilliant"]
+NEGATIVE = ["bad", "awful", "boring", "poor", "dull", "terrible", "clumsy"]
+NOUNS = ["movie", "film", "story", "show", "script", "ending"]
+
+
+def toy_sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = POSITIVE if i % 2 else NEGATIVE
+        label = "positive" if i % 2 else "negative"
+        rows.append((f"a {rng.choice(words)} {rng.choice(NOUNS)} with "
+                     f"{rng.choice(words)} acting", label))
+    return rows
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 300):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+
+
+def build_tiny_bert(folder: Path, texts: list[str], num_labels: int = 2) -> Path:
+    """A 2-layer, hidden-32 BERT classifier (random weights) with its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(texts)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,66 @@
+import pytest
+
+from services.config import TrainConfig
+from services.errors import ConfigError
+
+
+def valid(**kw):
+    base = dict(model="m", train="data/train.csv")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_defaults_validate_and_derive_name():
+    cfg = valid().validate()
+    assert cfg.name == "train"
+    assert cfg.micro_batch_size == 32
+
+
+def test_yaml_round_trip_and_flag_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: bert\ntrain: t.csv\nepochs: 2\nlearning_rate: 1\n"
+                    "columns: text,label\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.epochs == 2 and cfg.learning_rate == 1.0 and cfg.columns == ["text", "label"]
+    merged = cfg.merged({"epochs": 5, "workers": None})
+    assert merged.epochs == 5 and merged.workers == 1
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("epochs", 0, "'epochs'"),
+    ("batch_size", 30, "'batch_size'"),
+    ("learning_rate", 2.0, "'learning_rate'"),
+    ("task", "regression", "'task'"),
+    ("eval_fraction", 1.5, "'eval_fraction'"),
+    ("name", "../evil", "'name'"),
+    ("max_length", 4, "'max_length'"),
+])
+def test_invalid_fields_are_named(field, value, needle):
+    kw = {field: value}
+    if field == "batch_size":
+        kw["workers"] = 4
+    with pytest.raises(ConfigError) as err:
+        valid(**kw).validate()
+    assert needle in str(err.value)
+
+
+def test_missing_model_and_train():
+    with pytest.raises(ConfigError, match="'model'"):
+        TrainConfig(train="x.csv").validate()
+    with pytest.raises(ConfigError, match="'train'"):
+        TrainConfig(model="m").validate()
+
+
+def test_unknown_and_mistyped_yaml_fields(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nepochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        TrainConfig.from_yaml(path)
+    path.write_text("model: m\nepochs: three\n")
+    with pytest.raises(ConfigError, match="'epochs'.*expected int"):
+        TrainConfig.from_yaml(path)
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="not found"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")

@@ -1,0 +1,109 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from services.data import LabelSet, load_labelled, split_indices
+from services.errors import DataError
+
+ROWS = [("great film", 1), ("awful film", 0), ("fine", 1)]
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_each_format(tmp_path, fmt):
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        write(path, "text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in ROWS))
+    elif fmt == "tsv":
+        write(path, "sentence\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in ROWS))
+    elif fmt == "jsonl":
+        write(path, "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in ROWS))
+    else:
+        pq.write_table(pa.table({"text": [r[0] for r in ROWS], "label": [r[1] for r in ROWS]}),
+                       path)
+    data = load_labelled(path)
+    assert data.texts == [r[0] for r in ROWS]
+    assert [int(x) for x in data.labels] == [r[1] for r in ROWS]
+    assert len(data.sha256) == 64
+
+
+def test_headerless_tsv_with_columns(tmp_path):
+    path = write(tmp_path / "ag.tsv", 'Stocks "rally" today\tBusiness\nTeam wins\tSports\n')
+    data = load_labelled(path, columns=["text", "label"])
+    assert data.texts[0] == 'Stocks "rally" today'
+    assert data.labels == ["Business", "Sports"]
+
+
+def test_headerless_without_columns_names_the_line(tmp_path):
+    path = write(tmp_path / "x.tsv", "text\tlabel\nok\t1\nbroken line with\ttoo\tmany\n")
+    with pytest.raises(DataError) as err:
+        load_labelled(path)
+    assert "x.tsv:3" in str(err.value) and "expected 2 fields" in str(err.value)
+
+
+def test_custom_columns_and_missing_column(tmp_path):
+    path = write(tmp_path / "c.csv", "review,stars\nnice,5\nbad,1\n")
+    data = load_labelled(path, text_column="review", label_column="stars")
+    assert data.labels == ["5", "1"]
+    with pytest.raises(DataError, match="no label column 'rating'; columns are: review, stars"):
+        load_labelled(path, text_column="review", label_column="rating")
+    with pytest.raises(DataError, match="cannot tell which column holds the label"):
+        load_labelled(path)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("text,label\n,1\n", "c.csv:2: empty text"),
+    ("text,label\nhello,\n", "c.csv:2: missing label"),
+    ("text,label\n", "no examples"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, body, needle):
+    path = write(tmp_path / "c.csv", body)
+    with pytest.raises(DataError, match=needle):
+        load_labelled(path)
+
+
+def test_bad_json_line(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{oops\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
+        load_labelled(path)
+
+
+def test_not_utf8_and_unknown_suffix_and_missing(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes(b"text,label\n\xff\xfe,1\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_labelled(path)
+    with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
+        load_labelled(write(tmp_path / "d.xlsx", "x"))
+    with pytest.raises(DataError, match="not found"):
+        load_labelled(tmp_path / "nope.csv")
+
+
+def test_bad_parquet(tmp_path):
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_labelled(write(tmp_path / "d.parquet", "not parquet"))
+
+
+def test_labelset_int_and_string_order():
+    assert LabelSet.from_labels([10, 2, 2, 1]).names == ["1", "2", "10"]
+    ls = LabelSet.from_labels(["b", "a", "b"])
+    assert ls.names == ["a", "b"] and ls.encode(["b", "a"]) == [1, 0]
+    assert ls.id2label == {0: "a", 1: "b"}
+    with pytest.raises(DataError, match="'c' does not occur"):
+        ls.encode(["c"])
+    with pytest.raises(DataError, match="at least 2 distinct labels"):
+        LabelSet.from_labels(["x", "x"])
+
+
+def test_split_is_deterministic_and_disjoint():
+    a = split_indices(100, 0.2, seed=3)
+    assert a == split_indices(100, 0.2, seed=3)
+    train, ev = a
+    assert len(ev) == 20 and not set(train) & set(ev) and len(train) + len(ev) == 100
+    assert split_indices(100, 0.2, seed=4) != a
