@@ -95,7 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--models", default=None, help="comma-separated model names "
                    "(default: all in the registry)")
-    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--num-replicas", type=int, default=1,
+                   help="replicas per model when not autoscaling")
+    p.add_argument("--min-replicas", type=int, default=None)
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="turns on Serve autoscaling between --min-replicas and this")
+    p.add_argument("--target-ongoing-requests", type=float, default=2.0,
+                   help="autoscaling target per replica")
+    p.add_argument("--max-ongoing-requests", type=int, default=8)
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="past this, requests fail fast with RESOURCE_EXHAUSTED")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--poll-interval-s", type=float, default=2.0)
 
@@ -173,10 +182,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(registry=args.registry, grpc_port=args.grpc_port, host=args.host,
                       metrics_port=args.metrics_port, address=args.address,
                       num_replicas=args.num_replicas, replica_cpus=args.replica_cpus,
+                      min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                      target_ongoing_requests=args.target_ongoing_requests,
+                      max_ongoing_requests=args.max_ongoing_requests,
+                      max_queued_requests=args.max_queued_requests,
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None)
-    if cfg.grpc_port < 1 or cfg.grpc_port > 65535:
-        raise InvalidInput(f"--grpc-port: {cfg.grpc_port} is not a port number")
+    cfg.validate()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -240,8 +240,57 @@ class ServeConfig:
     """CPUs reserved per model replica; also its torch thread count (rounded up)."""
     ingress_cpus: float = 0.1
     num_replicas: int = 1
+    """Fixed replicas per model when autoscaling is off (max_replicas unset)."""
+    min_replicas: Optional[int] = None
+    """Autoscaling lower bound (default 1 when max_replicas is set)."""
+    max_replicas: Optional[int] = None
+    """Setting this turns Serve autoscaling on for every model deployment."""
+    target_ongoing_requests: float = 2.0
+    """Autoscaling target: requests in flight per replica."""
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    autoscaling_overrides: dict[str, Any] = field(default_factory=dict)
+    """Any other Serve AutoscalingConfig field, e.g. look_back_period_s."""
+    max_ongoing_requests: int = 8
+    """Requests one replica works on at once (it batches them)."""
+    max_queued_requests: int = 256
+    """Requests waiting per caller beyond that; past it, RESOURCE_EXHAUSTED. -1: no bound."""
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def validate(self) -> "ServeConfig":
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid serve setting '{name}': {why}")
+
+        if not 1 <= self.grpc_port <= 65535:
+            raise bad("grpc_port", f"{self.grpc_port} is not a port number")
+        for name in ("num_replicas", "max_ongoing_requests", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.replica_cpus <= 0 or self.ingress_cpus < 0:
+            raise bad("replica_cpus", "must be > 0")
+        if self.max_replicas is not None:
+            low = 1 if self.min_replicas is None else self.min_replicas
+            if low < 0 or self.max_replicas < max(1, low):
+                raise bad("max_replicas", f"must be >= min_replicas ({low}) and >= 1")
+            if self.target_ongoing_requests <= 0:
+                raise bad("target_ongoing_requests", "must be > 0")
+        elif self.min_replicas is not None:
+            raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
+        if self.poll_interval_s <= 0:
+            raise bad("poll_interval_s", "must be > 0")
+        return self
+
+    def autoscaling_config(self) -> Optional[dict]:
+        """Serve's autoscaling_config, shared by `tuneserve serve` and the RayService."""
+        if self.max_replicas is None:
+            return None
+        return {"min_replicas": 1 if self.min_replicas is None else self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                **self.autoscaling_overrides}

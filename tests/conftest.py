@@ -71,8 +71,15 @@ def server(trained):
 
     cfg, _ = trained
     port = free_port()
-    start_serving(ServeConfig(registry=cfg.registry, grpc_port=port, replica_cpus=0.5,
-                              poll_interval_s=0.5),
+    # Autoscaling between 1 and 2 replicas with quick reactions, so that
+    # test_autoscaling.py can watch Serve scale up under load and back down.
+    serve_cfg = ServeConfig(registry=cfg.registry, grpc_port=port, replica_cpus=0.5,
+                            poll_interval_s=0.5, min_replicas=1, max_replicas=2,
+                            target_ongoing_requests=1, upscale_delay_s=1,
+                            downscale_delay_s=4,
+                            autoscaling_overrides={"metrics_interval_s": 0.5,
+                                                   "look_back_period_s": 2})
+    start_serving(serve_cfg,
                   http_port=free_port())
     client = Client(f"127.0.0.1:{port}", timeout_s=60)
     client.wait_until_serving(timeout_s=120)

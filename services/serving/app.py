@@ -47,6 +47,7 @@ def build_app(cfg: ServeConfig):
     from services.serving.classifier import Classifier
     from services.serving.ingress import InferenceIngress
 
+    cfg.validate()
     registry = Registry(cfg.registry)
     tasks = discover_models(registry, cfg.models)
     if not tasks:
@@ -59,9 +60,14 @@ def build_app(cfg: ServeConfig):
             logger.warning("model %s has task %s, which this server cannot serve yet",
                            name, task)
             continue
+        autoscaling = cfg.autoscaling_config()
+        replicas = {"autoscaling_config": autoscaling} if autoscaling else \
+            {"num_replicas": cfg.num_replicas}
         deployment = serve.deployment(Classifier).options(
             name=model_deployment_name(name),
-            num_replicas=cfg.num_replicas,
+            max_ongoing_requests=cfg.max_ongoing_requests,
+            max_queued_requests=cfg.max_queued_requests,
+            **replicas,
             ray_actor_options={"num_cpus": cfg.replica_cpus,
                                "runtime_env": {"env_vars": {
                                    "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}},
@@ -75,6 +81,8 @@ def build_app(cfg: ServeConfig):
             max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        # The ingress only awaits model calls: it can hold many at once.
+        max_ongoing_requests=max(256, cfg.max_ongoing_requests * 8),
     )
     served_tasks = {n: t for n, t in tasks.items() if n in handles}
     return ingress.bind(str(registry.root.resolve()), handles, served_tasks,

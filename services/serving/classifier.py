@@ -106,6 +106,7 @@ class Classifier:
         self._wake = asyncio.Event()
         self._load_lock = asyncio.Lock()
         self._follower: Optional[asyncio.Task] = None
+        self._started = False
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
     def _ensure_follower(self) -> None:
@@ -113,12 +114,22 @@ class Classifier:
             self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Record the target only; the load happens in the background (never blocks)."""
+        """Record the target; later loads happen in the background (never blocks).
+
+        The first call, while the replica starts, does load the target before
+        returning: Serve sends no traffic to a replica until then, so a replica that
+        autoscaling adds never answers "loading" while its peers could answer.
+        """
         user_config = user_config or {}
         self.pinned = user_config.get("pinned_version") or None
         self.channel = user_config.get("channel") or self.channel
         if user_config.get("poll_interval_s"):
             self.poll_interval_s = float(user_config["poll_interval_s"])
+        if not self._started:
+            self._started = True
+            target = await asyncio.to_thread(self._target)
+            if target:
+                await self._switch_to(target)
         self._ensure_follower()
         self._wake.set()
 

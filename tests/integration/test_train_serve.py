@@ -119,11 +119,11 @@ def test_reflection_lists_the_service(server):
 
 def test_cli_classify_table_and_json(server, capsys):
     assert main(["classify", "--address", server.address, "--model", "toy",
-                 "a lovely film with great acting"]) == 0
+                 "a superb film with lovely acting"]) == 0
     out = capsys.readouterr().out
     assert "positive" in out and "toy v1" in out
     assert main(["classify", "--address", server.address, "--model", "toy", "--json",
-                 "a lovely film", "an awful film"]) == 0
+                 "a superb film with lovely acting", "a dull story with awful acting"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["label"] for r in rows] == ["positive", "negative"]
     assert rows[0]["version"] == "v1" and set(rows[0]["scores"]) == {"negative", "positive"}

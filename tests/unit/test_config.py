@@ -64,3 +64,18 @@ def test_unknown_and_mistyped_yaml_fields(tmp_path):
         TrainConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="not found"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_serve_config_autoscaling_and_validation():
+    from services.config import ServeConfig
+
+    assert ServeConfig().validate().autoscaling_config() is None
+    auto = ServeConfig(max_replicas=4, target_ongoing_requests=3).validate().autoscaling_config()
+    assert auto["min_replicas"] == 1 and auto["max_replicas"] == 4
+    assert auto["target_ongoing_requests"] == 3
+    for kw, needle in [(dict(grpc_port=0), "grpc_port"),
+                       (dict(min_replicas=3, max_replicas=2), "max_replicas"),
+                       (dict(min_replicas=2), "min_replicas"),
+                       (dict(max_ongoing_requests=0), "max_ongoing_requests")]:
+        with pytest.raises(ConfigError, match=needle):
+            ServeConfig(**kw).validate()
