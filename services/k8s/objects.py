@@ -1,0 +1,349 @@
+"""The Kubernetes objects `tuneserve k8s` creates or changes, as plain dicts.
+
+Pure functions, no cluster and no `kubernetes` import: a training RayJob and the
+ConfigMap with its run config, built from the same YAML and flags `tuneserve train`
+reads; and the edit of a RayService's serveConfigV2 that pins a model's version.
+They mirror k8s/base (rayjob-train.yaml, rayservice.yaml); a test keeps the two alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import math
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Optional
+
+import yaml
+
+from services import __version__
+from services.config import TrainConfig
+from services.errors import ConfigError, InvalidInput
+
+RAY_GROUP = "ray.io"
+RAY_API_VERSION = "v1"
+APP_NAME = "tuneserve"
+ENTRYPOINT = "python -m services train --config /config/run.yaml"
+CONFIG_MOUNT = "/config"
+CONFIG_KEY = "run.yaml"
+DATA_MOUNT = "/data"
+REGISTRY_PATH = f"{DATA_MOUNT}/registry"
+RUNS_PATH = f"{DATA_MOUNT}/runs"
+DEFAULT_NAMESPACE = "tuneserve"
+DEFAULT_PVC = "tuneserve-data"
+DEFAULT_RAYSERVICE = "tuneserve"
+# KubeRay appends 6 characters to a RayJob's name for its RayCluster (max 53), and the
+# name must be a DNS-1035 label.
+MAX_JOB_NAME = 47
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_VERSION = re.compile(r"^v[1-9][0-9]*$")
+COMMON_LABELS = {"app.kubernetes.io/name": "tuneserve",
+                 "app.kubernetes.io/part-of": "tuneserve",
+                 "app.kubernetes.io/component": "training",
+                 "app.kubernetes.io/managed-by": "tuneserve"}
+
+
+def ray_version() -> str:
+    """The installed Ray: the image is built with the same pin (pyproject.toml)."""
+    return metadata.version("ray")
+
+
+@dataclass
+class JobOptions:
+    """Where and how big the training cluster is; the run itself is the TrainConfig."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    image: Optional[str] = None
+    """Default: tuneserve:<version>-cpu, or -cu128 when the run uses GPUs."""
+    job_name: Optional[str] = None
+    pvc: str = DEFAULT_PVC
+    head_cpus: str = "2"
+    head_memory: str = "6Gi"
+    worker_cpus: Optional[str] = None
+    """Default: cpus_per_worker rounded up."""
+    worker_memory: str = "6Gi"
+    gpus_per_worker: int = 1
+    """Only when the run has use_gpu."""
+    ttl_s: int = 600
+    backoff_limit: int = 1
+    active_deadline_s: int = 86400
+
+    def resolved_image(self, cfg: TrainConfig) -> str:
+        if self.image:
+            return self.image
+        return f"tuneserve:{__version__}-{'cu128' if cfg.use_gpu else 'cpu'}"
+
+
+def check_k8s_name(name: str, what: str, max_len: int = MAX_JOB_NAME) -> str:
+    if len(name) > max_len or not _DNS1035.match(name):
+        raise InvalidInput(
+            f"{what} {name!r}: must be at most {max_len} characters of lower-case letters, "
+            "digits and '-', starting with a letter and ending with a letter or digit")
+    return name
+
+
+def default_job_name(model_name: str, now: Optional[_dt.datetime] = None) -> str:
+    """train-<model>-<UTC time>, cut to fit KubeRay's limit."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    slug = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-") or "model"
+    slug = slug[:MAX_JOB_NAME - len("train--") - len(stamp)].strip("-")
+    return f"train-{slug}-{stamp}"
+
+
+def resolve_run_config(file_data: dict[str, Any], overrides: dict[str, Any],
+                       source: str = "config") -> tuple[dict[str, Any], TrainConfig]:
+    """The run config the cluster gets, and the TrainConfig it resolves to.
+
+    The YAML mapping stays as written, with the command-line overrides applied; only the
+    registry and run-state paths move to the shared volume, and `address` goes (inside
+    a RayJob the entrypoint finds its cluster through RAY_ADDRESS). The result is
+    validated here exactly as `tuneserve train` validates it, so a bad field fails
+    before anything is submitted.
+    """
+    data = {k.replace("-", "_"): v for k, v in file_data.items()}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    data["registry"] = REGISTRY_PATH
+    data["runs_dir"] = RUNS_PATH
+    data.pop("address", None)
+    cfg = TrainConfig.from_dict(copy.deepcopy(data), source=source)
+    cfg.validate()
+    return data, cfg
+
+
+def paths_outside_cluster(cfg: TrainConfig) -> list[str]:
+    """Fields naming local paths that the pods cannot see (not on the shared volume)."""
+    out = []
+    for name in ("train", "eval"):
+        value = getattr(cfg, name)
+        if value and "://" not in value and not value.startswith(DATA_MOUNT + "/"):
+            out.append(name)
+    if cfg.model and (cfg.model.startswith(("/", ".", "~")) and
+                      not cfg.model.startswith(DATA_MOUNT + "/")):
+        out.append("model")
+    return out
+
+
+def _restricted_container() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _restricted_pod(fs_group: bool = True) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100}
+    if fs_group:
+        ctx["fsGroup"] = 100
+    ctx["seccompProfile"] = {"type": "RuntimeDefault"}
+    return ctx
+
+
+def _ray_env() -> list[dict[str, str]]:
+    return [{"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/tmp/huggingface"},
+            {"name": "TUNESERVE_HOME", "value": DATA_MOUNT}]
+
+
+def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+    amounts = {"cpu": cpu, "memory": memory}
+    if gpus:
+        amounts["nvidia.com/gpu"] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def build_train_objects(run_config: dict[str, Any], cfg: TrainConfig,
+                        opts: JobOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ConfigMap, RayJob) for one training run; `run_config` goes in unchanged."""
+    name = check_k8s_name(opts.job_name or default_job_name(cfg.name or "model"), "job name")
+    check_k8s_name(opts.namespace, "namespace", 63)
+    image = opts.resolved_image(cfg)
+    labels = dict(COMMON_LABELS)
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-config", "namespace": opts.namespace,
+                     "labels": {**labels, "tuneserve.dev/rayjob": name}},
+        "data": {CONFIG_KEY: yaml.safe_dump(run_config, sort_keys=False)},
+    }
+    gpus = opts.gpus_per_worker if cfg.use_gpu else 0
+    worker_cpus = opts.worker_cpus or str(max(1, math.ceil(cfg.cpus_per_worker)))
+    tmp = {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}}
+    data = {"name": "data", "persistentVolumeClaim": {"claimName": opts.pvc}}
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": DATA_MOUNT}]
+    head = {
+        "rayStartParams": {"num-cpus": "0", "metrics-export-port": "8080"},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {
+                "automountServiceAccountToken": False,
+                "securityContext": _restricted_pod(),
+                "containers": [{
+                    "name": "ray-head", "image": image, "imagePullPolicy": "IfNotPresent",
+                    "ports": [{"name": "gcs-server", "containerPort": 6379},
+                              {"name": "dashboard", "containerPort": 8265},
+                              {"name": "client", "containerPort": 10001},
+                              {"name": "metrics", "containerPort": 8080}],
+                    "env": _ray_env(),
+                    "resources": _resources(opts.head_cpus, opts.head_memory),
+                    "securityContext": _restricted_container(),
+                    "volumeMounts": mounts + [{"name": "run-config", "mountPath": CONFIG_MOUNT,
+                                               "readOnly": True}],
+                }],
+                "volumes": [tmp, data, {"name": "run-config",
+                                        "configMap": {"name": config_map["metadata"]["name"]}}],
+            },
+        },
+    }
+    worker_pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": _restricted_pod(),
+        "containers": [{
+            "name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
+            "ports": [{"name": "metrics", "containerPort": 8080}],
+            "env": _ray_env(),
+            "resources": _resources(worker_cpus, opts.worker_memory, gpus),
+            "securityContext": _restricted_container(),
+            "volumeMounts": copy.deepcopy(mounts),
+        }],
+        "volumes": [copy.deepcopy(tmp), copy.deepcopy(data)],
+    }
+    if gpus:
+        worker_pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                      "effect": "NoSchedule"}]
+    submitter = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": _restricted_pod(fs_group=False),
+            "containers": [{
+                "name": "ray-job-submitter", "image": image, "imagePullPolicy": "IfNotPresent",
+                "env": [{"name": "HOME", "value": "/tmp"}],
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
+                              "limits": {"cpu": "1", "memory": "1Gi"}},
+                "securityContext": _restricted_container(),
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+        },
+    }
+    rayjob = {
+        "apiVersion": f"{RAY_GROUP}/{RAY_API_VERSION}",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": opts.namespace,
+                     "labels": {**labels, "tuneserve.dev/model": cfg.name or ""}},
+        "spec": {
+            "entrypoint": ENTRYPOINT,
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": opts.ttl_s,
+            "backoffLimit": opts.backoff_limit,
+            "activeDeadlineSeconds": opts.active_deadline_s,
+            "submitterPodTemplate": submitter,
+            "rayClusterSpec": {
+                "rayVersion": ray_version(),
+                "enableInTreeAutoscaling": False,
+                "headGroupSpec": head,
+                "workerGroupSpecs": [{
+                    "groupName": "train",
+                    "replicas": cfg.workers, "minReplicas": cfg.workers,
+                    "maxReplicas": cfg.workers,
+                    "rayStartParams": {"metrics-export-port": "8080"},
+                    "template": {"metadata": {"labels": labels}, "spec": worker_pod},
+                }],
+            },
+        },
+    }
+    return config_map, rayjob
+
+
+def owner_reference(rayjob: dict[str, Any]) -> dict[str, Any]:
+    """Makes the RayJob own its ConfigMap: deleting the job deletes the config."""
+    meta = rayjob["metadata"]
+    return {"apiVersion": rayjob["apiVersion"], "kind": rayjob["kind"], "name": meta["name"],
+            "uid": meta["uid"], "blockOwnerDeletion": False}
+
+
+# ---- pinning a version on the RayService --------------------------------------------
+def deployment_name(model: str) -> str:
+    """Same rule as services.serving.app.model_deployment_name (kept import-free of Ray)."""
+    return f"model-{model}"
+
+
+def pin_version(serve_config: str, model: str, version: Optional[str], *,
+                app: str = APP_NAME) -> str:
+    """serveConfigV2 with `model`'s deployment pinned to `version` (None: follow channel).
+
+    Only user_config.pinned_version of deployment model-<model> changes; a missing
+    deployment entry is added with the app's channel and poll interval. Serve applies a
+    user_config change through `reconfigure` on the running replicas: no restart.
+    """
+    if version is not None and not _VERSION.match(version):
+        raise InvalidInput(f"version {version!r}: expected v<N>, e.g. v3")
+    try:
+        doc = yaml.safe_load(serve_config) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"serveConfigV2 is not valid YAML: {exc}") from None
+    apps = doc.get("applications") or []
+    found = [a for a in apps if isinstance(a, dict) and a.get("name") == app]
+    if not found:
+        names = ", ".join(str(a.get("name")) for a in apps if isinstance(a, dict)) or "none"
+        raise ConfigError(f"serveConfigV2 has no application {app!r} (applications: {names})")
+    application = found[0]
+    args = application.get("args") or {}
+    served = args.get("models")
+    if served and model not in served:
+        raise ConfigError(f"model {model!r} is not served by application {app!r} "
+                          f"(args.models: {', '.join(served)})")
+    deployments = application.setdefault("deployments", [])
+    name = deployment_name(model)
+    entry = next((d for d in deployments if d.get("name") == name), None)
+    if entry is None:
+        entry = {"name": name}
+        deployments.append(entry)
+    user_config = dict(entry.get("user_config") or {})
+    user_config.setdefault("channel", args.get("channel", "production"))
+    user_config["pinned_version"] = version
+    user_config.setdefault("poll_interval_s", args.get("poll_interval_s", 2.0))
+    entry["user_config"] = user_config
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def pinned_versions(serve_config: str, app: str = APP_NAME) -> dict[str, Optional[str]]:
+    """model -> pinned version (None: follows its channel), from a serveConfigV2."""
+    doc = yaml.safe_load(serve_config) or {}
+    out: dict[str, Optional[str]] = {}
+    for application in doc.get("applications") or []:
+        if application.get("name") != app:
+            continue
+        for dep in application.get("deployments") or []:
+            name = str(dep.get("name", ""))
+            if name.startswith("model-"):
+                out[name[len("model-"):]] = (dep.get("user_config") or {}).get("pinned_version")
+    return out
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (run.yaml, serveConfigV2) as `|` blocks, readable in a diff."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value and not any(c in value for c in "\t\r") and \
+        not any(line != line.rstrip() for line in value.splitlines()) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def to_yaml(*objects: dict[str, Any]) -> str:
+    return "---\n".join(yaml.dump(o, Dumper=_BlockDumper, sort_keys=False) for o in objects)
+
+
+def train_flag_fields() -> list[dataclasses.Field]:
+    """TrainConfig fields that `tuneserve k8s train` takes as flags (as `tuneserve train`
+    does), less those the cluster decides: paths on the shared volume and the address."""
+    skip = {"extra", "registry", "runs_dir", "address"}
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in skip]

@@ -1,0 +1,509 @@
+"""The kustomize tree under k8s/: renders, validates, and says what it should.
+
+Each overlay is rendered with `kubectl kustomize` (skipped without kubectl); every object
+is validated offline against the Kubernetes OpenAPI schemas (kubernetes-validate, strict:
+unknown fields fail) and KubeRay / Prometheus Operator objects against their CRDs'
+openAPIV3Schema from ../shared/schemas (skipped when absent), also strictly. Then the
+things a schema cannot see: restricted securityContext, probes, the Serve config against
+Ray Serve's own schema and against ServeConfig, network policy ports, pins in agreement.
+No cluster, no Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+OVERLAYS = ["cpu", "gpu"]
+K8S_VERSIONS = ["1.29", "1.37"]  # oldest we claim (grpc probes, h2c appProtocol) and newest
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# ---- helpers shared with test_k8s_client.py -------------------------------------------
+@functools.lru_cache(maxsize=None)
+def render(path: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed: cannot render the kustomize overlays")
+    proc = subprocess.run([kubectl, "kustomize", path], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def by_kind(objects, kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects, kind: str) -> dict[str, Any]:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _strict(schema: Any) -> Any:
+    """Reject unknown fields as the API server's strict field validation does."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+CRD_FILES = {"RayJob": "kuberay/ray.io_rayjobs.yaml",
+             "RayService": "kuberay/ray.io_rayservices.yaml",
+             "RayCluster": "kuberay/ray.io_rayclusters.yaml",
+             "PodMonitor": "prometheus-operator/monitoring.coreos.com_podmonitors.yaml",
+             "ServiceMonitor": "prometheus-operator/monitoring.coreos.com_servicemonitors.yaml"}
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str, api_version: str):
+    import jsonschema
+
+    path = SCHEMAS / CRD_FILES[kind]
+    if not path.is_file():
+        pytest.skip(f"CRD schema {path} is absent (it comes with ../shared beside the repo)")
+    crd = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    group = crd["spec"]["group"]
+    for version in crd["spec"]["versions"]:
+        if f"{group}/{version['name']}" == api_version:
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            return jsonschema.Draft202012Validator(schema)
+    raise AssertionError(f"{path.name} has no version {api_version}")
+
+
+def validate_core(obj: dict[str, Any]) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(map(str, exc.path))
+            raise AssertionError(f"{obj['kind']}/{obj['metadata'].get('name')} invalid for "
+                                 f"Kubernetes {version} at {where}: {exc.message}") from None
+
+
+def validate_crd(obj: dict[str, Any]) -> None:
+    errors = sorted(crd_validator(obj["kind"], obj["apiVersion"]).iter_errors(obj),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    assert not errors, f"{obj['kind']}/{obj['metadata']['name']}: " + "; ".join(
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors[:5])
+
+
+def pod_templates(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, PodTemplateSpec) of every pod a KubeRay object makes."""
+    spec = obj["spec"]
+    if obj["kind"] == "RayService":
+        cluster, where = spec["rayClusterConfig"], "rayClusterConfig"
+    elif obj["kind"] == "RayJob":
+        cluster, where = spec["rayClusterSpec"], "rayClusterSpec"
+        if "submitterPodTemplate" in spec:
+            yield "submitterPodTemplate", spec["submitterPodTemplate"]
+    else:
+        return
+    yield f"{where}.headGroupSpec", cluster["headGroupSpec"]["template"]
+    for group in cluster.get("workerGroupSpecs", []):
+        yield f"{where}.workerGroupSpecs[{group['groupName']}]", group["template"]
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    """Schema-check one object, including the pod templates inside KubeRay objects."""
+    if obj["kind"] in CRD_FILES:
+        validate_crd(obj)
+        for where, template in pod_templates(obj):
+            validate_core({"apiVersion": "v1", "kind": "PodTemplate",
+                           "metadata": {"name": where.replace(".", "-").replace("[", "-")
+                                        .replace("]", "").lower()},
+                           "template": template})
+    else:
+        validate_core(obj)
+
+
+def restricted_violations(template: dict[str, Any], extra_containers=()) -> list[str]:
+    """What keeps a pod template from the `restricted` Pod Security Standard (and from
+    read-only root filesystems)."""
+    spec = template["spec"]
+    pod = spec.get("securityContext") or {}
+    bad = []
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        bad.append("host namespaces")
+    for vol in spec.get("volumes", []):
+        kinds = set(vol) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"volume {vol['name']} of type {kinds}")
+    containers = list(spec.get("containers", [])) + list(spec.get("initContainers", []))
+    for c in containers + list(extra_containers):
+        ctx = c.get("securityContext") or {}
+        name = c.get("name", "autoscaler")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation is not false")
+        if (ctx.get("capabilities") or {}).get("drop") != ["ALL"]:
+            bad.append(f"{name}: capabilities.drop is not [ALL]")
+        if ctx.get("capabilities", {}).get("add"):
+            bad.append(f"{name}: adds capabilities")
+        if not (ctx.get("runAsNonRoot") or pod.get("runAsNonRoot")):
+            bad.append(f"{name}: runAsNonRoot is not set")
+        if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
+            bad.append(f"{name}: runs as uid 0")
+        seccomp = (ctx.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile is not RuntimeDefault")
+        if ctx.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            bad.append(f"{name}: root filesystem is writable")
+    return bad
+
+
+def mounts(container: dict[str, Any]) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+
+
+def volumes(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in template["spec"].get("volumes", [])}
+
+
+def pyproject_ray_pin() -> str:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray = [d for d in deps if re.match(r"ray(\[|=|\s)", d)]
+    assert len(ray) == 1, ray
+    m = re.fullmatch(r"ray\[train,serve\]==(\d+\.\d+\.\d+)", ray[0].replace(" ", ""))
+    assert m, f"ray is not pinned exactly in pyproject.toml: {ray[0]}"
+    return m.group(1)
+
+
+def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+# ---- rendering and schemas ----------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_every_part(overlay):
+    objects = render(str(K8S / "overlays" / overlay))
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "Secret", "ConfigMap",
+                            "NetworkPolicy", "PodMonitor", "RayJob", "RayService"])
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "tuneserve", obj["metadata"]
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/component") in ("platform", "training",
+                                                              "serving"), obj["kind"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates_against_its_schema(overlay):
+    for obj in render(str(K8S / "overlays" / overlay)):
+        validate_object(obj)
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    rayservice = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "RayService"))
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParam"] = {}
+    with pytest.raises(AssertionError, match="rayStartParam"):
+        validate_object(rayservice)
+    secret = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "Secret"))
+    secret["strinData"] = secret.pop("stringData")
+    with pytest.raises(AssertionError, match="strinData"):
+        validate_object(secret)
+    job = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "RayJob"))
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "resources"]["limits"]["cpu"] = "two"
+    with pytest.raises(AssertionError):
+        validate_object(job)
+
+
+def test_each_overlay_says_its_purpose_in_one_line():
+    for overlay in OVERLAYS:
+        first = (K8S / "overlays" / overlay / "kustomization.yaml").read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 20, first
+
+
+# ---- security ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_the_restricted_profile(overlay):
+    objects = render(str(K8S / "overlays" / overlay))
+    seen = 0
+    for obj in by_kind(objects, "RayService") + by_kind(objects, "RayJob"):
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        autoscaler = cluster.get("autoscalerOptions")
+        for where, template in pod_templates(obj):
+            extra = [autoscaler] if autoscaler and where.endswith("headGroupSpec") else []
+            assert restricted_violations(template, extra) == [], f"{obj['kind']} {where}"
+            assert template["spec"]["securityContext"]["runAsUser"] == 1000
+            for c in template["spec"]["containers"]:
+                # read-only root: Ray writes its session under /tmp, an emptyDir.
+                tmp = mounts(c).get("/tmp")
+                assert tmp and "emptyDir" in volumes(template)[tmp], f"{where} {c['name']}"
+            seen += 1
+    assert seen == 5  # RayService head + worker; RayJob submitter + head + worker
+    if autoscaler := one(objects, "RayService")["spec"]["rayClusterConfig"]["autoscalerOptions"]:
+        assert mounts(autoscaler) == {"/tmp": "tmp"}
+
+
+def test_restricted_check_can_fail():
+    template = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "RayService")[
+        "spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"])
+    template["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    del template["spec"]["securityContext"]["seccompProfile"]
+    template["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    bad = restricted_violations(template)
+    assert len(bad) == 3, bad
+
+
+def test_network_policy_admits_only_grpc_and_metrics_from_outside():
+    policy = one(render(str(K8S / "overlays" / "cpu")), "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"] == {} and spec["policyTypes"] == ["Ingress"]
+    outside_ports: set[int] = set()
+    operator_ports: set[int] = set()
+    for rule in spec["ingress"]:
+        peers = rule.get("from")
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if peers == [{"podSelector": {}}]:
+            assert not rule.get("ports")  # Ray's own traffic, same namespace only
+            continue
+        if peers and all(p.get("podSelector", {}).get("matchLabels") ==
+                         {"app.kubernetes.io/name": "kuberay-operator"} for p in peers):
+            operator_ports |= ports
+            continue
+        assert ports, f"a rule admits every port from outside the namespace: {rule}"
+        outside_ports |= ports
+    assert outside_ports == {9000, 8080}
+    assert operator_ports == {8265, 8000}
+    assert not {8265, 6379, 10001} & outside_ports
+
+
+# ---- the Ray clusters ---------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_version_image_and_shared_volume(overlay):
+    objects = render(str(K8S / "overlays" / overlay))
+    pin = pyproject_ray_pin()
+    pvc = one(objects, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    tag = "0.1.0-cpu" if overlay == "cpu" else "0.1.0-cu128"
+    for obj in by_kind(objects, "RayService") + by_kind(objects, "RayJob"):
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        assert cluster["rayVersion"] == pin
+        for where, template in pod_templates(obj):
+            for c in template["spec"]["containers"]:
+                assert c["image"] == f"tuneserve:{tag}", (where, c["image"])
+            if where == "submitterPodTemplate":
+                continue
+            ray = template["spec"]["containers"][0]
+            data = mounts(ray).get("/data")
+            assert data, f"{obj['kind']} {where} does not mount the shared volume"
+            claim = volumes(template)[data]["persistentVolumeClaim"]["claimName"]
+            assert claim == pvc["metadata"]["name"]
+            assert {"name": "TUNESERVE_HOME", "value": "/data"} in ray["env"]
+            assert any(p.get("name") == "metrics" and p["containerPort"] == 8080
+                       for p in ray["ports"]), where
+
+
+def _resource_blocks_without_reason(text: str) -> list[int]:
+    """Line numbers of `resources:` blocks (requests/limits) with no comment saying why."""
+    lines = text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)(- )?(resources|value):\s*$", line)
+        if not m or not m.group(1) and m.group(3) == "resources":
+            continue  # a kustomization's top-level `resources:` list
+        indent = len(m.group(1)) + (2 if m.group(2) else 0)
+        block = []
+        for nxt in lines[i + 1:]:
+            if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                break
+            block.append(nxt)
+        body = "\n".join(block)
+        if not re.search(r"^\s*(requests|limits):", body, re.M):
+            continue
+        if not re.search(r"^\s*#", body, re.M):
+            missing.append(i + 1)
+    return missing
+
+
+def test_every_resource_request_says_why():
+    files = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"]
+    assert len(files) >= 8
+    checked = 0
+    for path in files:
+        text = path.read_text()
+        assert _resource_blocks_without_reason(text) == [], path
+        checked += len(re.findall(r"^\s*(requests|limits):", text, re.M))
+    assert checked >= 14
+    assert _resource_blocks_without_reason(
+        "spec:\n  resources:\n    requests:\n      cpu: 1\n") == [2]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_requests_equal_limits_and_gpus_only_in_the_gpu_overlay(overlay):
+    objects = render(str(K8S / "overlays" / overlay))
+    gpu_groups = 0
+    for obj in by_kind(objects, "RayService") + by_kind(objects, "RayJob"):
+        for where, template in pod_templates(obj):
+            for c in template["spec"]["containers"]:
+                res = c["resources"]
+                assert {"cpu", "memory"} <= set(res["requests"]) and \
+                    {"cpu", "memory"} <= set(res["limits"]), (where, c["name"])
+                if where != "submitterPodTemplate":
+                    # Ray sizes itself from the limits; Guaranteed QoS for Ray nodes.
+                    assert res["requests"] == res["limits"], (where, c["name"])
+                if "nvidia.com/gpu" in res["limits"]:
+                    gpu_groups += 1
+                    assert "workerGroupSpecs" in where
+                    assert any(t["key"] == "nvidia.com/gpu"
+                               for t in template["spec"].get("tolerations", []))
+    assert gpu_groups == (2 if overlay == "gpu" else 0)
+
+
+# ---- serving ------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch):
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    import services.serving.app as app_module
+    from services.protocol import SERVICER_FUNCTIONS
+
+    rayservice = one(render(str(K8S / "overlays" / overlay)), "RayService")
+    doc = serve_config(rayservice)
+    ServeDeploySchema.model_validate(doc)  # Serve's own checks (types, num_replicas rules)
+    # ... which let unknown keys through: a misspelt option would be silently ignored.
+    assert set(doc) <= set(ServeDeploySchema.model_fields), set(doc)
+    assert doc["grpc_options"]["port"] == 9000
+    assert doc["grpc_options"]["grpc_servicer_functions"] == list(SERVICER_FUNCTIONS)
+    (application,) = doc["applications"]
+    assert set(application) <= set(ServeApplicationSchema.model_fields)
+    assert application["name"] == app_module.APP_NAME
+    assert application["import_path"] == "services.serving.app:app_builder"
+    # app_builder accepts the args (unknown ones raise) and they make a valid ServeConfig.
+    monkeypatch.setattr(app_module, "build_app", lambda cfg: cfg)
+    cfg = app_module.app_builder(copy.deepcopy(application["args"]))
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    assert cfg.registry == "/data/registry" and cfg.grpc_port == 9000
+    assert cfg.models, "name the served models: each needs its deployment entry"
+    deployments = {d["name"]: d for d in application["deployments"]}
+    assert set(deployments) == {app_module.model_deployment_name(m) for m in cfg.models}
+    for name, dep in deployments.items():
+        assert set(dep) <= set(DeploymentSchema.model_fields), set(dep)
+        assert set(dep["user_config"]) == {"channel", "pinned_version", "poll_interval_s"}
+        assert dep["user_config"]["channel"] == cfg.channel
+        auto = dep["autoscaling_config"]
+        assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
+        assert auto["target_ongoing_requests"] > 0
+        # Autoscaling in the config needs it in the code too, or the code's num_replicas
+        # clashes with it.
+        assert getattr(cfg, "max_replicas", None) is not None
+        if "ray_actor_options" in dep:  # replaces the code's options as a whole
+            opts = dep["ray_actor_options"]
+            assert opts["num_cpus"] == cfg.replica_cpus
+            assert opts["runtime_env"]["env_vars"]["TUNESERVE_REPLICA_CPUS"] == \
+                str(cfg.replica_cpus)
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    workers = cluster["workerGroupSpecs"][0]
+    assert workers["minReplicas"] >= 1 and workers["maxReplicas"] >= workers["minReplicas"]
+    if overlay == "gpu":
+        assert deployments["model-sentiment"]["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_grpc_service_and_probes():
+    from services.protocol import INFERENCE_SERVICE
+
+    rayservice = one(render(str(K8S / "overlays" / "cpu")), "RayService")
+    spec = rayservice["spec"]
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    ports = spec["serveService"]["spec"]["ports"]
+    assert [(p["port"], p["targetPort"], p.get("appProtocol")) for p in ports] == \
+        [(9000, 9000, "kubernetes.io/h2c")]
+    cluster = spec["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    # KubeRay deploys the app only once the head is ready: no app-level probe there.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in head.get(probe, {}), probe
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe"):
+        grpc = worker[probe]["grpc"]
+        assert grpc["port"] == 9000 and grpc.get("service", "") in ("", INFERENCE_SERVICE)
+    startup, ready = worker["startupProbe"], worker["readinessProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model loading
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= 15  # quick
+    assert worker["livenessProbe"]["httpGet"]["port"] == 52365  # the Ray node
+    assert {"secretRef": {"name": "tuneserve-api-tokens"}} in worker["envFrom"]
+    secret = one(render(str(K8S / "overlays" / "cpu")), "Secret")
+    assert set(secret["stringData"]) == {"TUNESERVE_API_TOKEN", "TUNESERVE_ADMIN_TOKEN"}
+    assert all("placeholder" in v for v in secret["stringData"].values())
+
+
+def test_pod_monitor_scrapes_the_metrics_port_of_every_ray_node():
+    objects = render(str(K8S / "overlays" / "cpu"))
+    monitor = one(objects, "PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for obj in by_kind(objects, "RayService") + by_kind(objects, "RayJob"):
+        for where, template in pod_templates(obj):
+            if where != "submitterPodTemplate":
+                labels = template["metadata"]["labels"]
+                assert selector.items() <= labels.items(), where
+
+
+# ---- training --------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_training_job_runs_the_config_map_run(overlay):
+    from services.config import TrainConfig
+
+    objects = render(str(K8S / "overlays" / overlay))
+    job = one(objects, "RayJob")
+    spec = job["spec"]
+    assert spec["entrypoint"] == "python -m services train --config /config/run.yaml"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0 and spec["backoffLimit"] >= 0
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]
+    config_volume = volumes(head)[mounts(head["spec"]["containers"][0])["/config"]]
+    config_map = one(objects, "ConfigMap")
+    assert config_volume["configMap"]["name"] == config_map["metadata"]["name"]
+    cfg = TrainConfig.from_dict(yaml.safe_load(config_map["data"]["run.yaml"])).validate()
+    assert cfg.registry == "/data/registry" and cfg.runs_dir.startswith("/data/")
+    assert cfg.address is None
+    assert cfg.train.startswith("/data/") and cfg.use_gpu == (overlay == "gpu")
+    workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == \
+        cfg.workers
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert float(limits["cpu"]) >= cfg.cpus_per_worker
+    # the served model is the one this run publishes
+    served = serve_config(one(objects, "RayService"))["applications"][0]["args"]["models"]
+    assert cfg.name in served
+
+
+def test_base_run_config_is_the_file_tuneserve_train_reads():
+    from services.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(K8S / "base" / "train" / "run.yaml").validate()
+    gpu = TrainConfig.from_yaml(K8S / "overlays" / "gpu" / "run-gpu.yaml").validate()
+    differs = {k for k, v in cfg.to_dict().items() if gpu.to_dict()[k] != v}
+    assert differs == {"use_gpu", "cpus_per_worker", "batch_size"}
