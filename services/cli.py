@@ -5,6 +5,7 @@
     tuneserve classify --address HOST:PORT --model NAME "text" ...
     tuneserve models list --registry DIR
     tuneserve demo
+    tuneserve k8s train|status|logs|delete|promote|unpin ...   (KubeRay; docs/kubernetes.md)
 
 Errors print one line naming the bad field, file or status and exit non-zero (2 for
 bad input, 1 for everything else); no tracebacks unless --verbose.
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="past this, requests fail fast with RESOURCE_EXHAUSTED")
     p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--replica-gpus", type=float, default=0.0)
     p.add_argument("--poll-interval-s", type=float, default=2.0)
 
     p = sub.add_parser("classify", help="classify texts through a running server")
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=0, help="default: a free port")
     p.add_argument("--home", default=None, help="where registry and runs go "
                    "(default: .tuneserve)")
+
+    from services.k8s import register as register_k8s
+
+    register_k8s(sub)
     return parser
 
 
@@ -182,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(registry=args.registry, grpc_port=args.grpc_port, host=args.host,
                       metrics_port=args.metrics_port, address=args.address,
                       num_replicas=args.num_replicas, replica_cpus=args.replica_cpus,
-                      min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                      replica_gpus=args.replica_gpus, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests,
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
@@ -266,8 +272,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     home=args.home, verbose=args.verbose)
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from services.k8s import run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "serve": cmd_serve, "classify": cmd_classify,
-            "models": cmd_models, "demo": cmd_demo}
+            "models": cmd_models, "demo": cmd_demo, "k8s": cmd_k8s}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -238,6 +238,8 @@ class ServeConfig:
     """How often each replica checks the registry for a moved channel."""
     replica_cpus: float = 1.0
     """CPUs reserved per model replica; also its torch thread count (rounded up)."""
+    replica_gpus: float = 0.0
+    """GPUs per model replica (the model moves to CUDA when it has one)."""
     ingress_cpus: float = 0.1
     num_replicas: int = 1
     """Fixed replicas per model when autoscaling is off (max_replicas unset)."""

@@ -75,6 +75,10 @@ def load_classifier_for_serving(path: str | Path):
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
+    import torch
+
     model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+    if torch.cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
+        model.to("cuda")
     model.eval()
     return model, load_tokenizer(str(path))

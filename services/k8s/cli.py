@@ -160,6 +160,13 @@ def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
                         ("gpus-per-worker", args.gpus_per_worker)):
         if value < 0:
             raise InvalidInput(f"--{name}: must be >= 0, got {value}")
+    if cfg.use_gpu and args.gpus_per_worker < 1:
+        raise InvalidInput("--gpus-per-worker: the run uses GPUs (use_gpu), so at least 1")
+    if args.worker_cpus is not None and \
+            objects.cpu_quantity(args.worker_cpus, "--worker-cpus") < cfg.cpus_per_worker:
+        # Ray Train would wait forever for a worker slot that no pod offers.
+        raise InvalidInput(f"--worker-cpus: {args.worker_cpus} is less than cpus_per_worker "
+                           f"({cfg.cpus_per_worker:g}) of the run")
     opts = JobOptions(namespace=args.namespace, image=args.image, job_name=args.job_name,
                       pvc=args.pvc, head_cpus=args.head_cpus, head_memory=args.head_memory,
                       worker_cpus=args.worker_cpus, worker_memory=args.worker_memory,
@@ -188,7 +195,8 @@ def _watch(kube, name: str, args: argparse.Namespace) -> int:
     from services.k8s.client import JobFailed
 
     try:
-        state = kube.watch_job(name, interval_s=args.interval_s, timeout_s=args.timeout_s)
+        state = kube.watch_job(name, out=lambda line: print(line, flush=True),
+                               interval_s=args.interval_s, timeout_s=args.timeout_s)
     except KeyboardInterrupt:
         print(f"\nstopped watching; the job goes on: tuneserve k8s status {name}",
               file=sys.stderr)
@@ -247,6 +255,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
     import yaml
 
+    if version is not None:
+        objects.check_version(version)  # before any cluster or file is read
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as fh:

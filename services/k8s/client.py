@@ -1,6 +1,6 @@
 """Talking to a cluster: training RayJobs and the RayService, through the kubernetes client.
 
-    kube = Kube.connect()                      # kubeconfig, else in-cluster config
+    kube = Kube.connect("tuneserve")           # kubeconfig, else in-cluster config
     kube.create_train_job(config_map, rayjob)  # objects from services.k8s.objects
     kube.watch_job(name, out=print)            # state changes until it finishes
 
@@ -22,6 +22,9 @@ from services.errors import TuneserveError
 from services.k8s.objects import RAY_API_VERSION, RAY_GROUP, owner_reference, pin_version
 
 REQUEST_TIMEOUT_S = 30
+# The client leaves Content-Type unset on creates (the API server then assumes JSON);
+# say it anyway.
+JSON = {"Content-Type": "application/json"}
 FINISHED_DEPLOYMENT_STATES = {"Complete", "Failed", "ValidationFailed"}
 _PUBLISHED = re.compile(r"^published (?P<name>\S+) (?P<version>v\d+)\b")
 
@@ -215,12 +218,12 @@ class Kube:
         cm_name = config_map["metadata"]["name"]
         job_name = rayjob["metadata"]["name"]
         self._call(f"create ConfigMap {cm_name}", self.core.create_namespaced_config_map,
-                   self.namespace, config_map, _content_type="application/json")
+                   self.namespace, config_map, _headers=JSON)
         try:
             created = self._call(f"create RayJob {job_name}",
                                  self.custom.create_namespaced_custom_object, RAY_GROUP,
                                  RAY_API_VERSION, self.namespace, "rayjobs", rayjob,
-                                 _content_type="application/json")
+                                 _headers=JSON)
         except KubernetesError:
             self._call(f"delete ConfigMap {cm_name}", self.core.delete_namespaced_config_map,
                        cm_name, self.namespace)

@@ -85,6 +85,20 @@ def check_k8s_name(name: str, what: str, max_len: int = MAX_JOB_NAME) -> str:
     return name
 
 
+def cpu_quantity(value: str, what: str) -> float:
+    """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs."""
+    try:
+        return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    except ValueError:
+        raise InvalidInput(f"{what}: {value!r} is not a CPU quantity (e.g. 2, 1.5, 500m)")
+
+
+def check_version(version: str) -> str:
+    if not _VERSION.match(version):
+        raise InvalidInput(f"version {version!r}: expected v<N>, e.g. v3")
+    return version
+
+
 def default_job_name(model_name: str, now: Optional[_dt.datetime] = None) -> str:
     """train-<model>-<UTC time>, cut to fit KubeRay's limit."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
@@ -280,8 +294,8 @@ def pin_version(serve_config: str, model: str, version: Optional[str], *,
     deployment entry is added with the app's channel and poll interval. Serve applies a
     user_config change through `reconfigure` on the running replicas: no restart.
     """
-    if version is not None and not _VERSION.match(version):
-        raise InvalidInput(f"version {version!r}: expected v<N>, e.g. v3")
+    if version is not None:
+        check_version(version)
     try:
         doc = yaml.safe_load(serve_config) or {}
     except yaml.YAMLError as exc:

@@ -68,7 +68,7 @@ def build_app(cfg: ServeConfig):
             max_ongoing_requests=cfg.max_ongoing_requests,
             max_queued_requests=cfg.max_queued_requests,
             **replicas,
-            ray_actor_options={"num_cpus": cfg.replica_cpus,
+            ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
                                "runtime_env": {"env_vars": {
                                    "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}},
             user_config={"channel": cfg.channel, "pinned_version": None,

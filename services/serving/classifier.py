@@ -76,8 +76,9 @@ def _predict(loaded: LoadedModel, texts: list[str], chunk: int = 64):
             idx = order[start:start + chunk]
             enc = loaded.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                    max_length=loaded.max_length, return_tensors="pt")
+            enc = {k: v.to(loaded.model.device) for k, v in enc.items()}
             logits = loaded.model(**enc).logits.float()
-            out[idx] = torch.softmax(logits, dim=-1)
+            out[idx] = torch.softmax(logits, dim=-1).cpu()
     return out
 
 
