@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--registry", default=DEFAULT_REGISTRY)
     q.add_argument("name")
     q.add_argument("model_version", metavar="VERSION")
+    for action, text in (("promote", "verify a version, then point a channel at it"),
+                         ("rollback", "move a channel back to its previous version"),
+                         ("pin", "make every replica serve this version"),
+                         ("unpin", "let replicas follow their channel again")):
+        q = msub.add_parser(action, help=text)
+        where = q.add_mutually_exclusive_group()
+        where.add_argument("--registry", default=None,
+                           help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
+        where.add_argument("--address", default=None,
+                           help="act through a running server's Admin API (HOST:PORT)")
+        q.add_argument("name")
+        if action in ("promote", "pin"):
+            q.add_argument("model_version", metavar="VERSION")
+        if action in ("promote", "rollback"):
+            q.add_argument("--channel", default="production")
 
     p = sub.add_parser("demo", help="train, publish, serve and query the bundled MiniLM "
                        "on the bundled sentiment data, on a local Ray cluster")
@@ -239,6 +254,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from services.client import format_table
     from services.registry import Registry
 
+    if args.models_command in ("promote", "rollback", "pin", "unpin"):
+        return _models_change(args)
     reg = Registry(args.registry)
     if args.models_command == "verify":
         manifest = reg.verify(args.name, args.model_version)
@@ -262,6 +279,47 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = [(d["name"], d["version"], d["task"], ",".join(d["channels"]) or "-",
              f"{d['metrics'].get('accuracy', float('nan')):.4f}", d["created_at"]) for d in data]
     print(format_table(rows, ["model", "version", "task", "channels", "accuracy", "created"]))
+    return 0
+
+
+def _models_change(args: argparse.Namespace) -> int:
+    """promote / rollback / pin / unpin, on the registry or through the Admin API."""
+    action = args.models_command
+    version = getattr(args, "model_version", None)
+    channel = getattr(args, "channel", "production")
+    if args.address:
+        from services.client import Client
+
+        with Client(args.address) as client:
+            call = {"promote": lambda: client.promote(args.name, version, channel),
+                    "rollback": lambda: client.rollback(args.name, channel),
+                    "pin": lambda: client.pin(args.name, version),
+                    "unpin": lambda: client.unpin(args.name)}[action]
+            resp = call()
+        now, before = resp.version, resp.previous_version
+    else:
+        from services.registry import Registry
+
+        reg = Registry(args.registry or DEFAULT_REGISTRY)
+        if action == "promote":
+            before = reg.channel(args.name, channel)
+            reg.verify(args.name, version)
+            reg.set_channel(args.name, channel, version)
+            now = version
+        elif action == "rollback":
+            before = reg.channel(args.name, channel)
+            now = reg.rollback(args.name, channel)
+        elif action == "pin":
+            before = reg.pinned(args.name)
+            reg.verify(args.name, version)
+            reg.pin(args.name, version)
+            now = version
+        else:
+            before = reg.pinned(args.name)
+            reg.unpin(args.name)
+            now = ""
+    target = channel if action in ("promote", "rollback") else "pin"
+    print(f"{args.name} {target}: {before or '-'} -> {now or '-'}")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.protocol import INFERENCE_SERVICE, pb, pb_grpc
+from services.protocol import INFERENCE_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -28,6 +28,7 @@ class Client:
         self.timeout_s = timeout_s
         self.channel = grpc.insecure_channel(address)
         self.inference = pb_grpc.InferenceStub(self.channel)
+        self.admin = admin_pb_grpc.AdminStub(self.channel)
         self._health_stub = health_pb2_grpc.HealthStub(self.channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
 
@@ -59,6 +60,24 @@ class Client:
     def list_models(self, model: str = "") -> pb.ListModelsResponse:
         return self.inference.ListModels(pb.ListModelsRequest(model=model),
                                          timeout=self.timeout_s, metadata=self._metadata)
+
+    # ---- Admin ----------------------------------------------------------------------
+    def promote(self, model: str, version: str, channel: str = "") -> admin_pb.AdminResponse:
+        return self.admin.Promote(admin_pb.PromoteRequest(model=model, version=version,
+                                                          channel=channel),
+                                  timeout=self.timeout_s, metadata=self._metadata)
+
+    def rollback(self, model: str, channel: str = "") -> admin_pb.AdminResponse:
+        return self.admin.Rollback(admin_pb.RollbackRequest(model=model, channel=channel),
+                                   timeout=self.timeout_s, metadata=self._metadata)
+
+    def pin(self, model: str, version: str) -> admin_pb.AdminResponse:
+        return self.admin.Pin(admin_pb.PinRequest(model=model, version=version),
+                              timeout=self.timeout_s, metadata=self._metadata)
+
+    def unpin(self, model: str) -> admin_pb.AdminResponse:
+        return self.admin.Unpin(admin_pb.UnpinRequest(model=model),
+                                timeout=self.timeout_s, metadata=self._metadata)
 
     def health(self, service: str = INFERENCE_SERVICE, timeout_s: float = 5.0) -> str:
         """'SERVING', 'NOT_SERVING', ... as a name."""

@@ -37,13 +37,35 @@ class TrainConfig:
     eval_fraction: float = 0.1
     """Share of the training data held out for evaluation when no --eval file is given."""
     task: str = "classification"
-    """classification (generation comes with causal-LM support)."""
+    """classification (sequence classifier) or generation (supervised fine-tuning of a
+    causal language model on prompt/response pairs)."""
     text_column: Optional[str] = None
     """Column with the text; default: the first of text, sentence, content, review."""
     label_column: Optional[str] = None
     """Column with the label; default: the first of label, labels, category, class."""
     columns: Optional[list[str]] = None
     """Column names for CSV/TSV files without a header row, e.g. [text, label]."""
+    prompt_column: Optional[str] = None
+    """Generation: column with the prompt; default: the first of prompt, question,
+    instruction, input."""
+    response_column: Optional[str] = None
+    """Generation: column with the response; default: the first of response, answer,
+    output, completion."""
+    prompt_template: Optional[str] = None
+    """Generation: how a prompt is shown to the model, with {prompt} where it goes, e.g.
+    'Question: {prompt}\nAnswer: ' (in a flag, \n and \t stand for newline and tab).
+    Saved with the checkpoint; the server applies it. Default: the prompt as is."""
+    packing: bool = False
+    """Generation: pack several short examples into each training sequence of up to
+    max_length tokens (less padding; attention then crosses example boundaries)."""
+    lora_r: int = 0
+    """Generation: LoRA rank (needs the peft package); 0 trains every weight. The
+    adapter is merged into the published checkpoint."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    lora_target_modules: Optional[list[str]] = None
+    """Modules LoRA adapts, e.g. q_proj,v_proj; default: peft's choice for the model."""
     name: Optional[str] = None
     """Model name in the registry; default: the training file's stem."""
     registry: str = DEFAULT_REGISTRY
@@ -73,6 +95,10 @@ class TrainConfig:
     """How often workers report progress (loss, samples/s) to the driver."""
     address: Optional[str] = None
     """Ray cluster address; default: start a local cluster in-process."""
+    promote: bool = False
+    """After publishing, promote to production if the eval metric is at least production's."""
+    min_metric: Optional[str] = None
+    """With --promote: also require e.g. accuracy=0.85."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes kept in the manifest."""
 
@@ -112,6 +138,7 @@ class TrainConfig:
                 f"{self.batch_size} is not divisible by workers x grad_accum_steps "
                 f"({self.workers} x {self.grad_accum_steps} = {per_step})",
             )
+        self._validate_generation(bad)
         if self.columns is not None:
             if isinstance(self.columns, str):
                 self.columns = [c.strip() for c in self.columns.split(",")]
@@ -125,7 +152,41 @@ class TrainConfig:
             validate_name(self.name, "name")
         except Exception as exc:
             raise bad("name", str(exc)) from None
+        if self.min_metric:
+            from services.training.promotion import parse_min_metric
+
+            parse_min_metric(self.min_metric)
         return self
+
+    def _validate_generation(self, bad) -> None:
+        generation = self.task == "generation"
+        if self.prompt_template is not None:
+            if not generation:
+                raise bad("prompt_template", "applies to --task generation only")
+            try:
+                rendered = render_prompt(self.prompt_template, "\x00")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise bad("prompt_template", f"must contain {{prompt}} and no other "
+                          f"{{...}} field (write {{{{ and }}}} for literal braces): {exc!r}")
+            if rendered.count("\x00") != 1:
+                raise bad("prompt_template", "must contain {prompt} exactly once")
+        if self.packing and not generation:
+            raise bad("packing", "applies to --task generation only")
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
+            raise bad("lora_r", f"must be an integer >= 0, got {self.lora_r!r}")
+        if self.lora_r:
+            if not generation:
+                raise bad("lora_r", "LoRA applies to --task generation only")
+            if self.lora_alpha <= 0:
+                raise bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
+            if not (0.0 <= self.lora_dropout < 1.0):
+                raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+            if isinstance(self.lora_target_modules, str):
+                self.lora_target_modules = [m.strip() for m in
+                                            self.lora_target_modules.split(",")]
+            if self.lora_target_modules is not None and (
+                    not self.lora_target_modules or any(not m for m in self.lora_target_modules)):
+                raise bad("lora_target_modules", "must be a comma-separated list of names")
 
     @property
     def micro_batch_size(self) -> int:
@@ -163,6 +224,11 @@ class TrainConfig:
         data = self.to_dict()
         data.update({k: v for k, v in overrides.items() if v is not None})
         return TrainConfig.from_dict(data, source="command line")
+
+
+def render_prompt(template: Optional[str], prompt: str) -> str:
+    """The text the model sees for a prompt: the same at training and serving time."""
+    return prompt if template is None else template.format(prompt=prompt)
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -222,6 +288,15 @@ class ServeLimits:
     max_texts_per_request: int = 128
     max_text_chars: int = 20_000
     max_model_name_chars: int = 128
+    max_prompt_chars: int = 20_000
+    """Generation: characters per prompt (the model's context is checked in tokens)."""
+    default_max_new_tokens: int = 128
+    """Generation: max_new_tokens when a request leaves it unset."""
+    max_new_tokens: int = 1024
+    """Generation: the largest max_new_tokens a request may ask for."""
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 64
+    """Generation: characters per stop string."""
 
 
 @dataclass

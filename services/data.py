@@ -1,6 +1,7 @@
 """Reading labelled data sets: CSV, TSV, JSONL and Parquet, local paths.
 
-`load_labelled(path, ...)` returns texts and raw labels; `LabelSet` maps raw labels
+`load_labelled(path, ...)` returns texts and raw labels (classification);
+`load_pairs(path, ...)` returns prompt/response pairs (generation); `LabelSet` maps raw labels
 (ints or strings) to contiguous ids and back, and is stored in the checkpoint as
 `id2label`. Every error names the file and, for text formats, the line.
 """
@@ -175,6 +176,56 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
     if not texts:
         raise DataError(f"{path}: no examples found")
     return LabelledData(texts, labels, tcol, lcol, str(path), file_sha256(path))
+
+
+PROMPT_COLUMN_CANDIDATES = ("prompt", "question", "instruction", "input", "query")
+RESPONSE_COLUMN_CANDIDATES = ("response", "answer", "output", "completion", "target")
+
+
+@dataclass
+class PairData:
+    """Prompt/response pairs for supervised fine-tuning of a causal LM."""
+
+    prompts: list[str]
+    responses: list[str]
+    prompt_column: str
+    response_column: str
+    path: str
+    sha256: str
+
+
+def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
+               response_column: Optional[str] = None,
+               columns: Optional[Sequence[str]] = None) -> PairData:
+    """Read (prompt, response) pairs; an empty prompt or response is an error with a line."""
+    path = Path(path)
+    prompts: list[str] = []
+    responses: list[str] = []
+    pcol = rcol = None
+    for row in iter_rows(path, columns):
+        if pcol is None:
+            keys = list(row.values)
+            pcol = _pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt")
+            rcol = _pick_column(path, keys, response_column, RESPONSE_COLUMN_CANDIDATES,
+                                "response")
+            if pcol == rcol:
+                raise DataError(f"{path}: prompt and response are the same column '{pcol}'")
+        pair = []
+        for col, what in ((pcol, "prompt"), (rcol, "response")):
+            value = row.values.get(col)
+            if value is None:
+                raise DataError(f"{row.where}: missing {what} in column '{col}'")
+            if not isinstance(value, str):
+                raise DataError(f"{row.where}: {what} in column '{col}' is not a string: "
+                                f"{str(value)[:60]!r}")
+            if not value.strip():
+                raise DataError(f"{row.where}: empty {what} in column '{col}'")
+            pair.append(value)
+        prompts.append(pair[0])
+        responses.append(pair[1])
+    if not prompts:
+        raise DataError(f"{path}: no examples found")
+    return PairData(prompts, responses, pcol, rcol, str(path), file_sha256(path))
 
 
 class LabelSet:

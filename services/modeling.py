@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
+GENERATION_FILE = "tuneserve.json"
+"""In every generation checkpoint: the prompt template the server applies, so a model
+is always prompted the way it was trained."""
+
 
 def quiet_transformers() -> None:
     """Keep library chatter (load reports, download bars) out of user-facing output."""
@@ -82,3 +86,66 @@ def load_classifier_for_serving(path: str | Path):
         model.to("cuda")
     model.eval()
     return model, load_tokenizer(str(path))
+
+
+def context_length(config, tokenizer=None) -> int:
+    """Tokens a causal LM can attend to (prompt + generated), from its config."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length",
+                 "seq_length", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
+
+
+def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None):
+    """Any AutoModelForCausalLM, sized for the tokenizer, optionally wrapped with LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    from services.errors import ConfigError
+
+    quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=True)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # e.g. an added [PAD] token
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training never reuses the KV cache
+    if lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("invalid config field 'lora_r': LoRA needs the peft package "
+                              "(pip install peft)") from None
+        try:
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        except ValueError as exc:
+            raise ConfigError(f"invalid config field 'lora_target_modules': {exc}") from None
+    return model
+
+
+def load_causal_lm_for_serving(path: str | Path):
+    """Causal LM and tokenizer from a published version folder (safetensors only).
+
+    The model's own generation defaults (sampling, repetition penalty, ...) are
+    replaced by neutral ones: a request's parameters are the only ones that apply.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    quiet_transformers()
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    tokenizer = load_tokenizer(str(path))
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=model.generation_config.bos_token_id)
+    model.config.use_cache = True
+    if torch.cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
+        model.to("cuda")
+    model.eval()
+    return model, tokenizer

@@ -62,14 +62,31 @@ def trained(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
     return cfg, result
 
 
+HOT_MODEL = "toy-hot"
+
+
+def publish_copy(registry: str, name: str, version: str, new_name: str) -> str:
+    """Publish an existing version again (same weights) as the next version of new_name."""
+    from services.registry import Registry
+
+    reg = Registry(registry)
+    manifest = {k: v for k, v in reg.manifest(name, version).items()
+                if k not in ("files", "version", "name", "created_at")}
+    return reg.publish(new_name, reg.local_copy(name, version), manifest).version
+
+
 @pytest.fixture(scope="session")
 def server(trained):
-    """Serve's gRPC proxy on a free port in front of the trained registry."""
+    """Serve's gRPC proxy on a free port in front of the trained registry.
+
+    It serves "toy" (which tests expect at v1 throughout) and HOT_MODEL, a copy that
+    test_hotload.py promotes, pins, rolls back and corrupts."""
     from services.client import Client
     from services.config import ServeConfig
     from services.serving.app import start_serving
 
     cfg, _ = trained
+    publish_copy(cfg.registry, "toy", "v1", HOT_MODEL)
     port = free_port()
     # Autoscaling between 1 and 2 replicas with quick reactions, so that
     # test_autoscaling.py can watch Serve scale up under load and back down.

@@ -76,3 +76,58 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- generation: a byte-level BPE tokenizer and a tiny GPT-2 ---------------------------
+ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "duck": "quack",
+           "lion": "roar"}
+COLORS = ["red", "blue", "green", "pink", "gray", "gold"]
+GEN_TEMPLATE = "Q: {prompt}\nA:"
+
+
+def toy_generation_pairs() -> list[tuple[str, str]]:
+    """36 prompt/response pairs: copy two words from the prompt, look one up."""
+    return [(f"{color} {animal}", f" the {color} {animal} says {sound}.")
+            for animal, sound in ANIMALS.items() for color in COLORS]
+
+
+def build_bpe_tokenizer(texts: list[str], vocab_size: int = 400):
+    """A GPT-2 style byte-level BPE tokenizer (any text encodes) without a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   model_max_length=1024)
+
+
+def build_tiny_gpt2(folder: Path, texts: list[str], n_positions: int = 1024) -> Path:
+    """A 2-layer, hidden-64 GPT-2 causal LM (random weights) with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    tokenizer = build_bpe_tokenizer(texts)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64,
+                        n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos)
+    model = AutoModelForCausalLM.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path

@@ -4,17 +4,22 @@ Import the messages from here, not from the generated modules, so that the layou
 generated code can change without touching callers.
 """
 
+from services.protocol.tuneserve.v1 import admin_pb2 as admin_pb
+from services.protocol.tuneserve.v1 import admin_pb2_grpc as admin_pb_grpc
 from services.protocol.tuneserve.v1 import inference_pb2 as pb
 from services.protocol.tuneserve.v1 import inference_pb2_grpc as pb_grpc
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN_SERVICE = admin_pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 # Import paths of the `add_*Servicer_to_server` functions that Ray Serve's gRPC proxy
 # registers (`gRPCOptions.grpc_servicer_functions`). The health service is routed
 # through the proxy like any other, so Kubernetes' native gRPC probe reaches the app.
 SERVICER_FUNCTIONS = [
     "services.protocol.tuneserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "services.protocol.tuneserve.v1.admin_pb2_grpc.add_AdminServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
-__all__ = ["pb", "pb_grpc", "INFERENCE_SERVICE", "SERVICER_FUNCTIONS"]
+__all__ = ["pb", "pb_grpc", "admin_pb", "admin_pb_grpc", "INFERENCE_SERVICE", "ADMIN_SERVICE",
+           "SERVICER_FUNCTIONS"]

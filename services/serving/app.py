@@ -34,7 +34,7 @@ def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> d
     for name in names:
         versions = registry.versions(name)
         if not versions:
-            raise RegistryError(f"model '{name}' not found in registry {registry.root}")
+            raise RegistryError(f"model '{name}' not found in {registry}")
         target = registry.channel(name, "production") or versions[-1]
         tasks[name] = str(registry.manifest(name, target).get("task", "classification"))
     return tasks
@@ -46,6 +46,7 @@ def build_app(cfg: ServeConfig):
 
     from services.serving.classifier import Classifier
     from services.serving.ingress import InferenceIngress
+    from services.serving.status import StatusBoard
 
     cfg.validate()
     registry = Registry(cfg.registry)
@@ -55,6 +56,9 @@ def build_app(cfg: ServeConfig):
                             "(tuneserve train ...)")
     handles = {}
     threads = max(1, math.ceil(cfg.replica_cpus))
+    board = serve.deployment(StatusBoard).options(
+        name="status-board", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000).bind()
     for name, task in tasks.items():
         if task != "classification":
             logger.warning("model %s has task %s, which this server cannot serve yet",
@@ -76,17 +80,18 @@ def build_app(cfg: ServeConfig):
             health_check_period_s=10,
         )
         handles[name] = deployment.bind(
-            str(registry.root.resolve()), name, channel=cfg.channel,
+            registry.uri, name, channel=cfg.channel,
             poll_interval_s=cfg.poll_interval_s, threads=threads,
-            max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+            max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            board=board)
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
         # The ingress only awaits model calls: it can hold many at once.
         max_ongoing_requests=max(256, cfg.max_ongoing_requests * 8),
     )
     served_tasks = {n: t for n, t in tasks.items() if n in handles}
-    return ingress.bind(str(registry.root.resolve()), handles, served_tasks,
-                        dataclasses.asdict(cfg.limits))
+    return ingress.bind(registry.uri, handles, served_tasks,
+                        dataclasses.asdict(cfg.limits), board=board)
 
 
 def app_builder(args: dict[str, Any]):
@@ -129,7 +134,7 @@ def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[st
     statuses: dict[str, Any] = {}
     while time.monotonic() < deadline:
         statuses = handle._statuses.remote().result()
-        if statuses and all(s.get("version") for s in statuses.values()):
+        if handle._serving_now.remote(statuses).result():
             return statuses
         time.sleep(poll_s)
     raise TimeoutError(f"models not loaded after {timeout_s:.0f}s: {statuses}")

@@ -52,7 +52,7 @@ def _load_version(registry: Registry, name: str, version: str) -> LoadedModel:
     if manifest.get("task") != "classification":
         raise CorruptVersion(f"{name} {version}: task is {manifest.get('task')!r}, "
                              "not classification")
-    model, tokenizer = load_classifier_for_serving(registry.version_dir(name, version))
+    model, tokenizer = load_classifier_for_serving(registry.local_copy(name, version))
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if labels != manifest.get("labels"):
         raise CorruptVersion(f"{name} {version}: model labels differ from the manifest")
@@ -88,7 +88,7 @@ class Classifier:
     def __init__(self, registry: str, name: str, channel: str = "production",
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005):
+                 batch_wait_timeout_s: float = 0.005, board: Any = None):
         import torch
 
         torch.set_num_threads(max(1, int(threads or math.ceil(
@@ -108,6 +108,7 @@ class Classifier:
         self._load_lock = asyncio.Lock()
         self._follower: Optional[asyncio.Task] = None
         self._started = False
+        self.board = board  # DeploymentHandle of the StatusBoard, if any
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
     def _ensure_follower(self) -> None:
@@ -135,8 +136,10 @@ class Classifier:
         self._wake.set()
 
     def _target(self) -> Optional[str]:
-        if self.pinned:
-            return self.pinned if self.registry.exists(self.name, self.pinned) else None
+        """user_config pin > registry pin (Admin Pin) > the channel's version."""
+        pinned = self.pinned or self.registry.pinned(self.name)
+        if pinned:
+            return pinned if self.registry.exists(self.name, pinned) else None
         return self.registry.channel(self.name, self.channel)
 
     async def _follow(self) -> None:
@@ -153,6 +156,7 @@ class Classifier:
             except Exception as exc:  # the follower must never die
                 logger.exception("registry poll failed for %s", self.name)
                 self.last_error = str(exc)
+            await self._report()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
@@ -192,13 +196,24 @@ class Classifier:
         except TuneserveError:
             self.state = "ready" if self.current else "failed"
             return
-        old = self.current
         self.others.pop(version, None)
-        self.current = loaded  # the swap: one reference assignment
+        # The swap is one reference assignment. Requests already running hold their
+        # own reference to the old model, so it is freed when the last one finishes.
+        self.current = loaded
         self.state = "ready"
         self.last_error = None
-        if old is not None and old.version != version:
-            self._remember(old)
+        await self._report()
+
+    async def _report(self) -> None:
+        if self.board is None:
+            return
+        try:
+            status = await self.status()
+            await asyncio.wait_for(
+                self.board.report.remote(status, stale_after_s=3 * self.poll_interval_s + 10),
+                timeout=5)
+        except Exception:  # the board is advisory; serving goes on without it
+            logger.warning("status report for %s failed", self.name, exc_info=True)
 
     def _remember(self, loaded: LoadedModel) -> None:
         self.others[loaded.version] = loaded
@@ -266,6 +281,7 @@ class Classifier:
             "version": self.current.version if self.current else None,
             "cached_versions": list(self.others), "pinned_version": self.pinned,
             "channel": self.channel, "refused": dict(self.refused),
+            "refusals": len(self.refused),
             "last_error": self.last_error, "replica": ctx.replica_tag if ctx else None,
             "labels": self.current.labels if self.current else [],
         }

@@ -24,14 +24,18 @@ from services.config import ServeLimits
 from services.errors import (
     ModelLoading,
     ModelNotFound,
-    NotImplementedYet,
     Overloaded,
     TuneserveError,
     WrongTask,
 )
-from services.protocol import INFERENCE_SERVICE, pb
+from services.protocol import INFERENCE_SERVICE, admin_pb, pb
 from services.registry import Registry
-from services.serving.validation import check_model_field, validate_classify
+from services.serving.admin import AdminMethods
+from services.serving.validation import (
+    check_model_field,
+    validate_classify,
+    validate_generate,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,6 +61,13 @@ def _status_code(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see server logs"
 
 
+def _generate_response(answer: dict[str, Any], model: str):
+    return pb.GenerateResponse(
+        text=answer["text"], prompt_tokens=answer["prompt_tokens"],
+        completion_tokens=answer["completion_tokens"],
+        finish_reason=answer["finish_reason"] or "", model=model, version=answer["version"])
+
+
 def rpc(response_type):
     """Wrap a unary method: domain errors become status codes, never tracebacks."""
 
@@ -77,16 +88,16 @@ def rpc(response_type):
     return decorate
 
 
-class InferenceIngress:
+class InferenceIngress(AdminMethods):
     """Serve deployment class; `app.py` wraps it with `serve.deployment`."""
 
     def __init__(self, registry: str, models: dict[str, Any], tasks: dict[str, str],
-                 limits: Optional[dict] = None, pinned: Optional[dict[str, str]] = None):
+                 limits: Optional[dict] = None, board: Any = None):
         self.registry = Registry(registry)
         self.handles = models  # model name -> DeploymentHandle of its model deployment
         self.tasks = tasks
         self.limits = ServeLimits(**(limits or {}))
-        self.pinned = pinned or {}
+        self.board = board  # DeploymentHandle of the StatusBoard
         self._health: tuple[float, bool] = (0.0, False)
 
     # ---- helpers ---------------------------------------------------------------
@@ -104,15 +115,20 @@ class InferenceIngress:
             raise WrongTask(f"model '{model}' is a {actual} model; use {method}")
         return handle
 
-    async def _statuses(self) -> dict[str, dict]:
-        async def one(name, handle):
-            try:
-                return name, await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
-            except Exception:
-                return name, {"state": "unavailable", "version": None}
+    async def _statuses(self) -> dict[str, list[dict]]:
+        """model name -> the live replicas' statuses (from the status board)."""
+        try:
+            board = await asyncio.wait_for(self.board.get.remote(), STATUS_TIMEOUT_S)
+        except Exception:
+            logger.warning("status board unavailable", exc_info=True)
+            board = {}
+        return {name: board.get(name, []) for name in self.handles}
 
-        pairs = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
-        return dict(pairs)
+    @staticmethod
+    def _serving_now(statuses: dict[str, list[dict]]) -> bool:
+        """Every served model has at least one replica answering with a version."""
+        return bool(statuses) and all(any(r.get("version") for r in replicas)
+                                      for replicas in statuses.values())
 
     # ---- tuneserve.v1.Inference ---------------------------------------------------
     @rpc(pb.ClassifyResponse)
@@ -131,15 +147,24 @@ class InferenceIngress:
 
     @rpc(pb.GenerateResponse)
     async def Generate(self, request, grpc_context=None):
-        model = check_model_field(request.model, self.limits)
-        self._handle(model, "generation")
-        raise NotImplementedYet("text generation is not available on this server yet")
+        call = validate_generate(request, self.limits)
+        handle = self._handle(call.model, "generation")
+        # If this call is cancelled (client gone, deadline), Serve cancels the model
+        # call too, and the generator stops at the next token.
+        answer = await handle.generate.remote(call.prompt, call.params, call.version)
+        return _generate_response(answer, call.model)
 
     async def GenerateStream(self, request, grpc_context=None):
+        stream = None
+        finished = False
         try:
-            model = check_model_field(request.model, self.limits)
-            self._handle(model, "generation")
-            raise NotImplementedYet("text generation is not available on this server yet")
+            call = validate_generate(request, self.limits)
+            handle = self._handle(call.model, "generation")
+            stream = handle.options(stream=True).generate_stream.remote(
+                call.prompt, call.params, call.version)
+            async for chunk in stream:
+                yield _generate_response(chunk, call.model)
+            finished = True
         except Exception as exc:
             code, message = _status_code(exc)
             if grpc_context is not None:
@@ -148,7 +173,14 @@ class InferenceIngress:
             # Raising after setting the code is how a streaming method ends with a
             # status in Serve; the proxy keeps our code and message.
             raise TuneserveError(message) from None
-        yield pb.GenerateResponse()  # pragma: no cover - makes this a generator
+        finally:
+            if stream is not None and not finished:
+                # Client gone or deadline passed: stop the generation (Serve also
+                # cancels child calls of a cancelled request; this is explicit).
+                try:
+                    stream.cancel()
+                except Exception:
+                    logger.debug("cancelling the generation stream failed", exc_info=True)
 
     @rpc(pb.ListModelsResponse)
     async def ListModels(self, request, grpc_context=None):
@@ -174,22 +206,48 @@ class InferenceIngress:
                     version=version, created_at=str(manifest.get("created_at", "")),
                     metrics=metrics,
                     channels=[c for c, v in channels.items() if v == version]))
-            status = statuses.get(name, {})
+            replicas = statuses.get(name, [])
+            pinned = await asyncio.to_thread(self.registry.pinned, name)
+            pinned = next((r["pinned_version"] for r in replicas if r.get("pinned_version")),
+                          pinned)
+            labels = next((r["labels"] for r in replicas if r.get("labels")), [])
             infos.append(pb.ModelInfo(
                 name=name, task=self.tasks.get(name, ""),
                 production_version=channels.get("production", ""),
-                pinned_version=status.get("pinned_version") or "",
-                serving_versions=[status["version"]] if status.get("version") else [],
-                versions=versions, labels=status.get("labels") or []))
+                pinned_version=pinned or "",
+                serving_versions=sorted({r["version"] for r in replicas if r.get("version")},
+                                        key=lambda v: int(v[1:])),
+                versions=versions, labels=labels,
+                replicas=[pb.ReplicaStatus(replica=str(r.get("replica") or ""),
+                                           version=r.get("version") or "",
+                                           state=r.get("state") or "",
+                                           refused=r.get("refused") or {})
+                          for r in replicas]))
         return pb.ListModelsResponse(models=infos)
+
+    # ---- tuneserve.v1.Admin (services/serving/admin.py) ---------------------------
+    @rpc(admin_pb.AdminResponse)
+    async def Promote(self, request, grpc_context=None):
+        return await self._promote(request)
+
+    @rpc(admin_pb.AdminResponse)
+    async def Rollback(self, request, grpc_context=None):
+        return await self._rollback(request)
+
+    @rpc(admin_pb.AdminResponse)
+    async def Pin(self, request, grpc_context=None):
+        return await self._pin(request)
+
+    @rpc(admin_pb.AdminResponse)
+    async def Unpin(self, request, grpc_context=None):
+        return await self._unpin(request)
 
     # ---- grpc.health.v1.Health ---------------------------------------------------
     async def _serving(self) -> bool:
         checked_at, ok = self._health
         if time.monotonic() - checked_at < HEALTH_CACHE_S:
             return ok
-        statuses = await self._statuses()
-        ok = bool(statuses) and all(s.get("version") for s in statuses.values())
+        ok = self._serving_now(await self._statuses())
         self._health = (time.monotonic(), ok)
         return ok
 

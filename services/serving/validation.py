@@ -6,6 +6,7 @@ server logs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,3 +67,69 @@ def validate_classify(request, limits: ServeLimits) -> ClassifyCall:
     for i, text in enumerate(texts):
         check_text(text, f"texts[{i}]", limits)
     return ClassifyCall(model, texts, version)
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    model: str
+    prompt: str
+    version: Optional[str]
+    params: dict
+    """max_new_tokens, temperature, top_p, top_k, stop, seed, ignore_eos: plain values."""
+
+
+def _finite(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidInput(f"{field}: must be a finite number, got {value}")
+    return value
+
+
+def validate_generate(request, limits: ServeLimits) -> GenerateCall:
+    """Every generation parameter; the prompt's length in tokens is checked by the
+    model deployment, which has the tokenizer."""
+    model = check_model_field(request.model, limits)
+    version = check_version_field(request.version)
+    prompt = request.prompt
+    if not prompt:
+        raise InvalidInput("prompt: required (the text the model continues)")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidInput(f"prompt: {len(prompt)} characters; the limit is "
+                           f"{limits.max_prompt_chars}")
+    if "\x00" in prompt:
+        raise InvalidInput("prompt: contains a NUL character")
+    if request.HasField("max_new_tokens"):
+        max_new = request.max_new_tokens
+        if max_new < 1:
+            raise InvalidInput(f"max_new_tokens: must be at least 1, got {max_new} (leave "
+                               f"it unset for the default, {limits.default_max_new_tokens})")
+        if max_new > limits.max_new_tokens:
+            raise InvalidInput(f"max_new_tokens: {max_new}; the limit is "
+                               f"{limits.max_new_tokens}")
+    else:
+        max_new = min(limits.default_max_new_tokens, limits.max_new_tokens)
+    temperature = _finite(request.temperature, "temperature")
+    if temperature < 0:
+        raise InvalidInput(f"temperature: must be >= 0 (0 means greedy), got {temperature:g}")
+    top_p = 1.0
+    if request.HasField("top_p"):
+        top_p = _finite(request.top_p, "top_p")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidInput(f"top_p: must be in (0, 1], got {top_p:g}")
+    if request.top_k < 0:
+        raise InvalidInput(f"top_k: must be >= 0 (0 means off), got {request.top_k}")
+    stop = list(request.stop)
+    if len(stop) > limits.max_stop_sequences:
+        raise InvalidInput(f"stop: {len(stop)} strings; the limit is "
+                           f"{limits.max_stop_sequences}")
+    for i, s in enumerate(stop):
+        if not s:
+            raise InvalidInput(f"stop[{i}]: empty string")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidInput(f"stop[{i}]: {len(s)} characters; the limit is "
+                               f"{limits.max_stop_chars}")
+        if "\x00" in s:
+            raise InvalidInput(f"stop[{i}]: contains a NUL character")
+    params = {"max_new_tokens": max_new, "temperature": temperature, "top_p": top_p,
+              "top_k": request.top_k, "stop": stop, "seed": request.seed,
+              "ignore_eos": request.ignore_eos}
+    return GenerateCall(model, prompt, version, params)

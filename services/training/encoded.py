@@ -3,12 +3,16 @@
 Token ids of all examples are stored end to end in one int32 array with offsets,
 instead of a list of lists, so that 60k examples are two arrays and not 60k objects.
 Batches are padded to their own longest example, not to max_length.
+
+Generation examples (prompt + response + EOS) carry a per-token `loss_mask`: True on
+the response tokens and the EOS, False on the prompt, so the loss is only on what the
+model should write.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -18,14 +22,20 @@ class EncodedSplit:
     ids: np.ndarray  # int32, all examples end to end
     offsets: np.ndarray  # int64, len(examples) + 1
     labels: np.ndarray  # int64
+    loss_mask: Optional[np.ndarray] = None  # bool, aligned with ids (generation only)
 
     @classmethod
-    def from_lists(cls, token_lists: Sequence[Sequence[int]], labels: Sequence[int]) -> "EncodedSplit":
+    def from_lists(cls, token_lists: Sequence[Sequence[int]], labels: Sequence[int],
+                   masks: Optional[Sequence[Sequence[bool]]] = None) -> "EncodedSplit":
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
         offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter((i for t in token_lists for i in t), dtype=np.int32, count=int(offsets[-1]))
-        return cls(ids, offsets, np.asarray(labels, dtype=np.int64))
+        loss_mask = None
+        if masks is not None:
+            loss_mask = np.fromiter((b for m in masks for b in m), dtype=np.bool_,
+                                    count=int(offsets[-1]))
+        return cls(ids, offsets, np.asarray(labels, dtype=np.int64), loss_mask)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,8 +43,14 @@ class EncodedSplit:
     def example(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
+    def mask(self, i: int) -> np.ndarray:
+        return self.loss_mask[self.offsets[i]:self.offsets[i + 1]]
+
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def target_tokens(self) -> int:
+        return int(self.loss_mask.sum()) if self.loss_mask is not None else 0
 
 
 def encode_texts(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int,
@@ -44,6 +60,66 @@ def encode_texts(tokenizer, texts: Sequence[str], labels: Sequence[int], max_len
         enc = tokenizer(list(texts[start:start + chunk]), truncation=True, max_length=max_length)
         token_lists.extend(enc["input_ids"])
     return EncodedSplit.from_lists(token_lists, labels)
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                 template: Optional[str], max_length: int, packing: bool = False,
+                 chunk: int = 4096) -> tuple[EncodedSplit, dict[str, Any]]:
+    """Prompt/response pairs -> token ids with the loss masked to the response + EOS.
+
+    The prompt goes through the template and is tokenised on its own, exactly as the
+    server does it, so the model learns to continue what it will be shown. An example
+    longer than max_length keeps at least half of max_length for its response (or all
+    of it when it is shorter): the prompt loses tokens from its start (after any
+    leading special tokens such as BOS), the response from its end, and then has no
+    EOS since it is incomplete. With `packing`, consecutive examples are joined into
+    sequences of at most max_length tokens.
+    """
+    from services.config import render_prompt
+    from services.errors import DataError
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no end-of-sequence token; generation training "
+                        "appends one to every response")
+    special = set(tokenizer.all_special_ids)
+    token_lists: list[list[int]] = []
+    masks: list[list[bool]] = []
+    truncated = 0
+    for start in range(0, len(prompts), chunk):
+        rendered = [render_prompt(template, p) for p in prompts[start:start + chunk]]
+        p_ids = tokenizer(rendered, add_special_tokens=True)["input_ids"]
+        r_ids = tokenizer(list(responses[start:start + chunk]),
+                          add_special_tokens=False)["input_ids"]
+        for prompt, response in zip(p_ids, r_ids):
+            response = list(response) + [eos]
+            if len(prompt) + len(response) > max_length:
+                truncated += 1
+                keep_r = min(len(response), max(max_length // 2, max_length - len(prompt)))
+                lead = 0
+                while lead < len(prompt) - 1 and prompt[lead] in special:
+                    lead += 1
+                keep_p = max_length - keep_r
+                tail = keep_p - lead
+                prompt = prompt[:lead] + (prompt[len(prompt) - tail:] if tail > 0 else [])
+                response = response[:keep_r]
+            token_lists.append(list(prompt) + response)
+            masks.append([False] * len(prompt) + [True] * len(response))
+    n_examples = len(token_lists)
+    if packing:
+        packed_ids: list[list[int]] = []
+        packed_masks: list[list[bool]] = []
+        for ids, mask in zip(token_lists, masks):
+            if packed_ids and len(packed_ids[-1]) + len(ids) <= max_length:
+                packed_ids[-1].extend(ids)
+                packed_masks[-1].extend(mask)
+            else:
+                packed_ids.append(list(ids))
+                packed_masks.append(list(mask))
+        token_lists, masks = packed_ids, packed_masks
+    split = EncodedSplit.from_lists(token_lists, [0] * len(token_lists), masks)
+    return split, {"examples": n_examples, "sequences": len(token_lists),
+                   "truncated": truncated, "target_tokens": split.target_tokens()}
 
 
 def pad_batch(examples: Sequence[np.ndarray], pad_id: int):

@@ -1,8 +1,10 @@
 """The training loop every Ray Train worker runs. Read it top to bottom.
 
 One `state` dict, a pure `lr_at(step)`, gradient accumulation with DDP's `no_sync` on
-all but the last micro-step, exact distributed evaluation (confusion matrices are
-all-reduced) after every epoch, rank 0 writes the checkpoint and every rank reports.
+all but the last micro-step, exact distributed evaluation after every epoch, rank 0
+writes the checkpoint and every rank reports. The same loop trains classifiers and
+causal LMs: the task object in the config (services/training/tasks.py) builds the
+model, the batches, the loss and the eval metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from services.training.encoded import EncodedSplit, pad_batch
+from services.training.encoded import EncodedSplit
 
 TRAIN_STATE_FILE = "train_state.json"
 
@@ -39,30 +41,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _Examples:
-    """A map-style dataset over an EncodedSplit (index -> (ids, label))."""
-
-    def __init__(self, split: EncodedSplit):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int):
-        return self.split.example(i), int(self.split.labels[i])
-
-
-def _collate(pad_id: int):
-    import torch
-
-    def collate(items):
-        ids, mask = pad_batch([ex for ex, _ in items], pad_id)
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.tensor([lab for _, lab in items], dtype=torch.long)}
-
-    return collate
-
-
 def _param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -73,55 +51,14 @@ def _param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def evaluate(model, split: EncodedSplit, rank: int, world: int, batch_size: int,
-             pad_id: int, num_labels: int, device, autocast) -> tuple[np.ndarray, float, int]:
-    """This rank's share (rank::world) -> summed confusion matrix, loss and count."""
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    cm = torch.zeros((num_labels, num_labels), dtype=torch.long)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.long)
-    indices = list(range(rank, len(split), world))
-    # Sorting by length makes padding (and so evaluation time) minimal.
-    indices.sort(key=lambda i: split.offsets[i + 1] - split.offsets[i])
-    with torch.inference_mode():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            ids, mask = pad_batch([split.example(i) for i in chunk], pad_id)
-            labels = torch.from_numpy(split.labels[chunk])
-            with autocast():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logits = logits.float().cpu()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            pred = logits.argmax(dim=-1)
-            cm.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-            count += len(chunk)
-    if world > 1:
-        import torch.distributed as dist
-
-        packed = torch.cat([cm.flatten().double(), loss_sum.view(1), count.double().view(1)])
-        packed = packed.to(device)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
-        cm = packed[:-2].round().long().view(num_labels, num_labels)
-        loss_sum, count = packed[-2], packed[-1].round().long()
-    model.train()
-    n = int(count)
-    return cm.numpy(), float(loss_sum) / max(1, n), n
-
-
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from services.evaluation import metrics_from_confusion
-    from services.modeling import load_classifier_for_training, load_tokenizer, quiet_transformers
+    from services.modeling import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     ctx = ray.train.get_context()
@@ -134,12 +71,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     data = ray.get(cfg["data_ref"])
     train_split: EncodedSplit = data["train"]
     eval_split: EncodedSplit = data["eval"]
-    id2label = {int(k): v for k, v in cfg["id2label"].items()}
-    labels = [id2label[i] for i in range(len(id2label))]
-    pad_id = cfg["pad_token_id"]
+    task = cfg["task"]
 
     tokenizer = load_tokenizer(cfg["model"])
-    model = load_classifier_for_training(cfg["model"], id2label, pad_id)
+    model = task.build_model(tokenizer)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     bf16 = cfg["use_gpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -149,11 +84,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    dataset = _Examples(train_split)
+    dataset = task.dataset(train_split)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=False)
     loader = DataLoader(dataset, batch_size=cfg["micro_batch_size"], sampler=sampler,
-                        collate_fn=_collate(pad_id), num_workers=0)
+                        collate_fn=task.collate, num_workers=0)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False,
                                                  move_to_device=True)
     accum = cfg["grad_accum_steps"]
@@ -162,8 +97,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     warmup_steps = int(total_steps * cfg["warmup_ratio"])
     optimizer = torch.optim.AdamW(_param_groups(model, cfg["weight_decay"]),
                                   lr=cfg["learning_rate"])
-    class_weights = cfg.get("class_weights")
-    weight = torch.tensor(class_weights, dtype=torch.float, device=device) if class_weights else None
 
     state = {"epoch": 0, "step": 0}
     progress = cfg.get("progress_queue") if rank == 0 else None
@@ -189,13 +122,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             last_micro = (i - group_start) == group_size - 1
             sync = contextlib.nullcontext() if (last_micro or world == 1) else model.no_sync()
             with sync:
-                with autocast():
-                    logits = model(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).logits
-                loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight)
+                loss = task.loss(model, batch, autocast)
                 (loss / group_size).backward()
             group_loss += loss.item() / group_size
-            window_samples += len(batch["labels"])
+            window_samples += len(batch["input_ids"])
             if not last_micro:
                 continue
             lr = lr_at(state["step"], total_steps, warmup_steps, cfg["learning_rate"])
@@ -216,25 +146,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window_start, window_samples = time.perf_counter(), 0
                 window_loss, window_steps = 0.0, 0
 
-        cm, eval_loss, n_eval = evaluate(model, eval_split, rank, world,
-                                         cfg["micro_batch_size"] * 2, pad_id, len(labels),
-                                         device, autocast)
-        m = metrics_from_confusion(cm.tolist(), labels)
-        metrics = {"epoch": epoch + 1, "step": state["step"], "eval_loss": eval_loss,
-                   "eval_examples": n_eval, "confusion_matrix": cm.tolist(),
-                   **{f"eval_{k}": v for k, v in m.items() if k != "per_class"},
-                   "eval_per_class": m["per_class"]}
+        metrics = {"epoch": epoch + 1, "step": state["step"],
+                   **task.evaluate(model, eval_split, rank, world,
+                                   cfg["micro_batch_size"] * 2, device, autocast)}
         emit({"type": "eval", **metrics})
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 inner = model.module if hasattr(model, "module") else model
-                inner.save_pretrained(tmp, safe_serialization=True)
+                task.save(inner, tmp)
                 tokenizer.save_pretrained(tmp)
                 with open(os.path.join(tmp, TRAIN_STATE_FILE), "w") as fh:
                     json.dump({"epoch": epoch + 1, "step": state["step"],
-                               "metrics": {k: v for k, v in metrics.items()
-                                           if k not in ("confusion_matrix", "eval_per_class")}},
-                              fh, indent=2)
+                               "metrics": task.state_metrics(metrics)}, fh, indent=2)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

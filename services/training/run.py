@@ -23,14 +23,10 @@ from typing import Any, Callable, Optional
 
 from services import __version__
 from services.config import TrainConfig
-from services.data import LabelSet, load_labelled, split_indices
 from services.errors import DataError, TrainingFailed
-from services.evaluation import summary
 from services.raycluster import ensure_ray
 from services.registry import Registry
-from services.training.encoded import encode_texts
-
-PRIMARY_METRIC = "eval_accuracy"
+from services.training.tasks import Task, make_task
 
 
 @dataclass
@@ -45,37 +41,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     samples_per_s: Optional[float] = None
-
-
-def _prepare_data(cfg: TrainConfig, tokenizer):
-    train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
-    if cfg.eval:
-        evald = load_labelled(cfg.eval, cfg.text_column or train.text_column,
-                              cfg.label_column or train.label_column, cfg.columns)
-        tr_texts, tr_labels = train.texts, train.labels
-        ev_texts, ev_labels = evald.texts, evald.labels
-        eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
-        split = None
-    else:
-        tr_idx, ev_idx = split_indices(len(train.texts), cfg.eval_fraction, cfg.seed)
-        tr_texts = [train.texts[i] for i in tr_idx]
-        tr_labels = [train.labels[i] for i in tr_idx]
-        ev_texts = [train.texts[i] for i in ev_idx]
-        ev_labels = [train.labels[i] for i in ev_idx]
-        eval_info = None
-        split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
-                 "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
-    labelset = LabelSet.from_labels(tr_labels)
-    tr_ids = labelset.encode(tr_labels)
-    ev_ids = labelset.encode(ev_labels, where=f"{cfg.eval or cfg.train}: ")
-    data = {
-        "train": encode_texts(tokenizer, tr_texts, tr_ids, cfg.max_length),
-        "eval": encode_texts(tokenizer, ev_texts, ev_ids, cfg.max_length),
-    }
-    info = {"train": {"path": train.path, "sha256": train.sha256, "rows": len(train.texts),
-                      "text_column": train.text_column, "label_column": train.label_column},
-            "eval": eval_info, "split": split}
-    return data, labelset, info
+    promotion: Optional[str] = None
 
 
 def _versions() -> dict[str, str]:
@@ -90,8 +56,9 @@ def _versions() -> dict[str, str]:
 class _Progress:
     """Renders rank 0's events: a tqdm bar on a terminal, log lines otherwise."""
 
-    def __init__(self, out: Callable[[str], None], bar: Optional[bool]):
+    def __init__(self, out: Callable[[str], None], bar: Optional[bool], task: Task):
         self.out = out
+        self.task = task
         self.use_bar = sys.stderr.isatty() if bar is None else bar
         self.bar = None
         self.history: list[dict[str, Any]] = []
@@ -119,8 +86,7 @@ class _Progress:
                 self.out(text)
         elif kind == "eval":
             self.history.append(ev)
-            text = (f"epoch {ev['epoch']} eval: accuracy {ev['eval_accuracy']:.4f} "
-                    f"macro-F1 {ev['eval_macro_f1']:.4f} loss {ev['eval_loss']:.4f}")
+            text = self.task.describe_eval(ev)
             if self.bar is not None:
                 self.bar.write(text)
             else:
@@ -150,8 +116,9 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         tokenizer = load_tokenizer(cfg.model)
     except Exception as exc:
         raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {exc}") from None
-    data, labelset, data_info = _prepare_data(cfg, tokenizer)
-    out(f"labels: {', '.join(labelset.names)}")
+    task = make_task(cfg)
+    data, data_info = task.prepare_data(cfg, tokenizer)
+    out(task.describe_data())
 
     ensure_ray(cfg.address, verbose=verbose)
     run_name = f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -159,8 +126,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     runs_dir.mkdir(parents=True, exist_ok=True)
     queue = Queue(actor_options={"num_cpus": 0})
     loop_cfg = {
-        "model": cfg.model, "data_ref": ray.put(data), "id2label": labelset.id2label,
-        "pad_token_id": tokenizer.pad_token_id, "seed": cfg.seed, "epochs": cfg.epochs,
+        "model": cfg.model, "data_ref": ray.put(data), "task": task,
+        "seed": cfg.seed, "epochs": cfg.epochs,
         "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
         "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay,
         "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
@@ -175,12 +142,12 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         run_config=RunConfig(
             name=run_name, storage_path=str(runs_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=2,
-                                               checkpoint_score_attribute=PRIMARY_METRIC,
-                                               checkpoint_score_order="max"),
+                                               checkpoint_score_attribute=task.metric,
+                                               checkpoint_score_order=task.metric_mode),
             failure_config=FailureConfig(max_failures=0),
         ),
     )
-    progress = _Progress(out, progress_bar)
+    progress = _Progress(out, progress_bar, task)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -206,31 +173,41 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     result = outcome["result"]
     if result.error is not None:
         raise TrainingFailed(f"training failed: {_root_cause(result.error)}")
-    best = result.get_best_checkpoint(PRIMARY_METRIC, "max") or result.checkpoint
+    best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
     if best is None:
         raise TrainingFailed("training produced no checkpoint")
     best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path),
                         result.metrics)
-    metrics = summary({k.removeprefix("eval_"): v for k, v in best_metrics.items()
-                       if k.startswith("eval_") and isinstance(v, (int, float))})
-    metrics["loss"] = float(best_metrics.get("eval_loss", float("nan")))
+    metrics = task.summary(best_metrics)
     res = TrainResult(name=cfg.name, version=None, promoted=False, metrics=metrics,
                       run_dir=str(runs_dir / run_name), registry=str(cfg.registry),
                       checkpoint_dir=best.path, history=progress.history,
                       samples_per_s=progress.last_rate)
     if publish:
         manifest = {
-            "task": cfg.task, "base_model": cfg.model, "labels": labelset.names,
+            "task": cfg.task, "base_model": cfg.model, "labels": task.label_names,
+            **task.manifest_fields(),
             "metrics": metrics, "best_epoch": best_metrics.get("epoch"),
             "per_class": best_metrics.get("eval_per_class"),
             "confusion_matrix": best_metrics.get("confusion_matrix"),
             "config": cfg.to_dict(), "data": data_info, "run": run_name,
             "versions": _versions(),
         }
+        registry = Registry(cfg.registry)
         with best.as_directory() as ckpt_dir:
-            pub = Registry(cfg.registry).publish(cfg.name, ckpt_dir, manifest, promote=promote)
+            pub = registry.publish(cfg.name, ckpt_dir, manifest, promote=promote)
         res.version, res.promoted = pub.version, pub.promoted
         res.checkpoint_dir = str(pub.path)
+        if cfg.promote and not pub.promoted:
+            from services.training.promotion import decide
+
+            key = task.metric.removeprefix("eval_")
+            ok, res.promotion = decide(registry, cfg.name, pub.version, metrics, key,
+                                       task.metric_mode, cfg.min_metric)
+            if ok:
+                registry.set_channel(cfg.name, "production", pub.version)
+                res.promoted = True
+            out(res.promotion)
     res.wall_s = time.perf_counter() - started
     return res
 

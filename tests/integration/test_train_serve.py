@@ -33,7 +33,7 @@ def test_training_learns_and_publishes(trained):
     assert "model.safetensors" in m["files"]
     assert not any(f.endswith((".bin", ".pt")) for f in m["files"])
     assert sum(sum(r) for r in m["confusion_matrix"]) == 20
-    config = json.loads((reg.version_dir("toy", "v1") / "config.json").read_text())
+    config = json.loads((reg.local_copy("toy", "v1") / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
 
 
@@ -96,7 +96,8 @@ def test_generate_is_not_offered_for_a_classifier(server):
 
 def test_list_models(server):
     resp = server.list_models()
-    (info,) = resp.models
+    assert "toy" in {m.name for m in resp.models}
+    (info,) = server.list_models("toy").models
     assert info.name == "toy" and info.task == "classification"
     assert info.production_version == "v1" and list(info.serving_versions) == ["v1"]
     assert list(info.labels) == ["negative", "positive"]

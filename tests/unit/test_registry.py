@@ -125,15 +125,16 @@ def test_publisher_killed_midway_leaves_no_version(tmp_path):
     big.write_bytes(struct.pack("<Q", len(header)) + header + b"\x01" * 50_000_000)
     root = tmp_path / "reg"
     script = textwrap.dedent(f"""
-        import os, shutil, signal
+        import os, signal
+        import services.registry.backend as backend
         import services.registry.store as store
-        real = shutil.copyfile
-        def copy_then_die(src, dst, *a, **k):
-            out = real(src, dst, *a, **k)
-            if "model-00002" in str(src):
+        real = backend.Backend.upload
+        def upload_then_die(self, local, rel):
+            out = real(self, local, rel)
+            if "model-00002" in str(local):
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
-        store.shutil.copyfile = copy_then_die
+        backend.Backend.upload = upload_then_die
         store.Registry({str(root)!r}).publish("m", {str(ck)!r}, {{"task": "classification",
             "labels": ["neg", "pos"]}})
     """)

@@ -45,7 +45,7 @@ class ClassifyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "version")
+    __slots__ = ("model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "version", "ignore_eos")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     max_new_tokens: int
@@ -64,7 +65,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     version: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., version: _Optional[str] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "model", "version")
@@ -107,8 +109,27 @@ class VersionInfo(_message.Message):
     channels: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., channels: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ReplicaStatus(_message.Message):
+    __slots__ = ("replica", "version", "state", "refused")
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    version: str
+    state: str
+    refused: _containers.ScalarMap[str, str]
+    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "production_version", "pinned_version", "serving_versions", "versions", "labels")
+    __slots__ = ("name", "task", "production_version", "pinned_version", "serving_versions", "versions", "labels", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +137,7 @@ class ModelInfo(_message.Message):
     SERVING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     production_version: str
@@ -123,7 +145,8 @@ class ModelInfo(_message.Message):
     serving_versions: _containers.RepeatedScalarFieldContainer[str]
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., production_version: _Optional[str] = ..., pinned_version: _Optional[str] = ..., serving_versions: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., production_version: _Optional[str] = ..., pinned_version: _Optional[str] = ..., serving_versions: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,0 +1,271 @@
+"""Batched text generation with per-request sampling parameters (torch side).
+
+Used by the Generator deployment (services/serving/generator.py) and the benchmark;
+no Ray and no gRPC in here.
+
+    engine = GenerationEngine(model, tokenizer, prompt_template, context_tokens)
+    job = engine.job("blue cat", SamplingParams(max_new_tokens=32, temperature=0.8, seed=7))
+    engine.run([job, other_job])          # one batched Hugging Face `generate` call
+    job.text, job.finish_reason           # "length", "stop", "eos" or "cancelled"
+
+One `model.generate` call serves a whole batch (prompts left-padded), so every
+architecture Hugging Face can generate with works, with its own cache and position
+handling. What differs per request is done by two hooks called at every step:
+
+- `_RowSampler` (a logits processor) samples each row's next token with that row's
+  temperature, top-k, top-p and its own seeded `torch.Generator`, and leaves a
+  one-hot score that HF's greedy selection then picks; greedy rows are untouched. So
+  the same seed gives the same tokens whatever else is in the batch (up to the
+  floating-point noise of padding), and a seed never depends on global RNG state.
+- `_RowMonitor` (a stopping criterion) appends each row's new token, decodes the
+  row's text, stops the row at EOS, at a stop string (cut out of the text), at its
+  own max_new_tokens, or when its `cancelled` event is set (client gone), and hands
+  new text to the row's `on_text` callback as it becomes final. Text that could be
+  the start of a stop string, or an incomplete UTF-8 character, is held back until
+  it is decided. Generation ends when every row has stopped, so a cancelled request
+  costs at most one more step.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from services.config import render_prompt
+from services.errors import InvalidInput
+
+FINISH_REASONS = ("length", "stop", "eos", "cancelled")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    """0 = a random seed."""
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationJob:
+    """One request: its prompt tokens, parameters, progress and result."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    """params.max_new_tokens clamped to what fits in the model's context."""
+    on_text: Optional[Callable[[str, int], None]] = None
+    """Called from the generating thread with (new final text, completion tokens)."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    token_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    text: str = ""
+    emitted_chars: int = 0
+    finish_reason: str = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish_reason)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters must wait: a possible stop-string start or an
+    incomplete character (decoders show a partial UTF-8 sequence as U+FFFD)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
+    """Index of the earliest stop string at or after `start`, or -1."""
+    found = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(found) if found else -1
+
+
+class GenerationEngine:
+    """A loaded causal LM plus what serving needs around it. Not thread-safe by itself:
+    `run` holds a lock, so batches run one at a time."""
+
+    def __init__(self, model, tokenizer, prompt_template: Optional[str], context_tokens: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.context_tokens = context_tokens
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+            next(iter(self.eos_ids), 0)
+        self.tokens_generated = 0
+        self._lock = threading.Lock()
+
+    def job(self, prompt: str, params: SamplingParams,
+            on_text: Optional[Callable[[str, int], None]] = None) -> GenerationJob:
+        """Apply the template, tokenise and check the prompt against the context."""
+        ids = self.tokenizer(render_prompt(self.prompt_template, prompt),
+                             add_special_tokens=True)["input_ids"]
+        room = self.context_tokens - len(ids)
+        if room < 1:
+            raise InvalidInput(
+                f"prompt: {len(ids)} tokens with the prompt template; the model's context "
+                f"is {self.context_tokens} tokens, which leaves no room to generate")
+        return GenerationJob(list(ids), params, min(params.max_new_tokens, room), on_text)
+
+    def run(self, jobs: Sequence[GenerationJob]) -> None:
+        """Generate for every job in one batch; results land in the jobs."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        jobs = [j for j in jobs if not j.done]
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+        live = [j for j in jobs if not j.done]
+        if not live:
+            return
+        with self._lock:
+            device = self.model.device
+            width = max(j.prompt_tokens for j in live)
+            ids = torch.full((len(live), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(live), width), dtype=torch.long)
+            for row, job in enumerate(live):  # left padding: every row ends together
+                ids[row, width - job.prompt_tokens:] = torch.tensor(job.prompt_ids)
+                mask[row, width - job.prompt_tokens:] = 1
+            sampler = _RowSampler(live, self.eos_ids, device)
+            monitor = _RowMonitor(self, live)
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    max_new_tokens=max(j.max_new_tokens for j in live), do_sample=False,
+                    logits_processor=LogitsProcessorList([sampler]),
+                    stopping_criteria=StoppingCriteriaList([monitor]),
+                    pad_token_id=self.pad_id)
+        for job in live:  # e.g. generate stopped on its own max_length
+            if not job.done:
+                self._finish(job, "length")
+
+    # ---- per-step bookkeeping (called by _RowMonitor) ------------------------------
+    def _advance(self, job: GenerationJob, token: int) -> None:
+        job.completion_tokens += 1
+        self.tokens_generated += 1
+        if token in self.eos_ids and not job.params.ignore_eos:
+            self._finish(job, "eos")
+            return
+        job.token_ids.append(token)
+        text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+        stops = job.params.stop
+        if stops:
+            # A stop string can only end in the new text: search from just before it.
+            longest = max(len(s) for s in stops)
+            cut = find_stop(text, stops, max(0, len(job.text) - longest))
+            if cut >= 0:
+                job.text = text[:cut]
+                self._finish(job, "stop")
+                return
+        job.text = text
+        if job.completion_tokens >= job.max_new_tokens:
+            self._finish(job, "length")
+        elif job.cancelled.is_set():
+            self._finish(job, "cancelled")
+        else:
+            ready = len(text) - held_back(text, stops)
+            if ready > job.emitted_chars:
+                self._emit(job, text[job.emitted_chars:ready])
+
+    def _finish(self, job: GenerationJob, reason: str) -> None:
+        job.finish_reason = reason
+        job.text = job.text.rstrip("\ufffd")  # a character that will never be completed
+        rest = job.text[job.emitted_chars:]
+        self._emit(job, rest, force=True)
+
+    @staticmethod
+    def _emit(job: GenerationJob, text: str, force: bool = False) -> None:
+        job.emitted_chars += len(text)
+        if job.on_text is not None and (text or force):
+            job.on_text(text, job.completion_tokens)
+
+
+class _RowSampler:
+    """Per-row sampling inside one batched generate (a LogitsProcessor)."""
+
+    def __init__(self, jobs: Sequence[GenerationJob], eos_ids: set, device):
+        import torch
+
+        self.jobs = jobs
+        self.eos = sorted(eos_ids)
+        self.generators = []
+        for job in jobs:
+            gen = None
+            if not job.params.greedy:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(job.params.seed or secrets.randbits(63))
+            self.generators.append(gen)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for row, job in enumerate(self.jobs):
+            if job.done:
+                continue
+            p = job.params
+            if p.ignore_eos and self.eos:
+                scores[row, self.eos] = float("-inf")
+            if p.greedy:
+                continue
+            logits = scores[row] / p.temperature
+            if p.top_k and p.top_k < logits.shape[-1]:
+                kth = torch.topk(logits, p.top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_logits, order = torch.sort(logits, descending=True)
+                probs = torch.softmax(sorted_logits, dim=-1)
+                # Drop a token when the tokens above it already cover top_p; the most
+                # likely token always stays.
+                drop = (torch.cumsum(probs, dim=-1) - probs) > p.top_p
+                logits = logits.scatter(0, order[drop], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            token = torch.multinomial(probs, 1, generator=self.generators[row])
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
+
+
+class _RowMonitor:
+    """Per-row bookkeeping and stopping inside one batched generate (a StoppingCriteria)."""
+
+    def __init__(self, engine: GenerationEngine, jobs: Sequence[GenerationJob]):
+        self.engine = engine
+        self.jobs = jobs
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, -1].tolist()
+        for row, job in enumerate(self.jobs):
+            if not job.done:
+                self.engine._advance(job, new[row])
+        return torch.tensor([j.done for j in self.jobs], dtype=torch.bool,
+                            device=input_ids.device)

@@ -1,0 +1,209 @@
+"""Where registry bytes live: a POSIX folder, or an S3-compatible object store.
+
+Both are reached through `pyarrow.fs`, so the registry code above this is the same for
+both. The differences that matter for atomicity are kept here:
+
+- local folders: files are fsynced, small pointer files are replaced with os.replace,
+  a publish is a directory rename, and a lock file serialises pointer updates;
+- object stores: every PUT replaces an object whole (so pointer updates are atomic);
+  a version becomes visible when its manifest is written, which is written last.
+
+URIs: a path (`/data/registry`, `.tuneserve/registry`), `file:///data/registry`, or
+`s3://bucket/prefix` with optional query parameters understood by pyarrow
+(`?endpoint_override=http://127.0.0.1:9000&scheme=http&region=us-east-1`); credentials
+come from the usual AWS environment variables or instance roles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow.fs as pafs
+
+from services.errors import InvalidInput, RegistryError
+
+CHUNK = 1 << 20
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+class Backend:
+    """Byte-level access below a root; paths are '/'-joined strings relative to it."""
+
+    def __init__(self, uri: str | Path):
+        uri = str(uri)
+        self.uri = uri
+        self.remote = is_remote(uri)
+        if self.remote:
+            try:
+                self.fs, root = pafs.FileSystem.from_uri(uri)
+            except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+                raise RegistryError(f"cannot open registry {uri.split('?')[0]}: {exc}") from None
+            self.root = root.rstrip("/")
+            self.local_root: Optional[Path] = None
+        else:
+            path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+            self.fs = pafs.LocalFileSystem()
+            self.local_root = path.absolute()
+            self.root = str(self.local_root)
+
+    # ---- paths -------------------------------------------------------------------
+    def full(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def local_path(self, rel: str) -> Path:
+        """The real path of a local entry, refusing any that leaves the root."""
+        assert self.local_root is not None
+        path = self.local_root / rel
+        root = self.local_root.resolve()
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise InvalidInput("path leaves the registry")
+        return path
+
+    def _check(self, rel: str) -> str:
+        if not self.remote:
+            self.local_path(rel)
+        return self.full(rel)
+
+    # ---- reading -----------------------------------------------------------------
+    def info(self, rel: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(self._check(rel))
+
+    def is_file(self, rel: str) -> bool:
+        return self.info(rel).type == pafs.FileType.File
+
+    def is_dir(self, rel: str) -> bool:
+        if self.remote:  # object stores have no directories, only prefixes
+            sel = pafs.FileSelector(self.full(rel), allow_not_found=True, recursive=False)
+            return bool(self.fs.get_file_info(sel))
+        return self.info(rel).type == pafs.FileType.Directory
+
+    def is_symlink(self, rel: str) -> bool:
+        return (not self.remote) and (self.local_root / rel).is_symlink()
+
+    def list_dir(self, rel: str) -> list[tuple[str, bool]]:
+        """(name, is_dir) of direct children; [] when absent."""
+        full = self._check(rel)
+        sel = pafs.FileSelector(full, allow_not_found=True, recursive=False)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except (NotADirectoryError, FileNotFoundError):
+            return []
+        return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
+
+    def list_files(self, rel: str) -> dict[str, int]:
+        """Every file below rel (recursive) -> size, keyed by path relative to rel."""
+        full = self._check(rel)
+        sel = pafs.FileSelector(full, allow_not_found=True, recursive=True)
+        out = {}
+        for i in self.fs.get_file_info(sel):
+            if i.type == pafs.FileType.File:
+                out[i.path[len(full) + 1:]] = i.size
+        return out
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._check(rel)) as fh:
+            return fh.read()
+
+    # ---- writing -----------------------------------------------------------------
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Replace a small file whole: readers see the old or the new, never a mix."""
+        if self.remote:
+            with self.fs.open_output_stream(self.full(rel)) as fh:
+                fh.write(data)
+            return
+        path = self.local_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    def upload(self, local: Path, rel: str) -> tuple[str, int]:
+        """Copy a local file in; returns (sha256, size) of what was written."""
+        h = hashlib.sha256()
+        size = 0
+        if self.remote:
+            with open(local, "rb") as src, self.fs.open_output_stream(self.full(rel)) as dst:
+                while block := src.read(CHUNK):
+                    h.update(block)
+                    size += len(block)
+                    dst.write(block)
+            return h.hexdigest(), size
+        dest = self.local_path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "rb") as src, open(dest, "wb") as dst:
+            while block := src.read(CHUNK):
+                h.update(block)
+                size += len(block)
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return h.hexdigest(), size
+
+    def download_tree(self, rel: str, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in self.list_files(rel):
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_input_stream(self.full(f"{rel}/{name}")) as src, \
+                    open(target, "wb") as dst:
+                while block := src.read(CHUNK):
+                    dst.write(block)
+
+    def delete_tree(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.delete_dir(self._check(rel))
+
+    def rename_dir(self, src: str, dst: str) -> bool:
+        """Local only: atomic rename; False if dst already exists."""
+        target = self.local_path(dst)
+        if target.exists():
+            return False
+        try:
+            os.rename(self.local_path(src), target)
+        except OSError:
+            if target.exists():
+                return False
+            raise
+        fsync_dir(target.parent)
+        return True
+
+    @contextlib.contextmanager
+    def lock(self, rel: str) -> Iterator[None]:
+        """Serialise writers of one model on a local or shared POSIX filesystem.
+
+        Object stores have no locks: there, run one publisher per model at a time
+        (a training job is one); pointer updates are still atomic single PUTs.
+        """
+        if self.remote:
+            yield
+            return
+        path = self.local_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

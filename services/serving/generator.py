@@ -1,0 +1,199 @@
+"""The text-generation model deployment (one per model name). No gRPC in here.
+
+Follows the registry like the classifier (services/serving/follower.py): verify, load
+beside the old version, smoke-test, swap. A generation version must carry its prompt
+template (tuneserve.json in the checkpoint, the same as the manifest's), which every
+request's prompt goes through, exactly as at training time.
+
+Batching: unary and streaming requests meet in one `@serve.batch` queue; a batch is
+one Hugging Face `generate` call over left-padded prompts with per-request sampling
+parameters and seeds (services/generation.py). Batches run one at a time per
+replica: a request that arrives while one runs waits for it to end (static batching;
+docs/benchmarks.md has the figures). A streaming request gets its text through a
+callback from the generating thread, so chunks leave as tokens are produced.
+
+Cancellation: when a caller goes away (client cancel, deadline), Serve cancels this
+replica's request; the request then sets its job's `cancelled` event, and the
+generating thread drops the row at the next token and ends the batch once every row
+has stopped. `status()` counts what was generated, so this can be observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+
+from services.errors import CorruptVersion
+from services.generation import GenerationEngine, GenerationJob, SamplingParams
+from services.serving.follower import RegistryFollower
+
+logger = logging.getLogger("ray.serve")
+
+SMOKE_PROMPT = "tuneserve smoke test"
+RECENT_JOBS = 32
+
+
+@dataclass
+class LoadedGenerator:
+    version: str
+    engine: GenerationEngine
+    prompt_template: Optional[str]
+    loaded_at: float
+
+
+def load_generator(registry, name: str, version: str) -> LoadedGenerator:
+    """Verify, load and smoke-test one generation version (runs in a worker thread)."""
+    from services.modeling import GENERATION_FILE, context_length, load_causal_lm_for_serving
+
+    manifest = registry.verify(name, version)
+    if manifest.get("task") != "generation":
+        raise CorruptVersion(f"{name} {version}: task is {manifest.get('task')!r}, "
+                             "not generation")
+    folder = registry.local_copy(name, version)
+    template = manifest.get("prompt_template")
+    task_file = folder / GENERATION_FILE
+    if task_file.is_file():
+        try:
+            saved = json.loads(task_file.read_text(encoding="utf-8"))
+        except ValueError:
+            raise CorruptVersion(f"{name} {version}: {GENERATION_FILE} is not valid JSON") \
+                from None
+        if "prompt_template" in manifest and saved.get("prompt_template") != template:
+            raise CorruptVersion(f"{name} {version}: the checkpoint's prompt template "
+                                 "differs from the manifest's")
+        template = saved.get("prompt_template")
+    model, tokenizer = load_causal_lm_for_serving(folder)
+    engine = GenerationEngine(model, tokenizer, template, context_length(model.config, tokenizer))
+    job = engine.job(SMOKE_PROMPT, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.run([job])
+    if job.completion_tokens != 2:
+        raise CorruptVersion(f"{name} {version}: smoke generation produced "
+                             f"{job.completion_tokens} tokens instead of 2")
+    return LoadedGenerator(version, engine, template, time.time())
+
+
+def sampling_params(params: dict[str, Any]) -> SamplingParams:
+    """The ingress's validated parameters (plain values) -> SamplingParams."""
+    return SamplingParams(
+        max_new_tokens=int(params["max_new_tokens"]),
+        temperature=float(params.get("temperature", 0.0)),
+        top_p=float(params.get("top_p", 1.0)), top_k=int(params.get("top_k", 0)),
+        stop=tuple(params.get("stop") or ()), seed=int(params.get("seed", 0)),
+        ignore_eos=bool(params.get("ignore_eos", False)))
+
+
+def job_result(job: GenerationJob, version: str) -> dict[str, Any]:
+    return {"text": job.text, "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": job.completion_tokens, "finish_reason": job.finish_reason,
+            "version": version}
+
+
+class Generator(RegistryFollower):
+    """Serve deployment class; `app.py` wraps it with `serve.deployment`."""
+
+    def __init__(self, registry: str, name: str, channel: str = "production",
+                 poll_interval_s: float = 2.0, threads: Optional[int] = None,
+                 cache_versions: int = 2, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.005, board: Any = None):
+        super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
+                         threads=threads, cache_versions=cache_versions, board=board)
+        self.generating = 0
+        self.counters = {"requests": 0, "tokens_generated": 0, "cancelled": 0}
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_JOBS)
+        self.set_batching(max_batch_size, batch_wait_timeout_s)
+
+    def _load_version(self, version: str) -> LoadedGenerator:
+        return load_generator(self.registry, self.name, version)
+
+    # ---- requests ------------------------------------------------------------------
+    async def generate(self, prompt: str, params: dict[str, Any],
+                       version: Optional[str] = None) -> dict[str, Any]:
+        loaded = await self._model_for(version)
+        job = loaded.engine.job(prompt, sampling_params(params))
+        try:
+            await self._batched((loaded, job))
+        except asyncio.CancelledError:
+            job.cancel()  # the caller is gone: stop at the next token
+            raise
+        return job_result(job, loaded.version)
+
+    async def generate_stream(self, prompt: str, params: dict[str, Any],
+                              version: Optional[str] = None) -> AsyncIterator[dict[str, Any]]:
+        """Chunks {text, prompt_tokens, completion_tokens, finish_reason, version}; the
+        text that became final since the last chunk, the finish reason on the last."""
+        loaded = await self._model_for(version)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_text(text: str, tokens: int) -> None:  # on the generating thread
+            loop.call_soon_threadsafe(events.put_nowait, (text, tokens, job.finish_reason))
+
+        job = loaded.engine.job(prompt, sampling_params(params), on_text)
+        batch = asyncio.ensure_future(self._batched((loaded, job)))
+        # Wakes the reader if the batch ends without a final chunk (it failed).
+        batch.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while True:
+                got = [await events.get()]
+                while not events.empty():  # whatever else is ready goes in this chunk
+                    got.append(events.get_nowait())
+                chunks = [g for g in got if g is not None]
+                if chunks:
+                    _, tokens, finish = chunks[-1]
+                    yield {"text": "".join(c[0] for c in chunks),
+                           "prompt_tokens": job.prompt_tokens, "completion_tokens": tokens,
+                           "finish_reason": finish, "version": loaded.version}
+                    if finish:
+                        return
+                if None in got:
+                    batch.result()  # raises the batch's error
+                    raise RuntimeError("generation ended without a finish reason")
+        finally:
+            if not job.done:
+                job.cancel()  # the caller is gone (or failed): stop at the next token
+                batch.cancel()  # not batched yet: Serve drops it
+
+    # ---- batching ------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[tuple[LoadedGenerator, GenerationJob]]) -> list[None]:
+        self.generating += len(items)
+        try:
+            await asyncio.to_thread(self._run_batch, items)
+        finally:
+            self.generating -= len(items)
+            for _, job in items:
+                self._record(job)
+        return [None] * len(items)
+
+    @staticmethod
+    def _run_batch(items) -> None:
+        groups: dict[int, list] = {}
+        for loaded, job in items:  # one generate call per model version
+            groups.setdefault(id(loaded), [loaded]).append(job)
+        for loaded, *jobs in groups.values():
+            loaded.engine.run(jobs)
+
+    def _record(self, job: GenerationJob) -> None:
+        self.counters["requests"] += 1
+        self.counters["tokens_generated"] += job.completion_tokens
+        if job.finish_reason == "cancelled":
+            self.counters["cancelled"] += 1
+        self.recent.append({"finish_reason": job.finish_reason or "failed",
+                            "completion_tokens": job.completion_tokens,
+                            "max_new_tokens": job.max_new_tokens,
+                            "prompt_tokens": job.prompt_tokens})
+
+    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"task": "generation", "generating": self.generating, **self.counters,
+                "recent": list(self.recent)}

@@ -1,0 +1,423 @@
+"""What differs between training a classifier and fine-tuning a causal LM.
+
+The driver (run.py) and the Ray Train loop (loop.py) are shared; a task object holds
+everything task-specific and travels to the workers inside the loop config:
+
+    driver:  prepare_data(tokenizer) -> tokenised splits, describe_eval, summary,
+             manifest_fields (what the registry records)
+    worker:  build_model, dataset + collate (the batches), loss, evaluate (exact over
+             all ranks), save (the checkpoint folder)
+
+`ClassificationTask`: cross-entropy over labels, confusion matrices all-reduced.
+`GenerationTask`: next-token loss on response tokens only, eval loss and perplexity
+over every target token of the eval split; optional LoRA (peft), merged on save.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from services.modeling import GENERATION_FILE
+from services.training.encoded import EncodedSplit, pad_batch
+
+IGNORE_INDEX = -100
+
+
+def make_task(cfg) -> "Task":
+    """The task object for a validated TrainConfig."""
+    return {"classification": ClassificationTask,
+            "generation": GenerationTask}[cfg.task](cfg)
+
+
+class Task:
+    name = ""
+    metric = "eval_loss"
+    """The metric that picks the best epoch (checkpoint score attribute)."""
+    metric_mode = "min"
+    label_names: list[str] = []
+
+    def __init__(self, cfg):
+        self.model_ref: str = cfg.model
+        self.max_length: int = cfg.max_length
+        self.pad_id: Optional[int] = None
+
+    # ---- driver side -----------------------------------------------------------
+    def prepare_data(self, cfg, tokenizer) -> tuple[dict[str, EncodedSplit], dict]:
+        raise NotImplementedError
+
+    def describe_data(self) -> str:
+        raise NotImplementedError
+
+    def describe_eval(self, ev: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def summary(self, metrics: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {}
+
+    # ---- worker side -----------------------------------------------------------
+    def build_model(self, tokenizer):
+        raise NotImplementedError
+
+    def dataset(self, split: EncodedSplit):
+        raise NotImplementedError
+
+    def collate(self, items) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict, autocast):
+        raise NotImplementedError
+
+    def evaluate(self, model, split: EncodedSplit, rank: int, world: int, batch_size: int,
+                 device, autocast) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The metrics written to train_state.json in the checkpoint."""
+        return metrics
+
+    def save(self, model, folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+
+
+def _all_reduce(values, device, world: int):
+    """Sum a float64 vector over ranks (no-op on one worker)."""
+    import torch
+
+    packed = torch.as_tensor(values, dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        packed = packed.to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+    return packed
+
+
+def _shard_by_length(split: EncodedSplit, rank: int, world: int) -> list[int]:
+    """This rank's share (rank::world), sorted by length so padding is minimal."""
+    indices = list(range(rank, len(split), world))
+    indices.sort(key=lambda i: split.offsets[i + 1] - split.offsets[i])
+    return indices
+
+
+# ---- classification --------------------------------------------------------------
+class _LabelledExamples:
+    """A map-style dataset over an EncodedSplit (index -> (ids, label))."""
+
+    def __init__(self, split: EncodedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.split.example(i), int(self.split.labels[i])
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    metric = "eval_accuracy"
+    metric_mode = "max"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.id2label: dict[int, str] = {}
+        self.class_weights: Optional[list[float]] = None
+
+    @property
+    def label_names(self) -> list[str]:  # type: ignore[override]
+        return [self.id2label[i] for i in range(len(self.id2label))]
+
+    def prepare_data(self, cfg, tokenizer):
+        from services.data import LabelSet, load_labelled, split_indices
+        from services.training.encoded import encode_texts
+
+        train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
+        if cfg.eval:
+            evald = load_labelled(cfg.eval, cfg.text_column or train.text_column,
+                                  cfg.label_column or train.label_column, cfg.columns)
+            tr_texts, tr_labels = train.texts, train.labels
+            ev_texts, ev_labels = evald.texts, evald.labels
+            eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
+            split = None
+        else:
+            tr_idx, ev_idx = split_indices(len(train.texts), cfg.eval_fraction, cfg.seed)
+            tr_texts = [train.texts[i] for i in tr_idx]
+            tr_labels = [train.labels[i] for i in tr_idx]
+            ev_texts = [train.texts[i] for i in ev_idx]
+            ev_labels = [train.labels[i] for i in ev_idx]
+            eval_info = None
+            split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+                     "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+        labelset = LabelSet.from_labels(tr_labels)
+        tr_ids = labelset.encode(tr_labels)
+        ev_ids = labelset.encode(ev_labels, where=f"{cfg.eval or cfg.train}: ")
+        self.id2label = labelset.id2label
+        self.pad_id = tokenizer.pad_token_id
+        data = {
+            "train": encode_texts(tokenizer, tr_texts, tr_ids, cfg.max_length),
+            "eval": encode_texts(tokenizer, ev_texts, ev_ids, cfg.max_length),
+        }
+        info = {"train": {"path": train.path, "sha256": train.sha256,
+                          "rows": len(train.texts), "text_column": train.text_column,
+                          "label_column": train.label_column},
+                "eval": eval_info, "split": split}
+        return data, info
+
+    def describe_data(self) -> str:
+        return f"labels: {', '.join(self.label_names)}"
+
+    def describe_eval(self, ev):
+        return (f"epoch {ev['epoch']} eval: accuracy {ev['eval_accuracy']:.4f} "
+                f"macro-F1 {ev['eval_macro_f1']:.4f} loss {ev['eval_loss']:.4f}")
+
+    def summary(self, metrics):
+        from services.evaluation import summary
+
+        out = summary({k.removeprefix("eval_"): v for k, v in metrics.items()
+                       if k.startswith("eval_") and isinstance(v, (int, float))})
+        out["loss"] = float(metrics.get("eval_loss", float("nan")))
+        return out
+
+    def build_model(self, tokenizer):
+        from services.modeling import load_classifier_for_training
+
+        return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id)
+
+    def dataset(self, split):
+        return _LabelledExamples(split)
+
+    def collate(self, items):
+        import torch
+
+        ids, mask = pad_batch([ex for ex, _ in items], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([lab for _, lab in items], dtype=torch.long)}
+
+    def loss(self, model, batch, autocast):
+        import torch
+        import torch.nn.functional as F
+
+        with autocast():
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        weight = None
+        if self.class_weights:
+            weight = torch.tensor(self.class_weights, dtype=torch.float, device=logits.device)
+        return F.cross_entropy(logits.float(), batch["labels"], weight=weight)
+
+    def evaluate(self, model, split, rank, world, batch_size, device, autocast):
+        """Exact over all ranks: confusion matrices, loss sums and counts all-reduced."""
+        import torch
+        import torch.nn.functional as F
+
+        from services.evaluation import metrics_from_confusion
+
+        n_labels = len(self.id2label)
+        cm = torch.zeros((n_labels, n_labels), dtype=torch.long)
+        loss_sum, count = 0.0, 0
+        model.eval()
+        with torch.inference_mode():
+            indices = _shard_by_length(split, rank, world)
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                ids, mask = pad_batch([split.example(i) for i in chunk], self.pad_id)
+                labels = torch.from_numpy(split.labels[chunk])
+                with autocast():
+                    logits = model(input_ids=ids.to(device),
+                                   attention_mask=mask.to(device)).logits
+                logits = logits.float().cpu()
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                pred = logits.argmax(dim=-1)
+                cm.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+                count += len(chunk)
+        model.train()
+        packed = _all_reduce([*cm.flatten().tolist(), loss_sum, count], device, world)
+        cm = packed[:-2].round().long().view(n_labels, n_labels).tolist()
+        n = int(round(float(packed[-1])))
+        m = metrics_from_confusion(cm, self.label_names)
+        return {"eval_loss": float(packed[-2]) / max(1, n), "eval_examples": n,
+                "confusion_matrix": cm,
+                **{f"eval_{k}": v for k, v in m.items() if k != "per_class"},
+                "eval_per_class": m["per_class"]}
+
+    def state_metrics(self, metrics):
+        return {k: v for k, v in metrics.items()
+                if k not in ("confusion_matrix", "eval_per_class")}
+
+
+# ---- generation ------------------------------------------------------------------
+class _LMExamples:
+    """index -> (token ids, loss mask)."""
+
+    def __init__(self, split: EncodedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.split.example(i), self.split.mask(i)
+
+
+def lm_batch(items, pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (-100 off the response)."""
+    import torch
+
+    ids, mask = pad_batch([ex for ex, _ in items], pad_id)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, (ex, loss_mask) in enumerate(items):
+        target = torch.from_numpy(ex.astype(np.int64))
+        target[~torch.from_numpy(np.asarray(loss_mask, dtype=np.bool_))] = IGNORE_INDEX
+        labels[row, :len(ex)] = target
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_nll(logits, labels):
+    """(sum of next-token NLL over target tokens, number of target tokens)."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                          shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="sum")
+    return nll, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 100.0))
+
+
+class GenerationTask(Task):
+    name = "generation"
+    metric = "eval_loss"
+    metric_mode = "min"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prompt_template: Optional[str] = cfg.prompt_template
+        self.packing: bool = cfg.packing
+        self.lora = None
+        if cfg.lora_r:
+            self.lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+                         "lora_dropout": cfg.lora_dropout,
+                         "target_modules": cfg.lora_target_modules}
+        self.stats: dict[str, Any] = {}
+
+    def prepare_data(self, cfg, tokenizer):
+        from services.data import load_pairs, split_indices
+        from services.training.encoded import encode_pairs
+
+        train = load_pairs(cfg.train, cfg.prompt_column, cfg.response_column, cfg.columns)
+        if cfg.eval:
+            evald = load_pairs(cfg.eval, cfg.prompt_column or train.prompt_column,
+                               cfg.response_column or train.response_column, cfg.columns)
+            tr = (train.prompts, train.responses)
+            ev = (evald.prompts, evald.responses)
+            eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(ev[0])}
+            split = None
+        else:
+            tr_idx, ev_idx = split_indices(len(train.prompts), cfg.eval_fraction, cfg.seed)
+            tr = ([train.prompts[i] for i in tr_idx], [train.responses[i] for i in tr_idx])
+            ev = ([train.prompts[i] for i in ev_idx], [train.responses[i] for i in ev_idx])
+            eval_info = None
+            split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+                     "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+        self.pad_id = tokenizer.pad_token_id
+        train_split, train_stats = encode_pairs(tokenizer, *tr, self.prompt_template,
+                                                cfg.max_length, packing=self.packing)
+        # Eval is never packed: its loss is over each example on its own.
+        eval_split, eval_stats = encode_pairs(tokenizer, *ev, self.prompt_template,
+                                              cfg.max_length)
+        self.stats = {"train": train_stats, "eval": eval_stats}
+        info = {"train": {"path": train.path, "sha256": train.sha256,
+                          "rows": len(train.prompts), "prompt_column": train.prompt_column,
+                          "response_column": train.response_column, **train_stats},
+                "eval": {**(eval_info or {}), **eval_stats}, "split": split}
+        return {"train": train_split, "eval": eval_split}, info
+
+    def describe_data(self) -> str:
+        tr, ev = self.stats["train"], self.stats["eval"]
+        text = (f"generation: {tr['examples']} train pairs ({tr['target_tokens']} target "
+                f"tokens), {ev['examples']} eval pairs")
+        if tr["truncated"] or ev["truncated"]:
+            text += f"; {tr['truncated'] + ev['truncated']} truncated to max_length"
+        if self.packing:
+            text += f"; packed into {tr['sequences']} sequences"
+        return text
+
+    def describe_eval(self, ev):
+        return (f"epoch {ev['epoch']} eval: loss {ev['eval_loss']:.4f} "
+                f"perplexity {ev['eval_perplexity']:.3f}")
+
+    def summary(self, metrics):
+        loss = float(metrics.get("eval_loss", float("nan")))
+        return {"loss": loss, "perplexity": float(metrics.get("eval_perplexity",
+                                                              perplexity(loss)))}
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {"prompt_template": self.prompt_template, "lora": self.lora}
+
+    def build_model(self, tokenizer):
+        from services.modeling import load_causal_lm_for_training
+
+        return load_causal_lm_for_training(self.model_ref, tokenizer, lora=self.lora)
+
+    def dataset(self, split):
+        return _LMExamples(split)
+
+    def collate(self, items):
+        return lm_batch(items, self.pad_id)
+
+    def loss(self, model, batch, autocast):
+        with autocast():
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        nll, n = token_nll(logits, batch["labels"])
+        return nll / max(1, n)
+
+    def evaluate(self, model, split, rank, world, batch_size, device, autocast):
+        """Mean NLL over every target token of the split, exact over all ranks."""
+        import torch
+
+        loss_sum, tokens, examples = 0.0, 0, 0
+        model.eval()
+        with torch.inference_mode():
+            indices = _shard_by_length(split, rank, world)
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                batch = lm_batch([(split.example(i), split.mask(i)) for i in chunk],
+                                 self.pad_id)
+                with autocast():
+                    logits = model(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)).logits
+                nll, n = token_nll(logits.float().cpu(), batch["labels"])
+                loss_sum += float(nll)
+                tokens += n
+                examples += len(chunk)
+        model.train()
+        loss_sum, tokens, examples = _all_reduce([loss_sum, tokens, examples], device,
+                                                 world).tolist()
+        loss = loss_sum / max(1.0, tokens)
+        return {"eval_loss": loss, "eval_perplexity": perplexity(loss),
+                "eval_examples": int(round(examples)), "eval_tokens": int(round(tokens))}
+
+    def save(self, model, folder):
+        if self.lora:
+            # The published checkpoint is a plain model: the adapter merged in, on a
+            # copy so that training goes on with the adapter separate.
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(folder, safe_serialization=True)
+        with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"task": self.name, "prompt_template": self.prompt_template,
+                       "max_length": self.max_length, "lora": self.lora}, fh, indent=2)
