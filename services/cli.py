@@ -3,6 +3,7 @@
     tuneserve train --config run.yaml [--flags that override it]
     tuneserve serve --registry DIR --grpc-port 9000
     tuneserve classify --address HOST:PORT --model NAME "text" ...
+    tuneserve generate --address HOST:PORT --model NAME "prompt" [--stream] [--max-new-tokens N]
     tuneserve models list --registry DIR
     tuneserve demo
     tuneserve k8s train|status|logs|delete|promote|unpin ...   (KubeRay; docs/kubernetes.md)
@@ -118,6 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
+    p = sub.add_parser("generate", help="generate text through a running server")
+    p.add_argument("--address", default="localhost:9000", help="HOST:PORT of the gRPC API")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", dest="model_version", default="")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="default: the server's")
+    p.add_argument("--temperature", type=float, default=None, metavar="X",
+                   help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=None, metavar="X")
+    p.add_argument("--top-k", type=int, default=None, metavar="N")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="same seed, same text (with --temperature > 0)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate max-new-tokens whatever the model says")
+    p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--json", action="store_true",
+                   help="the response (with --stream: each chunk) as one JSON object a line")
+    p.add_argument("prompt", metavar="PROMPT")
+
     p = sub.add_parser("models", help="inspect the registry")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     q = msub.add_parser("list", help="models, versions, channels and metrics")
@@ -164,6 +187,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name not in TRAIN_FLAG_SKIP}
+    if args.prompt_template:
+        # A shell flag cannot easily hold a newline: \n and \t in the flag stand for one.
+        overrides["prompt_template"] = args.prompt_template.replace("\\n", "\n") \
+            .replace("\\t", "\t")
     cfg = cfg.merged(overrides)
     result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose)
     summary = {"name": result.name, "version": result.version, "promoted": result.promoted,
@@ -242,6 +269,47 @@ def cmd_classify(args: argparse.Namespace) -> int:
         rows = [(_clip(t), r.label, f"{r.score:.3f}") for t, r in zip(args.texts, resp.results)]
         print(format_table(rows, ["text", "label", "score"]))
         print(f"model {resp.model} {resp.version}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from services.client import Client
+
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "top_k": args.top_k, "stop": args.stop,
+              "seed": args.seed, "ignore_eos": args.ignore_eos or None,
+              "version": args.model_version or None, "timeout_s": args.timeout_s}
+    params = {k: v for k, v in params.items() if v is not None}
+    if params.get("seed", 0) < 0:
+        raise InvalidInput(f"--seed: must be >= 0, got {params['seed']}")
+
+    def as_json(r) -> str:
+        return json.dumps({"text": r.text, "prompt_tokens": r.prompt_tokens,
+                           "completion_tokens": r.completion_tokens,
+                           "finish_reason": r.finish_reason, "model": r.model,
+                           "version": r.version})
+
+    with Client(args.address, timeout_s=args.timeout_s) as client:
+        if not args.stream:
+            last = client.generate(args.model, args.prompt, **params)
+            print(as_json(last) if args.json else last.text)
+        else:
+            stream = client.generate_stream(args.model, args.prompt, **params)
+            last = None
+            try:
+                for last in stream:
+                    if args.json:
+                        print(as_json(last), flush=True)
+                    else:
+                        print(last.text, end="", flush=True)
+            finally:
+                stream.cancel()  # no-op once complete; on Ctrl-C stops the generation
+            if not args.json:
+                print()
+    if last is not None and not args.json:
+        print(f"[{last.model} {last.version}: {last.prompt_tokens} prompt + "
+              f"{last.completion_tokens} generated tokens, finish: {last.finish_reason}]",
+              file=sys.stderr)
     return 0
 
 
@@ -337,6 +405,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "serve": cmd_serve, "classify": cmd_classify,
+            "generate": cmd_generate,
             "models": cmd_models, "demo": cmd_demo, "k8s": cmd_k8s}
 
 

@@ -53,7 +53,8 @@ class TrainConfig:
     output, completion."""
     prompt_template: Optional[str] = None
     """Generation: how a prompt is shown to the model, with {prompt} where it goes, e.g.
-    'Question: {prompt}\nAnswer: ' (in a flag, \n and \t stand for newline and tab).
+    'Question: {prompt}\\nAnswer: ' (in a flag, \\n and \\t stand for newline and
+    tab).
     Saved with the checkpoint; the server applies it. Default: the prompt as is."""
     packing: bool = False
     """Generation: pack several short examples into each training sequence of up to
@@ -336,6 +337,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
+    pinned_versions: dict[str, str] = field(default_factory=dict)
+    """model name -> version pinned through Serve's user_config (declarative: a
+    RayService or `serve deploy` change reconfigures replicas without restarting them)."""
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def validate(self) -> "ServeConfig":

@@ -120,12 +120,17 @@ class GenerationEngine:
             next(iter(self.eos_ids), 0)
         self.tokens_generated = 0
         self._lock = threading.Lock()
+        # The Rust tokenizer refuses use from two threads at once ("Already borrowed")
+        # when one of them changes its settings: requests tokenise on the event loop
+        # while a batch decodes on its thread.
+        self._tokenizer_lock = threading.Lock()
 
     def job(self, prompt: str, params: SamplingParams,
             on_text: Optional[Callable[[str, int], None]] = None) -> GenerationJob:
         """Apply the template, tokenise and check the prompt against the context."""
-        ids = self.tokenizer(render_prompt(self.prompt_template, prompt),
-                             add_special_tokens=True)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(render_prompt(self.prompt_template, prompt),
+                                 add_special_tokens=True)["input_ids"]
         room = self.context_tokens - len(ids)
         if room < 1:
             raise InvalidInput(
@@ -174,8 +179,9 @@ class GenerationEngine:
             self._finish(job, "eos")
             return
         job.token_ids.append(token)
-        text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
         stops = job.params.stop
         if stops:
             # A stop string can only end in the new text: search from just before it.

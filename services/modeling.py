@@ -118,8 +118,13 @@ def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None
         except ImportError:
             raise ConfigError("invalid config field 'lora_r': LoRA needs the peft package "
                               "(pip install peft)") from None
+        from transformers.pytorch_utils import Conv1D
+
+        # GPT-2 style models store linear weights transposed (Conv1D).
+        fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
         try:
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM",
+                                                     fan_in_fan_out=fan_in_fan_out, **lora))
         except ValueError as exc:
             raise ConfigError(f"invalid config field 'lora_target_modules': {exc}") from None
     return model

@@ -15,7 +15,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
-from tests.helpers import build_tiny_bert, free_port, toy_sentiment_rows, write_csv
+from tests.helpers import (
+    GEN_TEMPLATE,
+    build_tiny_bert,
+    build_tiny_gpt2,
+    free_port,
+    toy_generation_pairs,
+    toy_sentiment_rows,
+    write_csv,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +71,39 @@ def trained(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
     return cfg, result
 
 
+GEN_MODEL = "tinygen"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A 2-layer, hidden-64 GPT-2 (random weights) and a BPE tokenizer trained here."""
+    texts = [GEN_TEMPLATE.format(prompt=p) + r for p, r in toy_generation_pairs()]
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), texts)
+
+
+@pytest.fixture(scope="session")
+def trained_generator(trained, tmp_path_factory, tiny_gpt2_dir):
+    """A 2-layer GPT-2 (hidden 64, tokenizer trained here) fine-tuned by 2 Ray Train
+    workers on 36 prompt/response pairs until it reproduces them greedily, published
+    as GEN_MODEL v1 into the same registry as toy, so that the one session server
+    serves both."""
+    from services.config import TrainConfig
+    from services.training.run import run_training
+
+    cfg, _ = trained
+    folder = tmp_path_factory.mktemp("gen")
+    rows = [{"prompt": p, "response": r} for p, r in toy_generation_pairs()]
+    # The pairs six times over: more optimizer steps per epoch, fewer epochs.
+    train = write_jsonl(folder / "pairs.jsonl", rows * 6)
+    evald = write_jsonl(folder / "pairs-eval.jsonl", rows)
+    gen_cfg = TrainConfig(model=str(tiny_gpt2_dir), train=str(train), eval=str(evald),
+                          task="generation", prompt_template=GEN_TEMPLATE, name=GEN_MODEL,
+                          registry=cfg.registry, runs_dir=str(folder / "runs"), workers=2,
+                          epochs=6, batch_size=8, learning_rate=1e-2, warmup_ratio=0.1,
+                          weight_decay=0.0, max_length=64, log_every_steps=10, seed=1)
+    return gen_cfg, run_training(gen_cfg, progress_bar=False)
+
+
 HOT_MODEL = "toy-hot"
 
 
@@ -76,7 +118,7 @@ def publish_copy(registry: str, name: str, version: str, new_name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(trained):
+def server(trained, trained_generator):
     """Serve's gRPC proxy on a free port in front of the trained registry.
 
     It serves "toy" (which tests expect at v1 throughout) and HOT_MODEL, a copy that
@@ -99,6 +141,7 @@ def server(trained):
     start_serving(serve_cfg,
                   http_port=free_port())
     client = Client(f"127.0.0.1:{port}", timeout_s=60)
+    client.serve_cfg = serve_cfg  # for tests that redeploy the same app with a change
     client.wait_until_serving(timeout_s=120)
     yield client
     client.close()

@@ -45,6 +45,7 @@ def build_app(cfg: ServeConfig):
     from ray import serve
 
     from services.serving.classifier import Classifier
+    from services.serving.generator import Generator
     from services.serving.ingress import InferenceIngress
     from services.serving.status import StatusBoard
 
@@ -59,15 +60,20 @@ def build_app(cfg: ServeConfig):
     board = serve.deployment(StatusBoard).options(
         name="status-board", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000).bind()
+    deployment_classes = {"classification": Classifier, "generation": Generator}
     for name, task in tasks.items():
-        if task != "classification":
-            logger.warning("model %s has task %s, which this server cannot serve yet",
+        if task not in deployment_classes:
+            logger.warning("model %s has task %s, which this server cannot serve",
                            name, task)
             continue
+        # A generation batch runs to its longest request: no larger than what one
+        # replica takes on at once.
+        batch_size = cfg.max_batch_size if task == "classification" else \
+            min(cfg.max_batch_size, cfg.max_ongoing_requests)
         autoscaling = cfg.autoscaling_config()
         replicas = {"autoscaling_config": autoscaling} if autoscaling else \
             {"num_replicas": cfg.num_replicas}
-        deployment = serve.deployment(Classifier).options(
+        deployment = serve.deployment(deployment_classes[task]).options(
             name=model_deployment_name(name),
             max_ongoing_requests=cfg.max_ongoing_requests,
             max_queued_requests=cfg.max_queued_requests,
@@ -75,14 +81,15 @@ def build_app(cfg: ServeConfig):
             ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
                                "runtime_env": {"env_vars": {
                                    "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}},
-            user_config={"channel": cfg.channel, "pinned_version": None,
+            user_config={"channel": cfg.channel,
+                         "pinned_version": cfg.pinned_versions.get(name),
                          "poll_interval_s": cfg.poll_interval_s},
             health_check_period_s=10,
         )
         handles[name] = deployment.bind(
             registry.uri, name, channel=cfg.channel,
             poll_interval_s=cfg.poll_interval_s, threads=threads,
-            max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            max_batch_size=batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
             board=board)
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},

@@ -1,11 +1,9 @@
 """The classification model deployment (one per model name). No gRPC in here.
 
-Each replica follows its model's channel (`production` by default) in the registry,
-or a version pinned through `reconfigure` (Serve `user_config`). A background task
-polls the registry; when the target moves it verifies the new version (manifest,
-sha256 of every file, labels), loads it beside the old one, runs one smoke inference
-and swaps the reference atomically. Requests already running finish on the old
-model. A version that fails any check is refused and not retried until it changes.
+Following the registry (channel or pin, verify, load beside the old version, smoke
+inference, atomic swap, refusal of bad versions) is shared with the generator:
+services/serving/follower.py. What is classifier-specific: the labels check on load
+(config.json's id2label must match the manifest), the smoke inference, batching.
 
 Requests are batched across callers with `@serve.batch`; inside a batch the texts are
 sorted by length so each forward pass pads as little as possible.
@@ -15,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ray import serve
 
-from services.errors import CorruptVersion, ModelLoading, ModelNotFound, TuneserveError
+from services.errors import CorruptVersion
 from services.registry import Registry
+from services.serving.follower import RegistryFollower
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,160 +78,19 @@ def _predict(loaded: LoadedModel, texts: list[str], chunk: int = 64):
     return out
 
 
-class Classifier:
+class Classifier(RegistryFollower):
     """Serve deployment class; `app.py` wraps it with `serve.deployment`."""
 
     def __init__(self, registry: str, name: str, channel: str = "production",
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005, board: Any = None):
-        import torch
-
-        torch.set_num_threads(max(1, int(threads or math.ceil(
-            float(os.environ.get("TUNESERVE_REPLICA_CPUS", "1"))))))
-        self.registry = Registry(registry)
-        self.name = name
-        self.channel = channel
-        self.pinned: Optional[str] = None
-        self.poll_interval_s = poll_interval_s
-        self.cache_versions = cache_versions
-        self.current: Optional[LoadedModel] = None
-        self.others: OrderedDict[str, LoadedModel] = OrderedDict()
-        self.refused: dict[str, str] = {}
-        self.last_error: Optional[str] = None
-        self.state = "loading"
-        self._wake = asyncio.Event()
-        self._load_lock = asyncio.Lock()
-        self._follower: Optional[asyncio.Task] = None
-        self._started = False
-        self.board = board  # DeploymentHandle of the StatusBoard, if any
+        super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
+                         threads=threads, cache_versions=cache_versions, board=board)
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
-    def _ensure_follower(self) -> None:
-        if self._follower is None or self._follower.done():
-            self._follower = asyncio.get_running_loop().create_task(self._follow())
-
-    async def reconfigure(self, user_config: dict) -> None:
-        """Record the target; later loads happen in the background (never blocks).
-
-        The first call, while the replica starts, does load the target before
-        returning: Serve sends no traffic to a replica until then, so a replica that
-        autoscaling adds never answers "loading" while its peers could answer.
-        """
-        user_config = user_config or {}
-        self.pinned = user_config.get("pinned_version") or None
-        self.channel = user_config.get("channel") or self.channel
-        if user_config.get("poll_interval_s"):
-            self.poll_interval_s = float(user_config["poll_interval_s"])
-        if not self._started:
-            self._started = True
-            target = await asyncio.to_thread(self._target)
-            if target:
-                await self._switch_to(target)
-        self._ensure_follower()
-        self._wake.set()
-
-    def _target(self) -> Optional[str]:
-        """user_config pin > registry pin (Admin Pin) > the channel's version."""
-        pinned = self.pinned or self.registry.pinned(self.name)
-        if pinned:
-            return pinned if self.registry.exists(self.name, pinned) else None
-        return self.registry.channel(self.name, self.channel)
-
-    async def _follow(self) -> None:
-        while True:
-            try:
-                target = await asyncio.to_thread(self._target)
-                current = self.current.version if self.current else None
-                if target and target != current and target not in self.refused:
-                    await self._switch_to(target)
-                elif target is None and current is None:
-                    self.last_error = (f"model '{self.name}' has no {self.channel} version"
-                                       if not self.pinned else
-                                       f"pinned version {self.pinned} does not exist")
-            except Exception as exc:  # the follower must never die
-                logger.exception("registry poll failed for %s", self.name)
-                self.last_error = str(exc)
-            await self._report()
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
-            except asyncio.TimeoutError:
-                pass
-
-    async def _get_or_load(self, version: str) -> LoadedModel:
-        async with self._load_lock:
-            for loaded in (self.current, *self.others.values()):
-                if loaded is not None and loaded.version == version:
-                    return loaded
-            if version in self.refused:
-                raise CorruptVersion(f"version {version} of '{self.name}' was refused: "
-                                     f"{self.refused[version]}")
-            started = time.perf_counter()
-            try:
-                loaded = await asyncio.to_thread(_load_version, self.registry, self.name, version)
-            except TuneserveError as exc:
-                self.refused[version] = exc.message
-                self.last_error = exc.message
-                logger.error("refused %s %s: %s", self.name, version, exc.message)
-                raise
-            except Exception as exc:
-                msg = f"load failed: {type(exc).__name__}"
-                self.refused[version] = msg
-                self.last_error = msg
-                logger.exception("loading %s %s failed", self.name, version)
-                raise CorruptVersion(f"version {version} of '{self.name}' could not be "
-                                     "loaded") from None
-            logger.info("loaded %s %s in %.2fs", self.name, version,
-                        time.perf_counter() - started)
-            return loaded
-
-    async def _switch_to(self, version: str) -> None:
-        try:
-            loaded = await self._get_or_load(version)
-        except TuneserveError:
-            self.state = "ready" if self.current else "failed"
-            return
-        self.others.pop(version, None)
-        # The swap is one reference assignment. Requests already running hold their
-        # own reference to the old model, so it is freed when the last one finishes.
-        self.current = loaded
-        self.state = "ready"
-        self.last_error = None
-        await self._report()
-
-    async def _report(self) -> None:
-        if self.board is None:
-            return
-        try:
-            status = await self.status()
-            await asyncio.wait_for(
-                self.board.report.remote(status, stale_after_s=3 * self.poll_interval_s + 10),
-                timeout=5)
-        except Exception:  # the board is advisory; serving goes on without it
-            logger.warning("status report for %s failed", self.name, exc_info=True)
-
-    def _remember(self, loaded: LoadedModel) -> None:
-        self.others[loaded.version] = loaded
-        self.others.move_to_end(loaded.version)
-        while len(self.others) > self.cache_versions:
-            self.others.popitem(last=False)  # memory freed once in-flight calls finish
-
-    async def _model_for(self, version: Optional[str]) -> LoadedModel:
-        self._ensure_follower()
-        if version is None or (self.current and self.current.version == version):
-            if self.current is None:
-                raise ModelLoading(f"model '{self.name}' is loading; retry shortly"
-                                   + (f" ({self.last_error})" if self.last_error else ""))
-            return self.current
-        if version in self.others:
-            self.others.move_to_end(version)
-            return self.others[version]
-        if not await asyncio.to_thread(self.registry.exists, self.name, version):
-            raise ModelNotFound(f"model '{self.name}' has no version '{version}'")
-        loaded = await self._get_or_load(version)
-        self._remember(loaded)
-        return loaded
+    def _load_version(self, version: str) -> LoadedModel:
+        return _load_version(self.registry, self.name, version)
 
     async def classify(self, texts: list[str], version: Optional[str] = None) -> dict[str, Any]:
         loaded = await self._model_for(version)
@@ -273,20 +128,5 @@ class Classifier:
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def status(self) -> dict[str, Any]:
-        self._ensure_follower()
-        ctx = serve.get_replica_context()
-        return {
-            "name": self.name, "state": self.state,
-            "version": self.current.version if self.current else None,
-            "cached_versions": list(self.others), "pinned_version": self.pinned,
-            "channel": self.channel, "refused": dict(self.refused),
-            "refusals": len(self.refused),
-            "last_error": self.last_error, "replica": ctx.replica_tag if ctx else None,
-            "labels": self.current.labels if self.current else [],
-        }
-
-    async def check_health(self) -> None:
-        # A replica whose follower died would never pick up new versions: restart it.
-        if self._follower is not None and self._follower.done():
-            raise RuntimeError("registry follower stopped")
+    def _status_extra(self) -> dict[str, Any]:
+        return {"labels": self.current.labels if self.current else []}

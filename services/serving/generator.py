@@ -38,6 +38,11 @@ logger = logging.getLogger("ray.serve")
 
 SMOKE_PROMPT = "tuneserve smoke test"
 RECENT_JOBS = 32
+STREAM_INTERVAL_S = 0.1
+"""After the first chunk, a stream sends at most one chunk per interval, holding the
+tokens generated meanwhile: every chunk crosses three processes (this replica, the
+ingress, the proxy), which costs more CPU than generating a token of a small model.
+20 ms is far below what a reader notices."""
 
 
 @dataclass
@@ -101,11 +106,13 @@ class Generator(RegistryFollower):
     def __init__(self, registry: str, name: str, channel: str = "production",
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.005, board: Any = None):
+                 batch_wait_timeout_s: float = 0.005, board: Any = None,
+                 stream_interval_s: float = STREAM_INTERVAL_S):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
                          threads=threads, cache_versions=cache_versions, board=board)
+        self.stream_interval_s = stream_interval_s
         self.generating = 0
-        self.counters = {"requests": 0, "tokens_generated": 0, "cancelled": 0}
+        self.counters = {"requests": 0, "batches": 0, "tokens_generated": 0, "cancelled": 0}
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_JOBS)
         self.set_batching(max_batch_size, batch_wait_timeout_s)
 
@@ -152,6 +159,7 @@ class Generator(RegistryFollower):
                            "finish_reason": finish, "version": loaded.version}
                     if finish:
                         return
+                    await asyncio.sleep(self.stream_interval_s)  # let tokens gather
                 if None in got:
                     batch.result()  # raises the batch's error
                     raise RuntimeError("generation ended without a finish reason")
@@ -164,6 +172,7 @@ class Generator(RegistryFollower):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[tuple[LoadedGenerator, GenerationJob]]) -> list[None]:
         self.generating += len(items)
+        self.counters["batches"] += 1
         try:
             await asyncio.to_thread(self._run_batch, items)
         finally:

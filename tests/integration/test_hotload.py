@@ -188,3 +188,53 @@ def test_corrupt_versions_are_refused_and_old_keeps_serving(server, trained):
         assert resp.version == "v2"  # the old version keeps serving
         assert set(serving_versions(server)) == {"v2"}
     reg.set_channel(HOT_MODEL, "production", "v2")
+
+
+def test_cli_models_commands_through_the_admin_api(server, capsys):
+    from services.cli import main
+
+    assert main(["models", "pin", "--address", server.address, HOT_MODEL, "v1"]) == 0
+    assert f"{HOT_MODEL} pin: - -> v1" in capsys.readouterr().out
+    assert wait_for(lambda: set(serving_versions(server)) == {"v1"}, SWAP_BOUND_S)
+    production = model_info(server).production_version
+    assert main(["models", "unpin", "--address", server.address, HOT_MODEL]) == 0
+    assert wait_for(lambda: set(serving_versions(server)) == {production}, SWAP_BOUND_S)
+    capsys.readouterr()
+    assert main(["models", "promote", "--address", server.address, HOT_MODEL, "v77"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_user_config_pin_reconfigures_in_place(server, trained):
+    """The declarative pin: Serve calls `reconfigure` with the new user_config (a
+    RayService or `serve deploy` edit of user_config does only that, since the app's
+    code version depends on its import path and args alone). The same replica object
+    switches versions in the background and back, without being rebuilt."""
+    import asyncio
+
+    from services.serving.classifier import Classifier
+
+    cfg, _ = trained
+    reg = Registry(cfg.registry)
+    production = reg.channel(HOT_MODEL)
+    other = "v1" if production != "v1" else "v2"
+
+    async def scenario():
+        replica = Classifier(cfg.registry, HOT_MODEL, poll_interval_s=0.2, threads=1)
+        await replica.reconfigure({"channel": "production", "pinned_version": None})
+        assert replica.current is not None, (replica.state, replica.last_error, replica.refused)
+        assert replica.current.version == production  # first load before traffic
+        await replica.reconfigure({"channel": "production", "pinned_version": other})
+        for _ in range(200):
+            if replica.current.version == other:
+                break
+            await asyncio.sleep(0.05)
+        assert replica.current.version == other and replica.pinned == other
+        await replica.reconfigure({"channel": "production", "pinned_version": None})
+        for _ in range(200):
+            if replica.current.version == production:
+                break
+            await asyncio.sleep(0.05)
+        assert replica.current.version == production
+        replica._follower.cancel()
+
+    asyncio.run(scenario())

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import pytest
 
 from services.cli import main
 from tests.unit.test_registry import fake_checkpoint, manifest
@@ -67,3 +68,50 @@ def test_classify_against_nothing_reports_unavailable(capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
+
+
+def test_models_promote_rollback_pin_unpin_on_the_registry(tmp_path, capsys):
+    reg = Registry(tmp_path / "reg")
+    ck = fake_checkpoint(tmp_path / "ck")
+    for _ in range(3):
+        reg.publish("sent", ck, manifest())
+    r = ["--registry", str(tmp_path / "reg")]
+    assert main(["models", "promote", *r, "sent", "v3"]) == 0
+    assert "sent production: v1 -> v3" in capsys.readouterr().out
+    assert reg.channel("sent") == "v3"
+    assert main(["models", "rollback", *r, "sent"]) == 0
+    assert reg.channel("sent") == "v1"
+    assert main(["models", "pin", *r, "sent", "v2"]) == 0
+    assert reg.pinned("sent") == "v2" and reg.resolve("sent") == "v2"
+    assert main(["models", "unpin", *r, "sent"]) == 0
+    assert reg.pinned("sent") is None
+    capsys.readouterr()
+    # promote verifies first and refuses a bad version
+    (tmp_path / "reg" / "sent" / "v2" / "tokenizer.json").write_text('{"tampered": 1}')
+    assert main(["models", "promote", *r, "sent", "v2"]) == 1
+    assert "tokenizer.json" in capsys.readouterr().err
+    assert reg.channel("sent") == "v1"
+    assert main(["models", "promote", *r, "sent", "v9"]) == 1
+    assert "no version 'v9'" in capsys.readouterr().err
+    assert main(["models", "promote", *r, "sent", "latest"]) == 2
+
+
+def test_eval_gated_promotion_decisions(tmp_path):
+    from services.errors import ConfigError
+    from services.training.promotion import decide, parse_min_metric
+
+    reg = Registry(tmp_path / "reg")
+    ck = fake_checkpoint(tmp_path / "ck")
+    reg.publish("m", ck, {**manifest(), "metrics": {"accuracy": 0.80}})
+    reg.publish("m", ck, {**manifest(), "metrics": {"accuracy": 0.85}})
+    ok, why = decide(reg, "m", "v2", {"accuracy": 0.85}, "accuracy", "max", None)
+    assert ok and "0.8500" in why and "0.8000" in why
+    ok, why = decide(reg, "m", "v2", {"accuracy": 0.75}, "accuracy", "max", None)
+    assert not ok and "worse than production v1" in why
+    ok, why = decide(reg, "m", "v2", {"accuracy": 0.85}, "accuracy", "max", "accuracy=0.9")
+    assert not ok and "threshold 0.9" in why
+    ok, why = decide(reg, "m", "v2", {"loss": 0.2}, "loss", "min", None)
+    assert ok  # production records no loss: nothing to compare against
+    assert parse_min_metric("macro_f1=0.7") == ("macro_f1", 0.7)
+    with pytest.raises(ConfigError, match="min_metric"):
+        parse_min_metric("accuracy>0.7")

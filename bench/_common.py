@@ -1,0 +1,49 @@
+"""Shared helpers for the benchmarks: sentences, percentiles, tables, JSON output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
+
+
+def sentences(limit: int = 2000) -> list[str]:
+    """Real sentences from SST-2 dev when ../shared is there, else the bundled demo set."""
+    path = SST2_DEV if SST2_DEV.is_file() else REPO / "services" / "resources" / "demo_sentiment.tsv"
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r[0] for r in rows[1:limit + 1] if r and r[0].strip()]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor()}
+
+
+def table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(out)
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")

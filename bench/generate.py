@@ -1,0 +1,276 @@
+"""Generation benchmark: tokens/s and time to first token through gRPC vs Hugging Face
+`generate` in-process, on the same checkpoint and the same prompts, in one run.
+
+    .venv/bin/python bench/generate.py [--model-dir DIR] [--new-tokens 64] [--json out.json]
+
+The checkpoint is a causal LM folder (e.g. the GSM8K run of bench/gsm8k_prepare.py,
+found at /tmp/gsm8k/registry by default) or, without one, a GPT-2 built from a config
+(random weights: the timing is the same). It is published to a temporary registry and
+served by `start_serving` (Ray Serve, gRPC proxy, one Generator replica with
+--replica-cpus CPUs), and loaded in this process for HF with as many torch threads.
+Every request generates exactly --new-tokens tokens (ignore_eos; HF: min_new_tokens),
+greedy, so both sides do the same work:
+
+- 1 stream: one request at a time (GenerateStream vs HF generate with a streamer).
+- 8 streams: 8 concurrent GenerateStream calls vs one HF generate over the 8 prompts
+  (left-padded batch: what HF offers for 8 prompts at once).
+- 8 streams, Serve batching off (max_batch_size 1): what @serve.batch buys.
+
+Time to first token is when the first text arrives (gRPC: first chunk at the client;
+HF: first token out of generate); tokens/s counts all generated tokens over the wall
+time of the phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import machine, table, write_json  # noqa: E402
+
+DEFAULT_GSM8K = Path("/tmp/gsm8k/registry/gsm8k-tiny")
+PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+    "clips in May. How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of "
+    "babysitting. How much did she earn?",
+    "Betty is saving money for a new wallet which costs $100. How much more does she need?",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages "
+    "does he write a year?",
+    "Mark has a garden with flowers. He planted plants of three colors in it.",
+    "Albert is wondering how much pizza he can eat in one day.",
+    "Ken created a care package to send to his brother.",
+    "Alexis is applying for a new job and bought a new set of business clothes.",
+]
+
+
+def find_checkpoint(model_dir: str | None, work: Path) -> tuple[Path, str | None]:
+    """(checkpoint folder, prompt template)."""
+    import json
+
+    if model_dir:
+        folder = Path(model_dir)
+    elif DEFAULT_GSM8K.is_dir() and sorted(DEFAULT_GSM8K.glob("v*")):
+        folder = sorted(DEFAULT_GSM8K.glob("v*"))[-1]
+    else:
+        folder = build_random_gpt2(work / "gpt2")
+    template = None
+    task_file = folder / "tuneserve.json"
+    if task_file.is_file():
+        template = json.loads(task_file.read_text()).get("prompt_template")
+    return folder, template
+
+
+def build_random_gpt2(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(PROMPTS * 10, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=512, n_embd=192, n_layer=4, n_head=4,
+        bos_token_id=eos, eos_token_id=eos))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def publish(folder: Path, template: str | None, registry: Path) -> None:
+    from services.registry import Registry
+
+    Registry(registry).publish("bench-gen", folder, {
+        "task": "generation", "base_model": str(folder), "labels": [],
+        "prompt_template": template, "metrics": {}})
+
+
+# ---- HF generate in-process --------------------------------------------------------
+def hf_run(model, tokenizer, template, prompts, new_tokens) -> dict:
+    """One generate over the prompts (left-padded); first-token time and wall time."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from services.config import render_prompt
+
+    class FirstToken(StoppingCriteria):
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores, **kw):
+            if self.at is None:
+                self.at = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer([render_prompt(template, p) for p in prompts], return_tensors="pt",
+                    padding=True)
+    first = FirstToken()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, stopping_criteria=StoppingCriteriaList([first]),
+                             pad_token_id=tokenizer.pad_token_id)
+    wall = time.perf_counter() - started
+    generated = (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
+    return {"ttft_s": first.at - started, "wall_s": wall, "tokens": generated}
+
+
+# ---- gRPC --------------------------------------------------------------------------
+def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
+    """Concurrent GenerateStream (or Generate) calls, one per prompt. For unary calls
+    the "first token" time is the whole call's."""
+    from services.client import Client
+
+    ttfts, tokens, errors = [], [], []
+    barrier = threading.Barrier(len(prompts) + 1)
+
+    def one(prompt):
+        with Client(address, timeout_s=600) as c:
+            barrier.wait()
+            t0 = time.perf_counter()
+            first, last = None, None
+            try:
+                if unary:
+                    chunks = [c.generate("bench-gen", prompt, max_new_tokens=new_tokens,
+                                         ignore_eos=True)]
+                else:
+                    chunks = c.generate_stream("bench-gen", prompt, max_new_tokens=new_tokens,
+                                               ignore_eos=True)
+                for chunk in chunks:
+                    if first is None and chunk.text:
+                        first = time.perf_counter() - t0
+                    last = chunk
+            except Exception as exc:  # reported, not hidden
+                errors.append(repr(exc))
+                return
+            ttfts.append(first)
+            tokens.append(last.completion_tokens)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed: {errors[:3]}")
+    return {"ttft_s": statistics.mean(ttfts), "ttft_max_s": max(ttfts), "wall_s": wall,
+            "tokens": sum(tokens)}
+
+
+def median_run(fn, repeats: int) -> dict:
+    runs = [fn() for _ in range(repeats)]
+    runs.sort(key=lambda r: r["wall_s"])
+    best = dict(runs[len(runs) // 2])
+    best["tokens_per_s"] = best["tokens"] / best["wall_s"]
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=None, help="causal LM folder (default: the "
+                        "GSM8K run in /tmp/gsm8k, else a random GPT-2 from a config)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
+    parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--batch-wait-s", type=float, default=None,
+                        help="Serve batch_wait_timeout_s (default: ServeConfig's)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from services.config import ServeConfig
+    from services.demo import free_port
+    from services.modeling import load_causal_lm_for_serving, quiet_transformers
+    from services.raycluster import ensure_ray
+    from services.serving.app import APP_NAME, build_app, start_serving, wait_until_serving
+
+    quiet_transformers()
+    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-gen-"))
+    folder, template = find_checkpoint(args.model_dir, work)
+    publish(folder, template, work / "registry")
+    threads = max(1, int(args.replica_cpus))
+    torch.set_num_threads(threads)
+    model, tokenizer = load_causal_lm_for_serving(folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.streams)]
+
+    port = free_port()
+    cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port,
+                      replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams)
+    if args.batch_wait_s is not None:
+        cfg.batch_wait_timeout_s = args.batch_wait_s
+    ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)
+    start_serving(cfg, http_port=free_port())
+    address = f"127.0.0.1:{port}"
+    results: dict[str, dict] = {}
+    try:
+        # Warm up both sides (first calls allocate, load kernels).
+        hf_run(model, tokenizer, template, prompts[:1], 8)
+        grpc_run(address, prompts[:2], 8)
+        for label, batch in (("1 stream", prompts[:1]), (f"{args.streams} streams", prompts)):
+            results[label] = {
+                "hf": median_run(lambda: hf_run(model, tokenizer, template, batch,
+                                                args.new_tokens), args.repeats),
+                "grpc": median_run(lambda: grpc_run(address, batch, args.new_tokens),
+                                   args.repeats)}
+        results[f"{args.streams} unary Generate"] = {
+            "hf": results[f"{args.streams} streams"]["hf"],
+            "grpc": median_run(lambda: grpc_run(address, prompts, args.new_tokens, unary=True),
+                               args.repeats)}
+        # The same 8 streams with Serve batching off: one request per generate call.
+        serve.run(build_app(ServeConfig(**{**cfg.__dict__, "max_batch_size": 1})),
+                  name=APP_NAME, blocking=False)
+        wait_until_serving(120)
+        grpc_run(address, prompts[:2], 8)
+        label = f"{args.streams} streams, batching off"
+        results[label] = {"hf": results[f"{args.streams} streams"]["hf"],
+                          "grpc": median_run(lambda: grpc_run(address, prompts,
+                                                              args.new_tokens), args.repeats)}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    rows = []
+    for label, r in results.items():
+        hf, g = r["hf"], r["grpc"]
+        rows.append([label, f"{hf['tokens_per_s']:.0f}", f"{g['tokens_per_s']:.0f}",
+                     f"{g['tokens_per_s'] / hf['tokens_per_s']:.2f}",
+                     f"{hf['ttft_s'] * 1000:.1f}", f"{g['ttft_s'] * 1000:.1f}",
+                     f"{g['ttft_s'] / hf['ttft_s']:.1f}"])
+    info = machine()
+    print(f"\ncheckpoint: {folder} ({n_params / 1e6:.1f}M parameters); {args.new_tokens} new "
+          f"tokens per request, greedy; torch threads {threads} on both sides; "
+          f"{info['cpus']} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
+    print(table(rows, ["", "HF tok/s", "gRPC tok/s", "ratio", "HF TTFT ms", "gRPC TTFT ms",
+                       "ratio"]))
+    write_json(args.json, {"machine": info, "checkpoint": str(folder),
+                           "parameters": n_params, "new_tokens": args.new_tokens,
+                           "threads": threads, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
