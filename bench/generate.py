@@ -193,7 +193,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--batch-wait-s", type=float, default=None,
-                        help="Serve batch_wait_timeout_s (default: ServeConfig's)")
+                        help="generation_batch_wait_timeout_s (default: ServeConfig's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -221,7 +221,7 @@ def main() -> int:
     cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port,
                       replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams)
     if args.batch_wait_s is not None:
-        cfg.batch_wait_timeout_s = args.batch_wait_s
+        cfg.generation_batch_wait_timeout_s = args.batch_wait_s
     ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)
     start_serving(cfg, http_port=free_port())
     address = f"127.0.0.1:{port}"

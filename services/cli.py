@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "metrics": result.metrics, "registry": result.registry,
                "checkpoint": result.checkpoint_dir, "run_dir": result.run_dir,
                "wall_s": round(result.wall_s, 1),
-               "samples_per_s": result.samples_per_s}
+               "samples_per_s": result.samples_per_s, "promotion": result.promotion}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -217,6 +217,8 @@ def _train_summary(s: dict[str, Any]) -> str:
         lines.append(f"serve it:  tuneserve serve --registry {s['registry']} --grpc-port 9000")
     else:
         lines.append(f"best checkpoint (not published): {s['checkpoint']}")
+    if s.get("promotion"):
+        lines.append(s["promotion"])
     lines.append(f"wall time {s['wall_s']}s")
     return "\n".join(lines)
 

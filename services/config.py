@@ -335,6 +335,10 @@ class ServeConfig:
     """Requests waiting per caller beyond that; past it, RESOURCE_EXHAUSTED. -1: no bound."""
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
+    generation_batch_wait_timeout_s: float = 0.02
+    """How long a generation batch waits for more requests. A batch runs until its
+    longest request ends and later requests wait for it, so waiting a little for
+    concurrent requests to join pays; a lone request pays it in time to first token."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)

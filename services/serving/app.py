@@ -68,8 +68,10 @@ def build_app(cfg: ServeConfig):
             continue
         # A generation batch runs to its longest request: no larger than what one
         # replica takes on at once.
-        batch_size = cfg.max_batch_size if task == "classification" else \
-            min(cfg.max_batch_size, cfg.max_ongoing_requests)
+        batch_size, batch_wait = cfg.max_batch_size, cfg.batch_wait_timeout_s
+        if task == "generation":
+            batch_size = min(cfg.max_batch_size, cfg.max_ongoing_requests)
+            batch_wait = cfg.generation_batch_wait_timeout_s
         autoscaling = cfg.autoscaling_config()
         replicas = {"autoscaling_config": autoscaling} if autoscaling else \
             {"num_replicas": cfg.num_replicas}
@@ -89,7 +91,7 @@ def build_app(cfg: ServeConfig):
         handles[name] = deployment.bind(
             registry.uri, name, channel=cfg.channel,
             poll_interval_s=cfg.poll_interval_s, threads=threads,
-            max_batch_size=batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            max_batch_size=batch_size, batch_wait_timeout_s=batch_wait,
             board=board)
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},

@@ -38,11 +38,13 @@ logger = logging.getLogger("ray.serve")
 
 SMOKE_PROMPT = "tuneserve smoke test"
 RECENT_JOBS = 32
-STREAM_INTERVAL_S = 0.1
-"""After the first chunk, a stream sends at most one chunk per interval, holding the
-tokens generated meanwhile: every chunk crosses three processes (this replica, the
-ingress, the proxy), which costs more CPU than generating a token of a small model.
-20 ms is far below what a reader notices."""
+STREAM_CHUNKS_PER_S = 100.0
+"""Chunks per second one replica sends, shared by its open streams: after its first
+chunk (sent at once), a stream sends at most one chunk every open_streams / 100 s,
+holding the tokens generated meanwhile. Every chunk crosses three processes (this
+replica, the ingress, the proxy), which costs more CPU than a decoding step of a small
+model; this bound keeps that cost flat as streams are added (docs/benchmarks.md).
+One stream gets a chunk every 10 ms, 8 streams one every 80 ms each."""
 
 
 @dataclass
@@ -107,10 +109,11 @@ class Generator(RegistryFollower):
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005, board: Any = None,
-                 stream_interval_s: float = STREAM_INTERVAL_S):
+                 stream_chunks_per_s: float = STREAM_CHUNKS_PER_S):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
                          threads=threads, cache_versions=cache_versions, board=board)
-        self.stream_interval_s = stream_interval_s
+        self.stream_chunks_per_s = stream_chunks_per_s
+        self.streams = 0
         self.generating = 0
         self.counters = {"requests": 0, "batches": 0, "tokens_generated": 0, "cancelled": 0}
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_JOBS)
@@ -146,6 +149,7 @@ class Generator(RegistryFollower):
         batch = asyncio.ensure_future(self._batched((loaded, job)))
         # Wakes the reader if the batch ends without a final chunk (it failed).
         batch.add_done_callback(lambda _: events.put_nowait(None))
+        self.streams += 1
         try:
             while True:
                 got = [await events.get()]
@@ -159,11 +163,13 @@ class Generator(RegistryFollower):
                            "finish_reason": finish, "version": loaded.version}
                     if finish:
                         return
-                    await asyncio.sleep(self.stream_interval_s)  # let tokens gather
+                    # Let tokens gather (see STREAM_CHUNKS_PER_S).
+                    await asyncio.sleep(self.streams / self.stream_chunks_per_s)
                 if None in got:
                     batch.result()  # raises the batch's error
                     raise RuntimeError("generation ended without a finish reason")
         finally:
+            self.streams -= 1
             if not job.done:
                 job.cancel()  # the caller is gone (or failed): stop at the next token
                 batch.cancel()  # not batched yet: Serve drops it
