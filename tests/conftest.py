@@ -48,8 +48,10 @@ def ray_cluster():
 
     from services.raycluster import ensure_ray
 
-    ensure_ray(num_cpus=4)
-    yield
+    # Ray's metrics endpoint on a known port, for test_prometheus.py to scrape.
+    metrics_port = free_port()
+    ensure_ray(num_cpus=4, metrics_port=metrics_port)
+    yield {"metrics_port": metrics_port}
     from ray import serve
 
     serve.shutdown()

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from services import metrics
 from services.errors import CorruptVersion
 from services.registry import Registry
 from services.serving.follower import RegistryFollower
@@ -105,6 +106,7 @@ class Classifier(RegistryFollower):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[tuple[LoadedModel, list[str]]]) -> list[list[list[float]]]:
         """One forward pass per model version over all texts of all batched requests."""
+        metrics.observe("tuneserve_batch_size", len(items), model=self.name)
         return await asyncio.to_thread(self._run_batch, items)
 
     @staticmethod

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from services import metrics
 from services.errors import CorruptVersion, ModelLoading, ModelNotFound, TuneserveError
 from services.registry import Registry
 
@@ -134,16 +135,20 @@ class RegistryFollower:
                 self.refused[version] = exc.message
                 self.last_error = exc.message
                 logger.error("refused %s %s: %s", self.name, version, exc.message)
+                metrics.inc("tuneserve_model_loads_total", model=self.name, result="refused")
                 raise
             except Exception as exc:
                 msg = f"load failed: {type(exc).__name__}"
                 self.refused[version] = msg
                 self.last_error = msg
                 logger.exception("loading %s %s failed", self.name, version)
+                metrics.inc("tuneserve_model_loads_total", model=self.name, result="refused")
                 raise CorruptVersion(f"version {version} of '{self.name}' could not be "
                                      "loaded") from None
-            logger.info("loaded %s %s in %.2fs", self.name, version,
-                        time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            logger.info("loaded %s %s in %.2fs", self.name, version, elapsed)
+            metrics.inc("tuneserve_model_loads_total", model=self.name, result="loaded")
+            metrics.observe("tuneserve_model_load_duration_seconds", elapsed, model=self.name)
             return loaded
 
     async def _switch_to(self, version: str) -> None:
@@ -153,9 +158,13 @@ class RegistryFollower:
             self.state = "ready" if self.current else "failed"
             return
         self.others.pop(version, None)
+        old = self.current
         # The swap is one reference assignment. Requests already running hold their
         # own reference to the old model, so it is freed when the last one finishes.
         self.current = loaded
+        metrics.set_gauge("tuneserve_model_info", 1, model=self.name, version=version)
+        if old is not None and old.version != version:
+            metrics.set_gauge("tuneserve_model_info", 0, model=self.name, version=old.version)
         self.state = "ready"
         self.last_error = None
         await self._report()

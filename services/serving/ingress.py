@@ -20,6 +20,7 @@ from typing import Any, Optional
 import grpc
 from grpc_health.v1 import health_pb2
 
+from services import metrics
 from services.config import ServeLimits
 from services.errors import (
     ModelLoading,
@@ -74,14 +75,19 @@ def rpc(response_type):
     def decorate(fn):
         @functools.wraps(fn)
         async def wrapper(self, request, grpc_context=None):
+            started = time.perf_counter()
+            code_name = "OK"
             try:
                 return await fn(self, request, grpc_context)
             except Exception as exc:
                 code, message = _status_code(exc)
+                code_name = code.name
                 if grpc_context is not None:
                     grpc_context.set_code(code)
                     grpc_context.set_details(message)
                 return response_type()
+            finally:
+                self._record(fn.__name__, code_name, request, started)
 
         return wrapper
 
@@ -101,6 +107,16 @@ class InferenceIngress(AdminMethods):
         self._health: tuple[float, bool] = (0.0, False)
 
     # ---- helpers ---------------------------------------------------------------
+    def _metric_model(self, request) -> str:
+        """The model label: a served model's name, else "-" (labels stay bounded)."""
+        name = getattr(request, "model", "")
+        return name if name in self.handles else "-"
+
+    def _record(self, method: str, code: str, request, started: float) -> None:
+        model = self._metric_model(request)
+        metrics.inc("tuneserve_requests_total", method=method, code=code, model=model)
+        metrics.observe("tuneserve_request_duration_seconds", time.perf_counter() - started,
+                        method=method, model=model)
     def _handle(self, model: str, task: str):
         handle = self.handles.get(model)
         if handle is None:
@@ -157,6 +173,8 @@ class InferenceIngress(AdminMethods):
     async def GenerateStream(self, request, grpc_context=None):
         stream = None
         finished = False
+        started = time.perf_counter()
+        code_name = "CANCELLED"
         try:
             call = validate_generate(request, self.limits)
             handle = self._handle(call.model, "generation")
@@ -165,8 +183,10 @@ class InferenceIngress(AdminMethods):
             async for chunk in stream:
                 yield _generate_response(chunk, call.model)
             finished = True
+            code_name = "OK"
         except Exception as exc:
             code, message = _status_code(exc)
+            code_name = code.name
             if grpc_context is not None:
                 grpc_context.set_code(code)
                 grpc_context.set_details(message)
@@ -174,6 +194,7 @@ class InferenceIngress(AdminMethods):
             # status in Serve; the proxy keeps our code and message.
             raise TuneserveError(message) from None
         finally:
+            self._record("GenerateStream", code_name, request, started)
             if stream is not None and not finished:
                 # Client gone or deadline passed: stop the generation (Serve also
                 # cancels child calls of a cancelled request; this is explicit).

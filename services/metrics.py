@@ -1,0 +1,115 @@
+"""Every Prometheus metric tuneserve exports, defined in one place.
+
+Metrics are recorded with Ray's metrics API (`ray.util.metrics`), so each Serve replica
+and Train worker on every node is exported through Ray's metrics endpoint on that node
+(`tuneserve serve --metrics-port`, or the Ray node's metrics-export port in Kubernetes),
+which Prometheus scrapes. Ray prefixes every name with `ray_`: the exported names are
+the ones below with that prefix, e.g. `ray_tuneserve_requests_total`.
+
+Labels have few values only (method, code, model, version, result, run): never a text,
+a prompt or a request id. Metric objects are created lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+PREFIX = "ray_"  # added by Ray's exporter
+
+# Buckets fit for millisecond classification and multi-second generation alike.
+LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                     5.0, 10.0, 30.0, 60.0, 120.0]
+TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+LOAD_BUCKETS_S = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]
+    buckets: Optional[Sequence[float]] = None
+
+
+SPECS = {s.name: s for s in [
+    # serving
+    Spec("tuneserve_requests_total", "counter",
+         "gRPC requests answered, by method, status code and model",
+         ("method", "code", "model")),
+    Spec("tuneserve_request_duration_seconds", "histogram",
+         "Time to answer a gRPC request in the ingress", ("method", "model"),
+         LATENCY_BUCKETS_S),
+    Spec("tuneserve_batch_size", "histogram",
+         "Requests in each dynamic batch a model replica runs", ("model",), BATCH_BUCKETS),
+    Spec("tuneserve_generated_tokens_total", "counter", "Tokens generated", ("model",)),
+    Spec("tuneserve_time_to_first_token_seconds", "histogram",
+         "Time from a generation request to its first token", ("model",), TTFT_BUCKETS_S),
+    Spec("tuneserve_model_info", "gauge",
+         "1 for each model version a replica serves", ("model", "version")),
+    Spec("tuneserve_model_loads_total", "counter",
+         "Model version loads by result (loaded, refused)", ("model", "result")),
+    Spec("tuneserve_model_load_duration_seconds", "histogram",
+         "Time to verify, load and smoke-test a model version", ("model",), LOAD_BUCKETS_S),
+    # training
+    Spec("tuneserve_train_loss", "gauge", "Training loss (mean over the last log window)",
+         ("run", "model")),
+    Spec("tuneserve_train_learning_rate", "gauge", "Current learning rate", ("run", "model")),
+    Spec("tuneserve_train_samples_per_second", "gauge", "Training throughput",
+         ("run", "model")),
+    Spec("tuneserve_train_tokens_per_second", "gauge", "Training throughput in tokens",
+         ("run", "model")),
+    Spec("tuneserve_train_epoch", "gauge", "Epoch being trained (1-based)", ("run", "model")),
+    Spec("tuneserve_train_eval_metric", "gauge", "Evaluation metrics after each epoch",
+         ("run", "model", "metric")),
+    Spec("tuneserve_checkpoint_publish_duration_seconds", "histogram",
+         "Time to publish a checkpoint to the registry", ("model",), LOAD_BUCKETS_S),
+]}
+
+_lock = threading.Lock()
+_made: dict[str, Any] = {}
+
+
+def metric(name: str):
+    """The process's Ray metric object for a spec (created on first use)."""
+    with _lock:
+        if name not in _made:
+            from ray.util import metrics as rm
+
+            spec = SPECS[name]
+            if spec.kind == "counter":
+                _made[name] = rm.Counter(spec.name, description=spec.help, tag_keys=spec.labels)
+            elif spec.kind == "gauge":
+                _made[name] = rm.Gauge(spec.name, description=spec.help, tag_keys=spec.labels)
+            else:
+                _made[name] = rm.Histogram(spec.name, description=spec.help,
+                                           boundaries=list(spec.buckets or []),
+                                           tag_keys=spec.labels)
+        return _made[name]
+
+
+def inc(name: str, value: float = 1.0, **tags: str) -> None:
+    _safe(lambda: metric(name).inc(value, tags=_tags(tags)))
+
+
+def set_gauge(name: str, value: float, **tags: str) -> None:
+    _safe(lambda: metric(name).set(value, tags=_tags(tags)))
+
+
+def observe(name: str, value: float, **tags: str) -> None:
+    _safe(lambda: metric(name).observe(value, tags=_tags(tags)))
+
+
+def _tags(tags: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in tags.items()}
+
+
+def _safe(fn) -> None:
+    """Metrics never break serving or training (e.g. outside a Ray process)."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        pass
