@@ -11,20 +11,25 @@ served by `start_serving` (Ray Serve, gRPC proxy, one Generator replica with
 Every request generates exactly --new-tokens tokens (ignore_eos; HF: min_new_tokens),
 greedy, so both sides do the same work:
 
-- 1 stream: one request at a time (GenerateStream vs HF generate with a streamer).
+- 1 stream: one GenerateStream call vs one HF generate call.
 - 8 streams: 8 concurrent GenerateStream calls vs one HF generate over the 8 prompts
-  (left-padded batch: what HF offers for 8 prompts at once).
+  (a left-padded batch: what HF offers for 8 prompts at once).
+- 8 unary Generate: the same through 8 concurrent unary calls ("TTFT" is then the
+  whole call).
 - 8 streams, Serve batching off (max_batch_size 1): what @serve.batch buys.
 
-Time to first token is when the first text arrives (gRPC: first chunk at the client;
-HF: first token out of generate); tokens/s counts all generated tokens over the wall
-time of the phase.
+Time to first token is when the first text arrives (gRPC: first chunk at the client,
+mean over the streams; HF: the first decoding step's end, seen by a stopping-criteria
+hook); tokens/s counts all generated tokens over the wall time of the phase;
+requests/batch is how many requests shared one generate call on the server. Each
+figure is the median of --repeats runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -176,6 +181,27 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
             "tokens": sum(tokens)}
 
 
+def generator_counters() -> dict:
+    from ray import serve
+
+    from services.serving.app import APP_NAME, model_deployment_name
+
+    handle = serve.get_deployment_handle(model_deployment_name("bench-gen"), APP_NAME)
+    return handle.status.remote().result(timeout_s=30)
+
+
+def with_batches(fn):
+    """Also report how many requests shared a generate call, on average."""
+    def run():
+        before = generator_counters()
+        result = fn()
+        after = generator_counters()
+        batches = after["batches"] - before["batches"]
+        result["requests_per_batch"] = (after["requests"] - before["requests"]) / max(1, batches)
+        return result
+    return run
+
+
 def median_run(fn, repeats: int) -> dict:
     runs = [fn() for _ in range(repeats)]
     runs.sort(key=lambda r: r["wall_s"])
@@ -230,25 +256,26 @@ def main() -> int:
         # Warm up both sides (first calls allocate, load kernels).
         hf_run(model, tokenizer, template, prompts[:1], 8)
         grpc_run(address, prompts[:2], 8)
-        for label, batch in (("1 stream", prompts[:1]), (f"{args.streams} streams", prompts)):
-            results[label] = {
-                "hf": median_run(lambda: hf_run(model, tokenizer, template, batch,
-                                                args.new_tokens), args.repeats),
-                "grpc": median_run(lambda: grpc_run(address, batch, args.new_tokens),
-                                   args.repeats)}
-        results[f"{args.streams} unary Generate"] = {
-            "hf": results[f"{args.streams} streams"]["hf"],
-            "grpc": median_run(lambda: grpc_run(address, prompts, args.new_tokens, unary=True),
-                               args.repeats)}
-        # The same 8 streams with Serve batching off: one request per generate call.
+        many = f"{args.streams} streams"
+
+        def measure(batch, unary=False):
+            return {"hf": median_run(lambda: hf_run(model, tokenizer, template, batch,
+                                                    args.new_tokens), args.repeats),
+                    "grpc": median_run(with_batches(lambda: grpc_run(
+                        address, batch, args.new_tokens, unary=unary)), args.repeats)}
+
+        results["1 stream"] = measure(prompts[:1])
+        results[many] = measure(prompts)
+        results[f"{args.streams} unary Generate"] = measure(prompts, unary=True)
+        # The same streams with Serve batching off: one request per generate call.
         serve.run(build_app(ServeConfig(**{**cfg.__dict__, "max_batch_size": 1})),
                   name=APP_NAME, blocking=False)
         wait_until_serving(120)
         grpc_run(address, prompts[:2], 8)
-        label = f"{args.streams} streams, batching off"
-        results[label] = {"hf": results[f"{args.streams} streams"]["hf"],
-                          "grpc": median_run(lambda: grpc_run(address, prompts,
-                                                              args.new_tokens), args.repeats)}
+        results[f"{many}, batching off"] = {
+            "hf": results[many]["hf"],
+            "grpc": median_run(with_batches(lambda: grpc_run(address, prompts,
+                                                             args.new_tokens)), args.repeats)}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -259,13 +286,14 @@ def main() -> int:
         rows.append([label, f"{hf['tokens_per_s']:.0f}", f"{g['tokens_per_s']:.0f}",
                      f"{g['tokens_per_s'] / hf['tokens_per_s']:.2f}",
                      f"{hf['ttft_s'] * 1000:.1f}", f"{g['ttft_s'] * 1000:.1f}",
-                     f"{g['ttft_s'] / hf['ttft_s']:.1f}"])
+                     f"{g['ttft_s'] / hf['ttft_s']:.1f}", f"{g['requests_per_batch']:.1f}"])
     info = machine()
     print(f"\ncheckpoint: {folder} ({n_params / 1e6:.1f}M parameters); {args.new_tokens} new "
           f"tokens per request, greedy; torch threads {threads} on both sides; "
           f"{info['cpus']} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
     print(table(rows, ["", "HF tok/s", "gRPC tok/s", "ratio", "HF TTFT ms", "gRPC TTFT ms",
-                       "ratio"]))
+                       "ratio", "requests/batch"]))
+    print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     write_json(args.json, {"machine": info, "checkpoint": str(folder),
                            "parameters": n_params, "new_tokens": args.new_tokens,
                            "threads": threads, "results": results})

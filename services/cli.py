@@ -192,12 +192,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["prompt_template"] = args.prompt_template.replace("\\n", "\n") \
             .replace("\\t", "\t")
     cfg = cfg.merged(overrides)
+    from services.training.tracking import epoch_rows
+
     result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose)
     summary = {"name": result.name, "version": result.version, "promoted": result.promoted,
                "metrics": result.metrics, "registry": result.registry,
                "checkpoint": result.checkpoint_dir, "run_dir": result.run_dir,
                "wall_s": round(result.wall_s, 1),
-               "samples_per_s": result.samples_per_s, "promotion": result.promotion}
+               "samples_per_s": result.samples_per_s, "promotion": result.promotion,
+               "epochs": epoch_rows(result.history), "best_epoch": result.best_epoch,
+               "artifacts": result.artifacts}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -205,11 +209,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The per-epoch columns, in this order, where the task has them (all are in the manifest).
+EPOCH_COLUMNS = ("loss", "accuracy", "macro_f1", "perplexity")
+
+
 def _train_summary(s: dict[str, Any]) -> str:
     from services.client import format_table
 
-    rows = [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
-    lines = ["", format_table(rows, ["metric", "value"]), ""]
+    epochs = s.get("epochs") or []
+    if epochs:
+        cols = [c for c in EPOCH_COLUMNS if any(c in r for r in epochs)]
+        rows = [[f"{r['epoch']}{' *' if r['epoch'] == s.get('best_epoch') else ''}",
+                 r["step"], _fmt(r.get("train_loss")), *(_fmt(r.get(c)) for c in cols)]
+                for r in epochs]
+        header = ["epoch", "step", "train loss", *(f"eval {c}" for c in cols)]
+        best = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
+        lines = ["", format_table(rows, header), "",
+                 f"best epoch {s.get('best_epoch') or '?'} (*): {best}"]
+    else:
+        rows = [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
+        lines = ["", format_table(rows, ["metric", "value"]), ""]
     if s["version"]:
         lines.append(f"published {s['name']} {s['version']}"
                      + (" (production)" if s["promoted"] else "")
@@ -219,8 +238,17 @@ def _train_summary(s: dict[str, Any]) -> str:
         lines.append(f"best checkpoint (not published): {s['checkpoint']}")
     if s.get("promotion"):
         lines.append(s["promotion"])
+    artifacts = s.get("artifacts") or {}
+    if "plot" in artifacts:
+        lines.append(f"curves:    {artifacts['plot']}")
+    if "tensorboard" in artifacts:
+        lines.append(f"tensorboard --logdir {artifacts['tensorboard']}")
     lines.append(f"wall time {s['wall_s']}s")
     return "\n".join(lines)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -139,34 +139,54 @@ class GenerationEngine:
         return GenerationJob(list(ids), params, min(params.max_new_tokens, room), on_text)
 
     def run(self, jobs: Sequence[GenerationJob]) -> None:
-        """Generate for every job in one batch; results land in the jobs."""
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
+        """Generate for every job, in as few `generate` calls as fit; results land in
+        the jobs."""
         jobs = [j for j in jobs if not j.done]
         for job in jobs:
             if job.cancelled.is_set():
                 self._finish(job, "cancelled")
-        live = [j for j in jobs if not j.done]
-        if not live:
-            return
         with self._lock:
-            device = self.model.device
-            width = max(j.prompt_tokens for j in live)
-            ids = torch.full((len(live), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(live), width), dtype=torch.long)
-            for row, job in enumerate(live):  # left padding: every row ends together
-                ids[row, width - job.prompt_tokens:] = torch.tensor(job.prompt_ids)
-                mask[row, width - job.prompt_tokens:] = 1
-            sampler = _RowSampler(live, self.eos_ids, device)
-            monitor = _RowMonitor(self, live)
-            with torch.inference_mode():
-                self.model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
-                    max_new_tokens=max(j.max_new_tokens for j in live), do_sample=False,
-                    logits_processor=LogitsProcessorList([sampler]),
-                    stopping_criteria=StoppingCriteriaList([monitor]),
-                    pad_token_id=self.pad_id)
+            for group in self._groups([j for j in jobs if not j.done]):
+                self._generate(group)
+
+    def _groups(self, jobs: list[GenerationJob]) -> list[list[GenerationJob]]:
+        """Split jobs so that, in each group, the longest prompt plus the most new
+        tokens fits in the context: a row whose own budget ran out keeps going
+        through the model (its output ignored) while others still generate, and its
+        positions must stay within the model's (learned position embeddings end)."""
+        groups: list[list[GenerationJob]] = []
+        for job in sorted(jobs, key=lambda j: -j.prompt_tokens):
+            for group in groups:
+                longest = group[0].prompt_tokens  # sorted: the first is the longest
+                most = max(job.max_new_tokens, *(j.max_new_tokens for j in group))
+                if longest + most <= self.context_tokens:
+                    group.append(job)
+                    break
+            else:
+                groups.append([job])
+        return groups
+
+    def _generate(self, live: list[GenerationJob]) -> None:
+        """One batched `generate` call over left-padded prompts."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        device = self.model.device
+        width = max(j.prompt_tokens for j in live)
+        ids = torch.full((len(live), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        for row, job in enumerate(live):  # left padding: every row ends together
+            ids[row, width - job.prompt_tokens:] = torch.tensor(job.prompt_ids)
+            mask[row, width - job.prompt_tokens:] = 1
+        sampler = _RowSampler(live, self.eos_ids, device)
+        monitor = _RowMonitor(self, live)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max(j.max_new_tokens for j in live), do_sample=False,
+                logits_processor=LogitsProcessorList([sampler]),
+                stopping_criteria=StoppingCriteriaList([monitor]),
+                pad_token_id=self.pad_id)
         for job in live:  # e.g. generate stopped on its own max_length
             if not job.done:
                 self._finish(job, "length")

@@ -10,7 +10,9 @@ one Hugging Face `generate` call over left-padded prompts with per-request sampl
 parameters and seeds (services/generation.py). Batches run one at a time per
 replica: a request that arrives while one runs waits for it to end (static batching;
 docs/benchmarks.md has the figures). A streaming request gets its text through a
-callback from the generating thread, so chunks leave as tokens are produced.
+callback from the generating thread: its first chunk leaves with the first token, the
+next ones as tokens are produced, grouped so that a replica sends at most about 100
+chunks a second over all its streams (STREAM_CHUNKS_PER_S).
 
 Cancellation: when a caller goes away (client cancel, deadline), Serve cancels this
 replica's request; the request then sets its job's `cancelled` event, and the

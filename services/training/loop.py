@@ -110,6 +110,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
           "epochs": cfg["epochs"], "world_size": world,
           "train_examples": len(train_split), "eval_examples": len(eval_split)})
     window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    window_tokens = 0  # non-padding tokens; loss.item() already syncs, so this is cheap
     model.train()
     for epoch in range(cfg["epochs"]):
         state["epoch"] = epoch
@@ -126,6 +127,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 (loss / group_size).backward()
             group_loss += loss.item() / group_size
             window_samples += len(batch["input_ids"])
+            window_tokens += int(batch["attention_mask"].sum())
             if not last_micro:
                 continue
             lr = lr_at(state["step"], total_steps, warmup_steps, cfg["learning_rate"])
@@ -142,8 +144,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 emit({"type": "step", "epoch": epoch + 1, "step": state["step"],
                       "loss": window_loss / window_steps, "lr": lr,
-                      "samples_per_s": window_samples * world / max(elapsed, 1e-9)})
-                window_start, window_samples = time.perf_counter(), 0
+                      "samples_per_s": window_samples * world / max(elapsed, 1e-9),
+                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)})
+                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 window_loss, window_steps = 0.0, 0
 
         metrics = {"epoch": epoch + 1, "step": state["step"],

@@ -6,7 +6,9 @@
 
 Reads and tokenises the data once on the driver (no tokenisation inside the loop),
 ships it to the workers through the object store, runs `TorchTrainer`, shows progress
-from rank 0's reports, and publishes the best epoch's checkpoint with a manifest.
+from rank 0's reports (and records them as Prometheus gauges, TensorBoard scalars and a
+PNG of the curves in the run folder: services/training/tracking.py), and publishes the
+best epoch's checkpoint with a manifest that links those artifacts.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import Any, Callable, Optional
 from services import __version__
 from services.config import TrainConfig
 from services.errors import DataError, TrainingFailed
+from services.metrics import observe as metrics_observe
 from services.raycluster import ensure_ray
 from services.registry import Registry
 from services.training.tasks import Task, make_task
+from services.training.tracking import RunTracker
 
 
 @dataclass
@@ -39,6 +43,9 @@ class TrainResult:
     registry: str
     checkpoint_dir: Optional[str] = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """What the run left to look at: `plot` (PNG) and `tensorboard` (folder)."""
     wall_s: float = 0.0
     samples_per_s: Optional[float] = None
     promotion: Optional[str] = None
@@ -79,6 +86,8 @@ class _Progress:
             self.last_rate = ev["samples_per_s"]
             text = (f"epoch {ev['epoch']} step {ev['step']} loss {ev['loss']:.4f} "
                     f"lr {ev['lr']:.2e} {ev['samples_per_s']:.1f} samples/s")
+            if ev.get("tokens_per_s") is not None:
+                text += f" {ev['tokens_per_s']:.0f} tokens/s"
             if self.bar is not None:
                 self.bar.n = ev["step"]
                 self.bar.set_postfix_str(text, refresh=True)
@@ -148,6 +157,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         ),
     )
     progress = _Progress(out, progress_bar, task)
+    tracker = RunTracker(runs_dir / run_name, run_name, cfg.name, config=cfg.to_dict(),
+                         out=out)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -161,11 +172,14 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     try:
         while thread.is_alive() or not queue.empty():
             try:
-                progress.handle(queue.get(timeout=0.5))
+                event = queue.get(timeout=0.5)
             except Empty:
-                pass
+                continue
+            progress.handle(event)
+            tracker.handle(event)
     finally:
         progress.close()
+        tracker.close()
         thread.join()
         ray.kill(queue.actor, no_restart=True)
     if "error" in outcome:
@@ -182,7 +196,9 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     res = TrainResult(name=cfg.name, version=None, promoted=False, metrics=metrics,
                       run_dir=str(runs_dir / run_name), registry=str(cfg.registry),
                       checkpoint_dir=best.path, history=progress.history,
+                      best_epoch=best_metrics.get("epoch"),
                       samples_per_s=progress.last_rate)
+    res.artifacts = tracker.artifacts(tracker.plot())
     if publish:
         manifest = {
             "task": cfg.task, "base_model": cfg.model, "labels": task.label_names,
@@ -191,11 +207,14 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
             "per_class": best_metrics.get("eval_per_class"),
             "confusion_matrix": best_metrics.get("confusion_matrix"),
             "config": cfg.to_dict(), "data": data_info, "run": run_name,
-            "versions": _versions(),
+            "versions": _versions(), "artifacts": res.artifacts,
         }
         registry = Registry(cfg.registry)
+        publish_started = time.perf_counter()
         with best.as_directory() as ckpt_dir:
             pub = registry.publish(cfg.name, ckpt_dir, manifest, promote=promote)
+        metrics_observe("tuneserve_checkpoint_publish_duration_seconds",
+                        time.perf_counter() - publish_started, model=cfg.name)
         res.version, res.promoted = pub.version, pub.promoted
         res.checkpoint_dir = str(pub.path)
         if cfg.promote and not pub.promoted:

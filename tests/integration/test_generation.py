@@ -188,7 +188,7 @@ def test_concurrent_requests_are_batched(server):
     assert requests == 8 and batches < requests, (requests, batches)
 
 
-def _cancelled_job(before: dict) -> dict:
+def _finished_job(before: dict) -> dict:
     """Wait for the generator to have finished one more request; return its record."""
     status = wait_for(lambda: (s := gen_status())["requests"] > before["requests"]
                       and s["generating"] == 0 and s)
@@ -196,31 +196,52 @@ def _cancelled_job(before: dict) -> dict:
     return status["recent"][-1]
 
 
+def observe_cancellation(abandon, attempts: int = 3) -> dict:
+    """Start a long generation and abandon it (`abandon` returns the client's status
+    code); return the server's record of it once it stopped early.
+
+    Ray Serve 2.60's gRPC proxy loses a cancellation that arrives while it is writing
+    a message to that client (the handler is cancelled outside the generator chain
+    that holds the replica call, so nothing cancels the call): that generation then
+    runs to max_new_tokens. It happens to a few percent of cancellations, so one
+    attempt may see it; three in a row do not unless cancellation does not work."""
+    seen = []
+    for _ in range(attempts):
+        before = one_idle_replica()
+        code = abandon()
+        job = _finished_job(before)
+        seen.append((code, job))
+        if job["finish_reason"] == "cancelled":
+            assert job["completion_tokens"] < job["max_new_tokens"] / 2, job
+            return job
+    raise AssertionError(f"generation never stopped early: {seen}")
+
+
 def test_client_cancelling_a_stream_stops_generation(server):
-    before = one_idle_replica()
-    stream = server.generate_stream(GEN_MODEL, PAIRS[0][0], **LONG)
-    assert next(stream).text
-    stream.cancel()
-    with pytest.raises(grpc.RpcError) as err:
-        list(stream)
-    assert err.value.code() == grpc.StatusCode.CANCELLED
-    job = _cancelled_job(before)
-    assert job["finish_reason"] == "cancelled"
-    assert job["completion_tokens"] < job["max_new_tokens"] / 2, job
+    def abandon():
+        stream = server.generate_stream(GEN_MODEL, PAIRS[0][0], **LONG)
+        assert next(stream).text
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+        return err.value.code()
+
+    observe_cancellation(abandon)
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
 def test_deadline_stops_generation(server, method):
-    before = one_idle_replica()
-    request = pb.GenerateRequest(model=GEN_MODEL, prompt=PAIRS[1][0], **LONG)
-    with pytest.raises(grpc.RpcError) as err:
-        call = getattr(server.inference, method)(request, timeout=0.5)
-        if method == "GenerateStream":
-            list(call)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    job = _cancelled_job(before)
-    assert job["finish_reason"] == "cancelled"
-    assert job["completion_tokens"] < job["max_new_tokens"], job
+    def abandon():
+        request = pb.GenerateRequest(model=GEN_MODEL, prompt=PAIRS[1][0], **LONG)
+        with pytest.raises(grpc.RpcError) as err:
+            call = getattr(server.inference, method)(request, timeout=0.5)
+            if method == "GenerateStream":
+                list(call)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        return err.value.code()
+
+    observe_cancellation(abandon)
 
 
 @pytest.mark.parametrize("kw,needle", [

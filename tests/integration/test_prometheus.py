@@ -136,6 +136,11 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         assert loads >= 1
         batches = prom.value(f'sum({PREFIX}tuneserve_batch_size_count{{model="toy"}})')
         assert batches >= 7
+        # the training driver of this session (the `trained` fixture) exported its gauges
+        train_loss = prom.query(f'{PREFIX}tuneserve_train_loss{{model="toy"}}')
+        assert train_loss and all(float(r["value"][1]) > 0 for r in train_loss)
+        assert prom.query(f'{PREFIX}tuneserve_train_eval_metric{{model="toy",'
+                          f'metric="accuracy"}}')
     finally:
         prom.stop()
 

@@ -122,3 +122,18 @@ def test_one_batch_at_a_time(engine):
     for t in threads:
         t.join(60)
     assert len({j.text for j in jobs}) == 1 and all(j.completion_tokens == 10 for j in jobs)
+
+
+def test_a_long_prompt_and_a_long_generation_never_leave_the_context(engine):
+    """A row whose prompt nearly fills the context must not be carried past its end
+    while another row still generates (GPT-2's position embeddings end there)."""
+    long_job = engine.job("cat " * 1000, SamplingParams(max_new_tokens=500, ignore_eos=True))
+    room = engine.context_tokens - long_job.prompt_tokens
+    assert 0 < room < 100 and long_job.max_new_tokens == room
+    short_job = engine.job("red cat", SamplingParams(max_new_tokens=300, ignore_eos=True))
+    assert engine._groups([long_job, short_job]) == [[long_job], [short_job]]
+    engine.run([long_job, short_job])
+    assert (long_job.finish_reason, long_job.completion_tokens) == ("length", room)
+    assert (short_job.finish_reason, short_job.completion_tokens) == ("length", 300)
+    a, b = (engine.job("red cat", SamplingParams(max_new_tokens=9)) for _ in range(2))
+    assert engine._groups([a, b]) == [[a, b]]

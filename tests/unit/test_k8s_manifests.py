@@ -75,7 +75,8 @@ CRD_FILES = {"RayJob": "kuberay/ray.io_rayjobs.yaml",
              "RayService": "kuberay/ray.io_rayservices.yaml",
              "RayCluster": "kuberay/ray.io_rayclusters.yaml",
              "PodMonitor": "prometheus-operator/monitoring.coreos.com_podmonitors.yaml",
-             "ServiceMonitor": "prometheus-operator/monitoring.coreos.com_servicemonitors.yaml"}
+             "ServiceMonitor": "prometheus-operator/monitoring.coreos.com_servicemonitors.yaml",
+             "PrometheusRule": "prometheus-operator/monitoring.coreos.com_prometheusrules.yaml"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,7 +211,8 @@ def test_overlay_renders_every_part(overlay):
     objects = render(str(K8S / "overlays" / overlay))
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "Secret", "ConfigMap",
-                            "NetworkPolicy", "PodMonitor", "RayJob", "RayService"])
+                            "NetworkPolicy", "PodMonitor", "PrometheusRule", "RayJob",
+                            "RayService"])
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "tuneserve", obj["metadata"]
