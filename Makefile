@@ -35,7 +35,8 @@ protos: setup
 	$(PY) -m services.protogen
 
 bench: setup
-	$(PY) bench/serve.py
+	$(PY) bench/hotload.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) .tuneserve .pytest_cache

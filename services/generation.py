@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -72,6 +73,9 @@ class GenerationJob:
     text: str = ""
     emitted_chars: int = 0
     finish_reason: str = ""
+    created_at: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    """perf_counter() when the first token was produced (time to first token)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -193,6 +197,8 @@ class GenerationEngine:
 
     # ---- per-step bookkeeping (called by _RowMonitor) ------------------------------
     def _advance(self, job: GenerationJob, token: int) -> None:
+        if job.completion_tokens == 0:
+            job.first_token_at = time.perf_counter()
         job.completion_tokens += 1
         self.tokens_generated += 1
         if token in self.eos_ids and not job.params.ignore_eos:

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
+from services import metrics
 from services.errors import CorruptVersion
 from services.generation import GenerationEngine, GenerationJob, SamplingParams
 from services.serving.follower import RegistryFollower
@@ -181,6 +182,7 @@ class Generator(RegistryFollower):
     async def _batched(self, items: list[tuple[LoadedGenerator, GenerationJob]]) -> list[None]:
         self.generating += len(items)
         self.counters["batches"] += 1
+        metrics.observe("tuneserve_batch_size", len(items), model=self.name)
         try:
             await asyncio.to_thread(self._run_batch, items)
         finally:
@@ -200,6 +202,12 @@ class Generator(RegistryFollower):
     def _record(self, job: GenerationJob) -> None:
         self.counters["requests"] += 1
         self.counters["tokens_generated"] += job.completion_tokens
+        if job.completion_tokens:
+            metrics.inc("tuneserve_generated_tokens_total", job.completion_tokens,
+                        model=self.name)
+        if job.first_token_at is not None:
+            metrics.observe("tuneserve_time_to_first_token_seconds",
+                            job.first_token_at - job.created_at, model=self.name)
         if job.finish_reason == "cancelled":
             self.counters["cancelled"] += 1
         self.recent.append({"finish_reason": job.finish_reason or "failed",

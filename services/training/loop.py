@@ -59,6 +59,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from services.modeling import load_tokenizer, quiet_transformers
+    from services.training.tracking import record_gauges
 
     quiet_transformers()
     ctx = ray.train.get_context()
@@ -103,6 +104,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     def emit(event: dict) -> None:
         if progress is not None:
+            record_gauges(event, cfg.get("metric_tags") or {})
             with contextlib.suppress(Exception):
                 progress.put_nowait(event)
 

@@ -142,6 +142,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
         "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": cfg.use_gpu,
         "log_every_steps": cfg.log_every_steps, "progress_queue": queue,
+        "metric_tags": {"run": run_name, "model": cfg.name},
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -158,7 +159,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     )
     progress = _Progress(out, progress_bar, task)
     tracker = RunTracker(runs_dir / run_name, run_name, cfg.name, config=cfg.to_dict(),
-                         out=out)
+                         out=out, gauges=False)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

@@ -39,6 +39,32 @@ def eval_scalars(ev: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def step_scalars(ev: dict[str, Any]) -> dict[str, float]:
+    values = {"loss": ev["loss"], "learning_rate": ev["lr"],
+              "samples_per_second": ev["samples_per_s"], "epoch": ev["epoch"]}
+    if ev.get("tokens_per_s") is not None:
+        values["tokens_per_second"] = ev["tokens_per_s"]
+    return values
+
+
+def record_gauges(ev: dict[str, Any], tags: dict[str, str]) -> None:
+    """The training gauges for one progress event.
+
+    Called in rank 0's Ray Train worker (services/training/loop.py): metrics recorded
+    in a Ray worker are exported through Ray's metrics endpoint, a driver's are not.
+    """
+    kind = ev.get("type")
+    if kind == "start":
+        metrics.set_gauge("tuneserve_train_epoch", 1, **tags)
+    elif kind == "step":
+        for name, value in step_scalars(ev).items():
+            metrics.set_gauge(f"tuneserve_train_{name}", value, **tags)
+    elif kind == "eval":
+        metrics.set_gauge("tuneserve_train_epoch", ev["epoch"], **tags)
+        for name, value in eval_scalars(ev).items():
+            metrics.set_gauge("tuneserve_train_eval_metric", value, metric=name, **tags)
+
+
 def epoch_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per evaluated epoch: epoch, step, mean train loss, eval metrics."""
     rows = []
@@ -58,9 +84,10 @@ class RunTracker:
 
     def __init__(self, run_dir: str | Path, run: str, model: str,
                  config: Optional[dict[str, Any]] = None,
-                 out: Callable[[str], None] = print):
+                 out: Callable[[str], None] = print, gauges: bool = True):
         self.run_dir = Path(run_dir)
         self.tags = {"run": run, "model": model}
+        self.gauges = gauges  # False when rank 0's worker records them (run_training)
         self.config = config
         self.out = out
         self.history: list[dict[str, Any]] = []
@@ -93,28 +120,19 @@ class RunTracker:
         if kind not in ("start", "step", "eval"):
             return
         self.history.append(ev)
+        if self.gauges:
+            record_gauges(ev, self.tags)
         tb = self._tb()
-        if kind == "start":
-            metrics.set_gauge("tuneserve_train_epoch", 1, **self.tags)
-        elif kind == "step":
-            step = ev["step"]
-            values = {"loss": ev["loss"], "learning_rate": ev["lr"],
-                      "samples_per_second": ev["samples_per_s"], "epoch": ev["epoch"]}
-            if ev.get("tokens_per_s") is not None:
-                values["tokens_per_second"] = ev["tokens_per_s"]
-            for name, value in values.items():
-                metrics.set_gauge(f"tuneserve_train_{name}", value, **self.tags)
-                if tb is not None:
-                    tb.add_scalar(f"train/{name}", value, step)
+        if tb is None:
+            return
+        if kind == "step":
+            for name, value in step_scalars(ev).items():
+                tb.add_scalar(f"train/{name}", value, ev["step"])
         elif kind == "eval":
-            metrics.set_gauge("tuneserve_train_epoch", ev["epoch"], **self.tags)
             for name, value in eval_scalars(ev).items():
-                metrics.set_gauge("tuneserve_train_eval_metric", value, metric=name,
-                                  **self.tags)
-                if tb is not None and math.isfinite(value):
+                if math.isfinite(value):
                     tb.add_scalar(f"eval/{name}", value, ev.get("step", ev["epoch"]))
-            if tb is not None:
-                tb.flush()
+            tb.flush()
 
     def close(self) -> None:
         if self._writer is not None:

@@ -200,11 +200,11 @@ def observe_cancellation(abandon, attempts: int = 3) -> dict:
     """Start a long generation and abandon it (`abandon` returns the client's status
     code); return the server's record of it once it stopped early.
 
-    Ray Serve 2.60's gRPC proxy loses a cancellation that arrives while it is writing
-    a message to that client (the handler is cancelled outside the generator chain
-    that holds the replica call, so nothing cancels the call): that generation then
-    runs to max_new_tokens. It happens to a few percent of cancellations, so one
-    attempt may see it; three in a row do not unless cancellation does not work."""
+    With Ray Serve 2.60's gRPC proxy, about 1 cancellation in 30 never reaches the
+    replicas (they see no cancel at all; most likely the proxy's handler is cancelled
+    while it writes a message to the client, outside the generator that holds the
+    replica call) and that generation runs to max_new_tokens. So one attempt may see
+    that; three in a row do not unless cancellation does not work."""
     seen = []
     for _ in range(attempts):
         before = one_idle_replica()

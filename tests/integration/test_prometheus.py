@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from services.metrics import PREFIX, SPECS
+from tests.conftest import GEN_MODEL
 from tests.helpers import free_port
 
 RAY_LABELS = ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
@@ -105,6 +106,7 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         before_ok = prom.wait(lambda: requests_total(prom, "Classify", "OK", "toy"))
         before_bad = requests_total(prom, "Classify", "INVALID_ARGUMENT", "toy")
         before_unknown = requests_total(prom, "Classify", "NOT_FOUND", "-")
+        gen = server.generate(GEN_MODEL, "hello", max_new_tokens=3)
         for _ in range(7):
             server.classify("toy", ["a superb film with lovely acting", "a dull story"])
         for _ in range(3):
@@ -129,18 +131,21 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
             f'histogram_quantile(0.5, sum by (le) ({PREFIX}tuneserve_request_duration_seconds'
             f'_bucket{{method="Classify",model="toy"}}))')
         assert 0 < p50 < 10
-        info = prom.query(f'{PREFIX}tuneserve_model_info{{model="toy"}} == 1')
-        assert {r["metric"]["version"] for r in info} == {"v1"}
-        loads = prom.value(f'sum({PREFIX}tuneserve_model_loads_total{{model="toy",'
-                           f'result="loaded"}})')
-        assert loads >= 1
-        batches = prom.value(f'sum({PREFIX}tuneserve_batch_size_count{{model="toy"}})')
-        assert batches >= 7
-        # the training driver of this session (the `trained` fixture) exported its gauges
-        train_loss = prom.query(f'{PREFIX}tuneserve_train_loss{{model="toy"}}')
-        assert train_loss and all(float(r["value"][1]) > 0 for r in train_loss)
-        assert prom.query(f'{PREFIX}tuneserve_train_eval_metric{{model="toy",'
-                          f'metric="accuracy"}}')
+        # Replica-side series come from other processes, each exporting on its own
+        # interval: wait for them rather than assume they are in step.
+        info = prom.wait(lambda: prom.query(
+            f'{PREFIX}tuneserve_model_info{{model="toy"}} == 1'))
+        assert info and {r["metric"]["version"] for r in info} == {"v1"}
+        assert prom.wait(lambda: prom.value(
+            f'sum({PREFIX}tuneserve_model_loads_total{{model="toy",result="loaded"}})') >= 1)
+        assert prom.wait(lambda: prom.value(
+            f'sum({PREFIX}tuneserve_batch_size_count{{model="toy"}})') >= 7, timeout_s=60)
+        assert prom.wait(lambda: prom.value(
+            f'sum({PREFIX}tuneserve_generated_tokens_total{{model="{GEN_MODEL}"}})')
+            >= gen.completion_tokens > 0, timeout_s=60)
+        assert prom.value(f'sum({PREFIX}tuneserve_time_to_first_token_seconds_count'
+                          f'{{model="{GEN_MODEL}"}})') >= 1
+
     finally:
         prom.stop()
 
