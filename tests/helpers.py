@@ -131,3 +131,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+def poll_until(predicate, timeout_s: float = 60.0, poll_s: float = 0.2):
+    """predicate()'s first truthy value within timeout_s, else None (polls, no blind sleeps)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return None

@@ -114,6 +114,9 @@ class RegistryFollower:
                 logger.exception("registry poll failed for %s", self.name)
                 self.last_error = str(exc)
             await self._report()
+            if self.current is not None:  # refreshed every poll, so the series stays live
+                metrics.set_gauge("tuneserve_model_info", 1, model=self.name,
+                                  version=self.current.version)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)

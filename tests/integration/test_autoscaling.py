@@ -7,6 +7,8 @@ import time
 import grpc
 import pytest
 
+from tests.helpers import poll_until as wait_for
+
 from services.client import Client
 from services.serving.app import APP_NAME, model_deployment_name
 
@@ -20,13 +22,6 @@ def running_replicas(model: str = "toy") -> int:
     return app.deployments[model_deployment_name(model)].replica_states.get("RUNNING", 0)
 
 
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return False
 
 
 def test_scales_up_under_load_and_back_down(server):

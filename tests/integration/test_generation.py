@@ -10,6 +10,8 @@ import time
 import grpc
 import pytest
 
+from tests.helpers import poll_until
+
 from services.cli import main
 from services.modeling import GENERATION_FILE
 from services.protocol import pb
@@ -41,13 +43,9 @@ def gen_status() -> dict:
 
 
 def wait_for(predicate, timeout_s: float = 60, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"condition not met within {timeout_s}s")
+    value = poll_until(predicate, timeout_s, poll_s)
+    assert value, f"condition not met within {timeout_s}s"
+    return value
 
 
 def one_idle_replica() -> dict:

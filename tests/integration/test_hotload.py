@@ -8,6 +8,8 @@ import time
 import grpc
 import pytest
 
+from tests.helpers import poll_until as wait_for
+
 from services.registry import Registry
 from tests.conftest import HOT_MODEL, publish_copy
 
@@ -16,14 +18,6 @@ TEXT = ["a superb film with lovely acting"]
 SWAP_BOUND_S = 30.0  # poll interval 0.5 s + verify + load + smoke test, with slack
 
 
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    return None
 
 
 def serving_versions(client, model=HOT_MODEL) -> list[str]:
