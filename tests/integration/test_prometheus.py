@@ -22,6 +22,7 @@ from services.metrics import PREFIX, SPECS
 from tests.conftest import GEN_MODEL
 from tests.helpers import free_port
 
+EXPORT_SETTLE_S = 12.0  # longer than Ray's metrics export interval (10 s)
 RAY_LABELS = ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
 
 pytestmark = [
@@ -102,10 +103,23 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
     try:
         assert prom.wait(lambda: prom.query(f"{PREFIX}tuneserve_requests_total")), \
             "Prometheus never scraped a tuneserve series"
-        # Ray exports on an interval: wait until two scrapes agree before the baseline.
-        before_ok = prom.wait(lambda: requests_total(prom, "Classify", "OK", "toy"))
-        before_bad = requests_total(prom, "Classify", "INVALID_ARGUMENT", "toy")
-        before_unknown = requests_total(prom, "Classify", "NOT_FOUND", "-")
+        # Ray exports on an interval: the baseline is taken once the counts have stayed
+        # the same for longer than one export interval (earlier calls have landed).
+        assert prom.wait(lambda: requests_total(prom, "Classify", "OK", "toy"))
+
+        def counts():
+            return (requests_total(prom, "Classify", "OK", "toy"),
+                    requests_total(prom, "Classify", "INVALID_ARGUMENT", "toy"),
+                    requests_total(prom, "Classify", "NOT_FOUND", "-"))
+
+        baseline = counts()
+        for _ in range(6):
+            time.sleep(EXPORT_SETTLE_S)  # a quiet period, not synchronisation on a result
+            now = counts()
+            if now == baseline:
+                break
+            baseline = now
+        before_ok, before_bad, before_unknown = baseline
         gen = server.generate(GEN_MODEL, "hello", max_new_tokens=3)
         for _ in range(7):
             server.classify("toy", ["a superb film with lovely acting", "a dull story"])
