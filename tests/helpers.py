@@ -6,8 +6,9 @@ Nothing here downloads anything.
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
+
+from services.demo import free_port  # noqa: F401  (one implementation, re-exported for tests)
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful", "brilliant"]
 NEGATIVE = ["bad", "awful", "boring", "poor", "dull", "terrible", "clumsy"]
@@ -72,10 +73,6 @@ def write_csv(path: Path, rows, header=("text", "label")) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- generation: a byte-level BPE tokenizer and a tiny GPT-2 ---------------------------
