@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config; flags override its fields")
     _add_train_flags(p)
     p.add_argument("--no-publish", action="store_true", help="train and evaluate only")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue an interrupted run (its name in --runs-dir, or its folder) "
+                        "from its last checkpoint, with the config it started with")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("serve", help="serve the registry's models over gRPC (foreground)")
@@ -110,12 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--replica-gpus", type=float, default=0.0)
     p.add_argument("--poll-interval-s", type=float, default=2.0)
+    p.add_argument("--api-token-file", default=None, metavar="FILE",
+                   help="file holding the token Inference calls must send as "
+                        "'authorization: Bearer <token>' (default: $TUNESERVE_API_TOKEN)")
+    p.add_argument("--admin-token-file", default=None, metavar="FILE",
+                   help="file holding the token Admin calls must send; it also works for "
+                        "Inference (default: $TUNESERVE_ADMIN_TOKEN)")
 
     p = sub.add_parser("classify", help="classify texts through a running server")
     p.add_argument("--address", default="localhost:9000", help="HOST:PORT of the gRPC API")
     p.add_argument("--model", required=True)
     p.add_argument("--version", dest="model_version", default="")
     p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the API token (default: $TUNESERVE_API_TOKEN, "
+                        "else $TUNESERVE_ADMIN_TOKEN)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
@@ -137,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate max-new-tokens whatever the model says")
     p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the API token (default: $TUNESERVE_API_TOKEN, "
+                        "else $TUNESERVE_ADMIN_TOKEN)")
     p.add_argument("--json", action="store_true",
                    help="the response (with --stream: each chunk) as one JSON object a line")
     p.add_argument("prompt", metavar="PROMPT")
@@ -165,6 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("model_version", metavar="VERSION")
         if action in ("promote", "rollback"):
             q.add_argument("--channel", default="production")
+        q.add_argument("--token-file", default=None, metavar="FILE",
+                       help="with --address: file holding the admin token (default: "
+                            "$TUNESERVE_ADMIN_TOKEN)")
+
+    p = sub.add_parser("eval", help="a classifier's accuracy, per-class metrics and "
+                       "confusion matrix on a labelled data file")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="labelled data: .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--model", required=True, metavar="NAME[@VERSION]",
+                   help="default version: the production channel's")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--registry", default=None,
+                       help=f"load the checkpoint from this registry (default {DEFAULT_REGISTRY})")
+    where.add_argument("--address", default=None, help="evaluate through a running "
+                       "server's gRPC API (HOST:PORT; token from $TUNESERVE_API_TOKEN)")
+    helps = _field_help(TrainConfig)
+    p.add_argument("--text-column", default=None, metavar="VALUE", help=helps["text_column"])
+    p.add_argument("--label-column", default=None, metavar="VALUE",
+                   help=helps["label_column"])
+    p.add_argument("--columns", default=None, metavar="A,B", help=helps["columns"])
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="texts per forward pass (default 64), or with --address per "
+                        "request (default and most: the server's limit, 128)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate the first N examples only")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per request, with --address")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    p.add_argument("--confusion-png", default=None, metavar="PATH",
+                   help="also write the confusion matrix as a PNG")
 
     p = sub.add_parser("demo", help="train, publish, serve and query the bundled MiniLM "
                        "on the bundled sentiment data, on a local Ray cluster")
@@ -191,10 +235,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         # A shell flag cannot easily hold a newline: \n and \t in the flag stand for one.
         overrides["prompt_template"] = args.prompt_template.replace("\\n", "\n") \
             .replace("\\t", "\t")
-    cfg = cfg.merged(overrides)
     from services.training.tracking import epoch_rows
 
-    result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose)
+    if args.resume:
+        from services.training.run import resume_config
+
+        given = sorted(k for k, v in overrides.items()
+                       if v is not None and k not in ("runs_dir", "address"))
+        if given or args.config:
+            from services.errors import ConfigError
+
+            raise ConfigError(f"--resume continues a run with the config it started with; "
+                              f"drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config'}")
+        cfg = resume_config(args.resume, overrides.get("runs_dir"), overrides.get("address"))
+    else:
+        cfg = cfg.merged(overrides)
+    result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose,
+                          resume=args.resume)
     summary = {"name": result.name, "version": result.version, "promoted": result.promoted,
                "metrics": result.metrics, "registry": result.registry,
                "checkpoint": result.checkpoint_dir, "run_dir": result.run_dir,
@@ -265,7 +322,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
                       poll_interval_s=args.poll_interval_s,
-                      models=[m.strip() for m in args.models.split(",")] if args.models else None)
+                      models=[m.strip() for m in args.models.split(",")] if args.models else None,
+                      api_token_file=args.api_token_file,
+                      admin_token_file=args.admin_token_file)
     cfg.validate()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -286,9 +345,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from services.client import Client, format_table
+    from services.client import Client, format_table, token_from
 
-    with Client(args.address, timeout_s=args.timeout_s) as client:
+    token = token_from(args.token_file, "TUNESERVE_API_TOKEN") if args.token_file else None
+    with Client(args.address, token=token, timeout_s=args.timeout_s) as client:
         resp = client.classify(args.model, args.texts, version=args.model_version)
     if args.json:
         for text, r in zip(args.texts, resp.results):
@@ -303,7 +363,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from services.client import Client
+    from services.client import Client, token_from
 
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "top_k": args.top_k, "stop": args.stop,
@@ -319,7 +379,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            "finish_reason": r.finish_reason, "model": r.model,
                            "version": r.version})
 
-    with Client(args.address, timeout_s=args.timeout_s) as client:
+    token = token_from(args.token_file, "TUNESERVE_API_TOKEN") if args.token_file else None
+    with Client(args.address, token=token, timeout_s=args.timeout_s) as client:
         if not args.stream:
             last = client.generate(args.model, args.prompt, **params)
             print(as_json(last) if args.json else last.text)
@@ -385,10 +446,14 @@ def _models_change(args: argparse.Namespace) -> int:
     action = args.models_command
     version = getattr(args, "model_version", None)
     channel = getattr(args, "channel", "production")
+    if args.token_file and not args.address:
+        raise InvalidInput("--token-file: only with --address (the Admin API)")
     if args.address:
-        from services.client import Client
+        from services.client import Client, token_from
 
-        with Client(args.address) as client:
+        token = token_from(args.token_file, "TUNESERVE_ADMIN_TOKEN") \
+            if args.token_file else None
+        with Client(args.address, admin_token=token) as client:
             call = {"promote": lambda: client.promote(args.name, version, channel),
                     "rollback": lambda: client.rollback(args.name, channel),
                     "pin": lambda: client.pin(args.name, version),
@@ -421,6 +486,23 @@ def _models_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from services.evaluate import run_eval
+
+    report = run_eval(data=args.data, model=args.model, registry=args.registry,
+                      address=args.address, text_column=args.text_column,
+                      label_column=args.label_column, columns=args.columns,
+                      batch_size=args.batch_size, limit=args.limit, timeout_s=args.timeout_s)
+    png = str(report.write_png(args.confusion_png)) if args.confusion_png else None
+    if args.json:
+        print(json.dumps({**report.to_json(), "confusion_png": png}))
+    else:
+        print(report.format())
+        if png:
+            print(f"\nconfusion matrix plot: {png}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -435,7 +517,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "serve": cmd_serve, "classify": cmd_classify,
-            "generate": cmd_generate,
+            "generate": cmd_generate, "eval": cmd_eval,
             "models": cmd_models, "demo": cmd_demo, "k8s": cmd_k8s}
 
 

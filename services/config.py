@@ -79,17 +79,38 @@ class TrainConfig:
     """CPUs reserved per worker; also the worker's torch thread count."""
     use_gpu: bool = False
     """One GPU per worker, bf16 autocast where supported."""
-    epochs: int = 3
+    epochs: Optional[int] = None
+    """Passes over the training data. Default: 3 for classification, 2 for generation
+    (docs/quality.md says why)."""
     batch_size: int = 32
     """Global batch size per optimizer step, split across workers and accumulation steps."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step on each worker."""
-    learning_rate: float = 5e-5
+    learning_rate: Optional[float] = None
+    """Peak learning rate (AdamW). Default: 5e-5 for classification, 2e-5 for full
+    generation fine-tuning, 2e-4 with LoRA."""
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    """Share of all optimizer steps spent warming the learning rate up from 0."""
-    max_length: int = 128
-    """Maximum tokens per example; longer texts are truncated."""
+    warmup_ratio: Optional[float] = None
+    """Share of all optimizer steps spent warming the learning rate up from 0.
+    Default: 0.06 for classification, 0.03 for generation."""
+    max_length: Optional[int] = None
+    """Maximum tokens per example; longer texts are truncated. Default: from the
+    training data, the 99th percentile of token lengths rounded up to a multiple of 8,
+    at most the model's limit (and 1024 for generation)."""
+    eval_steps: Optional[int] = None
+    """Also evaluate and checkpoint every N optimizer steps (default: at the end of each
+    epoch only). A failed worker resumes from the last checkpoint."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations in a row without the eval metric improving by
+    more than early_stopping_min_delta; the best checkpoint is published. 0: off."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest change of the eval metric that counts as an improvement."""
+    class_weights: Optional[str] = None
+    """Classification: loss weights per class, 'balanced' (n / (classes x count), for
+    imbalanced labels) or label=weight pairs, e.g. 'spam=3,ham=1'. Default: none."""
+    max_failures: int = 1
+    """Worker failures (process or node lost) tolerated; after each, training resumes
+    from the last checkpoint. More than this and the run fails."""
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every_steps: int = 10
@@ -115,13 +136,27 @@ class TrainConfig:
             raise bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not (0.0 < self.eval_fraction < 1.0):
             raise bad("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
+        self._apply_task_defaults()
         for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
-                     "log_every_steps"):
+                     "log_every_steps", "eval_steps"):
             value = getattr(self, name)
+            if name in ("max_length", "eval_steps") and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, f"must be a positive integer, got {value!r}")
-        if self.max_length < 8:
+        if self.max_length is not None and self.max_length < 8:
             raise bad("max_length", f"must be at least 8, got {self.max_length}")
+        for name in ("early_stopping_patience", "max_failures"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, f"must be an integer >= 0, got {value!r}")
+        if self.early_stopping_min_delta < 0:
+            raise bad("early_stopping_min_delta",
+                      f"must be >= 0, got {self.early_stopping_min_delta}")
+        if self.class_weights is not None:
+            if self.task != "classification":
+                raise bad("class_weights", "applies to --task classification only")
+            parse_class_weights(self.class_weights)
         if self.cpus_per_worker <= 0:
             raise bad("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         if not (0.0 < self.learning_rate < 1.0):
@@ -158,6 +193,16 @@ class TrainConfig:
 
             parse_min_metric(self.min_metric)
         return self
+
+    def _apply_task_defaults(self) -> None:
+        """Fill the fields left unset with the defaults of the task (docs/quality.md)."""
+        generation = self.task == "generation"
+        if self.epochs is None:
+            self.epochs = 2 if generation else 3
+        if self.learning_rate is None:
+            self.learning_rate = (2e-4 if self.lora_r else 2e-5) if generation else 5e-5
+        if self.warmup_ratio is None:
+            self.warmup_ratio = 0.03 if generation else 0.06
 
     def _validate_generation(self, bad) -> None:
         generation = self.task == "generation"
@@ -225,6 +270,26 @@ class TrainConfig:
         data = self.to_dict()
         data.update({k: v for k, v in overrides.items() if v is not None})
         return TrainConfig.from_dict(data, source="command line")
+
+
+def parse_class_weights(spec: str) -> "str | dict[str, float]":
+    """'balanced' or {label: weight} from 'a=2,b=1'; ConfigError naming the field."""
+    spec = spec.strip()
+    if spec == "balanced":
+        return spec
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        label, sep, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not label.strip() or not weight > 0 or weight == float("inf"):
+            raise ConfigError(
+                f"invalid config field 'class_weights': expected 'balanced' or "
+                f"label=weight pairs with weights > 0, e.g. 'spam=3,ham=1'; got {part!r}")
+        weights[label.strip()] = weight
+    return weights
 
 
 def render_prompt(template: Optional[str], prompt: str) -> str:
@@ -298,6 +363,10 @@ class ServeLimits:
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
     """Generation: characters per stop string."""
+    max_request_bytes: int = 16 * 1024 * 1024
+    """Serialized size of one request message; past it, RESOURCE_EXHAUSTED. The
+    default fits the largest valid Classify request (128 texts of 20,000 four-byte
+    characters, about 10 MiB)."""
 
 
 @dataclass
@@ -344,6 +413,11 @@ class ServeConfig:
     pinned_versions: dict[str, str] = field(default_factory=dict)
     """model name -> version pinned through Serve's user_config (declarative: a
     RayService or `serve deploy` change reconfigures replicas without restarting them)."""
+    api_token_file: Optional[str] = None
+    """File holding the Inference API token (e.g. a mounted Secret); default: env
+    TUNESERVE_API_TOKEN. Clients send `authorization: Bearer <token>`."""
+    admin_token_file: Optional[str] = None
+    """File holding the Admin API token; default: env TUNESERVE_ADMIN_TOKEN."""
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def validate(self) -> "ServeConfig":
@@ -367,6 +441,8 @@ class ServeConfig:
             raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
         if self.poll_interval_s <= 0:
             raise bad("poll_interval_s", "must be > 0")
+        if self.limits.max_request_bytes < 1024:
+            raise bad("limits.max_request_bytes", "must be at least 1024")
         return self
 
     def autoscaling_config(self) -> Optional[dict]:

@@ -288,6 +288,30 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
+def stratified_split_indices(labels: Sequence[Any], eval_fraction: float,
+                             seed: int) -> tuple[list[int], list[int]]:
+    """Like split_indices, but each label keeps its share in both parts.
+
+    A label with a single example stays in training (it cannot be in both).
+    """
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(str(lab), []).append(i)
+    rng = random.Random(seed)
+    train: list[int] = []
+    evald: list[int] = []
+    for key in sorted(by_label):
+        members = by_label[key]
+        rng.shuffle(members)
+        n_eval = int(round(len(members) * eval_fraction)) if len(members) > 1 else 0
+        n_eval = min(n_eval, len(members) - 1)
+        evald.extend(members[:n_eval])
+        train.extend(members[n_eval:])
+    if not evald:
+        return split_indices(len(labels), eval_fraction, seed)
+    return sorted(train), sorted(evald)
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -1,8 +1,11 @@
 """Loading Hugging Face models and tokenizers for training and serving.
 
 A model reference is a Hugging Face model id or a local folder. Checkpoints are read
-and written in Hugging Face layout with safetensors weights only (`use_safetensors`),
-so no pickle is ever loaded.
+and written in Hugging Face layout with safetensors weights only: every model load
+passes `SAFE_LOAD` (`use_safetensors=True`, so transformers never falls back to
+`pytorch_model.bin` and torch.load, and `trust_remote_code=False`, so no Python file
+shipped with a checkpoint is run), and tokenizers load with `trust_remote_code=False`.
+A folder with only pickle weights is refused with an error, never unpickled.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Optional
+
+SAFE_LOAD = {"use_safetensors": True, "trust_remote_code": False}
+"""Keyword arguments of every `from_pretrained` here that reads weights."""
 
 GENERATION_FILE = "tuneserve.json"
 """In every generation checkpoint: the prompt template the server applies, so a model
@@ -47,7 +53,7 @@ def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(ref)
+    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     if tok.pad_token is None:
         # GPT-style tokenizers ship without a pad token; padding is masked anyway.
         if tok.eos_token is not None:
@@ -68,6 +74,7 @@ def load_classifier_for_training(ref: str, id2label: dict[int, str], pad_token_i
         id2label={int(k): v for k, v in id2label.items()},
         label2id={v: int(k) for k, v in id2label.items()},
         ignore_mismatched_sizes=True,
+        **SAFE_LOAD,
     )
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
@@ -81,7 +88,7 @@ def load_classifier_for_serving(path: str | Path):
     quiet_transformers()
     import torch
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), **SAFE_LOAD)
     if torch.cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
         model.to("cuda")
     model.eval()
@@ -106,7 +113,7 @@ def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None
     from services.errors import ConfigError
 
     quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(ref, **SAFE_LOAD)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # e.g. an added [PAD] token
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
@@ -141,7 +148,7 @@ def load_causal_lm_for_serving(path: str | Path):
     quiet_transformers()
     import torch
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **SAFE_LOAD)
     tokenizer = load_tokenizer(str(path))
     eos = model.generation_config.eos_token_id
     if eos is None:

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 import pyarrow.fs as pafs
 
-from services.errors import InvalidInput, RegistryError
+from services.errors import CorruptVersion, InvalidInput, RegistryError
 
 CHUNK = 1 << 20
 
@@ -63,8 +63,11 @@ class Backend:
         """The real path of a local entry, refusing any that leaves the root."""
         assert self.local_root is not None
         path = self.local_root / rel
-        root = self.local_root.resolve()
-        resolved = path.resolve()
+        try:
+            root = self.local_root.resolve()
+            resolved = path.resolve()
+        except (ValueError, OSError, RuntimeError):  # a NUL byte, a symlink loop
+            raise InvalidInput("invalid registry path") from None
         if resolved != root and root not in resolved.parents:
             raise InvalidInput("path leaves the registry")
         return path
@@ -88,7 +91,11 @@ class Backend:
         return self.info(rel).type == pafs.FileType.Directory
 
     def is_symlink(self, rel: str) -> bool:
-        return (not self.remote) and (self.local_root / rel).is_symlink()
+        """Whether a local entry is itself a symlink (its parent must stay in the root)."""
+        if self.remote:
+            return False
+        self.local_path(rel.rpartition("/")[0])
+        return (self.local_root / rel).is_symlink()
 
     def list_dir(self, rel: str) -> list[tuple[str, bool]]:
         """(name, is_dir) of direct children; [] when absent."""
@@ -154,8 +161,16 @@ class Backend:
         return h.hexdigest(), size
 
     def download_tree(self, rel: str, dest: Path) -> None:
+        """Copy every object below rel into dest, refusing keys that would land outside
+        it (an object store allows keys such as `v1/../../x` or `v1//etc/x`)."""
         dest.mkdir(parents=True, exist_ok=True)
-        for name in self.list_files(rel):
+        names = list(self.list_files(rel))
+        for name in names:
+            parts = name.split("/")
+            if any(p in ("", ".", "..") for p in parts) or "\\" in name or "\x00" in name:
+                raise CorruptVersion(f"refusing to download object {name[:64]!r}: "
+                                     "its key leaves the version's folder")
+        for name in names:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(self.full(f"{rel}/{name}")) as src, \

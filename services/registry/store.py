@@ -6,6 +6,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -18,26 +19,34 @@ from typing import Any, Optional
 from services.data import file_sha256
 from services.errors import CorruptVersion, InvalidInput, ModelNotFound, RegistryError
 from services.registry.backend import Backend
-from services.registry.safetensors_check import check_safetensors
+from services.registry.safetensors_check import check_safetensors, unsafe_format
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 CHANNELS_DIR = "channels"
 PIN_FILE = "pin.json"
 STAGING_PREFIX = ".staging-"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
-# Pickle-based formats can run code when loaded: a version holding one is refused.
+# \Z, not $: "$" also matches before a trailing newline ("m\n" would pass).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})\Z")
+# Pickle-based formats can run code when loaded: a version holding one is refused (and
+# any other file whose first bytes show a pickle or a torch.save archive, see
+# safetensors_check.unsafe_format).
 UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
                    ".npz", ".h5", ".msgpack"}
 STALE_STAGING_S = 24 * 3600
+MAX_JSON_BYTES = 64 * 1024 * 1024  # manifests, pointers, config.json, *.index.json
 HISTORY_LIMIT = 50
 CACHE_DIR = Path(os.environ.get("TUNESERVE_CACHE", Path.home() / ".cache" / "tuneserve"))
 
 
 def validate_name(name: str, what: str = "model") -> str:
-    """Model and channel names: letters, digits, '.', '_', '-'; no path tricks."""
-    if not isinstance(name, str) or not name:
+    """Model and channel names: 1-128 ASCII letters, digits, '.', '_', '-', starting
+    with a letter or digit, no '..'. So never a path: no '/', '\\', NUL, '.', '..' or
+    absolute path can reach the filesystem. Every Registry method checks its names."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"{what} name must be a string")
+    if not name:
         raise InvalidInput(f"{what} name is empty")
     if not NAME_RE.match(name) or ".." in name:
         raise InvalidInput(
@@ -92,16 +101,23 @@ class Registry:
         found = []
         for child, is_dir in self.backend.list_dir(name):
             m = VERSION_RE.match(child)
-            if m and is_dir and not self.backend.is_symlink(f"{name}/{child}") \
-                    and self.backend.is_file(f"{name}/{child}/{MANIFEST}"):
+            if m and is_dir and self._has_manifest(name, child):
                 found.append((int(m.group(1)), child))
         return [v for _, v in sorted(found)]
 
+    def _has_manifest(self, name: str, version: str) -> bool:
+        """A complete version: a real folder (no symlink) with a real manifest file.
+
+        Symlinks are checked before anything follows them, so one planted in the
+        registry hides that version instead of reading through it."""
+        folder = f"{name}/{version}"
+        if self.backend.is_symlink(folder) or self.backend.is_symlink(f"{folder}/{MANIFEST}"):
+            return False
+        return self.backend.is_file(f"{folder}/{MANIFEST}")
+
     def exists(self, name: str, version: Optional[str] = None) -> bool:
         if version is not None:
-            validate_version(version)
-            return (self.backend.is_file(f"{validate_name(name)}/{version}/{MANIFEST}")
-                    and not self.backend.is_symlink(f"{name}/{version}"))
+            return self._has_manifest(validate_name(name), validate_version(version))
         return bool(self.versions(name))
 
     def manifest(self, name: str, version: str) -> dict[str, Any]:
@@ -109,24 +125,41 @@ class Registry:
         if self.backend.is_symlink(f"{name}/{version}"):
             raise CorruptVersion(f"{name} {version}: version folder is a symlink")
         rel = f"{name}/{version}/{MANIFEST}"
+        if self.backend.is_symlink(rel):
+            raise CorruptVersion(f"{name} {version}: {MANIFEST} is a symlink")
         if not self.backend.is_file(rel):
             if not self.exists(name):
                 raise ModelNotFound(f"model '{name}' not found in the registry")
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         try:
-            data = json.loads(self.backend.read_bytes(rel))
-        except (OSError, ValueError) as exc:
+            data = self._read_json(rel)
+        except ValueError as exc:
             raise CorruptVersion(f"{name} {version}: unreadable manifest ({exc})") from None
         if not isinstance(data, dict):
             raise CorruptVersion(f"{name} {version}: manifest is not a JSON object")
         return data
 
+    def _read_json(self, rel: str) -> Any:
+        """A small JSON file of the registry; ValueError (naming no path) if it is too
+        big or unreadable, so that a planted file cannot exhaust memory."""
+        size = self.backend.info(rel).size
+        if size is not None and size > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES // (1024 * 1024)} MiB")
+        try:
+            return json.loads(self.backend.read_bytes(rel))
+        except OSError as exc:
+            raise ValueError(exc.strerror or type(exc).__name__) from None
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
     def _pointer(self, rel: str, what: str) -> dict[str, Any]:
+        if self.backend.is_symlink(rel):
+            raise RegistryError(f"{what} pointer is a symlink; refusing to follow it")
         if not self.backend.is_file(rel):
             return {}
         try:
-            data = json.loads(self.backend.read_bytes(rel))
-        except (OSError, ValueError) as exc:
+            data = self._read_json(rel)
+        except ValueError as exc:
             raise RegistryError(f"unreadable {what} pointer ({exc})") from None
         return data if isinstance(data, dict) else {}
 
@@ -145,7 +178,8 @@ class Registry:
         out: dict[str, str] = {}
         for fname, is_dir in sorted(self.backend.list_dir(f"{validate_name(name)}/{CHANNELS_DIR}")):
             stem = fname[:-5] if fname.endswith(".json") else ""
-            if not is_dir and stem and NAME_RE.match(stem) and (v := self.channel(name, stem)):
+            if not is_dir and stem and NAME_RE.match(stem) and ".." not in stem \
+                    and (v := self.channel(name, stem)):
                 out[stem] = v
         return out
 
@@ -173,10 +207,9 @@ class Registry:
         """A local folder holding the version's files (the folder itself when local)."""
         validate_name(name), validate_version(version)
         if not self.backend.remote:
-            path = self.backend.local_path(f"{name}/{version}")
-            if path.is_symlink():
+            if self.backend.is_symlink(f"{name}/{version}"):
                 raise CorruptVersion(f"{name} {version}: version folder is a symlink")
-            return path
+            return self.backend.local_path(f"{name}/{version}")
         key = hashlib.sha256(self.backend.uri.encode()).hexdigest()[:16]
         dest = CACHE_DIR / key / name / version
         if not (dest / MANIFEST).is_file():
@@ -278,7 +311,7 @@ class Registry:
 
     def set_channel(self, name: str, channel: str, version: str) -> dict[str, Any]:
         """Point a channel at a version (atomically), remembering the previous one."""
-        validate_version(version)
+        self._channel_rel(name, channel), validate_version(version)
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         with self.backend.lock(f"{name}/.lock"):
@@ -294,6 +327,7 @@ class Registry:
 
     def rollback(self, name: str, channel: str = "production") -> str:
         """Move a channel back to the version it pointed at before."""
+        self._channel_rel(name, channel)  # validates both names before any file is touched
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
             history = [v for v in state.get("history") or [] if self.exists(name, v)]
@@ -308,7 +342,7 @@ class Registry:
         return version
 
     def pin(self, name: str, version: str) -> None:
-        validate_version(version)
+        validate_name(name), validate_version(version)
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         self.backend.write_atomic(f"{name}/{PIN_FILE}",
@@ -321,27 +355,101 @@ class Registry:
                                                                 "updated_at": _now()}))
 
 
+def _file_problem(rel: str, path: Path) -> Optional[str]:
+    """Why a checkpoint file must never be published or loaded, or None.
+
+    A pickle-based file name; a file whose first bytes show a pickle or a torch.save
+    archive whatever its name; a safetensors file whose structure is unsound."""
+    if Path(rel).suffix.lower() in UNSAFE_SUFFIXES:
+        return f"refusing pickle-based file {rel}; save weights as safetensors"
+    if rel.endswith(".safetensors"):
+        try:
+            check_safetensors(path)
+        except ValueError as exc:
+            return f"{rel}: {exc}"
+        return None
+    what = unsafe_format(path)
+    if what:
+        return (f"refusing {rel}: it is {what}, and pickle-based files can run code "
+                "when loaded")
+    return None
+
+
+def _read_json(path: Path, rel: str) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{rel} is larger than {MAX_JSON_BYTES // (1024 * 1024)} MiB")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError):
+        raise ValueError(f"{rel} is not valid JSON") from None
+
+
+def _weight_reference_problem(files: dict[str, Path]) -> Optional[str]:
+    """Files that tell transformers which weights to read (a sharded checkpoint's
+    `*.index.json`, `transformers_weights` in config.json) may only name safetensors
+    files of the same folder: never a pickle, never a path out of the folder."""
+    weights = {rel for rel in files if rel.endswith(".safetensors")}
+    indexes = {rel for rel in files if rel.endswith(".safetensors.index.json")}
+
+    def local_ref(base: str, ref: Any, allowed: set[str]) -> bool:
+        return (isinstance(ref, str) and ref not in ("", ".", "..") and "/" not in ref
+                and "\\" not in ref and "\x00" not in ref
+                and posixpath.join(base, ref) in allowed)
+
+    for rel, path in files.items():
+        base, fname = posixpath.split(rel)
+        try:
+            if rel.endswith(".index.json"):
+                data = _read_json(path, rel)
+                weight_map = data.get("weight_map") if isinstance(data, dict) else None
+                if not isinstance(weight_map, dict):
+                    return f"{rel} has no weight_map"
+                for ref in weight_map.values():
+                    if not local_ref(base, ref, weights):
+                        return (f"{rel} names {str(ref)[:64]!r}, which is not a safetensors "
+                                "file of this checkpoint")
+            elif fname == "config.json":
+                data = _read_json(path, rel)
+                if isinstance(data, dict) and "transformers_weights" in data:
+                    ref = data["transformers_weights"]
+                    if not local_ref(base, ref, weights | indexes):
+                        return (f"{rel}: transformers_weights {str(ref)[:64]!r} is not a "
+                                "safetensors file of this checkpoint")
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def _checkpoint_files(source: Path) -> list[str]:
+    """The files to publish from a checkpoint folder, after the checks `verify_folder`
+    will make (so that a publish never creates a version that cannot be loaded)."""
     if not source.is_dir():
         raise RegistryError(f"checkpoint folder not found: {source}")
-    files = []
+    files: dict[str, Path] = {}
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source).as_posix()
         if path.is_symlink():
             raise RegistryError(f"refusing to publish symlink {rel}")
         if path.is_dir() or rel == MANIFEST:
             continue
-        if path.suffix.lower() in UNSAFE_SUFFIXES:
-            raise RegistryError(f"refusing to publish pickle-based file {rel}; "
-                                "save weights as safetensors")
-        files.append(rel)
+        if not path.is_file():
+            raise RegistryError(f"refusing to publish {rel}: not a regular file")
+        problem = _file_problem(rel, path)
+        if problem:
+            raise RegistryError(f"{problem} (not published)")
+        files[rel] = path
     if not any(rel.endswith(".safetensors") for rel in files):
         raise RegistryError(f"{source}: no safetensors weights to publish")
-    return files
+    problem = _weight_reference_problem(files)
+    if problem:
+        raise RegistryError(f"{problem} (not published)")
+    return list(files)
 
 
 def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any]) -> None:
-    """Every check a version must pass before anything loads it."""
+    """Every check a version must pass before anything loads it.
+
+    Reads only below vdir: a symlink anywhere in it is refused, not followed."""
     where = f"{name} {version}"
     if manifest.get("name") != name or manifest.get("version") != version:
         raise CorruptVersion(f"{where}: manifest names {manifest.get('name')!r} "
@@ -349,16 +457,23 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise CorruptVersion(f"{where}: manifest lists no files")
-    present = {}
+    present: dict[str, Path] = {}
     for path in vdir.rglob("*"):
         rel = path.relative_to(vdir).as_posix()
         if path.is_symlink():
             raise CorruptVersion(f"{where}: {rel} is a symlink")
-        if path.is_file() and rel not in (MANIFEST, ".claim"):
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise CorruptVersion(f"{where}: {rel} is not a regular file")
+        if rel not in (MANIFEST, ".claim"):
             present[rel] = path
-    for rel in present:
+    for rel, path in present.items():
         if Path(rel).suffix.lower() in UNSAFE_SUFFIXES:
             raise CorruptVersion(f"{where}: refusing pickle-based file {rel}")
+        if not rel.endswith(".safetensors") and (what := unsafe_format(path)):
+            raise CorruptVersion(f"{where}: refusing {rel}: it is {what}, and "
+                                 "pickle-based files can run code when loaded")
         if rel not in listed:
             raise CorruptVersion(f"{where}: {rel} is not in the manifest")
     for rel, meta in listed.items():
@@ -371,22 +486,27 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
             raise CorruptVersion(f"{where}: {rel} has the wrong size")
         if file_sha256(path) != meta.get("sha256"):
             raise CorruptVersion(f"{where}: {rel} fails its sha256 check")
-    weights = [p for rel, p in present.items() if rel.endswith(".safetensors")]
+    weights = [rel for rel in present if rel.endswith(".safetensors")]
     if not weights:
         raise CorruptVersion(f"{where}: no safetensors weights")
-    for path in weights:
+    for rel in weights:
         try:
-            check_safetensors(path)
+            check_safetensors(present[rel])
         except ValueError as exc:
-            raise CorruptVersion(f"{where}: {path.name}: {exc}") from None
+            raise CorruptVersion(f"{where}: {rel}: {exc}") from None
+    problem = _weight_reference_problem(present)
+    if problem:
+        raise CorruptVersion(f"{where}: {problem}")
     if "config.json" not in present:
         raise CorruptVersion(f"{where}: missing config.json")
     if manifest.get("task") == "classification":
         try:
-            config = json.loads(present["config.json"].read_text(encoding="utf-8"))
-        except ValueError:
-            raise CorruptVersion(f"{where}: config.json is not valid JSON") from None
-        id2label = config.get("id2label") or {}
+            config = _read_json(present["config.json"], "config.json")
+        except ValueError as exc:
+            raise CorruptVersion(f"{where}: {exc}") from None
+        id2label = (config.get("id2label") if isinstance(config, dict) else None) or {}
+        if not isinstance(id2label, dict):
+            raise CorruptVersion(f"{where}: config.json id2label is not a JSON object")
         names = [id2label.get(str(i)) for i in range(len(id2label))]
         labels = manifest.get("labels")
         if not labels or names != labels:

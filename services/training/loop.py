@@ -14,15 +14,18 @@ import json
 import math
 import os
 import random
+import signal
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from services.training.encoded import EncodedSplit
 
 TRAIN_STATE_FILE = "train_state.json"
+TRAINER_STATE_FILE = "trainer_state.safetensors"
+"""Optimizer moments and RNG state: for resuming, never published."""
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -51,6 +54,129 @@ def _param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _ResumableSampler:
+    """A DistributedSampler whose first epoch after a restore skips what was trained."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        order = list(iter(self.sampler))
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def save_trainer_state(folder: str, optimizer, state: dict[str, Any]) -> None:
+    """Optimizer moments and RNG as safetensors, counters as JSON: no pickle anywhere."""
+    import torch
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    scalars: dict[str, Any] = {}
+    for idx, slots in opt["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    save_file(tensors, os.path.join(folder, TRAINER_STATE_FILE))
+    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+    with open(os.path.join(folder, TRAIN_STATE_FILE), "w") as fh:
+        json.dump({**state, "optimizer": {"param_groups": groups, "scalars": scalars}}, fh,
+                  indent=2)
+
+
+def load_trainer_state(folder: str, optimizer, device) -> dict[str, Any]:
+    """The counters saved by save_trainer_state; restores the optimizer and RNG."""
+    import torch
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, TRAIN_STATE_FILE)) as fh:
+        state = json.load(fh)
+    tensors = load_file(os.path.join(folder, TRAINER_STATE_FILE))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    slots: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        slots.setdefault(int(idx), {})[key] = value.to(device)
+    for name, value in state["optimizer"]["scalars"].items():
+        idx, key = name.split(".", 1)
+        slots.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": slots,
+                               "param_groups": state["optimizer"]["param_groups"]})
+    return state
+
+
+FAULT_ENV = "TUNESERVE_TEST_FAULT"
+
+
+def _maybe_inject_fault(spec: Optional[str], step: int, rank: int, world: int,
+                        run_dir: str, reports: int) -> None:
+    """Test hook, from TUNESERVE_TEST_FAULT='step=N[,action=kill|pause][,times=K]'.
+
+    On reaching optimizer step N the last rank either kills its own process with
+    SIGKILL (a worker lost mid-epoch) or stops there for a minute (so that a test can
+    kill the driver at a known point); at most K times per run (default 1).
+
+    It first waits until Ray Train has registered this worker's `reports` reports: a
+    report becomes a durable checkpoint at the controller's next health-check poll
+    (every 2 s), and a worker lost before that loses it (Ray's semantics).
+    """
+    if not spec or rank != world - 1:
+        return
+    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    if int(fields.get("step", -1)) != step:
+        return
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 120
+    while reports and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            with open(snapshot) as fh:
+                if json.load(fh).get("current_report_index", 0) >= reports:
+                    break
+        time.sleep(0.2)
+    marker_dir = os.path.join(run_dir, ".faults")
+    os.makedirs(marker_dir, exist_ok=True)
+    marker = os.path.join(marker_dir, f"fault-at-{step}")
+    done = int(open(marker).read()) if os.path.exists(marker) else 0
+    if done >= int(fields.get("times", 1)):
+        return
+    with open(marker, "w") as fh:
+        fh.write(str(done + 1))
+    if fields.get("action", "kill") == "pause":
+        time.sleep(60)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class EarlyStopping:
+    """Counts evaluations without improvement of the metric by more than min_delta."""
+
+    def __init__(self, mode: str, patience: int, min_delta: float,
+                 best: Optional[float] = None, bad_evals: int = 0):
+        self.mode, self.patience, self.min_delta = mode, patience, min_delta
+        self.best, self.bad_evals = best, bad_evals
+
+    def update(self, value: float) -> bool:
+        """Record an evaluation; True when training should stop."""
+        better = self.best is None or (
+            value > self.best + self.min_delta if self.mode == "max"
+            else value < self.best - self.min_delta)
+        if better:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -74,8 +200,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     eval_split: EncodedSplit = data["eval"]
     task = cfg["task"]
 
+    restore = ray.train.get_checkpoint()
     tokenizer = load_tokenizer(cfg["model"])
     model = task.build_model(tokenizer)
+    if restore is not None:
+        with restore.as_directory() as folder:
+            task.load_weights(model, folder)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     bf16 = cfg["use_gpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -86,20 +216,36 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return contextlib.nullcontext()
 
     dataset = task.dataset(train_split)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg["seed"], drop_last=False)
+    sampler = _ResumableSampler(DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                   shuffle=True, seed=cfg["seed"],
+                                                   drop_last=False))
     loader = DataLoader(dataset, batch_size=cfg["micro_batch_size"], sampler=sampler,
                         collate_fn=task.collate, num_workers=0)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False,
                                                  move_to_device=True)
     accum = cfg["grad_accum_steps"]
-    steps_per_epoch = max(1, math.ceil(len(sampler) / cfg["micro_batch_size"] / accum))
+    micro_per_epoch = math.ceil(len(sampler.sampler) / cfg["micro_batch_size"])
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / accum))
     total_steps = steps_per_epoch * cfg["epochs"]
     warmup_steps = int(total_steps * cfg["warmup_ratio"])
+    eval_steps = cfg.get("eval_steps") or 0
     optimizer = torch.optim.AdamW(_param_groups(model, cfg["weight_decay"]),
                                   lr=cfg["learning_rate"])
 
-    state = {"epoch": 0, "step": 0}
+    # Where training stands: the epoch, optimizer steps so far, micro-batches of this
+    # epoch already trained (the data position), and the early-stopping record.
+    state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "best": None, "bad_evals": 0,
+             "reports": 0}
+    resumed = None
+    if restore is not None:
+        with restore.as_directory() as folder:
+            saved = load_trainer_state(folder, optimizer, device)
+        state.update({k: saved[k] for k in state if k in saved})
+        sampler.skip = state["micro_in_epoch"] * cfg["micro_batch_size"]
+        resumed = {"epoch": state["epoch"] + 1, "step": state["step"]}
+    stopper = EarlyStopping(task.metric_mode, cfg.get("early_stopping_patience") or 0,
+                            cfg.get("early_stopping_min_delta") or 0.0,
+                            state["best"], state["bad_evals"])
     progress = cfg.get("progress_queue") if rank == 0 else None
 
     def emit(event: dict) -> None:
@@ -109,19 +255,50 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 progress.put_nowait(event)
 
     emit({"type": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-          "epochs": cfg["epochs"], "world_size": world,
+          "epochs": cfg["epochs"], "world_size": world, "resumed": resumed,
           "train_examples": len(train_split), "eval_examples": len(eval_split)})
+
+    def evaluate_and_checkpoint(epoch: int, epoch_done: bool) -> bool:
+        """Exact eval on all ranks, a checkpoint from rank 0; True: stop early."""
+        metrics = {"epoch": epoch + 1, "step": state["step"],
+                   "epoch_progress": round(epoch + (1.0 if epoch_done else
+                                                    state["micro_in_epoch"] / micro_per_epoch), 4),
+                   **task.evaluate(model, eval_split, rank, world,
+                                   cfg["micro_batch_size"] * 2, device, autocast)}
+        stop = stopper.update(float(metrics[task.metric]))
+        state.update(best=stopper.best, bad_evals=stopper.bad_evals)
+        metrics["early_stop"] = stop
+        emit({"type": "eval", **metrics})
+        state["reports"] += 1
+        position = dict(state)
+        if epoch_done:
+            position.update(epoch=epoch + 1, micro_in_epoch=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                task.save(inner, tmp)
+                tokenizer.save_pretrained(tmp)
+                save_trainer_state(tmp, optimizer, {
+                    **position, "metrics": task.state_metrics(metrics)})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        return stop
+
+    fault = cfg.get("fault_injection")
     window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
     window_tokens = 0  # non-padding tokens; loss.item() already syncs, so this is cheap
     model.train()
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(state["epoch"], cfg["epochs"]):
         state["epoch"] = epoch
         sampler.set_epoch(epoch)
-        n_micro = len(loader)
+        first_micro = state["micro_in_epoch"]
         group_loss = 0.0
-        for i, batch in enumerate(loader):
+        stop = False
+        for j, batch in enumerate(loader):
+            i = first_micro + j  # this micro-batch's index in the whole epoch
             group_start = (i // accum) * accum
-            group_size = min(accum, n_micro - group_start)
+            group_size = min(accum, micro_per_epoch - group_start)
             last_micro = (i - group_start) == group_size - 1
             sync = contextlib.nullcontext() if (last_micro or world == 1) else model.no_sync()
             with sync:
@@ -139,6 +316,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            state["micro_in_epoch"] = i + 1
             window_loss += group_loss
             window_steps += 1
             group_loss = 0.0
@@ -150,19 +328,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                       "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)})
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 window_loss, window_steps = 0.0, 0
-
-        metrics = {"epoch": epoch + 1, "step": state["step"],
-                   **task.evaluate(model, eval_split, rank, world,
-                                   cfg["micro_batch_size"] * 2, device, autocast)}
-        emit({"type": "eval", **metrics})
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                task.save(inner, tmp)
-                tokenizer.save_pretrained(tmp)
-                with open(os.path.join(tmp, TRAIN_STATE_FILE), "w") as fh:
-                    json.dump({"epoch": epoch + 1, "step": state["step"],
-                               "metrics": task.state_metrics(metrics)}, fh, indent=2)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            _maybe_inject_fault(fault, state["step"], rank, world,
+                                cfg.get("run_dir") or tempfile.gettempdir(), state["reports"])
+            if eval_steps and state["step"] % eval_steps == 0 and i + 1 < micro_per_epoch:
+                if evaluate_and_checkpoint(epoch, epoch_done=False):
+                    stop = True
+                    break
+        if stop or evaluate_and_checkpoint(epoch, epoch_done=True):
+            emit({"type": "early_stop", "epoch": epoch + 1, "step": state["step"],
+                  "best": stopper.best, "patience": stopper.patience})
+            break
+        state["micro_in_epoch"] = 0

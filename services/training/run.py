@@ -13,9 +13,14 @@ best epoch's checkpoint with a manifest that links those artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
+import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -74,6 +79,9 @@ class _Progress:
     def handle(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
         if kind == "start":
+            if ev.get("resumed"):
+                self.out(f"resumed from the checkpoint at epoch {ev['resumed']['epoch']}, "
+                         f"step {ev['resumed']['step']}")
             self.out(f"training: {ev['train_examples']} examples, {ev['eval_examples']} for "
                      f"eval, {ev['world_size']} worker(s), {ev['epochs']} epoch(s), "
                      f"{ev['total_steps']} optimizer steps")
@@ -93,6 +101,9 @@ class _Progress:
                 self.bar.set_postfix_str(text, refresh=True)
             else:
                 self.out(text)
+        elif kind == "early_stop":
+            self.out(f"early stopping at epoch {ev['epoch']} step {ev['step']}: no "
+                     f"improvement in {ev['patience']} evaluation(s); best {ev['best']:.4f}")
         elif kind == "eval":
             self.history.append(ev)
             text = self.task.describe_eval(ev)
@@ -106,17 +117,49 @@ class _Progress:
             self.bar.close()
 
 
+RUN_CONFIG_FILE = "tuneserve_run.json"
+"""Written into the run folder at the start: what `train --resume` needs."""
+
+
+def _run_folder(run: str, runs_dir: Optional[str]) -> Path:
+    path = Path(run)
+    if not path.is_dir():
+        path = Path(runs_dir or TrainConfig().runs_dir) / run
+    if not (path / RUN_CONFIG_FILE).is_file():
+        from services.errors import ConfigError
+
+        raise ConfigError(f"--resume: no run {run!r} (looked for {path / RUN_CONFIG_FILE}); "
+                          f"give a run name from --runs-dir or a run folder")
+    return path
+
+
+def resume_config(run: str, runs_dir: Optional[str] = None,
+                  address: Optional[str] = None) -> TrainConfig:
+    """The config an interrupted run started with (its run folder's tuneserve_run.json)."""
+    folder = _run_folder(run, runs_dir)
+    saved = json.loads((folder / RUN_CONFIG_FILE).read_text())
+    cfg = TrainConfig.from_dict(saved["config"], source=str(folder / RUN_CONFIG_FILE))
+    cfg.runs_dir = str(folder.parent)
+    if address:
+        cfg.address = address
+    return cfg
+
+
 def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bool] = None,
                  out: Callable[[str], None] = print, progress_bar: Optional[bool] = None,
-                 verbose: bool = False) -> TrainResult:
-    """Train, evaluate each epoch, publish the best epoch. Raises TrainingFailed."""
+                 verbose: bool = False, resume: Optional[str] = None) -> TrainResult:
+    """Train, evaluate each epoch, publish the best checkpoint. Raises TrainingFailed.
+
+    `resume`: the name (or folder) of an interrupted run to continue from its last
+    checkpoint; Ray Train finds it from the run's name and storage path.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
     from services.modeling import describe_model_ref, load_tokenizer
-    from services.training.loop import train_loop_per_worker
+    from services.training.loop import FAULT_ENV, train_loop_per_worker
 
     started = time.perf_counter()
     cfg.validate()
@@ -130,9 +173,18 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     out(task.describe_data())
 
     ensure_ray(cfg.address, verbose=verbose)
-    run_name = f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    runs_dir = Path(cfg.runs_dir).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        folder = _run_folder(resume, cfg.runs_dir)
+        run_name, runs_dir = folder.name, folder.parent.resolve()
+        out(f"resuming run {run_name}")
+    else:
+        run_name = (f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-"
+                    f"{uuid.uuid4().hex[:6]}")
+        runs_dir = Path(cfg.runs_dir).resolve()
+        (runs_dir / run_name).mkdir(parents=True, exist_ok=True)
+        (runs_dir / run_name / RUN_CONFIG_FILE).write_text(json.dumps(
+            {"run": run_name, "config": cfg.to_dict(), "data": data_info,
+             "versions": _versions()}, indent=2, default=str))
     queue = Queue(actor_options={"num_cpus": 0})
     loop_cfg = {
         "model": cfg.model, "data_ref": ray.put(data), "task": task,
@@ -143,6 +195,11 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": cfg.use_gpu,
         "log_every_steps": cfg.log_every_steps, "progress_queue": queue,
         "metric_tags": {"run": run_name, "model": cfg.name},
+        "eval_steps": cfg.eval_steps,
+        "early_stopping_patience": cfg.early_stopping_patience,
+        "early_stopping_min_delta": cfg.early_stopping_min_delta,
+        "run_dir": str(runs_dir / run_name),
+        "fault_injection": os.environ.get(FAULT_ENV),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -154,7 +211,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
             checkpoint_config=CheckpointConfig(num_to_keep=2,
                                                checkpoint_score_attribute=task.metric,
                                                checkpoint_score_order=task.metric_mode),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     progress = _Progress(out, progress_bar, task)
@@ -183,11 +240,13 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         tracker.close()
         thread.join()
         ray.kill(queue.actor, no_restart=True)
-    if "error" in outcome:
-        raise TrainingFailed(f"training failed: {_root_cause(outcome['error'])}") from None
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is not None:
+        raise TrainingFailed(
+            f"training failed (worker failures tolerated: {cfg.max_failures}; nothing was "
+            f"published): {_root_cause(error)}. Continue it with `tuneserve train "
+            f"--resume {run_name} --runs-dir {runs_dir}` once the cause is fixed.") from None
     result = outcome["result"]
-    if result.error is not None:
-        raise TrainingFailed(f"training failed: {_root_cause(result.error)}")
     best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
     if best is None:
         raise TrainingFailed("training produced no checkpoint")
@@ -212,8 +271,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         }
         registry = Registry(cfg.registry)
         publish_started = time.perf_counter()
-        with best.as_directory() as ckpt_dir:
-            pub = registry.publish(cfg.name, ckpt_dir, manifest, promote=promote)
+        with best.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
+            pub = registry.publish(cfg.name, folder, manifest, promote=promote)
         metrics_observe("tuneserve_checkpoint_publish_duration_seconds",
                         time.perf_counter() - publish_started, model=cfg.name)
         res.version, res.promoted = pub.version, pub.promoted
@@ -230,6 +289,26 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
             out(res.promotion)
     res.wall_s = time.perf_counter() - started
     return res
+
+
+@contextlib.contextmanager
+def _publishable(ckpt_dir: str):
+    """The checkpoint without the files only resuming needs (optimizer state, adapter)."""
+    from services.training.tasks import RESUME_ONLY_FILES
+
+    with tempfile.TemporaryDirectory(prefix="tuneserve-publish-") as tmp:
+        for entry in Path(ckpt_dir).iterdir():
+            if entry.name in RESUME_ONLY_FILES:
+                continue
+            target = Path(tmp) / entry.name
+            if entry.is_dir():
+                shutil.copytree(entry, target)
+                continue
+            try:
+                os.link(entry, target)
+            except OSError:
+                shutil.copy2(entry, target)
+        yield tmp
 
 
 def _root_cause(exc: BaseException) -> str:

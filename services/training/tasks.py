@@ -54,6 +54,36 @@ class Task:
     def describe_data(self) -> str:
         raise NotImplementedError
 
+    max_length_cap: Optional[int] = None
+    """Upper bound of a max_length chosen from the data (memory grows with it)."""
+
+    def example_lengths(self, tokenizer, columns: tuple, limit: int) -> list[int]:
+        """Token lengths of the examples made of these columns (untruncated up to limit)."""
+        raise NotImplementedError
+
+    def _resolve_max_length(self, cfg, tokenizer, columns: tuple) -> dict[str, Any]:
+        """cfg.max_length, or one chosen from (a sample of) the training examples.
+
+        Sets cfg.max_length, so the manifest's config says what was used.
+        """
+        from services.training.encoded import choose_max_length, model_limit
+
+        limit = model_limit(cfg.model, tokenizer)
+        if self.max_length_cap:
+            limit = min(limit, self.max_length_cap)
+        n = len(columns[0])
+        if n > 20_000:
+            pick = np.random.default_rng(cfg.seed).choice(n, 20_000, replace=False)
+            columns = tuple([col[i] for i in pick] for col in columns)
+        lengths = self.example_lengths(tokenizer, columns, limit)
+        source = "config" if cfg.max_length else "data"
+        chosen = cfg.max_length or choose_max_length(lengths, limit)
+        cfg.max_length = self.max_length = chosen
+        arr = np.asarray(lengths)
+        return {"value": chosen, "source": source, "p50": int(np.median(arr)),
+                "p99": int(np.quantile(arr, 0.99)), "longest": int(arr.max()),
+                "limit": limit, "truncated_share": round(float(np.mean(arr > chosen)), 4)}
+
     def describe_eval(self, ev: dict[str, Any]) -> str:
         raise NotImplementedError
 
@@ -87,6 +117,32 @@ class Task:
     def save(self, model, folder: str) -> None:
         model.save_pretrained(folder, safe_serialization=True)
 
+    def load_weights(self, model, folder: str) -> None:
+        """Load the weights `save` wrote into `model` (resuming from a checkpoint)."""
+        load_saved_weights(model, folder)
+
+
+RESUME_ONLY_FILES = ("trainer_state.safetensors", "adapter.safetensors")
+"""Checkpoint files that only resuming needs; they are not published."""
+
+
+def load_saved_weights(model, folder: str) -> None:
+    """Every *.safetensors weight file of a save_pretrained folder into `model`."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        if os.path.basename(path) not in RESUME_ONLY_FILES:
+            state.update(load_file(path))
+    if not state:
+        raise FileNotFoundError(f"no weights in checkpoint {folder}")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint does not fit the model: unexpected weights "
+                         f"{result.unexpected_keys[:5]}")
+
 
 def _all_reduce(values, device, world: int):
     """Sum a float64 vector over ranks (no-op on one worker)."""
@@ -100,6 +156,26 @@ def _all_reduce(values, device, world: int):
         dist.all_reduce(packed)
         packed = packed.cpu()
     return packed
+
+
+def resolve_class_weights(spec: Optional[str], labels: list[str],
+                          counts: list[int]) -> Optional[list[float]]:
+    """Loss weight per class id: None, 'balanced' (n / (k x count)) or label=weight."""
+    from services.config import parse_class_weights
+    from services.errors import ConfigError
+
+    if not spec:
+        return None
+    parsed = parse_class_weights(spec)
+    if parsed == "balanced":
+        total, k = sum(counts), len(counts)
+        return [total / (k * max(1, c)) for c in counts]
+    unknown = sorted(set(parsed) - set(labels))
+    if unknown:
+        raise ConfigError(f"invalid config field 'class_weights': label(s) "
+                          f"{', '.join(map(repr, unknown))} not in the training data "
+                          f"(labels: {', '.join(labels)})")
+    return [float(parsed.get(lab, 1.0)) for lab in labels]
 
 
 def _shard_by_length(split: EncodedSplit, rank: int, world: int) -> list[int]:
@@ -138,7 +214,7 @@ class ClassificationTask(Task):
         return [self.id2label[i] for i in range(len(self.id2label))]
 
     def prepare_data(self, cfg, tokenizer):
-        from services.data import LabelSet, load_labelled, split_indices
+        from services.data import LabelSet, load_labelled, stratified_split_indices
         from services.training.encoded import encode_texts
 
         train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
@@ -150,28 +226,40 @@ class ClassificationTask(Task):
             eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
             split = None
         else:
-            tr_idx, ev_idx = split_indices(len(train.texts), cfg.eval_fraction, cfg.seed)
+            tr_idx, ev_idx = stratified_split_indices(train.labels, cfg.eval_fraction,
+                                                      cfg.seed)
             tr_texts = [train.texts[i] for i in tr_idx]
             tr_labels = [train.labels[i] for i in tr_idx]
             ev_texts = [train.texts[i] for i in ev_idx]
             ev_labels = [train.labels[i] for i in ev_idx]
             eval_info = None
-            split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
-                     "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+            split = {"method": "stratified by label", "eval_fraction": cfg.eval_fraction,
+                     "seed": cfg.seed, "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
         labelset = LabelSet.from_labels(tr_labels)
         tr_ids = labelset.encode(tr_labels)
         ev_ids = labelset.encode(ev_labels, where=f"{cfg.eval or cfg.train}: ")
         self.id2label = labelset.id2label
         self.pad_id = tokenizer.pad_token_id
+        length_info = self._resolve_max_length(cfg, tokenizer, (tr_texts,))
+        counts = np.bincount(np.asarray(tr_ids), minlength=len(labelset)).tolist()
+        self.class_weights = resolve_class_weights(cfg.class_weights, self.label_names, counts)
         data = {
-            "train": encode_texts(tokenizer, tr_texts, tr_ids, cfg.max_length),
-            "eval": encode_texts(tokenizer, ev_texts, ev_ids, cfg.max_length),
+            "train": encode_texts(tokenizer, tr_texts, tr_ids, self.max_length),
+            "eval": encode_texts(tokenizer, ev_texts, ev_ids, self.max_length),
         }
         info = {"train": {"path": train.path, "sha256": train.sha256,
                           "rows": len(train.texts), "text_column": train.text_column,
-                          "label_column": train.label_column},
-                "eval": eval_info, "split": split}
+                          "label_column": train.label_column,
+                          "label_counts": dict(zip(self.label_names, counts))},
+                "eval": eval_info, "split": split, "max_length": length_info,
+                "class_weights": (dict(zip(self.label_names, self.class_weights))
+                                  if self.class_weights else None)}
         return data, info
+
+    def example_lengths(self, tokenizer, columns, limit):
+        (texts,) = columns
+        enc = tokenizer(list(texts), truncation=True, max_length=limit)
+        return [len(ids) for ids in enc["input_ids"]]
 
     def describe_data(self) -> str:
         return f"labels: {', '.join(self.label_names)}"
@@ -334,17 +422,30 @@ class GenerationTask(Task):
             split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
                      "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
         self.pad_id = tokenizer.pad_token_id
+        length_info = self._resolve_max_length(cfg, tokenizer, tr)
         train_split, train_stats = encode_pairs(tokenizer, *tr, self.prompt_template,
-                                                cfg.max_length, packing=self.packing)
+                                                self.max_length, packing=self.packing)
         # Eval is never packed: its loss is over each example on its own.
         eval_split, eval_stats = encode_pairs(tokenizer, *ev, self.prompt_template,
-                                              cfg.max_length)
+                                              self.max_length)
         self.stats = {"train": train_stats, "eval": eval_stats}
         info = {"train": {"path": train.path, "sha256": train.sha256,
                           "rows": len(train.prompts), "prompt_column": train.prompt_column,
                           "response_column": train.response_column, **train_stats},
-                "eval": {**(eval_info or {}), **eval_stats}, "split": split}
+                "eval": {**(eval_info or {}), **eval_stats}, "split": split,
+                "max_length": length_info}
         return {"train": train_split, "eval": eval_split}, info
+
+    max_length_cap = 1024
+
+    def example_lengths(self, tokenizer, columns, limit):
+        from services.config import render_prompt
+
+        prompts, responses = columns
+        p_ids = tokenizer([render_prompt(self.prompt_template, p) for p in prompts],
+                          add_special_tokens=True)["input_ids"]
+        r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        return [min(limit, len(p) + len(r) + 1) for p, r in zip(p_ids, r_ids)]
 
     def describe_data(self) -> str:
         tr, ev = self.stats["train"], self.stats["eval"]
@@ -412,8 +513,22 @@ class GenerationTask(Task):
         return {"eval_loss": loss, "eval_perplexity": perplexity(loss),
                 "eval_examples": int(round(examples)), "eval_tokens": int(round(tokens))}
 
+    def load_weights(self, model, folder):
+        if not self.lora:
+            return load_saved_weights(model, folder)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors")))
+
     def save(self, model, folder):
         if self.lora:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            adapter = {k: v.detach().cpu().contiguous()
+                       for k, v in get_peft_model_state_dict(model).items()}
+            save_file(adapter, os.path.join(folder, "adapter.safetensors"))
             # The published checkpoint is a plain model: the adapter merged in, on a
             # copy so that training goes on with the adapter separate.
             model = copy.deepcopy(model).merge_and_unload()

@@ -1,0 +1,169 @@
+"""Training survives what production throws at it.
+
+- a Ray Train worker killed (SIGKILL) in the middle of an epoch: the run resumes from
+  its last checkpoint (weights, optimizer moments, step, data position) and ends where
+  an uninterrupted run with the same seed ends;
+- more failures than `max_failures`: a clear error, a non-zero exit, nothing published;
+- the driver killed: `tuneserve train --resume RUN` continues from the last checkpoint.
+
+Faults are injected at a known optimizer step through TUNESERVE_TEST_FAULT (see
+services/training/loop.py), so the tests do not race the training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.cli import main as cli_main
+from services.config import TrainConfig
+from services.errors import TrainingFailed
+from services.registry import Registry
+from services.training.loop import FAULT_ENV
+from services.training.run import RUN_CONFIG_FILE, run_training
+from tests.helpers import poll_until
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, BATCH, EVAL_STEPS = 2, 16, 4
+
+
+def _cfg(tmp_path: Path, model_dir, csv, name: str, **kw) -> TrainConfig:
+    base = dict(model=str(model_dir), train=str(csv), name=name,
+                registry=str(tmp_path / "registry"), runs_dir=str(tmp_path / "runs"),
+                workers=2, epochs=EPOCHS, batch_size=BATCH, learning_rate=2e-3,
+                eval_steps=EVAL_STEPS, log_every_steps=2, seed=7, max_length=32)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(cfg: TrainConfig, fault: str | None = None):
+    lines: list[str] = []
+    old = os.environ.pop(FAULT_ENV, None)
+    if fault:
+        os.environ[FAULT_ENV] = fault
+    try:
+        return run_training(cfg, progress_bar=False, out=lines.append), lines
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+        if old is not None:
+            os.environ[FAULT_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
+    tmp = tmp_path_factory.mktemp("plain")
+    result, _ = _run(_cfg(tmp, tiny_model_dir, toy_csv, "plain"))
+    return result
+
+
+def _evals(result):
+    return [e for e in result.history if e["type"] == "eval"]
+
+
+def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
+        ray_cluster, tmp_path, tiny_model_dir, toy_csv, uninterrupted):
+    # 180 training rows / 16 = 12 steps an epoch; checkpoints at steps 4 and 8; the
+    # last worker dies at step 6, in the middle of epoch 1.
+    cfg = _cfg(tmp_path, tiny_model_dir, toy_csv, "faulty", max_failures=1)
+    result, lines = _run(cfg, fault="step=6,action=kill")
+
+    killed = list((Path(result.run_dir) / ".faults").glob("fault-at-*"))
+    assert [p.read_text() for p in killed] == ["1"], "the worker was not killed"
+    resumed = [line for line in lines if line.startswith("resumed from")]
+    assert resumed == ["resumed from the checkpoint at epoch 1, step 4"], "\n".join(lines)
+    evals = _evals(result)
+    plain = _evals(uninterrupted)
+    # Evaluations after the restart continue the same schedule to the same last step.
+    assert evals[-1]["step"] == plain[-1]["step"] == 2 * 12
+    assert [e["step"] for e in evals if e["step"] > 4] == \
+        [e["step"] for e in plain if e["step"] > 4]
+    assert result.version == "v1"
+    assert result.metrics["accuracy"] == pytest.approx(uninterrupted.metrics["accuracy"],
+                                                       abs=0.05)
+    assert result.metrics["loss"] == pytest.approx(uninterrupted.metrics["loss"],
+                                                   rel=0.25, abs=0.05)
+    # Only the model is published, not what resuming needed.
+    files = {p.name for p in Path(result.checkpoint_dir).iterdir()}
+    assert "model.safetensors" in files
+    assert not {"trainer_state.safetensors", "adapter.safetensors"} & files
+
+
+def test_more_failures_than_allowed_exit_non_zero_and_publish_nothing(
+        ray_cluster, tmp_path, tiny_model_dir, toy_csv, capsys):
+    cfg = _cfg(tmp_path, tiny_model_dir, toy_csv, "doomed", max_failures=1)
+    with pytest.raises(TrainingFailed) as err:
+        _run(cfg, fault="step=2,action=kill,times=10")
+    message = str(err.value)
+    assert "worker failures tolerated: 1" in message and "nothing was published" in message
+    assert "--resume" in message and "Traceback" not in message
+    assert Registry(cfg.registry).versions("doomed") == []
+
+    # The same through the command line: exit code 1 and one line on stderr.
+    os.environ[FAULT_ENV] = "step=2,action=kill,times=10"
+    try:
+        code = cli_main(["train", "--model", cfg.model, "--train", cfg.train,
+                         "--name", "doomed-cli", "--registry", cfg.registry,
+                         "--runs-dir", cfg.runs_dir, "--workers", "2", "--epochs", "1",
+                         "--batch-size", "16", "--max-failures", "0"])
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+    err_text = capsys.readouterr().err
+    assert code != 0
+    assert "worker failures tolerated: 0" in err_text and "Traceback" not in err_text
+    assert Registry(cfg.registry).versions("doomed-cli") == []
+
+
+def test_train_resume_continues_a_run_whose_driver_was_killed(
+        ray_cluster, tmp_path, tiny_model_dir, toy_csv, capsys):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    runs = tmp_path / "runs"
+    registry = tmp_path / "registry"
+    env = {**os.environ, FAULT_ENV: "step=6,action=pause", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "services", "train", "--model", str(tiny_model_dir),
+           "--train", str(toy_csv), "--name", "resumable", "--registry", str(registry),
+           "--runs-dir", str(runs), "--workers", "2", "--epochs", str(EPOCHS),
+           "--batch-size", str(BATCH), "--eval-steps", str(EVAL_STEPS),
+           "--learning-rate", "2e-3", "--max-length", "32", "--seed", "7",
+           "--address", address]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    try:
+        # The worker pauses at step 6, after the checkpoint of step 4: kill the driver.
+        marker = poll_until(lambda: next(runs.glob("resumable-*/.faults/fault-at-6"), None),
+                            timeout_s=180)
+        assert marker is not None
+        run_dir = marker.parent.parent
+        assert (run_dir / RUN_CONFIG_FILE).is_file()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert Registry(registry).versions("resumable") == []
+
+    # Resume by name from the runs folder; the worker's pause hook has already fired.
+    code = cli_main(["train", "--resume", run_dir.name, "--runs-dir", str(runs),
+                     "--address", address, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "resumed from the checkpoint at epoch 1, step 4" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["version"] == "v1" and summary["run_dir"] == str(run_dir.resolve())
+    assert [row["epoch"] for row in summary["epochs"]][-1] == EPOCHS
+
+    # Asking to resume what does not exist, or with new settings, is a clear error.
+    assert cli_main(["train", "--resume", "no-such-run", "--runs-dir", str(runs)]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", run_dir.name, "--runs-dir", str(runs),
+                     "--epochs", "9"]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
