@@ -1,0 +1,138 @@
+"""The pieces behind sensible training defaults, early stopping and resuming, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.config import TrainConfig, parse_class_weights
+from services.data import stratified_split_indices
+from services.errors import ConfigError
+from services.training.encoded import choose_max_length
+from services.training.loop import (
+    EarlyStopping,
+    _ResumableSampler,
+    load_trainer_state,
+    save_trainer_state,
+)
+from services.training.tasks import resolve_class_weights
+
+
+def test_task_defaults_fill_only_what_is_unset():
+    cls = TrainConfig(model="m", train="t.csv").validate()
+    assert (cls.learning_rate, cls.warmup_ratio, cls.epochs) == (5e-5, 0.06, 3)
+    gen = TrainConfig(model="m", train="t.jsonl", task="generation").validate()
+    assert (gen.learning_rate, gen.warmup_ratio, gen.epochs) == (2e-5, 0.03, 2)
+    lora = TrainConfig(model="m", train="t.jsonl", task="generation", lora_r=8).validate()
+    assert lora.learning_rate == 2e-4
+    mine = TrainConfig(model="m", train="t.csv", learning_rate=1e-4, epochs=1).validate()
+    assert (mine.learning_rate, mine.epochs) == (1e-4, 1)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("eval_steps", 0, "eval_steps"),
+    ("early_stopping_patience", -1, "early_stopping_patience"),
+    ("max_failures", -2, "max_failures"),
+    ("early_stopping_min_delta", -0.1, "early_stopping_min_delta"),
+    ("class_weights", "spam=0", "class_weights"),
+    ("class_weights", "spam", "class_weights"),
+    ("max_length", 4, "max_length"),
+])
+def test_bad_training_fields_are_named(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(model="m", train="t.csv", **{field: value}).validate()
+
+
+def test_class_weights_only_for_classification():
+    with pytest.raises(ConfigError, match="class_weights"):
+        TrainConfig(model="m", train="t.jsonl", task="generation",
+                    class_weights="balanced").validate()
+
+
+def test_max_length_from_the_data_is_the_p99_rounded_up_to_8_within_the_limit():
+    lengths = list(range(1, 101))  # p99 = 99.01
+    assert choose_max_length(lengths, 512) == 104
+    assert choose_max_length(lengths, 64) == 64
+    assert choose_max_length([3, 3, 3], 512) == 8
+    assert choose_max_length([], 512) == 128
+
+
+def test_balanced_class_weights_make_each_class_weigh_the_same_in_total():
+    counts = [90, 10]
+    weights = resolve_class_weights("balanced", ["ham", "spam"], counts)
+    assert weights == pytest.approx([100 / 180, 100 / 20])
+    assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])
+    assert resolve_class_weights("spam=3", ["ham", "spam"], counts) == [1.0, 3.0]
+    assert resolve_class_weights(None, ["ham", "spam"], counts) is None
+    with pytest.raises(ConfigError, match="'eggs' not in the training data"):
+        resolve_class_weights("eggs=2", ["ham", "spam"], counts)
+    assert parse_class_weights(" a=1.5 , b=2 ") == {"a": 1.5, "b": 2.0}
+
+
+def test_stratified_split_keeps_every_label_share_and_is_deterministic():
+    labels = ["a"] * 900 + ["b"] * 90 + ["c"] * 10
+    tr, ev = stratified_split_indices(labels, 0.1, seed=3)
+    assert sorted(tr + ev) == list(range(1000)) and not set(tr) & set(ev)
+    counts = {lab: sum(labels[i] == lab for i in ev) for lab in "abc"}
+    assert counts == {"a": 90, "b": 9, "c": 1}
+    assert (tr, ev) == stratified_split_indices(labels, 0.1, seed=3)
+    assert ev != stratified_split_indices(labels, 0.1, seed=4)[1]
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stop = EarlyStopping("max", patience=2, min_delta=0.01)
+    assert [stop.update(v) for v in (0.80, 0.85, 0.855, 0.86, 0.87)] == \
+        [False, False, False, True, False]
+    assert stop.best == 0.87
+    low = EarlyStopping("min", patience=1, min_delta=0.0)
+    assert [low.update(v) for v in (1.0, 0.9, 0.95)] == [False, False, True]
+    off = EarlyStopping("max", patience=0, min_delta=0.0)
+    assert not any(off.update(0.5) for _ in range(10))
+
+
+def test_resumable_sampler_skips_only_the_first_epoch_after_a_restore():
+    from torch.utils.data import DistributedSampler
+
+    data = list(range(20))
+    base = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=5)
+    sampler = _ResumableSampler(base)
+    sampler.set_epoch(1)
+    full = list(iter(sampler))
+    sampler.skip = 4
+    assert len(sampler) == len(full) - 4
+    assert list(iter(sampler)) == full[4:]
+    assert list(iter(sampler)) == full and len(sampler) == len(full)
+
+
+def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    save_trainer_state(str(tmp_path), opt, {"epoch": 1, "step": 3, "micro_in_epoch": 3})
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))
+    expected_draw = torch.rand(3)
+
+    twin = torch.nn.Linear(4, 2)
+    twin.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=5.0)
+    torch.manual_seed(123)
+    state = load_trainer_state(str(tmp_path), opt2, "cpu")
+    assert (state["epoch"], state["step"], state["micro_in_epoch"]) == (1, 3, 3)
+    assert torch.equal(torch.rand(3), expected_draw)  # RNG restored
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+    # One more identical step keeps both models identical.
+    x = torch.randn(8, 4)
+    for m, o in ((model, opt), (twin, opt2)):
+        m(x).sum().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert np.isfinite(state["optimizer"]["param_groups"][0]["lr"])
