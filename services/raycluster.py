@@ -27,7 +27,9 @@ def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = Non
         if not verbose:
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
         return False
-    kwargs = dict(include_dashboard=False, logging_level=level, log_to_driver=verbose,
+    # address="local": always a new cluster of our own. Without it Ray joins whatever
+    # cluster another process on the machine started last (/tmp/ray/ray_current_cluster).
+    kwargs = dict(address="local", include_dashboard=False, logging_level=level, log_to_driver=verbose,
                   configure_logging=True)
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
