@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--registry", default=None,
                        help=f"load the checkpoint from this registry (default {DEFAULT_REGISTRY})")
     where.add_argument("--address", default=None, help="evaluate through a running "
-                       "server's gRPC API (HOST:PORT; token from $TUNESERVE_API_TOKEN)")
+                       "server's gRPC API (HOST:PORT)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="with --address: file holding the API token (default: "
+                        "$TUNESERVE_API_TOKEN, else $TUNESERVE_ADMIN_TOKEN)")
     helps = _field_help(TrainConfig)
     p.add_argument("--text-column", default=None, metavar="VALUE", help=helps["text_column"])
     p.add_argument("--label-column", default=None, metavar="VALUE",
@@ -202,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", default=None, metavar="A,B", help=helps["columns"])
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="texts per forward pass (default 64), or with --address per "
-                        "request (default and most: the server's limit, 128)")
+                        "request (default 128; lowered to the server's limit if less)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate the first N examples only")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per request, with --address")
@@ -492,7 +495,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run_eval(data=args.data, model=args.model, registry=args.registry,
                       address=args.address, text_column=args.text_column,
                       label_column=args.label_column, columns=args.columns,
-                      batch_size=args.batch_size, limit=args.limit, timeout_s=args.timeout_s)
+                      batch_size=args.batch_size, limit=args.limit, timeout_s=args.timeout_s,
+                      token_file=args.token_file)
     png = str(report.write_png(args.confusion_png)) if args.confusion_png else None
     if args.json:
         print(json.dumps({**report.to_json(), "confusion_png": png}))

@@ -5,6 +5,12 @@
         resp = c.classify("sentiment", ["what a lovely film"])
         print(resp.results[0].label, resp.version)
 
+Tokens: when the server requires them, the client sends `authorization: Bearer
+<token>`: `token` (default: env TUNESERVE_API_TOKEN, else TUNESERVE_ADMIN_TOKEN) on
+Inference calls, `admin_token` (default: env TUNESERVE_ADMIN_TOKEN, else `token`) on
+Admin calls. Pass "" to send none. The channel is plaintext: put TLS in front (a mesh,
+an ingress) before tokens cross a network you do not trust.
+
 Other languages: generate stubs from protos/tuneserve/v1/inference.proto, or explore
 with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`.
 """
@@ -17,20 +23,36 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.protocol import INFERENCE_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
+from services.serving.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
 
 DEFAULT_TIMEOUT_S = 30.0
 
 
+def token_from(token_file: Optional[str], env_name: str) -> Optional[str]:
+    """A token from a file (whitespace stripped) if one is named, else from env_name."""
+    return read_token(env_name, token_file)
+
+
 class Client:
     def __init__(self, address: str, *, token: Optional[str] = None,
+                 admin_token: Optional[str] = None, application: Optional[str] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S):
+        """`application`: the Serve application to reach, when the cluster runs more
+        than one (sent as the `application` metadata Serve's gRPC proxy routes by)."""
         self.address = address
         self.timeout_s = timeout_s
         self.channel = grpc.insecure_channel(address)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.admin = admin_pb_grpc.AdminStub(self.channel)
         self._health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        if token is None:
+            token = read_token(API_TOKEN_ENV) or read_token(ADMIN_TOKEN_ENV)
+        if admin_token is None:
+            admin_token = read_token(ADMIN_TOKEN_ENV) or token
+        routing = [("application", application)] if application else []
+        self._health_metadata = routing
+        self._metadata = routing + _bearer(token)
+        self._admin_metadata = routing + _bearer(admin_token)
 
     def __enter__(self) -> "Client":
         return self
@@ -65,24 +87,24 @@ class Client:
     def promote(self, model: str, version: str, channel: str = "") -> admin_pb.AdminResponse:
         return self.admin.Promote(admin_pb.PromoteRequest(model=model, version=version,
                                                           channel=channel),
-                                  timeout=self.timeout_s, metadata=self._metadata)
+                                  timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def rollback(self, model: str, channel: str = "") -> admin_pb.AdminResponse:
         return self.admin.Rollback(admin_pb.RollbackRequest(model=model, channel=channel),
-                                   timeout=self.timeout_s, metadata=self._metadata)
+                                   timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def pin(self, model: str, version: str) -> admin_pb.AdminResponse:
         return self.admin.Pin(admin_pb.PinRequest(model=model, version=version),
-                              timeout=self.timeout_s, metadata=self._metadata)
+                              timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def unpin(self, model: str) -> admin_pb.AdminResponse:
         return self.admin.Unpin(admin_pb.UnpinRequest(model=model),
-                                timeout=self.timeout_s, metadata=self._metadata)
+                                timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def health(self, service: str = INFERENCE_SERVICE, timeout_s: float = 5.0) -> str:
-        """'SERVING', 'NOT_SERVING', ... as a name."""
+        """'SERVING', 'NOT_SERVING', ... as a name (health needs no token)."""
         resp = self._health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                 timeout=timeout_s)
+                                       timeout=timeout_s, metadata=self._health_metadata)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_until_serving(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
@@ -99,6 +121,10 @@ class Client:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(poll_s)
         raise TimeoutError(f"{self.address} not SERVING after {timeout_s:.0f}s ({last})")
+
+
+def _bearer(token: Optional[str]) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
 
 
 def format_table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:

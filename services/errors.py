@@ -65,11 +65,21 @@ class Overloaded(TuneserveError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class RequestTooLarge(TuneserveError):
+    """A request message over ServeLimits.max_request_bytes."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class Unauthenticated(TuneserveError):
+    """No token, a malformed `authorization` metadata entry, or an unknown token."""
+
     grpc_code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(TuneserveError):
+    """A valid token that may not call this method (the API token on Admin)."""
+
     grpc_code = "PERMISSION_DENIED"
 
 

@@ -55,3 +55,58 @@ SUMMARY_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 def summary(metrics: dict) -> dict[str, float]:
     """The scalar metrics, as stored in manifests and returned by ListModels."""
     return {k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics}
+
+
+def format_report(metrics: dict, cm: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """Accuracy, a per-class table with the macro averages, and the confusion matrix,
+    as plain-text tables (what `tuneserve eval` prints)."""
+    from services.client import format_table
+
+    rows = [(lab, f"{pc['precision']:.4f}", f"{pc['recall']:.4f}", f"{pc['f1']:.4f}",
+             pc["support"]) for lab, pc in metrics["per_class"].items()]
+    rows.append(("macro avg", f"{metrics['macro_precision']:.4f}",
+                 f"{metrics['macro_recall']:.4f}", f"{metrics['macro_f1']:.4f}",
+                 metrics["support"]))
+    per_class = format_table(rows, ["label", "precision", "recall", "f1", "support"])
+    cm_rows = [(lab, *row) for lab, row in zip(labels, cm)]
+    matrix = format_table(cm_rows, ["true \\ predicted", *labels])
+    return "\n".join([
+        f"accuracy {metrics['accuracy']:.4f} "
+        f"({sum(cm[i][i] for i in range(len(cm)))}/{metrics['support']})",
+        "", per_class, "",
+        "confusion matrix (rows: true label, columns: predicted label)", matrix])
+
+
+def write_confusion_png(cm: Sequence[Sequence[int]], labels: Sequence[str], path,
+                        title: str = ""):
+    """The confusion matrix as a PNG heat map with the counts written in each cell.
+    Matplotlib's object API on the Agg canvas: no pyplot state, no display needed."""
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(labels)
+    side = min(16.0, 2.5 + 0.6 * n)
+    fig = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(cm, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, label="examples")
+    ax.set_xticks(range(n), labels=labels, rotation=45 if n > 4 else 0, ha="right" if n > 4
+                  else "center")
+    ax.set_yticks(range(n), labels=labels)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    if n <= 30:  # past that the numbers no longer fit in the cells
+        high = max((v for row in cm for v in row), default=0)
+        for i, row in enumerate(cm):
+            for j, value in enumerate(row):
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=9,
+                        color="white" if high and value > high / 2 else "black")
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -12,13 +12,16 @@ from services.protocol.tuneserve.v1 import inference_pb2_grpc as pb_grpc
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN_SERVICE = admin_pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
-# Import paths of the `add_*Servicer_to_server` functions that Ray Serve's gRPC proxy
-# registers (`gRPCOptions.grpc_servicer_functions`). The health service is routed
-# through the proxy like any other, so Kubernetes' native gRPC probe reaches the app.
+# Import paths of the functions that Ray Serve's gRPC proxy calls to register the
+# services (`gRPCOptions.grpc_servicer_functions`, in Serve configs and the RayService).
+# They are services/serving/app.py's versions of the generated `add_*Servicer_to_server`,
+# with deserializers that never raise, so that a malformed message gets
+# INVALID_ARGUMENT instead of UNKNOWN. The health service is routed through the proxy
+# like any other, so Kubernetes' native gRPC probe reaches the app.
 SERVICER_FUNCTIONS = [
-    "services.protocol.tuneserve.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
-    "services.protocol.tuneserve.v1.admin_pb2_grpc.add_AdminServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "services.serving.app.add_inference_servicer",
+    "services.serving.app.add_admin_servicer",
+    "services.serving.app.add_health_servicer",
 ]
 
 __all__ = ["pb", "pb_grpc", "admin_pb", "admin_pb_grpc", "INFERENCE_SERVICE", "ADMIN_SERVICE",

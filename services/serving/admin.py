@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 
-from services.errors import InvalidInput
+from services.errors import InvalidInput, ModelNotFound
 from services.protocol import admin_pb
-from services.registry import validate_name
-from services.serving.validation import check_model_field, check_version_field
+from services.serving.validation import check_model_field, check_name, check_version_field
 
 
 class AdminMethods:
-    """Mixed into InferenceIngress; expects self.registry, self.limits, self.handles."""
+    """Mixed into InferenceIngress; expects self.registry, self.limits, self.handles.
+    Authorization (the admin token) is checked by the ingress before these run."""
 
     def _admin_model(self, model: str) -> str:
         name = check_model_field(model, self.limits)
         if not self.registry.exists(name):
-            from services.errors import ModelNotFound
-
             raise ModelNotFound(f"model '{name}' not found in the registry")
         return name
 
@@ -38,10 +36,7 @@ class AdminMethods:
     def _channel(channel: str) -> str:
         if not channel:
             return "production"
-        try:
-            return validate_name(channel, "channel")
-        except InvalidInput as exc:
-            raise InvalidInput(f"channel: {exc}") from None
+        return check_name(channel, "channel", "channel")
 
     async def _promote(self, request):
         name = self._admin_model(request.model)

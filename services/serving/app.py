@@ -4,6 +4,16 @@
 
 or, for a Serve config file / KubeRay RayService, the import path
 `services.serving.app:app_builder` with args {registry: ..., ...}.
+
+API tokens (services/serving/auth.py) are read here, where the application is built,
+from `api_token_file` / `admin_token_file` or TUNESERVE_API_TOKEN /
+TUNESERVE_ADMIN_TOKEN; only their digests go to the ingress.
+
+`grpc_options` registers the services with Serve's gRPC proxy through
+`add_*_servicer` below rather than the generated `add_*Servicer_to_server`: the same
+methods, but a request the proxy cannot parse (not the message, a string that is not
+UTF-8) reaches the ingress as an `UndecodableRequest`, answered INVALID_ARGUMENT,
+instead of failing inside grpc as UNKNOWN with the parser's exception text.
 """
 
 from __future__ import annotations
@@ -13,11 +23,17 @@ import logging
 import math
 from typing import Any, Optional
 
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
+
 from services.config import ServeConfig, ServeLimits
 from services.errors import RegistryError
-from services.protocol import SERVICER_FUNCTIONS
+from services.protocol import admin_pb, pb
 from services.raycluster import ensure_ray
 from services.registry import Registry
+from services.serving.auth import Tokens
+from services.serving.validation import UndecodableRequest
 
 APP_NAME = "tuneserve"
 logger = logging.getLogger(__name__)
@@ -50,6 +66,7 @@ def build_app(cfg: ServeConfig):
     from services.serving.status import StatusBoard
 
     cfg.validate()
+    tokens = Tokens.load(cfg.api_token_file, cfg.admin_token_file)
     registry = Registry(cfg.registry)
     tasks = discover_models(registry, cfg.models)
     if not tasks:
@@ -99,8 +116,10 @@ def build_app(cfg: ServeConfig):
         max_ongoing_requests=max(256, cfg.max_ongoing_requests * 8),
     )
     served_tasks = {n: t for n, t in tasks.items() if n in handles}
+    if tokens.open_warning():
+        logger.warning(tokens.open_warning())
     return ingress.bind(registry.uri, handles, served_tasks,
-                        dataclasses.asdict(cfg.limits), board=board)
+                        dataclasses.asdict(cfg.limits), board=board, auth=tokens.as_dict())
 
 
 def app_builder(args: dict[str, Any]):
@@ -114,8 +133,59 @@ def app_builder(args: dict[str, Any]):
     return build_app(ServeConfig(limits=limits, **args))
 
 
+# ---- registering the services with Serve's gRPC proxy ---------------------------------
+def _lenient(message_class):
+    """A request deserializer that never raises: bytes it cannot parse become an
+    UndecodableRequest for the ingress to refuse."""
+
+    def deserialize(raw: bytes):
+        try:
+            return message_class.FromString(raw)
+        except DecodeError:
+            return UndecodableRequest(message_class.DESCRIPTOR.full_name, len(raw))
+
+    return deserialize
+
+
+def _register(service, servicer, server) -> None:
+    """What a generated `add_*Servicer_to_server` does, with lenient deserializers."""
+    handlers = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=_lenient(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def add_inference_servicer(servicer, server) -> None:
+    _register(pb.DESCRIPTOR.services_by_name["Inference"], servicer, server)
+
+
+def add_admin_servicer(servicer, server) -> None:
+    _register(admin_pb.DESCRIPTOR.services_by_name["Admin"], servicer, server)
+
+
+def add_health_servicer(servicer, server) -> None:
+    from grpc_health.v1 import health_pb2
+
+    _register(health_pb2.DESCRIPTOR.services_by_name["Health"], servicer, server)
+
+
+GRPC_SERVICER_FUNCTIONS = [f"{__name__}.{fn.__name__}" for fn in
+                           (add_inference_servicer, add_admin_servicer, add_health_servicer)]
+"""Import paths for `gRPCOptions.grpc_servicer_functions` (Serve config files too);
+services.protocol.SERVICER_FUNCTIONS names the same (checked by a test)."""
+
+
 def grpc_options(cfg: ServeConfig) -> dict[str, Any]:
-    return {"port": cfg.grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)}
+    return {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
 
 
 def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = False,

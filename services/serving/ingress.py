@@ -2,10 +2,15 @@
 
 Ray Serve's gRPC proxy routes `/tuneserve.v1.Inference/<Method>` and
 `/grpc.health.v1.Health/<Method>` to the methods of the same name here. This layer
-validates requests, maps domain errors to status codes (one table: `grpc_code` on
-each error class) and never imports torch. Unexpected failures answer INTERNAL with an
-error id while the traceback goes to the replica log: no traceback, path or internal
-name reaches a client.
+checks the caller's bearer token (services/serving/auth.py), validates requests, maps
+domain errors to status codes (one table: `grpc_code` on each error class) and never
+imports torch. Unexpected failures answer INTERNAL with an error id while the traceback
+goes to the replica log: no traceback, path or internal name reaches a client.
+
+Every Inference and Admin method goes through the same steps, in this order:
+authorization (UNAUTHENTICATED / PERMISSION_DENIED), a request the proxy could not
+parse (INVALID_ARGUMENT), the request's size (RESOURCE_EXHAUSTED), then the method.
+Health stays open.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from typing import Any, Optional
@@ -32,8 +38,12 @@ from services.errors import (
 from services.protocol import INFERENCE_SERVICE, admin_pb, pb
 from services.registry import Registry
 from services.serving.admin import AdminMethods
+from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens
 from services.serving.validation import (
+    UndecodableRequest,
+    check_decoded,
     check_model_field,
+    check_request_size,
     validate_classify,
     validate_generate,
 )
@@ -42,24 +52,56 @@ logger = logging.getLogger("ray.serve")
 
 HEALTH_CACHE_S = 1.0
 STATUS_TIMEOUT_S = 5.0
+MAX_MESSAGE_CHARS = 1000
+METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream": INFERENCE,
+                 "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
+                 "Unpin": ADMIN}
+# Anything that looks like a file path or a module: a word holding a slash or a
+# backslash, or ending in ".py".
+_PATH_LIKE = re.compile(r"""[^\s'"()]*[/\\][^\s'"()]*|[^\s'"()]+\.py\b""")
 
 
-def _status_code(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Exception -> (status code, message for the client)."""
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(exc, TuneserveError):
-        return getattr(grpc.StatusCode, exc.grpc_code), exc.message
-    if isinstance(exc, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: request queue full; retry later"
-    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
-        return grpc.StatusCode.UNAVAILABLE, "model replica unavailable; retry"
-    if isinstance(exc, asyncio.TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "timed out"
+def _internal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     error_id = uuid.uuid4().hex[:12]
     logger.error("internal error %s", error_id, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see server logs"
+
+
+def public_message(message: str) -> Optional[str]:
+    """A domain error's message as a client may see it: paths cut out, bounded; None
+    if it looks like a traceback (the caller answers INTERNAL with an error id)."""
+    if "Traceback" in message or 'File "' in message:
+        return None
+    message = _PATH_LIKE.sub("<path>", message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+    return message
+
+
+def _status_code(exc: BaseException, model: str = "") -> tuple[grpc.StatusCode, str]:
+    """Exception -> (status code, message for the client). `model`: the request's model
+    if it is one served here (safe to name), else empty."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, ModelLoading):
+        # The replica's own message may carry its last load error (paths, exception
+        # names): ListModels shows that to whoever needs it.
+        who = f"model '{model}'" if model and model != "-" else "the model"
+        return grpc.StatusCode.UNAVAILABLE, (f"{who} is loading: no version is loaded yet; "
+                                             "retry shortly (ListModels shows its state)")
+    if isinstance(exc, TuneserveError):
+        message = public_message(exc.message or exc.grpc_code)
+        if message is None:
+            return _internal(exc)
+        return getattr(grpc.StatusCode, exc.grpc_code), message
+    if isinstance(exc, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: request queue full; retry later"
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        return grpc.StatusCode.UNAVAILABLE, "model temporarily unavailable; retry"
+    if isinstance(exc, asyncio.TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "timed out"
+    return _internal(exc)
 
 
 def _generate_response(answer: dict[str, Any], model: str):
@@ -78,9 +120,10 @@ def rpc(response_type):
             started = time.perf_counter()
             code_name = "OK"
             try:
+                self._admit(fn.__name__, request, grpc_context)
                 return await fn(self, request, grpc_context)
             except Exception as exc:
-                code, message = _status_code(exc)
+                code, message = _status_code(exc, self._metric_model(request))
                 code_name = code.name
                 if grpc_context is not None:
                     grpc_context.set_code(code)
@@ -98,15 +141,29 @@ class InferenceIngress(AdminMethods):
     """Serve deployment class; `app.py` wraps it with `serve.deployment`."""
 
     def __init__(self, registry: str, models: dict[str, Any], tasks: dict[str, str],
-                 limits: Optional[dict] = None, board: Any = None):
+                 limits: Optional[dict] = None, board: Any = None,
+                 auth: Optional[dict] = None):
         self.registry = Registry(registry)
         self.handles = models  # model name -> DeploymentHandle of its model deployment
         self.tasks = tasks
         self.limits = ServeLimits(**(limits or {}))
         self.board = board  # DeploymentHandle of the StatusBoard
+        # Token digests (services/serving/auth.py), never the tokens themselves.
+        tokens = Tokens.from_dict(auth)
+        self.auth = Authenticator(tokens)
+        if tokens.open_warning():
+            logger.warning(tokens.open_warning())
         self._health: tuple[float, bool] = (0.0, False)
 
     # ---- helpers ---------------------------------------------------------------
+    def _admit(self, method: str, request, grpc_context) -> None:
+        """What every Inference and Admin call passes before its method runs: the
+        token, a request the proxy could parse, the size limit."""
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        self.auth.check(metadata, METHOD_SCOPES[method])
+        check_decoded(request)
+        check_request_size(request, self.limits)
+
     def _metric_model(self, request) -> str:
         """The model label: a served model's name, else "-" (labels stay bounded)."""
         name = getattr(request, "model", "")
@@ -117,6 +174,7 @@ class InferenceIngress(AdminMethods):
         metrics.inc("tuneserve_requests_total", method=method, code=code, model=model)
         metrics.observe("tuneserve_request_duration_seconds", time.perf_counter() - started,
                         method=method, model=model)
+
     def _handle(self, model: str, task: str):
         handle = self.handles.get(model)
         if handle is None:
@@ -176,6 +234,7 @@ class InferenceIngress(AdminMethods):
         started = time.perf_counter()
         code_name = "CANCELLED"
         try:
+            self._admit("GenerateStream", request, grpc_context)
             call = validate_generate(request, self.limits)
             handle = self._handle(call.model, "generation")
             stream = handle.options(stream=True).generate_stream.remote(
@@ -185,7 +244,7 @@ class InferenceIngress(AdminMethods):
             finished = True
             code_name = "OK"
         except Exception as exc:
-            code, message = _status_code(exc)
+            code, message = _status_code(exc, self._metric_model(request))
             code_name = code.name
             if grpc_context is not None:
                 grpc_context.set_code(code)
@@ -273,10 +332,18 @@ class InferenceIngress(AdminMethods):
         return ok
 
     async def Check(self, request, grpc_context=None):
+        """Open to every caller (Kubernetes' gRPC probe sends no token)."""
+        if isinstance(request, UndecodableRequest):
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                grpc_context.set_details(f"request: not a valid {request.message_type} "
+                                         "message")
+            return health_pb2.HealthCheckResponse()
         if request.service not in ("", INFERENCE_SERVICE):
             if grpc_context is not None:
                 grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-                grpc_context.set_details(f"unknown service {request.service[:100]!r}")
+                grpc_context.set_details("unknown service: use '' or "
+                                         f"'{INFERENCE_SERVICE}'")
             return health_pb2.HealthCheckResponse()
         serving = await self._serving()
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -289,7 +356,7 @@ class InferenceIngress(AdminMethods):
         while True:
             response = await self.Check(request, grpc_context)
             if grpc_context is not None and grpc_context.code():
-                raise ModelNotFound("unknown service")
+                raise ModelNotFound(grpc_context.details())
             if response.status != last:
                 last = response.status
                 yield response

@@ -1,7 +1,8 @@
 """Request validation: proto messages in, checked plain values out (or InvalidInput).
 
 Every message names the field, so a client author can fix the call without reading
-server logs.
+server logs. A message never echoes an invalid value back (it may hold anything: a
+path, control characters); it says what a valid one looks like.
 """
 
 from __future__ import annotations
@@ -11,8 +12,41 @@ from dataclasses import dataclass
 from typing import Optional
 
 from services.config import ServeLimits
-from services.errors import InvalidInput
+from services.errors import InvalidInput, RequestTooLarge
 from services.registry import validate_name, validate_version
+
+MIN_TEMPERATURE = 1e-5
+"""Temperatures in (0, MIN_TEMPERATURE) decode greedily: dividing logits by a smaller
+number overflows float32 and sampling would have no valid distribution."""
+
+NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Stands in for a request message the gRPC proxy could not parse (bytes that are
+    not the message, a string field that is not UTF-8). Built by the request
+    deserializer (services/serving/app.py) and refused by the ingress as
+    INVALID_ARGUMENT instead of letting the parse error reach the client."""
+
+    message_type: str
+    size_bytes: int
+
+    def ByteSize(self) -> int:  # noqa: N802 (the protobuf method name)
+        return self.size_bytes
+
+
+def check_decoded(request) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidInput(f"request: not a valid {request.message_type} message "
+                           "(malformed bytes, or a string field that is not UTF-8)")
+
+
+def check_request_size(request, limits: ServeLimits) -> None:
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise RequestTooLarge(f"request: {size} bytes; the limit is "
+                              f"{limits.max_request_bytes} bytes per message")
 
 
 @dataclass(frozen=True)
@@ -22,15 +56,20 @@ class ClassifyCall:
     version: Optional[str]
 
 
+def check_name(name: str, field: str, what: str = "model") -> str:
+    """A model or channel name, or InvalidInput naming `field` (never echoing it)."""
+    try:
+        return validate_name(name, what)
+    except InvalidInput:
+        raise InvalidInput(f"{field}: invalid {what} name: {NAME_RULE}") from None
+
+
 def check_model_field(model: str, limits: ServeLimits) -> str:
     if not model:
         raise InvalidInput("model: required (a model name; ListModels shows them)")
     if len(model) > limits.max_model_name_chars:
         raise InvalidInput(f"model: longer than {limits.max_model_name_chars} characters")
-    try:
-        return validate_name(model)
-    except InvalidInput as exc:
-        raise InvalidInput(f"model: {exc}") from None
+    return check_name(model, "model")
 
 
 def check_version_field(version: str) -> Optional[str]:
@@ -38,8 +77,9 @@ def check_version_field(version: str) -> Optional[str]:
         return None
     try:
         return validate_version(version)
-    except InvalidInput as exc:
-        raise InvalidInput(f"version: {exc}") from None
+    except InvalidInput:
+        raise InvalidInput("version: invalid version: expected v1, v2, ... (or leave it "
+                           "empty for the model's channel)") from None
 
 
 def check_text(text: str, field: str, limits: ServeLimits) -> str:
@@ -110,6 +150,8 @@ def validate_generate(request, limits: ServeLimits) -> GenerateCall:
     temperature = _finite(request.temperature, "temperature")
     if temperature < 0:
         raise InvalidInput(f"temperature: must be >= 0 (0 means greedy), got {temperature:g}")
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     top_p = 1.0
     if request.HasField("top_p"):
         top_p = _finite(request.top_p, "top_p")

@@ -516,3 +516,10 @@ def test_base_run_config_is_the_file_tuneserve_train_reads():
     gpu = TrainConfig.from_yaml(K8S / "overlays" / "gpu" / "run-gpu.yaml").validate()
     differs = {k for k, v in cfg.to_dict().items() if gpu.to_dict()[k] != v}
     assert differs == {"use_gpu", "cpus_per_worker", "batch_size"}
+
+
+def test_the_manifests_register_the_lenient_servicer_functions():
+    from services.protocol import SERVICER_FUNCTIONS
+    from services.serving.app import GRPC_SERVICER_FUNCTIONS
+
+    assert list(SERVICER_FUNCTIONS) == list(GRPC_SERVICER_FUNCTIONS)

@@ -1,0 +1,397 @@
+"""Authentication without Ray: reading tokens, the decision table, the ingress in
+memory (a fake gRPC context), the app builder and the CLI's token flags.
+tests/integration/test_auth.py does it again through Serve's real gRPC proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+
+from services.config import ServeConfig
+from services.errors import ConfigError, PermissionDenied, Unauthenticated
+from services.protocol import admin_pb, pb
+from services.serving import auth
+from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens, read_token
+
+API, ADMIN_T = "api-token-1", "admin-token-2"
+
+
+# ---- reading tokens ---------------------------------------------------------------------
+def test_token_file_is_stripped_and_beats_the_environment(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(f"{API}\n")  # a mounted Secret usually ends with a newline
+    env = {"TUNESERVE_API_TOKEN": "from-env"}
+    assert read_token("TUNESERVE_API_TOKEN", str(path), env) == API
+    path.write_text(f"  {API}\r\n\n")
+    assert read_token("TUNESERVE_API_TOKEN", str(path), env) == API
+    assert read_token("TUNESERVE_API_TOKEN", None, env) == "from-env"
+    assert read_token("TUNESERVE_API_TOKEN", None, {}) is None
+    assert read_token("TUNESERVE_API_TOKEN", None, {"TUNESERVE_API_TOKEN": " \n"}) is None
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "empty"), ("\n", "empty"), ("two words", "printable ASCII"),
+    ("tab\there", "printable ASCII"), ("naïve", "printable ASCII"),
+    ("x" * 5000, "longer than"),
+])
+def test_bad_token_files_are_refused_without_echoing_them(tmp_path, content, needle):
+    path = tmp_path / "token"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        read_token("TUNESERVE_API_TOKEN", str(path), {})
+    assert needle in str(err.value) and str(path) in str(err.value)
+    if content.strip():
+        assert content.strip() not in str(err.value)
+
+
+def test_missing_token_file_and_bad_env_value(tmp_path):
+    with pytest.raises(ConfigError, match="token file not found"):
+        read_token("TUNESERVE_API_TOKEN", str(tmp_path / "nope"), {})
+    with pytest.raises(ConfigError) as err:
+        read_token("TUNESERVE_API_TOKEN", None, {"TUNESERVE_API_TOKEN": "has space"})
+    assert "TUNESERVE_API_TOKEN" in str(err.value) and "has space" not in str(err.value)
+
+
+def test_tokens_hold_digests_only():
+    tokens = Tokens.load(environ={"TUNESERVE_API_TOKEN": API,
+                                  "TUNESERVE_ADMIN_TOKEN": ADMIN_T})
+    dumped = str(tokens.as_dict()) + repr(tokens)
+    assert API not in dumped and ADMIN_T not in dumped
+    assert repr(tokens) == "Tokens(api=set, admin=set)"
+    assert Tokens.from_dict(tokens.as_dict()) == tokens
+    with pytest.raises(ConfigError, match="must differ"):
+        Tokens.load(environ={"TUNESERVE_API_TOKEN": API, "TUNESERVE_ADMIN_TOKEN": API})
+
+
+# ---- the decision table ---------------------------------------------------------------------
+OK, UNAUTH, DENIED = "OK", "UNAUTHENTICATED", "PERMISSION_DENIED"
+# configured (api, admin) -> {(presented, scope): outcome}; presented None: no metadata.
+TABLE = {
+    (None, None): {(p, s): OK for p in (None, API, ADMIN_T, "wrong") for s in (INFERENCE, ADMIN)},
+    (API, None): {(None, INFERENCE): UNAUTH, (API, INFERENCE): OK, (ADMIN_T, INFERENCE): UNAUTH,
+                  ("wrong", INFERENCE): UNAUTH, (None, ADMIN): UNAUTH, (API, ADMIN): DENIED,
+                  (ADMIN_T, ADMIN): UNAUTH, ("wrong", ADMIN): UNAUTH},
+    (None, ADMIN_T): {(None, INFERENCE): OK, (API, INFERENCE): OK, (ADMIN_T, INFERENCE): OK,
+                      ("wrong", INFERENCE): OK, (None, ADMIN): UNAUTH, (API, ADMIN): UNAUTH,
+                      (ADMIN_T, ADMIN): OK, ("wrong", ADMIN): UNAUTH},
+    (API, ADMIN_T): {(None, INFERENCE): UNAUTH, (API, INFERENCE): OK,
+                     (ADMIN_T, INFERENCE): OK, ("wrong", INFERENCE): UNAUTH,
+                     (None, ADMIN): UNAUTH, (API, ADMIN): DENIED, (ADMIN_T, ADMIN): OK,
+                     ("wrong", ADMIN): UNAUTH},
+}
+CASES = [(configured, presented, scope, outcome) for configured, rows in TABLE.items()
+         for (presented, scope), outcome in rows.items()]
+
+
+def outcome(authenticator: Authenticator, metadata, scope: str) -> str:
+    try:
+        authenticator.check(metadata, scope)
+        return OK
+    except Unauthenticated:
+        return UNAUTH
+    except PermissionDenied:
+        return DENIED
+
+
+@pytest.mark.parametrize("configured,presented,scope,expected", CASES)
+def test_decision_table(configured, presented, scope, expected):
+    authenticator = Authenticator(Tokens.from_values(*configured))
+    metadata = [("user-agent", "x")] + ([("authorization", f"Bearer {presented}")]
+                                        if presented else [])
+    assert outcome(authenticator, metadata, scope) == expected
+
+
+@pytest.mark.parametrize("value", ["Basic abc", "Bearer", "Bearer ", API, "Token " + API])
+def test_malformed_authorization_is_unauthenticated(value):
+    authenticator = Authenticator(Tokens.from_values(API, ADMIN_T))
+    with pytest.raises(Unauthenticated, match="malformed"):
+        authenticator.check([("authorization", value)], INFERENCE)
+
+
+def test_scheme_is_case_insensitive_and_spaces_are_trimmed():
+    authenticator = Authenticator(Tokens.from_values(API, ADMIN_T))
+    for value in (f"bearer {API}", f"BEARER {API}", f"  Bearer   {API}  "):
+        authenticator.check([("authorization", value)], INFERENCE)
+
+
+def test_tokens_are_compared_in_constant_time(monkeypatch):
+    calls = []
+    real = auth.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    Authenticator(Tokens.from_values(API, ADMIN_T)).check(
+        [("authorization", f"Bearer {API}")], INFERENCE)
+    # Both tokens are always compared, as equal-length digests.
+    assert calls == [(64, 64), (64, 64)]
+
+
+# ---- the ingress in memory ------------------------------------------------------------------
+class FakeContext:
+    """What Serve passes as `grpc_context` (RayServegRPCContext), in memory."""
+
+    def __init__(self, metadata=()):
+        self.metadata = list(metadata)
+        self._code, self._details = None, ""
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self._code = code
+
+    def set_details(self, details):
+        self._details = details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class FakeClassifier:
+    def __init__(self):
+        async def classify(texts, version=None):
+            return {"version": "v1", "results": [
+                {"label": "pos", "score": 0.9, "scores": [("pos", 0.9), ("neg", 0.1)]}
+                for _ in texts]}
+
+        self.classify = Remote(classify)
+
+
+class FakeBoard:
+    def __init__(self):
+        async def get():
+            return {"m": [{"replica": "r1", "version": "v1"}]}
+
+        self.get = Remote(get)
+
+
+@pytest.fixture
+def ingress(tmp_path):
+    from services.serving.ingress import InferenceIngress
+
+    def make(tokens: Tokens, **limits):
+        (tmp_path / "registry").mkdir(exist_ok=True)
+        return InferenceIngress(str(tmp_path / "registry"), {"m": FakeClassifier()},
+                                {"m": "classification"}, limits, board=FakeBoard(),
+                                auth=tokens.as_dict())
+
+    return make
+
+
+def run(ingress, method: str, request, metadata=()):
+    context = FakeContext(metadata)
+    response = asyncio.run(getattr(ingress, method)(request, context))
+    return (context.code() or grpc.StatusCode.OK), context.details(), response
+
+
+def bearer(token):
+    return [("authorization", f"Bearer {token}")]
+
+
+def test_ingress_checks_the_token_before_anything_else(ingress):
+    from services.serving.validation import UndecodableRequest
+
+    server = ingress(Tokens.from_values(API, ADMIN_T), max_request_bytes=1024)
+    classify = pb.ClassifyRequest(model="m", texts=["hello"])
+    code, details, response = run(server, "Classify", classify, bearer(API))
+    assert code == grpc.StatusCode.OK and response.results[0].label == "pos"
+    # Invalid, undecodable or oversized requests: still UNAUTHENTICATED without a token.
+    for request in (pb.ClassifyRequest(model="", texts=[]),
+                    UndecodableRequest("tuneserve.v1.ClassifyRequest", 10),
+                    pb.ClassifyRequest(model="m", texts=["x" * 2000])):
+        assert run(server, "Classify", request)[0] == grpc.StatusCode.UNAUTHENTICATED
+    code, details, _ = run(server, "Classify",
+                           UndecodableRequest("tuneserve.v1.ClassifyRequest", 10), bearer(API))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in details
+    code, details, _ = run(server, "Classify", pb.ClassifyRequest(model="m", texts=["x" * 2000]),
+                           bearer(API))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 1024 bytes" in details
+
+
+def test_ingress_admin_needs_the_admin_token(ingress):
+    server = ingress(Tokens.from_values(API, ADMIN_T))
+    unpin = admin_pb.UnpinRequest(model="m")
+    assert run(server, "Unpin", unpin)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert run(server, "Unpin", unpin, bearer(API))[0] == grpc.StatusCode.PERMISSION_DENIED
+    # Past authorization: this registry has no model "m".
+    assert run(server, "Unpin", unpin, bearer(ADMIN_T))[0] == grpc.StatusCode.NOT_FOUND
+    assert run(server, "ListModels", pb.ListModelsRequest(), bearer(ADMIN_T))[0] == \
+        grpc.StatusCode.OK
+
+
+def test_ingress_health_needs_no_token(ingress):
+    from grpc_health.v1 import health_pb2
+
+    server = ingress(Tokens.from_values(API, ADMIN_T))
+    code, _, response = run(server, "Check", health_pb2.HealthCheckRequest())
+    assert code == grpc.StatusCode.OK
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_generate_stream_checks_the_token(ingress):
+    server = ingress(Tokens.from_values(API, None))
+    context = FakeContext()
+
+    async def consume():
+        async for _ in server.GenerateStream(pb.GenerateRequest(model="m", prompt="x"),
+                                             context):
+            pass
+
+    with pytest.raises(Exception):
+        asyncio.run(consume())
+    assert context.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# ---- the app builder and the CLI --------------------------------------------------------------
+@pytest.fixture
+def built(monkeypatch, tmp_path):
+    """build_app without a registry or Ray: one fake classification model."""
+    from services.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "discover_models",
+                        lambda registry, wanted: {"m": "classification"})
+    monkeypatch.delenv("TUNESERVE_API_TOKEN", raising=False)
+    monkeypatch.delenv("TUNESERVE_ADMIN_TOKEN", raising=False)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    for name in ("services.serving.app", "ray.serve"):
+        logging.getLogger(name).addHandler(handler)
+    yield app_module, records, tmp_path
+    for name in ("services.serving.app", "ray.serve"):
+        logging.getLogger(name).removeHandler(handler)
+
+
+def test_no_token_logs_one_warning(built):
+    app_module, records, tmp_path = built
+    app = app_module.build_app(ServeConfig(registry=str(tmp_path)))
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "authentication is OFF" in warnings[0]
+    assert app._bound_deployment.init_kwargs["auth"] == {"api": None, "admin": None}
+
+
+def test_tokens_reach_the_ingress_as_digests(built, monkeypatch):
+    app_module, records, tmp_path = built
+    (tmp_path / "api").write_text(API + "\n")
+    monkeypatch.setenv("TUNESERVE_ADMIN_TOKEN", ADMIN_T)
+    app = app_module.build_app(ServeConfig(registry=str(tmp_path),
+                                           api_token_file=str(tmp_path / "api")))
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+    sent = app._bound_deployment.init_kwargs["auth"]
+    assert sent == Tokens.from_values(API, ADMIN_T).as_dict()
+    assert API not in str(sent) and ADMIN_T not in str(sent)
+    assert all(API not in r.getMessage() and ADMIN_T not in r.getMessage() for r in records)
+
+
+def test_app_builder_takes_token_files(monkeypatch):
+    """A RayService passes ServeConfig fields as application args."""
+    from services.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "build_app", lambda cfg: cfg)
+    cfg = app_module.app_builder({"registry": "/data/registry",
+                                  "api_token_file": "/secrets/api",
+                                  "admin_token_file": "/secrets/admin"})
+    assert cfg.api_token_file == "/secrets/api" and cfg.admin_token_file == "/secrets/admin"
+
+
+def test_serve_flags():
+    from services.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--api-token-file", "/s/api",
+                                      "--admin-token-file", "/s/admin"])
+    assert args.api_token_file == "/s/api" and args.admin_token_file == "/s/admin"
+
+
+class FakeClient:
+    made: list[dict] = []
+
+    def __init__(self, address, **kwargs):
+        FakeClient.made.append(kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def classify(self, model, texts, version=""):
+        return pb.ClassifyResponse(
+            results=[pb.Classification(label="pos", score=1.0) for _ in texts],
+            model=model, version="v1")
+
+    def unpin(self, model):
+        return admin_pb.AdminResponse(model=model, channel="pin")
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    import services.client
+
+    FakeClient.made = []
+    monkeypatch.setattr(services.client, "Client", FakeClient)
+    return FakeClient
+
+
+def test_cli_token_files(fake_client, tmp_path, capsys):
+    from services.cli import main
+
+    (tmp_path / "api").write_text(API + "\n")
+    (tmp_path / "admin").write_text(ADMIN_T + "\n")
+    assert main(["classify", "--address", "h:1", "--model", "m", "--token-file",
+                 str(tmp_path / "api"), "hello"]) == 0
+    assert main(["models", "unpin", "--address", "h:1", "--token-file",
+                 str(tmp_path / "admin"), "m"]) == 0
+    assert fake_client.made[0]["token"] == API
+    assert fake_client.made[1]["admin_token"] == ADMIN_T
+    # Without --token-file the Client reads the environment itself.
+    assert main(["classify", "--address", "h:1", "--model", "m", "hello"]) == 0
+    assert fake_client.made[2]["token"] is None
+    out = capsys.readouterr()
+    assert API not in out.out + out.err and ADMIN_T not in out.out + out.err
+
+
+def test_cli_token_file_errors(fake_client, tmp_path, capsys):
+    from services.cli import main
+
+    assert main(["classify", "--address", "h:1", "--model", "m", "--token-file",
+                 str(tmp_path / "missing"), "hello"]) == 2
+    assert "token file not found" in capsys.readouterr().err
+    assert main(["models", "unpin", "--token-file", str(tmp_path / "x"), "m"]) == 2
+    assert "only with --address" in capsys.readouterr().err
+
+
+def test_client_reads_tokens_from_the_environment(monkeypatch):
+    from services.client import Client
+
+    monkeypatch.setenv("TUNESERVE_API_TOKEN", API)
+    monkeypatch.setenv("TUNESERVE_ADMIN_TOKEN", ADMIN_T)
+    with Client("127.0.0.1:1", application="app") as client:
+        assert ("authorization", f"Bearer {API}") in client._metadata
+        assert ("authorization", f"Bearer {ADMIN_T}") in client._admin_metadata
+        assert client._health_metadata == [("application", "app")]
+    monkeypatch.delenv("TUNESERVE_API_TOKEN")
+    with Client("127.0.0.1:1") as client:  # the admin token may call Inference too
+        assert client._metadata == [("authorization", f"Bearer {ADMIN_T}")]
+    with Client("127.0.0.1:1", token="", admin_token="") as client:
+        assert client._metadata == [] and client._admin_metadata == []
