@@ -79,9 +79,22 @@ class RegistryFollower:
         returning: Serve sends no traffic to a replica until then, so a replica that
         autoscaling adds never answers "loading" while its peers could answer.
         """
+        from services.errors import InvalidInput
+        from services.registry import validate_name, validate_version
+
         user_config = user_config or {}
-        self.pinned = user_config.get("pinned_version") or None
-        self.channel = user_config.get("channel") or self.channel
+        pinned = user_config.get("pinned_version") or None
+        channel = user_config.get("channel") or self.channel
+        try:
+            if pinned is not None:
+                validate_version(str(pinned))
+            validate_name(str(channel), "channel")
+        except InvalidInput as exc:
+            # A bad declarative setting keeps the current target and says why (status).
+            self.last_error = f"user_config ignored: {exc}"
+            logger.warning("%s: %s", self.name, self.last_error)
+        else:
+            self.pinned, self.channel = pinned, channel
         if user_config.get("poll_interval_s"):
             self.poll_interval_s = float(user_config["poll_interval_s"])
         if not self._started:
