@@ -8,7 +8,9 @@ bundled demo set), with the same global batch size, max length, optimizer and nu
 optimizer steps, on the same cores. The plain loop uses every core in one process; a
 Ray Train run with W workers gives each worker cores/W threads. Reported: samples/s in
 the steady state (after the first steps), the ratio to the plain loop, and the time to
-the first step (Ray start, model load, data) separately.
+the first step (Ray start, model load, data) separately. Those runs use plain shuffled
+batches, like the baseline; one more run (--grouped, on by default) shows what
+`group_by_length` (the default for classification) adds on top.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
 
 def ray_train(model_ref: str, train_file: Path, eval_file: Path, workers: int,
               batch_size: int, max_length: int, lr: float, cores: int, use_gpu: bool,
-              work: Path, seed: int) -> dict:
+              work: Path, seed: int, group_by_length: bool = False) -> dict:
     from services.config import TrainConfig
     from services.training.run import run_training
 
@@ -109,7 +111,7 @@ def ray_train(model_ref: str, train_file: Path, eval_file: Path, workers: int,
                       runs_dir=str(work / "runs"), workers=workers,
                       cpus_per_worker=max(1, cores // workers), use_gpu=use_gpu, epochs=1,
                       batch_size=batch_size, learning_rate=lr, max_length=max_length,
-                      log_every_steps=1, seed=seed)
+                      log_every_steps=1, seed=seed, group_by_length=group_by_length)
     result = run_training(cfg, publish=False, progress_bar=False,
                           out=lambda line: stamps.append((time.perf_counter(), line)))
     steps = [e for e in result.history if e["type"] == "step"]
@@ -134,6 +136,10 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the most workers with group_by_length (the "
+                             "default of `tuneserve train` for classification): the "
+                             "other runs use the plain loop's shuffled batches")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -162,10 +168,16 @@ def main() -> int:
     t0 = time.perf_counter()
     ensure_ray(None)
     ray_start_s = time.perf_counter() - t0
-    for w in [int(x) for x in args.workers.split(",")]:
+    workers = [int(x) for x in args.workers.split(",")]
+    for w in workers:
         results[f"ray-{w}w"] = ray_train(model_ref, train_file, eval_file, w,
                                          args.batch_size, args.max_length, args.lr,
                                          args.cores, args.use_gpu, work, args.seed)
+    if args.grouped:
+        w = max(workers)
+        results[f"ray-{w}w grouped"] = ray_train(
+            model_ref, train_file, eval_file, w, args.batch_size, args.max_length, args.lr,
+            args.cores, args.use_gpu, work, args.seed, group_by_length=True)
     base = results["plain"]["samples_per_s"]
     rows_out = [[name, f"{r['samples_per_s']:.1f}", f"{r['samples_per_s'] / base:.2f}x",
                  f"{r['first_step_s']:.1f}", f"{r['wall_s']:.1f}"]

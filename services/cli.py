@@ -58,7 +58,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         if default not in (None, False, [], {}):
             text += f" (default: {default})"
         hint = str(f.type)
-        if "bool" in hint:
+        if "bool" in hint and "Optional" in hint:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=text)
+        elif "bool" in hint:
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
         elif "float" in hint:
             p.add_argument(flag, dest=f.name, type=float, default=None, help=text, metavar="X")

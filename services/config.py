@@ -86,6 +86,11 @@ class TrainConfig:
     """Global batch size per optimizer step, split across workers and accumulation steps."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step on each worker."""
+    group_by_length: Optional[bool] = None
+    """Batch examples of similar token length together (sorted within groups of 64
+    batches, the batches in random order), so that batches padded to their longest
+    example carry little padding. Default: on for classification, off for generation
+    (where --packing removes padding instead)."""
     learning_rate: Optional[float] = None
     """Peak learning rate (AdamW). Default: 5e-5 for classification, 2e-5 for full
     generation fine-tuning, 2e-4 with LoRA."""
@@ -197,6 +202,8 @@ class TrainConfig:
     def _apply_task_defaults(self) -> None:
         """Fill the fields left unset with the defaults of the task (docs/quality.md)."""
         generation = self.task == "generation"
+        if self.group_by_length is None:
+            self.group_by_length = not generation
         if self.epochs is None:
             self.epochs = 2 if generation else 3
         if self.learning_rate is None:
@@ -206,6 +213,8 @@ class TrainConfig:
 
     def _validate_generation(self, bad) -> None:
         generation = self.task == "generation"
+        if self.group_by_length is None:
+            self.group_by_length = not generation
         if self.prompt_template is not None:
             if not generation:
                 raise bad("prompt_template", "applies to --task generation only")

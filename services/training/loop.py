@@ -54,18 +54,54 @@ def _param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _ResumableSampler:
-    """A DistributedSampler whose first epoch after a restore skips what was trained."""
+GROUP_BATCHES = 64
+"""Batches sorted by length together in group_by_length (HF Trainer uses 50)."""
 
-    def __init__(self, sampler):
+
+def group_by_length(order: list[int], lengths: np.ndarray, batch: int, seed: int,
+                    group_batches: int = GROUP_BATCHES) -> list[int]:
+    """`order` rearranged so that each run of `batch` indices holds examples of similar
+    length: groups of `group_batches` batches are sorted by length and cut into batches,
+    and the full batches are put in a random order (a function of `seed`). The one
+    partial batch, if any, stays last, so the loader's batches are exactly these. The
+    result is a permutation of `order`, the same for the same arguments (resuming skips
+    a prefix of it)."""
+    span = batch * group_batches
+    full: list[list[int]] = []
+    partial: list[int] = []
+    for start in range(0, len(order), span):
+        # stable: equal lengths keep their shuffled order, so batches differ by epoch
+        part = sorted(order[start:start + span], key=lambda i: lengths[i])
+        for k in range(0, len(part), batch):
+            chunk = part[k:k + batch]
+            if len(chunk) == batch:
+                full.append(chunk)
+            else:
+                partial = chunk
+    perm = np.random.default_rng(seed).permutation(len(full))
+    return [i for b in perm for i in full[b]] + partial
+
+
+class _ResumableSampler:
+    """A DistributedSampler whose first epoch after a restore skips what was trained,
+    optionally grouping its order by length (`group_by_length`)."""
+
+    def __init__(self, sampler, lengths: Optional[np.ndarray] = None, batch: int = 1,
+                 seed: int = 0):
         self.sampler = sampler
         self.skip = 0
+        self.lengths, self.batch, self.seed = lengths, batch, seed
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+        self.epoch = epoch
 
     def __iter__(self):
         order = list(iter(self.sampler))
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.batch,
+                                    self.seed * 1_000_003 + self.epoch)
         skip, self.skip = self.skip, 0
         return iter(order[skip:])
 
@@ -216,9 +252,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return contextlib.nullcontext()
 
     dataset = task.dataset(train_split)
-    sampler = _ResumableSampler(DistributedSampler(dataset, num_replicas=world, rank=rank,
-                                                   shuffle=True, seed=cfg["seed"],
-                                                   drop_last=False))
+    sampler = _ResumableSampler(
+        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                           seed=cfg["seed"], drop_last=False),
+        lengths=train_split.lengths() if cfg.get("group_by_length") else None,
+        # The same seed on every rank: batch k of each rank is the k-th shortest of its
+        # group, so ranks in lockstep (DDP) wait little for each other.
+        batch=cfg["micro_batch_size"], seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["micro_batch_size"], sampler=sampler,
                         collate_fn=task.collate, num_workers=0)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False,

@@ -190,6 +190,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         "model": cfg.model, "data_ref": ray.put(data), "task": task,
         "seed": cfg.seed, "epochs": cfg.epochs,
         "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+        "group_by_length": cfg.group_by_length,
         "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay,
         "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
         "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": cfg.use_gpu,

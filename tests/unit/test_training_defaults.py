@@ -12,6 +12,7 @@ from services.training.encoded import choose_max_length
 from services.training.loop import (
     EarlyStopping,
     _ResumableSampler,
+    group_by_length,
     load_trainer_state,
     save_trainer_state,
 )
@@ -102,6 +103,46 @@ def test_resumable_sampler_skips_only_the_first_epoch_after_a_restore():
     assert len(sampler) == len(full) - 4
     assert list(iter(sampler)) == full[4:]
     assert list(iter(sampler)) == full and len(sampler) == len(full)
+
+
+def _padded_tokens(order, lengths, batch):
+    return sum(int(lengths[order[k:k + batch]].max()) * len(order[k:k + batch])
+               for k in range(0, len(order), batch))
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_example_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 120, size=1003)  # 1003: the last batch is partial
+    order = [int(i) for i in rng.permutation(len(lengths))]
+    grouped = group_by_length(order, lengths, batch=16, seed=7, group_batches=8)
+    assert sorted(grouped) == sorted(order)
+    # only the final batch is partial, so the loader cuts exactly the grouped batches
+    batches = [grouped[k:k + 16] for k in range(0, len(grouped), 16)]
+    assert [len(b) for b in batches[:-1]] == [16] * (len(batches) - 1)
+    assert len(batches[-1]) == len(order) % 16
+    assert _padded_tokens(grouped, lengths, 16) < 0.65 * _padded_tokens(order, lengths, 16)
+    # deterministic for a seed (resuming replays the same order), batches shuffled
+    assert grouped == group_by_length(order, lengths, batch=16, seed=7, group_batches=8)
+    other = group_by_length(order, lengths, batch=16, seed=8, group_batches=8)
+    assert other != grouped and sorted(other) == sorted(grouped)
+    widths = [int(lengths[b].max()) for b in batches[:-1]]
+    assert widths != sorted(widths)  # not one long sweep from short to long
+
+
+def test_resumable_sampler_groups_by_length_and_skips_in_the_grouped_order():
+    from torch.utils.data import DistributedSampler
+
+    lengths = np.arange(100) % 37 + 1
+    base = DistributedSampler(list(range(100)), num_replicas=2, rank=0, shuffle=True, seed=3)
+    sampler = _ResumableSampler(base, lengths=lengths, batch=5, seed=3)
+    sampler.set_epoch(2)
+    full = list(iter(sampler))
+    assert sorted(full) == sorted(iter(base))
+    assert _padded_tokens(full, lengths, 5) < _padded_tokens(list(iter(base)), lengths, 5)
+    sampler.skip = 10
+    assert list(iter(sampler)) == full[10:]
+    sampler.set_epoch(3)
+    assert list(iter(sampler)) != full
 
 
 def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
