@@ -186,17 +186,22 @@ def _shard_by_length(split: EncodedSplit, rank: int, world: int) -> list[int]:
 
 
 # ---- classification --------------------------------------------------------------
-class _LabelledExamples:
-    """A map-style dataset over an EncodedSplit (index -> (ids, label))."""
+class _Examples:
+    """A map-style dataset over an EncodedSplit: index -> (token ids, label) for
+    classification, (token ids, loss mask) for generation."""
 
-    def __init__(self, split: EncodedSplit):
+    def __init__(self, split: EncodedSplit, second: str):
         self.split = split
+        self.second = self._label if second == "label" else split.mask
+
+    def _label(self, i: int) -> int:
+        return int(self.split.labels[i])
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        return self.split.example(i), int(self.split.labels[i])
+        return self.split.example(i), self.second(i)
 
 
 class ClassificationTask(Task):
@@ -282,7 +287,7 @@ class ClassificationTask(Task):
         return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id)
 
     def dataset(self, split):
-        return _LabelledExamples(split)
+        return _Examples(split, "label")
 
     def collate(self, items):
         import torch
@@ -344,19 +349,6 @@ class ClassificationTask(Task):
 
 
 # ---- generation ------------------------------------------------------------------
-class _LMExamples:
-    """index -> (token ids, loss mask)."""
-
-    def __init__(self, split: EncodedSplit):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int):
-        return self.split.example(i), self.split.mask(i)
-
-
 def lm_batch(items, pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 off the response)."""
     import torch
@@ -475,7 +467,7 @@ class GenerationTask(Task):
         return load_causal_lm_for_training(self.model_ref, tokenizer, lora=self.lora)
 
     def dataset(self, split):
-        return _LMExamples(split)
+        return _Examples(split, "mask")
 
     def collate(self, items):
         return lm_batch(items, self.pad_id)
