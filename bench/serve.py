@@ -2,7 +2,7 @@
 against the same checkpoint called in-process and served by a peer (MLServer).
 
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32,64] [--duration-s 10]
-        [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0.005] [--no-peer]
+        [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
         [--json out.json] [--plot out.png]
 
 Checkpoint: a classifier built from the MiniLM-L6 encoder of the package
@@ -20,8 +20,9 @@ in each request. For each concurrency C:
 - peer: MLServer 1.7 with its Hugging Face runtime (bench/peer/), installed on first
   use into .bench/peer-venv (torch==2.13.0 first, then bench/peer/requirements.txt
   with bench/peer/constraints.txt), started on loopback with the same checkpoint
-  folder (HF_HUB_OFFLINE=1) and the same batch size, batch wait, worker processes
-  (--replicas) and torch threads, and driven by the same load generator with Open
+  folder (HF_HUB_OFFLINE=1) and the same batch size, worker processes
+  (--replicas) and torch threads (its adaptive batching waits --peer-batch-wait-s for
+  a batch to fill, as it needs to form batches at all), and driven by the same load generator with Open
   Inference Protocol v2 ModelInfer calls. The load generator runs in the main venv for
   both servers (same grpcio and protobuf); the ModelInfer messages are built from the
   file descriptor of MLServer's own generated dataplane_pb2, exported from the peer venv.
@@ -333,8 +334,9 @@ def serve_config(args, registry: Path, port: int):
 
     cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
-                      max_batch_size=args.max_batch_size,
-                      batch_wait_timeout_s=args.batch_wait_s)
+                      max_batch_size=args.max_batch_size)
+    if args.batch_wait_s is not None:
+        cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
         cfg.max_ongoing_requests = args.max_ongoing_requests
     return cfg
@@ -376,7 +378,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
             "settings": {"replicas": cfg.num_replicas, "replica_cpus": cfg.replica_cpus,
                          "max_batch_size": cfg.max_batch_size,
                          "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                         "max_ongoing_requests": cfg.max_ongoing_requests}}
+                         "max_ongoing_requests": cfg.ongoing_for("classification")}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -475,7 +477,7 @@ def peer_repository(folder: Path, model_dir: Path, args, ports: dict[str, int]) 
     (folder / "settings.json").write_text(json.dumps(settings, indent=2))
     model = json.loads((PEER_DIR / "model-settings.json").read_text())
     model.update(name=MODEL, max_batch_size=args.max_batch_size,
-                 max_batch_time=args.batch_wait_s)
+                 max_batch_time=args.peer_batch_wait_s)
     model["parameters"]["extra"].update(pretrained_model=str(model_dir),
                                         intra_op_threads=replica_threads(args))
     (folder / MODEL / "model-settings.json").write_text(json.dumps(model, indent=2))
@@ -514,7 +516,7 @@ def run_peer(model_dir: Path, work: Path, levels: list[int], args,
     return {"levels": levels_out, "versions": peer_versions(venv), **install,
             "settings": {"parallel_workers": args.replicas,
                          "max_batch_size": args.max_batch_size,
-                         "max_batch_time": args.batch_wait_s,
+                         "max_batch_time": args.peer_batch_wait_s,
                          "intra_op_threads": replica_threads(args)}}
 
 
@@ -634,7 +636,12 @@ def main() -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0,
                         help="CPUs per replica; torch threads on every side (rounded up)")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-s", type=float, default=0.005)
+    parser.add_argument("--batch-wait-s", type=float, default=None,
+                        help="tuneserve's wait for a batch to fill on an idle replica "
+                             "(default: ServeConfig's, 0)")
+    parser.add_argument("--peer-batch-wait-s", type=float, default=0.005,
+                        help="MLServer's max_batch_time: its adaptive batching waits this "
+                             "long for a batch to fill")
     parser.add_argument("--max-ongoing-requests", type=int, default=None,
                         help="per replica (default: ServeConfig's)")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
@@ -704,7 +711,7 @@ def main() -> int:
         print(f"peer: MLServer {peer['versions']['mlserver']} + mlserver-huggingface "
               f"{peer['versions']['mlserver-huggingface']} (transformers "
               f"{peer['versions']['transformers']}), {args.replicas} worker(s), adaptive "
-              f"batching {args.max_batch_size} / {args.batch_wait_s * 1000:g} ms")
+              f"batching {args.max_batch_size} / {args.peer_batch_wait_s * 1000:g} ms")
     print(table(report(levels, inproc, tuneserve, peer),
                 ["C", "batch", "in-proc t/s", "p50", "p99",
                  "tuneserve t/s", "p50", "p99", "ratio", "err",

@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turns on Serve autoscaling between --min-replicas and this")
     p.add_argument("--target-ongoing-requests", type=float, default=2.0,
                    help="autoscaling target per replica")
-    p.add_argument("--max-ongoing-requests", type=int, default=8)
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="per replica (default: 2 x the batch size for classifiers, 8 "
+                        "for generators)")
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="past this, requests fail fast with RESOURCE_EXHAUSTED")
     p.add_argument("--replica-cpus", type=float, default=1.0)

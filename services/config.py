@@ -407,12 +407,19 @@ class ServeConfig:
     downscale_delay_s: float = 30.0
     autoscaling_overrides: dict[str, Any] = field(default_factory=dict)
     """Any other Serve AutoscalingConfig field, e.g. look_back_period_s."""
-    max_ongoing_requests: int = 8
-    """Requests one replica works on at once (it batches them)."""
+    max_ongoing_requests: Optional[int] = None
+    """Requests one replica works on at once (it batches them); more wait in Serve's
+    router, up to max_queued_requests. Default: 2 x max_batch_size for classifiers (a
+    batch computing and the next one queued in the replica), 8 for generators (a
+    generation batch runs to its longest request)."""
     max_queued_requests: int = 256
     """Requests waiting per caller beyond that; past it, RESOURCE_EXHAUSTED. -1: no bound."""
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.0
+    """Classifiers: how long an idle replica waits for a batch to fill. A batch starts
+    as soon as the model is free with every request queued by then, so batches grow
+    with the load without any wait; a wait only pays where a larger batch costs little
+    more than a small one (a GPU)."""
     generation_batch_wait_timeout_s: float = 0.02
     """How long a generation batch waits for more requests. A batch runs until its
     longest request ends and later requests wait for it, so waiting a little for
@@ -436,6 +443,8 @@ class ServeConfig:
         if not 1 <= self.grpc_port <= 65535:
             raise bad("grpc_port", f"{self.grpc_port} is not a port number")
         for name in ("num_replicas", "max_ongoing_requests", "max_batch_size"):
+            if name == "max_ongoing_requests" and self.max_ongoing_requests is None:
+                continue
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.replica_cpus <= 0 or self.ingress_cpus < 0:
@@ -453,6 +462,12 @@ class ServeConfig:
         if self.limits.max_request_bytes < 1024:
             raise bad("limits.max_request_bytes", "must be at least 1024")
         return self
+
+    def ongoing_for(self, task: str) -> int:
+        """max_ongoing_requests of a model deployment of this task."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return 8 if task == "generation" else 2 * self.max_batch_size
 
     def autoscaling_config(self) -> Optional[dict]:
         """Serve's autoscaling_config, shared by `tuneserve serve` and the RayService."""

@@ -86,15 +86,16 @@ def build_app(cfg: ServeConfig):
         # A generation batch runs to its longest request: no larger than what one
         # replica takes on at once.
         batch_size, batch_wait = cfg.max_batch_size, cfg.batch_wait_timeout_s
+        ongoing = cfg.ongoing_for(task)
         if task == "generation":
-            batch_size = min(cfg.max_batch_size, cfg.max_ongoing_requests)
+            batch_size = min(cfg.max_batch_size, ongoing)
             batch_wait = cfg.generation_batch_wait_timeout_s
         autoscaling = cfg.autoscaling_config()
         replicas = {"autoscaling_config": autoscaling} if autoscaling else \
             {"num_replicas": cfg.num_replicas}
         deployment = serve.deployment(deployment_classes[task]).options(
             name=model_deployment_name(name),
-            max_ongoing_requests=cfg.max_ongoing_requests,
+            max_ongoing_requests=ongoing,
             max_queued_requests=cfg.max_queued_requests,
             **replicas,
             ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
@@ -113,7 +114,7 @@ def build_app(cfg: ServeConfig):
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
         # The ingress only awaits model calls: it can hold many at once.
-        max_ongoing_requests=max(256, cfg.max_ongoing_requests * 8),
+        max_ongoing_requests=max([256] + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
     )
     served_tasks = {n: t for n, t in tasks.items() if n in handles}
     if tokens.open_warning():

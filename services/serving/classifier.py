@@ -5,23 +5,23 @@ inference, atomic swap, refusal of bad versions) is shared with the generator:
 services/serving/follower.py. What is classifier-specific: the labels check on load
 (config.json's id2label must match the manifest), the smoke inference, batching.
 
-Requests are batched across callers with `@serve.batch`; inside a batch the texts are
+Requests are batched across callers by a GreedyBatcher (services/serving/batching.py):
+while the model computes, requests queue, and the next batch is everything queued, so a
+lone request never waits and batches grow with the load. Inside a batch the texts are
 sorted by length so each forward pass pads as little as possible.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ray import serve
-
 from services import metrics
 from services.errors import CorruptVersion
 from services.registry import Registry
+from services.serving.batching import GreedyBatcher
 from services.serving.follower import RegistryFollower
 
 logger = logging.getLogger("ray.serve")
@@ -85,17 +85,19 @@ class Classifier(RegistryFollower):
     def __init__(self, registry: str, name: str, channel: str = "production",
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005, board: Any = None):
+                 batch_wait_timeout_s: float = 0.0, board: Any = None):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
                          threads=threads, cache_versions=cache_versions, board=board)
-        self.set_batching(max_batch_size, batch_wait_timeout_s)
+        self._batcher = GreedyBatcher(
+            self._run_batch, max_batch_size, batch_wait_timeout_s,
+            on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name))
 
     def _load_version(self, version: str) -> LoadedModel:
         return _load_version(self.registry, self.name, version)
 
     async def classify(self, texts: list[str], version: Optional[str] = None) -> dict[str, Any]:
         loaded = await self._model_for(version)
-        probs = await self._batched((loaded, texts))
+        probs = await self._batcher.submit((loaded, texts))
         results = []
         for row in probs:
             ranked = sorted(zip(loaded.labels, row), key=lambda p: -p[1])
@@ -103,14 +105,10 @@ class Classifier(RegistryFollower):
                             "scores": ranked})
         return {"version": loaded.version, "results": results}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[LoadedModel, list[str]]]) -> list[list[list[float]]]:
-        """One forward pass per model version over all texts of all batched requests."""
-        metrics.observe("tuneserve_batch_size", len(items), model=self.name)
-        return await asyncio.to_thread(self._run_batch, items)
-
     @staticmethod
-    def _run_batch(items):
+    def _run_batch(items: list[tuple[LoadedModel, list[str]]]) -> list[list[list[float]]]:
+        """One forward pass per model version over all texts of all batched requests
+        (runs in the batcher's worker thread)."""
         groups: dict[int, list[int]] = {}
         for i, (loaded, _) in enumerate(items):
             groups.setdefault(id(loaded), []).append(i)
@@ -127,8 +125,7 @@ class Classifier(RegistryFollower):
         return answers
 
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batcher.configure(max_batch_size, batch_wait_timeout_s)
 
     def _status_extra(self) -> dict[str, Any]:
         return {"labels": self.current.labels if self.current else []}

@@ -79,3 +79,15 @@ def test_serve_config_autoscaling_and_validation():
                        (dict(max_ongoing_requests=0), "max_ongoing_requests")]:
         with pytest.raises(ConfigError, match=needle):
             ServeConfig(**kw).validate()
+
+
+def test_ongoing_requests_default_per_task_and_explicit_value_wins():
+    from services.config import ServeConfig
+
+    cfg = ServeConfig(max_batch_size=16).validate()
+    # a classifier holds a computing batch and the next one; a generator batch runs to
+    # its longest request, so it takes few at once
+    assert cfg.ongoing_for("classification") == 32
+    assert cfg.ongoing_for("generation") == 8
+    explicit = ServeConfig(max_ongoing_requests=1).validate()
+    assert explicit.ongoing_for("classification") == explicit.ongoing_for("generation") == 1

@@ -1,0 +1,180 @@
+"""GreedyBatcher (services/serving/batching.py): a batch starts as soon as the model is
+free, with everything queued by then; no Ray, a fake model that records its batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from services.serving.batching import GreedyBatcher
+
+
+class FakeModel:
+    """Doubles its inputs; each batch takes `compute_s`; records batches, can be held."""
+
+    def __init__(self, compute_s: float = 0.0):
+        self.compute_s = compute_s
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        self.started.set()
+        self.release.wait(10)
+        time.sleep(self.compute_s)
+        if any(i < 0 for i in items):
+            raise ValueError("negative input")
+        return [2 * i for i in items]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_a_lone_request_does_not_wait():
+    model = FakeModel()
+    batcher = GreedyBatcher(model, max_batch_size=32)
+
+    async def lone(wait_s):
+        batcher.configure(32, wait_s)
+        started = time.perf_counter()
+        assert await batcher.submit(21) == 42
+        return time.perf_counter() - started
+
+    # With a fill wait a lone request pays all of it (serve.batch always does); without
+    # one it only pays the hop to the model's thread.
+    assert run(lone(0.5)) >= 0.5
+    assert run(lone(0.0)) < 0.25
+    assert model.batches == [[21], [21]]
+
+
+def test_requests_arriving_while_the_model_computes_form_the_next_batch():
+    model = FakeModel()
+    model.release.clear()
+    sizes: list[int] = []
+    batcher = GreedyBatcher(model, max_batch_size=32, on_batch=sizes.append)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.to_thread(model.started.wait, 10)  # the model is busy with [0]
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 11)]
+        await asyncio.sleep(0.05)
+        assert batcher.queued() == 10
+        model.release.set()
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = run(main())
+    assert first == 0 and rest == [2 * i for i in range(1, 11)]
+    assert model.batches == [[0], list(range(1, 11))] and sizes == [1, 10]
+
+
+def test_batches_never_exceed_max_batch_size_and_keep_arrival_order():
+    model = FakeModel()
+    model.release.clear()
+    batcher = GreedyBatcher(model, max_batch_size=8)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(100))
+        await asyncio.to_thread(model.started.wait, 10)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(20)]
+        await asyncio.sleep(0.02)
+        model.release.set()
+        await first
+        return await asyncio.gather(*rest)
+
+    assert run(main()) == [2 * i for i in range(20)]
+    assert model.batches == [[100], list(range(8)), list(range(8, 16)), list(range(16, 20))]
+
+
+def test_a_call_cancelled_while_queued_never_reaches_the_model():
+    model = FakeModel()
+    model.release.clear()
+    batcher = GreedyBatcher(model, max_batch_size=8)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.to_thread(model.started.wait, 10)
+        doomed = asyncio.ensure_future(batcher.submit(2))
+        kept = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0.01)
+        doomed.cancel()  # a deadline, a client gone
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        model.release.set()
+        return await first, await kept
+
+    assert run(main()) == (2, 6)
+    assert model.batches == [[1], [3]]
+
+
+def test_a_failing_batch_fails_its_calls_and_the_next_batch_works():
+    model = FakeModel()
+    model.release.clear()
+    batcher = GreedyBatcher(model, max_batch_size=8)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.to_thread(model.started.wait, 10)
+        bad = [asyncio.ensure_future(batcher.submit(i)) for i in (-1, 5)]
+        await asyncio.sleep(0.01)
+        model.release.set()
+        outcomes = await asyncio.gather(*bad, return_exceptions=True)
+        return await first, outcomes, await batcher.submit(7)
+
+    first, outcomes, after = run(main())
+    assert first == 2 and after == 14
+    assert all(isinstance(o, ValueError) and "negative input" in str(o) for o in outcomes)
+
+
+def test_a_wrong_number_of_results_is_an_error_for_every_call():
+    batcher = GreedyBatcher(lambda items: [0], max_batch_size=8, wait_timeout_s=0.05)
+
+    async def main():
+        return await asyncio.gather(batcher.submit(1), batcher.submit(2),
+                                    return_exceptions=True)
+
+    outcomes = run(main())
+    assert all(isinstance(o, RuntimeError) and "1 results for 2 items" in str(o)
+               for o in outcomes)
+
+
+def test_a_wait_timeout_lets_a_batch_fill_on_an_idle_model():
+    model = FakeModel()
+    batcher = GreedyBatcher(model, max_batch_size=4, wait_timeout_s=0.2)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(batcher.submit(2))
+        return await first, await second
+
+    assert run(main()) == (2, 4)
+    assert model.batches == [[1, 2]]
+
+
+def test_a_full_queue_does_not_wait_for_the_timeout():
+    model = FakeModel()
+    batcher = GreedyBatcher(model, max_batch_size=2, wait_timeout_s=5.0)
+
+    async def main():
+        started = time.perf_counter()
+        await asyncio.gather(batcher.submit(1), batcher.submit(2))
+        return time.perf_counter() - started
+
+    assert run(main()) < 2.0
+    assert model.batches == [[1, 2]]
+
+
+def test_configure_checks_its_arguments():
+    batcher = GreedyBatcher(lambda items: items)
+    batcher.configure(4, 0.01)
+    assert (batcher.max_batch_size, batcher.wait_timeout_s) == (4, 0.01)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        batcher.configure(0, 0.0)
+    with pytest.raises(ValueError, match="wait_timeout_s"):
+        batcher.configure(4, -1.0)
