@@ -35,6 +35,8 @@ protos: setup
 	$(PY) -m services.protogen
 
 bench: setup
+	$(PY) bench/serve.py
+	$(PY) bench/train.py
 	$(PY) bench/hotload.py
 	$(PY) bench/generate.py
 
