@@ -7,7 +7,7 @@ import json
 import platform
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -64,3 +64,27 @@ def build_checkpoint(folder: Path) -> Path:
     model.save_pretrained(folder)
     load_tokenizer(base).save_pretrained(folder)
     return folder
+
+
+def timed_ray_training(cfg, rate_key: str, warmup_steps: int,
+                       max_steps: Optional[int] = None) -> dict[str, Any]:
+    """Run `tuneserve train`'s driver without publishing (cfg with log_every_steps=1);
+    the steady-state rate_key ("samples_per_s", "tokens_per_s") over the steps after
+    warmup_steps (the first max_steps only, if given), the time to the first step and
+    the wall time."""
+    import time
+
+    from services.training.run import run_training
+
+    stamps: list[tuple[float, str]] = []
+    started = time.perf_counter()
+    result = run_training(cfg, publish=False, progress_bar=False,
+                          out=lambda line: stamps.append((time.perf_counter(), line)))
+    steps = [e for e in result.history if e["type"] == "step"][:max_steps]
+    steady = steps[warmup_steps:]
+    # Each event is one optimizer step's window: the harmonic mean of the rates is the
+    # total count over the total time.
+    rate = len(steady) / sum(1.0 / e[rate_key] for e in steady)
+    first = next(t for t, line in stamps if line.startswith("epoch 1 step"))
+    return {rate_key: rate, "first_step_s": first - started,
+            "wall_s": time.perf_counter() - started, "steps": len(steps)}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import REPO, machine, table, write_json  # noqa: E402
+from bench._common import REPO, machine, table, timed_ray_training, write_json  # noqa: E402
 
 SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 WARMUP_STEPS = 5
@@ -102,26 +102,14 @@ def ray_train(model_ref: str, train_file: Path, eval_file: Path, workers: int,
               batch_size: int, max_length: int, lr: float, cores: int, use_gpu: bool,
               work: Path, seed: int, group_by_length: bool = False) -> dict:
     from services.config import TrainConfig
-    from services.training.run import run_training
 
-    stamps: list[tuple[float, str]] = []
-    started = time.perf_counter()
     cfg = TrainConfig(model=model_ref, train=str(train_file), eval=str(eval_file),
                       name=f"bench-{workers}w", registry=str(work / "registry"),
                       runs_dir=str(work / "runs"), workers=workers,
                       cpus_per_worker=max(1, cores // workers), use_gpu=use_gpu, epochs=1,
                       batch_size=batch_size, learning_rate=lr, max_length=max_length,
                       log_every_steps=1, seed=seed, group_by_length=group_by_length)
-    result = run_training(cfg, publish=False, progress_bar=False,
-                          out=lambda line: stamps.append((time.perf_counter(), line)))
-    steps = [e for e in result.history if e["type"] == "step"]
-    steady = steps[WARMUP_STEPS:]
-    # Each event is one optimizer step's window: the harmonic mean is total samples
-    # over total time.
-    rate = len(steady) / sum(1.0 / e["samples_per_s"] for e in steady)
-    first = next(t for t, line in stamps if line.startswith("epoch 1 step"))
-    return {"samples_per_s": rate, "first_step_s": first - started,
-            "wall_s": time.perf_counter() - started, "steps": len(steps)}
+    return timed_ray_training(cfg, "samples_per_s", WARMUP_STEPS)
 
 
 def main() -> int:

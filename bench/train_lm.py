@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine, table, write_json  # noqa: E402
+from bench._common import machine, table, timed_ray_training, write_json  # noqa: E402
 
 WARMUP_STEPS = 3
 # Llama-style shapes. 0.5b: 24 x 1280 (about 0.56B parameters with a 32k vocabulary);
@@ -181,27 +181,15 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
 def ray_train(folder: Path, train_file: Path, eval_file: Path, workers: int, args,
               work: Path) -> dict:
     from services.config import TrainConfig
-    from services.training.run import run_training
 
-    stamps: list[tuple[float, str]] = []
-    started = time.perf_counter()
-    cores = args.cores
     cfg = TrainConfig(model=str(folder), train=str(train_file), eval=str(eval_file),
                       task="generation", packing=True, max_length=args.seq_len,
                       name=f"bench-lm-{workers}w", registry=str(work / "registry"),
                       runs_dir=str(work / "runs"), workers=workers,
-                      cpus_per_worker=max(1, cores // workers), use_gpu=args.use_gpu,
+                      cpus_per_worker=max(1, args.cores // workers), use_gpu=args.use_gpu,
                       epochs=1, batch_size=args.batch_size, learning_rate=args.lr,
                       warmup_ratio=0.0, log_every_steps=1, seed=args.seed)
-    result = run_training(cfg, publish=False, progress_bar=False,
-                          out=lambda line: stamps.append((time.perf_counter(), line)))
-    steps = [e for e in result.history if e["type"] == "step"][:args.steps]
-    steady = steps[WARMUP_STEPS:]
-    # Each event is one step's window: total tokens over total time.
-    rate = len(steady) / sum(1.0 / e["tokens_per_s"] for e in steady)
-    first = next(t for t, line in stamps if line.startswith("epoch 1 step"))
-    return {"tokens_per_s": rate, "first_step_s": first - started,
-            "wall_s": time.perf_counter() - started, "steps": len(steps)}
+    return timed_ray_training(cfg, "tokens_per_s", WARMUP_STEPS, max_steps=args.steps)
 
 
 def main() -> int:

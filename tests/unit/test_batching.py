@@ -36,6 +36,17 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def while_busy(model: FakeModel, batcher: GreedyBatcher, first, items):
+    """Submit `first`, wait until the (held) model computes it, then queue `items`
+    behind it; returns (first's future, the items' futures) once all are queued."""
+    head = asyncio.ensure_future(batcher.submit(first))
+    await asyncio.to_thread(model.started.wait, 10)
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in items]
+    while batcher.queued() < len(rest):
+        await asyncio.sleep(0)
+    return head, rest
+
+
 def test_a_lone_request_does_not_wait():
     model = FakeModel()
     batcher = GreedyBatcher(model, max_batch_size=32)
@@ -60,10 +71,7 @@ def test_requests_arriving_while_the_model_computes_form_the_next_batch():
     batcher = GreedyBatcher(model, max_batch_size=32, on_batch=sizes.append)
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(0))
-        await asyncio.to_thread(model.started.wait, 10)  # the model is busy with [0]
-        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 11)]
-        await asyncio.sleep(0.05)
+        first, rest = await while_busy(model, batcher, 0, range(1, 11))
         assert batcher.queued() == 10
         model.release.set()
         return await first, await asyncio.gather(*rest)
@@ -79,10 +87,7 @@ def test_batches_never_exceed_max_batch_size_and_keep_arrival_order():
     batcher = GreedyBatcher(model, max_batch_size=8)
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(100))
-        await asyncio.to_thread(model.started.wait, 10)
-        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(20)]
-        await asyncio.sleep(0.02)
+        first, rest = await while_busy(model, batcher, 100, range(20))
         model.release.set()
         await first
         return await asyncio.gather(*rest)
@@ -97,11 +102,7 @@ def test_a_call_cancelled_while_queued_never_reaches_the_model():
     batcher = GreedyBatcher(model, max_batch_size=8)
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(1))
-        await asyncio.to_thread(model.started.wait, 10)
-        doomed = asyncio.ensure_future(batcher.submit(2))
-        kept = asyncio.ensure_future(batcher.submit(3))
-        await asyncio.sleep(0.01)
+        first, (doomed, kept) = await while_busy(model, batcher, 1, (2, 3))
         doomed.cancel()  # a deadline, a client gone
         with pytest.raises(asyncio.CancelledError):
             await doomed
@@ -118,10 +119,7 @@ def test_a_failing_batch_fails_its_calls_and_the_next_batch_works():
     batcher = GreedyBatcher(model, max_batch_size=8)
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(1))
-        await asyncio.to_thread(model.started.wait, 10)
-        bad = [asyncio.ensure_future(batcher.submit(i)) for i in (-1, 5)]
-        await asyncio.sleep(0.01)
+        first, bad = await while_busy(model, batcher, 1, (-1, 5))
         model.release.set()
         outcomes = await asyncio.gather(*bad, return_exceptions=True)
         return await first, outcomes, await batcher.submit(7)
