@@ -85,8 +85,12 @@ def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
     assert [e["step"] for e in evals if e["step"] > 4] == \
         [e["step"] for e in plain if e["step"] > 4]
     assert result.version == "v1"
-    assert result.metrics["accuracy"] == pytest.approx(uninterrupted.metrics["accuracy"],
-                                                       abs=0.05)
+    # Within noise: at most one of the held-out examples classified differently
+    # (compared in examples, not as floats: 1.0 - 0.95 is a hair over 0.05).
+    n_eval = evals[-1]["eval_examples"]
+    assert n_eval == plain[-1]["eval_examples"] >= 20
+    assert abs(round(result.metrics["accuracy"] * n_eval)
+               - round(uninterrupted.metrics["accuracy"] * n_eval)) <= max(1, n_eval // 20)
     assert result.metrics["loss"] == pytest.approx(uninterrupted.metrics["loss"],
                                                    rel=0.25, abs=0.05)
     # Only the model is published, not what resuming needed.
