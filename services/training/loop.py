@@ -101,7 +101,7 @@ class _ResumableSampler:
         order = list(iter(self.sampler))
         if self.lengths is not None:
             order = group_by_length(order, self.lengths, self.batch,
-                                    self.seed * 1_000_003 + self.epoch)
+                                    (self.seed * 1_000_003 + self.epoch) % 2**63)
         skip, self.skip = self.skip, 0
         return iter(order[skip:])
 

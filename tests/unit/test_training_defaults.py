@@ -143,6 +143,8 @@ def test_resumable_sampler_groups_by_length_and_skips_in_the_grouped_order():
     assert list(iter(sampler)) == full[10:]
     sampler.set_epoch(3)
     assert list(iter(sampler)) != full
+    negative = _ResumableSampler(base, lengths=lengths, batch=5, seed=-1)  # any int seed
+    assert sorted(negative) == sorted(iter(base))
 
 
 def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
