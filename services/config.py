@@ -213,8 +213,6 @@ class TrainConfig:
 
     def _validate_generation(self, bad) -> None:
         generation = self.task == "generation"
-        if self.group_by_length is None:
-            self.group_by_length = not generation
         if self.prompt_template is not None:
             if not generation:
                 raise bad("prompt_template", "applies to --task generation only")

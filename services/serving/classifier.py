@@ -136,8 +136,8 @@ class Classifier(RegistryFollower):
 
     @staticmethod
     def _run_batch(items: list[tuple[LoadedModel, list[str]]]) -> list[list[list[float]]]:
-        """One forward pass per model version over all texts of all batched requests
-        (runs in the batcher's worker thread)."""
+        """All texts of all batched requests through `_predict`, once per model
+        version (runs in the batcher's worker thread)."""
         groups: dict[int, list[int]] = {}
         for i, (loaded, _) in enumerate(items):
             groups.setdefault(id(loaded), []).append(i)
@@ -152,9 +152,6 @@ class Classifier(RegistryFollower):
                 answers[i] = probs[pos:pos + n]
                 pos += n
         return answers
-
-    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self._batcher.configure(max_batch_size, batch_wait_timeout_s)
 
     def _status_extra(self) -> dict[str, Any]:
         return {"labels": self.current.labels if self.current else []}
