@@ -334,7 +334,8 @@ def serve_config(args, registry: Path, port: int):
 
     cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
-                      max_batch_size=args.max_batch_size)
+                      max_batch_size=args.max_batch_size, coalesce=args.coalesce,
+                      direct_ingress=args.direct_ingress)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
@@ -349,7 +350,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
     from services.client import Client
     from services.demo import free_port
     from services.raycluster import ensure_ray
-    from services.serving.app import start_serving
+    from services.serving.app import direct_ingress_env, start_serving
 
     port = free_port()
     cfg = serve_config(args, registry, port)
@@ -357,6 +358,8 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
     # inherit these; this process has imported Serve already and keeps its defaults (a
     # knob such as RAY_SERVE_THROUGHPUT_OPTIMIZED breaks sync handles in a driver).
     os.environ.update(pair.split("=", 1) for pair in args.serve_env)
+    if cfg.direct_ingress:
+        os.environ.update(direct_ingress_env(port))
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(
         cfg.replica_cpus * cfg.num_replicas + cfg.ingress_cpus)))
     started = time.perf_counter()
@@ -378,7 +381,8 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
             "settings": {"replicas": cfg.num_replicas, "replica_cpus": cfg.replica_cpus,
                          "max_batch_size": cfg.max_batch_size,
                          "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                         "max_ongoing_requests": cfg.ongoing_for("classification")}}
+                         "max_ongoing_requests": cfg.ongoing_for("classification"),
+                         "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -644,6 +648,10 @@ def main() -> int:
                              "long for a batch to fill")
     parser.add_argument("--max-ongoing-requests", type=int, default=None,
                         help="per replica (default: ServeConfig's)")
+    parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                        help="the ingress sends concurrent requests together (ServeConfig.coalesce)")
+    parser.add_argument("--direct-ingress", action=argparse.BooleanOptionalAction,
+                        default=False, help="ServeConfig.direct_ingress: no proxy hop")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the Ray cluster (Serve knobs such as "
                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
@@ -703,7 +711,9 @@ def main() -> int:
     print(f"tuneserve: {settings['replicas']} replica(s) x {settings['replica_cpus']:g} CPU, "
           f"max_batch_size {settings['max_batch_size']}, batch wait "
           f"{settings['batch_wait_timeout_s'] * 1000:g} ms, max_ongoing_requests "
-          f"{settings['max_ongoing_requests']} per replica"
+          f"{settings['max_ongoing_requests']} per replica; "
+          f"coalesce {'on' if settings['coalesce'] else 'off'}; "
+          f"{'direct ingress' if settings['direct_ingress'] else 'Serve proxy'}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))
     if peer and "error" in peer:
         print(f"peer: FAILED: {peer['error']}")

@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="past this, requests fail fast with RESOURCE_EXHAUSTED")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--replica-gpus", type=float, default=0.0)
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="requests per batch a model replica runs at most")
+    p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                   help="the ingress sends concurrent Classify requests to a model "
+                        "together (one call per batch instead of one per request)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="the ingress replica listens on --grpc-port itself, with no "
+                        "Serve proxy hop (Ray's experimental direct ingress; a cluster "
+                        "tuneserve starts, not --address)")
     p.add_argument("--poll-interval-s", type=float, default=2.0)
     p.add_argument("--api-token-file", default=None, metavar="FILE",
                    help="file holding the token Inference calls must send as "
@@ -329,6 +338,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       target_ongoing_requests=args.target_ongoing_requests,
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
+                      max_batch_size=args.max_batch_size, coalesce=args.coalesce,
+                      direct_ingress=args.direct_ingress,
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,

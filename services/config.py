@@ -418,6 +418,21 @@ class ServeConfig:
     as soon as the model is free with every request queued by then, so batches grow
     with the load without any wait; a wait only pays where a larger batch costs little
     more than a small one (a GPU)."""
+    coalesce: bool = True
+    """Classifiers: the ingress sends concurrent Classify requests to a model together,
+    in one call per batch (at most 2 calls per replica in flight, each carrying at
+    most max_batch_size requests, max_ongoing_requests per replica in all), instead
+    of one call each: a call costs CPU in every process it crosses, more than a short
+    text costs the model. Requests waiting for room count against max_queued_requests."""
+    direct_ingress: bool = False
+    """Ray Serve's direct ingress (experimental in Ray 2.60): the ingress replica itself
+    listens on grpc_port, with no proxy hop in front of it; Serve's proxy runs on the
+    head node only, on another port. Fewer hops: more throughput and less latency per
+    call (docs/benchmarks.md). Ray reads the switch when a cluster starts, so it works
+    where tuneserve starts the cluster (`tuneserve serve`, no --address); a cluster of
+    your own needs `services.serving.app.direct_ingress_env(port)` in its environment.
+    One ingress replica per node. Not for KubeRay's RayService, whose Service routes to
+    Serve's proxy."""
     generation_batch_wait_timeout_s: float = 0.02
     """How long a generation batch waits for more requests. A batch runs until its
     longest request ends and later requests wait for it, so waiting a little for
@@ -466,6 +481,18 @@ class ServeConfig:
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
         return 8 if task == "generation" else 2 * self.max_batch_size
+
+    def coalescing(self, task: str) -> Optional[dict[str, int]]:
+        """The ingress's Coalescer limits for a model of this task (None: not coalesced).
+        With autoscaling they allow for max_replicas, so that a saturated deployment
+        shows the autoscaler more than its target in flight per replica."""
+        if not self.coalesce or task != "classification":
+            return None
+        replicas = self.max_replicas if self.max_replicas is not None else self.num_replicas
+        ongoing = self.ongoing_for(task)
+        return {"max_calls": 2 * replicas, "max_items": ongoing * replicas,
+                "max_call_items": max(1, min(self.max_batch_size, ongoing)),
+                "max_pending": self.max_queued_requests}
 
     def autoscaling_config(self) -> Optional[dict]:
         """Serve's autoscaling_config, shared by `tuneserve serve` and the RayService."""

@@ -5,6 +5,7 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -158,3 +159,30 @@ def delete_app(name: str, server) -> None:
             return False
 
     assert poll_until(session_app_routed, timeout_s=60), "the session app is unreachable"
+
+
+def listening_process(port: int) -> str:
+    """The command line of the process listening on TCP `port` (IPv4 or IPv6), read
+    from /proc; "" if none is found."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{inode}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                        errors="replace").strip()
+        except OSError:
+            continue
+    return ""

@@ -28,7 +28,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from services.config import ServeConfig, ServeLimits
-from services.errors import RegistryError
+from services.errors import ConfigError, RegistryError
 from services.protocol import admin_pb, pb
 from services.raycluster import ensure_ray
 from services.registry import Registry
@@ -119,8 +119,11 @@ def build_app(cfg: ServeConfig):
     served_tasks = {n: t for n, t in tasks.items() if n in handles}
     if tokens.open_warning():
         logger.warning(tokens.open_warning())
+    coalesce = {name: cfg.coalescing(task) for name, task in served_tasks.items()
+                if cfg.coalescing(task)}
     return ingress.bind(registry.uri, handles, served_tasks,
-                        dataclasses.asdict(cfg.limits), board=board, auth=tokens.as_dict())
+                        dataclasses.asdict(cfg.limits), board=board, auth=tokens.as_dict(),
+                        coalesce=coalesce)
 
 
 def app_builder(args: dict[str, Any]):
@@ -189,15 +192,46 @@ def grpc_options(cfg: ServeConfig) -> dict[str, Any]:
     return {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
 
 
+def direct_ingress_env(grpc_port: int) -> dict[str, str]:
+    """The environment Ray Serve reads, in every process of a cluster as it starts, to
+    let the ingress replica listen on grpc_port itself (ServeConfig.direct_ingress)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1)}
+
+
+def _prepare_direct_ingress(cfg: ServeConfig) -> int:
+    """Set up direct ingress before Ray starts; returns the port for Serve's own proxy
+    (a free one: grpc_port belongs to the ingress replica)."""
+    import os
+    import socket
+
+    import ray
+
+    env = direct_ingress_env(cfg.grpc_port)
+    unset = [f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v]
+    if unset and (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("invalid serve setting 'direct_ingress': Ray reads it when a "
+                          "cluster starts, and this one is already running; start the "
+                          f"cluster with {' '.join(unset)} in its environment, or let "
+                          "tuneserve start one (no --address)")
+    os.environ.update(env)  # the local cluster started next inherits it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = False,
                   wait_for_models: bool = True, timeout_s: float = 300.0) -> None:
     """Start (or reuse) Ray, start Serve's gRPC proxy, deploy, wait until serving."""
     from ray import serve
 
     app = build_app(cfg)  # fail fast on an empty or bad registry, before Ray starts
+    options = grpc_options(cfg)
+    if cfg.direct_ingress:
+        options["port"] = _prepare_direct_ingress(cfg)
     ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
-    serve.start(http_options={"host": cfg.host, "port": http_port},
-                grpc_options=grpc_options(cfg))
+    serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
     serve.run(app, name=APP_NAME, blocking=False)
     if wait_for_models:
         wait_until_serving(timeout_s)

@@ -108,3 +108,110 @@ class GreedyBatcher:
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+
+
+class Coalescer:
+    """Requests from many callers to one deployment, sent as few calls (the ingress's
+    side of batching).
+
+    Every call through Ray Serve costs CPU in the caller and the replica whatever it
+    carries: on two cores, more than the model itself spends on a one-text request
+    (docs/benchmarks.md). So the ingress keeps at most `max_calls` calls in flight per
+    model, carrying at most `max_items` requests in all; a request that arrives while
+    those are used up waits here, and when a call returns, everything waiting (up to
+    `max_call_items`) goes in the next one. A lone request is sent at once; under load
+    each call carries about what the replica batches next.
+
+    `on_call(n)` is told the size of each call sent; `sent` counts the calls and the
+    requests they carried. `send(items)` returns one result per item, where a result that is an exception is
+    raised to that item's caller; if `send` raises, every item's caller gets it. More
+    than `max_pending` waiting requests (-1: no bound): `on_full()` is raised instead
+    of queueing without bound. A caller cancelled while waiting is dropped; one
+    cancelled after its call was sent does not cancel the others' call.
+    """
+
+    def __init__(self, send: Callable[[list[Any]], Any], *, max_calls: int,
+                 max_items: int, max_call_items: int, max_pending: int,
+                 on_full: Callable[[], Exception],
+                 on_call: Optional[Callable[[int], None]] = None):
+        if min(max_calls, max_items, max_call_items) < 1:
+            raise ValueError("max_calls, max_items and max_call_items must be at least 1")
+        self._send = send
+        self.max_calls, self.max_items = max_calls, max_items
+        self.max_call_items, self.max_pending = max_call_items, max_pending
+        self._on_full = on_full
+        self._on_call = on_call
+        self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
+        self._calls = 0
+        self._items = 0
+        self.sent = [0, 0]  # calls, requests: totals since start
+        self._tasks: set[asyncio.Task] = set()
+
+    def in_flight(self) -> tuple[int, int]:
+        """(calls, requests) sent and not yet answered."""
+        return self._calls, self._items
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, item: Any) -> Any:
+        if 0 <= self.max_pending <= len(self._pending) and not self._room():
+            raise self._on_full()
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._pump()
+        return await future
+
+    def _room(self) -> int:
+        """Requests the next call may carry now (0: no call may start)."""
+        if self._calls >= self.max_calls:
+            return 0
+        return min(self.max_call_items, self.max_items - self._items)
+
+    def _pump(self) -> None:
+        while self._pending and (room := self._room()) > 0:
+            call = []
+            while self._pending and len(call) < room:
+                item, future = self._pending.popleft()
+                if not future.done():  # cancelled while waiting: drop it
+                    call.append((item, future))
+            if not call:
+                return
+            self._calls += 1
+            self._items += len(call)
+            self.sent[0] += 1
+            self.sent[1] += len(call)
+            if self._on_call is not None:
+                self._on_call(len(call))
+            task = asyncio.get_running_loop().create_task(self._call(call))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, call: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await self._send([item for item, _ in call])
+            if len(results) != len(call):
+                raise RuntimeError(f"send returned {len(results)} results for "
+                                   f"{len(call)} items")
+        except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
+            for _, future in call:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            results = None
+        finally:
+            self._calls -= 1
+            self._items -= len(call)
+            self._pump()
+        if results is None:
+            return
+        for (_, future), result in zip(call, results):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

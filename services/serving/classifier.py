@@ -13,6 +13,7 @@ sorted by length so each forward pass pads as little as possible.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -133,6 +134,13 @@ class Classifier(RegistryFollower):
             results.append({"label": ranked[0][0], "score": ranked[0][1],
                             "scores": ranked})
         return {"version": loaded.version, "results": results}
+
+    async def classify_many(self, calls: list[tuple[list[str], Optional[str]]]) -> list[Any]:
+        """Several callers' requests, (texts, version) each, in one call (the ingress
+        coalesces them): an answer or the exception for each, in order. They join the
+        batcher's queue one by one, so they batch with everything else queued."""
+        return await asyncio.gather(*(self.classify(texts, version) for texts, version in calls),
+                                    return_exceptions=True)
 
     @staticmethod
     def _run_batch(items: list[tuple[LoadedModel, list[str]]]) -> list[list[list[float]]]:

@@ -39,6 +39,7 @@ from services.protocol import INFERENCE_SERVICE, admin_pb, pb
 from services.registry import Registry
 from services.serving.admin import AdminMethods
 from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens
+from services.serving.batching import Coalescer
 from services.serving.validation import (
     UndecodableRequest,
     check_decoded,
@@ -96,12 +97,16 @@ def _status_code(exc: BaseException, model: str = "") -> tuple[grpc.StatusCode, 
             return _internal(exc)
         return getattr(grpc.StatusCode, exc.grpc_code), message
     if isinstance(exc, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: request queue full; retry later"
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(_queue_full())
     if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
         return grpc.StatusCode.UNAVAILABLE, "model temporarily unavailable; retry"
     if isinstance(exc, asyncio.TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "timed out"
     return _internal(exc)
+
+
+def _queue_full() -> Exception:
+    return Overloaded("server busy: request queue full; retry later")
 
 
 def _generate_response(answer: dict[str, Any], model: str):
@@ -142,9 +147,17 @@ class InferenceIngress(AdminMethods):
 
     def __init__(self, registry: str, models: dict[str, Any], tasks: dict[str, str],
                  limits: Optional[dict] = None, board: Any = None,
-                 auth: Optional[dict] = None):
+                 auth: Optional[dict] = None, coalesce: Optional[dict] = None):
         self.registry = Registry(registry)
         self.handles = models  # model name -> DeploymentHandle of its model deployment
+        # Classifier model name -> Coalescer: concurrent Classify calls share one call
+        # to the model deployment (services/serving/batching.py). `coalesce` holds the
+        # Coalescer's limits per model; a model without them gets one call per request.
+        self.coalescers = {
+            name: Coalescer(functools.partial(self._classify_many, name),
+                            on_full=_queue_full, **settings,
+                            on_call=functools.partial(self._observe_call, name))
+            for name, settings in (coalesce or {}).items() if name in models}
         self.tasks = tasks
         self.limits = ServeLimits(**(limits or {}))
         self.board = board  # DeploymentHandle of the StatusBoard
@@ -199,6 +212,18 @@ class InferenceIngress(AdminMethods):
         return {name: board.get(name, []) for name in self.handles}
 
     @staticmethod
+    def _observe_call(model: str, size: int) -> None:
+        metrics.observe("tuneserve_coalesced_requests", size, model=model)
+
+    async def _coalescing(self) -> dict[str, dict[str, int]]:
+        """model -> calls sent to it and the Classify requests they carried."""
+        return {name: {"calls": c.sent[0], "requests": c.sent[1]}
+                for name, c in self.coalescers.items()}
+
+    async def _classify_many(self, model: str, calls: list[tuple[list[str], Optional[str]]]):
+        return await self.handles[model].classify_many.remote(calls)
+
+    @staticmethod
     def _serving_now(statuses: dict[str, list[dict]]) -> bool:
         """Every served model has at least one replica answering with a version."""
         return bool(statuses) and all(any(r.get("version") for r in replicas)
@@ -209,7 +234,11 @@ class InferenceIngress(AdminMethods):
     async def Classify(self, request, grpc_context=None):
         call = validate_classify(request, self.limits)
         handle = self._handle(call.model, "classification")
-        answer = await handle.classify.remote(call.texts, call.version)
+        coalescer = self.coalescers.get(call.model)
+        if coalescer is not None:
+            answer = await coalescer.submit((call.texts, call.version))
+        else:
+            answer = await handle.classify.remote(call.texts, call.version)
         results = [
             pb.Classification(
                 label=r["label"], score=r["score"],

@@ -1,6 +1,12 @@
 """`tuneserve serve` as a user runs it: a separate process with its own local Ray
-cluster, answering over gRPC, stopped cleanly by Ctrl-C (SIGINT)."""
+cluster, answering over gRPC, stopped cleanly by Ctrl-C (SIGINT).
 
+It runs with --direct-ingress (the ingress replica itself listens on the port): the
+test session's own server (tests/conftest.py) covers the default path through Serve's
+proxy, and a cluster's direct-ingress switch is set when it starts, so this separate
+cluster is where it can be tested."""
+
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -9,7 +15,7 @@ import sys
 import pytest
 
 from services.client import Client
-from tests.helpers import free_port
+from tests.helpers import free_port, listening_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -22,13 +28,31 @@ def test_serve_command_foreground_and_ctrl_c(trained, tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", "serve", "--registry", cfg.registry,
-         "--grpc-port", str(port), "--http-port", str(free_port()), "--replica-cpus", "0.5"],
+         "--grpc-port", str(port), "--http-port", str(free_port()), "--replica-cpus", "0.5",
+         "--direct-ingress"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
             client.wait_until_serving(timeout_s=240)
             resp = client.classify("toy", ["a superb film with lovely acting"])
             assert resp.results[0].label == "positive" and resp.version == "v1"
+            # concurrent calls, which the ingress coalesces: each gets its own answer,
+            # the one it gets alone
+            texts = [f"{w} film" for w in ("a superb", "an awful", "a lovely", "a dull",
+                                           "a brilliant", "a terrible")] * 4
+            def top(t):
+                result = client.classify("toy", [t]).results[0]
+                return result.label, result.score
+
+            alone = {t: top(t) for t in set(texts)}
+            with concurrent.futures.ThreadPoolExecutor(12) as pool:
+                together = list(pool.map(top, texts))
+            assert [label for label, _ in together] == [alone[t][0] for t in texts]
+            assert [s for _, s in together] == pytest.approx([alone[t][1] for t in texts],
+                                                             abs=1e-4)
+        # no proxy in front: the ingress replica's own process holds the port
+        assert listening_process(port).startswith("ray::ServeReplica:tuneserve:ingress"), \
+            listening_process(port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:

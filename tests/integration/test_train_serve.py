@@ -49,6 +49,50 @@ def test_classify_over_grpc(server):
     assert server.classify("toy", ["a good show"], version="v1").version == "v1"
 
 
+def test_concurrent_classify_calls_are_coalesced_each_with_its_own_answer(server):
+    """The ingress sends concurrent Classify calls to the model together
+    (ServeConfig.coalesce, on by default): each caller still gets the answer for its
+    own texts and the version it asked for."""
+    import concurrent.futures
+
+    long = " and ".join(["a lovely film with superb acting"] * 12)  # keeps calls busy
+    texts = [["a superb film with lovely acting", long], ["a dull story with awful acting"],
+             ["a good show", "a poor ending"], ["a brilliant script", long, long]] * 6
+
+    def call(batch):
+        resp = server.classify("toy", batch, version="v1" if len(batch) > 1 else "")
+        return [r.label for r in resp.results], resp.version
+
+    from ray import serve
+
+    from services.serving.app import APP_NAME
+
+    ingress = serve.get_app_handle(APP_NAME)
+    alone = {tuple(b): call(b) for b in texts[:4]}
+    before = ingress._coalescing.remote().result()["toy"]
+    with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(call, texts))
+    after = ingress._coalescing.remote().result()["toy"]
+    assert together == [alone[tuple(b)] for b in texts]
+    # every request went through the coalescer, in fewer calls than requests (at most
+    # two calls per replica are out at once, so 24 at once cannot all go alone)
+    assert after["requests"] - before["requests"] == len(texts)
+    assert after["calls"] - before["calls"] < len(texts)
+    assert alone[("a dull story with awful acting",)] == (["negative"], "v1")
+
+
+def test_direct_ingress_needs_a_cluster_started_with_it(server):
+    """Ray reads direct ingress when a cluster starts: asking for it on a running
+    cluster fails with a message naming the setting, before anything is deployed."""
+    import dataclasses
+
+    from services.errors import ConfigError
+    from services.serving.app import start_serving
+
+    with pytest.raises(ConfigError, match="'direct_ingress'.*RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+        start_serving(dataclasses.replace(server.serve_cfg, direct_ingress=True))
+
+
 def test_health_serving_and_unknown_service(server):
     assert server.health() == "SERVING"
     assert server.health(service="") == "SERVING"

@@ -91,3 +91,23 @@ def test_ongoing_requests_default_per_task_and_explicit_value_wins():
     assert cfg.ongoing_for("generation") == 8
     explicit = ServeConfig(max_ongoing_requests=1).validate()
     assert explicit.ongoing_for("classification") == explicit.ongoing_for("generation") == 1
+
+
+def test_coalescing_limits_follow_replicas_batch_and_queue_settings():
+    from services.config import ServeConfig
+
+    cfg = ServeConfig(max_batch_size=16, num_replicas=3, max_queued_requests=10).validate()
+    # two calls per replica (one computing, one queued), each at most a batch, no more
+    # requests in flight than the replicas take on
+    assert cfg.coalescing("classification") == {
+        "max_calls": 6, "max_items": 96, "max_call_items": 16, "max_pending": 10}
+    assert cfg.coalescing("generation") is None  # generation streams: one call each
+    # autoscaling: room for max_replicas, so a saturated deployment shows the autoscaler
+    # more than its target in flight
+    auto = ServeConfig(max_replicas=4, max_batch_size=8).validate()
+    assert auto.coalescing("classification")["max_calls"] == 8
+    # max_ongoing_requests=1 still means one request at a time on a replica
+    single = ServeConfig(max_ongoing_requests=1).validate()
+    assert single.coalescing("classification")["max_call_items"] == 1
+    assert single.coalescing("classification")["max_items"] == 1
+    assert ServeConfig(coalesce=False).validate().coalescing("classification") is None
