@@ -115,3 +115,18 @@ def test_eval_gated_promotion_decisions(tmp_path):
     assert parse_min_metric("macro_f1=0.7") == ("macro_f1", 0.7)
     with pytest.raises(ConfigError, match="min_metric"):
         parse_min_metric("accuracy>0.7")
+
+
+def test_serve_rejects_a_bad_batch_size_naming_the_field(tmp_path, capsys):
+    assert main(["serve", "--registry", str(tmp_path / "none"), "--max-batch-size", "0"]) != 0
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_direct_ingress_environment_gives_the_ingress_exactly_the_grpc_port():
+    from services.serving.app import direct_ingress_env
+
+    env = direct_ingress_env(9000)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Serve allocates ingress ports from range(min, max): only 9000
+    assert range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]),
+                 int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"])) == range(9000, 9001)
