@@ -411,7 +411,9 @@ class ServeConfig:
     batch computing and the next one queued in the replica), 8 for generators (a
     generation batch runs to its longest request)."""
     max_queued_requests: int = 256
-    """Requests waiting per caller beyond that; past it, RESOURCE_EXHAUSTED. -1: no bound."""
+    """Requests waiting beyond that (Classify: in the ingress for room in a coalesced
+    call; otherwise in Serve's router, per caller); past it, RESOURCE_EXHAUSTED. -1: no
+    bound."""
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
     """Classifiers: how long an idle replica waits for a batch to fill. A batch starts
