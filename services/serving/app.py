@@ -119,8 +119,8 @@ def build_app(cfg: ServeConfig):
     served_tasks = {n: t for n, t in tasks.items() if n in handles}
     if tokens.open_warning():
         logger.warning(tokens.open_warning())
-    coalesce = {name: cfg.coalescing(task) for name, task in served_tasks.items()
-                if cfg.coalescing(task)}
+    coalesce = {name: limits for name, task in served_tasks.items()
+                if (limits := cfg.coalescing(task))}
     return ingress.bind(registry.uri, handles, served_tasks,
                         dataclasses.asdict(cfg.limits), board=board, auth=tokens.as_dict(),
                         coalesce=coalesce)
@@ -204,9 +204,10 @@ def _prepare_direct_ingress(cfg: ServeConfig) -> int:
     """Set up direct ingress before Ray starts; returns the port for Serve's own proxy
     (a free one: grpc_port belongs to the ingress replica)."""
     import os
-    import socket
 
     import ray
+
+    from services.demo import free_port
 
     env = direct_ingress_env(cfg.grpc_port)
     unset = [f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v]
@@ -216,9 +217,7 @@ def _prepare_direct_ingress(cfg: ServeConfig) -> int:
                           f"cluster with {' '.join(unset)} in its environment, or let "
                           "tuneserve start one (no --address)")
     os.environ.update(env)  # the local cluster started next inherits it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = False,
