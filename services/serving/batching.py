@@ -122,12 +122,13 @@ class Coalescer:
     `max_call_items`) goes in the next one. A lone request is sent at once; under load
     each call carries about what the replica batches next.
 
-    `on_call(n)` is told the size of each call sent; `sent` counts the calls and the
-    requests they carried. `send(items)` returns one result per item, where a result that is an exception is
+    `send(items)` returns one result per item, where a result that is an exception is
     raised to that item's caller; if `send` raises, every item's caller gets it. More
     than `max_pending` waiting requests (-1: no bound): `on_full()` is raised instead
-    of queueing without bound. A caller cancelled while waiting is dropped; one
-    cancelled after its call was sent does not cancel the others' call.
+    of queueing without bound. `on_call(n)` is told the size of each call sent;
+    `calls_sent` / `requests_sent` count them since the start. A caller cancelled
+    while waiting is dropped; one cancelled after its call was sent does not cancel
+    the others' call.
     """
 
     def __init__(self, send: Callable[[list[Any]], Any], *, max_calls: int,
@@ -144,7 +145,7 @@ class Coalescer:
         self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
         self._calls = 0
         self._items = 0
-        self.sent = [0, 0]  # calls, requests: totals since start
+        self.calls_sent = self.requests_sent = 0
         self._tasks: set[asyncio.Task] = set()
 
     def in_flight(self) -> tuple[int, int]:
@@ -179,8 +180,8 @@ class Coalescer:
                 return
             self._calls += 1
             self._items += len(call)
-            self.sent[0] += 1
-            self.sent[1] += len(call)
+            self.calls_sent += 1
+            self.requests_sent += len(call)
             if self._on_call is not None:
                 self._on_call(len(call))
             task = asyncio.get_running_loop().create_task(self._call(call))

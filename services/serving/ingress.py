@@ -217,7 +217,7 @@ class InferenceIngress(AdminMethods):
 
     async def _coalescing(self) -> dict[str, dict[str, int]]:
         """model -> calls sent to it and the Classify requests they carried."""
-        return {name: {"calls": c.sent[0], "requests": c.sent[1]}
+        return {name: {"calls": c.calls_sent, "requests": c.requests_sent}
                 for name, c in self.coalescers.items()}
 
     async def _classify_many(self, model: str, calls: list[tuple[list[str], Optional[str]]]):
