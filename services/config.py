@@ -435,6 +435,13 @@ class ServeConfig:
     your own needs `services.serving.app.direct_ingress_env(port)` in its environment.
     One ingress replica per node. Not for KubeRay's RayService, whose Service routes to
     Serve's proxy."""
+    colocate: bool = False
+    """Each model runs inside the ingress replicas instead of in a deployment of its own:
+    one process answers gRPC and runs the model, so a request crosses no Ray call
+    between them (docs/benchmarks.md: less latency and CPU per request). The replica
+    settings (num_replicas, autoscaling, replica_cpus, replica_gpus, max_ongoing_requests)
+    then apply to the ingress, which loads every served model, and ingress_cpus is
+    unused. With direct_ingress: one replica (it listens on grpc_port itself)."""
     generation_batch_wait_timeout_s: float = 0.02
     """How long a generation batch waits for more requests. A batch runs until its
     longest request ends and later requests wait for it, so waiting a little for
@@ -474,6 +481,11 @@ class ServeConfig:
             raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
         if self.poll_interval_s <= 0:
             raise bad("poll_interval_s", "must be > 0")
+        if self.colocate and self.direct_ingress and \
+                (self.max_replicas is not None or self.num_replicas != 1):
+            raise bad("colocate", "with direct_ingress the ingress replica listens on "
+                      "grpc_port itself, so it runs one replica: set num_replicas 1 and no "
+                      "max_replicas, or drop direct_ingress")
         if self.limits.max_request_bytes < 1024:
             raise bad("limits.max_request_bytes", "must be at least 1024")
         return self
@@ -485,10 +497,11 @@ class ServeConfig:
         return 8 if task == "generation" else 2 * self.max_batch_size
 
     def coalescing(self, task: str) -> Optional[dict[str, int]]:
-        """The ingress's Coalescer limits for a model of this task (None: not coalesced).
+        """The ingress's Coalescer limits for a model of this task (None: not coalesced;
+        a colocated model is called in-process, where its own batcher does the work).
         With autoscaling they allow for max_replicas, so that a saturated deployment
         shows the autoscaler more than its target in flight per replica."""
-        if not self.coalesce or task != "classification":
+        if not self.coalesce or self.colocate or task != "classification":
             return None
         replicas = self.max_replicas if self.max_replicas is not None else self.num_replicas
         ongoing = self.ongoing_for(task)

@@ -57,11 +57,11 @@ def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> d
 
 
 def build_app(cfg: ServeConfig):
-    """The Serve application: one ingress, one model deployment per model name."""
+    """The Serve application: one ingress, one model deployment per model name (or, with
+    cfg.colocate, an ingress that runs the models itself: services/serving/colocated.py)."""
     from ray import serve
 
-    from services.serving.classifier import Classifier
-    from services.serving.generator import Generator
+    from services.serving.colocated import ColocatedIngress, model_classes
     from services.serving.ingress import InferenceIngress
     from services.serving.status import StatusBoard
 
@@ -72,58 +72,71 @@ def build_app(cfg: ServeConfig):
     if not tasks:
         raise RegistryError(f"no models in registry {cfg.registry}: train one first "
                             "(tuneserve train ...)")
-    handles = {}
     threads = max(1, math.ceil(cfg.replica_cpus))
     board = serve.deployment(StatusBoard).options(
         name="status-board", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000).bind()
-    deployment_classes = {"classification": Classifier, "generation": Generator}
+    classes = model_classes()
+    specs: dict[str, dict[str, Any]] = {}  # model name -> its class's arguments
     for name, task in tasks.items():
-        if task not in deployment_classes:
+        if task not in classes:
             logger.warning("model %s has task %s, which this server cannot serve",
                            name, task)
             continue
         # A generation batch runs to its longest request: no larger than what one
         # replica takes on at once.
         batch_size, batch_wait = cfg.max_batch_size, cfg.batch_wait_timeout_s
-        ongoing = cfg.ongoing_for(task)
         if task == "generation":
-            batch_size = min(cfg.max_batch_size, ongoing)
+            batch_size = min(cfg.max_batch_size, cfg.ongoing_for(task))
             batch_wait = cfg.generation_batch_wait_timeout_s
-        autoscaling = cfg.autoscaling_config()
-        replicas = {"autoscaling_config": autoscaling} if autoscaling else \
-            {"num_replicas": cfg.num_replicas}
-        deployment = serve.deployment(deployment_classes[task]).options(
+        specs[name] = {"task": task, "kwargs": {
+            "registry": registry.uri, "name": name, "channel": cfg.channel,
+            "poll_interval_s": cfg.poll_interval_s, "threads": threads,
+            "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait}}
+    served_tasks = {n: t for n, t in tasks.items() if n in specs}
+    if tokens.open_warning():
+        logger.warning(tokens.open_warning())
+    autoscaling = cfg.autoscaling_config()
+    replicas = {"autoscaling_config": autoscaling} if autoscaling else \
+        {"num_replicas": cfg.num_replicas}
+    model_actor = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
+                   "runtime_env": {"env_vars": {
+                       "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}}
+    limits = dataclasses.asdict(cfg.limits)
+    if cfg.colocate:
+        ingress = serve.deployment(ColocatedIngress).options(
+            name="ingress", **replicas, ray_actor_options=model_actor,
+            max_ongoing_requests=max((cfg.ongoing_for(t) for t in served_tasks.values()),
+                                     default=cfg.ongoing_for("classification")),
+            max_queued_requests=cfg.max_queued_requests,
+            user_config={"channel": cfg.channel, "pinned_versions": dict(cfg.pinned_versions),
+                         "poll_interval_s": cfg.poll_interval_s},
+            health_check_period_s=10)
+        return ingress.bind(registry.uri, specs, served_tasks, limits, board=board,
+                            auth=tokens.as_dict())
+    handles = {}
+    for name, spec in specs.items():
+        deployment = serve.deployment(classes[spec["task"]]).options(
             name=model_deployment_name(name),
-            max_ongoing_requests=ongoing,
+            max_ongoing_requests=cfg.ongoing_for(spec["task"]),
             max_queued_requests=cfg.max_queued_requests,
             **replicas,
-            ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
-                               "runtime_env": {"env_vars": {
-                                   "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}},
+            ray_actor_options=model_actor,
             user_config={"channel": cfg.channel,
                          "pinned_version": cfg.pinned_versions.get(name),
                          "poll_interval_s": cfg.poll_interval_s},
             health_check_period_s=10,
         )
-        handles[name] = deployment.bind(
-            registry.uri, name, channel=cfg.channel,
-            poll_interval_s=cfg.poll_interval_s, threads=threads,
-            max_batch_size=batch_size, batch_wait_timeout_s=batch_wait,
-            board=board)
+        handles[name] = deployment.bind(**spec["kwargs"], board=board)
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
         # The ingress only awaits model calls: it can hold many at once.
         max_ongoing_requests=max([256] + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
     )
-    served_tasks = {n: t for n, t in tasks.items() if n in handles}
-    if tokens.open_warning():
-        logger.warning(tokens.open_warning())
-    coalesce = {name: limits for name, task in served_tasks.items()
-                if (limits := cfg.coalescing(task))}
-    return ingress.bind(registry.uri, handles, served_tasks,
-                        dataclasses.asdict(cfg.limits), board=board, auth=tokens.as_dict(),
-                        coalesce=coalesce)
+    coalesce = {name: settings for name, task in served_tasks.items()
+                if (settings := cfg.coalescing(task))}
+    return ingress.bind(registry.uri, handles, served_tasks, limits, board=board,
+                        auth=tokens.as_dict(), coalesce=coalesce)
 
 
 def app_builder(args: dict[str, Any]):

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Optional
@@ -29,6 +30,7 @@ from services.errors import CorruptVersion, ModelLoading, ModelNotFound, Tuneser
 from services.registry import Registry
 
 logger = logging.getLogger("ray.serve")
+_PROCESS_LOADS = threading.Lock()
 
 
 class RegistryFollower:
@@ -67,6 +69,13 @@ class RegistryFollower:
     def _status_extra(self) -> dict[str, Any]:
         """Task-specific fields of `status`."""
         return {}
+
+    def _load_serialized(self, version: str) -> Any:
+        # One load at a time per process: colocated models (services/serving/colocated.py)
+        # share one, and importing transformers' model classes from two threads at once
+        # fails in one of them (its lazy module is not thread-safe).
+        with _PROCESS_LOADS:
+            return self._load_version(version)
 
     def _ensure_follower(self) -> None:
         if self._follower is None or self._follower.done():
@@ -146,7 +155,7 @@ class RegistryFollower:
                                      f"{self.refused[version]}")
             started = time.perf_counter()
             try:
-                loaded = await asyncio.to_thread(self._load_version, version)
+                loaded = await asyncio.to_thread(self._load_serialized, version)
             except TuneserveError as exc:
                 self.refused[version] = exc.message
                 self.last_error = exc.message

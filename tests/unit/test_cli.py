@@ -122,6 +122,13 @@ def test_serve_rejects_a_bad_batch_size_naming_the_field(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
 
 
+def test_serve_refuses_colocated_direct_ingress_replicas_naming_the_field(tmp_path, capsys):
+    assert main(["serve", "--registry", str(tmp_path / "none"), "--colocate",
+                 "--direct-ingress", "--num-replicas", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "'colocate'" in err and "one replica" in err and "Traceback" not in err
+
+
 def test_direct_ingress_environment_gives_the_ingress_exactly_the_grpc_port():
     from services.serving.app import direct_ingress_env
 

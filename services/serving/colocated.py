@@ -1,0 +1,106 @@
+"""The colocated ingress (ServeConfig.colocate): the models run inside the ingress replica.
+
+The default layout puts each model in a deployment of its own, so every request crosses
+a Ray call from the ingress to a model replica: about 5 ms of latency and as much CPU
+per call on a small machine (docs/benchmarks.md). Here each ingress replica builds the
+model objects itself (the same Classifier and Generator classes, following the registry
+the same way) and calls them in-process through `LocalModel`, which answers the few
+DeploymentHandle calls the ingress makes. Everything else (validation, auth, status
+codes, metrics, the status board, hot-load) is unchanged.
+
+The ingress module itself still never imports torch: this module composes the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from services.serving.ingress import InferenceIngress
+
+logger = logging.getLogger("ray.serve")
+
+
+def model_classes() -> dict[str, type]:
+    """task -> the model class serving it."""
+    from services.serving.classifier import Classifier
+    from services.serving.generator import Generator
+
+    return {"classification": Classifier, "generation": Generator}
+
+
+class _LocalStream:
+    """An async generator seen as a streaming DeploymentResponse (iterate, cancel)."""
+
+    def __init__(self, agen):
+        self._agen = agen
+
+    def __aiter__(self):
+        return self._agen
+
+    def cancel(self) -> None:
+        # Cancelling the ingress's task already ended the generator (the error went
+        # through it); this closes one that was merely abandoned.
+        asyncio.get_running_loop().create_task(self._agen.aclose())
+
+
+class _LocalMethod:
+    def __init__(self, fn, stream: bool):
+        self._fn, self._stream = fn, stream
+
+    def remote(self, *args, **kwargs):
+        result = self._fn(*args, **kwargs)
+        return _LocalStream(result) if self._stream else result
+
+
+class LocalModel:
+    """A model object in this process, called the way the ingress calls a
+    DeploymentHandle: `model.method.remote(...)` (awaited) and
+    `model.options(stream=True).method.remote(...)` (iterated)."""
+
+    def __init__(self, target: Any, stream: bool = False):
+        self._target = target
+        self._stream = stream
+
+    def options(self, *, stream: bool = False, **_ignored) -> "LocalModel":
+        return LocalModel(self._target, stream)
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _LocalMethod(getattr(self._target, name), self._stream)
+
+
+class ColocatedIngress(InferenceIngress):
+    """Serve deployment class; `app.py` wraps it with `serve.deployment`.
+
+    `models`: model name -> {"task": ..., "kwargs": the model class's constructor
+    arguments}. Serve's `user_config` ({"channel", "pinned_versions": {name: version},
+    "poll_interval_s"}) reaches every model's `reconfigure`, as it reaches each model
+    deployment in the default layout.
+    """
+
+    def __init__(self, registry: str, models: dict[str, dict[str, Any]],
+                 tasks: dict[str, str], limits: Optional[dict] = None, board: Any = None,
+                 auth: Optional[dict] = None):
+        classes = model_classes()
+        self.models = {name: classes[spec["task"]](**spec["kwargs"], board=board)
+                       for name, spec in models.items()}
+        super().__init__(registry, {n: LocalModel(m) for n, m in self.models.items()},
+                         tasks, limits, board=board, auth=auth)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        user_config = user_config or {}
+        pins = user_config.get("pinned_versions") or {}
+        if not isinstance(pins, dict):
+            logger.warning("user_config pinned_versions ignored: not a mapping")
+            pins = {}
+        shared = {k: user_config[k] for k in ("channel", "poll_interval_s")
+                  if user_config.get(k)}
+        for name, model in self.models.items():  # the first call loads each model
+            await model.reconfigure({**shared, "pinned_version": pins.get(name)})
+
+    async def check_health(self) -> None:
+        for model in self.models.values():
+            await model.check_health()
