@@ -281,6 +281,10 @@ def owner_reference(rayjob: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- pinning a version on the RayService --------------------------------------------
+COLOCATED_INGRESS = "ingress"
+"""The deployment that holds the models when the app's args set `colocate`."""
+
+
 def deployment_name(model: str) -> str:
     """Same rule as services.serving.app.model_deployment_name (kept import-free of Ray)."""
     return f"model-{model}"
@@ -290,9 +294,11 @@ def pin_version(serve_config: str, model: str, version: Optional[str], *,
                 app: str = APP_NAME) -> str:
     """serveConfigV2 with `model`'s deployment pinned to `version` (None: follow channel).
 
-    Only user_config.pinned_version of deployment model-<model> changes; a missing
-    deployment entry is added with the app's channel and poll interval. Serve applies a
-    user_config change through `reconfigure` on the running replicas: no restart.
+    Only user_config.pinned_version of deployment model-<model> changes (with the app's
+    `colocate` arg, where the models run inside the ingress: the ingress deployment's
+    user_config.pinned_versions[model]); a missing deployment entry is added with the
+    app's channel and poll interval. Serve applies a user_config change through
+    `reconfigure` on the running replicas: no restart.
     """
     if version is not None:
         check_version(version)
@@ -312,14 +318,20 @@ def pin_version(serve_config: str, model: str, version: Optional[str], *,
         raise ConfigError(f"model {model!r} is not served by application {app!r} "
                           f"(args.models: {', '.join(served)})")
     deployments = application.setdefault("deployments", [])
-    name = deployment_name(model)
+    colocated = bool(args.get("colocate"))
+    name = COLOCATED_INGRESS if colocated else deployment_name(model)
     entry = next((d for d in deployments if d.get("name") == name), None)
     if entry is None:
         entry = {"name": name}
         deployments.append(entry)
     user_config = dict(entry.get("user_config") or {})
     user_config.setdefault("channel", args.get("channel", "production"))
-    user_config["pinned_version"] = version
+    if colocated:
+        pins = dict(user_config.get("pinned_versions") or args.get("pinned_versions") or {})
+        pins[model] = version
+        user_config["pinned_versions"] = pins
+    else:
+        user_config["pinned_version"] = version
     user_config.setdefault("poll_interval_s", args.get("poll_interval_s", 2.0))
     entry["user_config"] = user_config
     return yaml.safe_dump(doc, sort_keys=False)
@@ -334,8 +346,11 @@ def pinned_versions(serve_config: str, app: str = APP_NAME) -> dict[str, Optiona
             continue
         for dep in application.get("deployments") or []:
             name = str(dep.get("name", ""))
+            user_config = dep.get("user_config") or {}
             if name.startswith("model-"):
-                out[name[len("model-"):]] = (dep.get("user_config") or {}).get("pinned_version")
+                out[name[len("model-"):]] = user_config.get("pinned_version")
+            elif name == COLOCATED_INGRESS and (application.get("args") or {}).get("colocate"):
+                out.update(user_config.get("pinned_versions") or {})
     return out
 
 

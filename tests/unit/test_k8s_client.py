@@ -331,6 +331,26 @@ def test_pin_version_edits_only_the_pin():
         "channel": "production", "pinned_version": "v2", "poll_interval_s": 2.0}}
 
 
+def test_pin_version_on_a_colocated_app_edits_the_ingress():
+    """With args.colocate the models run in the ingress: its user_config holds the pins
+    (a model-<name> entry would name a deployment that does not exist)."""
+    doc = yaml.safe_load(base_object("rayservice.yaml")["spec"]["serveConfigV2"])
+    app = doc["applications"][0]
+    app["args"]["colocate"] = True
+    app["args"].pop("models", None)
+    app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("model-")]
+    pinned = yaml.safe_load(objects.pin_version(yaml.safe_dump(doc), "sentiment", "v3"))
+    pinned = yaml.safe_load(objects.pin_version(yaml.safe_dump(pinned), "topics", "v5"))
+    entries = {d["name"]: d for d in pinned["applications"][0]["deployments"]}
+    assert not any(name.startswith("model-") for name in entries)
+    assert entries["ingress"]["user_config"]["pinned_versions"] == {"sentiment": "v3",
+                                                                     "topics": "v5"}
+    assert objects.pinned_versions(yaml.safe_dump(pinned)) == {"sentiment": "v3",
+                                                               "topics": "v5"}
+    unpinned = objects.pin_version(yaml.safe_dump(pinned), "sentiment", None)
+    assert objects.pinned_versions(unpinned) == {"sentiment": None, "topics": "v5"}
+
+
 def test_promote_a_manifest_file_offline(tmp_path, capsys):
     path = tmp_path / "rayservice.yaml"
     path.write_text((K8S / "base" / "rayservice.yaml").read_text())
