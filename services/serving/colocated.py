@@ -96,6 +96,10 @@ class ColocatedIngress(InferenceIngress):
         if not isinstance(pins, dict):
             logger.warning("user_config pinned_versions ignored: not a mapping")
             pins = {}
+        unknown = sorted(set(pins) - set(self.models))
+        if unknown:
+            logger.warning("user_config pinned_versions: %s not served here (served: %s)",
+                           ", ".join(map(str, unknown)), ", ".join(sorted(self.models)))
         shared = {k: user_config[k] for k in ("channel", "poll_interval_s")
                   if user_config.get(k)}
         for name, model in self.models.items():  # the first call loads each model

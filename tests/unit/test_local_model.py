@@ -4,6 +4,7 @@ and the forwarding of Serve's user_config and health checks to the local models.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -88,7 +89,7 @@ class Recorder:
             raise RuntimeError("registry follower stopped")
 
 
-def test_user_config_and_health_reach_every_model(tmp_path, monkeypatch):
+def test_user_config_and_health_reach_every_model(tmp_path, monkeypatch, caplog):
     Recorder.instances = []
     monkeypatch.setattr(colocated, "model_classes",
                         lambda: {"classification": Recorder, "generation": Recorder})
@@ -113,6 +114,10 @@ def test_user_config_and_health_reach_every_model(tmp_path, monkeypatch):
                                    "pinned_version": "v2"}
         await ingress.reconfigure({"pinned_versions": "v2"})  # not a mapping: no pins
         assert gen.configs[-1] == {"pinned_version": None}
+        with caplog.at_level(logging.WARNING, logger="ray.serve"):
+            await ingress.reconfigure({"pinned_versions": {"tyop": "v1", "gen": "v3"}})
+        assert gen.configs[-1] == {"pinned_version": "v3"}
+        assert "tyop not served here" in caplog.text
         await ingress.check_health()
         gen.healthy = False
         with pytest.raises(RuntimeError, match="follower"):
