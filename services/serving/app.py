@@ -111,7 +111,7 @@ def build_app(cfg: ServeConfig):
             max_queued_requests=cfg.max_queued_requests,
             user_config={"channel": cfg.channel, "pinned_versions": dict(cfg.pinned_versions),
                          "poll_interval_s": cfg.poll_interval_s},
-            health_check_period_s=10)
+            health_check_period_s=10, **cfg.deployment_logging())
         return ingress.bind(registry.uri, specs, served_tasks, limits, board=board,
                             auth=tokens.as_dict())
     handles = {}
@@ -125,13 +125,14 @@ def build_app(cfg: ServeConfig):
             user_config={"channel": cfg.channel,
                          "pinned_version": cfg.pinned_versions.get(name),
                          "poll_interval_s": cfg.poll_interval_s},
-            health_check_period_s=10,
+            health_check_period_s=10, **cfg.deployment_logging(),
         )
         handles[name] = deployment.bind(**spec["kwargs"], board=board)
     ingress = serve.deployment(InferenceIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
         # The ingress only awaits model calls: it can hold many at once.
         max_ongoing_requests=max([256] + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
+        **cfg.deployment_logging(),
     )
     coalesce = {name: settings for name, task in served_tasks.items()
                 if (settings := cfg.coalescing(task))}

@@ -54,8 +54,9 @@ def colocated(server, trained, trained_generator, tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("colocated") / "registry")
     _copy(source, "toy", registry)
     _copy(source, GEN_MODEL, registry)
+    # access_log off: Serve must accept the logging option on the ingress
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
-                      poll_interval_s=0.5)
+                      poll_interval_s=0.5, access_log=False)
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
     client = Client(server.address, token="", application=APP, timeout_s=60)
     try:

@@ -167,3 +167,9 @@ def test_models_in_one_process_load_one_at_a_time(tmp_path):
 
     asyncio.run(scenario())
     assert peak == [1]
+
+
+def test_access_log_setting():
+    assert ServeConfig().deployment_logging() == {}
+    assert ServeConfig(access_log=False).deployment_logging() == \
+        {"logging_config": {"enable_access_log": False}}
