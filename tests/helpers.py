@@ -186,3 +186,11 @@ def listening_process(port: int) -> str:
         except OSError:
             continue
     return ""
+
+
+def copy_version(source, name: str, version: str, target, new_name: str) -> str:
+    """Publish `name` `version` of the `source` Registry into `target` as the next
+    version of `new_name` (same files and manifest fields)."""
+    manifest = {k: v for k, v in source.manifest(name, version).items()
+                if k not in ("files", "version", "name", "created_at")}
+    return target.publish(new_name, source.local_copy(name, version), manifest).version

@@ -16,7 +16,7 @@ from services.client import Client
 from services.config import ServeConfig
 from services.registry import Registry
 from tests.conftest import GEN_MODEL
-from tests.helpers import delete_app, poll_until
+from tests.helpers import copy_version, delete_app, poll_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -25,12 +25,6 @@ TEXTS = ["a lovely film with superb acting", "dull, tedious and far too long",
          "the plot was fine", "😀 ✓ 日本語"]
 PROMPTS = [("red cat", {}), ("blue dog", {"max_new_tokens": 3}),
            ("red cat", {"temperature": 0.9, "seed": 7, "max_new_tokens": 8})]
-
-
-def _copy(source: Registry, name: str, target: Registry) -> str:
-    manifest = {k: v for k, v in source.manifest(name, "v1").items()
-                if k not in ("files", "version", "name", "created_at")}
-    return target.publish(name, source.local_copy(name, "v1"), manifest).version
 
 
 def _board(app: str) -> dict:
@@ -52,8 +46,8 @@ def colocated(server, trained, trained_generator, tmp_path_factory):
     expected_generate = [server.generate(GEN_MODEL, p, **kw) for p, kw in PROMPTS]
     source = Registry(trained[0].registry)
     registry = Registry(tmp_path_factory.mktemp("colocated") / "registry")
-    _copy(source, "toy", registry)
-    _copy(source, GEN_MODEL, registry)
+    copy_version(source, "toy", "v1", registry, "toy")
+    copy_version(source, GEN_MODEL, "v1", registry, GEN_MODEL)
     # access_log off: Serve must accept the logging option on the ingress
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
                       poll_interval_s=0.5, access_log=False)
@@ -156,7 +150,7 @@ def test_cancelled_stream_stops_generating(colocated):
 
 def test_promoted_version_is_hot_loaded(colocated):
     client, registry = colocated["client"], colocated["registry"]
-    v2 = _copy(colocated["source"], "toy", registry)
+    v2 = copy_version(colocated["source"], "toy", "v1", registry, "toy")
     assert v2 == "v2"
     client.promote("toy", v2)
     assert poll_until(lambda: client.classify("toy", TEXTS[:1]).version == v2,

@@ -22,7 +22,7 @@ from services.config import ServeConfig, ServeLimits
 from services.protocol import admin_pb, pb
 from services.registry import Registry
 from tests.conftest import GEN_MODEL
-from tests.helpers import delete_app, poll_until
+from tests.helpers import copy_version, delete_app, poll_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -315,13 +315,6 @@ def test_health_unknown_service(server):
 
 # ---- before any model is loaded -------------------------------------------------------------
 PENDING_APP = "contract-pending"
-
-
-def copy_version(source: Registry, name: str, version: str, target: Registry,
-                 new_name: str) -> str:
-    manifest = {k: v for k, v in source.manifest(name, version).items()
-                if k not in ("files", "version", "name", "created_at")}
-    return target.publish(new_name, source.local_copy(name, version), manifest).version
 
 
 @pytest.fixture(scope="class")
