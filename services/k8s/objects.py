@@ -282,7 +282,8 @@ def owner_reference(rayjob: dict[str, Any]) -> dict[str, Any]:
 
 # ---- pinning a version on the RayService --------------------------------------------
 COLOCATED_INGRESS = "ingress"
-"""The deployment that holds the models when the app's args set `colocate`."""
+"""The deployment that holds the models when the app's args set `colocate` (same as
+services.serving.app.INGRESS_DEPLOYMENT, kept import-free of Ray)."""
 
 
 def deployment_name(model: str) -> str:

@@ -36,6 +36,8 @@ from services.serving.auth import Tokens
 from services.serving.validation import UndecodableRequest
 
 APP_NAME = "tuneserve"
+INGRESS_DEPLOYMENT = "ingress"
+"""The ingress deployment's name (with colocate it also holds the models)."""
 logger = logging.getLogger(__name__)
 
 
@@ -105,7 +107,7 @@ def build_app(cfg: ServeConfig):
     limits = dataclasses.asdict(cfg.limits)
     if cfg.colocate:
         ingress = serve.deployment(ColocatedIngress).options(
-            name="ingress", **replicas, ray_actor_options=model_actor,
+            name=INGRESS_DEPLOYMENT, **replicas, ray_actor_options=model_actor,
             max_ongoing_requests=max((cfg.ongoing_for(t) for t in served_tasks.values()),
                                      default=cfg.ongoing_for("classification")),
             max_queued_requests=cfg.max_queued_requests,
@@ -129,7 +131,7 @@ def build_app(cfg: ServeConfig):
         )
         handles[name] = deployment.bind(**spec["kwargs"], board=board)
     ingress = serve.deployment(InferenceIngress).options(
-        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
         # The ingress only awaits model calls: it can hold many at once.
         max_ongoing_requests=max([256] + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
         **cfg.deployment_logging(),

@@ -334,6 +334,9 @@ def test_pin_version_edits_only_the_pin():
 def test_pin_version_on_a_colocated_app_edits_the_ingress():
     """With args.colocate the models run in the ingress: its user_config holds the pins
     (a model-<name> entry would name a deployment that does not exist)."""
+    from services.serving.app import INGRESS_DEPLOYMENT
+
+    assert objects.COLOCATED_INGRESS == INGRESS_DEPLOYMENT
     doc = yaml.safe_load(base_object("rayservice.yaml")["spec"]["serveConfigV2"])
     app = doc["applications"][0]
     app["args"]["colocate"] = True
