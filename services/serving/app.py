@@ -115,7 +115,7 @@ def build_app(cfg: ServeConfig):
                          "poll_interval_s": cfg.poll_interval_s},
             health_check_period_s=10, **cfg.deployment_logging())
         return ingress.bind(registry.uri, specs, served_tasks, limits, board=board,
-                            auth=tokens.as_dict())
+                            auth=tokens.as_dict(), grpc_server=cfg.replica_grpc_server())
     handles = {}
     for name, spec in specs.items():
         deployment = serve.deployment(classes[spec["task"]]).options(
@@ -139,7 +139,8 @@ def build_app(cfg: ServeConfig):
     coalesce = {name: settings for name, task in served_tasks.items()
                 if (settings := cfg.coalescing(task))}
     return ingress.bind(registry.uri, handles, served_tasks, limits, board=board,
-                        auth=tokens.as_dict(), coalesce=coalesce)
+                        auth=tokens.as_dict(), coalesce=coalesce,
+                        grpc_server=cfg.replica_grpc_server())
 
 
 def app_builder(args: dict[str, Any]):
@@ -171,11 +172,14 @@ def _register(service, servicer, server) -> None:
     """What a generated `add_*Servicer_to_server` does, with lenient deserializers."""
     handlers = {}
     for method in service.methods:
+        fn = getattr(servicer, method.name, None)
+        if fn is None:  # a method the servicer lacks stays UNIMPLEMENTED
+            continue
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
-        handlers[method.name] = make(getattr(servicer, method.name),
+        handlers[method.name] = make(fn,
                                      request_deserializer=_lenient(request),
                                      response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers(
@@ -245,6 +249,10 @@ def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = Fa
     options = grpc_options(cfg)
     if cfg.direct_ingress:
         options["port"] = _prepare_direct_ingress(cfg)
+    elif cfg.replica_grpc:  # grpc_port belongs to the ingress replicas
+        from services.demo import free_port
+
+        options["port"] = free_port()
     ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
     serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
     serve.run(app, name=APP_NAME, blocking=False)

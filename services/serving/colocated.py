@@ -83,12 +83,12 @@ class ColocatedIngress(InferenceIngress):
 
     def __init__(self, registry: str, models: dict[str, dict[str, Any]],
                  tasks: dict[str, str], limits: Optional[dict] = None, board: Any = None,
-                 auth: Optional[dict] = None):
+                 auth: Optional[dict] = None, grpc_server: Optional[dict] = None):
         classes = model_classes()
         self.models = {name: classes[spec["task"]](**spec["kwargs"], board=board)
                        for name, spec in models.items()}
         super().__init__(registry, {n: LocalModel(m) for n, m in self.models.items()},
-                         tasks, limits, board=board, auth=auth)
+                         tasks, limits, board=board, auth=auth, grpc_server=grpc_server)
 
     async def reconfigure(self, user_config: dict) -> None:
         user_config = user_config or {}
@@ -106,5 +106,6 @@ class ColocatedIngress(InferenceIngress):
             await model.reconfigure({**shared, "pinned_version": pins.get(name)})
 
     async def check_health(self) -> None:
+        await super().check_health()
         for model in self.models.values():
             await model.check_health()

@@ -147,7 +147,8 @@ class InferenceIngress(AdminMethods):
 
     def __init__(self, registry: str, models: dict[str, Any], tasks: dict[str, str],
                  limits: Optional[dict] = None, board: Any = None,
-                 auth: Optional[dict] = None, coalesce: Optional[dict] = None):
+                 auth: Optional[dict] = None, coalesce: Optional[dict] = None,
+                 grpc_server: Optional[dict] = None):
         self.registry = Registry(registry)
         self.handles = models  # model name -> DeploymentHandle of its model deployment
         # Classifier model name -> Coalescer: concurrent Classify calls share one call
@@ -167,6 +168,27 @@ class InferenceIngress(AdminMethods):
         if tokens.open_warning():
             logger.warning(tokens.open_warning())
         self._health: tuple[float, bool] = (0.0, False)
+        # ServeConfig.replica_grpc: {host, port, max_receive_bytes} of a gRPC server of
+        # this replica's own (services/serving/replica_grpc.py), started on the running
+        # loop: Serve builds the replica from its user-code event loop.
+        self._grpc_server = None
+        if grpc_server:
+            from services.serving.replica_grpc import ReplicaGrpcServer
+
+            self._grpc_server = ReplicaGrpcServer(self, **grpc_server)
+            self._grpc_server.start()
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: the replica's own gRPC server, if any, runs."""
+        if self._grpc_server is not None:
+            self._grpc_server.check()
+
+    def __del__(self):
+        """Serve calls this when it stops the replica, and awaits what it returns: the
+        replica's own gRPC server, if any, refuses new calls and lets those in flight
+        finish (replica_grpc.STOP_GRACE_S)."""
+        server, self._grpc_server = getattr(self, "_grpc_server", None), None
+        return server.stop() if server is not None else None
 
     # ---- helpers ---------------------------------------------------------------
     def _admit(self, method: str, request, grpc_context) -> None:

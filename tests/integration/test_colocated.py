@@ -1,10 +1,12 @@
-"""ServeConfig.colocate: the models run inside the ingress replica (no model deployments).
+"""ServeConfig.colocate: the models run inside the ingress replica (no model deployments),
+and ServeConfig.replica_grpc: that replica answers gRPC on a port of its own.
 
 A second Serve application in the session cluster, over a registry of its own holding
-the session's classifier and generator, built with colocate=True and reached through
-Serve's gRPC proxy with the `application` metadata. It must answer exactly as the
-session's (default layout) server does, hot-load a promoted version, keep the error
-contract, and stop a cancelled stream's generation.
+the session's classifier and generator, built with colocate=True and replica_grpc=True,
+reached both through Serve's gRPC proxy (with the `application` metadata) and on the
+replica's own port. Either way it must answer exactly as the session's (default layout)
+server does, keep the error contract and stop a cancelled stream's generation; it
+hot-loads a promoted version, and deleting the app closes the replica's port.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from services.client import Client
 from services.config import ServeConfig
 from services.registry import Registry
 from tests.conftest import GEN_MODEL
+from services.demo import free_port
 from tests.helpers import copy_version, delete_app, poll_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,17 +52,25 @@ def colocated(server, trained, trained_generator, tmp_path_factory):
     copy_version(source, "toy", "v1", registry, "toy")
     copy_version(source, GEN_MODEL, "v1", registry, GEN_MODEL)
     # access_log off: Serve must accept the logging option on the ingress
+    port = free_port()
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
-                      poll_interval_s=0.5, access_log=False)
+                      poll_interval_s=0.5, access_log=False, replica_grpc=True,
+                      host="127.0.0.1", grpc_port=port)
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    client = Client(server.address, token="", application=APP, timeout_s=60)
+    clients = {"proxy": Client(server.address, token="", application=APP, timeout_s=60),
+               "replica": Client(f"127.0.0.1:{port}", token="", timeout_s=60)}
+    state = {"client": clients["proxy"], "clients": clients, "port": port,
+             "registry": registry, "source": source, "deleted": False,
+             "classify": expected_classify, "generate": expected_generate}
     try:
-        client.wait_until_serving(timeout_s=180)
-        yield {"client": client, "registry": registry, "source": source,
-               "classify": expected_classify, "generate": expected_generate}
+        clients["proxy"].wait_until_serving(timeout_s=180)
+        clients["replica"].wait_until_serving(timeout_s=60)
+        yield state
     finally:
-        client.close()
-        delete_app(APP, server)
+        for client in clients.values():
+            client.close()
+        if not state["deleted"]:
+            delete_app(APP, server)
 
 
 def test_no_model_deployments(colocated):
@@ -69,8 +80,12 @@ def test_no_model_deployments(colocated):
     assert deployments == {"ingress", "status-board"}, deployments
 
 
-def test_answers_equal_the_default_layout(colocated):
-    client = colocated["client"]
+VIA = ["proxy", "replica"]
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_answers_equal_the_default_layout(colocated, via):
+    client = colocated["clients"][via]
     got = client.classify("toy", TEXTS)
     want = colocated["classify"]
     assert (got.model, got.version) == ("toy", "v1")
@@ -112,18 +127,20 @@ def test_list_models_names_the_ingress_replica(colocated):
     (lambda c: c.classify("toy", []), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda c: c.generate(GEN_MODEL, "x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT),
 ])
-def test_errors_keep_their_codes(colocated, call, code):
+@pytest.mark.parametrize("via", VIA)
+def test_errors_keep_their_codes(colocated, call, code, via):
     with pytest.raises(grpc.RpcError) as err:
-        call(colocated["client"])
+        call(colocated["clients"][via])
     assert err.value.code() == code, err.value.details()
     assert "Traceback" not in (err.value.details() or "")
 
 
-def test_cancelled_stream_stops_generating(colocated):
+@pytest.mark.parametrize("via", VIA)
+def test_cancelled_stream_stops_generating(colocated, via):
     """The client cancels after the first chunk; the generation in the ingress process
     stops early. Ray Serve 2.60's gRPC proxy drops about 1 cancellation in 30
     (tests/integration/test_generation.py), so up to 3 attempts."""
-    client = colocated["client"]
+    client = colocated["clients"][via]
 
     def status() -> dict:
         (entry,) = _board(APP)[GEN_MODEL]
@@ -157,3 +174,21 @@ def test_promoted_version_is_hot_loaded(colocated):
                       timeout_s=60, poll_s=0.2), "v2 never served"
     (info,) = client.list_models("toy").models
     assert list(info.serving_versions) == [v2]
+
+
+def test_deleting_the_app_closes_the_replica_port(colocated, server):
+    """Serve stops the ingress replica: its own gRPC server stops with it (and the
+    session app still answers through the proxy: delete_app checks)."""
+    client = colocated["clients"]["replica"]
+    assert client.health() == "SERVING"
+    delete_app(APP, server)
+    colocated["deleted"] = True
+
+    def closed() -> bool:
+        try:
+            client.classify("toy", TEXTS[:1])
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+
+    assert poll_until(closed, timeout_s=60, poll_s=0.2), "the replica port still answers"

@@ -129,6 +129,16 @@ def test_serve_refuses_colocated_direct_ingress_replicas_naming_the_field(tmp_pa
     assert "'colocate'" in err and "one replica" in err and "Traceback" not in err
 
 
+def test_serve_passes_replica_grpc_and_refuses_it_with_autoscaling(tmp_path, capsys):
+    assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
+                 "--max-replicas", "3"]) != 0
+    err = capsys.readouterr().err
+    assert "'replica_grpc'" in err and "autoscaler" in err and "Traceback" not in err
+    assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
+                 "--direct-ingress"]) != 0
+    assert "'replica_grpc'" in capsys.readouterr().err
+
+
 def test_direct_ingress_environment_gives_the_ingress_exactly_the_grpc_port():
     from services.serving.app import direct_ingress_env
 

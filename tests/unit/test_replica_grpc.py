@@ -1,0 +1,266 @@
+"""The ingress replica's own gRPC server (ServeConfig.replica_grpc), without Ray: a real
+InferenceIngress over in-process fake models, served by ReplicaGrpcServer on a real
+port from an event loop in a thread (as Serve runs user code), called by the real
+client. Status codes, streams, auth, health, reflection, sharing the port, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.client import Client
+from services.config import ServeConfig
+from services.demo import free_port
+from services.errors import ConfigError, ModelNotFound
+from services.protocol import pb
+from services.serving.auth import Tokens
+from services.serving.colocated import LocalModel
+
+API = "api-token-0123456789abcdef"
+
+
+class Model:
+    """Classifier and generator in one: what the ingress calls on a model."""
+
+    def __init__(self):
+        self.started = threading.Event()  # a slow call has begun
+        self.release = asyncio.Event()
+
+    async def classify(self, texts, version=None):
+        if version == "v9":
+            raise ModelNotFound("model 'm' has no version 'v9'")
+        if texts == ["slow"]:
+            self.started.set()
+            await self.release.wait()
+        return {"version": "v1", "results": [
+            {"label": "pos", "score": 0.75, "scores": [("pos", 0.75), ("neg", 0.25)]}
+            for _ in texts]}
+
+    async def generate_stream(self, prompt, params, version=None):
+        for i, word in enumerate(prompt.split()):
+            if word == "boom":
+                raise RuntimeError("/secret/path.py exploded")
+            yield {"text": word, "prompt_tokens": 1, "completion_tokens": i + 1,
+                   "finish_reason": None, "version": "v1"}
+
+
+class Board:
+    class _Get:
+        async def remote(self):
+            return {"m": [{"replica": "r1", "version": "v1"}],
+                    "g": [{"replica": "r1", "version": "v1"}]}
+
+    get = _Get()
+
+
+class LoopThread:
+    """An event loop in a thread: the replica's user-code loop."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro_fn, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def served(tmp_path):
+    from services.serving.ingress import InferenceIngress
+
+    (tmp_path / "registry").mkdir()
+    loop, port, model = LoopThread(), free_port(), Model()
+    made = []
+
+    def make(tokens: Tokens = Tokens.from_values(None, None), port: int = port):
+        async def build():
+            ingress = InferenceIngress(
+                str(tmp_path / "registry"), {"m": LocalModel(model), "g": LocalModel(model)},
+                {"m": "classification", "g": "generation"}, {"max_request_bytes": 4096},
+                board=Board(), auth=tokens.as_dict(),
+                grpc_server={"host": "127.0.0.1", "port": port, "max_receive_bytes": 8192})
+            made.append(ingress)
+            return ingress
+        return loop.call(build)
+
+    yield {"make": make, "loop": loop, "port": port, "model": model}
+    for ingress in made:
+        if ingress._grpc_server is not None:
+            loop.call(lambda: ingress.__del__() or asyncio.sleep(0))
+    loop.close()
+
+
+def _client(port: int, token: str = "") -> Client:
+    return Client(f"127.0.0.1:{port}", token=token, timeout_s=10)
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details() or ""
+
+
+def test_unary_calls_answer_and_keep_their_codes(served):
+    served["make"]()
+    with _client(served["port"]) as client:
+        answer = client.classify("m", ["good", "bad"])
+        assert (answer.model, answer.version) == ("m", "v1")
+        assert [r.label for r in answer.results] == ["pos", "pos"]
+        assert [s.score for s in answer.results[0].scores] == pytest.approx([0.75, 0.25])
+        code, details = _code(lambda: client.classify("nope", ["x"]))
+        assert code == grpc.StatusCode.NOT_FOUND and "'nope' not found" in details
+        assert _code(lambda: client.classify("m", ["x"], version="v9"))[0] == \
+            grpc.StatusCode.NOT_FOUND
+        assert _code(lambda: client.classify("g", ["x"]))[0] == \
+            grpc.StatusCode.FAILED_PRECONDITION
+        assert _code(lambda: client.classify("m", []))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        # over the ingress's limit, under grpc's: the ingress's message names the limit
+        code, details = _code(lambda: client.classify("m", ["x" * 5000]))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "4096 bytes" in details
+        # over grpc's own limit (2x): refused before it is read, with the same code
+        assert _code(lambda: client.classify("m", ["x" * 9000]))[0] == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [m.name for m in client.list_models().models] == ["g", "m"]
+
+
+def test_streams_end_with_the_ingress_status_not_unknown(served, caplog):
+    served["make"]()
+    with _client(served["port"]) as client:
+        chunks = list(client.generate_stream("g", "red cat sat"))
+        assert [c.text for c in chunks] == ["red", "cat", "sat"]
+        assert chunks[-1].completion_tokens == 3 and chunks[-1].model == "g"
+        # the ingress sets the status, then raises (how Serve ends a stream)
+        code, details = _code(lambda: list(client.generate_stream("m", "x")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "use Classify" in details
+        code, details = _code(lambda: list(client.generate_stream("g", "x", temperature=-1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in details
+        # an unexpected failure mid-stream: INTERNAL with an error id, nothing leaked
+        received = []
+        with pytest.raises(grpc.RpcError) as err:
+            for chunk in client.generate_stream("g", "red boom"):
+                received.append(chunk.text)
+        assert received == ["red"]
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "internal error (id " in err.value.details()
+        assert "secret" not in err.value.details() and "Traceback" not in err.value.details()
+    # grpc logs a handler's raise as unexpected: a refused stream is not one
+    assert not [r for r in caplog.records if r.name.startswith("grpc")], caplog.text
+
+
+def test_undecodable_request_is_invalid_argument(served):
+    served["make"]()
+    with grpc.insecure_channel(f"127.0.0.1:{served['port']}") as channel:
+        raw = channel.unary_unary("/tuneserve.v1.Inference/Classify",
+                                  request_serializer=lambda b: b,
+                                  response_deserializer=pb.ClassifyResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff", timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tuneserve.v1.ClassifyRequest" in err.value.details()
+
+
+def test_auth_health_and_reflection(served):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    served["make"](Tokens.from_values(API, None))
+    with _client(served["port"]) as anonymous:
+        code, details = _code(lambda: anonymous.classify("m", ["x"]))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization" in details
+        assert anonymous.health() == "SERVING"  # probes send no token
+    with _client(served["port"], token=API) as client:
+        assert client.classify("m", ["x"]).results[0].label == "pos"
+    with grpc.insecure_channel(f"127.0.0.1:{served['port']}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="other"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        if hasattr(health, "List"):  # newer grpc.health.v1: not implemented here
+            with pytest.raises(grpc.RpcError) as err:
+                health.List(health_pb2.HealthListRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"tuneserve.v1.Inference", "tuneserve.v1.Admin",
+                "grpc.health.v1.Health"} <= names
+
+
+def test_replicas_share_the_port_and_a_taken_port_is_a_clear_error(served):
+    served["make"]()
+    served["make"]()  # a second replica on the same node binds the same port
+    with _client(served["port"]) as client:
+        assert client.classify("m", ["x"]).version == "v1"
+    with socket.socket() as held:  # a program of another kind holds this one
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(ConfigError, match="'grpc_port'.*cannot listen on 127.0.0.1"):
+            served["make"](port=held.getsockname()[1])
+
+
+def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(served):
+    ingress = served["make"]()
+    model = served["model"]
+    with _client(served["port"]) as client:
+        pending = client.inference.Classify.future(
+            pb.ClassifyRequest(model="m", texts=["slow"]), timeout=30)
+        assert model.started.wait(10)
+        stopping = asyncio.run_coroutine_threadsafe(ingress.__del__(), served["loop"].loop)
+
+        def refused() -> bool:
+            try:
+                with _client(served["port"]) as other:
+                    other.classify("m", ["x"])
+                return False
+            except grpc.RpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAVAILABLE
+
+        deadline = time.monotonic() + 10
+        while not refused():
+            assert time.monotonic() < deadline, "new calls still accepted while stopping"
+        assert not stopping.done()
+        served["loop"].loop.call_soon_threadsafe(model.release.set)
+        assert pending.result(10).results[0].label == "pos"
+        stopping.result(10)
+    assert ingress.__del__() is None  # stopped once: nothing more to await
+
+
+def test_replica_grpc_settings():
+    cfg = ServeConfig(replica_grpc=True, grpc_port=9100, host="127.0.0.1").validate()
+    assert cfg.replica_grpc_server() == {"host": "127.0.0.1", "port": 9100,
+                                         "max_receive_bytes": 2 * cfg.limits.max_request_bytes}
+    assert ServeConfig().replica_grpc_server() is None
+    assert ServeConfig(replica_grpc=True, colocate=True, num_replicas=3).validate()
+    with pytest.raises(ConfigError, match="'replica_grpc'.*choose one"):
+        ServeConfig(replica_grpc=True, direct_ingress=True).validate()
+    with pytest.raises(ConfigError, match="'replica_grpc'.*num_replicas"):
+        ServeConfig(replica_grpc=True, max_replicas=3).validate()
+
+
+def test_a_server_that_failed_to_start_fails_the_health_check(served):
+    ingress = served["make"]()
+
+    async def broken_start():
+        raise RuntimeError("no completion queue")
+
+    async def scenario():
+        await ingress.check_health()  # running: healthy
+        ingress._grpc_server.server.start = broken_start
+        ingress._grpc_server.start()
+        with pytest.raises(RuntimeError):
+            await ingress._grpc_server._started
+        with pytest.raises(RuntimeError, match="failed to start: no completion queue"):
+            await ingress.check_health()
+
+    served["loop"].call(scenario)
