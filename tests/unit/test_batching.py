@@ -189,3 +189,80 @@ def test_forward_passes_group_similar_lengths_within_both_budgets():
         assert len(p) == 1 or len(p) * width <= 160  # one over-long text runs alone
     assert [sorted(lengths[i] for i in p) for p in passes] == [[3, 4, 5, 6], [47, 48, 50], [200]]
     assert [len(p) for p in _passes([5] * 10, max_texts=4, max_tokens=10**6)] == [4, 4, 2]
+
+
+# ---- waiting for the last batch's callers to come back -------------------------------
+
+def test_closed_loop_callers_stay_one_batch_instead_of_taking_turns():
+    """Callers that send their next request as soon as they get an answer (most
+    clients) come back at slightly different times. Greedy batching alone splits them
+    into batches that take turns; waiting briefly for the last batch's callers keeps
+    them one batch."""
+
+    def batches(share: float) -> list[int]:
+        model = FakeModel(compute_s=0.1)
+        batcher = GreedyBatcher(model, max_batch_size=8, return_wait_share=share,
+                                return_wait_max_s=0.5)
+
+        async def caller(i: int):
+            await asyncio.sleep(0.003 * i)  # they start one after another
+            for _ in range(8):
+                assert await batcher.submit(i) == 2 * i
+                await asyncio.sleep(0.002 * (i + 1))  # its own round trip: 2..16 ms
+
+        async def main():
+            await asyncio.gather(*(caller(i) for i in range(8)))
+
+        run(main())
+        return [len(b) for b in model.batches]
+
+    together = batches(0.5)
+    # The first caller starts a batch alone and the other seven queue behind it; from
+    # then on every batch holds all eight (the last one lacks the first caller, done).
+    assert together == [1] + [8] * 7 + [7]
+    apart = batches(0.0)  # the same callers without the wait keep taking turns
+    assert max(apart) < 8 and len(apart) >= 10
+
+
+def test_a_lone_caller_never_waits_for_returning_callers():
+    model = FakeModel(compute_s=0.05)
+    batcher = GreedyBatcher(model, max_batch_size=8, return_wait_share=10.0,
+                            return_wait_max_s=10.0)
+
+    async def main():
+        for i in range(5):
+            assert await batcher.submit(i) == 2 * i
+            await asyncio.sleep(0.01)
+
+    run(main())
+    assert model.batches == [[i] for i in range(5)]
+    assert batcher.return_wait_s == 0.0
+
+
+def test_the_wait_for_returning_callers_is_bounded_and_a_returning_caller_joins():
+    def scenario(comes_back: bool):
+        model = FakeModel(compute_s=0.2)
+        model.release.clear()
+        batcher = GreedyBatcher(model, max_batch_size=8, return_wait_share=0.5,
+                                return_wait_max_s=0.15)
+
+        async def main():
+            # One call computing, three queued behind it: when it ends, the next batch
+            # waits for the first call's caller to come back, for at most
+            # min(0.15 s, half of 0.2 s).
+            first, rest = await while_busy(model, batcher, 0, (1, 2, 3))
+            model.release.set()
+            assert await first == 0
+            if comes_back:
+                rest.append(asyncio.ensure_future(batcher.submit(4)))
+            return await asyncio.gather(*rest)
+
+        answers = run(main())
+        return answers, model.batches, batcher.return_wait_s
+
+    answers, batches, waited = scenario(comes_back=False)
+    assert answers == [2, 4, 6] and batches == [[0], [1, 2, 3]]
+    assert 0.08 <= waited <= 1.0
+    answers, batches, waited = scenario(comes_back=True)
+    assert answers == [2, 4, 6, 8] and batches == [[0], [1, 2, 3, 4]]
+    assert waited < 0.08
