@@ -22,7 +22,7 @@ as were queued when it ended plus as many as it carried, for at most
 A lone caller never waits (a batch of one with nothing queued asks for one call), a
 request arriving after the bound never waits, and a saturated replica, whose queue
 already holds a full batch, never waits. With 32 such clients on one replica this kept
-every batch at 32 and raised throughput by a fifth (docs/benchmarks.md).
+every batch at 32 and raised throughput by 17-28% (docs/benchmarks.md).
 
 `wait_timeout_s` > 0 adds a short wait for a batch to fill when fewer than
 `max_batch_size` requests are queued: it trades a lone request's latency for larger
