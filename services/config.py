@@ -422,7 +422,7 @@ class ServeConfig:
     more than a small one (a GPU). At 0 a replica still waits briefly for the callers
     of the batch that just ended (at most a quarter of its compute time and 50 ms), so
     clients that call one after another stay one batch (services/serving/batching.py);
-    a lone caller never waits."""
+    a lone caller never waits, and where callers do not come back the wait backs off."""
     coalesce: bool = True
     """Classifiers: the ingress sends concurrent Classify requests to a model together,
     in one call per batch (at most 2 calls per replica in flight, each carrying at

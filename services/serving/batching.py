@@ -21,7 +21,9 @@ as were queued when it ended plus as many as it carried, for at most
 `return_wait_share` of its compute time and `return_wait_max_s`, counted from its end.
 A lone caller never waits (a batch of one with nothing queued asks for one call), a
 request arriving after the bound never waits, and a saturated replica, whose queue
-already holds a full batch, never waits. With 32 such clients on one replica this kept
+already holds a full batch, never waits. Where callers do not come back (requests
+arriving independently of answers), a wait runs out, and then the next 1, 2, 4, ... up
+to RETURN_WAIT_MAX_SKIPS batches skip it, until a wait fills again. With 32 such clients on one replica this kept
 every batch at 32 and raised throughput by 17-28% (docs/benchmarks.md).
 
 `wait_timeout_s` > 0 adds a short wait for a batch to fill when fewer than
@@ -42,6 +44,8 @@ RETURN_WAIT_SHARE = 0.25
 """The longest wait for a batch's callers to come back, as a share of its compute time."""
 RETURN_WAIT_MAX_S = 0.05
 """... and in seconds."""
+RETURN_WAIT_MAX_SKIPS = 16
+"""After a wait that ran out, the next 1, 2, 4, ... up to this many batches do not wait."""
 
 
 class GreedyBatcher:
@@ -67,6 +71,7 @@ class GreedyBatcher:
         self._last: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
         self.return_wait_share, self.return_wait_max_s = return_wait_share, return_wait_max_s
         self.return_wait_s = 0.0
+        self._backoff = self._skip_waits = 0
         self.max_batch_size = 1
         self.wait_timeout_s = 0.0
         self.configure(max_batch_size, wait_timeout_s)
@@ -110,9 +115,17 @@ class GreedyBatcher:
         deadline = ended + min(self.return_wait_max_s, self.return_wait_share * took)
         if len(self._queue) >= target or time.monotonic() >= deadline:
             return
+        if self._skip_waits > 0:  # recent waits ran out: callers did not come back
+            self._skip_waits -= 1
+            return
         started = time.monotonic()
         await self._fill(target, deadline)
         self.return_wait_s += time.monotonic() - started
+        if len(self._queue) >= target:
+            self._backoff = 0
+        else:
+            self._backoff = min(RETURN_WAIT_MAX_SKIPS, max(1, 2 * self._backoff))
+            self._skip_waits = self._backoff
 
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
         batch = []

@@ -266,3 +266,31 @@ def test_the_wait_for_returning_callers_is_bounded_and_a_returning_caller_joins(
     answers, batches, waited = scenario(comes_back=True)
     assert answers == [2, 4, 6, 8] and batches == [[0], [1, 2, 3, 4]]
     assert waited < 0.08
+
+
+def test_waits_that_run_out_back_off_for_callers_that_do_not_come_back(monkeypatch):
+    """Requests arriving on their own schedule (each caller calls once): the wait for
+    returning callers runs out, so the batches after it skip the wait, 1, 2, 4, ...
+    of them, instead of every batch idling for it."""
+    from services.serving import batching
+
+    def open_loop() -> tuple[float, int]:
+        model = FakeModel(compute_s=0.1)
+        batcher = GreedyBatcher(model, max_batch_size=32, return_wait_share=0.5,
+                                return_wait_max_s=1.0)  # at most 50 ms per wait
+
+        async def main():
+            calls = []
+            for i in range(60):  # one new caller every 30 ms, ~3-4 per batch
+                calls.append(asyncio.ensure_future(batcher.submit(i)))
+                await asyncio.sleep(0.03)
+            return await asyncio.gather(*calls)
+
+        assert run(main()) == [2 * i for i in range(60)]
+        return batcher.return_wait_s, len(model.batches)
+
+    waited, batches = open_loop()
+    assert batches >= 12 and waited < 0.4  # ~5 waits of 50 ms
+    monkeypatch.setattr(batching, "RETURN_WAIT_MAX_SKIPS", 0)  # no backing off
+    waited, batches = open_loop()
+    assert batches >= 12 and waited > 0.035 * (batches - 2)
