@@ -52,17 +52,20 @@ class GreedyBatcher:
     """`await batcher.submit(item)` -> `fn(batch)[i]` for that item, where `fn` takes a
     list of items and returns one result per item (it runs in a worker thread, one
     batch at a time). `return_wait_share` 0 turns the wait for returning callers off;
-    `return_wait_s` is the time spent in it so far."""
+    `return_wait_s` is the time spent in it so far. `on_batch(n)` is told each batch's
+    size and `on_wait(seconds)` how long it waited for more requests (0: not at all)."""
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 32,
                  wait_timeout_s: float = 0.0,
                  on_batch: Optional[Callable[[int], None]] = None,
+                 on_wait: Optional[Callable[[float], None]] = None,
                  return_wait_share: float = RETURN_WAIT_SHARE,
                  return_wait_max_s: float = RETURN_WAIT_MAX_S):
         if return_wait_share < 0 or return_wait_max_s < 0:
             raise ValueError("return_wait_share and return_wait_max_s must be >= 0")
         self._fn = fn
         self._on_batch = on_batch
+        self._on_wait = on_wait
         self._queue: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
         self._arrived: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
@@ -108,24 +111,27 @@ class GreedyBatcher:
             except asyncio.TimeoutError:
                 return
 
-    async def _await_returning(self) -> None:
-        """Wait for the last batch's callers to come back (see the module docstring)."""
+    async def _await_returning(self) -> float:
+        """Wait for the last batch's callers to come back (see the module docstring);
+        the seconds waited."""
         size, took, ended, queued = self._last
         target = min(self.max_batch_size, queued + size)
         deadline = ended + min(self.return_wait_max_s, self.return_wait_share * took)
         if len(self._queue) >= target or time.monotonic() >= deadline:
-            return
+            return 0.0
         if self._skip_waits > 0:  # recent waits ran out: callers did not come back
             self._skip_waits -= 1
-            return
+            return 0.0
         started = time.monotonic()
         await self._fill(target, deadline)
-        self.return_wait_s += time.monotonic() - started
+        waited = time.monotonic() - started
+        self.return_wait_s += waited
         if len(self._queue) >= target:
             self._backoff = 0
         else:
             self._backoff = min(RETURN_WAIT_MAX_SKIPS, max(1, 2 * self._backoff))
             self._skip_waits = self._backoff
+        return waited
 
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
         batch = []
@@ -140,15 +146,19 @@ class GreedyBatcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
+            waiting = time.monotonic()
             if self.wait_timeout_s > 0:
-                await self._fill(self.max_batch_size, time.monotonic() + self.wait_timeout_s)
+                await self._fill(self.max_batch_size, waiting + self.wait_timeout_s)
+                waited = time.monotonic() - waiting
             else:
-                await self._await_returning()
+                waited = await self._await_returning()
             batch = self._take()
             if not batch:
                 continue
             if self._on_batch is not None:
                 self._on_batch(len(batch))
+            if self._on_wait is not None:
+                self._on_wait(waited)
             started = time.monotonic()
             try:
                 results = await asyncio.to_thread(self._fn, [item for item, _ in batch])

@@ -120,7 +120,9 @@ class Classifier(RegistryFollower):
                          threads=threads, cache_versions=cache_versions, board=board)
         self._batcher = GreedyBatcher(
             self._run_batch, max_batch_size, batch_wait_timeout_s,
-            on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name))
+            on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name),
+            on_wait=lambda s: metrics.observe("tuneserve_batch_wait_seconds", s,
+                                              model=self.name))
 
     def _load_version(self, version: str) -> LoadedModel:
         return _load_version(self.registry, self.name, version)

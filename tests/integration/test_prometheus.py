@@ -155,6 +155,9 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         assert prom.wait(lambda: prom.value(
             f'sum({PREFIX}tuneserve_batch_size_count{{model="toy"}})') >= 7, timeout_s=60)
         assert prom.wait(lambda: prom.value(
+            f'sum({PREFIX}tuneserve_batch_wait_seconds_count{{model="toy"}})') >= 7,
+            timeout_s=60)
+        assert prom.wait(lambda: prom.value(
             f'sum({PREFIX}tuneserve_generated_tokens_total{{model="{GEN_MODEL}"}})')
             >= gen.completion_tokens > 0, timeout_s=60)
         assert prom.value(f'sum({PREFIX}tuneserve_time_to_first_token_seconds_count'

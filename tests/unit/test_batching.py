@@ -143,7 +143,9 @@ def test_a_wrong_number_of_results_is_an_error_for_every_call():
 
 def test_a_wait_timeout_lets_a_batch_fill_on_an_idle_model():
     model = FakeModel()
-    batcher = GreedyBatcher(model, max_batch_size=4, wait_timeout_s=0.2)
+    waits: list[float] = []
+    batcher = GreedyBatcher(model, max_batch_size=4, wait_timeout_s=0.2,
+                            on_wait=waits.append)
 
     async def main():
         first = asyncio.ensure_future(batcher.submit(1))
@@ -153,6 +155,7 @@ def test_a_wait_timeout_lets_a_batch_fill_on_an_idle_model():
 
     assert run(main()) == (2, 4)
     assert model.batches == [[1, 2]]
+    assert len(waits) == 1 and 0.15 <= waits[0] < 1.0  # a half-full batch waits it out
 
 
 def test_a_full_queue_does_not_wait_for_the_timeout():
@@ -243,8 +246,9 @@ def test_the_wait_for_returning_callers_is_bounded_and_a_returning_caller_joins(
     def scenario(comes_back: bool):
         model = FakeModel(compute_s=0.2)
         model.release.clear()
+        waits: list[float] = []
         batcher = GreedyBatcher(model, max_batch_size=8, return_wait_share=0.5,
-                                return_wait_max_s=0.15)
+                                return_wait_max_s=0.15, on_wait=waits.append)
 
         async def main():
             # One call computing, three queued behind it: when it ends, the next batch
@@ -258,6 +262,8 @@ def test_the_wait_for_returning_callers_is_bounded_and_a_returning_caller_joins(
             return await asyncio.gather(*rest)
 
         answers = run(main())
+        assert len(waits) == 2 and waits[0] == 0.0  # the metric: one value per batch
+        assert waits[1] == pytest.approx(batcher.return_wait_s)
         return answers, model.batches, batcher.return_wait_s
 
     answers, batches, waited = scenario(comes_back=False)
