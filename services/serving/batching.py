@@ -21,10 +21,11 @@ as were queued when it ended plus as many as it carried, for at most
 `return_wait_share` of its compute time and `return_wait_max_s`, counted from its end.
 A lone caller never waits (a batch of one with nothing queued asks for one call), a
 request arriving after the bound never waits, and a saturated replica, whose queue
-already holds a full batch, never waits. Where callers do not come back (requests
-arriving independently of answers), a wait runs out, and then the next 1, 2, 4, ... up
-to RETURN_WAIT_MAX_SKIPS batches skip it, until a wait fills again. With 32 such clients on one replica this kept
-every batch at 32 and raised throughput by 17-28% (docs/benchmarks.md).
+already holds a full batch, never waits. With 32 such clients on one replica this kept
+every batch at 32 and raised throughput by 17-28% (docs/benchmarks.md). Where callers
+do not come back (requests arriving independently of answers), a wait runs out, and
+then the next 1, 2, 4, ... up to RETURN_WAIT_MAX_SKIPS batches skip it, until a wait
+fills again.
 
 `wait_timeout_s` > 0 adds a short wait for a batch to fill when fewer than
 `max_batch_size` requests are queued: it trades a lone request's latency for larger
