@@ -6,9 +6,10 @@ services/serving/follower.py. What is classifier-specific: the labels check on l
 (config.json's id2label must match the manifest), the smoke inference, batching.
 
 Requests are batched across callers by a GreedyBatcher (services/serving/batching.py):
-while the model computes, requests queue, and the next batch is everything queued, so a
-lone request never waits and batches grow with the load. Inside a batch the texts are
-sorted by length so each forward pass pads as little as possible.
+while the model computes, requests queue, and the next batch is everything queued
+(after a brief wait for the callers of the batch that just ended), so a lone request
+never waits and batches grow with the load. Inside a batch the texts are sorted by
+length so each forward pass pads as little as possible.
 """
 
 from __future__ import annotations
