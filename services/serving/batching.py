@@ -52,9 +52,9 @@ RETURN_WAIT_MAX_SKIPS = 16
 class GreedyBatcher:
     """`await batcher.submit(item)` -> `fn(batch)[i]` for that item, where `fn` takes a
     list of items and returns one result per item (it runs in a worker thread, one
-    batch at a time). `return_wait_share` 0 turns the wait for returning callers off;
-    `return_wait_s` is the time spent in it so far. `on_batch(n)` is told each batch's
-    size and `on_wait(seconds)` how long it waited for more requests (0: not at all)."""
+    batch at a time). `return_wait_share` 0 turns the wait for returning callers off.
+    `on_batch(n)` is told each batch's size and `on_wait(seconds)` how long it waited
+    for more requests (0: not at all)."""
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 32,
                  wait_timeout_s: float = 0.0,
@@ -74,7 +74,6 @@ class GreedyBatcher:
         # many calls were queued then.
         self._last: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
         self.return_wait_share, self.return_wait_max_s = return_wait_share, return_wait_max_s
-        self.return_wait_s = 0.0
         self._backoff = self._skip_waits = 0
         self.max_batch_size = 1
         self.wait_timeout_s = 0.0
@@ -126,7 +125,6 @@ class GreedyBatcher:
         started = time.monotonic()
         await self._fill(target, deadline)
         waited = time.monotonic() - started
-        self.return_wait_s += waited
         if len(self._queue) >= target:
             self._backoff = 0
         else:
