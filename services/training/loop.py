@@ -1,8 +1,10 @@
 """The training loop every Ray Train worker runs. Read it top to bottom.
 
 One `state` dict, a pure `lr_at(step)`, gradient accumulation with DDP's `no_sync` on
-all but the last micro-step, exact distributed evaluation after every epoch, rank 0
-writes the checkpoint and every rank reports. The same loop trains classifiers and
+all but the last micro-step, each global micro-batch dealt out to the ranks by padded
+cost with the loss of the whole batch (services/training/sharding.py), exact
+distributed evaluation after every epoch, rank 0 writes the checkpoint and every rank
+reports. The same loop trains classifiers and
 causal LMs: the task object in the config (services/training/tasks.py) builds the
 model, the batches, the loss and the eval metrics.
 """
@@ -22,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from services.training.encoded import EncodedSplit
+from services.training.sharding import epoch_order, micro_batches, share_and_scale
 
 TRAIN_STATE_FILE = "train_state.json"
 TRAINER_STATE_FILE = "trainer_state.safetensors"
@@ -52,61 +55,6 @@ def _param_groups(model, weight_decay: float):
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-GROUP_BATCHES = 64
-"""Batches sorted by length together in group_by_length (HF Trainer uses 50)."""
-
-
-def group_by_length(order: list[int], lengths: np.ndarray, batch: int, seed: int,
-                    group_batches: int = GROUP_BATCHES) -> list[int]:
-    """`order` rearranged so that each run of `batch` indices holds examples of similar
-    length: groups of `group_batches` batches are sorted by length and cut into batches,
-    and the full batches are put in a random order (a function of `seed`). The one
-    partial batch, if any, stays last, so the loader's batches are exactly these. The
-    result is a permutation of `order`, the same for the same arguments (resuming skips
-    a prefix of it)."""
-    span = batch * group_batches
-    full: list[list[int]] = []
-    partial: list[int] = []
-    for start in range(0, len(order), span):
-        # stable: equal lengths keep their shuffled order, so batches differ by epoch
-        part = sorted(order[start:start + span], key=lambda i: lengths[i])
-        for k in range(0, len(part), batch):
-            chunk = part[k:k + batch]
-            if len(chunk) == batch:
-                full.append(chunk)
-            else:
-                partial = chunk
-    perm = np.random.default_rng(seed).permutation(len(full))
-    return [i for b in perm for i in full[b]] + partial
-
-
-class _ResumableSampler:
-    """A DistributedSampler whose first epoch after a restore skips what was trained,
-    optionally grouping its order by length (`group_by_length`)."""
-
-    def __init__(self, sampler, lengths: Optional[np.ndarray] = None, batch: int = 1,
-                 seed: int = 0):
-        self.sampler = sampler
-        self.skip = 0
-        self.lengths, self.batch, self.seed = lengths, batch, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = list(iter(self.sampler))
-        if self.lengths is not None:
-            order = group_by_length(order, self.lengths, self.batch,
-                                    (self.seed * 1_000_003 + self.epoch) % 2**63)
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
 
 
 def save_trainer_state(folder: str, optimizer, state: dict[str, Any]) -> None:
@@ -218,9 +166,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from services.modeling import load_tokenizer, quiet_transformers
+    from services.training.tasks import _all_reduce
     from services.training.tracking import record_gauges
 
     quiet_transformers()
@@ -252,19 +200,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return contextlib.nullcontext()
 
     dataset = task.dataset(train_split)
-    sampler = _ResumableSampler(
-        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                           seed=cfg["seed"], drop_last=False),
-        lengths=train_split.lengths() if cfg.get("group_by_length") else None,
-        # The same seed on every rank: batch k of each rank is the k-th shortest of its
-        # group, so ranks in lockstep (DDP) wait little for each other.
-        batch=cfg["micro_batch_size"], seed=cfg["seed"])
-    loader = DataLoader(dataset, batch_size=cfg["micro_batch_size"], sampler=sampler,
-                        collate_fn=task.collate, num_workers=0)
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False,
-                                                 move_to_device=True)
-    accum = cfg["grad_accum_steps"]
-    micro_per_epoch = math.ceil(len(sampler.sampler) / cfg["micro_batch_size"])
+    lengths = train_split.lengths()
+    micro, accum = cfg["micro_batch_size"], cfg["grad_accum_steps"]
+    micro_per_epoch = math.ceil(len(train_split) / (micro * world))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / accum))
     total_steps = steps_per_epoch * cfg["epochs"]
     warmup_steps = int(total_steps * cfg["warmup_ratio"])
@@ -281,7 +219,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with restore.as_directory() as folder:
             saved = load_trainer_state(folder, optimizer, device)
         state.update({k: saved[k] for k in state if k in saved})
-        sampler.skip = state["micro_in_epoch"] * cfg["micro_batch_size"]
         resumed = {"epoch": state["epoch"] + 1, "step": state["step"]}
     stopper = EarlyStopping(task.metric_mode, cfg.get("early_stopping_patience") or 0,
                             cfg.get("early_stopping_min_delta") or 0.0,
@@ -325,28 +262,31 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         return stop
 
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
     fault = cfg.get("fault_injection")
     window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    window_tokens = 0  # non-padding tokens; loss.item() already syncs, so this is cheap
+    window_tokens = 0  # non-padding tokens of the global batches
     model.train()
     for epoch in range(state["epoch"], cfg["epochs"]):
         state["epoch"] = epoch
-        sampler.set_epoch(epoch)
-        first_micro = state["micro_in_epoch"]
-        group_loss = 0.0
+        order = epoch_order(len(train_split), cfg["seed"], epoch, micro * world,
+                            lengths if cfg.get("group_by_length") else None)
         stop = False
-        for j, batch in enumerate(loader):
-            i = first_micro + j  # this micro-batch's index in the whole epoch
-            group_start = (i // accum) * accum
-            group_size = min(accum, micro_per_epoch - group_start)
-            last_micro = (i - group_start) == group_size - 1
+        for mb in micro_batches(order, lengths, micro, accum, rank, world,
+                                start=state["micro_in_epoch"]):
+            i = mb.index
+            last_micro = (i + 1) % accum == 0 or i + 1 == micro_per_epoch
+            share, scale = share_and_scale(task, train_split, mb, world)
+            batch = to_device(task.collate([dataset[k] for k in share]))
             sync = contextlib.nullcontext() if (last_micro or world == 1) else model.no_sync()
             with sync:
-                loss = task.loss(model, batch, autocast)
-                (loss / group_size).backward()
-            group_loss += loss.item() / group_size
-            window_samples += len(batch["input_ids"])
-            window_tokens += int(batch["attention_mask"].sum())
+                loss_sum = task.loss_sum(model, batch, autocast)
+                (loss_sum * scale).backward()
+            window_loss += float(loss_sum) * scale / world  # this rank's part of the mean
+            window_samples += len(mb.everyone)
+            window_tokens += int(lengths[mb.everyone].sum())
             if not last_micro:
                 continue
             lr = lr_at(state["step"], total_steps, warmup_steps, cfg["learning_rate"])
@@ -357,15 +297,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["micro_in_epoch"] = i + 1
-            window_loss += group_loss
             window_steps += 1
-            group_loss = 0.0
             if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == total_steps:
+                # every rank reaches this line at the same step: one scalar all-reduce
+                # gives the exact loss of the window's global batches
+                loss = float(_all_reduce([window_loss], device, world)[0]) / window_steps
                 elapsed = time.perf_counter() - window_start
                 emit({"type": "step", "epoch": epoch + 1, "step": state["step"],
-                      "loss": window_loss / window_steps, "lr": lr,
-                      "samples_per_s": window_samples * world / max(elapsed, 1e-9),
-                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)})
+                      "loss": loss, "lr": lr,
+                      "samples_per_s": window_samples / max(elapsed, 1e-9),
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 window_loss, window_steps = 0.0, 0
             _maybe_inject_fault(fault, state["step"], rank, world,
@@ -379,3 +320,4 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   "best": stopper.best, "patience": stopper.patience})
             break
         state["micro_in_epoch"] = 0
+

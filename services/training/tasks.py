@@ -5,8 +5,9 @@ everything task-specific and travels to the workers inside the loop config:
 
     driver:  prepare_data(tokenizer) -> tokenised splits, describe_eval, summary,
              manifest_fields (what the registry records)
-    worker:  build_model, dataset + collate (the batches), loss, evaluate (exact over
-             all ranks), save (the checkpoint folder)
+    worker:  build_model, dataset + collate (the batches), loss_sum and
+             loss_denominator (the loss of a batch dealt out to ranks unevenly,
+             services/training/sharding.py), evaluate (exact over all ranks), save
 
 `ClassificationTask`: cross-entropy over labels, confusion matrices all-reduced.
 `GenerationTask`: next-token loss on response tokens only, eval loss and perplexity
@@ -19,7 +20,7 @@ import copy
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -103,7 +104,12 @@ class Task:
     def collate(self, items) -> dict:
         raise NotImplementedError
 
-    def loss(self, model, batch: dict, autocast):
+    def loss_sum(self, model, batch: dict, autocast):
+        """The summed (not averaged) loss of the batch's examples, a scalar tensor."""
+        raise NotImplementedError
+
+    def loss_denominator(self, split: EncodedSplit, indices: Sequence[int]) -> float:
+        """What loss_sum over these examples is divided by to give their mean loss."""
         raise NotImplementedError
 
     def evaluate(self, model, split: EncodedSplit, rank: int, world: int, batch_size: int,
@@ -296,7 +302,7 @@ class ClassificationTask(Task):
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.tensor([lab for _, lab in items], dtype=torch.long)}
 
-    def loss(self, model, batch, autocast):
+    def loss_sum(self, model, batch, autocast):
         import torch
         import torch.nn.functional as F
 
@@ -306,7 +312,14 @@ class ClassificationTask(Task):
         weight = None
         if self.class_weights:
             weight = torch.tensor(self.class_weights, dtype=torch.float, device=logits.device)
-        return F.cross_entropy(logits.float(), batch["labels"], weight=weight)
+        return F.cross_entropy(logits.float(), batch["labels"], weight=weight,
+                               reduction="sum")
+
+    def loss_denominator(self, split, indices):
+        """Examples, or the sum of their class weights (cross-entropy's weighted mean)."""
+        if self.class_weights:
+            return float(np.asarray(self.class_weights)[split.labels[list(indices)]].sum())
+        return float(len(indices))
 
     def evaluate(self, model, split, rank, world, batch_size, device, autocast):
         """Exact over all ranks: confusion matrices, loss sums and counts all-reduced."""
@@ -472,12 +485,16 @@ class GenerationTask(Task):
     def collate(self, items):
         return lm_batch(items, self.pad_id)
 
-    def loss(self, model, batch, autocast):
+    def loss_sum(self, model, batch, autocast):
         with autocast():
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
-        nll, n = token_nll(logits, batch["labels"])
-        return nll / max(1, n)
+        return token_nll(logits, batch["labels"])[0]
+
+    def loss_denominator(self, split, indices):
+        """Target tokens: the loss mask after each sequence's first token (token_nll
+        predicts token t from those before it)."""
+        return float(sum(int(split.mask(i)[1:].sum()) for i in indices))
 
     def evaluate(self, model, split, rank, world, batch_size, device, autocast):
         """Mean NLL over every target token of the split, exact over all ranks."""

@@ -9,13 +9,8 @@ from services.config import TrainConfig, parse_class_weights
 from services.data import stratified_split_indices
 from services.errors import ConfigError
 from services.training.encoded import choose_max_length
-from services.training.loop import (
-    EarlyStopping,
-    _ResumableSampler,
-    group_by_length,
-    load_trainer_state,
-    save_trainer_state,
-)
+from services.training.loop import EarlyStopping, load_trainer_state, save_trainer_state
+from services.training.sharding import group_by_length
 from services.training.tasks import resolve_class_weights
 
 
@@ -91,20 +86,6 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert not any(off.update(0.5) for _ in range(10))
 
 
-def test_resumable_sampler_skips_only_the_first_epoch_after_a_restore():
-    from torch.utils.data import DistributedSampler
-
-    data = list(range(20))
-    base = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=5)
-    sampler = _ResumableSampler(base)
-    sampler.set_epoch(1)
-    full = list(iter(sampler))
-    sampler.skip = 4
-    assert len(sampler) == len(full) - 4
-    assert list(iter(sampler)) == full[4:]
-    assert list(iter(sampler)) == full and len(sampler) == len(full)
-
-
 def _padded_tokens(order, lengths, batch):
     return sum(int(lengths[order[k:k + batch]].max()) * len(order[k:k + batch])
                for k in range(0, len(order), batch))
@@ -127,24 +108,6 @@ def test_group_by_length_cuts_padding_and_keeps_every_example_once():
     assert other != grouped and sorted(other) == sorted(grouped)
     widths = [int(lengths[b].max()) for b in batches[:-1]]
     assert widths != sorted(widths)  # not one long sweep from short to long
-
-
-def test_resumable_sampler_groups_by_length_and_skips_in_the_grouped_order():
-    from torch.utils.data import DistributedSampler
-
-    lengths = np.arange(100) % 37 + 1
-    base = DistributedSampler(list(range(100)), num_replicas=2, rank=0, shuffle=True, seed=3)
-    sampler = _ResumableSampler(base, lengths=lengths, batch=5, seed=3)
-    sampler.set_epoch(2)
-    full = list(iter(sampler))
-    assert sorted(full) == sorted(iter(base))
-    assert _padded_tokens(full, lengths, 5) < _padded_tokens(list(iter(base)), lengths, 5)
-    sampler.skip = 10
-    assert list(iter(sampler)) == full[10:]
-    sampler.set_epoch(3)
-    assert list(iter(sampler)) != full
-    negative = _ResumableSampler(base, lengths=lengths, batch=5, seed=-1)  # any int seed
-    assert sorted(negative) == sorted(iter(base))
 
 
 def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
