@@ -8,9 +8,10 @@ bundled demo set), with the same global batch size, max length, optimizer and nu
 optimizer steps, on the same cores. The plain loop uses every core in one process; a
 Ray Train run with W workers gives each worker cores/W threads. Reported: samples/s in
 the steady state (after the first steps), the ratio to the plain loop, and the time to
-the first step (Ray start, model load, data) separately. Those runs use plain shuffled
-batches, like the baseline; one more run (--grouped, on by default) shows what
-`group_by_length` (the default for classification) adds on top.
+the first step (Ray start, model load, data) separately. Every run trains the same
+global batches (the order `tuneserve train` draws for the seed, shuffled); one more run
+(--grouped, on by default) shows what `group_by_length` (the default for
+classification) adds on top.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
     from services.modeling import load_tokenizer, quiet_transformers
     from services.training.encoded import encode_texts, pad_batch
     from services.training.loop import _param_groups, lr_at
+    from services.training.sharding import epoch_order
 
     started = time.perf_counter()
     quiet_transformers()
@@ -72,8 +74,7 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model.to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, 0.01), lr=lr)
-    order = list(range(len(split)))
-    random.Random(seed).shuffle(order)
+    order = epoch_order(len(split), seed, 0, batch_size)  # Ray Train's batches
     first_step_s = None
     steady_start = None
     for step in range(steps):
