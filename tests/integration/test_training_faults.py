@@ -171,3 +171,23 @@ def test_train_resume_continues_a_run_whose_driver_was_killed(
     assert cli_main(["train", "--resume", run_dir.name, "--runs-dir", str(runs),
                      "--epochs", "9"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
+
+
+def test_a_last_batch_smaller_than_the_workers_still_steps_every_rank(
+        ray_cluster, tmp_path, tiny_model_dir, toy_rows):
+    # 5 rows, micro-batches of 1 on each of 2 workers, 2 of them per step: the third
+    # micro-batch of each epoch holds one row, so the second worker has no share and
+    # runs a zero-weighted example to take part in DDP's all-reduce (sharding.py).
+    from tests.helpers import write_csv
+
+    train = write_csv(tmp_path / "five.csv", toy_rows[:5])
+    held = write_csv(tmp_path / "held.csv", toy_rows[5:15])
+    cfg = _cfg(tmp_path, tiny_model_dir, train, "five", eval=str(held), batch_size=4,
+               grad_accum_steps=2, eval_steps=None, log_every_steps=1,
+               class_weights="balanced")
+    result, lines = _run(cfg)
+    steps = [e for e in result.history if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4], "\n".join(lines)
+    assert all(0 < e["loss"] < 5 and e["samples_per_s"] > 0 for e in steps)
+    assert result.version == "v1"
+    assert [e["epoch"] for e in _evals(result)] == [1, 2]
