@@ -2,11 +2,11 @@
 
 One `state` dict, a pure `lr_at(step)`, gradient accumulation with DDP's `no_sync` on
 all but the last micro-step, each global micro-batch dealt out to the ranks by padded
-cost with the loss of the whole batch (services/training/sharding.py), exact
+size with the loss of the whole batch (services/training/sharding.py), exact
 distributed evaluation after every epoch, rank 0 writes the checkpoint and every rank
-reports. The same loop trains classifiers and
-causal LMs: the task object in the config (services/training/tasks.py) builds the
-model, the batches, the loss and the eval metrics.
+reports. The same loop trains classifiers and causal LMs: the task object in the
+config (services/training/tasks.py) builds the model, the batches, the loss and the
+eval metrics.
 """
 
 from __future__ import annotations
