@@ -262,6 +262,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         return stop
 
+    def denominator(examples: list[int]) -> float:
+        return task.loss_denominator(train_split, examples)
+
     def to_device(batch: dict) -> dict:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -275,10 +278,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                             lengths if cfg.get("group_by_length") else None)
         stop = False
         for mb in micro_batches(order, lengths, micro, accum, rank, world,
-                                start=state["micro_in_epoch"]):
+                                start=state["micro_in_epoch"], denominator=denominator):
             i = mb.index
             last_micro = (i + 1) % accum == 0 or i + 1 == micro_per_epoch
-            share, scale = share_and_scale(task, train_split, mb, world)
+            share, scale = share_and_scale(mb, world)
             batch = to_device(task.collate([dataset[k] for k in share]))
             sync = contextlib.nullcontext() if (last_micro or world == 1) else model.no_sync()
             with sync:

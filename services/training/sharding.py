@@ -19,7 +19,7 @@ needed), times world, because DDP averages over ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -108,23 +108,29 @@ class MicroBatch:
     mine: list[int]  # this rank's examples, empty when the batch has fewer than world
     everyone: list[int]  # the whole global micro-batch
     group: list[int]  # every example of its accumulation group (one optimizer step)
+    denominator: float  # what the group's summed loss is divided by for its mean
 
 
 def micro_batches(order: Sequence[int], lengths: np.ndarray, micro_batch_size: int,
-                  accum: int, rank: int, world: int, start: int = 0) -> Iterator[MicroBatch]:
+                  accum: int, rank: int, world: int, start: int = 0,
+                  denominator: Callable[[list[int]], float] = len) -> Iterator[MicroBatch]:
     """The epoch's micro-batches from the `start`-th on (resuming), with this rank's
-    share of each (`split_by_cost`)."""
+    share of each (`split_by_cost`) and its group's loss denominator (`denominator`
+    of the group's examples, once per group: Task.loss_denominator)."""
     rows = micro_batch_size * world
     batches = [list(order[k:k + rows]) for k in range(0, len(order), rows)]
+    group, weight, group_first = [], 1.0, -1
     for i in range(start, len(batches)):
         everyone = batches[i]
         first = (i // accum) * accum
-        group = [x for b in batches[first:first + accum] for x in b]
+        if first != group_first:
+            group = [x for b in batches[first:first + accum] for x in b]
+            weight, group_first = float(denominator(group)), first
         share = split_by_cost(lengths[everyone], world)[rank]
-        yield MicroBatch(i, [everyone[p] for p in share], everyone, group)
+        yield MicroBatch(i, [everyone[p] for p in share], everyone, group, weight)
 
 
-def share_and_scale(task, split, mb: MicroBatch, world: int) -> tuple[list[int], float]:
+def share_and_scale(mb: MicroBatch, world: int) -> tuple[list[int], float]:
     """The examples this rank runs for `mb` and the factor its task.loss_sum is scaled
     by before backward: world / the accumulation group's loss denominator, so that
     DDP's average over ranks is the gradient of the group's mean loss. A rank without a
@@ -132,4 +138,4 @@ def share_and_scale(task, split, mb: MicroBatch, world: int) -> tuple[list[int],
     it runs one example of the batch with a factor of 0."""
     if not mb.mine:
         return mb.everyone[:1], 0.0
-    return mb.mine, world / max(task.loss_denominator(split, mb.group), 1e-12)
+    return mb.mine, world / max(mb.denominator, 1e-12)

@@ -4,6 +4,7 @@ the ranks' scaled gradients average to exactly the whole batch's gradient."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from services.training.sharding import (
     epoch_order,
+    group_by_length,
     micro_batches,
     share_and_scale,
     split_by_cost,
@@ -72,6 +74,7 @@ def test_micro_batches_deal_every_example_once_and_resume_in_the_same_order():
         assert sorted(x for r in range(world) for x in per_rank[r][k].mine) == sorted(everyone)
         first = (k // accum) * accum
         assert per_rank[0][k].group == order[first * 12:(first + accum) * 12]
+        assert per_rank[0][k].denominator == len(per_rank[0][k].group)  # the default
     resumed = list(micro_batches(order, lengths, micro, accum, 1, world, start=4))
     assert [(b.index, b.mine) for b in resumed] == [(b.index, b.mine) for b in per_rank[1][4:]]
     # the last batch holds 5 examples: still one for each rank
@@ -80,35 +83,49 @@ def test_micro_batches_deal_every_example_once_and_resume_in_the_same_order():
     assert tail[-1].everyone == order[24:25] and tail[-1].mine == []
 
 
+def _padded_tokens(order, lengths, batch):
+    return sum(int(lengths[order[k:k + batch]].max()) * len(order[k:k + batch])
+               for k in range(0, len(order), batch))
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_example_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 120, size=1003)  # 1003: the last batch is partial
+    order = [int(i) for i in rng.permutation(len(lengths))]
+    grouped = group_by_length(order, lengths, batch=16, seed=7, group_batches=8)
+    assert sorted(grouped) == sorted(order)
+    # only the final batch is partial, so the loader cuts exactly the grouped batches
+    batches = [grouped[k:k + 16] for k in range(0, len(grouped), 16)]
+    assert [len(b) for b in batches[:-1]] == [16] * (len(batches) - 1)
+    assert len(batches[-1]) == len(order) % 16
+    assert _padded_tokens(grouped, lengths, 16) < 0.65 * _padded_tokens(order, lengths, 16)
+    # deterministic for a seed (resuming replays the same order), batches shuffled
+    assert grouped == group_by_length(order, lengths, batch=16, seed=7, group_batches=8)
+    other = group_by_length(order, lengths, batch=16, seed=8, group_batches=8)
+    assert other != grouped and sorted(other) == sorted(grouped)
+    widths = [int(lengths[b].max()) for b in batches[:-1]]
+    assert widths != sorted(widths)  # not one long sweep from short to long
+
+
 def test_grouped_epoch_order_pads_less():
     lengths = np.random.default_rng(2).integers(2, 120, size=640)
     plain = epoch_order(640, seed=0, epoch=0, batch=32)
     grouped = epoch_order(640, seed=0, epoch=0, batch=32, lengths=lengths)
     assert sorted(grouped) == sorted(plain) == list(range(640))
-
-    def padded(order):
-        return sum(32 * int(lengths[order[k:k + 32]].max()) for k in range(0, 640, 32))
-    assert padded(grouped) < 0.6 * padded(plain)
+    assert _padded_tokens(grouped, lengths, 32) < 0.6 * _padded_tokens(plain, lengths, 32)
 
 
 def _sharded_grads(task, model, split, dataset, order, micro, accum, world):
     """What DDP computes: each rank's scaled loss_sum, gradients averaged over ranks."""
     model.zero_grad()
     for rank in range(world):
-        for mb in micro_batches(order, split.lengths(), micro, accum, rank, world):
-            share, scale = share_and_scale(task, split, mb, world)
+        for mb in micro_batches(order, split.lengths(), micro, accum, rank, world,
+                                denominator=lambda ids: task.loss_denominator(split, ids)):
+            share, scale = share_and_scale(mb, world)
             batch = task.collate([dataset[k] for k in share])
-            (task.loss_sum(model, batch, lambda: _null()) * scale).backward()
+            (task.loss_sum(model, batch, contextlib.nullcontext) * scale).backward()
     return {n: p.grad.clone() / world for n, p in model.named_parameters()
             if p.grad is not None}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _whole_grads(model, loss):

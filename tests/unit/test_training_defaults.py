@@ -10,7 +10,6 @@ from services.data import stratified_split_indices
 from services.errors import ConfigError
 from services.training.encoded import choose_max_length
 from services.training.loop import EarlyStopping, load_trainer_state, save_trainer_state
-from services.training.sharding import group_by_length
 from services.training.tasks import resolve_class_weights
 
 
@@ -84,30 +83,6 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert [low.update(v) for v in (1.0, 0.9, 0.95)] == [False, False, True]
     off = EarlyStopping("max", patience=0, min_delta=0.0)
     assert not any(off.update(0.5) for _ in range(10))
-
-
-def _padded_tokens(order, lengths, batch):
-    return sum(int(lengths[order[k:k + batch]].max()) * len(order[k:k + batch])
-               for k in range(0, len(order), batch))
-
-
-def test_group_by_length_cuts_padding_and_keeps_every_example_once():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(3, 120, size=1003)  # 1003: the last batch is partial
-    order = [int(i) for i in rng.permutation(len(lengths))]
-    grouped = group_by_length(order, lengths, batch=16, seed=7, group_batches=8)
-    assert sorted(grouped) == sorted(order)
-    # only the final batch is partial, so the loader cuts exactly the grouped batches
-    batches = [grouped[k:k + 16] for k in range(0, len(grouped), 16)]
-    assert [len(b) for b in batches[:-1]] == [16] * (len(batches) - 1)
-    assert len(batches[-1]) == len(order) % 16
-    assert _padded_tokens(grouped, lengths, 16) < 0.65 * _padded_tokens(order, lengths, 16)
-    # deterministic for a seed (resuming replays the same order), batches shuffled
-    assert grouped == group_by_length(order, lengths, batch=16, seed=7, group_batches=8)
-    other = group_by_length(order, lengths, batch=16, seed=8, group_batches=8)
-    assert other != grouped and sorted(other) == sorted(grouped)
-    widths = [int(lengths[b].max()) for b in batches[:-1]]
-    assert widths != sorted(widths)  # not one long sweep from short to long
 
 
 def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
