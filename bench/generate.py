@@ -18,7 +18,11 @@ greedy, so both sides do the same work:
   whole call).
 - 8 streams, Serve batching off (max_batch_size 1): what @serve.batch buys.
 
-Time to first token is when the first text arrives (gRPC: first chunk at the client,
+`--colocate` runs the Generator inside the ingress replica (no Ray call between them),
+`--replica-grpc` lets that replica answer gRPC itself (no proxy hop), `--no-access-log`
+turns Serve's per-request log line off: the layouts of bench/serve.py.
+
+Time to first token is when the first token arrives (gRPC: first chunk at the client,
 mean over the streams; HF: the first decoding step's end, seen by a stopping-criteria
 hook); tokens/s counts all generated tokens over the wall time of the phase;
 requests/batch is how many requests shared one generate call on the server. Each
@@ -92,6 +96,12 @@ def build_random_gpt2(folder: Path) -> Path:
     model = AutoModelForCausalLM.from_config(GPT2Config(
         vocab_size=len(tokenizer), n_positions=512, n_embd=192, n_layer=4, n_head=4,
         bos_token_id=eos, eos_token_id=eos))
+    # Random weights pick byte tokens as often as words, and a lone byte >= 0x80 is no
+    # text: a stream of them would hold every chunk back. Their logits are set to 0, so
+    # the model writes whole characters (the timing does not change).
+    partial = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[partial] = 0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -158,7 +168,9 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
                     chunks = c.generate_stream("bench-gen", prompt, max_new_tokens=new_tokens,
                                                ignore_eos=True)
                 for chunk in chunks:
-                    if first is None and chunk.text:
+                    # the first chunk carrying a token (a random model's tokens may
+                    # decode to no text, e.g. special tokens)
+                    if first is None and (chunk.completion_tokens or chunk.text):
                         first = time.perf_counter() - t0
                     last = chunk
             except Exception as exc:  # reported, not hidden
@@ -181,21 +193,24 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
             "tokens": sum(tokens)}
 
 
-def generator_counters() -> dict:
+def generator_counters(colocate: bool) -> dict:
     from ray import serve
 
-    from services.serving.app import APP_NAME, model_deployment_name
+    from services.serving.app import APP_NAME, INGRESS_DEPLOYMENT, model_deployment_name
 
+    if colocate:  # the model lives in the (one) ingress replica
+        handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP_NAME)
+        return handle.model_status.remote("bench-gen").result(timeout_s=30)
     handle = serve.get_deployment_handle(model_deployment_name("bench-gen"), APP_NAME)
     return handle.status.remote().result(timeout_s=30)
 
 
-def with_batches(fn):
+def with_batches(fn, colocate: bool):
     """Also report how many requests shared a generate call, on average."""
     def run():
-        before = generator_counters()
+        before = generator_counters(colocate)
         result = fn()
-        after = generator_counters()
+        after = generator_counters(colocate)
         batches = after["batches"] - before["batches"]
         result["requests_per_batch"] = (after["requests"] - before["requests"]) / max(1, batches)
         return result
@@ -220,6 +235,12 @@ def main() -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--batch-wait-s", type=float, default=None,
                         help="generation_batch_wait_timeout_s (default: ServeConfig's)")
+    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
+                        help="ServeConfig.colocate: the model runs in the ingress replica")
+    parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
+                        default=False, help="the ingress replica's own gRPC server")
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                        help="ServeConfig.access_log: Serve's per-request log line")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -244,8 +265,10 @@ def main() -> int:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.streams)]
 
     port = free_port()
-    cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port,
-                      replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams)
+    cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port, host="127.0.0.1",
+                      replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams,
+                      colocate=args.colocate, replica_grpc=args.replica_grpc,
+                      access_log=args.access_log)
     if args.batch_wait_s is not None:
         cfg.generation_batch_wait_timeout_s = args.batch_wait_s
     ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)
@@ -262,7 +285,8 @@ def main() -> int:
             return {"hf": median_run(lambda: hf_run(model, tokenizer, template, batch,
                                                     args.new_tokens), args.repeats),
                     "grpc": median_run(with_batches(lambda: grpc_run(
-                        address, batch, args.new_tokens, unary=unary)), args.repeats)}
+                        address, batch, args.new_tokens, unary=unary), args.colocate),
+                        args.repeats)}
 
         results["1 stream"] = measure(prompts[:1])
         results[many] = measure(prompts)
@@ -275,7 +299,8 @@ def main() -> int:
         results[f"{many}, batching off"] = {
             "hf": results[many]["hf"],
             "grpc": median_run(with_batches(lambda: grpc_run(address, prompts,
-                                                             args.new_tokens)), args.repeats)}
+                                                             args.new_tokens), args.colocate),
+                               args.repeats)}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -288,13 +313,20 @@ def main() -> int:
                      f"{hf['ttft_s'] * 1000:.1f}", f"{g['ttft_s'] * 1000:.1f}",
                      f"{g['ttft_s'] / hf['ttft_s']:.1f}", f"{g['requests_per_batch']:.1f}"])
     info = machine()
+    layout = ", ".join(name for name, on in (("colocated", args.colocate),
+                                             ("replica gRPC", args.replica_grpc),
+                                             ("no access log", not args.access_log)) if on)
     print(f"\ncheckpoint: {folder} ({n_params / 1e6:.1f}M parameters); {args.new_tokens} new "
           f"tokens per request, greedy; torch threads {threads} on both sides; "
-          f"{info['cpus']} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
+          f"{info['cpus']} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}; "
+          f"layout: {layout or 'default (Serve proxy, model deployment)'}")
     print(table(rows, ["", "HF tok/s", "gRPC tok/s", "ratio", "HF TTFT ms", "gRPC TTFT ms",
                        "ratio", "requests/batch"]))
     print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     write_json(args.json, {"machine": info, "checkpoint": str(folder),
+                           "layout": {"colocate": args.colocate,
+                                      "replica_grpc": args.replica_grpc,
+                                      "access_log": args.access_log},
                            "parameters": n_params, "new_tokens": args.new_tokens,
                            "threads": threads, "results": results})
     return 0

@@ -105,6 +105,15 @@ class ColocatedIngress(InferenceIngress):
         for name, model in self.models.items():  # the first call loads each model
             await model.reconfigure({**shared, "pinned_version": pins.get(name)})
 
+    async def model_status(self, name: str) -> dict[str, Any]:
+        """One model's status in this replica: what a model deployment's `status`
+        answers in the default layout (bench/generate.py reads its batch counters)."""
+        from services.errors import ModelNotFound
+
+        if name not in self.models:
+            raise ModelNotFound(f"model '{name}' is not served here")
+        return await self.models[name].status()
+
     async def check_health(self) -> None:
         await super().check_health()
         for model in self.models.values():

@@ -88,6 +88,9 @@ class Recorder:
         if not self.healthy:
             raise RuntimeError("registry follower stopped")
 
+    async def status(self):
+        return {"name": self.name, "configs": len(self.configs)}
+
 
 def test_user_config_and_health_reach_every_model(tmp_path, monkeypatch, caplog):
     Recorder.instances = []
@@ -118,6 +121,9 @@ def test_user_config_and_health_reach_every_model(tmp_path, monkeypatch, caplog)
             await ingress.reconfigure({"pinned_versions": {"tyop": "v1", "gen": "v3"}})
         assert gen.configs[-1] == {"pinned_version": "v3"}
         assert "tyop not served here" in caplog.text
+        assert await ingress.model_status("gen") == {"name": "gen", "configs": 3}
+        with pytest.raises(ModelNotFound, match="'tyop' is not served here"):
+            await ingress.model_status("tyop")
         await ingress.check_health()
         gen.healthy = False
         with pytest.raises(RuntimeError, match="follower"):
