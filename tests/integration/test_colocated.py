@@ -165,6 +165,24 @@ def test_cancelled_stream_stops_generating(colocated, via):
     raise AssertionError(f"generation never stopped early: {seen}")
 
 
+def test_model_status_through_the_ingress_handle(colocated):
+    """What bench/generate.py reads for its requests-per-batch column."""
+    from ray import serve
+
+    from services.errors import ModelNotFound
+    from services.serving.app import INGRESS_DEPLOYMENT
+
+    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP)
+    before = handle.model_status.remote(GEN_MODEL).result(timeout_s=30)
+    colocated["clients"]["replica"].generate(GEN_MODEL, "red cat", max_new_tokens=2)
+    after = handle.model_status.remote(GEN_MODEL).result(timeout_s=30)
+    assert after["task"] == "generation" and after["version"] == "v1"
+    assert after["requests"] == before["requests"] + 1
+    assert after["batches"] == before["batches"] + 1
+    with pytest.raises(ModelNotFound, match="not served here"):
+        handle.model_status.remote("no-such-model").result(timeout_s=30)
+
+
 def test_promoted_version_is_hot_loaded(colocated):
     client, registry = colocated["client"], colocated["registry"]
     v2 = copy_version(colocated["source"], "toy", "v1", registry, "toy")
