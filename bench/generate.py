@@ -168,8 +168,9 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
                     chunks = c.generate_stream("bench-gen", prompt, max_new_tokens=new_tokens,
                                                ignore_eos=True)
                 for chunk in chunks:
-                    # the first chunk carrying a token (a random model's tokens may
-                    # decode to no text, e.g. special tokens)
+                    # the first chunk carrying a token: a chunk goes out when text
+                    # becomes final, or at the end, so a stream whose tokens never
+                    # form text still has a first chunk (its last)
                     if first is None and (chunk.completion_tokens or chunk.text):
                         first = time.perf_counter() - t0
                     last = chunk
