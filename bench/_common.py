@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import platform
@@ -41,6 +42,18 @@ def table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join(out)
+
+
+def add_layout_args(parser: argparse.ArgumentParser) -> None:
+    """--colocate, --replica-grpc and --[no-]access-log: the serving layouts the
+    benchmarks compare (ServeConfig's fields of those names)."""
+    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
+                        help="ServeConfig.colocate: the model runs in the ingress replica")
+    parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
+                        default=False, help="the ingress replica's own gRPC server "
+                        "(tuneserve serve --replica-grpc)")
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                        help="ServeConfig.access_log: Serve's per-request log line")
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine, table, write_json  # noqa: E402
+from bench._common import add_layout_args, machine, table, write_json  # noqa: E402
 
 DEFAULT_GSM8K = Path("/tmp/gsm8k/registry/gsm8k-tiny")
 PROMPTS = [
@@ -236,12 +236,7 @@ def main() -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--batch-wait-s", type=float, default=None,
                         help="generation_batch_wait_timeout_s (default: ServeConfig's)")
-    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
-                        help="ServeConfig.colocate: the model runs in the ingress replica")
-    parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
-                        default=False, help="the ingress replica's own gRPC server")
-    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                        help="ServeConfig.access_log: Serve's per-request log line")
+    add_layout_args(parser)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 

@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
     REPO,
+    add_layout_args,
     build_checkpoint,
     machine,
     percentile,
@@ -685,13 +686,7 @@ def main() -> int:
                         help="the ingress sends concurrent requests together (ServeConfig.coalesce)")
     parser.add_argument("--direct-ingress", action=argparse.BooleanOptionalAction,
                         default=False, help="ServeConfig.direct_ingress: no proxy hop")
-    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
-                        help="ServeConfig.colocate: the model runs in the ingress replica")
-    parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
-                        default=False, help="the ingress replica's own gRPC server "
-                        "(tuneserve serve --replica-grpc)")
-    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                        help="ServeConfig.access_log: Serve's per-request log line")
+    add_layout_args(parser)
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the Ray cluster (Serve knobs such as "
                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
