@@ -16,7 +16,7 @@ greedy, so both sides do the same work:
   (a left-padded batch: what HF offers for 8 prompts at once).
 - 8 unary Generate: the same through 8 concurrent unary calls ("TTFT" is then the
   whole call).
-- 8 streams, Serve batching off (max_batch_size 1): what @serve.batch buys.
+- 8 streams, batching off (max_batch_size 1): what batching buys.
 
 `--colocate` runs the Generator inside the ingress replica (no Ray call between them),
 `--replica-grpc` lets that replica answer gRPC itself (no proxy hop), `--no-access-log`
@@ -287,7 +287,7 @@ def main() -> int:
         results["1 stream"] = measure(prompts[:1])
         results[many] = measure(prompts)
         results[f"{args.streams} unary Generate"] = measure(prompts, unary=True)
-        # The same streams with Serve batching off: one request per generate call.
+        # The same streams with batching off: one request per generate call.
         serve.run(build_app(ServeConfig(**{**cfg.__dict__, "max_batch_size": 1})),
                   name=APP_NAME, blocking=False)
         wait_until_serving(120)

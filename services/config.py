@@ -461,9 +461,11 @@ class ServeConfig:
     of CPU per request on a small CPU (docs/benchmarks.md); tuneserve's own request
     metrics count every call either way."""
     generation_batch_wait_timeout_s: float = 0.02
-    """How long a generation batch waits for more requests. A batch runs until its
-    longest request ends and later requests wait for it, so waiting a little for
-    concurrent requests to join pays; a lone request pays it in time to first token."""
+    """How long a generation request waits for others to join its batch. A batch runs
+    until its longest request ends and later requests wait for it, so waiting a little
+    for concurrent requests to join pays. A lone request waits a quarter of it for a
+    second one, and only with one waits the rest (services/serving/batching.py); what
+    it waits adds to its time to first token."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)

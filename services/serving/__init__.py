@@ -3,7 +3,7 @@
 - `ingress.py`    the gRPC methods: validation, status codes, health; no torch here.
 - `follower.py`   what every model deployment shares: following a registry channel or
                   pin, verifying, loading, swapping versions; no grpc here.
-- `classifier.py` the classification deployment: batches requests (@serve.batch).
+- `classifier.py` the classification deployment: batches requests (batching.py).
 - `generator.py`  the generation deployment: batched generate with per-request
                   sampling, streaming, cancellation (services/generation.py).
 - `validation.py` request messages -> checked domain values.

@@ -5,14 +5,16 @@ beside the old version, smoke-test, swap. A generation version must carry its pr
 template (tuneserve.json in the checkpoint, the same as the manifest's), which every
 request's prompt goes through, exactly as at training time.
 
-Batching: unary and streaming requests meet in one `@serve.batch` queue; a batch is
-one Hugging Face `generate` call over left-padded prompts with per-request sampling
-parameters and seeds (services/generation.py). Batches run one at a time per
-replica: a request that arrives while one runs waits for it to end (static batching;
-docs/benchmarks.md has the figures). A streaming request gets its text through a
-callback from the generating thread: its first chunk leaves with the first token, the
-next ones as tokens are produced, grouped so that a replica sends at most about 100
-chunks a second over all its streams (STREAM_CHUNKS_PER_S).
+Batching: unary and streaming requests meet in one queue (a GreedyBatcher,
+services/serving/batching.py); a batch is one Hugging Face `generate` call over
+left-padded prompts with per-request sampling parameters and seeds
+(services/generation.py). Batches run one at a time per replica: a request that
+arrives while one runs waits for it to end (static batching), so a batch waits up to
+`batch_wait_timeout_s` for more requests to join; a lone request waits a quarter of
+that for a second one (docs/benchmarks.md has the figures). A streaming request gets
+its text through a callback from the generating thread: its first chunk leaves with
+the first token, the next ones as tokens are produced, grouped so that a replica
+sends at most about 100 chunks a second over all its streams (STREAM_CHUNKS_PER_S).
 
 Cancellation: when a caller goes away (client cancel, deadline), Serve cancels this
 replica's request; the request then sets its job's `cancelled` event, and the
@@ -30,11 +32,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-from ray import serve
-
 from services import metrics
 from services.errors import CorruptVersion
 from services.generation import GenerationEngine, GenerationJob, SamplingParams
+from services.serving.batching import GreedyBatcher
 from services.serving.follower import RegistryFollower
 
 logger = logging.getLogger("ray.serve")
@@ -120,7 +121,11 @@ class Generator(RegistryFollower):
         self.generating = 0
         self.counters = {"requests": 0, "batches": 0, "tokens_generated": 0, "cancelled": 0}
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_JOBS)
-        self.set_batching(max_batch_size, batch_wait_timeout_s)
+        self._batcher = GreedyBatcher(
+            self._run_batch, max_batch_size, batch_wait_timeout_s,
+            on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name),
+            on_wait=lambda s: metrics.observe("tuneserve_batch_wait_seconds", s,
+                                              model=self.name))
 
     def _load_version(self, version: str) -> LoadedGenerator:
         return load_generator(self.registry, self.name, version)
@@ -131,7 +136,7 @@ class Generator(RegistryFollower):
         loaded = await self._model_for(version)
         job = loaded.engine.job(prompt, sampling_params(params))
         try:
-            await self._batched((loaded, job))
+            await self._batcher.submit((loaded, job))
         except asyncio.CancelledError:
             job.cancel()  # the caller is gone: stop at the next token
             raise
@@ -149,7 +154,7 @@ class Generator(RegistryFollower):
             loop.call_soon_threadsafe(events.put_nowait, (text, tokens, job.finish_reason))
 
         job = loaded.engine.job(prompt, sampling_params(params), on_text)
-        batch = asyncio.ensure_future(self._batched((loaded, job)))
+        batch = asyncio.ensure_future(self._batcher.submit((loaded, job)))
         # Wakes the reader if the batch ends without a final chunk (it failed).
         batch.add_done_callback(lambda _: events.put_nowait(None))
         self.streams += 1
@@ -175,29 +180,25 @@ class Generator(RegistryFollower):
             self.streams -= 1
             if not job.done:
                 job.cancel()  # the caller is gone (or failed): stop at the next token
-                batch.cancel()  # not batched yet: Serve drops it
+                batch.cancel()  # still queued: the batcher drops it
 
     # ---- batching ------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[LoadedGenerator, GenerationJob]]) -> list[None]:
+    def _run_batch(self, items: list[tuple[LoadedGenerator, GenerationJob]]) -> list[None]:
+        """One batch, in the batcher's worker thread: one `generate` call per model
+        version."""
         self.generating += len(items)
         self.counters["batches"] += 1
-        metrics.observe("tuneserve_batch_size", len(items), model=self.name)
         try:
-            await asyncio.to_thread(self._run_batch, items)
+            groups: dict[int, list] = {}
+            for loaded, job in items:
+                groups.setdefault(id(loaded), [loaded]).append(job)
+            for loaded, *jobs in groups.values():
+                loaded.engine.run(jobs)
         finally:
             self.generating -= len(items)
             for _, job in items:
                 self._record(job)
         return [None] * len(items)
-
-    @staticmethod
-    def _run_batch(items) -> None:
-        groups: dict[int, list] = {}
-        for loaded, job in items:  # one generate call per model version
-            groups.setdefault(id(loaded), [loaded]).append(job)
-        for loaded, *jobs in groups.values():
-            loaded.engine.run(jobs)
 
     def _record(self, job: GenerationJob) -> None:
         self.counters["requests"] += 1
@@ -214,10 +215,6 @@ class Generator(RegistryFollower):
                             "completion_tokens": job.completion_tokens,
                             "max_new_tokens": job.max_new_tokens,
                             "prompt_tokens": job.prompt_tokens})
-
-    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _status_extra(self) -> dict[str, Any]:
         return {"task": "generation", "generating": self.generating, **self.counters,
