@@ -416,7 +416,8 @@ class ServeConfig:
     bound."""
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
-    """Classifiers: how long an idle replica waits for a batch to fill. A batch starts
+    """Classifiers: how long an idle replica waits for a batch to fill (a lone request
+    waits a quarter of it for a second one, and only then the rest). A batch starts
     as soon as the model is free with every request queued by then, so batches grow
     with the load without any wait; a wait only pays where a larger batch costs little
     more than a small one (a GPU). At 0 a replica still waits briefly for the callers
