@@ -24,6 +24,26 @@ def test_train_bad_field_exits_2_naming_it(tmp_path, capsys):
     assert "invalid config field 'epochs'" in capsys.readouterr().err
 
 
+def test_a_failed_training_run_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
+    """What run_training raises when workers failed more often than allowed (the real
+    failure: tests/integration/test_training_faults.py) reaches the shell as exit code
+    1 and its message, with the --max-failures given."""
+    from services.errors import TrainingFailed
+    from services.training import run
+
+    def fails(cfg, **kw):
+        raise TrainingFailed(f"training failed (worker failures tolerated: "
+                             f"{cfg.max_failures}); nothing was published")
+
+    monkeypatch.setattr(run, "run_training", fails)
+    code = main(["train", "--model", "m", "--train", str(tmp_path / "t.csv"),
+                 "--max-failures", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == "error: training failed (worker failures tolerated: 0); nothing was " \
+        "published\n"
+
+
 def test_train_bad_config_file(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: m\nbatch_sise: 3\n")
