@@ -417,7 +417,8 @@ class ServeConfig:
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
     """Classifiers: how long an idle replica waits for a batch to fill (a lone request
-    waits a quarter of it for a second one, and only then the rest). A batch starts
+    waits a quarter of it for a second one, and only then the rest; see
+    services/serving/batching.py). A batch starts
     as soon as the model is free with every request queued by then, so batches grow
     with the load without any wait; a wait only pays where a larger batch costs little
     more than a small one (a GPU). At 0 a replica still waits briefly for the callers
@@ -465,8 +466,10 @@ class ServeConfig:
     """How long a generation request waits for others to join its batch. A batch runs
     until its longest request ends and later requests wait for it, so waiting a little
     for concurrent requests to join pays. A lone request waits a quarter of it for a
-    second one, and only with one waits the rest (services/serving/batching.py); what
-    it waits adds to its time to first token."""
+    second one, and only with one waits the rest; after a request just missed a lone
+    request's batch, lone requests wait all of it for a while
+    (services/serving/batching.py). What a request waits adds to its time to first
+    token."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)

@@ -35,7 +35,12 @@ request and later requests queue behind it (static batching of generation). A lo
 request would pay the whole wait, and most often nobody comes, so it waits only
 LONE_WAIT_SHARE of it for a second request; once one comes, the batch waits the rest.
 The first two requests of a burst of concurrent callers usually arrive well within
-that (8 streams: 0.1-5.5 ms apart in 17 of 20 bursts measured, docs/benchmarks.md).
+that (8 streams: 0.1-5.5 ms apart in 17 of 20 bursts measured, docs/benchmarks.md),
+but where hops spread them more (Serve's proxy and a Ray call in front of the model),
+the first may start on its own and the rest then wait for its whole batch. So a
+request that arrives while such a lone batch runs, within the fill wait of the lone
+request's arrival (it would have joined with the whole wait), makes lone requests wait
+the whole fill wait again, until LONE_FULL_WAITS of those in a row catch nobody.
 
 Calls cancelled while queued (deadline, client gone) are dropped before the batch
 runs; a failing batch fails each of its calls with the same exception.
@@ -55,7 +60,10 @@ RETURN_WAIT_MAX_S = 0.05
 RETURN_WAIT_MAX_SKIPS = 16
 """After a wait that ran out, the next 1, 2, 4, ... up to this many batches do not wait."""
 LONE_WAIT_SHARE = 0.25
-"""With a fill wait, a lone request waits this share of it for a second request."""
+"""With a fill wait, a lone request waits this share of it for a second request..."""
+LONE_FULL_WAITS = 4
+"""... or all of it, after a burst split, until this many such waits in a row caught
+nobody."""
 
 
 class GreedyBatcher:
@@ -86,6 +94,11 @@ class GreedyBatcher:
         self._last: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
         self.return_wait_share, self.return_wait_max_s = return_wait_share, return_wait_max_s
         self._backoff = self._skip_waits = 0
+        # The fill wait's share a lone request waits, the full lone waits in a row that
+        # caught nobody, and the arrival of a lone request computing on its own after
+        # a short wait (None: none is).
+        self._lone_share, self._lone_vain = LONE_WAIT_SHARE, 0
+        self._cut_short: Optional[float] = None
         self.max_batch_size = 1
         self.wait_timeout_s = 0.0
         self.configure(max_batch_size, wait_timeout_s)
@@ -106,7 +119,11 @@ class GreedyBatcher:
             self._arrived = asyncio.Event()
             self._loop_task = loop.create_task(self._run())
         future = loop.create_future()
-        self._queue.append((item, future, time.monotonic()))
+        now = time.monotonic()
+        self._queue.append((item, future, now))
+        if self._cut_short is not None and now - self._cut_short <= self.wait_timeout_s:
+            # it would have joined that lone request with the whole wait: a burst split
+            self._lone_share, self._lone_vain, self._cut_short = 1.0, 0, None
         self._arrived.set()
         return await future
 
@@ -151,9 +168,17 @@ class GreedyBatcher:
         oldest, started = self._queue[0][2], time.monotonic()
         deadline = oldest + self.wait_timeout_s
         if len(self._queue) == 1:  # a lone request: is anybody coming?
-            await self._fill(2, min(deadline, oldest + LONE_WAIT_SHARE * self.wait_timeout_s))
-            if len(self._queue) < 2:
+            share = self._lone_share
+            await self._fill(2, min(deadline, oldest + share * self.wait_timeout_s))
+            if len(self._queue) < 2:  # nobody came
+                if share < 1.0:
+                    self._cut_short = oldest
+                else:
+                    self._lone_vain += 1
+                    if self._lone_vain >= LONE_FULL_WAITS:
+                        self._lone_share, self._lone_vain = LONE_WAIT_SHARE, 0
                 return time.monotonic() - started
+            self._lone_vain = 0
         await self._fill(self.max_batch_size, deadline)
         return time.monotonic() - started
 
@@ -167,6 +192,7 @@ class GreedyBatcher:
 
     async def _run(self) -> None:
         while True:
+            self._cut_short = None  # the lone batch, if any, has ended
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()

@@ -11,10 +11,11 @@ left-padded prompts with per-request sampling parameters and seeds
 (services/generation.py). Batches run one at a time per replica: a request that
 arrives while one runs waits for it to end (static batching), so a batch waits up to
 `batch_wait_timeout_s` for more requests to join; a lone request waits a quarter of
-that for a second one (docs/benchmarks.md has the figures). A streaming request gets
-its text through a callback from the generating thread: its first chunk leaves with
-the first token, the next ones as tokens are produced, grouped so that a replica
-sends at most about 100 chunks a second over all its streams (STREAM_CHUNKS_PER_S).
+that for a second one, or all of it for a while after a burst split (batching.py;
+docs/benchmarks.md has the figures). A streaming request gets its text through a
+callback from the generating thread: its first chunk leaves with the first token, the
+next ones as tokens are produced, grouped so that a replica sends at most about 100
+chunks a second over all its streams (STREAM_CHUNKS_PER_S).
 
 Cancellation: when a caller goes away (client cancel, deadline), Serve cancels this
 replica's request; the request then sets its job's `cancelled` event, and the

@@ -342,3 +342,33 @@ def test_a_second_request_within_the_lone_wait_makes_the_batch_wait_to_fill():
     model.batches.clear()
     assert run(arrivals([0, 0.12])) == [0, 2]
     assert model.batches == [[0], [1]]
+
+
+def test_a_request_that_just_missed_a_lone_batch_brings_the_whole_wait_back():
+    """Where hops spread a burst, its first request may start alone after the short
+    wait; a request arriving while it computes, within the fill wait of its arrival,
+    makes lone requests wait the whole fill wait, until LONE_FULL_WAITS of those in a
+    row caught nobody."""
+    from services.serving.batching import LONE_FULL_WAITS
+
+    model = FakeModel()
+    waits: list[float] = []
+    batcher = GreedyBatcher(model, max_batch_size=8, wait_timeout_s=0.2,
+                            on_wait=waits.append)
+
+    async def main():
+        model.release.clear()
+        head = asyncio.ensure_future(batcher.submit(0))  # waits 0.05, then runs alone
+        await asyncio.to_thread(model.started.wait, 10)
+        late = asyncio.ensure_future(batcher.submit(1))  # ~0.05 s after 0 arrived
+        model.release.set()
+        await asyncio.gather(head, late)
+        return [await batcher.submit(i) for i in range(2, 2 + LONE_FULL_WAITS)]
+
+    assert run(main()) == [2 * i for i in range(2, 2 + LONE_FULL_WAITS)]
+    assert model.batches == [[i] for i in range(2 + LONE_FULL_WAITS)]
+    assert 0.045 <= waits[0] < 0.15  # the short wait
+    # 1's wait (it arrived during 0's batch) and the next ones are whole waits, until
+    # LONE_FULL_WAITS of them caught nobody; then the short wait is back
+    assert all(w >= 0.1 for w in waits[1:1 + LONE_FULL_WAITS]), waits
+    assert 0.045 <= waits[-1] < 0.15, waits
