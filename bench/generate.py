@@ -23,10 +23,10 @@ greedy, so both sides do the same work:
 turns Serve's per-request log line off: the layouts of bench/serve.py.
 
 Time to first token is when the first token arrives (gRPC: first chunk at the client,
-mean over the streams, each on a channel connected before the clock starts; HF: the first decoding step's end, seen by a stopping-criteria
-hook); tokens/s counts all generated tokens over the wall time of the phase;
-requests/batch is how many requests shared one generate call on the server. Each
-figure is the median of --repeats runs.
+mean over the streams, each on a channel connected before the clock starts; HF: the
+first decoding step's end, seen by a stopping-criteria hook); tokens/s counts all
+generated tokens over the wall time of the phase; requests/batch is how many requests
+shared one generate call on the server. Each figure is the median of --repeats runs.
 """
 
 from __future__ import annotations

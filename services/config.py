@@ -418,13 +418,13 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.0
     """Classifiers: how long an idle replica waits for a batch to fill (a lone request
     waits a quarter of it for a second one, and only then the rest; see
-    services/serving/batching.py). A batch starts
-    as soon as the model is free with every request queued by then, so batches grow
-    with the load without any wait; a wait only pays where a larger batch costs little
-    more than a small one (a GPU). At 0 a replica still waits briefly for the callers
-    of the batch that just ended (at most a quarter of its compute time and 50 ms), so
-    clients that call one after another stay one batch (services/serving/batching.py);
-    a lone caller never waits, and where callers do not come back the wait backs off."""
+    services/serving/batching.py). A batch starts as soon as the model is free with
+    every request queued by then, so batches grow with the load without any wait; a
+    wait only pays where a larger batch costs little more than a small one (a GPU). At
+    0 a replica still waits briefly for the callers of the batch that just ended (at
+    most a quarter of its compute time and 50 ms), so clients that call one after
+    another stay one batch; a lone caller never waits, and where callers do not come
+    back the wait backs off."""
     coalesce: bool = True
     """Classifiers: the ingress sends concurrent Classify requests to a model together,
     in one call per batch (at most 2 calls per replica in flight, each carrying at
