@@ -45,8 +45,10 @@ def table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
 
 
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
-    """--colocate, --replica-grpc and --[no-]access-log: the serving layouts the
-    benchmarks compare (ServeConfig's fields of those names)."""
+    """--colocate, --replica-grpc, --[no-]access-log and --dtype: the serving layouts
+    the benchmarks compare (ServeConfig's fields of those names)."""
+    from services.config import SERVING_DTYPES
+
     parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
                         help="ServeConfig.colocate: the model runs in the ingress replica")
     parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
@@ -54,6 +56,9 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
                         "(tuneserve serve --replica-grpc)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="ServeConfig.access_log: Serve's per-request log line")
+    parser.add_argument("--dtype", choices=SERVING_DTYPES, default="auto",
+                        help="ServeConfig.dtype, and the in-process side's too (default "
+                        "auto: float32 on a CPU)")
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

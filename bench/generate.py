@@ -261,7 +261,7 @@ def main() -> int:
     publish(folder, template, work / "registry")
     threads = max(1, int(args.replica_cpus))
     torch.set_num_threads(threads)
-    model, tokenizer = load_causal_lm_for_serving(folder)
+    model, tokenizer = load_causal_lm_for_serving(folder, args.dtype)
     n_params = sum(p.numel() for p in model.parameters())
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.streams)]
 
@@ -269,7 +269,7 @@ def main() -> int:
     cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port, host="127.0.0.1",
                       replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams,
                       colocate=args.colocate, replica_grpc=args.replica_grpc,
-                      access_log=args.access_log)
+                      access_log=args.access_log, dtype=args.dtype)
     if args.batch_wait_s is not None:
         cfg.generation_batch_wait_timeout_s = args.batch_wait_s
     ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)

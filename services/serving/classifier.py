@@ -40,9 +40,17 @@ class LoadedModel:
     max_length: int
     loaded_at: float
 
+    @property
+    def dtype(self) -> str:
+        from services.modeling import dtype_name
 
-def _load_version(registry: Registry, name: str, version: str) -> LoadedModel:
-    """Verify, load and smoke-test one version (runs in a worker thread)."""
+        return dtype_name(self.model)
+
+
+def _load_version(registry: Registry, name: str, version: str,
+                  dtype: str = "auto") -> LoadedModel:
+    """Verify, load and smoke-test one version (runs in a worker thread); the weights
+    in `services.modeling.serving_dtype(dtype)`."""
     import torch
 
     from services.modeling import load_classifier_for_serving
@@ -51,7 +59,7 @@ def _load_version(registry: Registry, name: str, version: str) -> LoadedModel:
     if manifest.get("task") != "classification":
         raise CorruptVersion(f"{name} {version}: task is {manifest.get('task')!r}, "
                              "not classification")
-    model, tokenizer = load_classifier_for_serving(registry.local_copy(name, version))
+    model, tokenizer = load_classifier_for_serving(registry.local_copy(name, version), dtype)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if labels != manifest.get("labels"):
         raise CorruptVersion(f"{name} {version}: model labels differ from the manifest")
@@ -116,9 +124,11 @@ class Classifier(RegistryFollower):
     def __init__(self, registry: str, name: str, channel: str = "production",
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.0, board: Any = None):
+                 batch_wait_timeout_s: float = 0.0, board: Any = None,
+                 dtype: str = "auto"):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
-                         threads=threads, cache_versions=cache_versions, board=board)
+                         threads=threads, cache_versions=cache_versions, board=board,
+                         dtype=dtype)
         self._batcher = GreedyBatcher(
             self._run_batch, max_batch_size, batch_wait_timeout_s,
             on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name),
@@ -126,7 +136,7 @@ class Classifier(RegistryFollower):
                                               model=self.name))
 
     def _load_version(self, version: str) -> LoadedModel:
-        return _load_version(self.registry, self.name, version)
+        return _load_version(self.registry, self.name, version, self.dtype)
 
     async def classify(self, texts: list[str], version: Optional[str] = None) -> dict[str, Any]:
         loaded = await self._model_for(version)

@@ -39,7 +39,7 @@ class RegistryFollower:
 
     def __init__(self, registry: str, name: str, channel: str = "production",
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
-                 cache_versions: int = 2, board: Any = None):
+                 cache_versions: int = 2, board: Any = None, dtype: str = "auto"):
         import torch
 
         torch.set_num_threads(max(1, int(threads or math.ceil(
@@ -50,6 +50,7 @@ class RegistryFollower:
         self.pinned: Optional[str] = None
         self.poll_interval_s = poll_interval_s
         self.cache_versions = cache_versions
+        self.dtype = dtype  # ServeConfig.dtype: what _load_version loads weights in
         self.current: Optional[Any] = None
         self.others: OrderedDict[str, Any] = OrderedDict()
         self.refused: dict[str, str] = {}
@@ -171,7 +172,8 @@ class RegistryFollower:
                 raise CorruptVersion(f"version {version} of '{self.name}' could not be "
                                      "loaded") from None
             elapsed = time.perf_counter() - started
-            logger.info("loaded %s %s in %.2fs", self.name, version, elapsed)
+            logger.info("loaded %s %s in %.2fs (dtype %s)", self.name, version, elapsed,
+                        self.dtype)
             metrics.inc("tuneserve_model_loads_total", model=self.name, result="loaded")
             metrics.observe("tuneserve_model_load_duration_seconds", elapsed, model=self.name)
             return loaded
@@ -233,6 +235,7 @@ class RegistryFollower:
         return {
             "name": self.name, "state": self.state,
             "version": self.current.version if self.current else None,
+            "dtype": self.current.dtype if self.current else None,
             "cached_versions": list(self.others), "pinned_version": self.pinned,
             "channel": self.channel, "refused": dict(self.refused),
             "refusals": len(self.refused),

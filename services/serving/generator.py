@@ -59,9 +59,16 @@ class LoadedGenerator:
     prompt_template: Optional[str]
     loaded_at: float
 
+    @property
+    def dtype(self) -> str:
+        from services.modeling import dtype_name
 
-def load_generator(registry, name: str, version: str) -> LoadedGenerator:
-    """Verify, load and smoke-test one generation version (runs in a worker thread)."""
+        return dtype_name(self.engine.model)
+
+
+def load_generator(registry, name: str, version: str, dtype: str = "auto") -> LoadedGenerator:
+    """Verify, load and smoke-test one generation version (runs in a worker thread); the
+    weights in `services.modeling.serving_dtype(dtype)`."""
     from services.modeling import GENERATION_FILE, context_length, load_causal_lm_for_serving
 
     manifest = registry.verify(name, version)
@@ -81,7 +88,7 @@ def load_generator(registry, name: str, version: str) -> LoadedGenerator:
             raise CorruptVersion(f"{name} {version}: the checkpoint's prompt template "
                                  "differs from the manifest's")
         template = saved.get("prompt_template")
-    model, tokenizer = load_causal_lm_for_serving(folder)
+    model, tokenizer = load_causal_lm_for_serving(folder, dtype)
     engine = GenerationEngine(model, tokenizer, template, context_length(model.config, tokenizer))
     job = engine.job(SMOKE_PROMPT, SamplingParams(max_new_tokens=2, ignore_eos=True))
     engine.run([job])
@@ -114,9 +121,10 @@ class Generator(RegistryFollower):
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005, board: Any = None,
-                 stream_chunks_per_s: float = STREAM_CHUNKS_PER_S):
+                 stream_chunks_per_s: float = STREAM_CHUNKS_PER_S, dtype: str = "auto"):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
-                         threads=threads, cache_versions=cache_versions, board=board)
+                         threads=threads, cache_versions=cache_versions, board=board,
+                         dtype=dtype)
         self.stream_chunks_per_s = stream_chunks_per_s
         self.streams = 0
         self.generating = 0
@@ -129,7 +137,7 @@ class Generator(RegistryFollower):
                                               model=self.name))
 
     def _load_version(self, version: str) -> LoadedGenerator:
-        return load_generator(self.registry, self.name, version)
+        return load_generator(self.registry, self.name, version, self.dtype)
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, prompt: str, params: dict[str, Any],

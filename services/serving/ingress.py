@@ -352,7 +352,8 @@ class InferenceIngress(AdminMethods):
                 replicas=[pb.ReplicaStatus(replica=str(r.get("replica") or ""),
                                            version=r.get("version") or "",
                                            state=r.get("state") or "",
-                                           refused=r.get("refused") or {})
+                                           refused=r.get("refused") or {},
+                                           dtype=r.get("dtype") or "")
                           for r in replicas]))
         return pb.ListModelsResponse(models=infos)
 

@@ -7,6 +7,9 @@ Kubernetes Secret would give them (with a trailing newline), over its own copy o
 toy classifier. Serve's gRPC proxy serves every application on the one port and routes
 by the `application` metadata, which every call here sends; the app is deleted when
 the module ends, and the session's app is reachable without metadata again.
+
+The second app also serves in bfloat16 (ServeConfig.dtype), the session's in float32
+(the default on a CPU): the last test checks that the setting reaches the replicas.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def secured(server, trained, tmp_path_factory):
     (folder / "api-token").write_text(API_TOKEN + "\n")
     (folder / "admin-token").write_text(ADMIN_TOKEN + "\n")
     serve_cfg = ServeConfig(registry=registry.uri, replica_cpus=0.1, poll_interval_s=0.5,
-                            api_token_file=str(folder / "api-token"),
+                            dtype="bfloat16", api_token_file=str(folder / "api-token"),
                             admin_token_file=str(folder / "admin-token"))
     serve.run(build_app(serve_cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
     probe = Client(server.address, token="", admin_token="", application=APP)
@@ -183,3 +186,23 @@ def test_client_token_from_a_file(secured, tmp_path):
         with pytest.raises(grpc.RpcError) as err:
             client.classify("toy", ["x"])  # no API token given: none is sent
         assert err.value.code() == CODES.UNAUTHENTICATED
+
+
+def test_the_dtype_setting_reaches_the_replicas(secured, server):
+    texts = ["a lovely film with superb acting", "dull, tedious and far too long",
+             "the plot was fine", "😀 ✓ 日本語", "x"]
+    from services.serving.app import APP_NAME
+
+    with Client(server.address, token="", application=APP_NAME) as session_app:
+        full = session_app.classify("toy", texts)  # float32, the default on a CPU
+        (info,) = session_app.list_models("toy").models
+    assert {r.dtype for r in info.replicas} == {"float32"}
+    with Client(secured["address"], token=API_TOKEN, application=APP) as client:
+        (info,) = client.list_models("toy").models
+        assert {r.dtype for r in info.replicas} == {"bfloat16"}, info.replicas
+        half = client.classify("toy", texts)
+    for h, f in zip(half.results, full.results):
+        h_scores = {s.label: s.score for s in h.scores}
+        f_scores = {s.label: s.score for s in f.scores}
+        assert h_scores.keys() == f_scores.keys()
+        assert all(abs(h_scores[k] - f_scores[k]) < 0.02 for k in f_scores), (h, f)

@@ -437,6 +437,7 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     assert workers["minReplicas"] >= 1 and workers["maxReplicas"] >= workers["minReplicas"]
     if overlay == "gpu":
         assert deployments["model-sentiment"]["ray_actor_options"]["num_gpus"] == 1
+        assert cfg.replica_gpus == 1 and cfg.dtype in ("auto", "bfloat16")
 
 
 def test_grpc_service_and_probes():

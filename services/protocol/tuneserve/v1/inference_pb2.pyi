@@ -110,7 +110,7 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., channels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica", "version", "state", "refused")
+    __slots__ = ("replica", "version", "state", "refused", "dtype")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,11 +122,13 @@ class ReplicaStatus(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     replica: str
     version: str
     state: str
     refused: _containers.ScalarMap[str, str]
-    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "task", "production_version", "pinned_version", "serving_versions", "versions", "labels", "replicas")

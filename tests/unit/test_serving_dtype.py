@@ -1,0 +1,123 @@
+"""ServeConfig.dtype: what a serving replica holds its weights in.
+
+The setting is checked where it is given (config, CLI), "auto" resolves by device, and
+both model kinds load and answer in bfloat16 on a CPU, close to float32. (The served
+path, ServeConfig -> app -> replica, is checked over gRPC by tests/integration/test_auth.py,
+whose second app serves in bfloat16.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.config import ServeConfig
+from services.errors import ConfigError
+from services.registry import Registry
+from tests.helpers import GEN_TEMPLATE
+
+TEXTS = ["a lovely film", "dull and far too long", "fine", "😀 ✓ 日本語", "x " * 60]
+
+
+def test_dtype_setting_is_checked_where_it_is_given():
+    for ok in ("auto", "float32", "bfloat16"):
+        assert ServeConfig(dtype=ok).validate().dtype == ok
+    assert ServeConfig(dtype="float16", replica_gpus=1).validate().dtype == "float16"
+    with pytest.raises(ConfigError, match=r"'dtype'.*'fp8' is not one of auto, float32"):
+        ServeConfig(dtype="fp8").validate()
+    with pytest.raises(ConfigError, match=r"'dtype'.*float16 needs a GPU.*bfloat16"):
+        ServeConfig(dtype="float16").validate()
+
+
+def test_serve_flag_takes_the_dtype_and_refuses_others(capsys):
+    from services.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).dtype == "auto"
+    assert parser.parse_args(["serve", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--dtype", "half"])
+    assert "--dtype: invalid choice: 'half'" in capsys.readouterr().err
+
+
+def test_app_builder_passes_the_dtype_to_every_model(monkeypatch, tmp_path):
+    from services.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "discover_models",
+                        lambda registry, wanted: {"c": "classification", "g": "generation"})
+    app = app_module.build_app(ServeConfig(registry=str(tmp_path), dtype="bfloat16"))
+    models = app._bound_deployment.init_args[1]  # name -> the model deployment, bound
+    assert {name: h._bound_deployment.init_kwargs["dtype"] for name, h in models.items()} \
+        == {"c": "bfloat16", "g": "bfloat16"}
+    colocated = app_module.build_app(ServeConfig(registry=str(tmp_path), dtype="float32",
+                                                 colocate=True))
+    specs = colocated._bound_deployment.init_args[1]
+    assert {name: spec["kwargs"]["dtype"] for name, spec in specs.items()} == \
+        {"c": "float32", "g": "float32"}
+
+
+def test_auto_is_bfloat16_only_on_a_gpu_that_computes_it(monkeypatch):
+    import torch
+
+    from services.modeling import serving_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serving_dtype("auto") is torch.float32
+    assert serving_dtype("bfloat16") is torch.bfloat16  # asked for: honoured on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert serving_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert serving_dtype("auto") is torch.float32  # e.g. a V100
+    assert serving_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="unknown serving dtype 'int8'"):
+        serving_dtype("int8")
+
+
+@pytest.fixture(scope="module")
+def classifier_registry(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("dtype")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    model.save_pretrained(folder / "ckpt")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder / "ckpt")
+    reg = Registry(folder / "registry")
+    reg.publish("toy", folder / "ckpt", {"task": "classification", "labels": ["neg", "pos"],
+                                        "config": {"max_length": 64}, "metrics": {}})
+    return reg
+
+
+def test_a_classifier_replica_loads_and_answers_in_bfloat16(classifier_registry):
+    import torch
+
+    from services.serving.classifier import Classifier, _predict
+
+    torch.set_num_threads(1)
+    answers = {}
+    for dtype in ("float32", "bfloat16"):
+        replica = Classifier(classifier_registry.uri, "toy", dtype=dtype)
+        loaded = replica._load_version("v1")  # verified and smoke-tested
+        assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+        answers[dtype] = _predict(loaded, TEXTS)
+    half = answers["bfloat16"]
+    assert half.dtype == torch.float32 and half.shape == (len(TEXTS), 2)
+    assert torch.allclose(half.sum(dim=1), torch.ones(len(TEXTS)))
+    assert torch.allclose(half, answers["float32"], atol=0.02)
+    assert not torch.equal(half, answers["float32"])  # it did compute in bfloat16
+
+
+def test_a_generator_loads_and_generates_in_bfloat16(tiny_gpt2_dir):
+    import torch
+
+    from services.generation import GenerationEngine, SamplingParams
+    from services.modeling import context_length, load_causal_lm_for_serving
+
+    model, tokenizer = load_causal_lm_for_serving(tiny_gpt2_dir, "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    engine = GenerationEngine(model, tokenizer, GEN_TEMPLATE, context_length(model.config))
+    jobs = [engine.job(p, SamplingParams(max_new_tokens=6, ignore_eos=True, **kw))
+            for p, kw in (("red cat", {}), ("blue dog", {"temperature": 0.8, "seed": 3}))]
+    engine.run(jobs)
+    assert [(j.finish_reason, j.completion_tokens) for j in jobs] == [("length", 6)] * 2
+    assert all(j.text for j in jobs)
