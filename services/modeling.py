@@ -87,7 +87,8 @@ def serving_dtype(name: str = "auto"):
     auto: bfloat16 on a GPU that computes it natively, float32 anywhere else. On a CPU
     with native bfloat16 (AVX512-BF16 or AMX), bfloat16 is faster but an explicit
     choice, since scores then differ from float32 in the third decimal
-    (docs/benchmarks.md: MiniLM-L6 on SST-2, same accuracy, 1.5-1.8x the texts/s)."""
+    (docs/benchmarks.md: MiniLM-L6 on SST-2, the same accuracy, 1.5-1.6x the texts/s
+    served)."""
     import torch
 
     from services.config import SERVING_DTYPES
