@@ -6,7 +6,11 @@ background task polls the registry; when the target moves it verifies the new ve
 (manifest, sha256 of every file), loads it beside the old one (the subclass's
 `_load_version`, which also runs a smoke inference) and swaps the reference
 atomically. Requests already running finish on the old model. A version that fails
-any check is refused and not retried until it changes.
+verification or a check of the model (a TuneserveError: checksums, labels, the smoke
+inference) is refused for good: a published version never changes. Any other failure
+(a file system hiccup, memory running short) may pass, so the version is tried again,
+LOAD_ATTEMPTS times in all, the wait doubling from one poll interval, before it is
+refused; meanwhile the old version keeps serving.
 
 Subclasses (Classifier, Generator) add the inference methods, `_load_version` and
 `_status_extra`.
@@ -32,6 +36,10 @@ from services.registry import Registry
 logger = logging.getLogger("ray.serve")
 _PROCESS_LOADS = threading.Lock()
 
+LOAD_ATTEMPTS = 3
+"""Tries of a version whose load failed with an unexpected error before it is refused."""
+LOAD_RETRY_MAX_WAIT_S = 60.0
+
 
 class RegistryFollower:
     """Base class of the model deployment classes; `app.py` wraps those with
@@ -54,6 +62,9 @@ class RegistryFollower:
         self.current: Optional[Any] = None
         self.others: OrderedDict[str, Any] = OrderedDict()
         self.refused: dict[str, str] = {}
+        # version -> (failed loads so far, monotonic time of the next try): unexpected
+        # failures, tried again until LOAD_ATTEMPTS
+        self.failed_loads: dict[str, tuple[int, float]] = {}
         self.last_error: Optional[str] = None
         self.state = "loading"
         self._wake = asyncio.Event()
@@ -127,7 +138,8 @@ class RegistryFollower:
             try:
                 target = await asyncio.to_thread(self._target)
                 current = self.current.version if self.current else None
-                if target and target != current and target not in self.refused:
+                if target and target != current and target not in self.refused and \
+                        self._may_try(target):
                     await self._switch_to(target)
                 elif target is None and current is None:
                     self.last_error = (f"model '{self.name}' has no {self.channel} version"
@@ -146,6 +158,31 @@ class RegistryFollower:
             except asyncio.TimeoutError:
                 pass
 
+    def _may_try(self, version: str) -> bool:
+        """Whether a version's load may be tried now (its wait after a failure is over)."""
+        return self.failed_loads.get(version, (0, 0.0))[1] <= time.monotonic()
+
+    def _load_failed(self, version: str, exc: Exception) -> TuneserveError:
+        """Count an unexpected load failure; the error for whoever asked for the version."""
+        attempts = self.failed_loads.get(version, (0, 0.0))[0] + 1
+        what = type(exc).__name__  # clients see status; the log has the whole error
+        logger.error("loading %s %s failed (attempt %d of %d)", self.name, version,
+                     attempts, LOAD_ATTEMPTS, exc_info=exc)
+        if attempts >= LOAD_ATTEMPTS:
+            self.failed_loads.pop(version, None)
+            self.refused[version] = f"load failed {attempts} times: {what}"
+            self.last_error = self.refused[version]
+            metrics.inc("tuneserve_model_loads_total", model=self.name, result="refused")
+            return CorruptVersion(f"version {version} of '{self.name}' could not be "
+                                  f"loaded ({attempts} attempts)")
+        wait = min(self.poll_interval_s * 2 ** (attempts - 1), LOAD_RETRY_MAX_WAIT_S)
+        self.failed_loads[version] = (attempts, time.monotonic() + wait)
+        self.last_error = (f"load of {version} failed (attempt {attempts} of "
+                           f"{LOAD_ATTEMPTS}, next in {wait:g} s): {what}")
+        metrics.inc("tuneserve_model_loads_total", model=self.name, result="failed")
+        return ModelLoading(f"version {version} of '{self.name}' failed to load (attempt "
+                            f"{attempts} of {LOAD_ATTEMPTS}); retry shortly")
+
     async def _get_or_load(self, version: str) -> Any:
         async with self._load_lock:
             for loaded in (self.current, *self.others.values()):
@@ -154,6 +191,12 @@ class RegistryFollower:
             if version in self.refused:
                 raise CorruptVersion(f"version {version} of '{self.name}' was refused: "
                                      f"{self.refused[version]}")
+            if not self._may_try(version):
+                attempts, at = self.failed_loads[version]
+                raise ModelLoading(
+                    f"version {version} of '{self.name}' failed to load ({attempts} of "
+                    f"{LOAD_ATTEMPTS} attempts); next try in "
+                    f"{max(0.0, at - time.monotonic()):.0f} s")
             started = time.perf_counter()
             try:
                 loaded = await asyncio.to_thread(self._load_serialized, version)
@@ -164,13 +207,8 @@ class RegistryFollower:
                 metrics.inc("tuneserve_model_loads_total", model=self.name, result="refused")
                 raise
             except Exception as exc:
-                msg = f"load failed: {type(exc).__name__}"
-                self.refused[version] = msg
-                self.last_error = msg
-                logger.exception("loading %s %s failed", self.name, version)
-                metrics.inc("tuneserve_model_loads_total", model=self.name, result="refused")
-                raise CorruptVersion(f"version {version} of '{self.name}' could not be "
-                                     "loaded") from None
+                raise self._load_failed(version, exc) from None
+            self.failed_loads.pop(version, None)
             elapsed = time.perf_counter() - started
             logger.info("loaded %s %s in %.2fs (dtype %s)", self.name, version, elapsed,
                         self.dtype)
@@ -182,7 +220,9 @@ class RegistryFollower:
         try:
             loaded = await self._get_or_load(version)
         except TuneserveError:
-            self.state = "ready" if self.current else "failed"
+            # a version to be tried again: still loading; one refused: failed
+            self.state = "ready" if self.current else \
+                "loading" if version in self.failed_loads else "failed"
             return
         self.others.pop(version, None)
         old = self.current

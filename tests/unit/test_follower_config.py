@@ -1,10 +1,17 @@
-"""A bad declarative setting (Serve user_config) never moves a replica off its target."""
+"""The registry follower outside Serve: a bad declarative setting (Serve user_config)
+never moves a replica off its target; a version whose load fails unexpectedly is tried
+again, with waits, before it is refused, and one failing a check is refused at once."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
-from services.serving.follower import RegistryFollower
+import pytest
+
+from services.errors import CorruptVersion, ModelLoading
+from services.serving.follower import LOAD_ATTEMPTS, RegistryFollower
 
 
 class _Follower(RegistryFollower):
@@ -26,5 +33,112 @@ def test_invalid_pin_or_channel_in_user_config_is_ignored_and_reported(tmp_path)
         assert (f.pinned, f.channel) == (None, "staging")
         if f._follower is not None:
             f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+# ---- a version whose load fails -----------------------------------------------------------
+class _Flaky(RegistryFollower):
+    """Loads fail with the errors in `failures`, one per try, then succeed."""
+
+    def __init__(self, *args, failures=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures = list(failures)
+        self.tries = 0
+        self.polls = 0
+
+    def _target(self):
+        self.polls += 1
+        return super()._target()
+
+    def _load_version(self, version):
+        self.tries += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return SimpleNamespace(version=version, dtype="float32")
+
+
+def _published(tmp_path):
+    from services.registry import Registry
+    from tests.unit.test_registry import fake_checkpoint, manifest
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish("toy", fake_checkpoint(tmp_path / "ck"), manifest())
+    return reg.uri
+
+
+async def _until(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_a_load_that_fails_unexpectedly_is_tried_again_then_serves(tmp_path):
+    async def scenario():
+        f = _Flaky(_published(tmp_path), "toy", poll_interval_s=0.05,
+                   failures=[OSError("read error"), MemoryError()])
+        started = time.monotonic()
+        await f.reconfigure({})  # the first try, at start
+        assert (f.tries, f.state, f.current, f.refused) == (1, "loading", None, {})
+        assert f.last_error == ("load of v1 failed (attempt 1 of 3, next in 0.05 s): "
+                                "OSError")
+        with pytest.raises(ModelLoading, match="toy' is loading; retry shortly"):
+            await f._model_for(None)
+        await _until(lambda: f.current is not None)
+        # waits of one, then two poll intervals between the tries
+        assert time.monotonic() - started >= 0.15 - 0.01
+        assert (f.tries, f.state, f.current.version) == (3, "ready", "v1")
+        assert f.refused == {} and f.failed_loads == {} and f.last_error is None
+        f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_load_that_keeps_failing_is_refused_after_three_tries(tmp_path):
+    async def scenario():
+        f = _Flaky(_published(tmp_path), "toy", poll_interval_s=0.02,
+                   failures=[OSError("read error")] * 5)
+        await f.reconfigure({})
+        await _until(lambda: "v1" in f.refused)
+        assert f.refused["v1"] == "load failed 3 times: OSError"
+        assert f.state == "failed" and f.current is None
+        # refused for good: more polls try nothing
+        polls = f.polls
+        await _until(lambda: f.polls >= polls + 5)
+        assert f.tries == LOAD_ATTEMPTS
+        with pytest.raises(CorruptVersion, match="v1 of 'toy' was refused: load failed 3"):
+            await f._get_or_load("v1")
+        f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_version_failing_a_check_is_refused_at_once(tmp_path):
+    async def scenario():
+        f = _Flaky(_published(tmp_path), "toy", poll_interval_s=0.02,
+                   failures=[CorruptVersion("toy v1: smoke inference gave invalid output")])
+        await f.reconfigure({})
+        assert f.refused == {"v1": "toy v1: smoke inference gave invalid output"}
+        polls = f.polls
+        await _until(lambda: f.polls >= polls + 5)
+        assert (f.tries, f.state) == (1, "failed")
+        f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_for_a_version_in_its_wait_does_not_load_it_again(tmp_path):
+    async def scenario():
+        f = _Flaky(_published(tmp_path), "toy", poll_interval_s=30,
+                   failures=[OSError("read error")])
+        with pytest.raises(ModelLoading, match=r"failed to load \(attempt 1 of 3\)"):
+            await f._get_or_load("v1")
+        with pytest.raises(ModelLoading, match=r"failed to load \(1 of 3 attempts\); "
+                                               r"next try in (29|30) s"):
+            await f._get_or_load("v1")
+        assert f.tries == 1
+        f.failed_loads["v1"] = (1, time.monotonic())  # the wait is over
+        assert (await f._get_or_load("v1")).version == "v1" and f.tries == 2
 
     asyncio.run(scenario())
