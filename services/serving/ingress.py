@@ -10,7 +10,8 @@ goes to the replica log: no traceback, path or internal name reaches a client.
 Every Inference and Admin method goes through the same steps, in this order:
 authorization (UNAUTHENTICATED / PERMISSION_DENIED), a request the proxy could not
 parse (INVALID_ARGUMENT), the request's size (RESOURCE_EXHAUSTED), then the method.
-Health stays open.
+Health stays open. A Classify call whose model replica dies during it is sent once
+more (it has no side effects); a generation is not, since it may have streamed.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ logger = logging.getLogger("ray.serve")
 HEALTH_CACHE_S = 1.0
 STATUS_TIMEOUT_S = 5.0
 MAX_MESSAGE_CHARS = 1000
+REPLICA_CALL_ATTEMPTS = 2
+"""Tries of a Classify call to a model deployment when its replica dies during one."""
 METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream": INFERENCE,
                  "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
                  "Unpin": ADMIN}
@@ -243,7 +246,26 @@ class InferenceIngress(AdminMethods):
                 for name, c in self.coalescers.items()}
 
     async def _classify_many(self, model: str, calls: list[tuple[list[str], Optional[str]]]):
-        return await self.handles[model].classify_many.remote(calls)
+        return await self._again_if_replica_dies(
+            model, lambda: self.handles[model].classify_many.remote(calls))
+
+    async def _again_if_replica_dies(self, model: str, call):
+        """Await `call()`, and once more if the replica died during it: Classify has no
+        side effects, and a coalesced call carries many callers' requests, all of which
+        would fail with one dead replica. Serve's router sends the second call to a live
+        replica (or waits for the replacement). Only one more: a request that kills
+        replicas itself must not take them all down."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
+            try:
+                return await call()
+            except RayActorError:
+                if attempt == REPLICA_CALL_ATTEMPTS:
+                    raise
+                logger.warning("a %s replica died during a Classify call; sending it "
+                               "again", model)
+                metrics.inc("tuneserve_replica_retries_total", model=model)
 
     @staticmethod
     def _serving_now(statuses: dict[str, list[dict]]) -> bool:
@@ -260,7 +282,8 @@ class InferenceIngress(AdminMethods):
         if coalescer is not None:
             answer = await coalescer.submit((call.texts, call.version))
         else:
-            answer = await handle.classify.remote(call.texts, call.version)
+            answer = await self._again_if_replica_dies(
+                call.model, lambda: handle.classify.remote(call.texts, call.version))
         results = [
             pb.Classification(
                 label=r["label"], score=r["score"],

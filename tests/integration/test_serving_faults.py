@@ -1,7 +1,7 @@
 """Serving under faults and overload, through Serve's real gRPC proxy on loopback.
 
-- A model replica killed under steady load: Serve replaces it, only the calls in flight
-  on it fail (UNAVAILABLE, "retry"), none after the replacement is up.
+- A model replica killed under steady load: Serve replaces it and no call fails (the
+  ingress sends the Classify calls in flight on it once more).
 - A bounded queue (`max_ongoing_requests` / `max_queued_requests` set small, on a second
   Serve app in the same cluster): a flood of 200 concurrent calls gets RESOURCE_EXHAUSTED
   for the excess, fast, instead of queueing without bound; memory stays flat.
@@ -115,7 +115,7 @@ class Load:
 
 
 # ---- a replica killed under load ------------------------------------------------------
-def test_killed_replica_is_replaced_and_only_in_flight_calls_fail(server):
+def test_killed_replica_is_replaced_and_no_call_fails(server):
     import ray
 
     deployment = model_deployment_name(MODEL)
@@ -157,15 +157,12 @@ def test_killed_replica_is_replaced_and_only_in_flight_calls_fail(server):
           f"success after the kill at +{first_ok - killed_at:.2f}s; "
           f"{len(after)} calls after recovery, "
           f"{sum(c[2] != 'OK' for c in after)} failed")
-    # Nothing failed before the kill; what failed is retryable and says so.
-    assert all(c[1] >= killed_at for c in failed), failed[:3]
-    assert all(c[2] == "UNAVAILABLE" and "retry" in c[3] for c in failed), failed[:3]
-    assert not any("Traceback" in c[3] for c in failed)
-    # Only the calls in flight on the killed replica fail: each client thread has one
-    # call at a time, so at most one per thread (a call the router sends to the dying
-    # actor around the kill is retried on another replica by Serve's router).
-    assert len(failed) <= LOAD_THREADS, failed
-    assert all(c[0] <= killed_at + 1.0 for c in failed), late_starts
+    # Nothing fails: the ingress sends a Classify call whose replica died during it once
+    # more (services/serving/ingress.py), and a call the router sends to the dying
+    # actor around the kill is retried on another replica by Serve's router. (Before
+    # the ingress did so, the calls in flight on the killed replica failed with
+    # UNAVAILABLE: 3 to 6 per run.)
+    assert not failed, failed[:3]
     # Once the replacement is up, nothing fails.
     assert len(after) >= 50 and not any(c[2] != "OK" for c in after), \
         [c for c in after if c[2] != "OK"][:3]

@@ -178,3 +178,36 @@ def test_a_caller_cancelled_while_waiting_is_dropped_and_one_sent_does_not_cance
 def test_limits_must_be_positive():
     with pytest.raises(ValueError):
         make(FakeSend(), max_calls=0)
+
+
+# ---- the ingress's second try when a replica dies (services/serving/ingress.py) ----------
+def test_a_classify_call_whose_replica_died_is_sent_once_more():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from services.serving.ingress import REPLICA_CALL_ATTEMPTS, InferenceIngress
+
+    def calls(*outcomes):
+        sent = []
+
+        async def call():
+            sent.append(len(sent))
+            outcome = outcomes[len(sent) - 1]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        return sent, call
+
+    again = InferenceIngress._again_if_replica_dies
+    sent, call = calls(ActorDiedError(), ["answer"])
+    assert asyncio.run(again(None, "toy", call)) == ["answer"] and len(sent) == 2
+    # one more try only: a request that kills replicas must not take them all down
+    sent, call = calls(*[ActorDiedError()] * 3)
+    with pytest.raises(ActorDiedError):
+        asyncio.run(again(None, "toy", call))
+    assert len(sent) == REPLICA_CALL_ATTEMPTS == 2
+    # any other failure is the answer: not sent again
+    for error in (ModelNotFound("no such model"), RayTaskError("f", "tb", ValueError())):
+        sent, call = calls(error, ["answer"])
+        with pytest.raises(type(error)):
+            asyncio.run(again(None, "toy", call))
+        assert len(sent) == 1
