@@ -14,7 +14,9 @@ in each request. For each concurrency C:
 - in-process (the limit of this machine): services/serving/classifier.py's
   `_load_version` and `Classifier._run_batch`, the code a replica runs, with as many
   torch threads as all the replicas get together, over batches of min(C, --max-batch-size) requests
-  back to back: the largest batch the server could form. Latency is per batch.
+  back to back: the largest batch the server could form. Latency is per batch. Measured
+  before and after tuneserve, and the two averaged (--no-bracket: before only), since
+  a shared machine's speed drifts within minutes; both are printed.
 - tuneserve: `start_serving` (Serve gRPC proxy -> ingress -> Classifier replicas; with
   --direct-ingress the ingress replica itself listens, no proxy; --no-coalesce sends
   one call per request from the ingress to the replica; --colocate runs the model
@@ -141,6 +143,23 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
               f"p50 {results[c]['p50_ms']:.1f} ms", flush=True)
     del loaded
     return results
+
+
+def bracketed(before: dict[int, dict], after: dict[int, dict]) -> dict[int, dict]:
+    """The in-process figures measured before and after the served side, averaged: the
+    machine's speed drifts within minutes, and the served side ran in between. Each
+    level keeps both throughputs and their ratio (`drift`: after / before)."""
+    merged = {}
+    for c, first in before.items():
+        second = after[c]
+        merged[c] = {**{k: (first[k] + second[k]) / 2 for k in
+                        ("texts_per_s", "cpu_ms_per_request", "p50_ms", "p99_ms")},
+                     "batch_requests": first["batch_requests"],
+                     "batches": first["batches"] + second["batches"],
+                     "texts_per_s_before": first["texts_per_s"],
+                     "texts_per_s_after": second["texts_per_s"],
+                     "drift": second["texts_per_s"] / first["texts_per_s"]}
+    return merged
 
 
 def replica_threads(args) -> int:
@@ -696,6 +715,9 @@ def main() -> int:
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure MLServer (installed on first use)")
     parser.add_argument("--peer-venv", default=str(DEFAULT_PEER_VENV))
+    parser.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure in-process before and after tuneserve and compare "
+                        "with the mean (the speed of a shared machine drifts)")
     parser.add_argument("--breakdown-calls", type=int, default=200,
                         help="sequential calls per layer of the tuneserve path (0: skip)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -735,6 +757,9 @@ def main() -> int:
     inproc = run_inprocess(work / "registry", levels, args, texts)
     print("tuneserve:", flush=True)
     tuneserve = run_tuneserve(work / "registry", levels, args, texts)
+    if args.bracket:
+        print("in-process, again:", flush=True)
+        inproc = bracketed(inproc, run_inprocess(work / "registry", levels, args, texts))
     if args.peer and peer is None:
         print("peer (MLServer):", flush=True)
         try:
@@ -772,6 +797,12 @@ def main() -> int:
                  "peer t/s", "p50", "p99", "ratio", "err"]))
     print("(t/s: texts per second; p50/p99 in ms, in-process per batch; ratio: served "
           "t/s / in-process t/s; err: failed calls)")
+    if args.bracket:
+        print("in-process t/s before / after tuneserve (their mean above): " + ", ".join(
+            f"C={c} {fmt(inproc[c]['texts_per_s_before'])} / "
+            f"{fmt(inproc[c]['texts_per_s_after'])}" for c in levels)
+            + f"; the machine's speed moved by up to "
+            f"{max(abs(inproc[c]['drift'] - 1) for c in levels):.0%} meanwhile")
     slots = settings["max_ongoing_requests"] * settings["replicas"]
     if max(levels) > slots:
         print(f"note: above {slots} concurrent calls (max_ongoing_requests x replicas) "
