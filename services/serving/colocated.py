@@ -75,6 +75,11 @@ class LocalModel:
 class ColocatedIngress(InferenceIngress):
     """Serve deployment class; `app.py` wraps it with `serve.deployment`.
 
+    With replica_grpc, the replica's own gRPC server binds its port only once the first
+    `reconfigure` (which Serve runs before the replica takes traffic) has loaded the
+    models: while a replica starts, the kernel hands the shared port's new connections
+    to the replicas already serving, instead of to one that can only answer "loading".
+
     `models`: model name -> {"task": ..., "kwargs": the model class's constructor
     arguments}. Serve's `user_config` ({"channel", "pinned_versions": {name: version},
     "poll_interval_s"}) reaches every model's `reconfigure`, as it reaches each model
@@ -90,6 +95,8 @@ class ColocatedIngress(InferenceIngress):
         super().__init__(registry, {n: LocalModel(m) for n, m in self.models.items()},
                          tasks, limits, board=board, auth=auth, grpc_server=grpc_server)
 
+    LISTEN_AT_INIT = False
+
     async def reconfigure(self, user_config: dict) -> None:
         user_config = user_config or {}
         pins = user_config.get("pinned_versions") or {}
@@ -104,6 +111,7 @@ class ColocatedIngress(InferenceIngress):
                   if user_config.get(k)}
         for name, model in self.models.items():  # the first call loads each model
             await model.reconfigure({**shared, "pinned_version": pins.get(name)})
+        self._listen()
 
     async def model_status(self, name: str) -> dict[str, Any]:
         """One model's status in this replica: what a model deployment's `status`
@@ -115,6 +123,7 @@ class ColocatedIngress(InferenceIngress):
         return await self.models[name].status()
 
     async def check_health(self) -> None:
+        self._listen()  # in case Serve never called reconfigure (no user_config)
         await super().check_health()
         for model in self.models.values():
             await model.check_health()

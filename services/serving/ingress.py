@@ -175,10 +175,22 @@ class InferenceIngress(AdminMethods):
         # this replica's own (services/serving/replica_grpc.py), started on the running
         # loop: Serve builds the replica from its user-code event loop.
         self._grpc_server = None
-        if grpc_server:
+        self._grpc_server_args = grpc_server
+        if self.LISTEN_AT_INIT:
+            self._listen()
+
+    LISTEN_AT_INIT = True
+    """Whether the replica's own gRPC server (if any) listens from the start; a replica
+    whose models load first listens once they have (ColocatedIngress)."""
+
+    def _listen(self) -> None:
+        """Bind and start the replica's own gRPC server, once (no-op without one). Until
+        it binds, the kernel gives the shared port's new connections to the other
+        replicas of the node."""
+        if self._grpc_server_args and self._grpc_server is None:
             from services.serving.replica_grpc import ReplicaGrpcServer
 
-            self._grpc_server = ReplicaGrpcServer(self, **grpc_server)
+            self._grpc_server = ReplicaGrpcServer(self, **self._grpc_server_args)
             self._grpc_server.start()
 
     async def check_health(self) -> None:

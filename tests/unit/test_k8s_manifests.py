@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "colocated"]
 K8S_VERSIONS = ["1.29", "1.37"]  # oldest we claim (grpc probes, h2c appProtocol) and newest
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                       "persistentVolumeClaim", "projected", "secret"}
@@ -210,9 +210,11 @@ def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
 def test_overlay_renders_every_part(overlay):
     objects = render(str(K8S / "overlays" / overlay))
     kinds = sorted(o["kind"] for o in objects)
+    # colocated: plus the Service of the ingress replicas' own gRPC port
+    extra = ["Service"] if overlay == "colocated" else []
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "Secret", "ConfigMap",
                             "NetworkPolicy", "PodMonitor", "PrometheusRule", "RayJob",
-                            "RayService"])
+                            "RayService"] + extra)
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "tuneserve", obj["metadata"]
@@ -283,8 +285,8 @@ def test_restricted_check_can_fail():
     assert len(bad) == 3, bad
 
 
-def test_network_policy_admits_only_grpc_and_metrics_from_outside():
-    policy = one(render(str(K8S / "overlays" / "cpu")), "NetworkPolicy")
+def policy_ports(policy: dict[str, Any]) -> tuple[set[int], set[int]]:
+    """(ports admitted from outside the namespace, ports admitted to the KubeRay operator)."""
     spec = policy["spec"]
     assert spec["podSelector"] == {} and spec["policyTypes"] == ["Ingress"]
     outside_ports: set[int] = set()
@@ -301,7 +303,15 @@ def test_network_policy_admits_only_grpc_and_metrics_from_outside():
             continue
         assert ports, f"a rule admits every port from outside the namespace: {rule}"
         outside_ports |= ports
-    assert outside_ports == {9000, 8080}
+    return outside_ports, operator_ports
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_only_grpc_and_metrics_from_outside(overlay):
+    policy = one(render(str(K8S / "overlays" / overlay)), "NetworkPolicy")
+    outside_ports, operator_ports = policy_ports(policy)
+    # colocated: the ingress replicas' own gRPC port (args.grpc_port) as well
+    assert outside_ports == {9000, 8080} | ({9001} if overlay == "colocated" else set())
     assert operator_ports == {8265, 8000}
     assert not {8265, 6379, 10001} & outside_ports
 
@@ -313,7 +323,7 @@ def test_ray_version_image_and_shared_volume(overlay):
     pin = pyproject_ray_pin()
     pvc = one(objects, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    tag = "0.1.0-cpu" if overlay == "cpu" else "0.1.0-cu128"
+    tag = "0.1.0-cu128" if overlay == "gpu" else "0.1.0-cpu"
     for obj in by_kind(objects, "RayService") + by_kind(objects, "RayJob"):
         cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
         assert cluster["rayVersion"] == pin
@@ -396,7 +406,8 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     import services.serving.app as app_module
     from services.protocol import SERVICER_FUNCTIONS
 
-    rayservice = one(render(str(K8S / "overlays" / overlay)), "RayService")
+    objects = render(str(K8S / "overlays" / overlay))
+    rayservice = one(objects, "RayService")
     doc = serve_config(rayservice)
     ServeDeploySchema.model_validate(doc)  # Serve's own checks (types, num_replicas rules)
     # ... which let unknown keys through: a misspelt option would be silently ignored.
@@ -412,20 +423,11 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     cfg = app_module.app_builder(copy.deepcopy(application["args"]))
     if hasattr(cfg, "validate"):
         cfg.validate()
-    assert cfg.registry == "/data/registry" and cfg.grpc_port == 9000
+    assert cfg.registry == "/data/registry"
     assert cfg.models, "name the served models: each needs its deployment entry"
     deployments = {d["name"]: d for d in application["deployments"]}
-    assert set(deployments) == {app_module.model_deployment_name(m) for m in cfg.models}
-    for name, dep in deployments.items():
+    for dep in deployments.values():
         assert set(dep) <= set(DeploymentSchema.model_fields), set(dep)
-        assert set(dep["user_config"]) == {"channel", "pinned_version", "poll_interval_s"}
-        assert dep["user_config"]["channel"] == cfg.channel
-        auto = dep["autoscaling_config"]
-        assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
-        assert auto["target_ongoing_requests"] > 0
-        # Autoscaling in the config needs it in the code too, or the code's num_replicas
-        # clashes with it.
-        assert getattr(cfg, "max_replicas", None) is not None
         if "ray_actor_options" in dep:  # replaces the code's options as a whole
             opts = dep["ray_actor_options"]
             assert opts["num_cpus"] == cfg.replica_cpus
@@ -435,15 +437,91 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     assert cluster["enableInTreeAutoscaling"] is True
     workers = cluster["workerGroupSpecs"][0]
     assert workers["minReplicas"] >= 1 and workers["maxReplicas"] >= workers["minReplicas"]
+    if overlay == "colocated":
+        _check_colocated_replica_grpc(objects, doc, cfg, deployments)
+        return
+    assert cfg.grpc_port == doc["grpc_options"]["port"]  # Serve's proxy answers the API
+    assert set(deployments) == {app_module.model_deployment_name(m) for m in cfg.models}
+    for name, dep in deployments.items():
+        assert set(dep["user_config"]) == {"channel", "pinned_version", "poll_interval_s"}
+        assert dep["user_config"]["channel"] == cfg.channel
+        auto = dep["autoscaling_config"]
+        assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
+        assert auto["target_ongoing_requests"] > 0
+        # Autoscaling in the config needs it in the code too, or the code's num_replicas
+        # clashes with it.
+        assert getattr(cfg, "max_replicas", None) is not None
     if overlay == "gpu":
         assert deployments["model-sentiment"]["ray_actor_options"]["num_gpus"] == 1
         assert cfg.replica_gpus == 1 and cfg.dtype in ("auto", "bfloat16")
 
 
-def test_grpc_service_and_probes():
+def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
+    """The colocated overlay: the models inside the ingress replicas, each answering gRPC
+    on cfg.grpc_port itself, reachable through a Service and the NetworkPolicy."""
+    import services.serving.app as app_module
+
+    assert cfg.colocate is True and cfg.replica_grpc is True
+    assert cfg.max_replicas is None and cfg.min_replicas is None  # no autoscaling
+    assert cfg.num_replicas >= 2  # several model processes behind one port
+    assert set(deployments) == {app_module.INGRESS_DEPLOYMENT}  # no model-<name> with colocate
+    ingress = deployments[app_module.INGRESS_DEPLOYMENT]
+    assert "autoscaling_config" not in ingress
+    assert ingress["num_replicas"] == cfg.num_replicas
+    # What build_app gives the colocated ingress and ColocatedIngress.reconfigure reads.
+    user_config = ingress["user_config"]
+    assert set(user_config) == {"channel", "pinned_versions", "poll_interval_s"}
+    assert user_config["channel"] == cfg.channel
+    assert user_config["poll_interval_s"] == cfg.poll_interval_s
+    assert isinstance(user_config["pinned_versions"], dict)
+    assert set(user_config["pinned_versions"]) <= set(cfg.models)
+    # The replicas' own port is not the proxy's, which KubeRay's Service keeps using.
+    proxy_port = doc["grpc_options"]["port"]
+    assert cfg.grpc_port != proxy_port
+    rayservice = one(objects, "RayService")
+    assert rayservice["spec"]["serveService"]["spec"]["ports"][0]["port"] == proxy_port
+    # The worker pods expose the replicas' port and hold num_replicas replicas at once.
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    template = group["template"]
+    ray = template["spec"]["containers"][0]
+    named = {p["name"]: p["containerPort"] for p in ray["ports"] if "name" in p}
+    assert cfg.grpc_port in {p["containerPort"] for p in ray["ports"]}
+    ray_cpus = float(group.get("rayStartParams", {}).get("num-cpus")
+                     or ray["resources"]["limits"]["cpu"])
+    assert ray_cpus >= cfg.num_replicas * cfg.replica_cpus
+    # A Service selects the serving worker pods (not the head, not training pods) on it.
+    pod_labels = {**template["metadata"]["labels"], "ray.io/node-type": "worker"}
+    head_labels = {**cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+                   "ray.io/node-type": "head"}
+    train = one(objects, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    train_labels = {**train["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+    replica_services = []
+    for service in by_kind(objects, "Service"):
+        selector = service["spec"]["selector"]
+        assert selector.items() <= pod_labels.items(), selector
+        assert not selector.items() <= head_labels.items(), selector
+        assert not selector.items() <= train_labels.items(), selector
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            if named.get(target, target) == cfg.grpc_port:
+                assert port.get("appProtocol") == "kubernetes.io/h2c"
+                replica_services.append(service["metadata"]["name"])
+    assert replica_services == ["tuneserve-grpc-replicas"]
+    # Readiness decides which pods that Service sends connections to: it checks the port.
+    for probe in ("startupProbe", "readinessProbe"):
+        assert ray[probe]["grpc"]["port"] == cfg.grpc_port, probe
+    # ... and the NetworkPolicy admits it from outside, as it admits the proxy's port.
+    outside, _ = policy_ports(one(objects, "NetworkPolicy"))
+    assert {cfg.grpc_port, proxy_port} <= outside
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_service_and_probes(overlay):
     from services.protocol import INFERENCE_SERVICE
 
-    rayservice = one(render(str(K8S / "overlays" / "cpu")), "RayService")
+    rayservice = one(render(str(K8S / "overlays" / overlay)), "RayService")
     spec = rayservice["spec"]
     assert spec["excludeHeadPodFromServeSvc"] is True
     ports = spec["serveService"]["spec"]["ports"]
@@ -455,15 +533,19 @@ def test_grpc_service_and_probes():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "grpc" not in head.get(probe, {}), probe
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    # Serve's proxy (9000); with replica_grpc the ingress replicas' own port, which the
+    # colocated overlay's Service sends connections to.
+    args = serve_config(rayservice)["applications"][0]["args"]
+    probed = args["grpc_port"] if args.get("replica_grpc") else 9000
     for probe in ("startupProbe", "readinessProbe"):
         grpc = worker[probe]["grpc"]
-        assert grpc["port"] == 9000 and grpc.get("service", "") in ("", INFERENCE_SERVICE)
+        assert grpc["port"] == probed and grpc.get("service", "") in ("", INFERENCE_SERVICE)
     startup, ready = worker["startupProbe"], worker["readinessProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model loading
     assert ready["periodSeconds"] * ready["failureThreshold"] <= 15  # quick
     assert worker["livenessProbe"]["httpGet"]["port"] == 52365  # the Ray node
     assert {"secretRef": {"name": "tuneserve-api-tokens"}} in worker["envFrom"]
-    secret = one(render(str(K8S / "overlays" / "cpu")), "Secret")
+    secret = one(render(str(K8S / "overlays" / overlay)), "Secret")
     assert set(secret["stringData"]) == {"TUNESERVE_API_TOKEN", "TUNESERVE_ADMIN_TOKEN"}
     assert all("placeholder" in v for v in secret["stringData"].values())
 

@@ -264,3 +264,50 @@ def test_a_server_that_failed_to_start_fails_the_health_check(served):
             await ingress.check_health()
 
     served["loop"].call(scenario)
+
+
+def test_a_colocated_replica_listens_only_once_its_models_are_loaded(tmp_path, monkeypatch):
+    """While a colocated replica loads its models, its port is not bound, so the kernel
+    gives a shared port's new connections to the replicas already serving."""
+    from services.serving import colocated
+
+    loaded = asyncio.Event()
+
+    class Loading(Model):
+        def __init__(self, **kwargs):
+            super().__init__()
+
+        async def reconfigure(self, user_config):
+            await loaded.wait()  # the first reconfigure loads the model
+
+        async def check_health(self):
+            pass
+
+    monkeypatch.setattr(colocated, "model_classes", lambda: {"classification": Loading})
+    (tmp_path / "registry").mkdir()
+    loop, port = LoopThread(), free_port()
+
+    def connects() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    async def build():
+        return colocated.ColocatedIngress(
+            str(tmp_path / "registry"), {"m": {"task": "classification", "kwargs": {}}},
+            {"m": "classification"}, board=Board(),
+            grpc_server={"host": "127.0.0.1", "port": port, "max_receive_bytes": 8192})
+
+    try:
+        ingress = loop.call(build)
+        starting = asyncio.run_coroutine_threadsafe(ingress.reconfigure({}), loop.loop)
+        assert ingress._grpc_server is None and not connects()
+        loop.loop.call_soon_threadsafe(loaded.set)
+        starting.result(10)
+        with _client(port) as client:
+            assert client.classify("m", ["x"]).version == "v1"
+        loop.call(ingress.check_health)  # started once: health only checks it
+        assert ingress._grpc_server is not None
+    finally:
+        if "ingress" in locals() and ingress._grpc_server is not None:
+            loop.call(lambda: ingress.__del__() or asyncio.sleep(0))
+        loop.close()
