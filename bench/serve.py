@@ -108,7 +108,7 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
 
     # the cores all the replicas get, in one process
     torch.set_num_threads(replica_threads(args) * args.replicas)
-    loaded = _load_version(Registry(registry), MODEL, "v1", args.dtype)
+    loaded = _load_version(Registry(registry), MODEL, "v1", args.dtype, args.trace)
     n = args.texts_per_request
     results: dict[int, dict] = {}
     pos = 0
@@ -374,7 +374,7 @@ def serve_config(args, registry: Path, port: int):
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
                       replica_grpc=args.replica_grpc, access_log=args.access_log,
-                      dtype=args.dtype)
+                      dtype=args.dtype, trace=args.trace)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
@@ -431,7 +431,8 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
                          "max_ongoing_requests": cfg.ongoing_for("classification"),
                          "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
                          "colocate": cfg.colocate, "replica_grpc": cfg.replica_grpc,
-                         "access_log": cfg.access_log, "dtype": cfg.dtype}}
+                         "access_log": cfg.access_log, "dtype": cfg.dtype,
+                         "trace": cfg.trace}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -715,6 +716,8 @@ def main() -> int:
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure MLServer (installed on first use)")
     parser.add_argument("--peer-venv", default=str(DEFAULT_PEER_VENV))
+    parser.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
+                        help="ServeConfig.trace (and in-process): classifiers as TorchScript")
     parser.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
                         help="measure in-process before and after tuneserve and compare "
                         "with the mean (the speed of a shared machine drifts)")
@@ -782,6 +785,7 @@ def main() -> int:
           f"{'; model colocated in the ingress' if settings.get('colocate') else ''}"
           f"{'; access log off' if settings.get('access_log') is False else ''}"
           f"; dtype {settings['dtype']}"
+          f"{'' if settings['trace'] else '; no TorchScript'}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))
     if peer and "error" in peer:
         print(f"peer: FAILED: {peer['error']}")

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the replicas hold model weights in (auto: bfloat16 on a GPU "
                         "that computes it natively, else float32; bfloat16 on a CPU with "
                         "AVX512-BF16 or AMX is faster, scores differ in the third decimal)")
+    p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
+                   help="classifiers run as a TorchScript trace of the model, checked "
+                        "against it at load (the model itself where tracing fails)")
     p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                    help="the ingress sends concurrent Classify requests to a model "
                         "together (one call per batch instead of one per request)")
@@ -355,6 +358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
                       max_batch_size=args.max_batch_size, dtype=args.dtype,
+                      trace=args.trace,
                       coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
                       replica_grpc=args.replica_grpc, access_log=args.access_log,

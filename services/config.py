@@ -479,6 +479,12 @@ class ServeConfig:
     only) or auto (bfloat16 on a GPU that computes it natively, else float32). On a
     CPU with native bfloat16 (AVX512-BF16 or AMX), bfloat16 serves more texts per
     second; scores then differ from float32 in the third decimal (docs/benchmarks.md)."""
+    trace: bool = True
+    """Classifiers run as a TorchScript trace of the model, made at load and checked
+    against the model on sample texts (the model itself serves where tracing fails or
+    differs): the whole forward pass in C++, without the model's Python and without
+    holding the GIL, so the replica's gRPC work and the model run side by side
+    (docs/benchmarks.md)."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)

@@ -96,6 +96,8 @@ def build_app(cfg: ServeConfig):
             "poll_interval_s": cfg.poll_interval_s, "threads": threads,
             "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait,
             "dtype": cfg.dtype}}
+        if task == "classification":
+            specs[name]["kwargs"]["trace"] = cfg.trace
     served_tasks = {n: t for n, t in tasks.items() if n in specs}
     if tokens.open_warning():
         logger.warning(tokens.open_warning())

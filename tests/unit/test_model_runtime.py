@@ -1,9 +1,13 @@
-"""ServeConfig.dtype: what a serving replica holds its weights in.
+"""How a serving replica holds and runs its model: ServeConfig.dtype and ServeConfig.trace.
 
-The setting is checked where it is given (config, CLI), "auto" resolves by device, and
-both model kinds load and answer in bfloat16 on a CPU, close to float32. (The served
-path, ServeConfig -> app -> replica, is checked over gRPC by tests/integration/test_auth.py,
-whose second app serves in bfloat16.)
+dtype: the setting is checked where it is given (config, CLI), "auto" resolves by
+device, and both model kinds load and answer in bfloat16 on a CPU, close to float32.
+(The served path, ServeConfig -> app -> replica, is checked over gRPC by
+tests/integration/test_auth.py, whose second app serves in bfloat16.)
+
+trace: a classifier runs as a TorchScript trace that answers exactly as the model does,
+for any batch; a trace that fails or differs is dropped and the model itself serves.
+(The session's server runs traced classifiers: every integration test goes through one.)
 """
 
 from __future__ import annotations
@@ -121,3 +125,82 @@ def test_a_generator_loads_and_generates_in_bfloat16(tiny_gpt2_dir):
     engine.run(jobs)
     assert [(j.finish_reason, j.completion_tokens) for j in jobs] == [("length", 6)] * 2
     assert all(j.text for j in jobs)
+
+
+# ---- TorchScript -------------------------------------------------------------------------
+MIXED = ["a lovely film with superb acting and a plot that keeps you guessing", "dull",
+         "", "😀 ✓ 日本語", "word " * 300, "fine"]
+
+
+def test_a_traced_classifier_answers_exactly_as_the_model(classifier_registry):
+    import torch
+
+    from services.serving.classifier import Classifier, _predict
+
+    replica = Classifier(classifier_registry.uri, "toy")
+    loaded = replica._load_version("v1")
+    assert loaded.traced is not None
+    assert isinstance(loaded.traced, torch.jit.ScriptModule)
+    traced = _predict(loaded, MIXED)
+    for chunk in (64, 1, 3):  # one padded pass, one text a pass, uneven passes
+        assert torch.equal(_predict(loaded, MIXED, chunk=chunk), traced)
+    loaded.traced = None  # the model itself
+    assert torch.allclose(_predict(loaded, MIXED), traced, atol=1e-6)
+    untraced = Classifier(classifier_registry.uri, "toy", trace=False)._load_version("v1")
+    assert untraced.traced is None
+
+
+def test_a_trace_in_bfloat16_is_checked_with_a_wider_tolerance(classifier_registry):
+    import torch
+
+    from services.serving.classifier import _load_version, _predict
+
+    loaded = _load_version(classifier_registry, "toy", "v1", dtype="bfloat16")
+    assert loaded.traced is not None and loaded.dtype == "bfloat16"
+    eager = _load_version(classifier_registry, "toy", "v1", dtype="float32", trace=False)
+    assert torch.allclose(_predict(loaded, MIXED), _predict(eager, MIXED), atol=0.02)
+
+
+@pytest.mark.parametrize("fault", ["trace fails", "trace differs", "shape differs"])
+def test_a_trace_that_fails_or_differs_is_dropped_and_the_model_serves(
+        classifier_registry, monkeypatch, caplog, fault):
+    import torch
+
+    from services.serving.classifier import _load_version, _predict
+
+    real_trace = torch.jit.trace
+
+    def faulty(module, *args, **kwargs):
+        if fault == "trace fails":
+            raise RuntimeError("unsupported operation")
+        traced = real_trace(module, *args, **kwargs)
+
+        class Off(torch.nn.Module):
+            def forward(self, **batch):
+                logits = traced(**batch)
+                return logits + 0.01 if fault == "trace differs" else logits[:, :1]
+        return Off()
+
+    monkeypatch.setattr(torch.jit, "trace", faulty)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        loaded = _load_version(classifier_registry, "toy", "v1")
+    assert loaded.traced is None
+    assert any("toy v1: serving the model without TorchScript" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    probs = _predict(loaded, MIXED)  # the model itself answers
+    assert probs.shape == (len(MIXED), 2)
+
+
+def test_the_trace_setting_reaches_classifiers_only(monkeypatch, tmp_path):
+    from services.cli import build_parser
+    from services.serving import app as app_module
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).trace is True
+    assert parser.parse_args(["serve", "--no-trace"]).trace is False
+    monkeypatch.setattr(app_module, "discover_models",
+                        lambda registry, wanted: {"c": "classification", "g": "generation"})
+    app = app_module.build_app(ServeConfig(registry=str(tmp_path), trace=False,
+                                           colocate=True))
+    specs = app._bound_deployment.init_args[1]
+    assert specs["c"]["kwargs"]["trace"] is False and "trace" not in specs["g"]["kwargs"]
