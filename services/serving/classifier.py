@@ -9,7 +9,9 @@ Requests are batched across callers by a GreedyBatcher (services/serving/batchin
 while the model computes, requests queue, and the next batch is everything queued
 (after a brief wait for the callers of the batch that just ended), so a lone request
 never waits and batches grow with the load. Inside a batch the texts are sorted by
-length so each forward pass pads as little as possible.
+length so each forward pass pads as little as possible. Each version runs as a
+TorchScript trace of its model where that answers as the model does
+(`trace_classifier`; ServeConfig.trace).
 """
 
 from __future__ import annotations
@@ -116,9 +118,8 @@ def trace_classifier(loaded: LoadedModel, what: str) -> Any:
 
     A trace runs the whole forward pass in TorchScript's C++ interpreter: none of the
     Python of the model's layers, and without holding the GIL, so the replica's gRPC
-    event loop and the model no longer wait for each other (docs/benchmarks.md:
-    MiniLM-L6 at one text 9.8-10.5 ms against 11.8-13.2, and 1.6x instead of 11x
-    slower beside a busy Python thread)."""
+    event loop and the model no longer wait for each other (docs/benchmarks.md,
+    "Classifiers as TorchScript")."""
     import warnings
 
     import torch
