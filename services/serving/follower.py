@@ -10,7 +10,9 @@ verification or a check of the model (a TuneserveError: checksums, labels, the s
 inference) is refused for good: a published version never changes. Any other failure
 (a file system hiccup, memory running short) may pass, so the version is tried again,
 LOAD_ATTEMPTS times in all, the wait doubling from one poll interval, before it is
-refused; meanwhile the old version keeps serving.
+refused; meanwhile the old version keeps serving. A replica with nothing loaded whose
+target is refused (one started while the channel points at a bad version) serves what
+the channel pointed at before (`_fall_back`).
 
 Subclasses (Classifier, Generator) add the inference methods, `_load_version` and
 `_status_extra`.
@@ -123,6 +125,7 @@ class RegistryFollower:
             target = await asyncio.to_thread(self._target)
             if target:
                 await self._switch_to(target)
+                await self._fall_back(target)
         self._ensure_follower()
         self._wake.set()
 
@@ -141,6 +144,8 @@ class RegistryFollower:
                 if target and target != current and target not in self.refused and \
                         self._may_try(target):
                     await self._switch_to(target)
+                if target:
+                    await self._fall_back(target)
                 elif target is None and current is None:
                     self.last_error = (f"model '{self.name}' has no {self.channel} version"
                                        if not self.pinned else
@@ -157,6 +162,29 @@ class RegistryFollower:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _fall_back(self, target: str) -> None:
+        """A replica with nothing loaded whose target was refused (e.g. one started while
+        the channel points at a bad version) serves what the channel pointed at before,
+        newest first, as the replicas that were running already do."""
+        if self.current is not None or target not in self.refused:
+            return
+        state = await asyncio.to_thread(self.registry.channel_state, self.name, self.channel)
+        earlier = [state.get("version"), *reversed(state.get("history") or [])]
+        for version in dict.fromkeys(v for v in earlier if isinstance(v, str) and v != target):
+            if version in self.refused or not self._may_try(version):
+                continue
+            try:
+                if not await asyncio.to_thread(self.registry.exists, self.name, version):
+                    continue
+            except TuneserveError:  # a malformed entry in the channel's history
+                continue
+            await self._switch_to(version)
+            if self.current is not None:
+                self.last_error = (f"serving {version}: {target} was refused "
+                                   f"({self.refused[target]})")
+                logger.warning("%s: %s", self.name, self.last_error)
+                return
 
     def _may_try(self, version: str) -> bool:
         """Whether a version's load may be tried now (its wait after a failure is over)."""

@@ -142,3 +142,39 @@ def test_a_request_for_a_version_in_its_wait_does_not_load_it_again(tmp_path):
         assert (await f._get_or_load("v1")).version == "v1" and f.tries == 2
 
     asyncio.run(scenario())
+
+
+def test_a_replica_started_on_a_refused_version_serves_the_one_before(tmp_path):
+    """A replica that starts (e.g. added by autoscaling) while the channel points at a
+    version it refuses serves what the channel pointed at before, as the replicas that
+    were already running do; it moves on when the channel does."""
+    from services.registry import Registry
+    from tests.unit.test_registry import fake_checkpoint, manifest
+
+    reg = Registry(tmp_path / "reg")
+    for _ in range(4):
+        reg.publish("toy", fake_checkpoint(tmp_path / "ck"), manifest())
+    for version in ("v2", "v3"):  # production: v1 -> v2 -> v3, v3 bad
+        reg.set_channel("toy", "production", version)
+
+    class Picky(_Flaky):
+        def _load_version(self, version):
+            if version == "v3":
+                self.bad_tries = getattr(self, "bad_tries", 0) + 1
+                raise CorruptVersion("toy v3: smoke inference gave invalid output")
+            return super()._load_version(version)
+
+    async def scenario():
+        f = Picky(reg.uri, "toy", poll_interval_s=0.02)
+        await f.reconfigure({})
+        assert (f.current.version, f.state) == ("v2", "ready")
+        assert f.refused == {"v3": "toy v3: smoke inference gave invalid output"}
+        assert f.last_error.startswith("serving v2: v3 was refused")
+        polls = f.polls
+        await _until(lambda: f.polls >= polls + 5)
+        assert f.current.version == "v2" and (f.tries, f.bad_tries) == (1, 1)
+        reg.set_channel("toy", "production", "v4")
+        await _until(lambda: f.current.version == "v4")
+        f._follower.cancel()
+
+    asyncio.run(scenario())

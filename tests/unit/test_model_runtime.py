@@ -143,7 +143,8 @@ def test_a_traced_classifier_answers_exactly_as_the_model(classifier_registry):
     assert isinstance(loaded.traced, torch.jit.ScriptModule)
     traced = _predict(loaded, MIXED)
     for chunk in (64, 1, 3):  # one padded pass, one text a pass, uneven passes
-        assert torch.equal(_predict(loaded, MIXED, chunk=chunk), traced)
+        # (passes of other widths may round differently in the last bits)
+        assert torch.allclose(_predict(loaded, MIXED, chunk=chunk), traced, atol=1e-6)
     loaded.traced = None  # the model itself
     assert torch.allclose(_predict(loaded, MIXED), traced, atol=1e-6)
     untraced = Classifier(classifier_registry.uri, "toy", trace=False)._load_version("v1")
