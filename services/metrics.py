@@ -59,8 +59,8 @@ SPECS = {s.name: s for s in [
     Spec("tuneserve_model_loads_total", "counter",
          "Model version loads by result (loaded, failed, refused)", ("model", "result")),
     Spec("tuneserve_replica_retries_total", "counter",
-         "Classify calls the ingress sent again because the model replica died during "
-         "them", ("model",)),
+         "Calls (Classify, Generate, GenerateStream before its first chunk) the ingress "
+         "sent again because the model replica died during them", ("model",)),
     Spec("tuneserve_model_load_duration_seconds", "histogram",
          "Time to verify, load and smoke-test a model version", ("model",), LOAD_BUCKETS_S),
     # training

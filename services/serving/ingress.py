@@ -56,7 +56,8 @@ HEALTH_CACHE_S = 1.0
 STATUS_TIMEOUT_S = 5.0
 MAX_MESSAGE_CHARS = 1000
 REPLICA_CALL_ATTEMPTS = 2
-"""Tries of a Classify call to a model deployment when its replica dies during one."""
+"""Tries of a call to a model deployment when its replica dies during one: Classify,
+Generate, and a GenerateStream that has sent nothing yet."""
 METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream": INFERENCE,
                  "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
                  "Unpin": ADMIN}
@@ -106,6 +107,11 @@ def _status_code(exc: BaseException, model: str = "") -> tuple[grpc.StatusCode, 
     if isinstance(exc, asyncio.TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "timed out"
     return _internal(exc)
+
+
+def _replica_died(model: str, method: str) -> None:
+    logger.warning("a %s replica died during a %s call; sending it again", model, method)
+    metrics.inc("tuneserve_replica_retries_total", model=model)
 
 
 def _queue_full() -> Exception:
@@ -261,12 +267,13 @@ class InferenceIngress(AdminMethods):
         return await self._again_if_replica_dies(
             model, lambda: self.handles[model].classify_many.remote(calls))
 
-    async def _again_if_replica_dies(self, model: str, call):
-        """Await `call()`, and once more if the replica died during it: Classify has no
-        side effects, and a coalesced call carries many callers' requests, all of which
-        would fail with one dead replica. Serve's router sends the second call to a live
-        replica (or waits for the replacement). Only one more: a request that kills
-        replicas itself must not take them all down."""
+    async def _again_if_replica_dies(self, model: str, call, method: str = "Classify"):
+        """Await `call()`, and once more if the replica died during it. Inference has no
+        side effects (a seeded generation gives the same text again), and a coalesced
+        Classify call carries many callers' requests, all of which would fail with one
+        dead replica. Serve's router sends the second call to a live replica (or waits
+        for the replacement). Only one more: a request that kills replicas itself must
+        not take them all down."""
         from ray.exceptions import RayActorError
 
         for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
@@ -275,9 +282,7 @@ class InferenceIngress(AdminMethods):
             except RayActorError:
                 if attempt == REPLICA_CALL_ATTEMPTS:
                     raise
-                logger.warning("a %s replica died during a Classify call; sending it "
-                               "again", model)
-                metrics.inc("tuneserve_replica_retries_total", model=model)
+                _replica_died(model, method)
 
     @staticmethod
     def _serving_now(statuses: dict[str, list[dict]]) -> bool:
@@ -311,10 +316,14 @@ class InferenceIngress(AdminMethods):
         handle = self._handle(call.model, "generation")
         # If this call is cancelled (client gone, deadline), Serve cancels the model
         # call too, and the generator stops at the next token.
-        answer = await handle.generate.remote(call.prompt, call.params, call.version)
+        answer = await self._again_if_replica_dies(
+            call.model, lambda: handle.generate.remote(call.prompt, call.params, call.version),
+            "Generate")
         return _generate_response(answer, call.model)
 
     async def GenerateStream(self, request, grpc_context=None):
+        from ray.exceptions import RayActorError
+
         stream = None
         finished = False
         started = time.perf_counter()
@@ -323,10 +332,20 @@ class InferenceIngress(AdminMethods):
             self._admit("GenerateStream", request, grpc_context)
             call = validate_generate(request, self.limits)
             handle = self._handle(call.model, "generation")
-            stream = handle.options(stream=True).generate_stream.remote(
-                call.prompt, call.params, call.version)
-            async for chunk in stream:
-                yield _generate_response(chunk, call.model)
+            for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
+                stream = handle.options(stream=True).generate_stream.remote(
+                    call.prompt, call.params, call.version)
+                sent = False
+                try:
+                    async for chunk in stream:
+                        sent = True
+                        yield _generate_response(chunk, call.model)
+                    break
+                except RayActorError:
+                    # Sent again only while the client has seen nothing of it.
+                    if sent or attempt == REPLICA_CALL_ATTEMPTS:
+                        raise
+                    _replica_died(call.model, "GenerateStream")
             finished = True
             code_name = "OK"
         except Exception as exc:

@@ -29,6 +29,7 @@ class Model:
     """Classifier and generator in one: what the ingress calls on a model."""
 
     def __init__(self):
+        self.calls: dict[str, int] = {}  # prompt -> generation calls made with it
         self.started = threading.Event()  # a slow call has begun
         self.release = asyncio.Event()
 
@@ -42,10 +43,29 @@ class Model:
             {"label": "pos", "score": 0.75, "scores": [("pos", 0.75), ("neg", 0.25)]}
             for _ in texts]}
 
+    def _maybe_die(self, prompt):
+        """"die-once" kills the replica (as Ray reports it) on the prompt's first call,
+        "die-always" on every call."""
+        from ray.exceptions import ActorDiedError
+
+        self.calls[prompt] = self.calls.get(prompt, 0) + 1
+        if "die-always" in prompt or ("die-once" in prompt and self.calls[prompt] == 1):
+            raise ActorDiedError()
+
+    async def generate(self, prompt, params, version=None):
+        self._maybe_die(prompt)
+        return {"text": prompt.upper(), "prompt_tokens": 1, "completion_tokens": 2,
+                "finish_reason": "length", "version": "v1"}
+
     async def generate_stream(self, prompt, params, version=None):
+        self._maybe_die(prompt)
         for i, word in enumerate(prompt.split()):
             if word == "boom":
                 raise RuntimeError("/secret/path.py exploded")
+            if word == "die-mid-stream":
+                from ray.exceptions import ActorDiedError
+
+                raise ActorDiedError()
             yield {"text": word, "prompt_tokens": 1, "completion_tokens": i + 1,
                    "finish_reason": None, "version": "v1"}
 
@@ -156,6 +176,32 @@ def test_streams_end_with_the_ingress_status_not_unknown(served, caplog):
         assert "secret" not in err.value.details() and "Traceback" not in err.value.details()
     # grpc logs a handler's raise as unexpected: a refused stream is not one
     assert not [r for r in caplog.records if r.name.startswith("grpc")], caplog.text
+
+
+def test_generation_whose_replica_died_is_sent_once_more(served):
+    """Generate, and GenerateStream until it has sent a chunk, go to the model once more
+    when the replica dies during the call (services/serving/ingress.py)."""
+    served["make"]()
+    model = served["model"]
+    with _client(served["port"]) as client:
+        answer = client.generate("g", "die-once hello")
+        assert answer.text == "DIE-ONCE HELLO" and model.calls["die-once hello"] == 2
+        chunks = list(client.generate_stream("g", "die-once a b"))
+        assert "".join(c.text for c in chunks) == "die-onceab"
+        assert model.calls["die-once a b"] == 2
+        # once more only: a request that kills its replicas fails, as UNAVAILABLE
+        for call in (lambda: client.generate("g", "die-always"),
+                     lambda: list(client.generate_stream("g", "die-always x"))):
+            code, details = _code(call)
+            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert model.calls["die-always"] == model.calls["die-always x"] == 2
+        # a stream that has sent text is not sent again: the client has part of it
+        received = []
+        with pytest.raises(grpc.RpcError) as err:
+            for chunk in client.generate_stream("g", "one die-mid-stream two"):
+                received.append(chunk.text)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert received == ["one"] and model.calls["one die-mid-stream two"] == 1
 
 
 def test_undecodable_request_is_invalid_argument(served):
