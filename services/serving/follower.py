@@ -238,8 +238,10 @@ class RegistryFollower:
                 raise self._load_failed(version, exc) from None
             self.failed_loads.pop(version, None)
             elapsed = time.perf_counter() - started
+            # What the weights are in (ServeConfig.dtype "auto" resolved); a loaded
+            # object without a dtype (a test's stand-in) shows the setting.
             logger.info("loaded %s %s in %.2fs (dtype %s)", self.name, version, elapsed,
-                        self.dtype)
+                        getattr(loaded, "dtype", None) or self.dtype)
             metrics.inc("tuneserve_model_loads_total", model=self.name, result="loaded")
             metrics.observe("tuneserve_model_load_duration_seconds", elapsed, model=self.name)
             return loaded
