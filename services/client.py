@@ -17,6 +17,7 @@ with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Iterator, Optional, Sequence
 
 import grpc
@@ -36,14 +37,28 @@ def token_from(token_file: Optional[str], env_name: str) -> Optional[str]:
 class Client:
     def __init__(self, address: str, *, token: Optional[str] = None,
                  admin_token: Optional[str] = None, application: Optional[str] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, connections: int = 1):
         """`application`: the Serve application to reach, when the cluster runs more
-        than one (sent as the `application` metadata Serve's gRPC proxy routes by)."""
+        than one (sent as the `application` metadata Serve's gRPC proxy routes by).
+
+        `connections`: TCP connections this client opens, taking calls in turn. Each
+        Client has connections of its own (gRPC would otherwise share one among all
+        channels to an address in a process). Behind Serve's proxy one is enough: the
+        proxy spreads calls over replicas. Replicas that answer gRPC themselves
+        (ServeConfig.replica_grpc) share a port and the kernel hands each connection to
+        one of them, so a client reaches as many replicas as it has connections, at
+        most (docs/kubernetes.md)."""
+        if not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address)
-        self.inference = pb_grpc.InferenceStub(self.channel)
-        self.admin = admin_pb_grpc.AdminStub(self.channel)
+        self.channels = [grpc.insecure_channel(address,
+                                               options=[("grpc.use_local_subchannel_pool", 1)])
+                         for _ in range(connections)]
+        self.channel = self.channels[0]
+        self._inference = [pb_grpc.InferenceStub(ch) for ch in self.channels]
+        self._admin = [admin_pb_grpc.AdminStub(ch) for ch in self.channels]
+        self._turn = itertools.count()
         self._health_stub = health_pb2_grpc.HealthStub(self.channel)
         if token is None:
             token = read_token(API_TOKEN_ENV) or read_token(ADMIN_TOKEN_ENV)
@@ -54,6 +69,15 @@ class Client:
         self._metadata = routing + _bearer(token)
         self._admin_metadata = routing + _bearer(admin_token)
 
+    @property
+    def inference(self) -> pb_grpc.InferenceStub:
+        """The Inference stub of the connection whose turn it is."""
+        return self._inference[next(self._turn) % len(self._inference)]
+
+    @property
+    def admin(self) -> admin_pb_grpc.AdminStub:
+        return self._admin[next(self._turn) % len(self._admin)]
+
     def __enter__(self) -> "Client":
         return self
 
@@ -61,7 +85,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def classify(self, model: str, texts: Sequence[str], version: str = "",
                  timeout_s: Optional[float] = None) -> pb.ClassifyResponse:

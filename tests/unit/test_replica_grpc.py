@@ -30,10 +30,12 @@ class Model:
 
     def __init__(self):
         self.calls: dict[str, int] = {}  # prompt -> generation calls made with it
+        self.classified = 0  # Classify calls answered
         self.started = threading.Event()  # a slow call has begun
         self.release = asyncio.Event()
 
     async def classify(self, texts, version=None):
+        self.classified += 1
         if version == "v9":
             raise ModelNotFound("model 'm' has no version 'v9'")
         if texts == ["slow"]:
@@ -103,7 +105,8 @@ def served(tmp_path):
     loop, port, model = LoopThread(), free_port(), Model()
     made = []
 
-    def make(tokens: Tokens = Tokens.from_values(None, None), port: int = port):
+    def make(tokens: Tokens = Tokens.from_values(None, None), port: int = port,
+             model: Model = model):
         async def build():
             ingress = InferenceIngress(
                 str(tmp_path / "registry"), {"m": LocalModel(model), "g": LocalModel(model)},
@@ -253,6 +256,31 @@ def test_replicas_share_the_port_and_a_taken_port_is_a_clear_error(served):
         held.listen()
         with pytest.raises(ConfigError, match="'grpc_port'.*cannot listen on 127.0.0.1"):
             served["make"](port=held.getsockname()[1])
+
+
+def test_a_client_with_several_connections_reaches_every_replica_on_the_port(served):
+    """The kernel gives each connection to one replica sharing the port: a client
+    reaches more than one replica only with more than one connection
+    (Client(connections=N)), and each Client has connections of its own."""
+    first, second = Model(), Model()
+    served["make"](model=first)
+    served["make"](model=second)
+    with _client(served["port"]) as one, \
+            Client(f"127.0.0.1:{served['port']}", timeout_s=10, connections=16) as many:
+        assert len(many.channels) == 16
+        for _ in range(32):
+            one.classify("m", ["x"])
+        # one connection: one replica took every call
+        assert sorted([first.classified, second.classified]) == [0, 32]
+        first.classified = second.classified = 0
+        for _ in range(64):
+            many.classify("m", ["x"])
+        # 16 connections in turn: both replicas (all 16 on one: p = 2 ** -15)
+        assert first.classified > 0 and second.classified > 0
+        assert first.classified + second.classified == 64
+        assert [c.text for c in many.generate_stream("g", "a b")] == ["a", "b"]
+    with pytest.raises(ValueError, match="connections must be an integer >= 1"):
+        Client("127.0.0.1:1", connections=0)
 
 
 def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(served):
