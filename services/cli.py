@@ -24,7 +24,13 @@ import threading
 from typing import Any, Optional, Sequence
 
 from services import __version__
-from services.config import DEFAULT_REGISTRY, SERVING_DTYPES, ServeConfig, TrainConfig
+from services.config import (
+    DEFAULT_REGISTRY,
+    GENERATION_BATCHING,
+    SERVING_DTYPES,
+    ServeConfig,
+    TrainConfig,
+)
 from services.errors import InvalidInput, TuneserveError
 
 TRAIN_FLAG_SKIP = {"extra"}
@@ -123,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the replicas hold model weights in (auto: bfloat16 on a GPU "
                         "that computes it natively, else float32; bfloat16 on a CPU with "
                         "AVX512-BF16 or AMX is faster, scores differ in the third decimal)")
+    p.add_argument("--generation-batching", choices=GENERATION_BATCHING, default="continuous",
+                   help="generators: continuous (a request joins the running batch at the "
+                        "next token and leaves when it ends) or static (one generate call "
+                        "per batch, which runs until its longest request ends)")
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
                    help="classifiers run as a TorchScript trace of the model, checked "
                         "against it at load (the model itself where tracing fails)")
@@ -358,7 +368,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
                       max_batch_size=args.max_batch_size, dtype=args.dtype,
-                      trace=args.trace,
+                      trace=args.trace, generation_batching=args.generation_batching,
                       coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
                       replica_grpc=args.replica_grpc, access_log=args.access_log,

@@ -377,6 +377,7 @@ class ServeLimits:
 
 
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
+GENERATION_BATCHING = ("continuous", "static")
 """What `ServeConfig.dtype` may name (services.modeling.serving_dtype)."""
 
 
@@ -466,8 +467,16 @@ class ServeConfig:
     """Serve's access log: a line per request in each replica's log. It costs about 2 ms
     of CPU per request on a small CPU (docs/benchmarks.md); tuneserve's own request
     metrics count every call either way."""
+    generation_batching: str = "continuous"
+    """How a generator replica batches requests. continuous: a request joins the running
+    batch at its next decoding step and leaves it as soon as it ends, so nobody waits
+    for a batch to finish (services/continuous.py); a version whose model cannot be
+    batched so (a sliding-window cache, or tokens that differ from a static batch's
+    in a check at load) gets static batches, with a warning. static: one Hugging Face
+    `generate` call per batch, which runs until its longest request ends."""
     generation_batch_wait_timeout_s: float = 0.02
-    """How long a generation request waits for others to join its batch. A batch runs
+    """Static generation batches only: how long a request waits for others to join its
+    batch. A batch runs
     until its longest request ends and later requests wait for it, so waiting a little
     for concurrent requests to join pays. A lone request waits a quarter of it for a
     second one, and only with one waits the rest; after a request just missed a lone
@@ -522,6 +531,9 @@ class ServeConfig:
             raise bad("poll_interval_s", "must be > 0")
         if self.dtype not in SERVING_DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(SERVING_DTYPES)}")
+        if self.generation_batching not in GENERATION_BATCHING:
+            raise bad("generation_batching", f"{self.generation_batching!r} is not one of "
+                      f"{', '.join(GENERATION_BATCHING)}")
         if self.dtype == "float16" and not self.replica_gpus:
             raise bad("dtype", "float16 needs a GPU (replica_gpus > 0); on a CPU use "
                       "bfloat16")

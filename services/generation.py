@@ -240,49 +240,59 @@ class GenerationEngine:
             job.on_text(text, job.completion_tokens)
 
 
+def row_generator(job: GenerationJob, device):
+    """The seeded torch.Generator a sampled row draws from (None for a greedy row)."""
+    import torch
+
+    if job.params.greedy:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(job.params.seed or secrets.randbits(63))
+    return gen
+
+
+def sample_rows(jobs: Sequence[GenerationJob], generators: Sequence, scores, eos: Sequence[int]):
+    """Each live row's next-token choice, in place: a sampled row's scores become
+    one-hot at its draw (temperature, top-k, top-p, its own generator), a greedy row's
+    stay; the argmax of every row is then its token. Done rows are left alone."""
+    import torch
+
+    for row, job in enumerate(jobs):
+        if job.done:
+            continue
+        p = job.params
+        if p.ignore_eos and eos:
+            scores[row, eos] = float("-inf")
+        if p.greedy:
+            continue
+        logits = scores[row] / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the tokens above it already cover top_p; the most
+            # likely token always stays.
+            drop = (torch.cumsum(probs, dim=-1) - probs) > p.top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generators[row])
+        scores[row] = float("-inf")
+        scores[row, token] = 0.0
+    return scores
+
+
 class _RowSampler:
     """Per-row sampling inside one batched generate (a LogitsProcessor)."""
 
     def __init__(self, jobs: Sequence[GenerationJob], eos_ids: set, device):
-        import torch
-
         self.jobs = jobs
         self.eos = sorted(eos_ids)
-        self.generators = []
-        for job in jobs:
-            gen = None
-            if not job.params.greedy:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(job.params.seed or secrets.randbits(63))
-            self.generators.append(gen)
+        self.generators = [row_generator(job, device) for job in jobs]
 
     def __call__(self, input_ids, scores):
-        import torch
-
-        for row, job in enumerate(self.jobs):
-            if job.done:
-                continue
-            p = job.params
-            if p.ignore_eos and self.eos:
-                scores[row, self.eos] = float("-inf")
-            if p.greedy:
-                continue
-            logits = scores[row] / p.temperature
-            if p.top_k and p.top_k < logits.shape[-1]:
-                kth = torch.topk(logits, p.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_logits, order = torch.sort(logits, descending=True)
-                probs = torch.softmax(sorted_logits, dim=-1)
-                # Drop a token when the tokens above it already cover top_p; the most
-                # likely token always stays.
-                drop = (torch.cumsum(probs, dim=-1) - probs) > p.top_p
-                logits = logits.scatter(0, order[drop], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            token = torch.multinomial(probs, 1, generator=self.generators[row])
-            scores[row] = float("-inf")
-            scores[row, token] = 0.0
-        return scores
+        return sample_rows(self.jobs, self.generators, scores, self.eos)
 
 
 class _RowMonitor:

@@ -98,6 +98,8 @@ def build_app(cfg: ServeConfig):
             "dtype": cfg.dtype}}
         if task == "classification":
             specs[name]["kwargs"]["trace"] = cfg.trace
+        elif task == "generation":
+            specs[name]["kwargs"]["batching"] = cfg.generation_batching
     served_tasks = {n: t for n, t in tasks.items() if n in specs}
     if tokens.open_warning():
         logger.warning(tokens.open_warning())

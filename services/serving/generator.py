@@ -5,22 +5,30 @@ beside the old version, smoke-test, swap. A generation version must carry its pr
 template (tuneserve.json in the checkpoint, the same as the manifest's), which every
 request's prompt goes through, exactly as at training time.
 
-Batching: unary and streaming requests meet in one queue (a GreedyBatcher,
-services/serving/batching.py); a batch is one Hugging Face `generate` call over
-left-padded prompts with per-request sampling parameters and seeds
-(services/generation.py). Batches run one at a time per replica: a request that
-arrives while one runs waits for it to end (static batching), so a batch waits up to
-`batch_wait_timeout_s` for more requests to join; a lone request waits a quarter of
-that for a second one, or all of it for a while after a burst split (batching.py;
-docs/benchmarks.md has the figures). A streaming request gets its text through a
-callback from the generating thread: its first chunk leaves with the first token, the
-next ones as tokens are produced, grouped so that a replica sends at most about 100
-chunks a second over all its streams (STREAM_CHUNKS_PER_S).
+Batching (ServeConfig.generation_batching), unary and streaming requests alike:
+- continuous (the default): each version has a ContinuousBatcher
+  (services/continuous.py), a thread that decodes the running requests one token a
+  step; a new request joins at the next step (its prompt run through the model, its
+  cache rows joined to the batch) and a finished one leaves at once. Checked at load
+  against a static batch (same greedy tokens); a version that fails the check, or
+  whose model's cache cannot be joined (sliding-window attention), gets static
+  batches, with a warning.
+- static: requests meet in one queue (a GreedyBatcher, services/serving/batching.py);
+  a batch is one Hugging Face `generate` call over left-padded prompts
+  (services/generation.py). Batches run one at a time per replica: a request that
+  arrives while one runs waits for it to end, so a batch waits up to
+  `batch_wait_timeout_s` for more requests to join; a lone request waits a quarter
+  of that for a second one, or all of it for a while after a burst split
+  (batching.py; docs/benchmarks.md has the figures).
+Both sample each request with its own parameters and seed. A streaming request gets
+its text through a callback from the generating thread: its first chunk leaves with
+the first token, the next ones as tokens are produced, grouped so that a replica
+sends at most about 100 chunks a second over all its streams (STREAM_CHUNKS_PER_S).
 
 Cancellation: when a caller goes away (client cancel, deadline), Serve cancels this
 replica's request; the request then sets its job's `cancelled` event, and the
-generating thread drops the row at the next token and ends the batch once every row
-has stopped. `status()` counts what was generated, so this can be observed.
+generating thread drops the row at the next token (a static batch ends once every row
+has stopped). `status()` counts what was generated, so this can be observed.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import Any, AsyncIterator, Optional
 
 from services import metrics
 from services.errors import CorruptVersion
+from services.continuous import ContinuousBatcher, ContinuousUnsupported, check_continuous
 from services.generation import GenerationEngine, GenerationJob, SamplingParams
 from services.serving.batching import GreedyBatcher
 from services.serving.follower import RegistryFollower
@@ -58,6 +67,8 @@ class LoadedGenerator:
     engine: GenerationEngine
     prompt_template: Optional[str]
     loaded_at: float
+    continuous: Optional[ContinuousBatcher] = None
+    """The version's continuous batcher; None: its requests go in static batches."""
 
     @property
     def dtype(self) -> str:
@@ -121,11 +132,14 @@ class Generator(RegistryFollower):
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005, board: Any = None,
-                 stream_chunks_per_s: float = STREAM_CHUNKS_PER_S, dtype: str = "auto"):
+                 stream_chunks_per_s: float = STREAM_CHUNKS_PER_S, dtype: str = "auto",
+                 batching: str = "continuous"):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
                          threads=threads, cache_versions=cache_versions, board=board,
                          dtype=dtype)
         self.stream_chunks_per_s = stream_chunks_per_s
+        self.batching = batching  # ServeConfig.generation_batching
+        self.max_batch_size = max_batch_size
         self.streams = 0
         self.generating = 0
         self.counters = {"requests": 0, "batches": 0, "tokens_generated": 0, "cancelled": 0}
@@ -137,7 +151,36 @@ class Generator(RegistryFollower):
                                               model=self.name))
 
     def _load_version(self, version: str) -> LoadedGenerator:
-        return load_generator(self.registry, self.name, version, self.dtype)
+        return self._with_batching(load_generator(self.registry, self.name, version,
+                                                  self.dtype))
+
+    def _with_batching(self, loaded: LoadedGenerator) -> LoadedGenerator:
+        """Give a loaded version its continuous batcher, once it passed the check."""
+        version = loaded.version
+        if self.batching == "continuous":
+            try:
+                check_continuous(loaded.engine)
+            except ContinuousUnsupported as exc:
+                logger.warning("%s %s: static batches instead of continuous batching: %s",
+                               self.name, version, exc)
+            else:
+                loaded.continuous = ContinuousBatcher(
+                    loaded.engine, self.max_batch_size, on_admit=self._on_admit,
+                    on_done=self._record)
+        return loaded
+
+    def _on_admit(self, rows: int, waits: list[float]) -> None:  # the batcher's thread
+        self.counters["batches"] += 1
+        metrics.observe("tuneserve_batch_size", rows, model=self.name)
+        for wait in waits:
+            metrics.observe("tuneserve_batch_wait_seconds", wait, model=self.name)
+
+    def _submit(self, loaded: LoadedGenerator, job: GenerationJob) -> asyncio.Future:
+        """The job on its way: into the version's continuous batch, or the static
+        batcher's queue. The future ends when the job has."""
+        if loaded.continuous is not None:
+            return asyncio.wrap_future(loaded.continuous.submit(job))
+        return asyncio.ensure_future(self._batcher.submit((loaded, job)))
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, prompt: str, params: dict[str, Any],
@@ -145,7 +188,7 @@ class Generator(RegistryFollower):
         loaded = await self._model_for(version)
         job = loaded.engine.job(prompt, sampling_params(params))
         try:
-            await self._batcher.submit((loaded, job))
+            await self._submit(loaded, job)
         except asyncio.CancelledError:
             job.cancel()  # the caller is gone: stop at the next token
             raise
@@ -160,10 +203,14 @@ class Generator(RegistryFollower):
         events: asyncio.Queue = asyncio.Queue()
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
-            loop.call_soon_threadsafe(events.put_nowait, (text, tokens, job.finish_reason))
+            try:
+                loop.call_soon_threadsafe(events.put_nowait,
+                                          (text, tokens, job.finish_reason))
+            except RuntimeError:  # the caller's loop has closed: nobody reads this
+                job.cancel()
 
         job = loaded.engine.job(prompt, sampling_params(params), on_text)
-        batch = asyncio.ensure_future(self._batcher.submit((loaded, job)))
+        batch = self._submit(loaded, job)
         # Wakes the reader if the batch ends without a final chunk (it failed).
         batch.add_done_callback(lambda _: events.put_nowait(None))
         self.streams += 1
@@ -226,5 +273,11 @@ class Generator(RegistryFollower):
                             "prompt_tokens": job.prompt_tokens})
 
     def _status_extra(self) -> dict[str, Any]:
-        return {"task": "generation", "generating": self.generating, **self.counters,
-                "recent": list(self.recent)}
+        loaded = [self.current, *self.others.values()] if self.current else \
+            list(self.others.values())
+        rows = sum(x.continuous.rows for x in loaded if x.continuous is not None)
+        batching = None
+        if self.current is not None:
+            batching = "continuous" if self.current.continuous is not None else "static"
+        return {"task": "generation", "generating": self.generating + rows,
+                "batching": batching, **self.counters, "recent": list(self.recent)}

@@ -184,6 +184,9 @@ def test_concurrent_requests_are_batched(server):
     requests = after["requests"] - before["requests"]
     batches = after["batches"] - before["batches"]
     assert requests == 8 and batches < requests, (requests, batches)
+    # the replica batches continuously (ServeConfig.generation_batching's default):
+    # the tiny GPT-2 passed the check at load
+    assert after["batching"] == "continuous"
 
 
 def _finished_job(before: dict) -> dict:
