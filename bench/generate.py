@@ -2,6 +2,7 @@
 `generate` in-process, on the same checkpoint and the same prompts, in one run.
 
     .venv/bin/python bench/generate.py [--model-dir DIR] [--new-tokens 64] [--json out.json]
+        [--batching continuous|static] [--stagger-ms 40]
 
 The checkpoint is a causal LM folder (e.g. the GSM8K run of bench/gsm8k_prepare.py,
 found at /tmp/gsm8k/registry by default) or, without one, a GPT-2 built from a config
@@ -17,6 +18,14 @@ greedy, so both sides do the same work:
 - 8 unary Generate: the same through 8 concurrent unary calls ("TTFT" is then the
   whole call).
 - 8 streams, batching off (max_batch_size 1): what batching buys.
+- 8 staggered streams, served with continuous and with static batching (a table of
+  its own): request i starts i x --stagger-ms after the first and asks for 1/4, 2/4,
+  3/4 or all of --new-tokens, so requests arrive while others decode and end at
+  different times, as in real traffic. Continuous batching lets each join at the
+  next token; a static batch makes it wait for the running batch to end.
+
+`--batching` sets ServeConfig.generation_batching for the other phases (default
+continuous).
 
 `--colocate` runs the Generator inside the ingress replica (no Ray call between them),
 `--replica-grpc` lets that replica answer gRPC itself (no proxy hop), `--no-access-log`
@@ -26,7 +35,9 @@ Time to first token is when the first token arrives (gRPC: first chunk at the cl
 mean over the streams, each on a channel connected before the clock starts; HF: the
 first decoding step's end, seen by a stopping-criteria hook); tokens/s counts all
 generated tokens over the wall time of the phase; requests/batch is how many requests
-shared one generate call on the server. Each figure is the median of --repeats runs.
+shared one generate call on the server (continuous batching: how many joined the
+running batch at once); latency is a request's whole time. Each figure is the median
+of --repeats runs.
 """
 
 from __future__ import annotations
@@ -147,22 +158,28 @@ def hf_run(model, tokenizer, template, prompts, new_tokens) -> dict:
 
 
 # ---- gRPC --------------------------------------------------------------------------
-def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
+def grpc_run(address: str, prompts, new_tokens, unary: bool = False,
+             delays=None) -> dict:
     """Concurrent GenerateStream (or Generate) calls, one per prompt. For unary calls
-    the "first token" time is the whole call's."""
+    the "first token" time is the whole call's. `new_tokens`: one count for all, or
+    one per prompt; `delays`: seconds after the start each call begins (default all
+    at once); a call's TTFT and latency count from its own start."""
     import grpc
 
     from services.client import Client
 
-    ttfts, tokens, errors = [], [], []
+    counts = new_tokens if isinstance(new_tokens, (list, tuple)) else [new_tokens] * len(prompts)
+    delays = delays or [0.0] * len(prompts)
+    ttfts, tokens, latencies, errors = [], [], [], []
     barrier = threading.Barrier(len(prompts) + 1)
 
-    def one(prompt):
+    def one(prompt, new_tokens, delay):
         with Client(address, timeout_s=600) as c:
             # connected before the clock starts: a client keeps its channel, and TTFT
             # is not meant to include a TCP and HTTP/2 handshake
             grpc.channel_ready_future(c.channel).result(timeout=60)
             barrier.wait()
+            time.sleep(delay)
             t0 = time.perf_counter()
             first, last = None, None
             try:
@@ -184,8 +201,10 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
                 return
             ttfts.append(first)
             tokens.append(last.completion_tokens)
+            latencies.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    threads = [threading.Thread(target=one, args=args)
+               for args in zip(prompts, counts, delays)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -196,7 +215,7 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False) -> dict:
     if errors:
         raise RuntimeError(f"{len(errors)} calls failed: {errors[:3]}")
     return {"ttft_s": statistics.mean(ttfts), "ttft_max_s": max(ttfts), "wall_s": wall,
-            "tokens": sum(tokens)}
+            "tokens": sum(tokens), "latency_s": statistics.mean(latencies)}
 
 
 def generator_counters(colocate: bool) -> dict:
@@ -241,6 +260,11 @@ def main() -> int:
     parser.add_argument("--replica-cpus", type=float, default=1.0)
     parser.add_argument("--batch-wait-s", type=float, default=None,
                         help="generation_batch_wait_timeout_s (default: ServeConfig's)")
+    parser.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                        help="ServeConfig.generation_batching for all but the staggered "
+                             "phase, which runs both")
+    parser.add_argument("--stagger-ms", type=float, default=40.0,
+                        help="the staggered phase: milliseconds between request starts")
     add_layout_args(parser)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -269,13 +293,15 @@ def main() -> int:
     cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port, host="127.0.0.1",
                       replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams,
                       colocate=args.colocate, replica_grpc=args.replica_grpc,
-                      access_log=args.access_log, dtype=args.dtype)
+                      access_log=args.access_log, dtype=args.dtype,
+                      generation_batching=args.batching)
     if args.batch_wait_s is not None:
         cfg.generation_batch_wait_timeout_s = args.batch_wait_s
     ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)
     start_serving(cfg, http_port=free_port())
     address = f"127.0.0.1:{port}"
     results: dict[str, dict] = {}
+    staggered: dict[str, dict] = {}
     try:
         # Warm up both sides (first calls allocate, load kernels).
         hf_run(model, tokenizer, template, prompts[:1], 8)
@@ -302,6 +328,18 @@ def main() -> int:
             "grpc": median_run(with_batches(lambda: grpc_run(address, prompts,
                                                              args.new_tokens), args.colocate),
                                args.repeats)}
+        # Staggered arrivals and lengths, served both ways.
+        lengths = [max(1, args.new_tokens * k // 4) for k in (4, 1, 3, 2)]
+        counts = [lengths[i % 4] for i in range(len(prompts))]
+        delays = [i * args.stagger_ms / 1000 for i in range(len(prompts))]
+        for mode in ("continuous", "static"):
+            serve.run(build_app(ServeConfig(**{**cfg.__dict__,
+                                               "generation_batching": mode})),
+                      name=APP_NAME, blocking=False)
+            wait_until_serving(120)
+            grpc_run(address, prompts[:2], 8)
+            staggered[mode] = median_run(with_batches(lambda: grpc_run(
+                address, prompts, counts, delays=delays), args.colocate), args.repeats)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -323,13 +361,28 @@ def main() -> int:
           f"layout: {layout or 'default (Serve proxy, model deployment)'}")
     print(table(rows, ["", "HF tok/s", "gRPC tok/s", "ratio", "HF TTFT ms", "gRPC TTFT ms",
                        "ratio", "requests/batch"]))
+    cont, stat = staggered["continuous"], staggered["static"]
+    print(f"\n{len(prompts)} staggered streams: one every {args.stagger_ms:.0f} ms, "
+          f"{'/'.join(map(str, lengths))} new tokens in turn; ratio = continuous / static")
+    print(table([[mode, f"{r['tokens_per_s']:.0f}", f"{r['ttft_s'] * 1000:.1f}",
+                  f"{r['ttft_max_s'] * 1000:.1f}", f"{r['latency_s'] * 1000:.0f}",
+                  f"{r['requests_per_batch']:.1f}"] for mode, r in staggered.items()]
+                + [["ratio", f"{cont['tokens_per_s'] / stat['tokens_per_s']:.2f}",
+                    f"{cont['ttft_s'] / stat['ttft_s']:.2f}",
+                    f"{cont['ttft_max_s'] / stat['ttft_max_s']:.2f}",
+                    f"{cont['latency_s'] / stat['latency_s']:.2f}", ""]],
+                ["batching", "tok/s", "TTFT ms", "max TTFT ms", "latency ms",
+                 "requests/batch"]))
     print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     write_json(args.json, {"machine": info, "checkpoint": str(folder),
                            "layout": {"colocate": args.colocate,
                                       "replica_grpc": args.replica_grpc,
                                       "access_log": args.access_log},
                            "parameters": n_params, "new_tokens": args.new_tokens,
-                           "threads": threads, "results": results})
+                           "threads": threads, "batching": args.batching,
+                           "results": results,
+                           "staggered": {"stagger_ms": args.stagger_ms, "new_tokens": counts,
+                                         "results": staggered}})
     return 0
 
 

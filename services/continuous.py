@@ -106,6 +106,10 @@ class ContinuousBatcher:
     """Runs an engine's requests with iteration-level batching on a thread of its own,
     started when a request comes and ended when none is left. At most `max_rows`
     requests decode together; more wait, in order, and join as rows leave. A request
+    that finds the batcher idle waits up to `start_wait_s` for a second, and once one
+    came up to `burst_wait_s` (from its own arrival) for more, so that a burst's
+    prompts go through the model in one pass; requests that come while rows decode
+    join at the next step, without waiting. A request
     joins only if the batch's width plus the most steps any row may still take stays
     within the model's context (the cache never outgrows it).
 
@@ -115,11 +119,17 @@ class ContinuousBatcher:
 
     def __init__(self, engine: GenerationEngine, max_rows: int = 8,
                  on_admit: Optional[Callable[[int, list[float]], None]] = None,
-                 on_done: Optional[Callable[[GenerationJob], None]] = None):
+                 on_done: Optional[Callable[[GenerationJob], None]] = None,
+                 start_wait_s: float = 0.0, burst_wait_s: Optional[float] = None):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
+        burst_wait_s = start_wait_s if burst_wait_s is None else burst_wait_s
+        if start_wait_s < 0 or burst_wait_s < start_wait_s:
+            raise ValueError("start_wait_s must be >= 0 and burst_wait_s >= start_wait_s")
         self.engine = engine
         self.max_rows = max_rows
+        self.start_wait_s = start_wait_s
+        self.burst_wait_s = burst_wait_s
         self.on_admit = on_admit
         self.on_done = on_done
         self.steps = 0
@@ -127,6 +137,7 @@ class ContinuousBatcher:
         self._pending: deque[tuple[GenerationJob, concurrent.futures.Future, float]] = deque()
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         self._batch = _Batch()
         self._prefill_kwargs, self._cache_arg = _forward_arguments(engine.model)
@@ -138,6 +149,7 @@ class ContinuousBatcher:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._pending.append((job, future, time.perf_counter()))
+            self._arrived.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="tuneserve-continuous-batching")
@@ -159,6 +171,8 @@ class ContinuousBatcher:
         with torch.inference_mode():
             while True:
                 with self._lock:
+                    if not len(self._batch):
+                        self._gather()
                     admit = self._take_admissible()
                     if not admit and not len(self._batch):
                         self._thread = None
@@ -168,9 +182,27 @@ class ContinuousBatcher:
                         self._admit(admit)
                     if len(self._batch):
                         self._step()
+                    # Let the other threads have the GIL between steps: the event
+                    # loop takes new requests and sends the chunks of this step.
+                    time.sleep(0)
                 except Exception as exc:  # the model failed: every row in it fails
                     logger.exception("continuous batching step failed")
                     self._fail_all(exc, [job for job, _, _ in admit])
+
+    def _gather(self) -> None:
+        """An idle batcher's first request waits up to start_wait_s (from its arrival)
+        for a second; once one has come, up to burst_wait_s for the rest of the
+        burst, so that its prompts go through the model together (under the lock;
+        new requests wake it; a full batch starts at once)."""
+        if not self._pending or self.burst_wait_s <= 0:
+            return
+        first = self._pending[0][2]
+        while len(self._pending) < self.max_rows:
+            wait = self.start_wait_s if len(self._pending) == 1 else self.burst_wait_s
+            left = first + wait - time.perf_counter()
+            if left <= 0:
+                return
+            self._arrived.wait(left)
 
     def _take_admissible(self) -> list[tuple[GenerationJob, concurrent.futures.Future, float]]:
         """Jobs to join now (under the lock): cancelled ones are finished here."""
@@ -376,12 +408,12 @@ def check_continuous(engine: GenerationEngine) -> None:
         return [engine.job(p, SamplingParams(max_new_tokens=CHECK_TOKENS, ignore_eos=True))
                 for p in CHECK_PROMPTS]
 
-    static = jobs()
-    for job in static:
-        engine.run([job])
-    loop = ContinuousBatcher(engine, max_rows=len(CHECK_PROMPTS))
-    first, second = jobs()
     try:
+        static = jobs()
+        for job in static:
+            engine.run([job])
+        loop = ContinuousBatcher(engine, max_rows=len(CHECK_PROMPTS))
+        first, second = jobs()
         with torch.inference_mode():
             loop._admit([(first, concurrent.futures.Future(), 0.0)])
             for _ in range(2):

@@ -9,7 +9,9 @@ Batching (ServeConfig.generation_batching), unary and streaming requests alike:
 - continuous (the default): each version has a ContinuousBatcher
   (services/continuous.py), a thread that decodes the running requests one token a
   step; a new request joins at the next step (its prompt run through the model, its
-  cache rows joined to the batch) and a finished one leaves at once. Checked at load
+  cache rows joined to the batch) and a finished one leaves at once. Only a request
+  that finds the replica idle waits: a quarter of `batch_wait_timeout_s` for a
+  second, and all of it once one came, so that a burst starts together. Checked at load
   against a static batch (same greedy tokens); a version that fails the check, or
   whose model's cache cannot be joined (sliding-window attention), gets static
   batches, with a warning.
@@ -139,6 +141,7 @@ class Generator(RegistryFollower):
                          dtype=dtype)
         self.stream_chunks_per_s = stream_chunks_per_s
         self.batching = batching  # ServeConfig.generation_batching
+        self.batch_wait_timeout_s = batch_wait_timeout_s
         self.max_batch_size = max_batch_size
         self.streams = 0
         self.generating = 0
@@ -166,7 +169,8 @@ class Generator(RegistryFollower):
             else:
                 loaded.continuous = ContinuousBatcher(
                     loaded.engine, self.max_batch_size, on_admit=self._on_admit,
-                    on_done=self._record)
+                    on_done=self._record, start_wait_s=self.batch_wait_timeout_s / 4,
+                    burst_wait_s=self.batch_wait_timeout_s)
         return loaded
 
     def _on_admit(self, rows: int, waits: list[float]) -> None:  # the batcher's thread

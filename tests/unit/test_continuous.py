@@ -7,6 +7,7 @@ joins, cancellation, failures, and the check that refuses what cannot be batched
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -262,3 +263,36 @@ def test_the_check_accepts_full_attention_and_refuses_a_sliding_window(engine, t
 def test_max_rows_must_be_positive(engine):
     with pytest.raises(ValueError, match="max_rows"):
         ContinuousBatcher(engine, max_rows=0)
+
+
+def test_an_idle_batcher_gathers_a_burst_for_start_wait_s(engine):
+    """The first request to an idle batcher waits up to start_wait_s for others, so a
+    burst starts in one pass; a full batch starts at once; without the wait the first
+    request starts alone."""
+    def burst(gaps: list[float], max_rows: int = 8, **waits):
+        admitted = []
+        loop = ContinuousBatcher(engine, max_rows=max_rows,
+                                 on_admit=lambda rows, w: admitted.append(len(w)), **waits)
+        jobs = [engine.job(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
+                for p in PROMPTS[:len(gaps) + 1]]
+        futures = [loop.submit(jobs[0])]
+        for gap, job in zip(gaps, jobs[1:]):
+            time.sleep(gap)  # the next request comes a little later
+            futures.append(loop.submit(job))
+        for future in futures:
+            future.result(timeout=60)
+        return admitted
+
+    # waited for the second, then both at once
+    assert burst([0.02], start_wait_s=0.5) == [2]
+    # the first went alone
+    assert burst([0.02], start_wait_s=0.0) == [1, 1]
+    # a second came within start_wait_s: the burst waits burst_wait_s for the third
+    assert burst([0.01, 0.3], start_wait_s=0.1, burst_wait_s=1.0) == [3]
+    # full: no wait
+    started = time.monotonic()
+    assert burst([0.0], max_rows=2, start_wait_s=30.0) == [2]
+    assert time.monotonic() - started < 20
+    for bad in ({"start_wait_s": -1}, {"start_wait_s": 0.2, "burst_wait_s": 0.1}):
+        with pytest.raises(ValueError, match="start_wait_s"):
+            ContinuousBatcher(engine, **bad)
