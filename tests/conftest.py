@@ -84,6 +84,15 @@ def tiny_gpt2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def varied_gpt2_dir(tmp_path_factory):
+    """The same, with weights spread wide enough (initializer_range 0.2) that greedy
+    continuations differ by prompt and depend on attention: for tests of decoding."""
+    texts = [GEN_TEMPLATE.format(prompt=p) + r for p, r in toy_generation_pairs()]
+    return build_tiny_gpt2(tmp_path_factory.mktemp("varied-gpt2"), texts,
+                           initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
 def trained_generator(trained, tmp_path_factory, tiny_gpt2_dir):
     """A 2-layer GPT-2 (hidden 64, tokenizer trained here) fine-tuned by 2 Ray Train
     workers on 36 prompt/response pairs until it reproduces them greedily, published

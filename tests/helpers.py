@@ -105,8 +105,14 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int = 400):
                                    model_max_length=1024)
 
 
-def build_tiny_gpt2(folder: Path, texts: list[str], n_positions: int = 1024) -> Path:
-    """A 2-layer, hidden-64 GPT-2 causal LM (random weights) with its tokenizer."""
+def build_tiny_gpt2(folder: Path, texts: list[str], n_positions: int = 1024,
+                    initializer_range: float = 0.02) -> Path:
+    """A 2-layer, hidden-64 GPT-2 causal LM (random weights) with its tokenizer.
+
+    At Hugging Face's default initializer_range (0.02) the untrained model continues
+    every prompt with one token repeated (tied embeddings dominate), fine as a start
+    for training; tests of generation itself want 0.2, where each prompt gets a
+    continuation of its own that depends on attention."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -114,7 +120,8 @@ def build_tiny_gpt2(folder: Path, texts: list[str], n_positions: int = 1024) -> 
     tokenizer = build_bpe_tokenizer(texts)
     eos = tokenizer.eos_token_id
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64,
-                        n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos)
+                        n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos,
+                        initializer_range=initializer_range)
     model = AutoModelForCausalLM.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -1,5 +1,6 @@
 """The generation engine in-process (no Ray): per-row sampling, seeds, stop strings,
-streaming deltas, cancellation between tokens; on a tiny random-weight GPT-2."""
+streaming deltas, cancellation between tokens; on a tiny random-weight GPT-2 whose
+continuations differ by prompt (varied_gpt2_dir)."""
 
 import threading
 
@@ -11,13 +12,13 @@ from tests.helpers import GEN_TEMPLATE
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_gpt2_dir):
+def engine(varied_gpt2_dir):
     import torch
 
     from services.modeling import context_length, load_causal_lm_for_serving
 
     torch.set_num_threads(1)
-    model, tokenizer = load_causal_lm_for_serving(tiny_gpt2_dir)
+    model, tokenizer = load_causal_lm_for_serving(varied_gpt2_dir)
     return GenerationEngine(model, tokenizer, GEN_TEMPLATE, context_length(model.config))
 
 
@@ -53,6 +54,7 @@ def test_length_ignore_eos_and_greedy_batch_equals_single(engine):
     engine.run(jobs)
     assert jobs[1].text == alone.text
     assert [j.completion_tokens for j in jobs] == [25, 25, 25]
+    assert len({tuple(j.token_ids) for j in jobs}) == 3  # the model is not degenerate
 
 
 def test_stop_strings_cut_the_text(engine):
@@ -60,7 +62,10 @@ def test_stop_strings_cut_the_text(engine):
     stop = next(full[i:i + 3] for i in range(5, len(full)) if "\ufffd" not in full[i:i + 3])
     job = run_one(engine, max_new_tokens=30, ignore_eos=True, stop=(stop,))
     assert job.finish_reason == "stop"
-    assert job.text == full[:full.index(stop)]
+    # the text before the stop string, less a partial character at its end (the
+    # bytes that would complete it were cut with the stop string)
+    assert job.text == full[:full.index(stop)].rstrip("\ufffd")
+    assert full.index(stop) >= 5
 
 
 def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine):
