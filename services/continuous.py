@@ -166,6 +166,20 @@ class ContinuousBatcher:
 
     # ---- the thread ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # never leave callers waiting on a dead thread
+            logger.exception("continuous batching stopped")
+            error = RuntimeError(f"generation failed: {exc}")
+            self._fail_all(error, [])  # the batch is this thread's alone
+            with self._lock:  # a request submitted after this starts a new thread
+                waiting = list(self._pending)
+                self._pending.clear()
+                self._thread = None
+            for job, future, _ in waiting:
+                self._settle(job, future, error)
+
+    def _loop(self) -> None:
         import torch
 
         with torch.inference_mode():
@@ -213,8 +227,12 @@ class ContinuousBatcher:
             job, future, queued = self._pending[0]
             if job.cancelled.is_set() or future.cancelled():
                 self._pending.popleft()
-                self.engine._finish(job, "cancelled")
-                self._settle(job, future)
+                try:
+                    self.engine._finish(job, "cancelled")
+                except Exception as exc:  # its text callback failed
+                    self._settle(job, future, exc)
+                else:
+                    self._settle(job, future)
                 continue
             new_width = max(width, job.prompt_tokens)
             new_remaining = max(remaining, job.max_new_tokens)
@@ -254,7 +272,7 @@ class ContinuousBatcher:
             now = time.perf_counter()
             self.on_admit(len(batch) + len(jobs), [now - queued for _, _, queued in admit])
         for job, token in zip(jobs, tokens):
-            engine._advance(job, token)
+            self._advance(job, token)
         keep = [i for i, job in enumerate(jobs) if not job.done]
         self._resolve([job for job in jobs if job.done])
         if not keep:
@@ -289,7 +307,7 @@ class ContinuousBatcher:
         engine, batch = self.engine, self._batch
         for job in batch.jobs:  # a cancelled row leaves before the model runs again
             if job.cancelled.is_set() and not job.done:
-                engine._finish(job, "cancelled")
+                self._advance(job, None)
         self._drop_done()
         if not len(batch):
             return
@@ -303,8 +321,24 @@ class ContinuousBatcher:
         batch.positions = batch.positions + 1
         batch.last = torch.tensor(tokens, dtype=torch.long, device=batch.last.device)
         for job, token in zip(batch.jobs, tokens):
-            engine._advance(job, token)
+            self._advance(job, token)
         self._drop_done()
+
+    def _advance(self, job: GenerationJob, token: Optional[int]) -> None:
+        """The engine's bookkeeping for a row's new token (None: finish it as
+        cancelled). A failure there (the request's text callback) fails that request
+        alone: it leaves the batch with the error and the others go on."""
+        try:
+            if token is None:
+                self.engine._finish(job, "cancelled")
+            else:
+                self.engine._advance(job, token)
+        except Exception as exc:
+            logger.warning("a generation request failed: %s", exc)
+            job.finish_reason = job.finish_reason or "failed"
+            future = self._futures.pop(id(job), None)
+            if future is not None:
+                self._settle(job, future, exc)
 
     def _pick(self, jobs, generators, logits) -> list[int]:
         scores = logits.float()
@@ -334,8 +368,11 @@ class ContinuousBatcher:
         batch.generators = [batch.generators[i] for i in keep]
 
     def _resolve(self, jobs: list[GenerationJob]) -> None:
+        """Settle the ended jobs not settled yet (a failed one was, with its error)."""
         for job in jobs:
-            self._settle(job, self._futures.pop(id(job), None))
+            future = self._futures.pop(id(job), None)
+            if future is not None:
+                self._settle(job, future)
 
     def _settle(self, job: GenerationJob, future, error: Optional[Exception] = None) -> None:
         """The job has ended: tell whoever waits (a future cancelled by its caller is

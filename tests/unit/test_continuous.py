@@ -296,3 +296,56 @@ def test_an_idle_batcher_gathers_a_burst_for_start_wait_s(engine):
     for bad in ({"start_wait_s": -1}, {"start_wait_s": 0.2, "burst_wait_s": 0.1}):
         with pytest.raises(ValueError, match="start_wait_s"):
             ContinuousBatcher(engine, **bad)
+
+
+def test_a_failing_text_callback_fails_its_request_alone(engine):
+    """A request whose text callback raises (its caller's side broke) fails with that
+    error, running or waiting; the requests beside it go on undisturbed."""
+    def broken(text, tokens):
+        raise RuntimeError("callback broke")
+
+    loop = ContinuousBatcher(engine, max_rows=2)
+    steady = engine.job("red cat", SamplingParams(**GREEDY))
+    failing = engine.job("blue dog", SamplingParams(**GREEDY), on_text=broken)
+    f_steady, f_failing = loop.submit(steady), loop.submit(failing)
+    with pytest.raises(RuntimeError, match="callback broke"):
+        f_failing.result(timeout=30)
+    f_steady.result(timeout=60)
+    assert steady.token_ids == _static(engine, "red cat", **GREEDY).token_ids
+    # one that fails while it waits, cancelled, as it is finished in the queue
+    loop = ContinuousBatcher(engine, max_rows=1)
+    running = engine.job("red cat", SamplingParams(max_new_tokens=60, ignore_eos=True))
+    queued = engine.job("blue dog", SamplingParams(max_new_tokens=5), on_text=broken)
+    f_running = loop.submit(running)
+    assert poll_until(lambda: running.completion_tokens >= 1, 30, 0.001)
+    f_queued = loop.submit(queued)
+    queued.cancel()
+    with pytest.raises(RuntimeError, match="callback broke"):
+        f_queued.result(timeout=60)
+    f_running.result(timeout=60)
+    assert running.finish_reason == "length" and running.completion_tokens == 60
+
+
+def test_a_broken_batcher_thread_fails_every_caller_and_the_next_requests_run(engine):
+    """Whatever breaks the thread itself (a bug), no caller is left waiting."""
+    loop = ContinuousBatcher(engine, max_rows=1)
+    original = loop._take_admissible
+    calls = []
+
+    def breaks_on_the_third_call():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("scheduler bug")
+        return original()
+    loop._take_admissible = breaks_on_the_third_call
+    running = engine.job("red cat", SamplingParams(max_new_tokens=60, ignore_eos=True))
+    queued = engine.job("blue dog", SamplingParams(max_new_tokens=5))
+    futures = [loop.submit(running), loop.submit(queued)]
+    for future in futures:
+        with pytest.raises(RuntimeError, match="generation failed: scheduler bug"):
+            future.result(timeout=30)
+    assert poll_until(lambda: loop._thread is None, 10, 0.01)
+    loop._take_admissible = original
+    after = engine.job("red cat", SamplingParams(**GREEDY))
+    loop.submit(after).result(timeout=60)
+    assert after.token_ids == _static(engine, "red cat", **GREEDY).token_ids
