@@ -109,9 +109,9 @@ class ContinuousBatcher:
     that finds the batcher idle waits up to `start_wait_s` for a second, and once one
     came up to `burst_wait_s` (from its own arrival) for more, so that a burst's
     prompts go through the model in one pass; requests that come while rows decode
-    join at the next step, without waiting. A request
-    joins only if the batch's width plus the most steps any row may still take stays
-    within the model's context (the cache never outgrows it).
+    join at the next step, without waiting. A request joins only if the batch's
+    width plus the most steps any row may still take stays within the model's context
+    (the cache never outgrows it).
 
     On the thread: `on_admit(rows, waits)` each time requests join (the rows after,
     each new request's seconds in the queue), `on_done(job)` as each request ends
@@ -355,7 +355,7 @@ class ContinuousBatcher:
         if not keep:
             self._batch = _Batch()
             return
-        index = torch_index(keep, batch.mask.device)
+        index = _row_index(keep, batch.mask.device)
         mask = batch.mask[index]
         # Columns that every remaining row has as padding go.
         first = int(mask.any(dim=0).nonzero()[0])
@@ -397,7 +397,7 @@ class ContinuousBatcher:
         self._batch = _Batch()
 
 
-def torch_index(rows: list[int], device):
+def _row_index(rows: list[int], device):
     import torch
 
     return torch.tensor(rows, dtype=torch.long, device=device)

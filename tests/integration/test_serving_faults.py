@@ -338,10 +338,10 @@ def test_classify_deadline_shorter_than_the_work(server):
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
 def test_generation_past_its_deadline_stops_on_the_server(server, method):
     """A 1000-token generation (seconds of work) with a 0.5 s deadline: the client gets
-    DEADLINE_EXCEEDED, and the server stops generating: a short request sent right
-    after is answered at once (a replica runs one batch at a time, so it would wait
-    for the long one otherwise) and the replica records the long one as cancelled
-    after a fraction of its tokens.
+    DEADLINE_EXCEEDED, and the server stops generating: the replica records the long
+    one as cancelled after a fraction of its tokens, and a short request sent right
+    after is answered at once (it joins the running batch at the next token; with
+    static batches it would wait for the long one to end).
 
     Ray Serve 2.60's gRPC proxy loses about 1 cancellation in 30 (docs/api.md), so up
     to three attempts."""
