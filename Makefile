@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/tuneserve demo
 
 test: setup
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q --durations=30
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -407,7 +407,8 @@ class InferenceIngress(AdminMethods):
                                            version=r.get("version") or "",
                                            state=r.get("state") or "",
                                            refused=r.get("refused") or {},
-                                           dtype=r.get("dtype") or "")
+                                           dtype=r.get("dtype") or "",
+                                           batching=r.get("batching") or "")
                           for r in replicas]))
         return pb.ListModelsResponse(models=infos)
 

@@ -140,11 +140,17 @@ def test_cancelled_stream_stops_generating(colocated, via):
     """The client cancels after the first chunk; the generation in the ingress process
     stops early. Ray Serve 2.60's gRPC proxy drops about 1 cancellation in 30
     (tests/integration/test_generation.py), so up to 3 attempts."""
+    from ray import serve
+
+    from services.serving.app import INGRESS_DEPLOYMENT
+
     client = colocated["clients"][via]
+    ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP)
 
     def status() -> dict:
-        (entry,) = _board(APP)[GEN_MODEL]
-        return entry
+        # the (one) ingress replica's own count, not the status board's copy, which
+        # is refreshed once a poll interval and can be older than the last request
+        return ingress.model_status.remote(GEN_MODEL).result(timeout_s=30)
 
     seen = []
     for _ in range(3):

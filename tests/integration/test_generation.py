@@ -187,6 +187,10 @@ def test_concurrent_requests_are_batched(server):
     # the replica batches continuously (ServeConfig.generation_batching's default):
     # the tiny GPT-2 passed the check at load
     assert after["batching"] == "continuous"
+    # ... and says so in ListModels (classifiers: empty)
+    info = {m.name: m for m in server.list_models().models}
+    assert {r.batching for r in info[GEN_MODEL].replicas} == {"continuous"}
+    assert {r.batching for r in info["toy"].replicas} == {""}
 
 
 def _finished_job(before: dict) -> dict:
