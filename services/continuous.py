@@ -252,12 +252,8 @@ class ContinuousBatcher:
         for job, future, _ in admit:
             self._futures[id(job)] = future
         device = engine.model.device
-        width = max(j.prompt_tokens for j in jobs)
-        ids = torch.full((len(jobs), width), engine.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, width - job.prompt_tokens:] = torch.tensor(job.prompt_ids)
-            mask[row, width - job.prompt_tokens:] = 1
+        ids, mask = engine.left_padded(jobs)
+        width = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(engine.model)
         out = engine.model(input_ids=ids.to(device), attention_mask=mask.to(device),

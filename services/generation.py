@@ -170,18 +170,26 @@ class GenerationEngine:
                 groups.append([job])
         return groups
 
+    def left_padded(self, jobs: Sequence[GenerationJob]):
+        """The jobs' prompts as one batch (input ids, attention mask; CPU tensors),
+        padded on the left so that every row ends together."""
+        import torch
+
+        width = max(j.prompt_tokens for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, width - job.prompt_tokens:] = torch.tensor(job.prompt_ids)
+            mask[row, width - job.prompt_tokens:] = 1
+        return ids, mask
+
     def _generate(self, live: list[GenerationJob]) -> None:
         """One batched `generate` call over left-padded prompts."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         device = self.model.device
-        width = max(j.prompt_tokens for j in live)
-        ids = torch.full((len(live), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(live), width), dtype=torch.long)
-        for row, job in enumerate(live):  # left padding: every row ends together
-            ids[row, width - job.prompt_tokens:] = torch.tensor(job.prompt_ids)
-            mask[row, width - job.prompt_tokens:] = 1
+        ids, mask = self.left_padded(live)
         sampler = _RowSampler(live, self.eos_ids, device)
         monitor = _RowMonitor(self, live)
         with torch.inference_mode():
