@@ -275,7 +275,7 @@ class ContinuousBatcher:
             return
         new_positions = torch.tensor([jobs[i].prompt_tokens for i in keep], dtype=torch.long)
         new_last = torch.tensor([tokens[i] for i in keep], dtype=torch.long)
-        index = torch.tensor(keep, device=device)
+        index = _row_index(keep, device)
         new_mask = mask.to(device)[index]
         if not len(batch):
             for layer in layers:

@@ -112,7 +112,8 @@ def _maybe_inject_fault(spec: Optional[str], step: int, rank: int, world: int,
 
     It first waits until Ray Train has registered this worker's `reports` reports: a
     report becomes a durable checkpoint at the controller's next health-check poll
-    (every 2 s), and a worker lost before that loses it (Ray's semantics).
+    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, services/raycluster.py), and a worker lost
+    before that loses it (Ray's semantics).
     """
     if not spec or rank != world - 1:
         return

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from services.config import TrainConfig
@@ -111,3 +113,20 @@ def test_coalescing_limits_follow_replicas_batch_and_queue_settings():
     assert single.coalescing("classification")["max_call_items"] == 1
     assert single.coalescing("classification")["max_items"] == 1
     assert ServeConfig(coalesce=False).validate().coalescing("classification") is None
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "0.5"), ("3", "3")])
+def test_local_ray_polls_train_reports_often_unless_told(preset, expected):
+    # Ray Train's controller drains one report per worker per poll; services.raycluster
+    # sets a 0.5 s poll for the processes of a local cluster, and keeps a user's value.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    if preset is not None:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = preset
+    code = ("import os, services.raycluster; "
+            "print(os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == expected
