@@ -18,12 +18,12 @@ handling. What differs per request is done by two hooks called at every step:
   the same seed gives the same tokens whatever else is in the batch (up to the
   floating-point noise of padding), and a seed never depends on global RNG state.
 - `_RowMonitor` (a stopping criterion) appends each row's new token, decodes the
-  row's text, stops the row at EOS, at a stop string (cut out of the text), at its
-  own max_new_tokens, or when its `cancelled` event is set (client gone), and hands
-  new text to the row's `on_text` callback as it becomes final. Text that could be
-  the start of a stop string, or an incomplete UTF-8 character, is held back until
-  it is decided. Generation ends when every row has stopped, so a cancelled request
-  costs at most one more step.
+  row's text (incrementally: `_decoded`), stops the row at EOS, at a stop string
+  (cut out of the text), at its own max_new_tokens, or when its `cancelled` event is
+  set (client gone), and hands new text to the row's `on_text` callback as it becomes
+  final. Text that could be the start of a stop string, or an incomplete UTF-8
+  character, is held back until it is decided. Generation ends when every row has
+  stopped, so a cancelled request costs at most one more step.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from services.config import render_prompt
 from services.errors import InvalidInput
@@ -69,6 +69,9 @@ class GenerationJob:
     """Called from the generating thread with (new final text, completion tokens)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     token_ids: list[int] = field(default_factory=list)
+    decoder: Any = field(default=None, repr=False)
+    """The row's incremental detokenizer (tokenizers' DecodeStream), made at its first
+    token; False once it failed (the text is then decoded whole each step)."""
     completion_tokens: int = 0
     text: str = ""
     emitted_chars: int = 0
@@ -128,6 +131,11 @@ class GenerationEngine:
         # when one of them changes its settings: requests tokenise on the event loop
         # while a batch decodes on its thread.
         self._tokenizer_lock = threading.Lock()
+        # A fast tokenizer's Rust side, for incremental decoding (_decoded).
+        from tokenizers import Tokenizer
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend if isinstance(backend, Tokenizer) else None
 
     def job(self, prompt: str, params: SamplingParams,
             on_text: Optional[Callable[[str, int], None]] = None) -> GenerationJob:
@@ -213,9 +221,7 @@ class GenerationEngine:
             self._finish(job, "eos")
             return
         job.token_ids.append(token)
-        with self._tokenizer_lock:
-            text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=False)
+        text = self._decoded(job, token)
         stops = job.params.stop
         if stops:
             # A stop string can only end in the new text: search from just before it.
@@ -234,6 +240,28 @@ class GenerationEngine:
             ready = len(text) - held_back(text, stops)
             if ready > job.emitted_chars:
                 self._emit(job, text[job.emitted_chars:ready])
+
+    def _decoded(self, job: GenerationJob, token: int) -> str:
+        """The row's text with `token` (just appended to job.token_ids): what decoding
+        all its tokens gives. With a fast tokenizer only the newest tokens are decoded
+        (tokenizers' DecodeStream, which holds back an incomplete character), so a token
+        costs the same at any length; decoding the whole row each step cost O(length):
+        0.8 ms a row at 1,024 tokens. Other tokenizers, or a stream that fails, decode
+        the whole row."""
+        with self._tokenizer_lock:
+            if job.decoder is None and self._backend is not None:
+                from tokenizers.decoders import DecodeStream
+
+                job.decoder = DecodeStream(skip_special_tokens=True)
+            if job.decoder:
+                try:
+                    chunk = job.decoder.step(self._backend, token)
+                except Exception:  # noqa: BLE001 - decode this row whole from now on
+                    job.decoder = False
+                else:
+                    return job.text + chunk if chunk else job.text
+            return self.tokenizer.decode(job.token_ids, skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
 
     def _finish(self, job: GenerationJob, reason: str) -> None:
         job.finish_reason = reason
