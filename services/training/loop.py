@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
@@ -99,6 +100,28 @@ def load_trainer_state(folder: str, optimizer, device) -> dict[str, Any]:
     return state
 
 
+def write_checkpoint(save) -> Any:
+    """A checkpoint written by `save(folder)` straight into the run's storage, where Ray
+    Train keeps it: no temporary copy for Ray to copy again (reported with NO_UPLOAD).
+    It is written under a hidden name and renamed whole, so a worker that dies while
+    writing leaves no checkpoint that looks complete (and Ray never hears of it); a
+    write that fails (disk full) removes what it wrote and raises."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    name = storage.make_default_checkpoint_dir_name()
+    final = os.path.join(storage.experiment_fs_path, name)
+    partial = os.path.join(storage.experiment_fs_path, f".{name}.partial")
+    os.makedirs(partial)
+    try:
+        save(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.rename(partial, final)
+    return ray.train.Checkpoint.from_directory(final)
+
+
 FAULT_ENV = "TUNESERVE_TEST_FAULT"
 
 
@@ -167,6 +190,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
+    from ray.train import CheckpointUploadMode
 
     from services.modeling import load_tokenizer, quiet_transformers
     from services.training.tasks import _all_reduce
@@ -251,16 +275,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         position = dict(state)
         if epoch_done:
             position.update(epoch=epoch + 1, micro_in_epoch=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                task.save(inner, tmp)
-                tokenizer.save_pretrained(tmp)
-                save_trainer_state(tmp, optimizer, {
-                    **position, "metrics": task.state_metrics(metrics)})
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        checkpoint = None
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            checkpoint = write_checkpoint(lambda folder: (
+                task.save(inner, folder), tokenizer.save_pretrained(folder),
+                save_trainer_state(folder, optimizer, {
+                    **position, "metrics": task.state_metrics(metrics)})))
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         return stop
 
     def denominator(examples: list[int]) -> float:

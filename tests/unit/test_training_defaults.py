@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,36 @@ def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
     assert np.isfinite(state["optimizer"]["param_groups"][0]["lr"])
+
+
+def test_checkpoints_are_written_once_into_the_run_folder_and_only_whole(tmp_path,
+                                                                         monkeypatch):
+    import ray.train
+
+    from services.training.loop import write_checkpoint
+
+    names = iter(["checkpoint_a", "checkpoint_b"])
+    storage = type("Storage", (), {"experiment_fs_path": str(tmp_path),
+                                   "make_default_checkpoint_dir_name": lambda self: next(names)})
+    context = type("Context", (), {"get_storage": lambda self: storage()})
+    monkeypatch.setattr(ray.train, "get_context", lambda: context())
+
+    def save(folder):
+        seen.append(os.listdir(tmp_path))  # while writing: only the hidden folder
+        with open(os.path.join(folder, "model.safetensors"), "w") as fh:
+            fh.write("weights")
+
+    seen: list = []
+    checkpoint = write_checkpoint(save)
+    assert seen == [[".checkpoint_a.partial"]]
+    assert checkpoint.path == str(tmp_path / "checkpoint_a")
+    assert os.listdir(tmp_path) == ["checkpoint_a"]
+    assert (tmp_path / "checkpoint_a" / "model.safetensors").read_text() == "weights"
+
+    def full_disk(folder):
+        open(os.path.join(folder, "model.safetensors"), "w").write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(full_disk)
+    assert os.listdir(tmp_path) == ["checkpoint_a"]  # nothing of the failed one
