@@ -272,6 +272,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         }
         registry = Registry(cfg.registry)
         publish_started = time.perf_counter()
+        if promote is None and cfg.promote:
+            promote = False  # the gate below decides, for a first version too
         with best.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
             pub = registry.publish(cfg.name, folder, manifest, promote=promote)
         metrics_observe("tuneserve_checkpoint_publish_duration_seconds",

@@ -132,6 +132,13 @@ def test_eval_gated_promotion_decisions(tmp_path):
     assert not ok and "threshold 0.9" in why
     ok, why = decide(reg, "m", "v2", {"loss": 0.2}, "loss", "min", None)
     assert ok  # production records no loss: nothing to compare against
+    # a first version (published unpromoted, as `--promote` does): the threshold decides
+    reg.publish("first", ck, {**manifest(), "metrics": {"accuracy": 0.6}}, promote=False)
+    assert reg.channel("first") is None
+    ok, why = decide(reg, "first", "v1", {"accuracy": 0.6}, "accuracy", "max", None)
+    assert ok and "no production version yet" in why
+    ok, why = decide(reg, "first", "v1", {"accuracy": 0.6}, "accuracy", "max", "accuracy=0.9")
+    assert not ok and "threshold 0.9" in why
     assert parse_min_metric("macro_f1=0.7") == ("macro_f1", 0.7)
     with pytest.raises(ConfigError, match="min_metric"):
         parse_min_metric("accuracy>0.7")
