@@ -275,13 +275,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         position = dict(state)
         if epoch_done:
             position.update(epoch=epoch + 1, micro_in_epoch=0)
-        checkpoint = None
-        if rank == 0:
-            inner = model.module if hasattr(model, "module") else model
-            checkpoint = write_checkpoint(lambda folder: (
-                task.save(inner, folder), tokenizer.save_pretrained(folder),
-                save_trainer_state(folder, optimizer, {
-                    **position, "metrics": task.state_metrics(metrics)})))
+
+        def save(folder: str) -> None:
+            task.save(model.module if hasattr(model, "module") else model, folder)
+            tokenizer.save_pretrained(folder)
+            save_trainer_state(folder, optimizer, {
+                **position, "metrics": task.state_metrics(metrics)})
+
+        checkpoint = write_checkpoint(save) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         return stop
