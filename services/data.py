@@ -118,20 +118,35 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
 
 
 def _pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
-                 candidates: Sequence[str], what: str) -> str:
+                 candidates: Sequence[str], what: str, headerless: Optional[str] = None) -> str:
+    """`headerless`: for a CSV/TSV read without --columns, the --columns value that would
+    name its fields (e.g. "text,label"), offered when no column name is recognised."""
     if wanted:
         if wanted not in available:
             raise DataError(
-                f"{path}: no {what} column '{wanted}'; columns are: {', '.join(available)}"
+                f"{path}: no {what} column '{wanted}'; columns are: {_names(available)}"
             )
         return wanted
     for name in candidates:
         if name in available:
             return name
+    hint = f"pass --{what}-column"
+    if headerless:
+        hint = (f"if its first row is data, not a header, pass --columns {headerless} "
+                f"(the fields in order); else {hint}")
     raise DataError(
         f"{path}: cannot tell which column holds the {what}; columns are: "
-        f"{', '.join(available)}; pass --{what}-column"
+        f"{_names(available)}; {hint}"
     )
+
+
+def _names(columns: Sequence[str], width: int = 40) -> str:
+    """Column names for a message; a headerless file's first row can be long text."""
+    return ", ".join(c if len(c) <= width else c[:width - 3] + "..." for c in map(str, columns))
+
+
+def _headerless_hint(path: Path, columns: Optional[Sequence[str]], fields: str) -> Optional[str]:
+    return fields if columns is None and detect_format(path) in ("csv", "tsv") else None
 
 
 @dataclass
@@ -155,8 +170,10 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
     for row in iter_rows(path, columns):
         if tcol is None:
             keys = list(row.values)
-            tcol = _pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text")
-            lcol = _pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label")
+            hint = _headerless_hint(path, columns, "text,label")
+            tcol = _pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text", hint)
+            lcol = _pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label",
+                                hint)
         text = row.values.get(tcol)
         label = row.values.get(lcol)
         if not isinstance(text, str):
@@ -205,9 +222,11 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
     for row in iter_rows(path, columns):
         if pcol is None:
             keys = list(row.values)
-            pcol = _pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt")
+            hint = _headerless_hint(path, columns, "prompt,response")
+            pcol = _pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt",
+                                hint)
             rcol = _pick_column(path, keys, response_column, RESPONSE_COLUMN_CANDIDATES,
-                                "response")
+                                "response", hint)
             if pcol == rcol:
                 raise DataError(f"{path}: prompt and response are the same column '{pcol}'")
         pair = []

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.data import LabelSet, load_labelled, split_indices
+from services.data import LabelSet, load_labelled, load_pairs, split_indices
 from services.errors import DataError
 
 ROWS = [("great film", 1), ("awful film", 0), ("fine", 1)]
@@ -55,6 +55,26 @@ def test_custom_columns_and_missing_column(tmp_path):
         load_labelled(path, text_column="review", label_column="rating")
     with pytest.raises(DataError, match="cannot tell which column holds the label"):
         load_labelled(path)
+
+
+def test_headerless_file_gets_a_hint_to_name_its_columns(tmp_path):
+    long = "The US Federal Trade Commission has filed its first spyware case against a man"
+    path = write(tmp_path / "news.tsv", f"{long}\tSci/Tech\nLakers win again\tSports\n")
+    with pytest.raises(DataError) as err:
+        load_labelled(path)
+    message = str(err.value)
+    assert "cannot tell which column holds the text" in message
+    assert "pass --columns text,label" in message and "else pass --text-column" in message
+    assert long not in message and long[:37] + "..." in message  # long names cut
+    assert load_labelled(path, columns=["text", "label"]).labels == ["Sci/Tech", "Sports"]
+    pairs = write(tmp_path / "qa.csv", "what is 2+2?,4\nwhat is 3+3?,6\n")
+    with pytest.raises(DataError, match="pass --columns prompt,response"):
+        load_pairs(pairs)
+    # JSON lines have no header row to mistake: no such hint
+    rows = write(tmp_path / "r.jsonl", '{"body": "x", "label": 1}\n')
+    with pytest.raises(DataError) as err:
+        load_labelled(rows)
+    assert "--columns" not in str(err.value)
 
 
 @pytest.mark.parametrize("body,needle", [
