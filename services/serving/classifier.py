@@ -217,7 +217,8 @@ class Classifier(RegistryFollower):
                                               model=self.name))
 
     def _status_extra(self) -> dict[str, Any]:
-        return {"torchscript": bool(self.current and self.current.traced is not None)}
+        return {"labels": self.current.labels if self.current else [],
+                "torchscript": bool(self.current and self.current.traced is not None)}
 
     def _load_version(self, version: str) -> LoadedModel:
         return _load_version(self.registry, self.name, version, self.dtype, self.trace)
@@ -257,6 +258,3 @@ class Classifier(RegistryFollower):
                 answers[i] = probs[pos:pos + n]
                 pos += n
         return answers
-
-    def _status_extra(self) -> dict[str, Any]:
-        return {"labels": self.current.labels if self.current else []}

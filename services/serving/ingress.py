@@ -408,7 +408,8 @@ class InferenceIngress(AdminMethods):
                                            state=r.get("state") or "",
                                            refused=r.get("refused") or {},
                                            dtype=r.get("dtype") or "",
-                                           batching=r.get("batching") or "")
+                                           batching=r.get("batching") or "",
+                                           torchscript=bool(r.get("torchscript")))
                           for r in replicas]))
         return pb.ListModelsResponse(models=infos)
 

@@ -191,6 +191,9 @@ def test_concurrent_requests_are_batched(server):
     info = {m.name: m for m in server.list_models().models}
     assert {r.batching for r in info[GEN_MODEL].replicas} == {"continuous"}
     assert {r.batching for r in info["toy"].replicas} == {""}
+    # the session's classifiers run traced (ServeConfig.trace's default); generators never
+    assert {r.torchscript for r in info["toy"].replicas} == {True}
+    assert {r.torchscript for r in info[GEN_MODEL].replicas} == {False}
 
 
 def _finished_job(before: dict) -> dict:

@@ -138,17 +138,21 @@ def test_a_traced_classifier_answers_exactly_as_the_model(classifier_registry):
     from services.serving.classifier import Classifier, _predict
 
     replica = Classifier(classifier_registry.uri, "toy")
+    assert replica._status_extra() == {"labels": [], "torchscript": False}  # nothing loaded
     loaded = replica._load_version("v1")
     assert loaded.traced is not None
     assert isinstance(loaded.traced, torch.jit.ScriptModule)
+    replica.current = loaded  # what the status board shows of the version it serves
+    assert replica._status_extra() == {"labels": ["neg", "pos"], "torchscript": True}
     traced = _predict(loaded, MIXED)
     for chunk in (64, 1, 3):  # one padded pass, one text a pass, uneven passes
         # (passes of other widths may round differently in the last bits)
         assert torch.allclose(_predict(loaded, MIXED, chunk=chunk), traced, atol=1e-6)
     loaded.traced = None  # the model itself
     assert torch.allclose(_predict(loaded, MIXED), traced, atol=1e-6)
-    untraced = Classifier(classifier_registry.uri, "toy", trace=False)._load_version("v1")
-    assert untraced.traced is None
+    plain = Classifier(classifier_registry.uri, "toy", trace=False)
+    plain.current = untraced = plain._load_version("v1")
+    assert untraced.traced is None and plain._status_extra()["torchscript"] is False
 
 
 def test_a_trace_in_bfloat16_is_checked_with_a_wider_tolerance(classifier_registry):

@@ -110,7 +110,7 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., channels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica", "version", "state", "refused", "dtype", "batching")
+    __slots__ = ("replica", "version", "state", "refused", "dtype", "batching", "torchscript")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,13 +124,15 @@ class ReplicaStatus(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    TORCHSCRIPT_FIELD_NUMBER: _ClassVar[int]
     replica: str
     version: str
     state: str
     refused: _containers.ScalarMap[str, str]
     dtype: str
     batching: str
-    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., batching: _Optional[str] = ...) -> None: ...
+    torchscript: bool
+    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., batching: _Optional[str] = ..., torchscript: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "task", "production_version", "pinned_version", "serving_versions", "versions", "labels", "replicas")
