@@ -22,7 +22,7 @@ from services.client import Client
 from services.config import ServeConfig
 from services.protocol import admin_pb, pb
 from services.registry import Registry
-from tests.helpers import delete_app, poll_until
+from tests.helpers import delete_app
 
 pytestmark = pytest.mark.timeout(600)
 
