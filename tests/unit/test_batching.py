@@ -64,6 +64,29 @@ def test_a_lone_request_does_not_wait():
     assert model.batches == [[21], [21]]
 
 
+def test_every_batch_runs_on_the_batchers_own_thread():
+    """Not on asyncio's shared pool, where other work (registry polls, loads) runs and
+    consecutive batches would land on whichever worker wakes first."""
+    threads: list[str] = []
+
+    def model(items):
+        threads.append(threading.current_thread().name)
+        return items
+
+    batcher = GreedyBatcher(model, max_batch_size=4)
+
+    async def calls():
+        for i in range(8):
+            # other thread work between and during batches, as a replica has
+            busy = [asyncio.to_thread(time.sleep, 0.005) for _ in range(4)]
+            assert await asyncio.gather(batcher.submit(i), *busy) == [i, None, None, None, None]
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(10))) == list(range(10))
+
+    run(calls())
+    assert len(threads) >= 11 and len(set(threads)) == 1, threads
+    assert threads[0].startswith("tuneserve-batch")
+
+
 def test_requests_arriving_while_the_model_computes_form_the_next_batch():
     model = FakeModel()
     model.release.clear()
