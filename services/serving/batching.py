@@ -95,7 +95,9 @@ class GreedyBatcher:
         # whichever worker wakes first: a batch-1 MiniLM pass then cost 10-12% more CPU
         # (10.8-12.2 against 12.1-13.3 ms, docs/benchmarks.md), and with several torch
         # threads each calling thread would keep an OpenMP team of its own.
-        self._thread: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # (No thread starts before the first batch.)
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tuneserve-batch")
         # The last batch: calls it carried, its compute time, when it ended, and how
         # many calls were queued then.
         self._last: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
@@ -216,9 +218,6 @@ class GreedyBatcher:
                 self._on_wait(waited)
             started = time.monotonic()
             try:
-                if self._thread is None:
-                    self._thread = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="tuneserve-batch")
                 results = await asyncio.get_running_loop().run_in_executor(  # as to_thread
                     self._thread, contextvars.copy_context().run, self._fn,
                     [item for item, _ in batch])
