@@ -49,6 +49,97 @@ def describe_model_ref(ref: str) -> str:
     return f"local folder {ref}" if Path(ref).is_dir() else f"Hugging Face model {ref}"
 
 
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
+"""What a checkpoint needs from the Hub: config, safetensors weights, tokenizer files
+(pickle weights are never fetched, nor loaded)."""
+
+
+def _looks_like_path(ref: str) -> bool:
+    return (ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
+            or ref.count("/") > 1 or "\\" in ref)
+
+
+def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False) -> str:
+    """Check a model reference before any work starts; fetch a Hub model once.
+
+    A local folder must hold a `config.json`. Anything else is a Hugging Face model id:
+    one already in the local cache is used as it is; otherwise the Hub is asked for it
+    once, so a mistyped id, a private or gated model or an unreachable Hub fails in
+    seconds with a message naming `field`, instead of after the Hub client's retries,
+    and its files are downloaded here (a progress bar when `progress`), before Ray
+    starts, so the training workers on this node find them in the cache.
+    Returns `ref` unchanged: workers on other nodes resolve the id themselves.
+    """
+    from services.errors import ConfigError
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{field} {ref!r} is a file; pass the folder that holds the "
+                              "model's config.json, or a Hugging Face model id")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{field} {ref!r}: the folder has no config.json (a Hugging Face "
+                              "checkpoint folder, as save_pretrained writes, is expected)")
+        return ref
+    if not ref.strip() or _looks_like_path(ref):
+        raise ConfigError(f"{field} {ref!r}: no such folder (and not a Hugging Face model id, "
+                          "which reads 'name' or 'org/name')")
+
+    from huggingface_hub import (constants, get_hf_file_metadata, hf_hub_url, snapshot_download,
+                                 try_to_load_from_cache)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
+                                        HfHubHTTPError, RepositoryNotFoundError)
+
+    try:
+        cached = try_to_load_from_cache(ref, "config.json")
+    except HFValidationError as exc:
+        raise ConfigError(f"{field} {ref!r} is neither a local folder nor a valid Hugging Face "
+                          f"model id: {exc}") from None
+    if isinstance(cached, str):
+        return ref
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{field} {ref!r} is not a local folder and is not in the Hugging Face "
+                          f"cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: pass a "
+                          "local folder, or download the model first")
+    try:  # the request from_pretrained makes first, made once, without retries
+        get_hf_file_metadata(hf_hub_url(ref, "config.json"), timeout=15)
+    except GatedRepoError:
+        raise ConfigError(f"{field} {ref!r} is a gated model: accept its terms on the Hugging "
+                          "Face Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{field} {ref!r}: no such model on the Hugging Face Hub and no such "
+                          "local folder (a private model needs HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise ConfigError(f"{field} {ref!r}: the Hugging Face Hub has this repository, but it "
+                          "holds no config.json (not a transformers model)") from None
+    except HfHubHTTPError as exc:
+        code = getattr(exc.response, "status_code", None)
+        if code == 404:
+            raise ConfigError(f"{field} {ref!r}: no such model on the Hugging Face Hub "
+                              f"({constants.ENDPOINT}) and no such local folder") from None
+        raise ConfigError(f"{field} {ref!r}: the Hugging Face Hub answered HTTP {code}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # network: DNS, refused, timeout, TLS
+        raise ConfigError(f"{field} {ref!r} is not a local folder and is not in the Hugging Face "
+                          f"cache ({constants.HF_HUB_CACHE}), and the Hub ({constants.ENDPOINT}) "
+                          f"cannot be reached: {exc or type(exc).__name__}. Pass a local folder, "
+                          "or run where the Hub can be reached") from None
+
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars)
+
+    was_disabled = are_progress_bars_disabled()
+    (enable_progress_bars if progress else disable_progress_bars)()
+    try:
+        snapshot_download(ref, allow_patterns=list(HUB_FILES))
+    except Exception as exc:
+        raise ConfigError(f"{field} {ref!r}: downloading it from the Hugging Face Hub failed: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
+    return ref
+
+
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 

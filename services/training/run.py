@@ -158,12 +158,14 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from services.modeling import describe_model_ref, load_tokenizer
+    from services.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
     from services.training.loop import FAULT_ENV, train_loop_per_worker
 
     started = time.perf_counter()
     cfg.validate()
     out(f"model: {describe_model_ref(cfg.model)}")
+    prepare_model_ref(cfg.model, field="model",
+                      progress=sys.stderr.isatty() if progress_bar is None else progress_bar)
     try:
         tokenizer = load_tokenizer(cfg.model)
     except Exception as exc:
