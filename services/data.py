@@ -64,7 +64,7 @@ def _iter_delimited(path: Path, fmt: str, columns: Optional[Sequence[str]]) -> I
     quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
     delimiter = "\t" if fmt == "tsv" else ","
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
             header: Optional[list[str]] = list(columns) if columns else None
             for record in reader:
@@ -91,7 +91,7 @@ def _iter_delimited(path: Path, fmt: str, columns: Optional[Sequence[str]]) -> I
 
 def _iter_jsonl(path: Path) -> Iterator[Row]:
     try:
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8-sig") as fh:
             for line_no, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue

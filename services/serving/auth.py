@@ -64,7 +64,7 @@ def read_token(env_name: str, token_file: Optional[str] = None,
     if token_file:
         path = Path(token_file)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise ConfigError(f"token file not found: {token_file}") from None
         except (OSError, UnicodeDecodeError) as exc:

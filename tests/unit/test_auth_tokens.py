@@ -27,6 +27,8 @@ def test_token_file_is_stripped_and_beats_the_environment(tmp_path):
     assert read_token("TUNESERVE_API_TOKEN", str(path), env) == API
     path.write_text(f"  {API}\r\n\n")
     assert read_token("TUNESERVE_API_TOKEN", str(path), env) == API
+    path.write_bytes(b"\xef\xbb\xbf" + API.encode() + b"\r\n")  # saved by a Windows editor
+    assert read_token("TUNESERVE_API_TOKEN", str(path), env) == API
     assert read_token("TUNESERVE_API_TOKEN", None, env) == "from-env"
     assert read_token("TUNESERVE_API_TOKEN", None, {}) is None
     assert read_token("TUNESERVE_API_TOKEN", None, {"TUNESERVE_API_TOKEN": " \n"}) is None

@@ -33,6 +33,29 @@ def test_each_format(tmp_path, fmt):
     assert len(data.sha256) == 64
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path, fmt):
+    """Excel and Windows editors save "UTF-8" with a BOM before the header."""
+    path = tmp_path / f"excel.{fmt}"
+    if fmt == "jsonl":
+        body = "".join(json.dumps({"text": t, "label": lab}) + "\r\n" for t, lab in ROWS)
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        body = f"text{sep}label\r\n" + "".join(f"{t}{sep}{lab}\r\n" for t, lab in ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    data = load_labelled(path)
+    assert data.text_column == "text"
+    assert data.texts == [r[0] for r in ROWS]
+    assert [int(x) for x in data.labels] == [r[1] for r in ROWS]
+    pairs = tmp_path / f"pairs.{fmt}"
+    if fmt == "jsonl":
+        pairs.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "2+2", "response": "4"}).encode())
+    else:
+        pairs.write_bytes(b"\xef\xbb\xbf" + f"prompt{sep}response\n2+2{sep}4\n".encode())
+    loaded = load_pairs(pairs)
+    assert (loaded.prompts, loaded.responses) == (["2+2"], ["4"])
+
+
 def test_headerless_tsv_with_columns(tmp_path):
     path = write(tmp_path / "ag.tsv", 'Stocks "rally" today\tBusiness\nTeam wins\tSports\n')
     data = load_labelled(path, columns=["text", "label"])
