@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from services import __version__
@@ -484,12 +485,23 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(json.dumps(row))
         return 0
     if not data:
-        print(f"no models in {args.registry}")
+        missing = "" if Path(args.registry).is_dir() else " (no such folder)"
+        print(f"no models in {args.registry}{missing}")
         return 0
     rows = [(d["name"], d["version"], d["task"], ",".join(d["channels"]) or "-",
-             f"{d['metrics'].get('accuracy', float('nan')):.4f}", d["created_at"]) for d in data]
-    print(format_table(rows, ["model", "version", "task", "channels", "accuracy", "created"]))
+             _headline_metric(d["metrics"]), d["created_at"]) for d in data]
+    print(format_table(rows, ["model", "version", "task", "channels", "eval", "created"]))
     return 0
+
+
+def _headline_metric(metrics: dict) -> str:
+    """A classifier's accuracy, a generator's perplexity, from a manifest's metrics."""
+    for key, label, fmt in (("accuracy", "accuracy", ".4f"), ("perplexity", "perplexity", ".3f"),
+                            ("loss", "loss", ".4f")):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{label} {value:{fmt}}"
+    return "-"
 
 
 def _models_change(args: argparse.Namespace) -> int:

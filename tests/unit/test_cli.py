@@ -64,7 +64,7 @@ def test_models_list_and_verify(tmp_path, capsys):
     reg.publish("sent", tmp_path / "ck", manifest())
     assert main(["models", "list", "--registry", str(tmp_path / "reg")]) == 0
     out = capsys.readouterr().out
-    assert "sent" in out and "v1" in out and "production" in out and "0.9000" in out
+    assert "sent" in out and "v1" in out and "production" in out and "accuracy 0.9000" in out
     assert main(["models", "list", "--registry", str(tmp_path / "reg"), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["version"] for r in rows] == ["v1", "v2"]
@@ -73,6 +73,24 @@ def test_models_list_and_verify(tmp_path, capsys):
     (tmp_path / "reg" / "sent" / "v2" / "config.json").write_text("{}")
     assert main(["models", "verify", "--registry", str(tmp_path / "reg"), "sent", "v2"]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+def test_models_list_shows_each_tasks_metric_and_a_missing_registry(tmp_path, capsys):
+    reg = Registry(tmp_path / "reg")
+    reg.publish("gsm", fake_checkpoint(tmp_path / "ck"),
+                {"task": "generation", "metrics": {"loss": 1.25, "perplexity": 3.4903}})
+    reg.publish("old", tmp_path / "ck", {"task": "classification", "metrics": {}})
+    assert main(["models", "list", "--registry", str(tmp_path / "reg")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "eval" in lines[0].split()
+    assert "perplexity 3.490" in next(line for line in lines if line.startswith("gsm"))
+    old = next(line for line in lines if line.startswith("old"))
+    assert "nan" not in old and "accuracy" not in old and old.split()[4] == "-"
+    assert main(["models", "list", "--registry", str(tmp_path / "none")]) == 0
+    assert "no models in" in (out := capsys.readouterr().out) and "(no such folder)" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["models", "list", "--registry", str(tmp_path / "empty")]) == 0
+    assert "no such folder" not in capsys.readouterr().out
 
 
 def test_serve_with_empty_registry_fails_clearly(tmp_path, capsys):
