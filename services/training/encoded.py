@@ -11,8 +11,9 @@ model should write.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -78,10 +79,33 @@ def model_limit(ref: str, tokenizer) -> int:
     return context_length(config, tokenizer)
 
 
+PROGRESS_MIN_EXAMPLES = 50_000
+"""Tokenising at least this many examples shows a progress bar on a terminal."""
+
+
+def _chunk_starts(n: int, chunk: int, desc: str) -> Iterator[int]:
+    """Offsets of the chunks of n examples; a progress bar on stderr when it is a
+    terminal and there are many (a million texts take minutes)."""
+    bar = None
+    if n >= PROGRESS_MIN_EXAMPLES and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="example", desc=f"tokenising {desc}", leave=False,
+                   dynamic_ncols=True, file=sys.stderr)
+    try:
+        for start in range(0, n, chunk):
+            yield start
+            if bar is not None:
+                bar.update(min(chunk, n - start))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def encode_texts(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int,
-                 chunk: int = 4096) -> EncodedSplit:
+                 chunk: int = 4096, desc: str = "texts") -> EncodedSplit:
     token_lists: list[list[int]] = []
-    for start in range(0, len(texts), chunk):
+    for start in _chunk_starts(len(texts), chunk, desc):
         enc = tokenizer(list(texts[start:start + chunk]), truncation=True, max_length=max_length)
         token_lists.extend(enc["input_ids"])
     return EncodedSplit.from_lists(token_lists, labels)
@@ -89,7 +113,7 @@ def encode_texts(tokenizer, texts: Sequence[str], labels: Sequence[int], max_len
 
 def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                  template: Optional[str], max_length: int, packing: bool = False,
-                 chunk: int = 4096) -> tuple[EncodedSplit, dict[str, Any]]:
+                 chunk: int = 4096, desc: str = "examples") -> tuple[EncodedSplit, dict[str, Any]]:
     """Prompt/response pairs -> token ids with the loss masked to the response + EOS.
 
     The prompt goes through the template and is tokenised on its own, exactly as the
@@ -111,7 +135,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     token_lists: list[list[int]] = []
     masks: list[list[bool]] = []
     truncated = 0
-    for start in range(0, len(prompts), chunk):
+    for start in _chunk_starts(len(prompts), chunk, desc):
         rendered = [render_prompt(template, p) for p in prompts[start:start + chunk]]
         p_ids = tokenizer(rendered, add_special_tokens=True)["input_ids"]
         r_ids = tokenizer(list(responses[start:start + chunk]),

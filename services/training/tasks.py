@@ -255,8 +255,8 @@ class ClassificationTask(Task):
         counts = np.bincount(np.asarray(tr_ids), minlength=len(labelset)).tolist()
         self.class_weights = resolve_class_weights(cfg.class_weights, self.label_names, counts)
         data = {
-            "train": encode_texts(tokenizer, tr_texts, tr_ids, self.max_length),
-            "eval": encode_texts(tokenizer, ev_texts, ev_ids, self.max_length),
+            "train": encode_texts(tokenizer, tr_texts, tr_ids, self.max_length, desc="train"),
+            "eval": encode_texts(tokenizer, ev_texts, ev_ids, self.max_length, desc="eval"),
         }
         info = {"train": {"path": train.path, "sha256": train.sha256,
                           "rows": len(train.texts), "text_column": train.text_column,
@@ -429,10 +429,11 @@ class GenerationTask(Task):
         self.pad_id = tokenizer.pad_token_id
         length_info = self._resolve_max_length(cfg, tokenizer, tr)
         train_split, train_stats = encode_pairs(tokenizer, *tr, self.prompt_template,
-                                                self.max_length, packing=self.packing)
+                                                self.max_length, packing=self.packing,
+                                                desc="train")
         # Eval is never packed: its loss is over each example on its own.
         eval_split, eval_stats = encode_pairs(tokenizer, *ev, self.prompt_template,
-                                              self.max_length)
+                                              self.max_length, desc="eval")
         self.stats = {"train": train_stats, "eval": eval_stats}
         info = {"train": {"path": train.path, "sha256": train.sha256,
                           "rows": len(train.prompts), "prompt_column": train.prompt_column,

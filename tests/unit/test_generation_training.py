@@ -181,3 +181,42 @@ def test_cli_generate_against_nothing_reports_unavailable(capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.parts.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_tokenising_many_examples_shows_progress_on_a_terminal(tokenizer, monkeypatch):
+    from services.training import encoded
+
+    prompts, responses = ["2+2"] * 10, ["4"] * 10
+    monkeypatch.setattr(encoded, "PROGRESS_MIN_EXAMPLES", 10)
+    # not a terminal: nothing
+    monkeypatch.setattr("sys.stderr", terminal := _Terminal())
+    terminal.isatty = lambda: False
+    split, _ = encode_pairs(tokenizer, prompts, responses, None, 32, chunk=4, desc="train")
+    assert terminal.parts == [] and len(split.offsets) == 11
+    # a terminal: a bar over every example
+    monkeypatch.setattr("sys.stderr", terminal := _Terminal())
+    split, _ = encode_pairs(tokenizer, prompts, responses, None, 32, chunk=4, desc="train")
+    shown = "".join(terminal.parts)
+    assert "tokenising train" in shown and "/10 " in shown
+    texts = encoded.encode_texts(tokenizer, ["a b"] * 10, [0] * 10, 16, chunk=4, desc="eval")
+    assert "tokenising eval" in "".join(terminal.parts) and len(texts.labels) == 10
+    # below the threshold: no bar
+    monkeypatch.setattr("sys.stderr", terminal := _Terminal())
+    encoded.encode_texts(tokenizer, ["a b"] * 9, [0] * 9, 16, chunk=4)
+    assert terminal.parts == []
