@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the registry's models over gRPC (foreground)")
     p.add_argument("--registry", default=DEFAULT_REGISTRY)
     p.add_argument("--grpc-port", type=int, default=9000)
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="Ray Serve's HTTP proxy port (unused by the gRPC API)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="Ray Serve's HTTP proxy port, unused by the gRPC API (default: "
+                   "8000, or a free port when 8000 is taken)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus metrics port of the local Ray node")
     p.add_argument("--host", default="0.0.0.0", help="HTTP proxy host (Serve's gRPC proxy "

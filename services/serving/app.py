@@ -19,6 +19,7 @@ instead of failing inside grpc as UNKNOWN with the parser's exception text.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 from typing import Any, Optional
@@ -245,12 +246,77 @@ def _prepare_direct_ingress(cfg: ServeConfig) -> int:
     return free_port()
 
 
-def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = False,
+def _bind_error(port: int) -> Optional[int]:
+    """The errno of binding `port` on every address (IPv6 and 4), or None if it can be."""
+    import socket
+
+    for family, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+            try:
+                sock.bind((addr, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:  # e.g. IPv6 present but disabled
+                    return exc.errno
+    return None
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something on this machine listens on `port` (any address, IPv4 or 6)."""
+    return _bind_error(port) == errno.EADDRINUSE
+
+
+DEFAULT_HTTP_PORT = 8000
+
+
+def check_ports_free(cfg: ServeConfig, http_port: Optional[int]) -> None:
+    """Before a local cluster starts: the ports it would bind must be free, or the
+    failure comes later, from deep inside Serve's proxy actor."""
+    for field, flag, port in (("grpc_port", "--grpc-port", cfg.grpc_port),
+                              ("http_port", "--http-port", http_port),
+                              ("metrics_port", "--metrics-port", cfg.metrics_port)):
+        error = _bind_error(port) if port else None
+        if error == errno.EADDRINUSE:
+            raise ConfigError(f"invalid serve setting '{field}': port {port} is already in "
+                              f"use on this machine (another server?); pass {flag} with a "
+                              "free port, or stop what holds it")
+        if error == errno.EACCES:
+            raise ConfigError(f"invalid serve setting '{field}': port {port} needs root "
+                              f"(ports below 1024); pass {flag} with a port from 1024 up")
+
+
+def local_http_port(http_port: Optional[int]) -> int:
+    """The port given, else 8000, else (8000 taken: Serve's HTTP proxy is not what
+    tuneserve serves) a free one."""
+    if http_port is not None:
+        return http_port
+    if not port_in_use(DEFAULT_HTTP_PORT):
+        return DEFAULT_HTTP_PORT
+    from services.demo import free_port
+
+    return free_port()
+
+
+def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose: bool = False,
                   wait_for_models: bool = True, timeout_s: float = 300.0) -> None:
-    """Start (or reuse) Ray, start Serve's gRPC proxy, deploy, wait until serving."""
+    """Start (or reuse) Ray, start Serve's gRPC proxy, deploy, wait until serving.
+
+    `http_port`: Serve's HTTP proxy, which the gRPC API does not use; None: 8000, or a
+    free port when a local cluster starts and 8000 is taken."""
+    import os
+
+    import ray
     from ray import serve
 
     app = build_app(cfg)  # fail fast on an empty or bad registry, before Ray starts
+    if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
+        check_ports_free(cfg, http_port)
+        http_port = local_http_port(http_port)
+    http_port = DEFAULT_HTTP_PORT if http_port is None else http_port
     options = grpc_options(cfg)
     if cfg.direct_ingress:
         options["port"] = _prepare_direct_ingress(cfg)
@@ -259,7 +325,14 @@ def start_serving(cfg: ServeConfig, *, http_port: int = 8000, verbose: bool = Fa
 
         options["port"] = free_port()
     ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
-    serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
+    except Exception as exc:
+        if "Failed to bind" not in str(exc) and "address already in use" not in str(exc).lower():
+            raise
+        raise ConfigError(f"Serve's proxy cannot bind its ports (gRPC {options['port']}, "
+                          f"HTTP {http_port}): one is in use; pass free ones with "
+                          "--grpc-port / --http-port") from None
     serve.run(app, name=APP_NAME, blocking=False)
     if wait_for_models:
         wait_until_serving(timeout_s)

@@ -1,12 +1,15 @@
 """CLI behaviour that needs no Ray: parsing, clear errors, registry listing."""
 
 import json
+import os
 import subprocess
 import sys
 import pytest
 
 from services.cli import main
 from tests.unit.test_registry import fake_checkpoint, manifest
+from services.config import ServeConfig
+from services.errors import ConfigError
 from services.registry import Registry
 
 
@@ -96,6 +99,58 @@ def test_models_list_shows_each_tasks_metric_and_a_missing_registry(tmp_path, ca
 def test_serve_with_empty_registry_fails_clearly(tmp_path, capsys):
     assert main(["serve", "--registry", str(tmp_path / "none")]) == 1
     assert "no models in registry" in capsys.readouterr().err
+
+
+def test_serve_on_a_busy_port_names_it_before_ray_starts(tmp_path):
+    """A port something else holds is an error naming the flag, not a traceback from
+    Serve's proxy actor; a taken default HTTP port (unused by gRPC) is not an error."""
+    import socket
+
+    from services.serving.app import port_in_use
+    from tests.helpers import free_port
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish("sent", fake_checkpoint(tmp_path / "ck"), manifest())
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        assert port_in_use(busy)
+        for flags, needle in ((["--grpc-port", str(busy)], "'grpc_port': port"),
+                              (["--http-port", str(busy)], "'http_port': port"),
+                              (["--metrics-port", str(busy)], "'metrics_port': port")):
+            proc = subprocess.run(
+                [sys.executable, "-m", "services", "serve", "--registry", str(tmp_path / "reg"),
+                 *(flags if "--grpc-port" in flags else ["--grpc-port", str(free_port()),
+                                                          *flags])],
+                capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+            assert proc.returncode == 2, proc.stderr
+            assert needle in proc.stderr and f"{busy} is already in use" in proc.stderr
+            assert flags[0] in proc.stderr and "Traceback" not in proc.stderr
+    assert not port_in_use(busy)
+
+
+def test_privileged_ports_and_the_default_http_port(monkeypatch):
+    import errno
+    import socket
+
+    from services.serving import app
+
+    monkeypatch.setattr(app, "_bind_error", lambda port: errno.EACCES if port < 1024 else None)
+    with pytest.raises(ConfigError, match="'grpc_port': port 80 needs root .* --grpc-port"):
+        app.check_ports_free(ServeConfig(grpc_port=80), None)
+    app.check_ports_free(ServeConfig(grpc_port=9000), 8000)
+    monkeypatch.undo()
+    assert app.local_http_port(8123) == 8123
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("0.0.0.0", app.DEFAULT_HTTP_PORT))
+            holder.listen()
+        except OSError:  # something on this machine already holds it: the same case
+            pass
+        port = app.local_http_port(None)
+        assert port != app.DEFAULT_HTTP_PORT and not app.port_in_use(port)
 
 
 def test_classify_against_nothing_reports_unavailable(capsys):
