@@ -31,6 +31,7 @@ from services.config import (
     SERVING_DTYPES,
     ServeConfig,
     TrainConfig,
+    template_from_flag,
 )
 from services.errors import InvalidInput, TuneserveError
 
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus metrics port of the local Ray node")
     p.add_argument("--host", default="0.0.0.0", help="HTTP proxy host (Serve's gRPC proxy "
-                   "listens on all interfaces)")
+                   "listens on all interfaces); with --replica-grpc also the address the "
+                   "replicas' gRPC servers listen on (127.0.0.1: this machine only)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--models", default=None, help="comma-separated model names "
                    "(default: all in the registry)")
@@ -280,9 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name not in TRAIN_FLAG_SKIP}
     if args.prompt_template:
-        # A shell flag cannot easily hold a newline: \n and \t in the flag stand for one.
-        overrides["prompt_template"] = args.prompt_template.replace("\\n", "\n") \
-            .replace("\\t", "\t")
+        overrides["prompt_template"] = template_from_flag(args.prompt_template)
     from services.training.tracking import epoch_rows
 
     if args.resume:
@@ -304,6 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "metrics": result.metrics, "registry": result.registry,
                "checkpoint": result.checkpoint_dir, "run_dir": result.run_dir,
                "wall_s": round(result.wall_s, 1),
+               "publish_s": None if result.publish_s is None else round(result.publish_s, 2),
                "samples_per_s": result.samples_per_s, "promotion": result.promotion,
                "epochs": epoch_rows(result.history), "best_epoch": result.best_epoch,
                "artifacts": result.artifacts}
@@ -337,7 +338,8 @@ def _train_summary(s: dict[str, Any]) -> str:
     if s["version"]:
         lines.append(f"published {s['name']} {s['version']}"
                      + (" (production)" if s["promoted"] else "")
-                     + f" -> {s['checkpoint']}")
+                     + f" -> {s['checkpoint']}"
+                     + (f" in {s['publish_s']}s" if s.get("publish_s") is not None else ""))
         lines.append(f"serve it:  tuneserve serve --registry {s['registry']} --grpc-port 9000")
     else:
         lines.append(f"best checkpoint (not published): {s['checkpoint']}")

@@ -123,7 +123,8 @@ class TrainConfig:
     address: Optional[str] = None
     """Ray cluster address; default: start a local cluster in-process."""
     promote: bool = False
-    """After publishing, promote to production if the eval metric is at least production's."""
+    """After publishing, promote to production if its eval metric is at least as good as
+    production's (accuracy as high for classification, eval loss as low for generation)."""
     min_metric: Optional[str] = None
     """With --promote: also require e.g. accuracy=0.85."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -302,6 +303,12 @@ def parse_class_weights(spec: str) -> "str | dict[str, float]":
 def render_prompt(template: Optional[str], prompt: str) -> str:
     """The text the model sees for a prompt: the same at training and serving time."""
     return prompt if template is None else template.format(prompt=prompt)
+
+
+def template_from_flag(value: str) -> str:
+    """A prompt template given as a shell flag, which cannot easily hold a newline:
+    `\\n` and `\\t` in it stand for a newline and a tab."""
+    return value.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:

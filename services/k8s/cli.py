@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Any, Optional
 
+from services.config import template_from_flag
 from services.errors import ConfigError, InvalidInput
 from services.k8s import objects
 from services.k8s.objects import (APP_NAME, DEFAULT_NAMESPACE, DEFAULT_PVC,
@@ -43,7 +44,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = str(f.type)
         text = helps.get(f.name)
-        if "bool" in hint:
+        if "bool" in hint and "Optional" in hint:  # on, off, or the task's default
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        elif "bool" in hint:
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
         elif "float" in hint:
             group.add_argument(flag, dest=f.name, type=float, default=None, help=text,
@@ -150,6 +154,8 @@ def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
     file_data = load_yaml_mapping(args.config) if args.config else {}
     overrides = {f.name: getattr(args, f.name) for f in objects.train_flag_fields()}
+    if overrides.get("prompt_template"):
+        overrides["prompt_template"] = template_from_flag(overrides["prompt_template"])
     run_config, cfg = objects.resolve_run_config(
         file_data, overrides, source=args.config or "command line")
     for name in objects.paths_outside_cluster(cfg):

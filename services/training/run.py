@@ -52,6 +52,8 @@ class TrainResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     """What the run left to look at: `plot` (PNG) and `tensorboard` (folder)."""
     wall_s: float = 0.0
+    publish_s: Optional[float] = None
+    """Seconds the publish to the registry took (copy, checksums, manifest)."""
     samples_per_s: Optional[float] = None
     promotion: Optional[str] = None
 
@@ -278,8 +280,9 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
             promote = False  # the gate below decides, for a first version too
         with best.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
             pub = registry.publish(cfg.name, folder, manifest, promote=promote)
-        metrics_observe("tuneserve_checkpoint_publish_duration_seconds",
-                        time.perf_counter() - publish_started, model=cfg.name)
+        res.publish_s = time.perf_counter() - publish_started
+        metrics_observe("tuneserve_checkpoint_publish_duration_seconds", res.publish_s,
+                        model=cfg.name)
         res.version, res.promoted = pub.version, pub.promoted
         res.checkpoint_dir = str(pub.path)
         if cfg.promote and not pub.promoted:

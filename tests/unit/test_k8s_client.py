@@ -205,6 +205,22 @@ def test_dry_run_carries_the_run_config_unchanged_and_validates(run_yaml, capsys
     assert image.startswith("tuneserve:") and image.endswith("-cpu")
 
 
+def test_flags_read_like_tuneserve_train(capsys):
+    """--prompt-template's \\n is a newline, and --no-group-by-length turns off what
+    classification does by default: as `tuneserve train` reads them."""
+    cm, _ = dry_run_objects(capsys, "--model", "gpt2", "--train", "/data/qa.jsonl",
+                            "--task", "generation", "--prompt-template",
+                            "Question: {prompt}\\nAnswer:\\t", "--no-group-by-length")
+    sent = yaml.safe_load(cm["data"]["run.yaml"])
+    assert sent["prompt_template"] == "Question: {prompt}\nAnswer:\t"
+    assert sent["group_by_length"] is False
+    cm, _ = dry_run_objects(capsys, "--model", "bert", "--train", "/data/t.csv",
+                            "--group-by-length")
+    assert yaml.safe_load(cm["data"]["run.yaml"])["group_by_length"] is True
+    cm, _ = dry_run_objects(capsys, "--model", "bert", "--train", "/data/t.csv")
+    assert "group_by_length" not in yaml.safe_load(cm["data"]["run.yaml"])
+
+
 def test_dry_run_gpu_run(run_yaml, capsys):
     _, job = dry_run_objects(capsys, "--config", str(run_yaml), "--use-gpu",
                              "--image", "registry.example.com/tuneserve:1-cu128")
@@ -302,7 +318,7 @@ def test_published_version_reads_what_tuneserve_train_prints():
     summary = {"name": "sentiment", "version": "v12", "promoted": True,
                "metrics": {"eval_accuracy": 0.9}, "registry": "/data/registry",
                "checkpoint": "/data/registry/sentiment/v12", "run_dir": "/data/runs/x",
-               "wall_s": 12.0, "samples_per_s": 100.0}
+               "wall_s": 12.0, "publish_s": 1.5, "samples_per_s": 100.0}
     assert published_version("INFO ...\n" + _train_summary(summary) + "\n") == \
         ("sentiment", "v12")
     assert published_version(json.dumps(summary) + "\n") == ("sentiment", "v12")

@@ -123,7 +123,7 @@ def test_epoch_rows_and_the_train_summary_table():
     assert rows[1]["accuracy"] == pytest.approx(0.9) and "examples" not in rows[1]
     text = _train_summary({
         "name": "toy", "version": "v3", "promoted": False, "registry": "/r",
-        "checkpoint": "/r/toy/v3", "run_dir": "/runs/x", "wall_s": 3.0,
+        "checkpoint": "/r/toy/v3", "run_dir": "/runs/x", "wall_s": 3.0, "publish_s": 0.42,
         "metrics": {"accuracy": 0.9, "macro_f1": 0.8, "loss": 0.25},
         "epochs": rows, "best_epoch": 2,
         "artifacts": {"plot": "/runs/x/training_curves.png",
@@ -137,5 +137,5 @@ def test_epoch_rows_and_the_train_summary_table():
     assert any(line.startswith("2 *") for line in lines)
     assert "best epoch 2 (*): accuracy 0.9000, macro_f1 0.8000, loss 0.2500" in lines
     assert "curves:    /runs/x/training_curves.png" in lines
+    assert "published toy v3 -> /r/toy/v3 in 0.42s" in lines
     assert "tensorboard --logdir /runs/x/tensorboard" in lines
-    assert "published toy v3 -> /r/toy/v3" in lines
