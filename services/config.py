@@ -9,6 +9,8 @@ it was trained. Units are in the names (`_s`, `_chars`).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -143,6 +145,10 @@ class TrainConfig:
         if not (0.0 < self.eval_fraction < 1.0):
             raise bad("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
         self._apply_task_defaults()
+        for f in fields(self):  # nan passes every comparison below; inf is no setting
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number, got {value}")
         for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
                      "log_every_steps", "eval_steps"):
             value = getattr(self, name)
@@ -152,7 +158,7 @@ class TrainConfig:
                 raise bad(name, f"must be a positive integer, got {value!r}")
         if self.max_length is not None and self.max_length < 8:
             raise bad("max_length", f"must be at least 8, got {self.max_length}")
-        for name in ("early_stopping_patience", "max_failures"):
+        for name in ("early_stopping_patience", "max_failures", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(name, f"must be an integer >= 0, got {value!r}")
@@ -186,18 +192,33 @@ class TrainConfig:
                 self.columns = [c.strip() for c in self.columns.split(",")]
             if not self.columns or any(not c for c in self.columns):
                 raise bad("columns", "must be a comma-separated list of column names")
+            twice = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if twice:
+                raise bad("columns", f"names a column twice: {', '.join(twice)}")
+        for a, b in (("text_column", "label_column"), ("prompt_column", "response_column")):
+            if getattr(self, a) and getattr(self, a) == getattr(self, b):
+                raise bad(b, f"is the same column as {a} ({getattr(self, a)!r})")
         if self.name is None:
             self.name = Path(self.train).stem
         from services.registry import validate_name
 
         try:
-            validate_name(self.name, "name")
+            validate_name(self.name, "model")
         except Exception as exc:
             raise bad("name", str(exc)) from None
         if self.min_metric:
-            from services.training.promotion import parse_min_metric
+            from services.training.promotion import check_min_metric
 
-            parse_min_metric(self.min_metric)
+            check_min_metric(self.min_metric, self.task)
+            if not self.promote:
+                raise bad("min_metric", "is the threshold of --promote: pass --promote too "
+                          "(or drop min_metric)")
+        if self.extra:
+            try:
+                json.dumps(self.extra, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise bad("extra", f"must hold plain values (text, numbers, lists, "
+                          f"mappings) as the manifest is JSON: {exc}") from None
         return self
 
     def _apply_task_defaults(self) -> None:
@@ -287,6 +308,9 @@ def parse_class_weights(spec: str) -> "str | dict[str, float]":
         return spec
     weights: dict[str, float] = {}
     for part in spec.split(","):
+        if part.strip() == "balanced":
+            raise ConfigError("invalid config field 'class_weights': 'balanced' stands alone; "
+                              f"it cannot be combined with label=weight pairs ({spec!r})")
         label, sep, value = part.partition("=")
         try:
             weight = float(value)
@@ -311,12 +335,21 @@ def template_from_flag(value: str) -> str:
     return value.replace("\\n", "\n").replace("\\t", "\t")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML, but a date stays the text written (configs are saved as JSON)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -325,6 +358,9 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{path}: field names must be text, got {odd[0]!r}")
     return data
 
 
@@ -340,6 +376,11 @@ def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
     elif "float" in hint:
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         expect = (float,)
     elif "int" in hint:
         expect = (int,)

@@ -294,7 +294,6 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
             if ok:
                 registry.set_channel(cfg.name, "production", pub.version)
                 res.promoted = True
-            out(res.promotion)
     res.wall_s = time.perf_counter() - started
     return res
 

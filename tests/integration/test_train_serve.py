@@ -194,11 +194,11 @@ def test_cli_train_string_labels_jsonl(trained, tmp_path, capsys, tiny_model_dir
                  "--eval", str(evalf), "--label-column", "category", "--workers", "2",
                  "--epochs", "1", "--batch-size", "16", "--registry", str(tmp_path / "reg"),
                  "--runs-dir", str(tmp_path / "runs"), "--name", "topics", "--json",
-                 "--promote", "--min-metric", "accuracy=1.5"])
+                 "--promote", "--min-metric", "loss=0.0001"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["version"] == "v1" and not summary["promoted"]
-    assert "misses the threshold 1.5" in summary["promotion"]
+    assert "misses the threshold 0.0001" in summary["promotion"]
     m = Registry(tmp_path / "reg").verify("topics", "v1")
     assert m["labels"] == ["NEGATIVE", "POSITIVE"]
     assert m["data"]["eval"]["rows"] == 40

@@ -36,14 +36,56 @@ def test_yaml_round_trip_and_flag_override(tmp_path):
     ("eval_fraction", 1.5, "'eval_fraction'"),
     ("name", "../evil", "'name'"),
     ("max_length", 4, "'max_length'"),
+    ("seed", -1, "'seed': must be an integer >= 0"),
+    ("max_grad_norm", float("nan"), "'max_grad_norm': must be a finite number"),
+    ("cpus_per_worker", float("nan"), "'cpus_per_worker': must be a finite number"),
+    ("cpus_per_worker", float("inf"), "'cpus_per_worker': must be a finite number"),
+    ("early_stopping_min_delta", float("nan"), "'early_stopping_min_delta'"),
+    ("columns", "text,text", "'columns': names a column twice: text"),
+    ("label_column", "label", "'label_column': is the same column as text_column"),
+    ("min_metric", "accuracy=0.9", "'min_metric': is the threshold of --promote"),
+    ("extra", {"when": object()}, "'extra': must hold plain values"),
 ])
 def test_invalid_fields_are_named(field, value, needle):
     kw = {field: value}
     if field == "batch_size":
         kw["workers"] = 4
+    if field == "label_column":
+        kw["text_column"] = "label"
     with pytest.raises(ConfigError) as err:
         valid(**kw).validate()
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("spec,task,needle", [
+    ("bogus=0.5", "classification", "a classification run records accuracy, macro_f1"),
+    ("accuracy=2", "classification", "accuracy lies between 0 and 1, got 2.0"),
+    ("accuracy=nan", "classification", "must be a finite number"),
+    ("accuracy=0.9", "generation", "a generation run records loss, perplexity"),
+    ("loss=0", "generation", "loss is above 0"),
+])
+def test_min_metric_names_what_the_task_records(spec, task, needle):
+    with pytest.raises(ConfigError, match="'min_metric'") as err:
+        valid(task=task, train="t.jsonl", promote=True, min_metric=spec).validate()
+    assert needle in str(err.value)
+    valid(promote=True, min_metric="macro_f1=0.8").validate()
+    valid(task="generation", train="t.jsonl", promote=True, min_metric="perplexity=12").validate()
+
+
+def test_yaml_keys_dates_and_exponents(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain: t.csv\n1: 2\n")
+    with pytest.raises(ConfigError, match="field names must be text, got 1"):
+        TrainConfig.from_yaml(path)
+    # YAML 1.1 reads 1e-4 as text and 2024-01-01 as a date: a float and the text written
+    path.write_text("model: m\ntrain: t.csv\nlearning_rate: 1e-4\n"
+                    "extra: {collected_on: 2024-01-01, n: 3}\n")
+    cfg = TrainConfig.from_yaml(path).validate()
+    assert cfg.learning_rate == 1e-4
+    assert cfg.extra == {"collected_on": "2024-01-01", "n": 3}
+    path.write_text("model: m\ntrain: t.csv\nlearning_rate: fast\n")
+    with pytest.raises(ConfigError, match="'learning_rate': expected float, got str 'fast'"):
+        TrainConfig.from_yaml(path)
 
 
 def test_missing_model_and_train():
