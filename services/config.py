@@ -33,7 +33,8 @@ class TrainConfig:
     model: Optional[str] = None
     """Hugging Face model id or local folder (config.json + weights + tokenizer)."""
     train: Optional[str] = None
-    """Training data: .csv, .tsv, .jsonl or .parquet."""
+    """Training data: .csv, .tsv, .jsonl, .json (JSON lines or one array of objects) or
+    .parquet."""
     eval: Optional[str] = None
     """Evaluation data; when absent, `eval_fraction` of the training data is held out."""
     eval_fraction: float = 0.1

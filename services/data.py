@@ -48,11 +48,16 @@ class Row:
 def iter_rows(path: str | Path, columns: Optional[Sequence[str]] = None) -> Iterator[Row]:
     """Yield rows as dicts. `columns` names the fields of a headerless CSV/TSV."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; pass a data file (.csv, .tsv, .jsonl, .json "
+                        "or .parquet)")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     fmt = detect_format(path)
     if fmt in ("csv", "tsv"):
         yield from _iter_delimited(path, fmt, columns)
+    elif fmt == "jsonl" and _starts_with(path, "["):
+        yield from _iter_json_array(path)
     elif fmt == "jsonl":
         yield from _iter_jsonl(path)
     else:
@@ -67,12 +72,21 @@ def _iter_delimited(path: Path, fmt: str, columns: Optional[Sequence[str]]) -> I
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
             header: Optional[list[str]] = list(columns) if columns else None
+            first = True
             for record in reader:
                 line = reader.line_num
+                if first and columns and [v.strip() for v in record] == list(columns):
+                    first = False
+                    continue  # a header naming the columns as --columns does
+                first = False
                 if header is None:
                     header = [h.strip() for h in record]
                     if not any(header):
                         raise DataError(f"{path}:{line}: empty header row")
+                    twice = sorted({h for h in header if h and header.count(h) > 1})
+                    if twice:
+                        raise DataError(f"{path}:{line}: the header names a column twice: "
+                                        f"{_names(twice)}")
                     continue
                 if not record or (len(record) == 1 and not record[0].strip()):
                     continue  # blank line
@@ -104,6 +118,29 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
                 yield Row(obj, f"{path}:{line_no}")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the file's first character other than whitespace (or a BOM) is `char`."""
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == char.encode()
+
+
+def _iter_json_array(path: Path) -> Iterator[Row]:
+    """A .json file holding one array of objects (what json.dump of a list writes)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects or one object per line")
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: item {i + 1} of the array is not a JSON object")
+        yield Row(obj, f"{path}: item {i + 1}")
 
 
 def _iter_parquet(path: Path) -> Iterator[Row]:
@@ -247,6 +284,10 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
     return PairData(prompts, responses, pcol, rcol, str(path), file_sha256(path))
 
 
+MAX_LABELS_SHOWN = 20
+"""Labels listed in a message at most."""
+
+
 class LabelSet:
     """Raw labels <-> contiguous ids. Integer-like labels keep numeric order."""
 
@@ -257,11 +298,12 @@ class LabelSet:
         self.index = {n: i for i, n in enumerate(self.names)}
 
     @classmethod
-    def from_labels(cls, labels: Sequence[Any]) -> "LabelSet":
+    def from_labels(cls, labels: Sequence[Any], where: str = "") -> "LabelSet":
         uniq = {str(lab) for lab in labels}
         if len(uniq) < 2:
             raise DataError(
-                f"need at least 2 distinct labels to train a classifier, found {sorted(uniq)}"
+                f"{where}need at least 2 distinct labels to train a classifier, found "
+                f"{_names(sorted(uniq))}"
             )
         if all(_is_int(u) for u in uniq):
             names = sorted(uniq, key=lambda s: int(s))
@@ -274,9 +316,17 @@ class LabelSet:
         for lab in labels:
             key = str(lab)
             if key not in self.index:
+                shown = self.names[:MAX_LABELS_SHOWN]
+                more = len(self.names) - len(shown)
+                known = _names(shown) + (f", ... ({more} more)" if more else "")
+                hint = ""
+                if len(self.names) > 100 or any(len(n) > 64 for n in self.names):
+                    hint = (f"; {len(self.names)} distinct training labels, some long: are the "
+                            "text and label columns swapped?")
                 raise DataError(
-                    f"{where}label {lab!r} does not occur in the training data "
-                    f"(known labels: {', '.join(self.names)})"
+                    f"{where}label {key if len(key) <= 40 else key[:37] + '...'!r} does not "
+                    "occur in the training data "
+                    f"(known labels: {known}){hint}"
                 )
             out.append(self.index[key])
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -30,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from services import __version__
 from services.config import TrainConfig
-from services.errors import DataError, TrainingFailed
+from services.errors import ConfigError, DataError, TrainingFailed
 from services.metrics import observe as metrics_observe
 from services.raycluster import ensure_ray
 from services.registry import Registry
@@ -147,6 +148,39 @@ def resume_config(run: str, runs_dir: Optional[str] = None,
     return cfg
 
 
+def check_converged(best_metrics: dict[str, Any], run_dir: Path) -> None:
+    """A best checkpoint whose eval loss is not a number holds weights that are not
+    numbers either (the loss diverged): it is never published."""
+    loss = best_metrics.get("eval_loss")
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        raise TrainingFailed(
+            f"training diverged: the eval loss of the best checkpoint is {loss}, so its weights "
+            "are not numbers; nothing was published. Lower --learning-rate (or --max-grad-norm)"
+            f" and train again; the run is in {run_dir}")
+
+
+def _check_resources(cfg: TrainConfig, resources: dict[str, float], local: bool,
+                     out: Callable[[str], None]) -> None:
+    """A run that asks for more CPUs or GPUs than the cluster has would wait for them
+    without a word: on a cluster started here it never gets them (an error naming the
+    flags), on one joined with --address an autoscaler may add nodes (a warning)."""
+    needs = [("CPU", cfg.workers * cfg.cpus_per_worker,
+              f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker:g}")]
+    if cfg.use_gpu:
+        needs.append(("GPU", float(cfg.workers), f"--workers {cfg.workers} with --use-gpu"))
+    for kind, need, flags in needs:
+        have = float(resources.get(kind, 0.0))
+        if need <= have + 1e-9:
+            continue
+        what = f"{need:g} {kind}s ({flags}) and the Ray cluster has {have:g}"
+        if local:
+            raise ConfigError(f"invalid config field 'workers': this run needs {what}; use "
+                              "fewer workers or CPUs per worker, or --address to a larger "
+                              "cluster")
+        out(f"warning: this run needs {what}: it waits until the cluster has them (an "
+            "autoscaling cluster adds nodes)")
+
+
 def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bool] = None,
                  out: Callable[[str], None] = print, progress_bar: Optional[bool] = None,
                  verbose: bool = False, resume: Optional[str] = None) -> TrainResult:
@@ -165,9 +199,9 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
 
     started = time.perf_counter()
     cfg.validate()
-    out(f"model: {describe_model_ref(cfg.model)}")
     prepare_model_ref(cfg.model, field="model",
                       progress=sys.stderr.isatty() if progress_bar is None else progress_bar)
+    out(f"model: {describe_model_ref(cfg.model)}")
     try:
         tokenizer = load_tokenizer(cfg.model)
     except Exception as exc:
@@ -176,7 +210,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     data, data_info = task.prepare_data(cfg, tokenizer)
     out(task.describe_data())
 
-    ensure_ray(cfg.address, verbose=verbose)
+    started_here = ensure_ray(cfg.address, verbose=verbose)
+    _check_resources(cfg, ray.cluster_resources(), started_here, out)
     if resume:
         folder = _run_folder(resume, cfg.runs_dir)
         run_name, runs_dir = folder.name, folder.parent.resolve()
@@ -264,6 +299,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
                       best_epoch=best_metrics.get("epoch"),
                       samples_per_s=progress.last_rate)
     res.artifacts = tracker.artifacts(tracker.plot())
+    check_converged(best_metrics, runs_dir / run_name)
     if publish:
         manifest = {
             "task": cfg.task, "base_model": cfg.model, "labels": task.label_names,

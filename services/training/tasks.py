@@ -70,6 +70,11 @@ class Task:
         from services.training.encoded import choose_max_length, model_limit
 
         limit = model_limit(cfg.model, tokenizer)
+        if cfg.max_length and cfg.max_length > limit:
+            from services.errors import ConfigError
+
+            raise ConfigError(f"invalid config field 'max_length': {cfg.max_length} is more "
+                              f"tokens than the model takes ({limit}, from its config)")
         if self.max_length_cap:
             limit = min(limit, self.max_length_cap)
         n = len(columns[0])
@@ -246,7 +251,10 @@ class ClassificationTask(Task):
             eval_info = None
             split = {"method": "stratified by label", "eval_fraction": cfg.eval_fraction,
                      "seed": cfg.seed, "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
-        labelset = LabelSet.from_labels(tr_labels)
+        where = f"{cfg.train}: " if cfg.eval else (
+            f"{cfg.train}: the {len(tr_labels)} rows left for training after holding out "
+            f"{len(ev_labels)} for eval (--eval-fraction {cfg.eval_fraction}; or pass --eval): ")
+        labelset = LabelSet.from_labels(tr_labels, where=where)
         tr_ids = labelset.encode(tr_labels)
         ev_ids = labelset.encode(ev_labels, where=f"{cfg.eval or cfg.train}: ")
         self.id2label = labelset.id2label

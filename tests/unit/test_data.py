@@ -150,3 +150,40 @@ def test_split_is_deterministic_and_disjoint():
     train, ev = a
     assert len(ev) == 20 and not set(train) & set(ev) and len(train) + len(ev) == 100
     assert split_indices(100, 0.2, seed=4) != a
+
+
+def test_a_folder_a_json_array_and_headers(tmp_path):
+    (tmp_path / "d.tsv").mkdir()
+    with pytest.raises(DataError, match=r"d.tsv: is a folder; pass a data file"):
+        load_labelled(tmp_path / "d.tsv")
+    # .json: an array of objects (json.dump of a list) as well as one object per line
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps([{"text": t, "label": lab} for t, lab in ROWS], indent=2))
+    assert load_labelled(arr).texts == [r[0] for r in ROWS]
+    arr.write_text('[{"text": "a", "label": 1}, "oops"]')
+    with pytest.raises(DataError, match="item 2 of the array is not a JSON object"):
+        load_labelled(arr)
+    arr.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    assert load_labelled(arr).texts == ["a", "b"]
+    # --columns on a file whose first row names the columns the same way: a header
+    both = write(tmp_path / "h.csv", "text,label\ngood,1\nbad,0\n")
+    assert load_labelled(both, columns=["text", "label"]).labels == ["1", "0"]
+    with pytest.raises(DataError, match=r"h2.csv:1: the header names a column twice: text"):
+        load_labelled(write(tmp_path / "h2.csv", "text,text,label\na,b,1\n"))
+
+
+def test_unknown_eval_labels_are_listed_briefly_with_a_hint_when_swapped():
+    texts = [f"a fairly long review sentence number {i} that someone wrote about a film"
+             for i in range(150)]
+    labels = LabelSet.from_labels(texts)
+    with pytest.raises(DataError) as err:
+        labels.encode(["positive"], where="dev.tsv: ")
+    message = str(err.value)
+    assert message.startswith("dev.tsv: label 'positive' does not occur")
+    assert "(130 more)" in message and len(message) < 2000
+    assert "are the text and label columns swapped?" in message
+    with pytest.raises(DataError) as err:
+        LabelSet.from_labels(["x", "y"]).encode(["z"])
+    assert "swapped" not in str(err.value) and "known labels: x, y)" in str(err.value)
+    with pytest.raises(DataError, match="train.csv: need at least 2 distinct labels"):
+        LabelSet.from_labels(["1", "1"], where="train.csv: ")

@@ -152,3 +152,46 @@ def test_checkpoints_are_written_once_into_the_run_folder_and_only_whole(tmp_pat
     with pytest.raises(OSError, match="No space left"):
         write_checkpoint(full_disk)
     assert os.listdir(tmp_path) == ["checkpoint_a"]  # nothing of the failed one
+
+
+def test_a_run_larger_than_the_cluster_is_named_before_it_waits():
+    from services.training.run import _check_resources
+
+    said = []
+    cfg = TrainConfig(model="m", train="t.csv", workers=4, batch_size=32).validate()
+    with pytest.raises(ConfigError, match=r"'workers': this run needs 4 CPUs \(--workers 4 x "
+                                          r"--cpus-per-worker 1\) and the Ray cluster has 2"):
+        _check_resources(cfg, {"CPU": 2.0}, True, said.append)
+    _check_resources(cfg, {"CPU": 2.0}, False, said.append)  # joined: a node may come
+    assert said and said[0].startswith("warning: this run needs 4 CPUs")
+    _check_resources(cfg, {"CPU": 4.0}, True, said.append)
+    gpu = TrainConfig(model="m", train="t.csv", workers=2, use_gpu=True).validate()
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        _check_resources(gpu, {"CPU": 16.0}, True, said.append)
+    assert len(said) == 1
+
+
+def test_a_diverged_run_is_not_published(tmp_path):
+    from services.errors import TrainingFailed
+    from services.training.run import check_converged
+
+    check_converged({"eval_loss": 0.3, "eval_accuracy": 0.9}, tmp_path)
+    check_converged({"eval_accuracy": 0.9}, tmp_path)
+    for loss in (float("nan"), float("inf")):
+        with pytest.raises(TrainingFailed, match="diverged.*nothing was published"):
+            check_converged({"eval_loss": loss, "eval_accuracy": 0.45}, tmp_path)
+
+
+def test_max_length_above_the_models_limit_is_named(tiny_model_dir, tmp_path):
+    from services.modeling import load_tokenizer
+    from services.training.tasks import make_task
+
+    data = tmp_path / "t.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    cfg = TrainConfig(model=str(tiny_model_dir), train=str(data), max_length=100_000).validate()
+    with pytest.raises(ConfigError, match=r"'max_length': 100000 is more tokens than the model "
+                                          r"takes \(\d+, from its config\)"):
+        make_task(cfg).prepare_data(cfg, tokenizer)
+    cfg = TrainConfig(model=str(tiny_model_dir), train=str(data), max_length=16).validate()
+    make_task(cfg).prepare_data(cfg, tokenizer)
