@@ -21,8 +21,10 @@ import itertools
 from typing import Iterable, Iterator, Optional, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.errors import InvalidInput
 from services.protocol import INFERENCE_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
 from services.serving.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
 
@@ -50,8 +52,9 @@ class Client:
         most (docs/kubernetes.md)."""
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
+        _check_address(address)
         self.address = address
-        self.timeout_s = timeout_s
+        self.timeout_s = _deadline(timeout_s)
         self.channels = [grpc.insecure_channel(address,
                                                options=[("grpc.use_local_subchannel_pool", 1)])
                          for _ in range(connections)]
@@ -88,42 +91,45 @@ class Client:
         for channel in self.channels:
             channel.close()
 
+    def _timeout(self, timeout_s: Optional[float]) -> Optional[float]:
+        return self.timeout_s if timeout_s is None else _deadline(timeout_s)
+
     def classify(self, model: str, texts: Sequence[str], version: str = "",
                  timeout_s: Optional[float] = None) -> pb.ClassifyResponse:
-        req = pb.ClassifyRequest(model=model, texts=list(texts), version=version)
-        return self.inference.Classify(req, timeout=timeout_s or self.timeout_s,
+        req = build(pb.ClassifyRequest, model=model, texts=list(texts), version=version)
+        return self.inference.Classify(req, timeout=self._timeout(timeout_s),
                                        metadata=self._metadata)
 
     def generate(self, model: str, prompt: str, **params) -> pb.GenerateResponse:
-        timeout_s = params.pop("timeout_s", None) or self.timeout_s
-        req = pb.GenerateRequest(model=model, prompt=prompt, **params)
+        timeout_s = self._timeout(params.pop("timeout_s", None))
+        req = build(pb.GenerateRequest, model=model, prompt=prompt, **params)
         return self.inference.Generate(req, timeout=timeout_s, metadata=self._metadata)
 
     def generate_stream(self, model: str, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
-        timeout_s = params.pop("timeout_s", None) or self.timeout_s
-        req = pb.GenerateRequest(model=model, prompt=prompt, **params)
+        timeout_s = self._timeout(params.pop("timeout_s", None))
+        req = build(pb.GenerateRequest, model=model, prompt=prompt, **params)
         return self.inference.GenerateStream(req, timeout=timeout_s, metadata=self._metadata)
 
     def list_models(self, model: str = "") -> pb.ListModelsResponse:
-        return self.inference.ListModels(pb.ListModelsRequest(model=model),
+        return self.inference.ListModels(build(pb.ListModelsRequest, model=model),
                                          timeout=self.timeout_s, metadata=self._metadata)
 
     # ---- Admin ----------------------------------------------------------------------
     def promote(self, model: str, version: str, channel: str = "") -> admin_pb.AdminResponse:
-        return self.admin.Promote(admin_pb.PromoteRequest(model=model, version=version,
+        return self.admin.Promote(build(admin_pb.PromoteRequest, model=model, version=version,
                                                           channel=channel),
                                   timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def rollback(self, model: str, channel: str = "") -> admin_pb.AdminResponse:
-        return self.admin.Rollback(admin_pb.RollbackRequest(model=model, channel=channel),
+        return self.admin.Rollback(build(admin_pb.RollbackRequest, model=model, channel=channel),
                                    timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def pin(self, model: str, version: str) -> admin_pb.AdminResponse:
-        return self.admin.Pin(admin_pb.PinRequest(model=model, version=version),
+        return self.admin.Pin(build(admin_pb.PinRequest, model=model, version=version),
                               timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def unpin(self, model: str) -> admin_pb.AdminResponse:
-        return self.admin.Unpin(admin_pb.UnpinRequest(model=model),
+        return self.admin.Unpin(build(admin_pb.UnpinRequest, model=model),
                                 timeout=self.timeout_s, metadata=self._admin_metadata)
 
     def health(self, service: str = INFERENCE_SERVICE, timeout_s: float = 5.0) -> str:
@@ -146,6 +152,71 @@ class Client:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(poll_s)
         raise TimeoutError(f"{self.address} not SERVING after {timeout_s:.0f}s ({last})")
+
+
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+}
+
+
+def build(message_cls, **fields):
+    """A request message, each value checked against its field first: an integer out of
+    the field's range, a string that is not UTF-8 text (e.g. bytes from a shell in
+    another locale), a wrong type, each an InvalidInput naming the field."""
+    descriptor = message_cls.DESCRIPTOR
+    for name, value in fields.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            raise InvalidInput(f"{name}: not a field of {descriptor.full_name}")
+        repeated = getattr(field, "is_repeated", None)  # protobuf 7 has no .label
+        if repeated is None:
+            repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        values = value if repeated else [value]
+        if repeated and isinstance(value, (str, bytes)):
+            raise InvalidInput(f"{name}: expected a list, got one {type(value).__name__}")
+        for i, item in enumerate(values):
+            where = f"{name}[{i}]" if repeated else name
+            if field.type in _INT_RANGES:
+                low, high = _INT_RANGES[field.type]
+                if not isinstance(item, int) or isinstance(item, bool):
+                    raise InvalidInput(f"{where}: expected an integer, got {item!r}")
+                if not low <= item <= high:
+                    raise InvalidInput(f"{where}: {item} is out of range ({low} to {high})")
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                if not isinstance(item, str):
+                    raise InvalidInput(f"{where}: expected text, got {type(item).__name__}")
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidInput(f"{where}: not valid UTF-8 text (bytes that are not "
+                                       "text, e.g. from a shell in another locale)") from None
+    try:
+        return message_cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{descriptor.full_name}: {exc}") from None
+
+
+def _check_address(address: str) -> None:
+    """HOST:PORT with a port gRPC can reach (it would wrap 99999 round to another)."""
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidInput("address: empty; expected HOST:PORT, e.g. localhost:9000")
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and not 1 <= int(port) <= 65535:
+        raise InvalidInput(f"address: port {port} is out of range (1-65535) in {address!r}")
+
+
+def _deadline(timeout_s: Optional[float]) -> Optional[float]:
+    """A call's timeout in seconds: > 0; inf or None means no deadline."""
+    if timeout_s is None or timeout_s == float("inf"):
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+            or not timeout_s > 0:
+        raise InvalidInput(f"timeout_s: must be a number of seconds > 0 (or inf for none), "
+                           f"got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def _bearer(token: Optional[str]) -> list[tuple[str, str]]:

@@ -163,6 +163,41 @@ def test_classify_against_nothing_reports_unavailable(capsys):
     assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--model", "m", "--max-new-tokens", "-5", "hi"],
+     "max_new_tokens: -5 is out of range (0 to 4294967295)"),
+    (["generate", "--model", "m", "--top-k", "99999999999", "hi"],
+     "top_k: 99999999999 is out of range"),
+    (["generate", "--model", "m", "--seed", "99999999999999999999999", "hi"],
+     "seed: 99999999999999999999999 is out of range"),
+    (["classify", "--model", "m", "ok", "bad\udcff"],
+     "texts[1]: not valid UTF-8 text"),
+    (["generate", "--model", "m", "--stop", "\udcff", "hi"], "stop[0]: not valid UTF-8 text"),
+    (["classify", "--address", "localhost:99999", "--model", "m", "x"],
+     "address: port 99999 is out of range (1-65535)"),
+    (["classify", "--timeout-s", "-1", "--model", "m", "x"], "timeout_s: must be a number"),
+    (["generate", "--timeout-s", "nan", "--model", "m", "x"], "timeout_s: must be a number"),
+])
+def test_client_flags_out_of_range_are_named_before_any_call(argv, needle, capsys):
+    from tests.helpers import free_port
+
+    if "--address" not in argv:  # nothing listens: a call would say UNAVAILABLE
+        argv = [argv[0], "--address", f"127.0.0.1:{free_port()}", *argv[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and "UNAVAILABLE" not in err
+
+
+def test_client_timeouts():
+    from services.client import Client
+    from services.errors import InvalidInput
+
+    with Client("localhost:1", timeout_s=float("inf")) as client:
+        assert client.timeout_s is None and client._timeout(2) == 2.0
+        with pytest.raises(InvalidInput, match="timeout_s"):
+            client._timeout(0)
+
+
 def test_models_promote_rollback_pin_unpin_on_the_registry(tmp_path, capsys):
     reg = Registry(tmp_path / "reg")
     ck = fake_checkpoint(tmp_path / "ck")
