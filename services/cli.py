@@ -471,6 +471,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_command in ("promote", "rollback", "pin", "unpin"):
         return _models_change(args)
     reg = Registry(args.registry)
+    if not reg.backend.remote and not Path(reg.backend.root).is_dir():
+        raise InvalidInput(f"--registry: no registry at {args.registry} (no such folder)")
     if args.models_command == "verify":
         manifest = reg.verify(args.name, args.model_version)
         print(f"{args.name} {args.model_version}: OK ({len(manifest['files'])} files verified)")
@@ -488,8 +490,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(json.dumps(row))
         return 0
     if not data:
-        missing = "" if Path(args.registry).is_dir() else " (no such folder)"
-        print(f"no models in {args.registry}{missing}")
+        print(f"no models in {args.registry}")
         return 0
     rows = [(d["name"], d["version"], d["task"], ",".join(d["channels"]) or "-",
              _headline_metric(d["metrics"]), d["created_at"]) for d in data]

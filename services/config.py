@@ -347,6 +347,8 @@ _ConfigLoader.yaml_implicit_resolvers = {
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

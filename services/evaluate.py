@@ -297,8 +297,11 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
 
     if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"--batch-size: must be at least 1, got {batch_size}")
-    if timeout_s <= 0:
+    if not timeout_s > 0:
         raise InvalidInput(f"--timeout-s: must be > 0, got {timeout_s}")
+    if token_file and not address:
+        raise InvalidInput("--token-file: a token is for a server; pass --address too (a "
+                           "registry on disk needs none)")
     name, version = parse_model_ref(model)
     examples = read_data(data, text_column, label_column, columns, limit)
     if address:

@@ -328,6 +328,8 @@ class Registry:
     def rollback(self, name: str, channel: str = "production") -> str:
         """Move a channel back to the version it pointed at before."""
         self._channel_rel(name, channel)  # validates both names before any file is touched
+        if not self.exists(name):
+            raise ModelNotFound(f"model '{name}' not found in the registry")
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
             history = [v for v in state.get("history") or [] if self.exists(name, v)]

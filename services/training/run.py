@@ -140,8 +140,16 @@ def resume_config(run: str, runs_dir: Optional[str] = None,
                   address: Optional[str] = None) -> TrainConfig:
     """The config an interrupted run started with (its run folder's tuneserve_run.json)."""
     folder = _run_folder(run, runs_dir)
-    saved = json.loads((folder / RUN_CONFIG_FILE).read_text())
-    cfg = TrainConfig.from_dict(saved["config"], source=str(folder / RUN_CONFIG_FILE))
+    path = folder / RUN_CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} is unreadable ({type(exc).__name__}: {exc}); "
+                          "the run cannot be resumed") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ConfigError(f"--resume: {path} holds no run config (a 'config' mapping); "
+                          "the run cannot be resumed")
+    cfg = TrainConfig.from_dict(saved["config"], source=str(path))
     cfg.runs_dir = str(folder.parent)
     if address:
         cfg.address = address

@@ -89,11 +89,26 @@ def test_models_list_shows_each_tasks_metric_and_a_missing_registry(tmp_path, ca
     assert "perplexity 3.490" in next(line for line in lines if line.startswith("gsm"))
     old = next(line for line in lines if line.startswith("old"))
     assert "nan" not in old and "accuracy" not in old and old.split()[4] == "-"
-    assert main(["models", "list", "--registry", str(tmp_path / "none")]) == 0
-    assert "no models in" in (out := capsys.readouterr().out) and "(no such folder)" in out
+    for argv in (["list"], ["list", "--json"], ["verify", "sent", "v1"]):
+        assert main(["models", *argv, "--registry", str(tmp_path / "none")]) == 2
+        assert "--registry: no registry at" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["models", "list", "--registry", str(tmp_path / "empty")]) == 0
-    assert "no such folder" not in capsys.readouterr().out
+    assert "no models in" in capsys.readouterr().out
+    # rolling back a model that is not there says so, and leaves no folder behind
+    assert main(["models", "rollback", "nope", "--registry", str(tmp_path / "reg")]) == 1
+    assert "model 'nope' not found" in capsys.readouterr().err
+    assert not (tmp_path / "reg" / "nope").exists()
+
+
+def test_eval_token_without_address_and_a_config_folder(tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,1\n")
+    assert main(["eval", "--data", str(data), "--model", "m", "--token-file",
+                 str(tmp_path / "t")]) == 2
+    assert "--token-file: a token is for a server; pass --address" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert "is a folder; pass a YAML file" in capsys.readouterr().err
 
 
 def test_serve_with_empty_registry_fails_clearly(tmp_path, capsys):

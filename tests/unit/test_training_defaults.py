@@ -195,3 +195,19 @@ def test_max_length_above_the_models_limit_is_named(tiny_model_dir, tmp_path):
         make_task(cfg).prepare_data(cfg, tokenizer)
     cfg = TrainConfig(model=str(tiny_model_dir), train=str(data), max_length=16).validate()
     make_task(cfg).prepare_data(cfg, tokenizer)
+
+
+def test_resume_of_a_damaged_run_folder_is_one_clear_error(tmp_path):
+    from services.training.run import RUN_CONFIG_FILE, resume_config
+
+    run = tmp_path / "sst-1"
+    run.mkdir()
+    with pytest.raises(ConfigError, match="--resume: no run 'sst-1'"):
+        resume_config("sst-1", str(tmp_path))
+    for body, needle in (("{bad", "is unreadable"), ('{"run": "x"}', "holds no run config"),
+                         ("[1]", "holds no run config")):
+        (run / RUN_CONFIG_FILE).write_text(body)
+        with pytest.raises(ConfigError, match=needle):
+            resume_config("sst-1", str(tmp_path))
+    (run / RUN_CONFIG_FILE).write_text('{"config": {"model": "m", "train": "t.csv"}}')
+    assert resume_config("sst-1", str(tmp_path)).runs_dir == str(tmp_path)
