@@ -96,7 +96,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--worker-cpus", default=None,
                    help="per worker pod (default: cpus_per_worker rounded up)")
     g.add_argument("--worker-memory", default="6Gi")
-    g.add_argument("--gpus-per-worker", type=int, default=1, help="with --use-gpu")
+    g.add_argument("--gpus-per-worker", type=int, default=None,
+                   help="with --use-gpu (default: 1)")
     g.add_argument("--ttl-s", type=int, default=600,
                    help="keep the finished cluster this long for logs (default: 600)")
     g.add_argument("--backoff-limit", type=int, default=1, help="retries on a new cluster")
@@ -162,12 +163,19 @@ def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         print(f"warning: {name} = {getattr(cfg, name)!r} is read inside the pods; put it on "
               f"the shared volume (under {objects.DATA_MOUNT}/) or use a Hugging Face id",
               file=sys.stderr)
-    for name, value in (("ttl-s", args.ttl_s), ("backoff-limit", args.backoff_limit),
-                        ("gpus-per-worker", args.gpus_per_worker)):
+    for name, value in (("ttl-s", args.ttl_s), ("backoff-limit", args.backoff_limit)):
         if value < 0:
             raise InvalidInput(f"--{name}: must be >= 0, got {value}")
-    if cfg.use_gpu and args.gpus_per_worker < 1:
+    if args.gpus_per_worker is not None and not cfg.use_gpu:
+        raise InvalidInput("--gpus-per-worker: applies to a run that uses GPUs; pass "
+                           "--use-gpu too (or drop it)")
+    gpus_per_worker = 1 if args.gpus_per_worker is None else args.gpus_per_worker
+    if cfg.use_gpu and gpus_per_worker < 1:
         raise InvalidInput("--gpus-per-worker: the run uses GPUs (use_gpu), so at least 1")
+    objects.cpu_quantity(args.head_cpus, "--head-cpus")
+    objects.memory_quantity(args.head_memory, "--head-memory")
+    objects.memory_quantity(args.worker_memory, "--worker-memory")
+    objects.check_claim_name(args.pvc)
     if args.worker_cpus is not None and \
             objects.cpu_quantity(args.worker_cpus, "--worker-cpus") < cfg.cpus_per_worker:
         # Ray Train would wait forever for a worker slot that no pod offers.
@@ -176,7 +184,7 @@ def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     opts = JobOptions(namespace=args.namespace, image=args.image, job_name=args.job_name,
                       pvc=args.pvc, head_cpus=args.head_cpus, head_memory=args.head_memory,
                       worker_cpus=args.worker_cpus, worker_memory=args.worker_memory,
-                      gpus_per_worker=args.gpus_per_worker, ttl_s=args.ttl_s,
+                      gpus_per_worker=gpus_per_worker, ttl_s=args.ttl_s,
                       backoff_limit=args.backoff_limit)
     return objects.build_train_objects(run_config, cfg, opts)
 
@@ -246,6 +254,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    objects.check_k8s_name(args.job, "job")
     if args.dry_run:
         print(objects.to_yaml({"apiVersion": f"{objects.RAY_GROUP}/{objects.RAY_API_VERSION}",
                                "kind": "RayJob",
@@ -269,8 +278,12 @@ def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
                 docs = [d for d in yaml.safe_load_all(fh) if d]
         except OSError as exc:
             raise ConfigError(f"{args.file}: {exc.strerror}") from None
-        services = [d for d in docs if d.get("kind") == "RayService"
-                    and d.get("metadata", {}).get("name") == args.service]
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            why = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(f"{args.file}: not valid YAML: {why}") from None
+        services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "RayService"
+                    and isinstance(d.get("metadata"), dict)
+                    and d["metadata"].get("name") == args.service]
         if not services:
             raise ConfigError(f"{args.file}: no RayService named {args.service!r}")
         obj = services[0]

@@ -152,6 +152,16 @@ class Kube:
         except ConfigException as exc:
             where = ", ".join(map(str, existing)) or "in-cluster config"
             raise KubernetesError(f"cannot use Kubernetes config ({where}): {exc}") from None
+        except KubernetesError:
+            raise
+        except Exception as exc:  # a file that is not a kubeconfig: YAML errors, a list, ...
+            import yaml
+
+            what = ("not valid YAML" if isinstance(exc, (yaml.YAMLError, UnicodeDecodeError))
+                    else "not a kubeconfig (a mapping with clusters, users and contexts)")
+            where = ", ".join(map(str, existing)) or "in-cluster config"
+            raise KubernetesError(f"cannot use Kubernetes config ({where}): {what}: "
+                                  f"{type(exc).__name__}") from None
         raise KubernetesError(
             "no Kubernetes config: no kubeconfig at "
             f"{', '.join(map(str, paths))} (set KUBECONFIG or --kubeconfig) and not "

@@ -86,11 +86,38 @@ def check_k8s_name(name: str, what: str, max_len: int = MAX_JOB_NAME) -> str:
 
 
 def cpu_quantity(value: str, what: str) -> float:
-    """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs."""
+    """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs, more than 0."""
     try:
-        return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+        cpus = float(value[:-1]) / 1000 if value.endswith("m") else float(value)
     except ValueError:
-        raise InvalidInput(f"{what}: {value!r} is not a CPU quantity (e.g. 2, 1.5, 500m)")
+        cpus = float("nan")
+    if not _PLAIN_NUMBER.match(value.removesuffix("m")) or not 0 < cpus < float("inf"):
+        raise InvalidInput(f"{what}: {value!r} is not a CPU quantity above 0 (e.g. 2, 1.5, "
+                           "500m)")
+    return cpus
+
+
+_PLAIN_NUMBER = re.compile(r"^(\d+(\.\d*)?|\.\d+)$")
+_MEMORY = re.compile(r"^(\d+(\.\d*)?|\.\d+)([EPTGMk]i?|Ki|m)?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def memory_quantity(value: str, what: str) -> str:
+    """A Kubernetes memory quantity ("6Gi", "512Mi", "8G", "1000000"), more than 0."""
+    match = _MEMORY.match(value)
+    if not match or float(match.group(1)) <= 0 or match.group(3) == "m":
+        raise InvalidInput(f"{what}: {value!r} is not a memory quantity above 0 (e.g. 6Gi, "
+                           "512Mi, 8G)")
+    return value
+
+
+def check_claim_name(name: str, what: str = "--pvc") -> str:
+    """A PersistentVolumeClaim name: a DNS-1123 subdomain."""
+    if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+        raise InvalidInput(f"{what} {name!r}: a claim name is at most 253 characters of "
+                           "lower-case letters, digits, '-' and '.', starting and ending "
+                           "with a letter or digit")
+    return name
 
 
 def check_version(version: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Union
@@ -18,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from services.errors import InvalidInput, TuneserveError
+from services.errors import ConfigError, InvalidInput, TuneserveError
 from services.k8s import objects, register, run
 from services.k8s.client import (JobState, KubeRayMissing, KubernetesError, ObjectNotFound,
                                  published_version)
@@ -640,3 +641,45 @@ def test_wired_into_the_tuneserve_command(run_yaml, capsys):
         ["ConfigMap", "RayJob"]
     assert cli.main(["k8s", "promote", "sentiment", "latest"]) == 2
     assert capsys.readouterr().err.startswith("error: version 'latest'")
+
+
+@pytest.mark.parametrize("body", ["- a\n- b\n", "a: [unclosed\n", "a\x00b: 1\n"])
+def test_files_that_are_not_what_they_should_be(tmp_path, body):
+    path = tmp_path / "f.yaml"
+    path.write_text(body)
+    with pytest.raises(KubernetesError, match=r"cannot use Kubernetes config .*: not (valid "
+                                              r"YAML|a kubeconfig)"):
+        k8s("status", "job1", "--kubeconfig", str(path))
+    with pytest.raises(ConfigError, match=r"f.yaml: (not valid YAML|no RayService)") as err:
+        k8s("promote", "m", "v2", "--file", str(path))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--head-cpus", "abc"], "--head-cpus: 'abc' is not a CPU quantity"),
+    (["--head-cpus=-1"], "--head-cpus: '-1' is not a CPU quantity above 0"),
+    (["--head-memory", "lots"], "--head-memory: 'lots' is not a memory quantity"),
+    (["--worker-memory", "1.5.5Gi"], "--worker-memory: '1.5.5Gi' is not a memory quantity"),
+    (["--worker-memory", "0Gi"], "--worker-memory: '0Gi' is not a memory quantity above 0"),
+    (["--pvc", "Bad_PVC"], "--pvc 'Bad_PVC': a claim name"),
+    (["--gpus-per-worker", "2"], "--gpus-per-worker: applies to a run that uses GPUs"),
+    (["--use-gpu", "--gpus-per-worker", "0"], "--gpus-per-worker: the run uses GPUs"),
+])
+def test_cluster_settings_are_checked_before_anything_is_written(flags, needle, capsys):
+    with pytest.raises(InvalidInput, match=re.escape(needle)):
+        k8s("train", "--dry-run", "--model", "bert", "--train", "/data/t.csv", *flags)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(InvalidInput, match="job 'Bad_Job'"):
+        k8s("delete", "Bad_Job", "--dry-run")
+
+
+def test_cluster_settings_that_are_fine(capsys):
+    _, job = dry_run_objects(capsys, "--model", "bert", "--train", "/data/t.csv", "--use-gpu",
+                             "--gpus-per-worker", "2", "--head-cpus", "500m",
+                             "--head-memory", "512Mi", "--worker-memory", "8G",
+                             "--pvc", "shared.data-1")
+    spec = job["spec"]["rayClusterSpec"]
+    res = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == 2 or res["limits"]["nvidia.com/gpu"] == "2"
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert str(head["limits"]["cpu"]) == "500m" and head["limits"]["memory"] == "512Mi"
