@@ -62,6 +62,15 @@ def validate_version(version: str) -> str:
     return version
 
 
+def _history(state: dict[str, Any]) -> list[str]:
+    """A channel's earlier versions, oldest first; anything else in a hand-edited
+    file (not a list, not a version) is skipped."""
+    history = state.get("history")
+    if not isinstance(history, list):
+        return []
+    return [v for v in history if isinstance(v, str) and VERSION_RE.match(v)]
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -316,7 +325,7 @@ class Registry:
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
-            history = list(state.get("history") or [])
+            history = _history(state)
             previous = state.get("version")
             if previous and previous != version:
                 history.append(previous)
@@ -332,7 +341,7 @@ class Registry:
             raise ModelNotFound(f"model '{name}' not found in the registry")
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
-            history = [v for v in state.get("history") or [] if self.exists(name, v)]
+            history = [v for v in _history(state) if self.exists(name, v)]
             current = state.get("version")
             while history and history[-1] == current:
                 history.pop()

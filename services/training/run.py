@@ -213,7 +213,10 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     try:
         tokenizer = load_tokenizer(cfg.model)
     except Exception as exc:
-        raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {first} (a model "
+                        "folder needs the tokenizer files save_pretrained writes, e.g. "
+                        "tokenizer.json or vocab.txt, beside config.json)") from None
     task = make_task(cfg)
     data, data_info = task.prepare_data(cfg, tokenizer)
     out(task.describe_data())

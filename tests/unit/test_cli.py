@@ -297,3 +297,15 @@ def test_direct_ingress_environment_gives_the_ingress_exactly_the_grpc_port():
     # Serve allocates ingress ports from range(min, max): only 9000
     assert range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]),
                  int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"])) == range(9000, 9001)
+
+
+def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,1\nb,0\n")
+    assert main(["train", "--model", str(tmp_path / "m"), "--train", str(data),
+                 "--registry", str(tmp_path / "reg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot load a tokenizer" in err and "tokenizer.json or vocab.txt" in err
+    assert len(err.splitlines()) == 1

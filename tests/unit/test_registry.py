@@ -56,6 +56,20 @@ def test_channels_and_rollback(tmp_path):
         reg.set_channel("m", "production", "v9")
     with pytest.raises(RegistryError, match="no earlier"):
         reg.rollback("m")
+    with pytest.raises(ModelNotFound, match="model 'nope' not found"):
+        reg.rollback("nope")
+    # a hand-edited channel file: history that is not a list of versions is skipped
+    channel = tmp_path / "reg" / "m" / "channels" / "production.json"
+    for history in ('"v2"', '["v2", 7, "../x"]'):
+        channel.write_text('{"version": "v1", "history": %s}' % history)
+        expected = "v1" if history.startswith('"') else "v2"
+        if expected == "v1":
+            with pytest.raises(RegistryError, match="no earlier"):
+                reg.rollback("m")
+        else:
+            assert reg.rollback("m") == "v2"
+    reg.set_channel("m", "production", "v3")
+    assert json.loads(channel.read_text())["history"] == ["v2"]
 
 
 def test_verify_detects_flipped_byte_missing_file_extra_pickle(tmp_path):
