@@ -171,6 +171,8 @@ def build(message_cls, **fields):
         field = descriptor.fields_by_name.get(name)
         if field is None:
             raise InvalidInput(f"{name}: not a field of {descriptor.full_name}")
+        if value is None:  # unset, as protobuf reads it
+            continue
         repeated = getattr(field, "is_repeated", None)  # protobuf 7 has no .label
         if repeated is None:
             repeated = field.label == FieldDescriptor.LABEL_REPEATED
