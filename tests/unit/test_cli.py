@@ -121,7 +121,7 @@ def test_serve_on_a_busy_port_names_it_before_ray_starts(tmp_path):
     Serve's proxy actor; a taken default HTTP port (unused by gRPC) is not an error."""
     import socket
 
-    from services.serving.app import port_in_use
+    from services.serving.app import check_ports_free, port_in_use
     from tests.helpers import free_port
 
     reg = Registry(tmp_path / "reg")
@@ -131,17 +131,20 @@ def test_serve_on_a_busy_port_names_it_before_ray_starts(tmp_path):
         holder.listen()
         busy = holder.getsockname()[1]
         assert port_in_use(busy)
-        for flags, needle in ((["--grpc-port", str(busy)], "'grpc_port': port"),
-                              (["--http-port", str(busy)], "'http_port': port"),
-                              (["--metrics-port", str(busy)], "'metrics_port': port")):
-            proc = subprocess.run(
-                [sys.executable, "-m", "services", "serve", "--registry", str(tmp_path / "reg"),
-                 *(flags if "--grpc-port" in flags else ["--grpc-port", str(free_port()),
-                                                          *flags])],
-                capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
-            assert proc.returncode == 2, proc.stderr
-            assert needle in proc.stderr and f"{busy} is already in use" in proc.stderr
-            assert flags[0] in proc.stderr and "Traceback" not in proc.stderr
+        # the whole command, in a process of its own (no Ray there to skip the check)
+        proc = subprocess.run(
+            [sys.executable, "-m", "services", "serve", "--registry", str(tmp_path / "reg"),
+             "--grpc-port", str(busy)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+        assert proc.returncode == 2, proc.stderr
+        assert f"'grpc_port': port {busy} is already in use" in proc.stderr
+        assert "--grpc-port" in proc.stderr and "Traceback" not in proc.stderr
+        # the other ports, as start_serving checks them
+        free = free_port()
+        for kwargs, http, needle in (({"metrics_port": busy}, None, "'metrics_port'"),
+                                     ({}, busy, "'http_port'")):
+            with pytest.raises(ConfigError, match=f"{needle}: port {busy} is already in use"):
+                check_ports_free(ServeConfig(grpc_port=free, **kwargs), http)
     assert not port_in_use(busy)
 
 
