@@ -500,11 +500,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _headline_metric(metrics: dict) -> str:
     """A classifier's accuracy, a generator's perplexity, from a manifest's metrics."""
-    for key, label, fmt in (("accuracy", "accuracy", ".4f"), ("perplexity", "perplexity", ".3f"),
-                            ("loss", "loss", ".4f")):
+    for key, fmt in (("accuracy", ".4f"), ("perplexity", ".3f"), ("loss", ".4f")):
         value = metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f"{label} {value:{fmt}}"
+            return f"{key} {value:{fmt}}"
     return "-"
 
 

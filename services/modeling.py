@@ -122,7 +122,7 @@ def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False)
     except Exception as exc:  # network: DNS, refused, timeout, TLS
         raise ConfigError(f"{field} {ref!r} is not a local folder and is not in the Hugging Face "
                           f"cache ({constants.HF_HUB_CACHE}), and the Hub ({constants.ENDPOINT}) "
-                          f"cannot be reached: {exc or type(exc).__name__}. Pass a local folder, "
+                          f"cannot be reached: {str(exc) or type(exc).__name__}. Pass a local folder, "
                           "or run where the Hub can be reached") from None
 
     from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,

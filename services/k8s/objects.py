@@ -87,25 +87,22 @@ def check_k8s_name(name: str, what: str, max_len: int = MAX_JOB_NAME) -> str:
 
 def cpu_quantity(value: str, what: str) -> float:
     """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs, more than 0."""
-    try:
-        cpus = float(value[:-1]) / 1000 if value.endswith("m") else float(value)
-    except ValueError:
-        cpus = float("nan")
-    if not _PLAIN_NUMBER.match(value.removesuffix("m")) or not 0 < cpus < float("inf"):
+    number = value.removesuffix("m")
+    if not _PLAIN_NUMBER.match(number) or float(number) <= 0:
         raise InvalidInput(f"{what}: {value!r} is not a CPU quantity above 0 (e.g. 2, 1.5, "
                            "500m)")
-    return cpus
+    return float(number) / (1000 if value.endswith("m") else 1)
 
 
 _PLAIN_NUMBER = re.compile(r"^(\d+(\.\d*)?|\.\d+)$")
-_MEMORY = re.compile(r"^(\d+(\.\d*)?|\.\d+)([EPTGMk]i?|Ki|m)?$")
+_MEMORY = re.compile(r"^(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[kMGTPE])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def memory_quantity(value: str, what: str) -> str:
     """A Kubernetes memory quantity ("6Gi", "512Mi", "8G", "1000000"), more than 0."""
     match = _MEMORY.match(value)
-    if not match or float(match.group(1)) <= 0 or match.group(3) == "m":
+    if not match or float(match.group(1)) <= 0:
         raise InvalidInput(f"{what}: {value!r} is not a memory quantity above 0 (e.g. 6Gi, "
                            "512Mi, 8G)")
     return value
