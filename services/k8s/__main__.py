@@ -8,9 +8,9 @@ from services.k8s import register, run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.k8s")
+    parser = argparse.ArgumentParser(prog="python -m services")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register(sub)
+    register(sub, prog="python -m services.k8s")  # usage lines name the form that works
     args = parser.parse_args(["k8s", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)

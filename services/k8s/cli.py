@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from services.config import template_from_flag
@@ -60,8 +62,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                                metavar="A,B" if "list" in hint else "VALUE")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add `k8s` and its actions to an argparse subparsers object; returns its parser."""
+def register(subparsers, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Add `k8s` and its actions to an argparse subparsers object; returns its parser.
+    `prog`: the command's name in usage lines, where it is not `... k8s`."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE,
                         help=f"namespace of the RayJobs and the RayService "
@@ -73,6 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "k8s", help="train and pin versions on Kubernetes (KubeRay RayJob / RayService)",
+        **({"prog": prog} if prog else {}),
         description="Submit and follow training RayJobs; pin the version a RayService "
                     "serves. See docs/kubernetes.md.")
     sub = parser.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
@@ -136,9 +140,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help=f"Serve application name (default: {APP_NAME})")
         p.add_argument("--dry-run", action="store_true",
                        help="print the patch instead of applying it")
-        p.add_argument("--file", default=None, metavar="RAYSERVICE_YAML",
-                       help="edit this RayService manifest instead of the cluster's and "
-                            "print the result (no cluster needed)")
+        p.add_argument("--file", default=None, metavar="MANIFEST_YAML",
+                       help="edit this manifest instead of the cluster's RayService and "
+                            "print the result, changed only in the pin (no cluster "
+                            "needed): a RayService, or an overlay's patch of "
+                            "/spec/serveConfigV2 (k8s/overlays/gpu/rayservice-gpu.yaml)")
+        p.add_argument("--in-place", action="store_true",
+                       help="with --file: write the result back to the file")
     return parser
 
 
@@ -176,6 +184,8 @@ def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     objects.memory_quantity(args.head_memory, "--head-memory")
     objects.memory_quantity(args.worker_memory, "--worker-memory")
     objects.check_claim_name(args.pvc)
+    if args.image is not None:
+        objects.image_reference(args.image)
     if args.worker_cpus is not None and \
             objects.cpu_quantity(args.worker_cpus, "--worker-cpus") < cfg.cpus_per_worker:
         # Ray Train would wait forever for a worker slot that no pod offers.
@@ -273,24 +283,9 @@ def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
     if version is not None:
         objects.check_version(version)  # before any cluster or file is read
     if args.file:
-        try:
-            with open(args.file, encoding="utf-8") as fh:
-                docs = [d for d in yaml.safe_load_all(fh) if d]
-        except OSError as exc:
-            raise ConfigError(f"{args.file}: {exc.strerror}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            why = str(getattr(exc, "problem", None) or exc).splitlines()[0]
-            raise ConfigError(f"{args.file}: not valid YAML: {why}") from None
-        services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "RayService"
-                    and isinstance(d.get("metadata"), dict)
-                    and d["metadata"].get("name") == args.service]
-        if not services:
-            raise ConfigError(f"{args.file}: no RayService named {args.service!r}")
-        obj = services[0]
-        obj["spec"]["serveConfigV2"] = objects.pin_version(
-            obj["spec"]["serveConfigV2"], args.model, version, app=args.app)
-        print(objects.to_yaml(obj), end="")
-        return 0
+        return _pin_file(args, version)
+    if args.in_place:
+        raise InvalidInput("--in-place: edits the --file manifest; pass --file too")
     patch = _connect(args).pin(args.service, args.model, version, app=args.app,
                                dry_run=args.dry_run)
     if args.dry_run:
@@ -300,6 +295,39 @@ def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
         f"unpinned {args.model} (follows its channel)"
     print(f"{what} on RayService {args.service} (namespace {args.namespace}); the replicas "
           "load it in place, the old version serves until the new one is verified")
+    return 0
+
+
+def _pin_file(args: argparse.Namespace, version: Optional[str]) -> int:
+    """Pin in a manifest file (a RayService, or an overlay's serveConfigV2 patch), keeping
+    the rest of the file as it is; print it, or with --in-place write it back."""
+    import yaml
+
+    from services.k8s.manifest import pin_in_manifest
+
+    try:
+        with open(args.file, encoding="utf-8") as fh:
+            text = fh.read()
+        list(yaml.safe_load_all(text))
+    except OSError as exc:
+        raise ConfigError(f"{args.file}: {exc.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        why = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError(f"{args.file}: not valid YAML: {why}") from None
+    edited = pin_in_manifest(text, service=args.service, model=args.model, version=version,
+                             app=args.app, source=args.file)
+    if not edited.kept_comments:
+        print(f"note: {args.file}: serveConfigV2 of {edited.where} was written out anew "
+              "(its comments and layout were not kept)", file=sys.stderr)
+    if not args.in_place:
+        print(edited.text, end="")
+        return 0
+    target = Path(args.file)
+    temp = target.with_name(f".{target.name}.tuneserve-tmp")
+    temp.write_text(edited.text, encoding="utf-8")
+    os.replace(temp, target)  # a reader never sees half a file
+    what = f"pinned {args.model} to {version}" if version else f"unpinned {args.model}"
+    print(f"{what} in {args.file} ({edited.where})", file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,11 @@ from typing import Any, Callable, Iterator, Optional
 from services.errors import TuneserveError
 from services.k8s.objects import RAY_API_VERSION, RAY_GROUP, owner_reference, pin_version
 
-REQUEST_TIMEOUT_S = 30
+# (connect, read) seconds per API call, and no retries of a read: an API server answers
+# in well under a second, and one that accepts connections but never answers (a wrong
+# port, a firewall that drops packets) should fail in seconds, not after urllib3's three
+# retries of a 30 s wait. A refused connection is tried once more.
+REQUEST_TIMEOUT_S = (5.0, 15.0)
 # The client leaves Content-Type unset on creates (the API server then assumes JSON);
 # say it anyway.
 JSON = {"Content-Type": "application/json"}
@@ -115,6 +119,44 @@ def _kubeconfig_paths(explicit: Optional[str]) -> list[Path]:
     return [Path("~/.kube/config").expanduser()]
 
 
+def _quiet(conf):
+    """conf with tuneserve's retries; a kubeconfig that turns TLS checks off (its
+    insecure-skip-tls-verify) was the user's choice: no urllib3 warning on every call."""
+    import urllib3
+
+    conf.retries = urllib3.Retry(total=1, connect=1, read=0, status=0, other=0,
+                                 redirect=0, backoff_factor=0.2)
+    if not conf.verify_ssl:
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    return conf
+
+
+def _network_reason(exc: BaseException) -> str:
+    """A few words for a failed connection: timed out, connection refused, host not
+    found, TLS, ... (urllib3 wraps the cause in MaxRetryError, whose name says nothing)."""
+    from urllib3.exceptions import (MaxRetryError, NameResolutionError, ProtocolError,
+                                    SSLError, TimeoutError as Urllib3Timeout)
+
+    seen = 0
+    while isinstance(exc, MaxRetryError) and exc.reason is not None and seen < 5:
+        exc, seen = exc.reason, seen + 1
+    text = str(exc)
+    # Before timeouts: urllib3's NewConnectionError (refused, no such host) is a
+    # ConnectTimeoutError too.
+    if isinstance(exc, NameResolutionError) or "Name or service not known" in text \
+            or "Temporary failure in name resolution" in text:
+        return "host name not found"
+    if isinstance(exc, ConnectionRefusedError) or "Connection refused" in text:
+        return "connection refused (nothing listens there)"
+    if isinstance(exc, SSLError):
+        return f"TLS error ({text.splitlines()[0][:200] if text else type(exc).__name__})"
+    if isinstance(exc, (Urllib3Timeout, TimeoutError)) or "timed out" in text:
+        return "timed out (no answer; a wrong address or port, or a firewall?)"
+    if isinstance(exc, ProtocolError) or "RemoteDisconnected" in text:
+        return "the connection was closed without an answer"
+    return text.splitlines()[0][:200] if text.strip() else type(exc).__name__
+
+
 class Kube:
     """A namespace of one cluster, with the calls tuneserve needs."""
 
@@ -138,17 +180,18 @@ class Kube:
 
         paths = _kubeconfig_paths(kubeconfig)
         existing = [p for p in paths if p.is_file()]
+        conf = client.Configuration()
         try:
             if existing:
-                api = config.new_client_from_config(
-                    config_file=os.pathsep.join(str(p) for p in existing), context=context)
-                return cls(api, namespace)
+                config.load_kube_config(
+                    config_file=os.pathsep.join(str(p) for p in existing), context=context,
+                    client_configuration=conf, persist_config=False)
+                return cls(client.ApiClient(_quiet(conf)), namespace)
             if kubeconfig:
                 raise KubernetesError(f"kubeconfig not found: {kubeconfig}")
             if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                conf = client.Configuration()
                 config.load_incluster_config(client_configuration=conf)
-                return cls(client.ApiClient(conf), namespace)
+                return cls(client.ApiClient(_quiet(conf)), namespace)
         except ConfigException as exc:
             where = ", ".join(map(str, existing)) or "in-cluster config"
             raise KubernetesError(f"cannot use Kubernetes config ({where}): {exc}") from None
@@ -180,7 +223,7 @@ class Kube:
             raise self._api_error(what, exc) from None
         except (HTTPError, OSError) as exc:
             raise KubernetesError(f"cannot reach the Kubernetes API server at {self.host}: "
-                                  f"{type(exc).__name__}") from None
+                                  f"{_network_reason(exc)}") from None
 
     @staticmethod
     def _api_error(what: str, exc) -> KubernetesError:
@@ -209,6 +252,7 @@ class Kube:
             resources = self._call(f"API group {RAY_GROUP}/{RAY_API_VERSION}",
                                    self.custom.get_api_resources, RAY_GROUP, RAY_API_VERSION)
         except ObjectNotFound:
+            self._require_kubernetes()
             raise KubeRayMissing(
                 f"KubeRay is not installed on this cluster: the API group "
                 f"{RAY_GROUP}/{RAY_API_VERSION} does not exist (install the KubeRay operator "
@@ -219,6 +263,25 @@ class Kube:
             raise KubeRayMissing(f"KubeRay CRD {plural}.{RAY_GROUP} is not installed "
                                  f"(found: {', '.join(sorted(names)) or 'none'})")
         self._checked.add(plural)
+
+    def _require_kubernetes(self) -> None:
+        """Fail clearly when the server is not a Kubernetes API server at all (a 404 for
+        ray.io/v1 from a web server on the wrong port is not a missing KubeRay)."""
+        from kubernetes import client
+
+        try:
+            raw = self._call("GET /version", client.VersionApi(self.api_client).get_code,
+                             _preload_content=False)
+            info = json.loads(raw.data or b"null") if 200 <= raw.status < 300 else None
+        except KubernetesError as exc:
+            raise KubernetesError(f"{self.host} does not answer like a Kubernetes API server "
+                                  f"({exc}); check the server in your kubeconfig") from None
+        except ValueError:  # not JSON
+            info = None
+        if not (isinstance(info, dict) and info.get("gitVersion")):
+            raise KubernetesError(f"{self.host} does not answer like a Kubernetes API server "
+                                  "(GET /version has no gitVersion); check the server in "
+                                  "your kubeconfig")
 
     # ---- training jobs ---------------------------------------------------------------
     def create_train_job(self, config_map: dict[str, Any],

@@ -85,6 +85,23 @@ def check_k8s_name(name: str, what: str, max_len: int = MAX_JOB_NAME) -> str:
     return name
 
 
+_HOST = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# An image reference as the container runtimes parse it: [host[:port]/]path[:tag][@digest].
+_IMAGE = re.compile(rf"^(?:{_HOST}(?:\.{_HOST})*(?::\d+)?/)?{_PATH_PART}(?:/{_PATH_PART})*"
+                    r"(?::[\w][\w.-]{0,127})?"
+                    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
+
+
+def image_reference(value: str, what: str = "--image") -> str:
+    """A container image reference (registry.example.com/ml/tuneserve:0.1.0-cpu)."""
+    if len(value) > 255 or not _IMAGE.match(value):
+        raise InvalidInput(f"{what}: {value!r} is not an image reference "
+                           "([REGISTRY/]NAME[:TAG][@DIGEST], lower-case name, e.g. "
+                           "registry.example.com/ml/tuneserve:0.1.0-cpu)")
+    return value
+
+
 def cpu_quantity(value: str, what: str) -> float:
     """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs, more than 0."""
     number = value.removesuffix("m")

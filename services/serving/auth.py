@@ -44,6 +44,13 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+# The values k8s/base/api-tokens.yaml ships so that the manifests apply as they are:
+# public, so a server holding one is open in all but name.
+PLACEHOLDER_TOKENS = ("placeholder-inference-token-change-me",
+                      "placeholder-admin-token-change-me")
+_PLACEHOLDER_DIGESTS = frozenset(_digest(t) for t in PLACEHOLDER_TOKENS)
+
+
 def _check_token(token: str, source: str) -> str:
     """A token must fit in gRPC metadata as `Bearer <token>`: printable ASCII, no
     spaces. The message names the source, never the value."""
@@ -111,19 +118,33 @@ class Tokens:
         return bool(self.api or self.admin)
 
     def open_warning(self) -> Optional[str]:
-        """The one warning to log at start, or None when both tokens are set."""
+        """The one warning to log at start, or None when both tokens are set (and are
+        not the manifests' public placeholders)."""
         if not self.enabled:
             return ("authentication is OFF: neither TUNESERVE_API_TOKEN nor "
                     "TUNESERVE_ADMIN_TOKEN is set (nor --api-token-file / --admin-token-file);"
                     " anyone who can reach the gRPC port can call Inference and Admin "
                     "(promote, roll back, pin)")
+        found = []
         if not self.api:
-            return ("the Inference API is open (no TUNESERVE_API_TOKEN or --api-token-file):"
-                    " anyone who can reach the gRPC port can classify and generate")
+            found.append("the Inference API is open (no TUNESERVE_API_TOKEN or "
+                         "--api-token-file): anyone who can reach the gRPC port can classify "
+                         "and generate")
         if not self.admin:
-            return ("the Admin API is disabled: no TUNESERVE_ADMIN_TOKEN or "
-                    "--admin-token-file is set, so no caller can promote, roll back or pin")
-        return None
+            found.append("the Admin API is disabled: no TUNESERVE_ADMIN_TOKEN or "
+                         "--admin-token-file is set, so no caller can promote, roll back or "
+                         "pin")
+        placeholders = [name for name, digest in (("TUNESERVE_API_TOKEN", self.api),
+                                                  ("TUNESERVE_ADMIN_TOKEN", self.admin))
+                        if digest in _PLACEHOLDER_DIGESTS]
+        if placeholders:
+            verb = "hold the public placeholders" if len(placeholders) > 1 else \
+                "holds the public placeholder"
+            found.append(f"{' and '.join(placeholders)} still {verb} of "
+                         "k8s/base/api-tokens.yaml: anyone who has read the manifests can "
+                         "call; replace the Secret tuneserve-api-tokens (docs/kubernetes.md, "
+                         "step 2) and restart the pods")
+        return "; ".join(found) or None
 
     def __repr__(self) -> str:  # digests are not secrets, but keep logs quiet anyway
         return f"Tokens(api={'set' if self.api else 'unset'}, " \

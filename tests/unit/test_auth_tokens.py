@@ -49,6 +49,26 @@ def test_bad_token_files_are_refused_without_echoing_them(tmp_path, content, nee
         assert content.strip() not in str(err.value)
 
 
+def test_the_manifests_placeholders_are_named_at_start():
+    """k8s/base/api-tokens.yaml's values are public: a server holding one warns."""
+    import yaml
+
+    from tests.unit.test_k8s_manifests import K8S
+
+    secret = yaml.safe_load((K8S / "base" / "api-tokens.yaml").read_text())
+    shipped = secret["stringData"]
+    assert set(shipped.values()) == set(auth.PLACEHOLDER_TOKENS)
+    warning = Tokens.from_values(shipped["TUNESERVE_API_TOKEN"], "a-real-admin-token"
+                                 ).open_warning()
+    assert warning.startswith("TUNESERVE_API_TOKEN still holds the public placeholder")
+    assert "ADMIN" not in warning and "api-tokens.yaml" in warning
+    both = Tokens.from_values(*auth.PLACEHOLDER_TOKENS).open_warning()
+    assert "TUNESERVE_API_TOKEN and TUNESERVE_ADMIN_TOKEN still hold the public" in both
+    assert Tokens.from_values("real-api-token", "real-admin-token").open_warning() is None
+    only_api = Tokens.from_values(auth.PLACEHOLDER_TOKENS[0], None).open_warning()
+    assert "Admin API is disabled" in only_api and "placeholder" in only_api
+
+
 def test_missing_token_file_and_bad_env_value(tmp_path):
     with pytest.raises(ConfigError, match="token file not found"):
         read_token("TUNESERVE_API_TOKEN", str(tmp_path / "nope"), {})

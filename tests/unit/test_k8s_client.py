@@ -12,6 +12,7 @@ import copy
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit
@@ -67,6 +68,8 @@ RAY_RESOURCES = {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": 
                                             ("rayjobs", "RayJob"),
                                             ("rayservices", "RayService"))]}
 
+VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.2", "platform": "linux/amd64"}
+
 Reply = Union[tuple[int, Any], Callable[[dict[str, Any]], tuple[int, Any]]]
 
 
@@ -76,7 +79,8 @@ class FakeApiServer:
 
     def __init__(self):
         self.requests: list[dict[str, Any]] = []
-        self.routes: dict[tuple[str, str], Any] = {("GET", "/apis/ray.io/v1"): (200, RAY_RESOURCES)}
+        self.routes: dict[tuple[str, str], Any] = {("GET", "/apis/ray.io/v1"): (200, RAY_RESOURCES),
+                                                   ("GET", "/version/"): (200, VERSION)}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -421,7 +425,7 @@ def test_missing_kuberay_crds_is_one_clear_line(api, run_yaml, capsys):
         404, "the server could not find the requested resource"))
     with pytest.raises(KubeRayMissing, match="KubeRay is not installed"):
         k8s("train", "--config", str(run_yaml))
-    assert api.calls() == [("GET", "/apis/ray.io/v1")]  # nothing created
+    assert api.calls() == [("GET", "/apis/ray.io/v1"), ("GET", "/version/")]  # nothing created
     assert main(["status", "train-x"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: KubeRay is not installed")
@@ -620,8 +624,53 @@ def test_broken_kubeconfig_and_unreachable_server(tmp_path, monkeypatch, api):
         "users": [{"name": "u", "user": {}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
     with pytest.raises(KubernetesError, match="cannot reach the Kubernetes API server at "
-                                              f"http://127.0.0.1:{port}"):
+                                              f"http://127.0.0.1:{port}: connection refused"):
         k8s("status", "x", "--kubeconfig", str(config))
+
+
+def test_a_server_that_never_answers_fails_fast(tmp_path, monkeypatch):
+    """A listener that accepts and stays silent (a wrong port, a dropping firewall): one
+    wait, no retries of it (it was 4 x 30 s)."""
+    import socket
+
+    import services.k8s.client as kclient
+
+    monkeypatch.setattr(kclient, "REQUEST_TIMEOUT_S", (0.5, 0.5))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = tmp_path / "silent"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {
+                "server": f"http://127.0.0.1:{silent.getsockname()[1]}"}}],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        started = time.monotonic()
+        with pytest.raises(KubernetesError, match="cannot reach .*: timed out"):
+            k8s("status", "x", "--kubeconfig", str(config))
+        assert time.monotonic() - started < 5
+
+
+def test_a_server_that_is_not_kubernetes(api):
+    """A web server on the wrong port answers 404 to everything: not 'KubeRay missing'."""
+    del api.routes[("GET", "/apis/ray.io/v1")]
+    del api.routes[("GET", "/version/")]
+    with pytest.raises(KubernetesError, match=f"{api.url} does not answer like a Kubernetes "
+                                              "API server") as err:
+        k8s("status", "x")
+    assert not isinstance(err.value, KubeRayMissing)
+
+
+def test_module_usage_names_the_form_that_works(capsys):
+    from services.k8s.__main__ import main
+
+    for argv in (["--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        usage = capsys.readouterr().out.splitlines()[0]
+        assert usage.startswith("usage: python -m services.k8s " + " ".join(argv[:-1])), usage
+        assert "k8s k8s" not in usage
 
 
 def test_wired_into_the_tuneserve_command(run_yaml, capsys):
@@ -664,6 +713,9 @@ def test_files_that_are_not_what_they_should_be(tmp_path, body):
     (["--pvc", "Bad_PVC"], "--pvc 'Bad_PVC': a claim name"),
     (["--gpus-per-worker", "2"], "--gpus-per-worker: applies to a run that uses GPUs"),
     (["--use-gpu", "--gpus-per-worker", "0"], "--gpus-per-worker: the run uses GPUs"),
+    (["--image", ""], "--image: '' is not an image reference"),
+    (["--image", "UPPER Case:bad tag"], "--image: 'UPPER Case:bad tag' is not an image"),
+    (["--image", "ml/tuneserve:"], "--image: 'ml/tuneserve:' is not an image reference"),
 ])
 def test_cluster_settings_are_checked_before_anything_is_written(flags, needle, capsys):
     with pytest.raises(InvalidInput, match=re.escape(needle)):
@@ -677,8 +729,13 @@ def test_cluster_settings_that_are_fine(capsys):
     _, job = dry_run_objects(capsys, "--model", "bert", "--train", "/data/t.csv", "--use-gpu",
                              "--gpus-per-worker", "2", "--head-cpus", "500m",
                              "--head-memory", "512Mi", "--worker-memory", "8G",
-                             "--pvc", "shared.data-1")
+                             "--pvc", "shared.data-1",
+                             "--image", "registry.example.com:5000/ml/tuneserve:0.1.0-cu128")
     spec = job["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.example.com:5000/ml/tuneserve:0.1.0-cu128"
+    digest = "tuneserve@sha256:" + "0123456789abcdef" * 4
+    assert objects.image_reference(digest) == digest
     res = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 2 or res["limits"]["nvidia.com/gpu"] == "2"
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]

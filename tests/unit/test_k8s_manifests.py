@@ -23,6 +23,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from services.config import ServeConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
@@ -220,7 +222,12 @@ def test_overlay_renders_every_part(overlay):
             assert obj["metadata"]["namespace"] == "tuneserve", obj["metadata"]
         labels = obj["metadata"].get("labels", {})
         assert labels.get("app.kubernetes.io/component") in ("platform", "training",
-                                                              "serving"), obj["kind"]
+                                                              "serving", "credentials"), \
+            obj["kind"]
+        # Only the placeholder Secret is `credentials`: applying any other component by
+        # label (docs/kubernetes.md) must not put its public tokens back.
+        assert (labels["app.kubernetes.io/component"] == "credentials") == \
+            (obj["kind"] == "Secret"), obj["kind"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -445,14 +452,16 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     for name, dep in deployments.items():
         assert set(dep["user_config"]) == {"channel", "pinned_version", "poll_interval_s"}
         assert dep["user_config"]["channel"] == cfg.channel
-        auto = dep["autoscaling_config"]
-        assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
-        assert auto["target_ongoing_requests"] > 0
-        # Autoscaling in the config needs it in the code too, or the code's num_replicas
-        # clashes with it.
-        assert getattr(cfg, "max_replicas", None) is not None
+        # Serve replaces the code's autoscaling_config / ray_actor_options as a whole
+        # with the entry's: ServeConfig's scaling delays would be lost (Serve's 30 s up,
+        # 600 s down), so the args alone set them.
+        assert "autoscaling_config" not in dep and "ray_actor_options" not in dep, name
+    auto = cfg.autoscaling_config()
+    assert auto is not None and 1 <= auto["min_replicas"] <= auto["max_replicas"]
+    assert auto["target_ongoing_requests"] > 0
+    assert auto["upscale_delay_s"] == ServeConfig.upscale_delay_s
+    assert auto["downscale_delay_s"] == ServeConfig.downscale_delay_s
     if overlay == "gpu":
-        assert deployments["model-sentiment"]["ray_actor_options"]["num_gpus"] == 1
         assert cfg.replica_gpus == 1 and cfg.dtype in ("auto", "bfloat16")
 
 
