@@ -68,7 +68,9 @@ def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False)
     seconds with a message naming `field`, instead of after the Hub client's retries,
     and its files are downloaded here (a progress bar when `progress`), before Ray
     starts, so the training workers on this node find them in the cache.
-    Returns `ref` unchanged: workers on other nodes resolve the id themselves.
+    Returns a local folder as an absolute path (Ray's workers do not run in this
+    process's working folder) and a model id unchanged: workers on other nodes resolve
+    it themselves.
     """
     from services.errors import ConfigError
 
@@ -80,7 +82,7 @@ def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False)
         if not (path / "config.json").is_file():
             raise ConfigError(f"{field} {ref!r}: the folder has no config.json (a Hugging Face "
                               "checkpoint folder, as save_pretrained writes, is expected)")
-        return ref
+        return str(path.resolve())
     if not ref.strip() or _looks_like_path(ref):
         raise ConfigError(f"{field} {ref!r}: no such folder (and not a Hugging Face model id, "
                           "which reads 'name' or 'org/name')")

@@ -195,6 +195,9 @@ def _register(service, servicer, server) -> None:
 
 
 def add_inference_servicer(servicer, server) -> None:
+    from services.serving import serve_logs
+
+    serve_logs.install()  # in Serve's proxy, which calls this at start
     _register(pb.DESCRIPTOR.services_by_name["Inference"], servicer, server)
 
 
@@ -301,6 +304,52 @@ def local_http_port(http_port: Optional[int]) -> int:
     return free_port()
 
 
+def startup_needs(cfg: ServeConfig, models: int) -> list[tuple[str, float, str]]:
+    """(resource, amount, how it adds up) the replicas ask for as the app starts: each
+    model deployment's first replicas (min_replicas, or num_replicas) and the ingress."""
+    if cfg.max_replicas is not None:
+        first = 1 if cfg.min_replicas is None else cfg.min_replicas
+    else:
+        first = cfg.num_replicas
+    if cfg.colocate:  # one ingress deployment holding every model
+        cpus = first * cfg.replica_cpus
+        parts = f"{first} ingress replica(s) x --replica-cpus {cfg.replica_cpus:g}"
+        gpu_parts = f"{first} ingress replica(s) x --replica-gpus {cfg.replica_gpus:g}"
+        gpus = first * cfg.replica_gpus
+    else:
+        cpus = models * first * cfg.replica_cpus + cfg.ingress_cpus
+        parts = (f"{models} model(s) x {first} replica(s) x --replica-cpus "
+                 f"{cfg.replica_cpus:g}, + {cfg.ingress_cpus:g} for the ingress")
+        gpus = models * first * cfg.replica_gpus
+        gpu_parts = (f"{models} model(s) x {first} replica(s) x --replica-gpus "
+                     f"{cfg.replica_gpus:g}")
+    needs = [("CPU", cpus, parts)]
+    if gpus:
+        needs.append(("GPU", gpus, gpu_parts))
+    return needs
+
+
+def check_startup_resources(cfg: ServeConfig, models: int, resources: dict[str, float],
+                            local: bool) -> Optional[str]:
+    """Replicas that do not fit wait for resources without a word (Serve logs every 30 s
+    in its own files): on a cluster started here they never get them (ConfigError), on
+    one joined with --address an autoscaler may add nodes (the warning returned)."""
+    for kind, need, parts in startup_needs(cfg, models):
+        have = float(resources.get(kind, 0.0))
+        if need <= have + 1e-9:
+            continue
+        what = f"serving needs {need:g} {kind}s to start ({parts}) and the Ray cluster has " \
+               f"{have:g}"
+        if local:
+            hint = ("lower --replica-cpus (fractions work: the replicas share the cores), "
+                     "serve fewer models (--models)" if kind == "CPU" else
+                     "lower --replica-gpus or serve fewer models (--models)")
+            raise ConfigError(f"{what}: {hint}, or join a larger cluster with --address")
+        return f"warning: {what}: the replicas wait until it has them (an autoscaling " \
+               "cluster adds nodes)"
+    return None
+
+
 def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose: bool = False,
                   wait_for_models: bool = True, timeout_s: float = 300.0) -> None:
     """Start (or reuse) Ray, start Serve's gRPC proxy, deploy, wait until serving.
@@ -324,7 +373,14 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
         from services.demo import free_port
 
         options["port"] = free_port()
-    ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
+    local = ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
+    from services.serving.colocated import model_classes
+
+    served = sum(1 for task in discover_models(Registry(cfg.registry), cfg.models).values()
+                 if task in model_classes())
+    warning = check_startup_resources(cfg, served, ray.cluster_resources(), local)
+    if warning:
+        logger.warning(warning)
     try:
         serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
     except Exception as exc:

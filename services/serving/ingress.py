@@ -38,9 +38,11 @@ from services.errors import (
 )
 from services.protocol import INFERENCE_SERVICE, admin_pb, pb
 from services.registry import Registry
+from services.serving import serve_logs
 from services.serving.admin import AdminMethods
 from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens
 from services.serving.batching import Coalescer
+from services.serving.serve_logs import StreamEnded
 from services.serving.validation import (
     UndecodableRequest,
     check_decoded,
@@ -171,12 +173,18 @@ class InferenceIngress(AdminMethods):
         self.tasks = tasks
         self.limits = ServeLimits(**(limits or {}))
         self.board = board  # DeploymentHandle of the StatusBoard
+        serve_logs.install()
         # Token digests (services/serving/auth.py), never the tokens themselves.
         tokens = Tokens.from_dict(auth)
         self.auth = Authenticator(tokens)
         if tokens.open_warning():
             logger.warning(tokens.open_warning())
         self._health: tuple[float, bool] = (0.0, False)
+        # Models seen with a loaded version once; until then a call is answered
+        # UNAVAILABLE "loading" at once (see _check_loaded), from a board read at most
+        # every HEALTH_CACHE_S.
+        self._seen_loaded: set[str] = set()
+        self._board_read: tuple[float, Optional[dict]] = (-HEALTH_CACHE_S, None)
         # ServeConfig.replica_grpc: {host, port, max_receive_bytes} of a gRPC server of
         # this replica's own (services/serving/replica_grpc.py), started on the running
         # loop: Serve builds the replica from its user-code event loop.
@@ -245,6 +253,30 @@ class InferenceIngress(AdminMethods):
             raise WrongTask(f"model '{model}' is a {actual} model; use {method}")
         return handle
 
+    async def _check_loaded(self, model: str) -> None:
+        """Until `model` first has a loaded version somewhere, fail fast with UNAVAILABLE
+        'loading' (docs/api.md) instead of waiting in Serve's queue for replicas that
+        are still starting, which ends in DEADLINE_EXCEEDED for a short deadline. Once
+        seen loaded, never again asked: later trouble (a replica lost, a load refused)
+        answers as before. Without a readable board, calls go through as before."""
+        if model in self._seen_loaded or self.board is None:
+            return
+        read_at, board = self._board_read
+        if time.monotonic() - read_at >= HEALTH_CACHE_S:
+            try:
+                board = await asyncio.wait_for(self.board.get.remote(), STATUS_TIMEOUT_S)
+            except Exception:
+                logger.warning("status board unavailable", exc_info=True)
+                board = None
+            self._board_read = (time.monotonic(), board)
+        if board is None:
+            return
+        for name, replicas in board.items():
+            if any(r.get("version") for r in replicas):
+                self._seen_loaded.add(name)
+        if model not in self._seen_loaded:
+            raise ModelLoading(f"model '{model}' is loading")
+
     async def _statuses(self) -> dict[str, list[dict]]:
         """model name -> the live replicas' statuses (from the status board)."""
         try:
@@ -295,6 +327,7 @@ class InferenceIngress(AdminMethods):
     async def Classify(self, request, grpc_context=None):
         call = validate_classify(request, self.limits)
         handle = self._handle(call.model, "classification")
+        await self._check_loaded(call.model)
         coalescer = self.coalescers.get(call.model)
         if coalescer is not None:
             answer = await coalescer.submit((call.texts, call.version))
@@ -314,6 +347,7 @@ class InferenceIngress(AdminMethods):
     async def Generate(self, request, grpc_context=None):
         call = validate_generate(request, self.limits)
         handle = self._handle(call.model, "generation")
+        await self._check_loaded(call.model)
         # If this call is cancelled (client gone, deadline), Serve cancels the model
         # call too, and the generator stops at the next token.
         answer = await self._again_if_replica_dies(
@@ -332,6 +366,7 @@ class InferenceIngress(AdminMethods):
             self._admit("GenerateStream", request, grpc_context)
             call = validate_generate(request, self.limits)
             handle = self._handle(call.model, "generation")
+            await self._check_loaded(call.model)
             for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
                 stream = handle.options(stream=True).generate_stream.remote(
                     call.prompt, call.params, call.version)
@@ -355,8 +390,9 @@ class InferenceIngress(AdminMethods):
                 grpc_context.set_code(code)
                 grpc_context.set_details(message)
             # Raising after setting the code is how a streaming method ends with a
-            # status in Serve; the proxy keeps our code and message.
-            raise TuneserveError(message) from None
+            # status in Serve; the proxy keeps our code and message (and, for a
+            # caller's mistake, logs one line: services/serving/serve_logs.py).
+            raise StreamEnded(code, message) from None
         finally:
             self._record("GenerateStream", code_name, request, started)
             if stream is not None and not finished:

@@ -124,6 +124,14 @@ def _finite(value: float, field: str) -> float:
     return value
 
 
+def _f32(value: float) -> str:
+    """A float field as the client wrote it: the shortest text of its float32 value
+    (1.01, not 1.00999999; 1.0000001, not 1)."""
+    import numpy
+
+    return str(numpy.float32(value))
+
+
 def validate_generate(request, limits: ServeLimits) -> GenerateCall:
     """Every generation parameter; the prompt's length in tokens is checked by the
     model deployment, which has the tokenizer."""
@@ -149,14 +157,14 @@ def validate_generate(request, limits: ServeLimits) -> GenerateCall:
         max_new = min(limits.default_max_new_tokens, limits.max_new_tokens)
     temperature = _finite(request.temperature, "temperature")
     if temperature < 0:
-        raise InvalidInput(f"temperature: must be >= 0 (0 means greedy), got {temperature:g}")
+        raise InvalidInput(f"temperature: must be >= 0 (0 means greedy), got {_f32(temperature)}")
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
     top_p = 1.0
     if request.HasField("top_p"):
         top_p = _finite(request.top_p, "top_p")
         if not 0.0 < top_p <= 1.0:
-            raise InvalidInput(f"top_p: must be in (0, 1], got {top_p:g}")
+            raise InvalidInput(f"top_p: must be in (0, 1], got {_f32(top_p)}")
     if request.top_k < 0:
         raise InvalidInput(f"top_k: must be >= 0 (0 means off), got {request.top_k}")
     stop = list(request.stop)

@@ -207,8 +207,9 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
 
     started = time.perf_counter()
     cfg.validate()
-    prepare_model_ref(cfg.model, field="model",
-                      progress=sys.stderr.isatty() if progress_bar is None else progress_bar)
+    model_ref = prepare_model_ref(
+        cfg.model, field="model",
+        progress=sys.stderr.isatty() if progress_bar is None else progress_bar)
     out(f"model: {describe_model_ref(cfg.model)}")
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -237,7 +238,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
              "versions": _versions()}, indent=2, default=str))
     queue = Queue(actor_options={"num_cpus": 0})
     loop_cfg = {
-        "model": cfg.model, "data_ref": ray.put(data), "task": task,
+        "model": model_ref, "data_ref": ray.put(data), "task": task,
         "seed": cfg.seed, "epochs": cfg.epochs,
         "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
         "group_by_length": cfg.group_by_length,

@@ -2,6 +2,7 @@
 gRPC proxy, and call it over a real channel."""
 
 import json
+import os
 
 import grpc
 import pytest
@@ -176,8 +177,10 @@ def test_cli_classify_table_and_json(server, capsys):
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
-def test_cli_train_string_labels_jsonl(trained, tmp_path, capsys, tiny_model_dir, toy_rows):
-    """`tuneserve train` end to end on the session cluster, JSONL, separate eval file."""
+def test_cli_train_string_labels_jsonl(trained, tmp_path, capsys, tiny_model_dir, toy_rows,
+                                      monkeypatch):
+    """`tuneserve train` end to end on the session cluster, JSONL, separate eval file;
+    every path relative to the working folder, which Ray's workers do not share."""
     cfg, _ = trained
     train = tmp_path / "topics.jsonl"
     evalf = tmp_path / "topics-eval.jsonl"
@@ -190,10 +193,11 @@ def test_cli_train_string_labels_jsonl(trained, tmp_path, capsys, tiny_model_dir
     # One run (a Ray Train run costs ~25 s here), eval-gated: published, but missing
     # the threshold, not promoted, even as the first version (the first version of a
     # plain run is promoted: the session's `trained` fixture).
-    code = main(["train", "--model", str(tiny_model_dir), "--train", str(train),
-                 "--eval", str(evalf), "--label-column", "category", "--workers", "2",
-                 "--epochs", "1", "--batch-size", "16", "--registry", str(tmp_path / "reg"),
-                 "--runs-dir", str(tmp_path / "runs"), "--name", "topics", "--json",
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--model", os.path.relpath(tiny_model_dir), "--train", train.name,
+                 "--eval", evalf.name, "--label-column", "category", "--workers", "2",
+                 "--epochs", "1", "--batch-size", "16", "--registry", "reg",
+                 "--runs-dir", "runs", "--name", "topics", "--json",
                  "--promote", "--min-metric", "loss=0.0001"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -276,9 +276,12 @@ def test_generate_stream_checks_the_token(ingress):
                                              context):
             pass
 
-    with pytest.raises(Exception):
+    from services.serving.serve_logs import StreamEnded
+
+    with pytest.raises(StreamEnded) as ended:  # Serve logs it as one line (serve_logs.py)
         asyncio.run(consume())
     assert context.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ended.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 # ---- the app builder and the CLI --------------------------------------------------------------

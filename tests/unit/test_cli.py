@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import pytest
@@ -146,6 +147,53 @@ def test_serve_on_a_busy_port_names_it_before_ray_starts(tmp_path):
             with pytest.raises(ConfigError, match=f"{needle}: port {busy} is already in use"):
                 check_ports_free(ServeConfig(grpc_port=free, **kwargs), http)
     assert not port_in_use(busy)
+
+
+def test_replicas_that_cannot_fit_fail_before_serve_starts(tmp_path, monkeypatch):
+    """Two models at one CPU each plus the ingress on a 2-CPU local cluster would wait
+    for CPUs forever, in silence: an error naming the flags instead."""
+    import ray
+    from ray import serve
+
+    from services.serving import app
+    from tests.helpers import free_port
+
+    reg = Registry(tmp_path / "reg")
+    for name in ("sent", "topics"):
+        reg.publish(name, fake_checkpoint(tmp_path / f"ck-{name}"), manifest())
+    monkeypatch.setattr(app, "ensure_ray", lambda *a, **kw: True)  # "a local cluster"
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+    class Started(Exception):
+        pass
+
+    def fake_start(**kwargs):
+        raise Started()
+
+    monkeypatch.setattr(serve, "start", fake_start)
+    cfg = ServeConfig(registry=str(tmp_path / "reg"), grpc_port=free_port())
+    with pytest.raises(ConfigError, match=re.escape(
+            "serving needs 2.1 CPUs to start (2 model(s) x 1 replica(s) x --replica-cpus 1, "
+            "+ 0.1 for the ingress) and the Ray cluster has 2: lower --replica-cpus")):
+        app.start_serving(cfg)
+    with pytest.raises(Started):  # fits: on to Serve
+        app.start_serving(ServeConfig(registry=cfg.registry, grpc_port=cfg.grpc_port,
+                                      replica_cpus=0.9))
+    with pytest.raises(Started):
+        app.start_serving(ServeConfig(registry=cfg.registry, grpc_port=cfg.grpc_port,
+                                      models=["sent"]))
+    # GPUs, colocated replicas, and a joined cluster (a warning: nodes may come)
+    with pytest.raises(ConfigError, match=r"needs 2 GPUs .*--replica-gpus 1\) and the Ray "
+                                          r"cluster has 0: lower --replica-gpus"):
+        app.check_startup_resources(ServeConfig(replica_cpus=0.5, replica_gpus=1), 2,
+                                    {"CPU": 2.0}, local=True)
+    colocated = ServeConfig(colocate=True, num_replicas=2, replica_cpus=1.5)
+    with pytest.raises(ConfigError, match=r"needs 3 CPUs .*2 ingress replica\(s\) x "
+                                          r"--replica-cpus 1.5"):
+        app.check_startup_resources(colocated, 5, {"CPU": 2.0}, local=True)
+    warning = app.check_startup_resources(colocated, 5, {"CPU": 2.0}, local=False)
+    assert warning.startswith("warning: serving needs 3 CPUs") and "autoscaling" in warning
+    assert app.check_startup_resources(colocated, 5, {"CPU": 4.0}, local=True) is None
 
 
 def test_privileged_ports_and_the_default_http_port(monkeypatch):

@@ -29,7 +29,16 @@ def test_a_local_folder_needs_a_config(tmp_path):
     with pytest.raises(ConfigError, match=r"model '.*model': the folder has no config.json"):
         prepare_model_ref(str(tmp_path / "model"))
     (tmp_path / "model" / "config.json").write_text("{}")
-    assert prepare_model_ref(str(tmp_path / "model")) == str(tmp_path / "model")
+    assert prepare_model_ref(str(tmp_path / "model")) == str((tmp_path / "model").resolve())
+
+
+def test_a_relative_folder_becomes_absolute(tmp_path, monkeypatch):
+    """Ray's workers run elsewhere: they get the folder's absolute path."""
+    (tmp_path / "models" / "bert").mkdir(parents=True)
+    (tmp_path / "models" / "bert" / "config.json").write_text("{}")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert prepare_model_ref("../models/bert") == str((tmp_path / "models/bert").resolve())
 
 
 def test_a_file_or_a_missing_path_is_named(tmp_path):

@@ -53,10 +53,11 @@ def test_valid_generate_request_and_defaults():
     (dict(prompt="a\x00"), "prompt: contains a NUL"),
     (dict(max_new_tokens=0), "max_new_tokens: must be at least 1"),
     (dict(max_new_tokens=1025), "max_new_tokens: 1025; the limit is 1024"),
-    (dict(temperature=-1.0), "temperature: must be >= 0"),
+    (dict(temperature=-1.0), "temperature: must be >= 0 (0 means greedy), got -1.0"),
     (dict(temperature=float("inf")), "temperature: must be a finite number"),
     (dict(top_p=0.0), "top_p: must be in (0, 1]"),
-    (dict(top_p=1.01), "top_p: must be in (0, 1]"),
+    (dict(top_p=1.01), "top_p: must be in (0, 1], got 1.01"),
+    (dict(top_p=1.0000001), "top_p: must be in (0, 1], got 1.0000001"),  # not "1"
     (dict(top_p=float("nan")), "top_p: must be a finite number"),
     (dict(top_k=-3), "top_k: must be >= 0"),
     (dict(stop=["a"] * 5), "stop: 5 strings; the limit is 4"),

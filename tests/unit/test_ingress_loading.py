@@ -1,0 +1,64 @@
+"""Calls before a model's first load answer UNAVAILABLE 'loading' at once (docs/api.md),
+instead of waiting in Serve's queue for replicas that are still starting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from services.protocol import pb
+from services.serving import ingress as ingress_module
+from services.serving.auth import Tokens
+from tests.unit.test_auth_tokens import FakeClassifier, FakeContext, Remote
+
+
+class Board:
+    def __init__(self):
+        self.content, self.reads, self.broken = {"m": []}, 0, False
+
+        async def get():
+            self.reads += 1
+            if self.broken:
+                raise RuntimeError("board gone")
+            return self.content
+
+        self.get = Remote(get)
+
+
+def classify(server):
+    context = FakeContext()
+    response = asyncio.run(server.Classify(pb.ClassifyRequest(model="m", texts=["hi"]),
+                                           context))
+    return context.code() or grpc.StatusCode.OK, context.details(), response
+
+
+def test_unavailable_until_first_loaded_then_never_asked_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingress_module, "HEALTH_CACHE_S", 0.0)  # read the board every call
+    board = Board()
+    (tmp_path / "registry").mkdir()
+    server = ingress_module.InferenceIngress(
+        str(tmp_path / "registry"), {"m": FakeClassifier()}, {"m": "classification"},
+        board=board, auth=Tokens.from_values(None, None).as_dict())
+    code, details, _ = classify(server)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details.startswith("model 'm' is loading: no version is loaded yet")
+    board.content = {"m": [{"replica": "r1", "version": None}]}  # up, nothing loaded
+    assert classify(server)[0] == grpc.StatusCode.UNAVAILABLE
+    board.content = {"m": [{"replica": "r1", "version": "v1"}]}
+    code, _, response = classify(server)
+    assert code == grpc.StatusCode.OK and response.version == "v1"
+    reads = board.reads
+    board.content = {"m": []}  # a replica lost later: the model's own answers count now
+    assert classify(server)[0] == grpc.StatusCode.OK
+    assert board.reads == reads  # not asked again
+
+
+def test_an_unreadable_board_lets_calls_through(tmp_path):
+    board = Board()
+    board.broken = True
+    (tmp_path / "registry").mkdir()
+    server = ingress_module.InferenceIngress(
+        str(tmp_path / "registry"), {"m": FakeClassifier()}, {"m": "classification"},
+        board=board, auth=Tokens.from_values(None, None).as_dict())
+    assert classify(server)[0] == grpc.StatusCode.OK
