@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from services.errors import ConfigError
+from services.errors import ConfigError, TuneserveError
 
 DEFAULT_HOME = Path(os.environ.get("TUNESERVE_HOME", ".tuneserve"))
 DEFAULT_REGISTRY = str(DEFAULT_HOME / "registry")
@@ -566,6 +566,12 @@ class ServeConfig:
 
         if not 1 <= self.grpc_port <= 65535:
             raise bad("grpc_port", f"{self.grpc_port} is not a port number")
+        from services.registry.store import validate_name  # (it imports this module)
+
+        try:
+            validate_name(self.channel, "channel")
+        except TuneserveError as exc:
+            raise bad("channel", str(exc)) from None
         for name in ("num_replicas", "max_ongoing_requests", "max_batch_size"):
             if name == "max_ongoing_requests" and self.max_ongoing_requests is None:
                 continue

@@ -18,10 +18,13 @@ symlink in a model or version folder is refused, never followed.
 
 from services.registry.store import (
     MANIFEST,
+    RESERVED_CHANNELS,
     PublishResult,
     Registry,
+    reserved_channel,
     validate_name,
     validate_version,
 )
 
-__all__ = ["MANIFEST", "PublishResult", "Registry", "validate_name", "validate_version"]
+__all__ = ["MANIFEST", "RESERVED_CHANNELS", "PublishResult", "Registry", "reserved_channel",
+           "validate_name", "validate_version"]

@@ -34,6 +34,9 @@ VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})\Z")
 # safetensors_check.unsafe_format).
 UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
                    ".npz", ".h5", ".msgpack"}
+# Admin replies to Pin and Unpin name "pin" where others name the channel they moved:
+# no channel may be called so.
+RESERVED_CHANNELS = ("pin",)
 STALE_STAGING_S = 24 * 3600
 MAX_JSON_BYTES = 64 * 1024 * 1024  # manifests, pointers, config.json, *.index.json
 HISTORY_LIMIT = 50
@@ -53,7 +56,14 @@ def validate_name(name: str, what: str = "model") -> str:
             f"invalid {what} name {name[:64]!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+    if what == "channel" and name in RESERVED_CHANNELS:
+        raise InvalidInput(reserved_channel(name))
     return name
+
+
+def reserved_channel(name: str) -> str:
+    return (f"channel name {name!r} is reserved (Admin replies to Pin and Unpin carry it); "
+            "to make every replica serve one version, pin it instead")
 
 
 def validate_version(version: str) -> str:
@@ -341,8 +351,12 @@ class Registry:
             raise ModelNotFound(f"model '{name}' not found in the registry")
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
-            history = [v for v in _history(state) if self.exists(name, v)]
             current = state.get("version")
+            if current is None and not _history(state):
+                others = ", ".join(self.channels_of(name)) or "none yet"
+                raise ModelNotFound(f"model '{name}' has no channel '{channel}' (its "
+                                    f"channels: {others})")
+            history = [v for v in _history(state) if self.exists(name, v)]
             while history and history[-1] == current:
                 history.pop()
             if not history:

@@ -13,7 +13,8 @@ from typing import Optional
 
 from services.config import ServeLimits
 from services.errors import InvalidInput, RequestTooLarge
-from services.registry import validate_name, validate_version
+from services.registry import (RESERVED_CHANNELS, reserved_channel, validate_name,
+                               validate_version)
 
 MIN_TEMPERATURE = 1e-5
 """Temperatures in (0, MIN_TEMPERATURE) decode greedily: dividing logits by a smaller
@@ -61,6 +62,8 @@ def check_name(name: str, field: str, what: str = "model") -> str:
     try:
         return validate_name(name, what)
     except InvalidInput:
+        if what == "channel" and name in RESERVED_CHANNELS:
+            raise InvalidInput(f"{field}: {reserved_channel(name)}") from None
         raise InvalidInput(f"{field}: invalid {what} name: {NAME_RULE}") from None
 
 

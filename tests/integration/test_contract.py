@@ -296,13 +296,15 @@ def test_edge_generation_parameters_are_served(server, kw):
     ("Pin", admin_pb.PinRequest(model="", version="v1"), CODES.INVALID_ARGUMENT, ["model"]),
     ("Rollback", admin_pb.RollbackRequest(model="a/b"), CODES.INVALID_ARGUMENT, ["model"]),
     ("Rollback", admin_pb.RollbackRequest(model="toy", channel="nothing-here"),
-     CODES.FAILED_PRECONDITION, ["no earlier"]),
+     CODES.NOT_FOUND, ["no channel 'nothing-here'", "production"]),
+    ("Promote", admin_pb.PromoteRequest(model="toy", version="v1", channel="pin"),
+     CODES.INVALID_ARGUMENT, ["channel: channel name 'pin' is reserved"]),
     ("Unpin", admin_pb.UnpinRequest(model="nope"), CODES.NOT_FOUND, ["'nope'"]),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_admin_bad_input(server, method, request_, code, needles):
     """Refused before anything changes in the registry."""
     expect(call(server, method, request_, service="Admin"), code, *needles,
-           echoes=["toy", "nope", "v9", "nothing-here"])
+           echoes=["toy", "nope", "v9", "nothing-here", "pin"])
 
 
 def test_health_unknown_service(server):

@@ -58,6 +58,11 @@ def test_channels_and_rollback(tmp_path):
         reg.rollback("m")
     with pytest.raises(ModelNotFound, match="model 'nope' not found"):
         reg.rollback("nope")
+    with pytest.raises(ModelNotFound, match=r"model 'm' has no channel 'canary' \(its "
+                                            r"channels: production\)"):
+        reg.rollback("m", "canary")
+    with pytest.raises(InvalidInput, match="channel name 'pin' is reserved"):
+        reg.set_channel("m", "pin", "v1")
     # a hand-edited channel file: history that is not a list of versions is skipped
     channel = tmp_path / "reg" / "m" / "channels" / "production.json"
     for history in ('"v2"', '["v2", 7, "../x"]'):
