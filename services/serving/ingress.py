@@ -495,12 +495,22 @@ class InferenceIngress(AdminMethods):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, grpc_context=None):
-        """Streams the status whenever it changes (polled each second)."""
+        """Streams the status whenever it changes (polled each second). As the health
+        protocol says, an unknown service gets SERVICE_UNKNOWN once and the stream stays
+        open (the services served here do not change while it runs)."""
+        if isinstance(request, UndecodableRequest):
+            await self.Check(request, grpc_context)
+            raise StreamEnded(grpc.StatusCode.INVALID_ARGUMENT,
+                              grpc_context.details() if grpc_context is not None else
+                              "request: not a valid message")
+        if request.service not in ("", INFERENCE_SERVICE):
+            yield health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            while True:
+                await asyncio.sleep(3600)
         last = None
         while True:
             response = await self.Check(request, grpc_context)
-            if grpc_context is not None and grpc_context.code():
-                raise ModelNotFound(grpc_context.details())
             if response.status != last:
                 last = response.status
                 yield response

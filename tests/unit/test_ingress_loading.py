@@ -62,3 +62,37 @@ def test_an_unreadable_board_lets_calls_through(tmp_path):
         str(tmp_path / "registry"), {"m": FakeClassifier()}, {"m": "classification"},
         board=board, auth=Tokens.from_values(None, None).as_dict())
     assert classify(server)[0] == grpc.StatusCode.OK
+
+
+def test_health_watch_streams_the_status_and_keeps_unknown_services_open(tmp_path,
+                                                                        monkeypatch):
+    """grpc.health.v1 Watch: the status, then each change; an unknown service gets
+    SERVICE_UNKNOWN and the stream stays open (the health protocol's rule)."""
+    from grpc_health.v1 import health_pb2
+
+    monkeypatch.setattr(ingress_module, "HEALTH_CACHE_S", 0.01)
+    board = Board()
+    (tmp_path / "registry").mkdir()
+    server = ingress_module.InferenceIngress(
+        str(tmp_path / "registry"), {"m": FakeClassifier()}, {"m": "classification"},
+        board=board, auth=Tokens.from_values(None, None).as_dict())
+    status = health_pb2.HealthCheckResponse
+
+    async def watch(service: str, wanted: int) -> tuple[list[int], bool]:
+        context = FakeContext()
+        stream = server.Watch(health_pb2.HealthCheckRequest(service=service), context)
+        seen = []
+        for _ in range(wanted):
+            seen.append((await asyncio.wait_for(stream.__anext__(), 5)).status)
+            board.content = {"m": [{"replica": "r1", "version": "v1"}]}
+        try:
+            await asyncio.wait_for(stream.__anext__(), 0.3)
+            still_open = False
+        except asyncio.TimeoutError:
+            still_open = True
+        await stream.aclose()
+        assert context.code() is None
+        return seen, still_open
+
+    assert asyncio.run(watch("", 2)) == ([status.NOT_SERVING, status.SERVING], True)
+    assert asyncio.run(watch("no.such.Service", 1)) == ([status.SERVICE_UNKNOWN], True)
