@@ -369,10 +369,15 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
     """Check a YAML value against the field's declared type, converting int -> float."""
-    hints = {f.name: f.type for f in fields(cls)}
-    hint = str(hints[key])
+    by_name = {f.name: f for f in fields(cls)}
+    hint = str(by_name[key].type)
     if value is None:
-        return None
+        if "Optional" in hint or "None" in hint:
+            return None
+        default = by_name[key].default
+        shown = "" if default is dataclasses.MISSING else f" ({default!r})"
+        raise ConfigError(f"{source}: invalid config field '{key}': null is not a value here; "
+                          f"leave the field out for its default{shown}")
     expect: tuple[type, ...]
     if "bool" in hint:
         expect = (bool,)

@@ -155,9 +155,11 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
 
 
 def _pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
-                 candidates: Sequence[str], what: str, headerless: Optional[str] = None) -> str:
+                 candidates: Sequence[str], what: str, headerless: Optional[str] = None,
+                 taken: Optional[str] = None) -> str:
     """`headerless`: for a CSV/TSV read without --columns, the --columns value that would
-    name its fields (e.g. "text,label"), offered when no column name is recognised."""
+    name its fields (e.g. "text,label"), offered when no column name is recognised.
+    `taken`: the column already picked for the other role, never guessed for this one."""
     if wanted:
         if wanted not in available:
             raise DataError(
@@ -165,7 +167,7 @@ def _pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
             )
         return wanted
     for name in candidates:
-        if name in available:
+        if name in available and name != taken:
             return name
     hint = f"pass --{what}-column"
     if headerless:
@@ -210,7 +212,7 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
             hint = _headerless_hint(path, columns, "text,label")
             tcol = _pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text", hint)
             lcol = _pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label",
-                                hint)
+                                hint, taken=tcol)
         text = row.values.get(tcol)
         label = row.values.get(lcol)
         if not isinstance(text, str):
@@ -263,7 +265,7 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
             pcol = _pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt",
                                 hint)
             rcol = _pick_column(path, keys, response_column, RESPONSE_COLUMN_CANDIDATES,
-                                "response", hint)
+                                "response", hint, taken=pcol)
             if pcol == rcol:
                 raise DataError(f"{path}: prompt and response are the same column '{pcol}'")
         pair = []

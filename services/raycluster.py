@@ -20,6 +20,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+REACH_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, flag: str = "--address") -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that does not answer fails here in seconds:
+    ray.init would retry the connection without end. "auto" is left to Ray."""
+    import socket
+
+    from services.errors import ConfigError
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{flag} {address!r}: expected HOST:PORT of a Ray cluster's head "
+                          "(e.g. 10.0.0.5:6379, or ray://10.0.0.5:10001), or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else \
+            (exc.strerror or type(exc).__name__)
+        raise ConfigError(f"{flag} {address}: cannot reach a Ray cluster there ({why}); "
+                          "check the head's address and port, or leave it out for a local "
+                          "cluster") from None
+
+
 def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
                metrics_port: Optional[int] = None, verbose: bool = False) -> bool:
     """Initialise Ray once. Returns True if this call started a local cluster."""
@@ -27,9 +54,11 @@ def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[float] = Non
 
     if ray.is_initialized():
         return False
+    flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     level = logging.INFO if verbose else logging.WARNING
     if address:
+        check_reachable(address, flag)
         ray.init(address=address, logging_level=level, log_to_driver=verbose)
         if not verbose:
             logging.getLogger("ray.serve").setLevel(logging.WARNING)

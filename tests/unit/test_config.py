@@ -86,6 +86,16 @@ def test_yaml_keys_dates_and_exponents(tmp_path):
     path.write_text("model: m\ntrain: t.csv\nlearning_rate: fast\n")
     with pytest.raises(ConfigError, match="'learning_rate': expected float, got str 'fast'"):
         TrainConfig.from_yaml(path)
+    # null (or ~): refused where the field has no "unset", kept where it has one
+    for line, needle in (("eval_fraction: null", r"'eval_fraction': null is not a value "
+                                                  r"here; leave the field out for its "
+                                                  r"default \(0.1\)"),
+                         ("max_grad_norm: ~", "'max_grad_norm': null is not a value here")):
+        path.write_text(f"model: m\ntrain: t.csv\n{line}\n")
+        with pytest.raises(ConfigError, match=needle):
+            TrainConfig.from_yaml(path)
+    path.write_text("model: m\ntrain: t.csv\neval: null\n")
+    assert TrainConfig.from_yaml(path).eval is None
 
 
 def test_missing_model_and_train():

@@ -78,6 +78,13 @@ def test_custom_columns_and_missing_column(tmp_path):
         load_labelled(path, text_column="review", label_column="rating")
     with pytest.raises(DataError, match="cannot tell which column holds the label"):
         load_labelled(path)
+    # the column named for the text is never guessed as the label too
+    both = write(tmp_path / "d.csv", "text,label,category\nnice,pos,a\nbad,neg,b\n")
+    data = load_labelled(both, text_column="label")
+    assert (data.text_column, data.label_column) == ("label", "category")
+    with pytest.raises(DataError, match="cannot tell which column holds the label; columns "
+                                        "are: text, label"):
+        load_labelled(write(tmp_path / "e.csv", "text,label\nnice,pos\n"), text_column="label")
 
 
 def test_headerless_file_gets_a_hint_to_name_its_columns(tmp_path):
