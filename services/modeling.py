@@ -215,6 +215,36 @@ def load_classifier_for_serving(path: str | Path, dtype: str = "auto"):
     return model, load_tokenizer(str(path))
 
 
+def check_causal_lm(ref: str, field: str = "model") -> None:
+    """Generation fine-tunes a decoder-only causal LM. An encoder (BERT-style) loads
+    through AutoModelForCausalLM too, but without `is_decoder` it attends to the tokens
+    it is asked to predict: it would train to a loss near zero and generate nonsense.
+    ConfigError naming `field`; a folder without a readable config is left to the loader."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    from services.errors import ConfigError
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except Exception:
+        return
+    kind = getattr(config, "model_type", None) or "unknown"
+    wanted = "a decoder-only causal LM (GPT-2, Llama, Qwen, Mistral, ...)"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{field} {ref!r} is an encoder-decoder model ({kind}); the "
+                          f"generation task fine-tunes {wanted}")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{field} {ref!r} ({kind}) has no causal LM head; the generation "
+                          f"task fine-tunes {wanted}")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) \
+            and not getattr(config, "causal", False):
+        raise ConfigError(f"{field} {ref!r} is an encoder ({kind}, a masked LM): it sees "
+                          f"the tokens it should predict; the generation task fine-tunes "
+                          f"{wanted} (or a {kind} config with is_decoder: true)")
+
+
 def context_length(config, tokenizer=None) -> int:
     """Tokens a causal LM can attend to (prompt + generated), from its config."""
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length",

@@ -417,8 +417,10 @@ class GenerationTask(Task):
 
     def prepare_data(self, cfg, tokenizer):
         from services.data import load_pairs, split_indices
+        from services.modeling import check_causal_lm
         from services.training.encoded import encode_pairs
 
+        check_causal_lm(cfg.model)
         train = load_pairs(cfg.train, cfg.prompt_column, cfg.response_column, cfg.columns)
         if cfg.eval:
             evald = load_pairs(cfg.eval, cfg.prompt_column or train.prompt_column,

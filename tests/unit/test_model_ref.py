@@ -167,3 +167,25 @@ def test_an_unreachable_hub_fails_at_once(tmp_path):
     assert f"the Hub (http://127.0.0.1:{port}) cannot be reached" in message
     assert "Pass a local folder" in message
     assert out["fetched"] == []
+
+
+def test_generation_needs_a_causal_lm(tmp_path):
+    """An encoder loads as a 'causal LM' too, and would see what it predicts."""
+    from transformers import BertConfig, GPT2Config, T5Config
+
+    from services.modeling import check_causal_lm
+
+    def folder(name, config):
+        config.save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    tiny = dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=8)
+    with pytest.raises(ConfigError, match=r"model '.*bert' is an encoder \(bert, a masked "
+                                          r"LM\).*is_decoder: true"):
+        check_causal_lm(folder("bert", BertConfig(**tiny)))
+    check_causal_lm(folder("bert-decoder", BertConfig(is_decoder=True, **tiny)))
+    check_causal_lm(folder("gpt2", GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=50)))
+    with pytest.raises(ConfigError, match=r"is an encoder-decoder model \(t5\)"):
+        check_causal_lm(folder("t5", T5Config(d_model=8, num_layers=1, num_heads=2)))
+    check_causal_lm(str(tmp_path / "no-config-here"))  # left to the loader's own error
