@@ -64,9 +64,28 @@ def iter_rows(path: str | Path, columns: Optional[Sequence[str]] = None) -> Iter
         yield from _iter_parquet(path)
 
 
+def _tsv_quoting(path: Path) -> int:
+    """How to read a TSV file's quotes. GLUE-style TSV is not quoted: a quote is just a
+    character. pandas' to_csv(sep="\\t") and csv.writer quote a field holding a tab, a
+    newline or a quote (a quote inside is doubled). A file is read as quoted when a field starts
+    with a quote and the whole file parses as strict quoted TSV with one field count on
+    every row; otherwise as unquoted (an unquoted text that merely starts with a quote
+    fails that test, so it keeps its quote)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            if not any(line.startswith('"') or '\t"' in line for line in fh):
+                return csv.QUOTE_NONE
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            widths = {len(r) for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL,
+                                                 strict=True)
+                      if r and not (len(r) == 1 and not r[0].strip())}
+    except (csv.Error, UnicodeDecodeError):  # (a decoding error is reported by the read)
+        return csv.QUOTE_NONE
+    return csv.QUOTE_MINIMAL if len(widths) == 1 else csv.QUOTE_NONE
+
+
 def _iter_delimited(path: Path, fmt: str, columns: Optional[Sequence[str]]) -> Iterator[Row]:
-    # TSV files in the wild (GLUE, AG News) are not quoted: a quote is just a character.
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+    quoting = _tsv_quoting(path) if fmt == "tsv" else csv.QUOTE_MINIMAL
     delimiter = "\t" if fmt == "tsv" else ","
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:

@@ -194,3 +194,26 @@ def test_unknown_eval_labels_are_listed_briefly_with_a_hint_when_swapped():
     assert "swapped" not in str(err.value) and "known labels: x, y)" in str(err.value)
     with pytest.raises(DataError, match="train.csv: need at least 2 distinct labels"):
         LabelSet.from_labels(["1", "1"], where="train.csv: ")
+
+
+def test_tsv_written_quoted_is_read_quoted_and_glue_style_is_not(tmp_path):
+    """pandas' to_csv(sep="\\t") quotes fields holding a tab, a newline or a quote; GLUE
+    and SST-2 files are not quoted, and a text there may start with a quote."""
+    import csv
+    import io
+
+    rows = [("text", "label"), ('he said "hi"\tand left\nlater', "positive"),
+            ("plain text", "negative"), ('"quoted" at the start', "positive")]
+    out = io.StringIO()
+    csv.writer(out, delimiter="\t", lineterminator="\n").writerows(rows)
+    quoted = write(tmp_path / "pandas.tsv", out.getvalue())
+    data = load_labelled(quoted)
+    assert data.texts == [r[0] for r in rows[1:]]
+    assert data.labels == ["positive", "negative", "positive"]
+    # unquoted: a text that starts with a quote and never closes it, another with
+    # quotes inside; both stay as written
+    glue = write(tmp_path / "glue.tsv", 'sentence\tlabel\n" a film that never ends\t1\n'
+                                        'it is "fine"\t0\nnot "odd\t1\n')
+    data = load_labelled(glue)
+    assert data.texts == ['" a film that never ends', 'it is "fine"', 'not "odd']
+    assert data.labels == ["1", "0", "1"]
