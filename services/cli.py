@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="a classifier's accuracy, per-class metrics and "
                        "confusion matrix on a labelled data file")
     p.add_argument("--data", required=True, metavar="FILE",
-                   help="labelled data: .csv, .tsv, .jsonl or .parquet")
+                   help="labelled data: .csv, .tsv, .jsonl, .json (an array of records) "
+                        "or .parquet")
     p.add_argument("--model", required=True, metavar="NAME[@VERSION]",
                    help="default version: the production channel's")
     where = p.add_mutually_exclusive_group()

@@ -131,12 +131,30 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{line_no}: invalid JSON: {exc.msg}") from None
+                    hint = "; JSON Lines holds each object on one line" \
+                        if line.strip() == "{" else ""
+                    raise DataError(_json_shape(path) or
+                                    f"{path}:{line_no}: invalid JSON: {exc.msg}{hint}") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{line_no}: expected a JSON object per line")
                 yield Row(obj, f"{path}:{line_no}")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _json_shape(path: Path) -> Optional[str]:
+    """Why a file of valid JSON that is not JSON Lines was refused, or None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        where = f" (its records may be the list under {_names(lists[:3])!s})" if lists else ""
+        return (f"{path}: one JSON object{where}; expected an array of records "
+                "([{...}, {...}]) or one object per line (JSON Lines)")
+    return f"{path}: valid JSON, but a {type(data).__name__}; expected an array of records " \
+           "or one object per line (JSON Lines)"
 
 
 def _starts_with(path: Path, char: str) -> bool:

@@ -235,8 +235,9 @@ class ClassificationTask(Task):
 
         train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
         if cfg.eval:
-            evald = load_labelled(cfg.eval, cfg.text_column or train.text_column,
-                                  cfg.label_column or train.label_column, cfg.columns)
+            # Columns not named in the config are found in each file on its own: an
+            # eval file may call its text 'sentence' where the train file says 'text'.
+            evald = load_labelled(cfg.eval, cfg.text_column, cfg.label_column, cfg.columns)
             tr_texts, tr_labels = train.texts, train.labels
             ev_texts, ev_labels = evald.texts, evald.labels
             eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
@@ -423,8 +424,8 @@ class GenerationTask(Task):
         check_causal_lm(cfg.model)
         train = load_pairs(cfg.train, cfg.prompt_column, cfg.response_column, cfg.columns)
         if cfg.eval:
-            evald = load_pairs(cfg.eval, cfg.prompt_column or train.prompt_column,
-                               cfg.response_column or train.response_column, cfg.columns)
+            evald = load_pairs(cfg.eval, cfg.prompt_column, cfg.response_column,
+                               cfg.columns)
             tr = (train.prompts, train.responses)
             ev = (evald.prompts, evald.responses)
             eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(ev[0])}

@@ -217,3 +217,17 @@ def test_tsv_written_quoted_is_read_quoted_and_glue_style_is_not(tmp_path):
     data = load_labelled(glue)
     assert data.texts == ['" a film that never ends', 'it is "fine"', 'not "odd']
     assert data.labels == ["1", "0", "1"]
+
+
+def test_json_that_is_not_records_says_what_it_is(tmp_path):
+    wrapped = write(tmp_path / "wrapped.json",
+                    json.dumps({"data": [{"text": "a", "label": "x"}]}, indent=2))
+    with pytest.raises(DataError, match=r"wrapped.json: one JSON object \(its records may be "
+                                        r"the list under data\); expected an array"):
+        load_labelled(wrapped)
+    # pretty-printed objects one after another: neither JSON nor JSON Lines
+    pretty = write(tmp_path / "pretty.jsonl", '{\n  "text": "a",\n  "label": "x"\n}\n'
+                                              '{\n  "text": "b",\n  "label": "y"\n}\n')
+    with pytest.raises(DataError, match=r"pretty.jsonl:1: invalid JSON: .*; JSON Lines holds "
+                                        r"each object on one line"):
+        load_labelled(pretty)

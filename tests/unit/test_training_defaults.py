@@ -211,3 +211,26 @@ def test_resume_of_a_damaged_run_folder_is_one_clear_error(tmp_path):
             resume_config("sst-1", str(tmp_path))
     (run / RUN_CONFIG_FILE).write_text('{"config": {"model": "m", "train": "t.csv"}}')
     assert resume_config("sst-1", str(tmp_path)).runs_dir == str(tmp_path)
+
+
+def test_eval_file_columns_are_found_on_their_own(tiny_model_dir, tmp_path):
+    """The train file says 'text', the eval file 'sentence': each is detected."""
+    from services.errors import DataError
+    from services.modeling import load_tokenizer
+    from services.training.tasks import make_task
+
+    train = tmp_path / "t.csv"
+    train.write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+    evalf = tmp_path / "e.jsonl"
+    evalf.write_text("".join(f'{{"sentence": "eval {i}", "label": {i % 2}}}\n'
+                             for i in range(6)))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    cfg = TrainConfig(model=str(tiny_model_dir), train=str(train), eval=str(evalf),
+                      max_length=16).validate()
+    _, info = make_task(cfg).prepare_data(cfg, tokenizer)
+    assert info["eval"]["rows"] == 6
+    named = TrainConfig(model=str(tiny_model_dir), train=str(train), eval=str(evalf),
+                        text_column="text", max_length=16).validate()
+    with pytest.raises(DataError, match="e.jsonl: no text column 'text'; columns are: "
+                                        "sentence, label"):
+        make_task(named).prepare_data(named, tokenizer)
