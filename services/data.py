@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +269,21 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
         labels.append(label.strip() if isinstance(label, str) else label)
     if not texts:
         raise DataError(f"{path}: no examples found")
-    return LabelledData(texts, labels, tcol, lcol, str(path), file_sha256(path))
+    return LabelledData(texts, _whole_numbers(labels), tcol, lcol, str(path),
+                        file_sha256(path))
+
+
+_WHOLE_FLOAT = re.compile(r"^-?\d+\.0+\Z")
+
+
+def _whole_numbers(labels: list[Any]) -> list[Any]:
+    """Labels written as whole floats in text ("1.0", as pandas writes an integer column
+    that held a NaN) read as the integers they are, as 1.0 in JSON or Parquet does; only
+    when every text label of the file has that form."""
+    texts = [v for v in labels if isinstance(v, str)]
+    if not texts or not all(_WHOLE_FLOAT.match(v) for v in texts):
+        return labels
+    return [int(float(v)) if isinstance(v, str) else v for v in labels]
 
 
 PROMPT_COLUMN_CANDIDATES = ("prompt", "question", "instruction", "input", "query")

@@ -231,3 +231,14 @@ def test_json_that_is_not_records_says_what_it_is(tmp_path):
     with pytest.raises(DataError, match=r"pretty.jsonl:1: invalid JSON: .*; JSON Lines holds "
                                         r"each object on one line"):
         load_labelled(pretty)
+
+
+def test_whole_float_labels_in_text_read_as_integers(tmp_path):
+    """pandas writes an integer column holding a NaN as 1.0 / 0.0: the same labels as
+    JSON's 1.0, only when every label has that form."""
+    floats = write(tmp_path / "f.csv", "text,label\na,1.0\nb,0.0\nc,-2.00\n")
+    assert load_labelled(floats).labels == [1, 0, -2]
+    assert load_labelled(write(tmp_path / "j.jsonl", '{"text": "a", "label": 1.0}\n')
+                         ).labels == [1]
+    mixed = write(tmp_path / "m.csv", "text,label\na,1.0\nb,1.5\n")
+    assert load_labelled(mixed).labels == ["1.0", "1.5"]
