@@ -269,8 +269,27 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
         labels.append(label.strip() if isinstance(label, str) else label)
     if not texts:
         raise DataError(f"{path}: no examples found")
+    if columns:
+        _check_not_a_header(path, texts[0], labels, list(columns))
     return LabelledData(texts, _whole_numbers(labels), tcol, lcol, str(path),
                         file_sha256(path))
+
+
+_COLUMN_WORDS = {w for w in TEXT_COLUMN_CANDIDATES + LABEL_COLUMN_CANDIDATES}
+
+
+def _check_not_a_header(path: Path, text: str, labels: list[Any], columns: list[str]) -> None:
+    """With --columns a first row that differs from it is data. One that reads like a
+    header (a column word as its text or label, and a label found nowhere else) would
+    train as an example of a class of its own: refused."""
+    label = labels[0]
+    if not isinstance(label, str) or labels.count(label) > 1:
+        return
+    if text.strip().lower() in _COLUMN_WORDS or label.strip().lower() in _COLUMN_WORDS:
+        raise DataError(
+            f"{path}: its first row ({_names([text, label])}) looks like a header, read as "
+            f"data because --columns {','.join(columns)} does not match it; drop --columns "
+            "and name the header's columns with --text-column / --label-column")
 
 
 _WHOLE_FLOAT = re.compile(r"^-?\d+\.0+\Z")

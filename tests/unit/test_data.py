@@ -242,3 +242,15 @@ def test_whole_float_labels_in_text_read_as_integers(tmp_path):
                          ).labels == [1]
     mixed = write(tmp_path / "m.csv", "text,label\na,1.0\nb,1.5\n")
     assert load_labelled(mixed).labels == ["1.0", "1.5"]
+
+
+def test_a_header_unlike_columns_is_not_trained_as_a_class(tmp_path):
+    path = write(tmp_path / "h.csv", "review,sentiment\ngood,pos\nbad,neg\n")
+    with pytest.raises(DataError, match=r"h.csv: its first row \(review, sentiment\) looks "
+                                        r"like a header"):
+        load_labelled(path, columns=["text", "label"])
+    assert load_labelled(path, text_column="review", label_column="sentiment"
+                         ).labels == ["pos", "neg"]
+    # a first row of data that happens to hold a rare label: kept
+    data = write(tmp_path / "d.csv", "fine film,rare\ngood,pos\nbad,pos\n")
+    assert load_labelled(data, columns=["text", "label"]).labels == ["rare", "pos", "pos"]
