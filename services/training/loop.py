@@ -326,9 +326,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             state["step"] += 1
             state["micro_in_epoch"] = i + 1
             window_steps += 1
-            if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == total_steps:
+            if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == total_steps \
+                    or i + 1 == micro_per_epoch:
                 # every rank reaches this line at the same step: one scalar all-reduce
-                # gives the exact loss of the window's global batches
+                # gives the exact loss of the window's global batches (and each epoch's
+                # last step closes a window, so every epoch has its train loss)
                 loss = float(_all_reduce([window_loss], device, world)[0]) / window_steps
                 elapsed = time.perf_counter() - window_start
                 emit({"type": "step", "epoch": epoch + 1, "step": state["step"],
