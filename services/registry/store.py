@@ -63,7 +63,7 @@ def validate_name(name: str, what: str = "model") -> str:
 
 def reserved_channel(name: str) -> str:
     return (f"channel name {name!r} is reserved (Admin replies to Pin and Unpin carry it); "
-            "to make every replica serve one version, pin it instead")
+            "to serve one version everywhere, pin it instead")
 
 
 def validate_version(version: str) -> str:

@@ -219,6 +219,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
                         "folder needs the tokenizer files save_pretrained writes, e.g. "
                         "tokenizer.json or vocab.txt, beside config.json)") from None
     task = make_task(cfg)
+    task.model_ref = model_ref  # what the workers load: a local folder made absolute
     data, data_info = task.prepare_data(cfg, tokenizer)
     out(task.describe_data())
 
