@@ -1,5 +1,5 @@
 """A bounded soak through Serve's real gRPC proxy on loopback: 32 concurrent clients send
-a mix of valid and invalid requests for TUNESERVE_SOAK_S seconds (default 60; the
+a mix of valid and invalid requests for TUNESERVE_SOAK_S seconds (default 45; the
 measured run in docs/reliability.md used 120).
 
 Every request knows the status code it must get (docs/api.md's table); any other code
@@ -28,7 +28,7 @@ from services.serving.app import APP_NAME, model_deployment_name
 from tests.conftest import GEN_MODEL
 from tests.helpers import poll_until
 
-SOAK_S = float(os.environ.get("TUNESERVE_SOAK_S", "60"))
+SOAK_S = float(os.environ.get("TUNESERVE_SOAK_S", "45"))
 CLIENTS = 32
 CALL_TIMEOUT_S = 60.0
 WARMUP_S = max(10.0, 0.2 * SOAK_S)

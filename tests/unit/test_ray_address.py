@@ -29,15 +29,19 @@ def test_unreachable_addresses_name_the_flag(monkeypatch):
         check_reachable("head-node")
     assert time.monotonic() - started < 5
     check_reachable("auto")  # Ray's own discovery: left to it
-    # through ensure_ray, from the environment (nothing is started: ray is not initialised
-    # in this process, and the check comes first)
+    # through ensure_ray, from the environment: refused before ray.init is called
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process")
+    def no_init(**kwargs):
+        raise AssertionError("ray.init called for an unreachable address")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_init)
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(ConfigError, match=f"RAY_ADDRESS 127.0.0.1:{port}: cannot reach"):
         ensure_ray()
+    with pytest.raises(ConfigError, match=f"--address 127.0.0.1:{port}: cannot reach"):
+        ensure_ray(f"127.0.0.1:{port}")
 
 
 def test_a_listening_head_passes():
