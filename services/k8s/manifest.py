@@ -51,10 +51,30 @@ def pin_in_manifest(text: str, *, service: str, model: str, version: Optional[st
         if found is None:
             continue
         key_line, current, where = found
-        return _edit_block(lines, key_line, end, current, model=model, version=version,
-                           app=app, where=where)
+        edited = _edit_block(lines, key_line, end, current, model=model, version=version,
+                             app=app, where=where)
+        wanted = yaml.safe_load(pin_version(current, model, version, app=app))
+        if edited.kept_comments and wanted not in _serve_configs(edited.text):
+            # the line edit, put back in the file, does not read as intended: rewrite
+            edited = _edit_block(lines, key_line, end, current, model=model,
+                                 version=version, app=app, where=where, rewrite=True)
+        return edited
     raise ConfigError(f"{source}: no RayService named {service!r} with a serveConfigV2, "
                       f"and no patch that sets {SERVE_CONFIG_PATH}")
+
+
+def _serve_configs(text: str) -> list[Any]:
+    """Every serveConfigV2 a file holds (RayServices and patches), parsed."""
+    found = []
+    for doc in yaml.safe_load_all(text):
+        if isinstance(doc, dict) and isinstance((doc.get("spec") or {}).get("serveConfigV2"),
+                                                str):
+            found.append(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+        elif isinstance(doc, list):
+            found += [yaml.safe_load(op["value"]) for op in doc if isinstance(op, dict)
+                      and op.get("path") == SERVE_CONFIG_PATH
+                      and isinstance(op.get("value"), str)]
+    return found
 
 
 def _documents(lines: list[str]) -> list[tuple[int, int]]:
@@ -97,7 +117,7 @@ def _serve_config_key(lines: list[str], start: int, end: int, doc: Any,
 
 
 def _edit_block(lines: list[str], key_line: int, end: int, current: str, *, model: str,
-                version: Optional[str], app: str, where: str) -> Edited:
+                version: Optional[str], app: str, where: str, rewrite: bool = False) -> Edited:
     key = lines[key_line]
     key_indent = _indent(key.replace("-", " ", 1) if key.lstrip().startswith("-") else key)
     prefix, header = key.split(":", 1)
@@ -110,7 +130,7 @@ def _edit_block(lines: list[str], key_line: int, end: int, current: str, *, mode
     wanted = pin_version(current, model, version, app=app)
     block = lines[first:last]
     edited = None
-    if _BLOCK_HEADER.match(header) and header.startswith("|") and block:
+    if not rewrite and _BLOCK_HEADER.match(header) and header.startswith("|") and block:
         width = min(_indent(line) for line in block if not _empty(line))
         content = "".join(line[width:] if not _empty(line) else line.lstrip(" ")
                           for line in block)

@@ -131,3 +131,23 @@ def test_files_without_a_serve_config_and_flag_misuse(tmp_path):
         k8s("promote", "sentiment", "v2", "--in-place")
     with pytest.raises(ConfigError, match="model 'topics' is not served"):
         k8s("promote", "topics", "v2", "--file", str(K8S / "base" / "rayservice.yaml"))
+
+
+def test_an_edit_that_does_not_read_back_is_written_anew(monkeypatch):
+    """The last check: the edited file must hold the pinned serveConfigV2, else the
+    value is written out anew (here the check is made to fail once)."""
+    from services.k8s import manifest
+
+    real, calls = manifest._serve_configs, []
+
+    def fails_first(text):
+        calls.append(text)
+        return [] if len(calls) == 1 else real(text)
+
+    monkeypatch.setattr(manifest, "_serve_configs", fails_first)
+    text = (K8S / "base" / "rayservice.yaml").read_text()
+    edited = pin_in_manifest(text, service="tuneserve", model="sentiment", version="v4",
+                             app="tuneserve", source="f")
+    assert not edited.kept_comments and pinned(edited.text) == {"sentiment": "v4"}
+    assert yaml.safe_load(edited.text)["spec"]["rayClusterConfig"] == \
+        yaml.safe_load(text)["spec"]["rayClusterConfig"]
