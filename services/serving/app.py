@@ -59,9 +59,10 @@ def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> d
     return tasks
 
 
-def build_app(cfg: ServeConfig):
+def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
     """The Serve application: one ingress, one model deployment per model name (or, with
-    cfg.colocate, an ingress that runs the models itself: services/serving/colocated.py)."""
+    cfg.colocate, an ingress that runs the models itself: services/serving/colocated.py).
+    `tasks`: the registry's models (discover_models), when the caller has read them."""
     from ray import serve
 
     from services.serving.colocated import ColocatedIngress, model_classes
@@ -71,7 +72,8 @@ def build_app(cfg: ServeConfig):
     cfg.validate()
     tokens = Tokens.load(cfg.api_token_file, cfg.admin_token_file)
     registry = Registry(cfg.registry)
-    tasks = discover_models(registry, cfg.models)
+    if tasks is None:
+        tasks = discover_models(registry, cfg.models)
     if not tasks:
         raise RegistryError(f"no models in registry {cfg.registry}: train one first "
                             "(tuneserve train ...)")
@@ -361,7 +363,11 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
     import ray
     from ray import serve
 
-    app = build_app(cfg)  # fail fast on an empty or bad registry, before Ray starts
+    from services.serving.colocated import model_classes
+
+    cfg.validate()
+    tasks = discover_models(Registry(cfg.registry), cfg.models)
+    app = build_app(cfg, tasks)  # fail fast on an empty or bad registry, before Ray starts
     if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
         check_ports_free(cfg, http_port)
         http_port = local_http_port(http_port)
@@ -374,10 +380,7 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
 
         options["port"] = free_port()
     local = ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
-    from services.serving.colocated import model_classes
-
-    served = sum(1 for task in discover_models(Registry(cfg.registry), cfg.models).values()
-                 if task in model_classes())
+    served = sum(1 for task in tasks.values() if task in model_classes())
     warning = check_startup_resources(cfg, served, ray.cluster_resources(), local)
     if warning:
         logger.warning(warning)

@@ -263,11 +263,7 @@ class InferenceIngress(AdminMethods):
             return
         read_at, board = self._board_read
         if time.monotonic() - read_at >= HEALTH_CACHE_S:
-            try:
-                board = await asyncio.wait_for(self.board.get.remote(), STATUS_TIMEOUT_S)
-            except Exception:
-                logger.warning("status board unavailable", exc_info=True)
-                board = None
+            board = await self._read_board()
             self._board_read = (time.monotonic(), board)
         if board is None:
             return
@@ -277,13 +273,17 @@ class InferenceIngress(AdminMethods):
         if model not in self._seen_loaded:
             raise ModelLoading(f"model '{model}' is loading")
 
-    async def _statuses(self) -> dict[str, list[dict]]:
-        """model name -> the live replicas' statuses (from the status board)."""
+    async def _read_board(self) -> Optional[dict[str, list[dict]]]:
+        """The status board's model -> replica statuses; None when it cannot be read."""
         try:
-            board = await asyncio.wait_for(self.board.get.remote(), STATUS_TIMEOUT_S)
+            return await asyncio.wait_for(self.board.get.remote(), STATUS_TIMEOUT_S)
         except Exception:
             logger.warning("status board unavailable", exc_info=True)
-            board = {}
+            return None
+
+    async def _statuses(self) -> dict[str, list[dict]]:
+        """model name -> the live replicas' statuses (from the status board)."""
+        board = await self._read_board() or {}
         return {name: board.get(name, []) for name in self.handles}
 
     @staticmethod
