@@ -51,12 +51,12 @@ def pin_in_manifest(text: str, *, service: str, model: str, version: Optional[st
         if found is None:
             continue
         key_line, current, where = found
-        edited = _edit_block(lines, key_line, end, current, model=model, version=version,
-                             app=app, where=where)
-        wanted = yaml.safe_load(pin_version(current, model, version, app=app))
-        if edited.kept_comments and wanted not in _serve_configs(edited.text):
+        wanted = pin_version(current, model, version, app=app)
+        edited = _edit_block(lines, key_line, end, current, wanted, model=model,
+                             version=version, app=app, where=where)
+        if edited.kept_comments and yaml.safe_load(wanted) not in _serve_configs(edited.text):
             # the line edit, put back in the file, does not read as intended: rewrite
-            edited = _edit_block(lines, key_line, end, current, model=model,
+            edited = _edit_block(lines, key_line, end, current, wanted, model=model,
                                  version=version, app=app, where=where, rewrite=True)
         return edited
     raise ConfigError(f"{source}: no RayService named {service!r} with a serveConfigV2, "
@@ -116,8 +116,11 @@ def _serve_config_key(lines: list[str], start: int, end: int, doc: Any,
     return None
 
 
-def _edit_block(lines: list[str], key_line: int, end: int, current: str, *, model: str,
-                version: Optional[str], app: str, where: str, rewrite: bool = False) -> Edited:
+def _edit_block(lines: list[str], key_line: int, end: int, current: str, wanted: str, *,
+                model: str, version: Optional[str], app: str, where: str,
+                rewrite: bool = False) -> Edited:
+    """Replace the serveConfigV2 text `current` at key_line with the pinned one: only its
+    pin line where that reads as `wanted` (pin_version's result), else `wanted` whole."""
     key = lines[key_line]
     key_indent = _indent(key.replace("-", " ", 1) if key.lstrip().startswith("-") else key)
     prefix, header = key.split(":", 1)
@@ -127,7 +130,6 @@ def _edit_block(lines: list[str], key_line: int, end: int, current: str, *, mode
         last += 1
     while last > first and _empty(lines[last - 1]):  # trailing blank lines stay outside
         last -= 1
-    wanted = pin_version(current, model, version, app=app)
     block = lines[first:last]
     edited = None
     if not rewrite and _BLOCK_HEADER.match(header) and header.startswith("|") and block:
