@@ -179,11 +179,11 @@ class InferenceIngress(AdminMethods):
         self.auth = Authenticator(tokens)
         if tokens.open_warning():
             logger.warning(tokens.open_warning())
-        self._health: tuple[float, bool] = (0.0, False)
         # Models seen with a loaded version once; until then a call is answered
-        # UNAVAILABLE "loading" at once (see _check_loaded), from a board read at most
-        # every HEALTH_CACHE_S.
+        # UNAVAILABLE "loading" at once (see _check_loaded).
         self._seen_loaded: set[str] = set()
+        # The status board as last read, for health and the "loading" gate alike: read
+        # at most every HEALTH_CACHE_S (_cached_board).
         self._board_read: tuple[float, Optional[dict]] = (-HEALTH_CACHE_S, None)
         # ServeConfig.replica_grpc: {host, port, max_receive_bytes} of a gRPC server of
         # this replica's own (services/serving/replica_grpc.py), started on the running
@@ -261,10 +261,7 @@ class InferenceIngress(AdminMethods):
         answers as before. Without a readable board, calls go through as before."""
         if model in self._seen_loaded or self.board is None:
             return
-        read_at, board = self._board_read
-        if time.monotonic() - read_at >= HEALTH_CACHE_S:
-            board = await self._read_board()
-            self._board_read = (time.monotonic(), board)
+        board = await self._cached_board()
         if board is None:
             return
         for name, replicas in board.items():
@@ -280,6 +277,14 @@ class InferenceIngress(AdminMethods):
         except Exception:
             logger.warning("status board unavailable", exc_info=True)
             return None
+
+    async def _cached_board(self) -> Optional[dict[str, list[dict]]]:
+        """The status board as read at most HEALTH_CACHE_S ago (None: unreadable)."""
+        read_at, board = self._board_read
+        if time.monotonic() - read_at >= HEALTH_CACHE_S:
+            board = await self._read_board()
+            self._board_read = (time.monotonic(), board)
+        return board
 
     async def _statuses(self) -> dict[str, list[dict]]:
         """model name -> the live replicas' statuses (from the status board)."""
@@ -468,12 +473,8 @@ class InferenceIngress(AdminMethods):
 
     # ---- grpc.health.v1.Health ---------------------------------------------------
     async def _serving(self) -> bool:
-        checked_at, ok = self._health
-        if time.monotonic() - checked_at < HEALTH_CACHE_S:
-            return ok
-        ok = self._serving_now(await self._statuses())
-        self._health = (time.monotonic(), ok)
-        return ok
+        board = await self._cached_board() or {}
+        return self._serving_now({name: board.get(name, []) for name in self.handles})
 
     async def Check(self, request, grpc_context=None):
         """Open to every caller (Kubernetes' gRPC probe sends no token)."""
