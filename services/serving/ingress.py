@@ -127,6 +127,18 @@ def _generate_response(answer: dict[str, Any], model: str):
         finish_reason=answer["finish_reason"] or "", model=model, version=answer["version"])
 
 
+def _cancelled_code(grpc_context) -> str:
+    """The code a call cancelled under us is counted with: DEADLINE_EXCEEDED when its
+    deadline has passed (seen where the replica terminates gRPC itself), else
+    CANCELLED (the client went away, or Serve's proxy cancelled the call, which it
+    does for a deadline too)."""
+    try:
+        remaining = grpc_context.time_remaining()
+    except Exception:  # Serve's proxy context has no deadline to read
+        return "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
 def rpc(response_type):
     """Wrap a unary method: domain errors become status codes, never tracebacks."""
 
@@ -138,6 +150,9 @@ def rpc(response_type):
             try:
                 self._admit(fn.__name__, request, grpc_context)
                 return await fn(self, request, grpc_context)
+            except asyncio.CancelledError:
+                code_name = _cancelled_code(grpc_context)
+                raise
             except Exception as exc:
                 code, message = _status_code(exc, self._metric_model(request))
                 code_name = code.name
@@ -399,6 +414,8 @@ class InferenceIngress(AdminMethods):
             # caller's mistake, logs one line: services/serving/serve_logs.py).
             raise StreamEnded(code, message) from None
         finally:
+            if code_name == "CANCELLED":  # closed or cancelled under us
+                code_name = _cancelled_code(grpc_context)
             self._record("GenerateStream", code_name, request, started)
             if stream is not None and not finished:
                 # Client gone or deadline passed: stop the generation (Serve also

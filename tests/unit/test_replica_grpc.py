@@ -33,6 +33,7 @@ class Model:
         self.classified = 0  # Classify calls answered
         self.started = threading.Event()  # a slow call has begun
         self.release = asyncio.Event()
+        self.hold = asyncio.Event()  # a stream's word "hold" waits for it
 
     async def classify(self, texts, version=None):
         self.classified += 1
@@ -62,6 +63,8 @@ class Model:
     async def generate_stream(self, prompt, params, version=None):
         self._maybe_die(prompt)
         for i, word in enumerate(prompt.split()):
+            if word == "hold":
+                await self.hold.wait()
             if word == "boom":
                 raise RuntimeError("/secret/path.py exploded")
             if word == "die-mid-stream":
@@ -385,3 +388,41 @@ def test_a_colocated_replica_listens_only_once_its_models_are_loaded(tmp_path, m
         if "ingress" in locals() and ingress._grpc_server is not None:
             loop.call(lambda: ingress.__del__() or asyncio.sleep(0))
         loop.close()
+
+
+def test_calls_ended_by_a_deadline_or_the_client_are_not_counted_ok(served, monkeypatch):
+    """requests_total: a call whose deadline passes in the model is DEADLINE_EXCEEDED,
+    a stream the client drops CANCELLED, never OK."""
+    from services import metrics
+
+    counted: list[tuple[str, str]] = []
+    real_inc = metrics.inc
+
+    def inc(name, value=1.0, **tags):
+        if name == "tuneserve_requests_total":
+            counted.append((tags["method"], tags["code"]))
+        real_inc(name, value, **tags)
+
+    monkeypatch.setattr(metrics, "inc", inc)
+    served["make"]()
+    model = served["model"]
+
+    def wait_for(entry):
+        deadline = time.monotonic() + 10
+        while entry not in counted:
+            assert time.monotonic() < deadline, counted
+            time.sleep(0.02)
+
+    with _client(served["port"]) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.inference.Classify(pb.ClassifyRequest(model="m", texts=["slow"]),
+                                      timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(("Classify", "DEADLINE_EXCEEDED"))
+        served["loop"].loop.call_soon_threadsafe(model.release.set)
+        stream = client.inference.GenerateStream(pb.GenerateRequest(model="g",
+                                                                     prompt="a hold c"))
+        assert next(stream).text == "a"
+        stream.cancel()
+        wait_for(("GenerateStream", "CANCELLED"))
+    assert ("Classify", "OK") not in counted and ("GenerateStream", "OK") not in counted
