@@ -6,6 +6,14 @@ and Train worker on every node is exported through Ray's metrics endpoint on tha
 which Prometheus scrapes. Ray prefixes every name with `ray_`: the exported names are
 the ones below with that prefix, e.g. `ray_tuneserve_requests_total`.
 
+Ray (2.60) rebuilds a histogram's observations from its bucket midpoints before it
+exports them, so a histogram's `_sum` is approximate (a batch of 1 adds 0.5 to it);
+its buckets and `_count` are exact. Each histogram therefore has a companion counter,
+its name plus `_exact_sum_total`, that adds up the observations exactly: a mean is
+rate(<name>_exact_sum_total) / rate(<name>_count). (Not `<name>_total` or
+`<name>_sum_total`: in the exposition format a counter's family is its name without
+`_total`, which would clash with the histogram's own names.)
+
 Labels have few values only (method, code, model, version, result, run): never a text,
 a prompt or a request id. Metric objects are created lazily, once per process.
 """
@@ -33,6 +41,11 @@ class Spec:
     help: str
     labels: tuple[str, ...]
     buckets: Optional[Sequence[float]] = None
+
+
+def exact_sum_name(histogram: str) -> str:
+    """The counter that adds up a histogram's observations exactly (module docstring)."""
+    return histogram + "_exact_sum_total"
 
 
 SPECS = {s.name: s for s in [
@@ -77,6 +90,11 @@ SPECS = {s.name: s for s in [
     Spec("tuneserve_checkpoint_publish_duration_seconds", "histogram",
          "Time to publish a checkpoint to the registry", ("model",), LOAD_BUCKETS_S),
 ]}
+# Each histogram's exact sum (module docstring).
+SPECS.update({exact_sum_name(h.name): Spec(
+    exact_sum_name(h.name), "counter",
+    f"Sum of the observations of {h.name}, exact (its _sum is rebuilt from bucket "
+    "midpoints)", h.labels) for h in list(SPECS.values()) if h.kind == "histogram"})
 
 _lock = threading.Lock()
 _made: dict[str, Any] = {}
@@ -109,7 +127,10 @@ def set_gauge(name: str, value: float, **tags: str) -> None:
 
 
 def observe(name: str, value: float, **tags: str) -> None:
-    _safe(lambda: metric(name).observe(value, tags=_tags(tags)))
+    tags = _tags(tags)
+    _safe(lambda: metric(name).observe(value, tags=tags))
+    if value > 0:  # a Ray counter takes only positive steps
+        _safe(lambda: metric(exact_sum_name(name)).inc(value, tags=tags))
 
 
 def _tags(tags: dict[str, Any]) -> dict[str, str]:

@@ -157,6 +157,11 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         assert prom.wait(lambda: prom.value(
             f'sum({PREFIX}tuneserve_batch_wait_seconds_count{{model="toy"}})') >= 7,
             timeout_s=60)
+        # Ray rebuilds a histogram's _sum from bucket midpoints (a batch of 1 adds 0.5);
+        # the companion counter holds the exact sum: every batch holds a request or more.
+        batches = f'sum({PREFIX}tuneserve_batch_size_count{{model="toy"}})'
+        exact = f'sum({PREFIX}tuneserve_batch_size_exact_sum_total{{model="toy"}})'
+        assert prom.wait(lambda: prom.value(exact) >= prom.value(batches) >= 7, timeout_s=60)
         assert prom.wait(lambda: prom.value(
             f'sum({PREFIX}tuneserve_generated_tokens_total{{model="{GEN_MODEL}"}})')
             >= gen.completion_tokens > 0, timeout_s=60)
