@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from services.data import file_sha256
-from services.errors import CorruptVersion, InvalidInput, ModelNotFound, RegistryError
+from services.errors import (CorruptVersion, InvalidInput, ModelNotFound, RegistryError,
+                             TuneserveError)
 from services.registry.backend import Backend
 from services.registry.safetensors_check import check_safetensors, unsafe_format
 
@@ -202,9 +203,13 @@ class Registry:
                 out[stem] = v
         return out
 
+    def pin_state(self, name: str) -> dict[str, Any]:
+        """The pin pointer as written ({} when there is none)."""
+        return self._pointer(f"{validate_name(name)}/{PIN_FILE}", f"{name} pin")
+
     def pinned(self, name: str) -> Optional[str]:
         """A version every replica must serve, whatever the channel says (or None)."""
-        version = self._pointer(f"{validate_name(name)}/{PIN_FILE}", f"{name} pin").get("version")
+        version = self.pin_state(name).get("version")
         return version if isinstance(version, str) and VERSION_RE.match(version) else None
 
     def resolve(self, name: str, version: Optional[str] = None,
@@ -250,8 +255,44 @@ class Registry:
         Returns the manifest read from the verified local copy (see local_copy)."""
         manifest = self.manifest(name, version)
         folder = self.local_copy(name, version)
-        verify_folder(folder, name, version, manifest)
+        try:
+            verify_folder(folder, name, version, manifest)
+        except OSError as exc:  # unreadable, not corrupt: no CorruptVersion
+            raise RegistryError(f"{name} {version}: cannot read "
+                                f"{_relative(exc.filename, folder)}: "
+                                f"{exc.strerror or type(exc).__name__}") from None
         return manifest
+
+    def task(self, name: str, version: str) -> str:
+        """A version's task, as its manifest says (classification when unsaid)."""
+        return str(self.manifest(name, version).get("task") or "classification")
+
+    def _task_or_none(self, name: str, version: Optional[str]) -> Optional[str]:
+        """The version's task; None when there is no such version or it is unreadable
+        (nothing to compare with)."""
+        if not version:
+            return None
+        try:
+            return self.task(name, version)
+        except (TuneserveError, OSError):
+            return None
+
+    def check_task(self, name: str, version: str, task: Optional[str] = None) -> None:
+        """Refuse to serve `version` where `name` serves another task: a model name
+        keeps its task (the server builds one kind of deployment per name from it).
+        `task`: the version's, when not yet in the registry (publish)."""
+        task = task or self.task(name, version)
+        production = self.channel(name, "production")
+        against = production if production != version else None
+        if against is None:  # no production yet: the newest other version
+            others = [v for v in self.versions(name) if v != version]
+            against = others[-1] if others else None
+        served = self._task_or_none(name, against)
+        if served is not None and served != task:
+            raise RegistryError(
+                f"model '{name}' is a {served} model ({against}); {version or 'this'} is a "
+                f"{task} model: a model name keeps its task, so publish it under "
+                "another name")
 
     # ---- writing ---------------------------------------------------------------
     def publish(self, name: str, source: str | Path, manifest: dict[str, Any],
@@ -263,16 +304,21 @@ class Registry:
         """
         validate_name(name)
         source = Path(source)
+        self.check_task(name, "", str(manifest.get("task") or "classification"))
         files = _checkpoint_files(source)
         body = dict(manifest)
         body.update(format=MANIFEST_FORMAT, name=name,
                     created_at=body.get("created_at") or _now())
         version = (self._publish_local if not self.backend.remote else self._publish_remote)(
             name, source, files, body)
-        first = self.channel(name, "production") is None
-        promoted = bool(promote) or (promote is None and first)
-        if promoted:
+        if promote:
             self.set_channel(name, "production", version)
+            promoted = True
+        elif promote is None:  # the first of concurrent publishes only
+            promoted = self.set_channel(name, "production", version, only_if_unset=True) \
+                is not None
+        else:
+            promoted = False
         path = (str(self.backend.local_path(f"{name}/{version}")) if not self.backend.remote
                 else f"{self.uri.split('?')[0].rstrip('/')}/{name}/{version}")
         return PublishResult(name, version, path, promoted)
@@ -328,13 +374,18 @@ class Registry:
                 if mtime is not None and mtime.timestamp() < cutoff:
                     self.backend.delete_tree(f"{name}/{child}")
 
-    def set_channel(self, name: str, channel: str, version: str) -> dict[str, Any]:
-        """Point a channel at a version (atomically), remembering the previous one."""
+    def set_channel(self, name: str, channel: str, version: str,
+                    only_if_unset: bool = False) -> Optional[dict[str, Any]]:
+        """Point a channel at a version (atomically), remembering the previous one.
+        `only_if_unset`: only if the channel points nowhere yet (else None)."""
         self._channel_rel(name, channel), validate_version(version)
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        self.check_task(name, version)
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
+            if only_if_unset and self.channel(name, channel) is not None:
+                return None
             history = _history(state)
             previous = state.get("version")
             if previous and previous != version:
@@ -370,6 +421,7 @@ class Registry:
         validate_name(name), validate_version(version)
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        self.check_task(name, version)
         self.backend.write_atomic(f"{name}/{PIN_FILE}",
                                   _dumps({"version": version, "updated_at": _now()}))
 
@@ -378,6 +430,14 @@ class Registry:
             raise ModelNotFound(f"model '{name}' not found in the registry")
         self.backend.write_atomic(f"{name}/{PIN_FILE}", _dumps({"version": None,
                                                                 "updated_at": _now()}))
+
+
+def _relative(filename: Any, folder: Path) -> str:
+    """A file named in an error, relative to the version folder (no server paths)."""
+    try:
+        return Path(filename).relative_to(folder).as_posix()
+    except (TypeError, ValueError):
+        return Path(str(filename or "a file")).name
 
 
 def _file_problem(rel: str, path: Path) -> Optional[str]:

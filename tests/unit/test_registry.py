@@ -188,3 +188,76 @@ def test_safetensors_header_checks(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         check_safetensors(write(raw_header=b"\xff{", payload=b""))
     os.remove(tmp_path / "w.safetensors")
+
+
+def _publish_one(root, ck, barrier_dir, index):
+    """A publisher process: wait until every publisher is ready, then publish."""
+    import time as _time
+    from pathlib import Path as _Path
+
+    (_Path(barrier_dir) / str(index)).touch()
+    while len(list(_Path(barrier_dir).iterdir())) < 6:
+        _time.sleep(0.005)
+    res = Registry(root).publish("race", ck, manifest())
+    return res.version, res.promoted
+
+
+def test_concurrent_first_publishes_promote_exactly_one(tmp_path):
+    """Only the first version of a new name becomes production by itself, even when
+    several publishers start at once: the one that promoted is production."""
+    import multiprocessing
+
+    ck = fake_checkpoint(tmp_path / "ck")
+    for attempt in range(3):
+        root, barrier = tmp_path / f"reg{attempt}", tmp_path / f"barrier{attempt}"
+        root.mkdir(), barrier.mkdir()
+        with multiprocessing.get_context("spawn").Pool(6) as pool:
+            results = pool.starmap(_publish_one, [(str(root), str(ck), str(barrier), i)
+                                                  for i in range(6)])
+        promoted = [version for version, did in results if did]
+        assert len(promoted) == 1, results
+        reg = Registry(root)
+        assert reg.channel("race") == promoted[0]
+        assert reg.channel_state("race")["history"] == []
+        assert sorted(v for v, _ in results) == reg.versions("race")
+
+
+def test_a_model_name_keeps_its_task(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    ck = fake_checkpoint(tmp_path / "ck")
+    reg.publish("m", ck, manifest())
+    gen = {"task": "generation", "metrics": {"loss": 1.0}}
+    with pytest.raises(RegistryError, match="'m' is a classification model .* generation"):
+        reg.publish("m", ck, gen)
+    assert reg.versions("m") == ["v1"]
+    # a version of the other task that got in anyway (an older tuneserve, a hand copy)
+    # cannot be promoted or pinned over the model's task
+    import shutil
+
+    shutil.copytree(tmp_path / "reg" / "m" / "v1", tmp_path / "reg" / "m" / "v2")
+    body = json.loads((tmp_path / "reg" / "m" / "v2" / "manifest.json").read_text())
+    body.update(version="v2", task="generation")
+    (tmp_path / "reg" / "m" / "v2" / "manifest.json").write_text(json.dumps(body))
+    for change in (lambda: reg.set_channel("m", "production", "v2"),
+                   lambda: reg.set_channel("m", "canary", "v2"), lambda: reg.pin("m", "v2")):
+        with pytest.raises(RegistryError, match="keeps its task"):
+            change()
+    assert reg.channel("m") == "v1" and reg.pinned("m") is None
+    reg.publish("other", ck, gen)  # another name takes the other task
+    assert reg.channel("other") == "v1"
+
+
+def test_an_unreadable_file_is_a_registry_error_naming_it(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish("m", fake_checkpoint(tmp_path / "ck"), manifest())
+    weights = tmp_path / "reg" / "m" / "v1" / "model.safetensors"
+    weights.chmod(0)
+    try:
+        if os.access(weights, os.R_OK):
+            pytest.skip("running with permission to read any file (root)")
+        with pytest.raises(RegistryError, match="cannot read model.safetensors") as err:
+            reg.verify("m", "v1")
+        assert not isinstance(err.value, CorruptVersion)
+        assert str(tmp_path) not in err.value.message
+    finally:
+        weights.chmod(0o644)
