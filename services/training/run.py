@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any, Callable, Optional
 
 from services import __version__
 from services.config import TrainConfig
-from services.errors import ConfigError, DataError, TrainingFailed
+from services.errors import ConfigError, DataError, InvalidInput, TrainingFailed
 from services.metrics import observe as metrics_observe
 from services.raycluster import ensure_ray
 from services.registry import Registry
@@ -122,6 +123,11 @@ class _Progress:
 
 RUN_CONFIG_FILE = "tuneserve_run.json"
 """Written into the run folder at the start: what `train --resume` needs."""
+FINISHED_FILE = "tuneserve_finished.json"
+"""Written into the run folder when the run ended well: its published version."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+"""A model folder holds one of these when it has a tokenizer (save_pretrained)."""
 
 
 def _run_folder(run: str, runs_dir: Optional[str]) -> Path:
@@ -207,17 +213,27 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
 
     started = time.perf_counter()
     cfg.validate()
+    if resume:
+        _check_unfinished(resume, cfg.runs_dir)
+    if publish:
+        _check_registry_task(cfg)
     model_ref = prepare_model_ref(
         cfg.model, field="model",
         progress=sys.stderr.isatty() if progress_bar is None else progress_bar)
     out(f"model: {describe_model_ref(cfg.model)}")
+    tokenizer_help = (f"a model folder needs the tokenizer files save_pretrained writes, e.g. "
+                      f"{', '.join(TOKENIZER_FILES[:2])}, beside config.json")
+    if Path(model_ref).is_dir() and not any((Path(model_ref) / f).is_file()
+                                            for f in TOKENIZER_FILES):
+        raise DataError(f"model {cfg.model!r} has no tokenizer files ({tokenizer_help})")
     try:
         tokenizer = load_tokenizer(cfg.model)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {first} (a model "
-                        "folder needs the tokenizer files save_pretrained writes, e.g. "
-                        "tokenizer.json or vocab.txt, beside config.json)") from None
+        raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {first} "
+                        f"({tokenizer_help})") from None
+    if cfg.task == "generation" and cfg.lora_r:
+        _check_lora_targets(model_ref, cfg.lora_target_modules)
     task = make_task(cfg)
     task.model_ref = model_ref  # what the workers load: a local folder made absolute
     data, data_info = task.prepare_data(cfg, tokenizer)
@@ -280,6 +296,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
 
     thread = threading.Thread(target=fit, name="tuneserve-fit", daemon=True)
     thread.start()
+    resume_hint = f"`tuneserve train --resume {run_name} --runs-dir {runs_dir}`"
+    interrupted = False
     try:
         while thread.is_alive() or not queue.empty():
             try:
@@ -288,17 +306,31 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
                 continue
             progress.handle(event)
             tracker.handle(event)
+    except KeyboardInterrupt:
+        # Not waiting for the run: its controller and workers belong to this driver
+        # and end with it (and with the local cluster, shut down here). A checkpoint
+        # being written is never seen half-written (write_checkpoint renames it whole).
+        interrupted = True
+        progress.close()
+        out(f"interrupted: run {run_name} stopped; nothing was published. Continue it "
+            f"from its last checkpoint with {resume_hint}")
+        if started_here:
+            ray.shutdown()
+        raise
     finally:
         progress.close()
         tracker.close()
-        thread.join()
-        ray.kill(queue.actor, no_restart=True)
+        if not interrupted:
+            thread.join()
+            ray.kill(queue.actor, no_restart=True)
     error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
     if error is not None:
+        cause, bad_input = _root_cause(error)
+        advice = (f"fix it and train again (--resume keeps the config the run started with)"
+                  if bad_input else f"continue it with {resume_hint} once the cause is fixed")
         raise TrainingFailed(
             f"training failed (worker failures tolerated: {cfg.max_failures}; nothing was "
-            f"published): {_root_cause(error)}. Continue it with `tuneserve train "
-            f"--resume {run_name} --runs-dir {runs_dir}` once the cause is fixed.") from None
+            f"published): {cause}. {advice[0].upper()}{advice[1:]}.") from None
     result = outcome["result"]
     best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
     if best is None:
@@ -344,6 +376,8 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
                 registry.set_channel(cfg.name, "production", pub.version)
                 res.promoted = True
     res.wall_s = time.perf_counter() - started
+    (runs_dir / run_name / FINISHED_FILE).write_text(json.dumps(
+        {"name": cfg.name, "version": res.version, "checkpoint": res.checkpoint_dir}))
     return res
 
 
@@ -378,4 +412,65 @@ def _root_cause(exc: BaseException) -> str:
         exc = nxt
     text = str(exc).strip().splitlines()
     last = text[-1] if text else ""
-    return f"{type(exc).__name__}: {last}" if last else type(exc).__name__
+    # A worker's own error arrives as text in Ray's wrapper ("WorkerGroupError:
+    # services.errors.ConfigError: invalid config field ..."): our input errors are
+    # shown as their message alone, and no resume can fix them.
+    ours = re.search(r"services\.errors\.(ConfigError|DataError|InvalidInput): (.*)", last)
+    if ours or isinstance(exc, InvalidInput):
+        return (ours.group(2) if ours else last), True
+    return (f"{type(exc).__name__}: {last}" if last else type(exc).__name__), False
+
+
+def _check_unfinished(run: str, runs_dir: Optional[str]) -> None:
+    """--resume of a run that finished would train nothing and publish its checkpoint
+    again as a new version."""
+    marker = _run_folder(run, runs_dir) / FINISHED_FILE
+    if not marker.is_file():
+        return
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        done = {}
+    where = (f" and was published as {done.get('name')} {done['version']}"
+             if isinstance(done, dict) and done.get("version") else "")
+    raise ConfigError(f"--resume: run {run!r} already finished{where}; nothing to continue "
+                      "(train again without --resume for a new run)")
+
+
+def _check_registry_task(cfg: TrainConfig) -> None:
+    """A run whose model name holds versions of the other task would fail at publish,
+    after the whole run: say so before it starts."""
+    from services.errors import RegistryError
+
+    try:
+        Registry(cfg.registry).check_task(cfg.name, "", cfg.task)
+    except RegistryError as exc:
+        raise ConfigError(f"invalid config field 'name': {exc.message}") from None
+
+
+def _check_lora_targets(model_ref: str, targets: Optional[list[str]]) -> None:
+    """LoRA's target modules exist in the model: checked on an empty (meta) copy of it
+    here, not by every worker after Ray started."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("invalid config field 'lora_r': LoRA needs the peft package "
+                          "(pip install peft)") from None
+    config = AutoConfig.from_pretrained(model_ref)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    from transformers.pytorch_utils import Conv1D
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, (torch.nn.Linear, Conv1D))})
+    try:
+        get_peft_model(model, LoraConfig(
+            task_type="CAUSAL_LM", r=1, target_modules=targets,
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules())))
+    except ValueError as exc:
+        raise ConfigError(f"invalid config field 'lora_target_modules': "
+                          f"{str(exc).splitlines()[0]} (the model's linear layers: "
+                          f"{', '.join(linear)})") from None

@@ -4,7 +4,8 @@
   its last checkpoint (weights, optimizer moments, step, data position) and ends where
   an uninterrupted run with the same seed ends;
 - more failures than `max_failures`: a clear error, a non-zero exit, nothing published;
-- the driver killed: `tuneserve train --resume RUN` continues from the last checkpoint.
+- the driver interrupted (Ctrl-C): it stops at once, and `tuneserve train --resume RUN`
+  continues from the last checkpoint (a finished run is not resumed).
 
 Faults are injected at a known optimizer step through TUNESERVE_TEST_FAULT (see
 services/training/loop.py), so the tests do not race the training.
@@ -128,18 +129,22 @@ def test_train_resume_continues_a_run_whose_driver_was_killed(
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
     try:
-        # The worker pauses at step 6, after the checkpoint of step 4: kill the driver.
+        # The worker pauses at step 6, after the checkpoint of step 4: Ctrl-C the
+        # driver. It stops at once (the run does not go on without it) and says how to
+        # continue.
         marker = poll_until(lambda: next(runs.glob("resumable-*/.faults/fault-at-6"), None),
                             timeout_s=180)
         assert marker is not None
         run_dir = marker.parent.parent
         assert (run_dir / RUN_CONFIG_FILE).is_file()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == 130, output
+    assert f"interrupted: run {run_dir.name} stopped" in output
+    assert f"--resume {run_dir.name}" in output and "Traceback" not in output
     assert Registry(registry).versions("resumable") == []
 
     # Resume by name from the runs folder; the worker's pause hook has already fired.
@@ -151,6 +156,11 @@ def test_train_resume_continues_a_run_whose_driver_was_killed(
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["version"] == "v1" and summary["run_dir"] == str(run_dir.resolve())
     assert [row["epoch"] for row in summary["epochs"]][-1] == EPOCHS
+    # A finished run is not trained or published again.
+    assert cli_main(["train", "--resume", run_dir.name, "--runs-dir", str(runs),
+                     "--address", address]) == 2
+    assert "already finished and was published as resumable v1" in capsys.readouterr().err
+    assert Registry(registry).versions("resumable") == ["v1"]
 
     # Asking to resume what does not exist, or with new settings, is a clear error.
     assert cli_main(["train", "--resume", "no-such-run", "--runs-dir", str(runs)]) == 2
