@@ -41,6 +41,10 @@ _PROCESS_LOADS = threading.Lock()
 LOAD_ATTEMPTS = 3
 """Tries of a version whose load failed with an unexpected error before it is refused."""
 LOAD_RETRY_MAX_WAIT_S = 60.0
+REFUSED_RETRY_S = 300.0
+"""A version refused after LOAD_ATTEMPTS unexpected failures (a read error, say) is tried
+again after this long; one refused by a check (a bad checksum) is not, unless its
+pointer is written again (Promote or Pin of it, which re-arms any refusal)."""
 
 
 class RegistryFollower:
@@ -67,6 +71,12 @@ class RegistryFollower:
         # version -> (failed loads so far, monotonic time of the next try): unexpected
         # failures, tried again until LOAD_ATTEMPTS
         self.failed_loads: dict[str, tuple[int, float]] = {}
+        # version -> monotonic time it was refused after unexpected failures
+        self.gave_up: dict[str, float] = {}
+        # The updated_at of the pointer that named the target at the last poll: written
+        # again (a Promote or Pin of the same version), a refusal of it is retried.
+        self._target_stamp: Any = None
+        self._seen_stamp: Any = None
         self.last_error: Optional[str] = None
         self.state = "loading"
         self._wake = asyncio.Event()
@@ -130,16 +140,43 @@ class RegistryFollower:
         self._wake.set()
 
     def _target(self) -> Optional[str]:
-        """user_config pin > registry pin (Admin Pin) > the channel's version."""
-        pinned = self.pinned or self.registry.pinned(self.name)
+        """user_config pin > registry pin (Admin Pin) > the channel's version. Notes
+        the pointer's stamp (_rearm)."""
+        if self.pinned:
+            self._target_stamp = ("config", self.pinned)
+            return self.pinned if self.registry.exists(self.name, self.pinned) else None
+        pin = self.registry.pin_state(self.name)
+        pinned = self.registry.pinned(self.name)
         if pinned:
+            self._target_stamp = ("pin", pin.get("updated_at"))
             return pinned if self.registry.exists(self.name, pinned) else None
+        state = self.registry.channel_state(self.name, self.channel)
+        self._target_stamp = (self.channel, state.get("updated_at"))
         return self.registry.channel(self.name, self.channel)
+
+    def _rearm(self, target: Optional[str]) -> None:
+        """Forget a refusal of `target` when its pointer was written since the last
+        poll (an operator promoting or pinning it again after fixing it), or when it was
+        refused for unexpected failures REFUSED_RETRY_S ago (a read error that passed)."""
+        stamp, seen = self._target_stamp, self._seen_stamp
+        self._seen_stamp = stamp
+        if target not in self.refused:
+            return
+        rewritten = seen is not None and stamp != seen
+        expired = time.monotonic() - self.gave_up.get(target, math.inf) >= REFUSED_RETRY_S
+        if rewritten or expired:
+            logger.info("%s: trying %s again (%s)", self.name, target,
+                        "its pointer was written again" if rewritten else
+                        f"refused {REFUSED_RETRY_S:g} s ago after unexpected failures")
+            self.refused.pop(target, None)
+            self.gave_up.pop(target, None)
+            self.failed_loads.pop(target, None)
 
     async def _follow(self) -> None:
         while True:
             try:
                 target = await asyncio.to_thread(self._target)
+                self._rearm(target)
                 current = self.current.version if self.current else None
                 if target and target != current and target not in self.refused and \
                         self._may_try(target):
@@ -199,6 +236,7 @@ class RegistryFollower:
         if attempts >= LOAD_ATTEMPTS:
             self.failed_loads.pop(version, None)
             self.refused[version] = f"load failed {attempts} times: {what}"
+            self.gave_up[version] = time.monotonic()
             self.last_error = self.refused[version]
             metrics.inc("tuneserve_model_loads_total", model=self.name, result="refused")
             return CorruptVersion(f"version {version} of '{self.name}' could not be "

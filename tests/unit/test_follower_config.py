@@ -178,3 +178,50 @@ def test_a_replica_started_on_a_refused_version_serves_the_one_before(tmp_path):
         f._follower.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_refused_version_is_tried_again_when_promoted_again(tmp_path):
+    """An operator who fixed the files promotes the same version again: the replica
+    forgets the refusal (of either kind) and loads it."""
+    from services.registry import Registry
+
+    async def scenario():
+        uri = _published(tmp_path)
+        f = _Flaky(uri, "toy", poll_interval_s=0.02, failures=[OSError("read error")] * 3)
+        await f.reconfigure({})
+        await _until(lambda: "v1" in f.refused)
+        assert f.tries == LOAD_ATTEMPTS and f.current is None
+        await asyncio.to_thread(Registry(uri).set_channel, "toy", "production", "v1")
+        await _until(lambda: f.current is not None)
+        assert f.current.version == "v1" and f.refused == {} and f.tries == LOAD_ATTEMPTS + 1
+        # a check failure, then the files are fixed and the version pinned
+        f.failures = [CorruptVersion("toy v1: model.safetensors fails its sha256 check")]
+        f.current = None
+        f.refused, f.state = {}, "loading"
+        await f._switch_to("v1")
+        assert "v1" in f.refused and f.current is None
+        await asyncio.to_thread(Registry(uri).pin, "toy", "v1")
+        await _until(lambda: f.current is not None)
+        f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_version_refused_for_unexpected_failures_is_tried_again_later(tmp_path,
+                                                                       monkeypatch):
+    from services.serving import follower
+
+    monkeypatch.setattr(follower, "REFUSED_RETRY_S", 0.3)
+
+    async def scenario():
+        f = _Flaky(_published(tmp_path), "toy", poll_interval_s=0.02,
+                   failures=[OSError("read error")] * 3)
+        await f.reconfigure({})
+        await _until(lambda: "v1" in f.refused)
+        refused_at = time.monotonic()
+        await _until(lambda: f.current is not None)
+        assert time.monotonic() - refused_at >= 0.3 - 0.05
+        assert f.tries == LOAD_ATTEMPTS + 1 and f.refused == {}
+        f._follower.cancel()
+
+    asyncio.run(scenario())
