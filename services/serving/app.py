@@ -29,7 +29,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from services.config import ServeConfig, ServeLimits
-from services.errors import ConfigError, RegistryError
+from services.errors import ConfigError, ModelLoading, RegistryError, TuneserveError
 from services.protocol import admin_pb, pb
 from services.raycluster import ensure_ray
 from services.registry import Registry
@@ -53,10 +53,34 @@ def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> d
     for name in names:
         versions = registry.versions(name)
         if not versions:
-            raise RegistryError(f"model '{name}' not found in {registry}")
-        target = registry.channel(name, "production") or versions[-1]
-        tasks[name] = str(registry.manifest(name, target).get("task", "classification"))
+            raise RegistryError(f"model '{name}' not found in registry "
+                                f"{registry.uri.split('?')[0]}")
+        try:
+            tasks[name] = _task_of(registry, name, versions)
+        except TuneserveError as exc:
+            if wanted:  # asked for by name: not served is an error
+                raise
+            # One broken model does not keep the others from being served.
+            logger.warning("not serving model %s: %s", name, exc.message)
     return tasks
+
+
+def _task_of(registry: Registry, name: str, versions: list[str]) -> str:
+    """A model's task: its production manifest's, else the newest readable version's
+    (a model name keeps its task: Registry.check_task)."""
+    try:
+        production = registry.channel(name, "production")
+    except TuneserveError:  # an unreadable channel pointer: the versions still say
+        production = None
+    first_error: Optional[TuneserveError] = None
+    for version in dict.fromkeys([production, *reversed(versions)]):
+        if version is None:
+            continue
+        try:
+            return registry.task(name, version)
+        except TuneserveError as exc:
+            first_error = first_error or exc
+    raise first_error or RegistryError(f"model '{name}' has no readable version")
 
 
 def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
@@ -398,7 +422,9 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
 
 
 def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[str, Any]:
-    """Poll the ingress until every model has a loaded version."""
+    """Poll the ingress until every model has a loaded version, or has none it can load
+    (every version it tried refused): those are named in a warning and the others are
+    served; if no model could be loaded, ModelLoading says why."""
     import time
 
     from ray import serve
@@ -408,10 +434,37 @@ def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[st
     statuses: dict[str, Any] = {}
     while time.monotonic() < deadline:
         statuses = handle._statuses.remote().result()
-        if handle._serving_now.remote(statuses).result():
+        loaded, failed, pending = startup_state(statuses)
+        if statuses and not pending:
+            if not loaded:
+                raise ModelLoading(f"no model could be loaded: {'; '.join(failed.values())}")
+            for why in failed.values():
+                logger.warning("not serving %s (serving the other models; a version "
+                               "promoted later is loaded)", why)
             return statuses
         time.sleep(poll_s)
-    raise TimeoutError(f"models not loaded after {timeout_s:.0f}s: {statuses}")
+    _, failed, pending = startup_state(statuses)
+    raise ModelLoading(f"models not loaded after {timeout_s:.0f}s: "
+                       f"{'; '.join([*pending.values(), *failed.values()]) or 'no status'}")
+
+
+def startup_state(statuses: dict[str, list[dict]]) -> tuple[list[str], dict[str, str],
+                                                             dict[str, str]]:
+    """From the status board: the models loaded (a replica has a version), the ones
+    failed (every replica refused what it tried: model -> why) and the ones still
+    pending (model -> why, if known)."""
+    loaded, failed, pending = [], {}, {}
+    for name, replicas in statuses.items():
+        if any(r.get("version") for r in replicas):
+            loaded.append(name)
+            continue
+        errors = sorted({str(r.get("last_error")) for r in replicas if r.get("last_error")})
+        why = f"{name}: {', '.join(errors)}" if errors else f"{name}: loading"
+        if replicas and all(r.get("state") == "failed" for r in replicas):
+            failed[name] = why
+        else:
+            pending[name] = why
+    return loaded, failed, pending
 
 
 def stop_serving() -> None:

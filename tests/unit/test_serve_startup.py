@@ -1,0 +1,87 @@
+"""What `tuneserve serve` does at start with a broken model beside good ones: serves
+the good ones and names the broken one, instead of refusing to start or waiting."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from services.errors import CorruptVersion
+from services.registry import Registry
+from services.serving.app import discover_models, startup_state
+from tests.unit.test_registry import fake_checkpoint, manifest
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    ck = fake_checkpoint(tmp_path / "ck")
+    for name in ("good", "other"):
+        reg.publish(name, ck, manifest())
+        reg.publish(name, ck, manifest())
+    return reg
+
+
+def test_a_model_with_an_unreadable_manifest_is_skipped_with_a_warning(registry, tmp_path,
+                                                                       caplog):
+    (tmp_path / "reg" / "other" / "v1" / "manifest.json").write_text("{bad")
+    # production (v1) unreadable: the task comes from another version
+    assert discover_models(registry) == {"good": "classification", "other": "classification"}
+    (tmp_path / "reg" / "other" / "v2" / "manifest.json").write_text("[]")
+    with caplog.at_level(logging.WARNING, logger="services.serving.app"):
+        assert discover_models(registry) == {"good": "classification"}
+    assert "not serving model other: other v1: unreadable manifest" in caplog.text
+    with pytest.raises(CorruptVersion, match="unreadable manifest"):
+        discover_models(registry, ["other"])  # asked for by name: an error
+
+
+def test_startup_state_tells_loaded_failed_and_pending_models():
+    statuses = {
+        "good": [{"version": "v1", "state": "ready"}, {"version": None, "state": "loading"}],
+        "bad": [{"version": None, "state": "failed",
+                 "last_error": "other v1: model.safetensors has the wrong size"}] * 2,
+        "slow": [{"version": None, "state": "failed", "last_error": "x"},
+                 {"version": None, "state": "loading"}],
+        "new": [],
+    }
+    loaded, failed, pending = startup_state(statuses)
+    assert loaded == ["good"]
+    assert failed == {"bad": "bad: other v1: model.safetensors has the wrong size"}
+    assert set(pending) == {"slow", "new"} and pending["new"] == "new: loading"
+
+
+def test_waiting_ends_when_every_model_is_loaded_or_failed(monkeypatch, caplog):
+    from services.errors import ModelLoading
+    from services.serving import app
+
+    boards = [{"good": [], "bad": []},
+              {"good": [{"version": "v1"}], "bad": [{"state": "failed", "last_error": "e"}]}]
+
+    class Call:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class Handle:
+        class _statuses:  # noqa: N801 - the ingress method's name
+            @staticmethod
+            def remote():
+                return Call(boards.pop(0) if len(boards) > 1 else boards[0])
+
+    import ray.serve
+
+    monkeypatch.setattr(ray.serve, "get_app_handle", lambda name: Handle)
+    with caplog.at_level(logging.WARNING, logger="services.serving.app"):
+        statuses = app.wait_until_serving(timeout_s=10, poll_s=0.01)
+    assert statuses["good"] == [{"version": "v1"}]
+    assert "not serving bad: e" in caplog.text
+    boards[:] = [{"bad": [{"state": "failed", "last_error": "refused: sha256"}]}]
+    with pytest.raises(ModelLoading, match="no model could be loaded: bad: refused: sha256"):
+        app.wait_until_serving(timeout_s=10, poll_s=0.01)
+    boards[:] = [{"bad": [{"state": "loading"}]}]
+    with pytest.raises(ModelLoading, match="not loaded after 0s: bad: loading"):
+        app.wait_until_serving(timeout_s=0.05, poll_s=0.01)
+
