@@ -202,12 +202,28 @@ def build(message_cls, **fields):
 
 
 def _check_address(address: str) -> None:
-    """HOST:PORT with a port gRPC can reach (it would wrap 99999 round to another)."""
+    """HOST:PORT with a port gRPC can reach (it would wrap 99999 round to another). No
+    scheme (gRPC reads `http://host:9000` as a DNS name) and no missing port (gRPC would
+    dial 443); an IPv6 host in brackets, [::1]:9000."""
+    expected = "expected host:port (e.g. localhost:9000)"
     if not isinstance(address, str) or not address.strip():
-        raise InvalidInput("address: empty; expected HOST:PORT, e.g. localhost:9000")
+        raise InvalidInput(f"address: empty; {expected}")
+    if "://" in address:
+        raise InvalidInput(f"address: {expected} without a scheme, got {address!r}")
     host, sep, port = address.rpartition(":")
-    if sep and port.isdigit() and not 1 <= int(port) <= 65535:
+    if not sep or not host or not port:
+        raise InvalidInput(f"address: {expected}, got {address!r}")
+    if not port.isdigit():
+        raise InvalidInput(f"address: the port must be a number; {expected}, got "
+                           f"{address!r}")
+    if not 1 <= int(port) <= 65535:
         raise InvalidInput(f"address: port {port} is out of range (1-65535) in {address!r}")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if any(c.isspace() for c in host) or "/" in host or \
+            (not bracketed and (":" in host or "[" in host or "]" in host)):
+        raise InvalidInput(f"address: {expected}, got {address!r}"
+                           + (" (an IPv6 host goes in brackets: [::1]:9000)"
+                              if ":" in host and not bracketed else ""))
 
 
 def _deadline(timeout_s: Optional[float]) -> Optional[float]:

@@ -24,6 +24,25 @@ DEFAULT_HOME = Path(os.environ.get("TUNESERVE_HOME", ".tuneserve"))
 DEFAULT_REGISTRY = str(DEFAULT_HOME / "registry")
 DEFAULT_RUNS_DIR = str(DEFAULT_HOME / "runs")
 TASKS = ("classification", "generation")
+SEED_MAX = 2**64 - 1
+"""The largest seed torch.manual_seed takes (it reads the seed as an unsigned 64-bit
+integer)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_port(name: str, value: Any) -> Any:
+    """A TCP port (1-65535) of a serve setting; ConfigError naming the setting."""
+    if not _is_int(value) or not 1 <= value <= 65535:
+        raise ConfigError(f"invalid serve setting '{name}': {value!r} is not a port number "
+                          "(1-65535)")
+    return value
 
 
 @dataclass
@@ -163,6 +182,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(name, f"must be an integer >= 0, got {value!r}")
+        if self.seed > SEED_MAX:  # torch.manual_seed would fail in every worker
+            raise bad("seed", f"must be at most {SEED_MAX} (2**64 - 1), got {self.seed}")
         if self.early_stopping_min_delta < 0:
             raise bad("early_stopping_min_delta",
                       f"must be >= 0, got {self.early_stopping_min_delta}")
@@ -191,6 +212,7 @@ class TrainConfig:
         if self.columns is not None:
             if isinstance(self.columns, str):
                 self.columns = [c.strip() for c in self.columns.split(",")]
+            _check_names(bad, "columns", self.columns)
             if not self.columns or any(not c for c in self.columns):
                 raise bad("columns", "must be a comma-separated list of column names")
             twice = sorted({c for c in self.columns if self.columns.count(c) > 1})
@@ -260,6 +282,8 @@ class TrainConfig:
             if isinstance(self.lora_target_modules, str):
                 self.lora_target_modules = [m.strip() for m in
                                             self.lora_target_modules.split(",")]
+            if self.lora_target_modules is not None:
+                _check_names(bad, "lora_target_modules", self.lora_target_modules)
             if self.lora_target_modules is not None and (
                     not self.lora_target_modules or any(not m for m in self.lora_target_modules)):
                 raise bad("lora_target_modules", "must be a comma-separated list of names")
@@ -302,6 +326,16 @@ class TrainConfig:
         return TrainConfig.from_dict(data, source="command line")
 
 
+def _check_names(bad, name: str, value: Any) -> None:
+    """A list-of-text field holds text only (YAML reads `[1, 2]` as numbers)."""
+    if not isinstance(value, list):
+        raise bad(name, f"must be a list of names, got {type(value).__name__} {value!r}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise bad(name, f"must be a list of names (text); item {i + 1} is "
+                      f"{type(item).__name__} {item!r}")
+
+
 def parse_class_weights(spec: str) -> "str | dict[str, float]":
     """'balanced' or {label: weight} from 'a=2,b=1'; ConfigError naming the field."""
     spec = spec.strip()
@@ -336,8 +370,32 @@ def template_from_flag(value: str) -> str:
     return value.replace("\\n", "\n").replace("\\t", "\t")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(key)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
 class _ConfigLoader(yaml.SafeLoader):
-    """Safe YAML, but a date stays the text written (configs are saved as JSON)."""
+    """Safe YAML, but a date stays the text written (configs are saved as JSON), and a
+    key given twice in one mapping is an error (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, line, first)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _ConfigLoader.yaml_implicit_resolvers = {
@@ -352,11 +410,25 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") \
+            from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                          f"at offset {exc.start}); save it as UTF-8 YAML") from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}")
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {why}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path} (line {exc.line}): {exc.key!r} is given twice (first on "
+                          f"line {exc.first_line}); keep one") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -364,6 +436,13 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     odd = [k for k in data if not isinstance(k, str)]
     if odd:
         raise ConfigError(f"{path}: field names must be text, got {odd[0]!r}")
+    spelled: dict[str, str] = {}
+    for key in data:  # eval-fraction and eval_fraction name one field
+        field_name = key.replace("-", "_")
+        if field_name in spelled:
+            raise ConfigError(f"{path}: {spelled[field_name]!r} and {key!r} are the same "
+                              f"field ({field_name}); keep one")
+        spelled[field_name] = key
     return data
 
 
@@ -395,6 +474,12 @@ def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
     elif "list" in hint:
         if isinstance(value, str):
             value = [c.strip() for c in value.split(",")]
+        if isinstance(value, list):  # every list field is a list of names
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise ConfigError(
+                        f"{source}: invalid config field '{key}': expected a list of "
+                        f"names (text); item {i + 1} is {type(item).__name__} {item!r}")
         expect = (list,)
     elif "dict" in hint:
         expect = (dict,)
@@ -569,31 +654,62 @@ class ServeConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"invalid serve setting '{name}': {why}")
 
-        if not 1 <= self.grpc_port <= 65535:
-            raise bad("grpc_port", f"{self.grpc_port} is not a port number")
+        check_port("grpc_port", self.grpc_port)
+        if self.metrics_port is not None:
+            check_port("metrics_port", self.metrics_port)
         from services.registry.store import validate_name  # (it imports this module)
 
         try:
             validate_name(self.channel, "channel")
         except TuneserveError as exc:
             raise bad("channel", str(exc)) from None
-        for name in ("num_replicas", "max_ongoing_requests", "max_batch_size"):
-            if name == "max_ongoing_requests" and self.max_ongoing_requests is None:
+        # Integers: (field, smallest value); None is "unset" where the field allows it.
+        for name, low in (("num_replicas", 1), ("max_ongoing_requests", 1),
+                          ("max_batch_size", 1), ("min_replicas", 0), ("max_replicas", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("max_ongoing_requests", "min_replicas",
+                                          "max_replicas"):
                 continue
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.replica_cpus <= 0 or self.ingress_cpus < 0:
-            raise bad("replica_cpus", "must be > 0")
+            if not _is_int(value) or value < low:
+                raise bad(name, f"must be an integer >= {low}, got {value!r}")
+        if not _is_int(self.max_queued_requests) or \
+                (self.max_queued_requests < 1 and self.max_queued_requests != -1):
+            raise bad("max_queued_requests", "must be -1 (no limit) or a positive integer, "
+                      f"got {self.max_queued_requests!r}")
+        # Numbers: nan passes no comparison and inf is no setting, so both are refused
+        # first; then (field, smallest value, whether the smallest is allowed).
+        for name, low, inclusive in (("poll_interval_s", 0.0, False),
+                                     ("replica_cpus", 0.0, False),
+                                     ("replica_gpus", 0.0, True),
+                                     ("ingress_cpus", 0.0, True),
+                                     ("target_ongoing_requests", 0.0, False),
+                                     ("upscale_delay_s", 0.0, True),
+                                     ("downscale_delay_s", 0.0, True),
+                                     ("batch_wait_timeout_s", 0.0, True),
+                                     ("generation_batch_wait_timeout_s", 0.0, True)):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise bad(name, f"must be a finite number, got {value!r}")
+            if value < low or (value == low and not inclusive):
+                raise bad(name, f"must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+        for name in ("replica_cpus", "replica_gpus", "ingress_cpus"):
+            value = getattr(self, name)
+            if 0 < value < 0.0001:  # Ray's resource precision
+                raise bad(name, f"must be 0 or at least 0.0001, got {value!r}")
         if self.max_replicas is not None:
             low = 1 if self.min_replicas is None else self.min_replicas
-            if low < 0 or self.max_replicas < max(1, low):
+            if self.max_replicas < max(1, low):
                 raise bad("max_replicas", f"must be >= min_replicas ({low}) and >= 1")
-            if self.target_ongoing_requests <= 0:
-                raise bad("target_ongoing_requests", "must be > 0")
         elif self.min_replicas is not None:
             raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
-        if self.poll_interval_s <= 0:
-            raise bad("poll_interval_s", "must be > 0")
+        if self.models is not None:
+            if not isinstance(self.models, list) or not self.models:
+                raise bad("models", f"must be a list of model names, got {self.models!r}")
+            for model in self.models:
+                try:
+                    validate_name(model, "model")
+                except TuneserveError as exc:
+                    raise bad("models", str(exc)) from None
         if self.dtype not in SERVING_DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(SERVING_DTYPES)}")
         if self.generation_batching not in GENERATION_BATCHING:
@@ -614,6 +730,11 @@ class ServeConfig:
             raise bad("replica_grpc", "Serve's autoscaler does not see the calls the "
                       "ingress replicas' own gRPC servers answer: set num_replicas "
                       "instead of max_replicas, or drop replica_grpc")
+        for f in fields(self.limits):
+            value = getattr(self.limits, f.name)
+            low = 0 if f.name == "max_stop_sequences" else 1
+            if not _is_int(value) or value < low:
+                raise bad(f"limits.{f.name}", f"must be an integer >= {low}, got {value!r}")
         if self.limits.max_request_bytes < 1024:
             raise bad("limits.max_request_bytes", "must be at least 1024")
         return self

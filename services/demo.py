@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from services.config import DEFAULT_HOME, ServeConfig, TrainConfig
+from services.errors import InvalidInput
 
 DEMO_DATA = Path(__file__).parent / "resources" / "demo_sentiment.tsv"
 DEMO_MODEL_NAME = "sentiment-demo"
@@ -32,14 +33,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DEMO_BATCH_SIZE = 16
+
+
+def check_demo_args(workers: int, epochs: int, grpc_port: int) -> None:
+    """The demo's flags, before anything starts (a bad one would otherwise fail after
+    Ray started, or the port after minutes of training)."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not is_int(workers) or workers < 1 or DEMO_BATCH_SIZE % workers:
+        divisors = [n for n in range(1, DEMO_BATCH_SIZE + 1) if DEMO_BATCH_SIZE % n == 0]
+        raise InvalidInput(f"--workers: must divide the demo's batch size {DEMO_BATCH_SIZE} "
+                           f"({', '.join(map(str, divisors))}), got {workers!r}")
+    if not is_int(epochs) or epochs < 1:
+        raise InvalidInput(f"--epochs: must be a positive integer, got {epochs!r}")
+    if not is_int(grpc_port) or not 0 <= grpc_port <= 65535:
+        raise InvalidInput(f"--grpc-port: must be a port number (1-65535), or 0 for a free "
+                           f"port, got {grpc_port!r}")
+
+
 def run_demo(workers: int = 2, epochs: int = 4, grpc_port: int = 0,
              home: Optional[str] = None, verbose: bool = False) -> int:
+    check_demo_args(workers, epochs, grpc_port)
     import ray
 
     from services.client import Client, format_table
     from services.modeling import demo_model_path
     from services.raycluster import ensure_ray
-    from services.serving.app import start_serving
+    from services.serving.app import check_ports_free, start_serving
     from services.training.run import run_training
 
     started = time.perf_counter()
@@ -47,9 +69,12 @@ def run_demo(workers: int = 2, epochs: int = 4, grpc_port: int = 0,
     cfg = TrainConfig(
         model=demo_model_path(), train=str(DEMO_DATA), eval_fraction=0.2,
         name=DEMO_MODEL_NAME, registry=str(home_dir / "registry"),
-        runs_dir=str(home_dir / "runs"), workers=workers, epochs=epochs, batch_size=16,
-        learning_rate=1e-4, max_length=64, log_every_steps=5,
-    )
+        runs_dir=str(home_dir / "runs"), workers=workers, epochs=epochs,
+        batch_size=DEMO_BATCH_SIZE, learning_rate=1e-4, max_length=64, log_every_steps=5,
+    ).validate()
+    if grpc_port:  # in use or needing root: say so now, not after training
+        check_ports_free(ServeConfig(registry=cfg.registry, grpc_port=grpc_port).validate(),
+                         None)
     print("== tuneserve demo ==")
     print("1/4 starting a local Ray cluster", flush=True)
     ensure_ray(num_cpus=max(2, workers), verbose=verbose)

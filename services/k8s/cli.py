@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -158,9 +159,27 @@ def _connect(args: argparse.Namespace):
     return Kube.connect(args.namespace, kubeconfig=args.kubeconfig, context=args.context)
 
 
+MIN_WATCH_INTERVAL_S = 0.5
+"""--watch polls the API server no more often than this."""
+
+
+def _check_watch_flags(args: argparse.Namespace) -> None:
+    """--interval-s and --timeout-s: finite seconds (nan passes no comparison, and the
+    watch loop would sleep a negative or nan interval)."""
+    interval = args.interval_s
+    if not math.isfinite(interval) or interval < MIN_WATCH_INTERVAL_S:
+        raise InvalidInput(f"--interval-s: must be a number of seconds >= "
+                           f"{MIN_WATCH_INTERVAL_S:g}, got {interval}")
+    timeout = args.timeout_s
+    if timeout is not None and (not math.isfinite(timeout) or timeout <= 0):
+        raise InvalidInput(f"--timeout-s: must be a number of seconds > 0 (leave it out "
+                           f"to watch until the job ends), got {timeout}")
+
+
 def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     from services.config import load_yaml_mapping
 
+    _check_watch_flags(args)
     file_data = load_yaml_mapping(args.config) if args.config else {}
     overrides = {f.name: getattr(args, f.name) for f in objects.train_flag_fields()}
     if overrides.get("prompt_template"):
