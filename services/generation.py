@@ -18,16 +18,21 @@ handling. What differs per request is done by two hooks called at every step:
   the same seed gives the same tokens whatever else is in the batch (up to the
   floating-point noise of padding), and a seed never depends on global RNG state.
 - `_RowMonitor` (a stopping criterion) appends each row's new token, decodes the
-  row's text (incrementally: `_decoded`), stops the row at EOS, at a stop string
-  (cut out of the text), at its own max_new_tokens, or when its `cancelled` event is
-  set (client gone), and hands new text to the row's `on_text` callback as it becomes
-  final. Text that could be the start of a stop string, or an incomplete UTF-8
-  character, is held back until it is decided. Generation ends when every row has
-  stopped, so a cancelled request costs at most one more step.
+  row's text (incrementally: `_decoded`), stops the row at EOS (the generation
+  config's and the tokenizer's: `eos_token_ids`), at a stop string (cut out of the
+  text; one that is a special token's text also stops at that token, which decoding
+  skips), at its own max_new_tokens, or when its `cancelled` event is set (client
+  gone), and hands new text to the row's `on_text` callback as it becomes final. Text
+  that could be the start of a stop string, an incomplete UTF-8 character, or the
+  text of a run of byte-fallback tokens not ended yet is held back until it is
+  decided, so the streamed text is always a prefix of the final text. Generation ends
+  when every row has stopped, so a cancelled request costs at most one more step.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import secrets
 import threading
 import time
@@ -67,13 +72,23 @@ class GenerationJob:
     """params.max_new_tokens clamped to what fits in the model's context."""
     on_text: Optional[Callable[[str, int], None]] = None
     """Called from the generating thread with (new final text, completion tokens)."""
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that end the row as a stop string does: the stop strings that are a
+    special or added token's text (decoding skips special tokens' text)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     token_ids: list[int] = field(default_factory=list)
     decoder: Any = field(default=None, repr=False)
     """The row's incremental detokenizer (tokenizers' DecodeStream), made at its first
     token; False once it failed (the text is then decoded whole each step)."""
+    pending: list[int] = field(default_factory=list)
+    """The row's trailing run of byte-fallback tokens (`<0x5A>`), not given to the
+    decoder yet: the run decodes as a whole (bytes that are not UTF-8 together become
+    U+FFFD each), so its text can change until a token that is not a byte ends it."""
     completion_tokens: int = 0
     text: str = ""
+    settled: int = 0
+    """Characters at the start of `text` that later tokens cannot change (the
+    streamed text never goes past them)."""
     emitted_chars: int = 0
     finish_reason: str = ""
     created_at: float = field(default_factory=time.perf_counter)
@@ -104,6 +119,23 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """The tokens that end a generation: the generation config's EOS ids and the
+    tokenizer's EOS, which fine-tuning appends to every response
+    (services/training/encoded.py) and which can differ from the config's (e.g. a
+    tokenizer's `<|endoftext|>` on a config whose default EOS is 2)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def byte_fallback_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's byte tokens `<0x00>`..`<0xFF>` (SentencePiece's
+    byte fallback, as in Llama 2 and Mistral); none for other tokenizers."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[name] for b in range(256) if (name := f"<0x{b:02X}>") in vocab}
+
+
 def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
     """Index of the earliest stop string at or after `start`, or -1."""
     found = [i for s in stops if (i := text.find(s, start)) >= 0]
@@ -119,12 +151,18 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.context_tokens = context_tokens
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        eos = eos_token_ids(model.generation_config, tokenizer)
+        self.eos_ids = set(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-            next(iter(self.eos_ids), 0)
+            next(iter(eos), 0)
+        # Special and added tokens by their text: a stop string that is one of them
+        # also stops at that token.
+        self._token_stops = {**dict(zip(tokenizer.all_special_tokens,
+                                        tokenizer.all_special_ids)),
+                             **tokenizer.get_added_vocab()}
+        self._skipped_ids = set(tokenizer.all_special_ids) | {  # what decoding leaves out
+            i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
+        self._byte_ids = byte_fallback_ids(tokenizer)
         self.tokens_generated = 0
         self._lock = threading.Lock()
         # The Rust tokenizer refuses use from two threads at once ("Already borrowed")
@@ -148,7 +186,10 @@ class GenerationEngine:
             raise InvalidInput(
                 f"prompt: {len(ids)} tokens with the prompt template; the model's context "
                 f"is {self.context_tokens} tokens, which leaves no room to generate")
-        return GenerationJob(list(ids), params, min(params.max_new_tokens, room), on_text)
+        stop_ids = frozenset(self._token_stops[s] for s in params.stop
+                             if s in self._token_stops)
+        return GenerationJob(list(ids), params, min(params.max_new_tokens, room), on_text,
+                             stop_ids=stop_ids)
 
     def run(self, jobs: Sequence[GenerationJob]) -> None:
         """Generate for every job, in as few `generate` calls as fit; results land in
@@ -220,13 +261,18 @@ class GenerationEngine:
         if token in self.eos_ids and not job.params.ignore_eos:
             self._finish(job, "eos")
             return
+        if token in job.stop_ids:  # a special token's text: decoding would skip it
+            self._finish(job, "stop")
+            return
         job.token_ids.append(token)
+        seen = job.settled
         text = self._decoded(job, token)
         stops = job.params.stop
         if stops:
-            # A stop string can only end in the new text: search from just before it.
+            # A stop string can only end after the text that was settled before this
+            # token (earlier steps searched that): search from just before its end.
             longest = max(len(s) for s in stops)
-            cut = find_stop(text, stops, max(0, len(job.text) - longest))
+            cut = find_stop(text, stops, max(0, seen - longest))
             if cut >= 0:
                 job.text = text[:cut]
                 self._finish(job, "stop")
@@ -237,31 +283,65 @@ class GenerationEngine:
         elif job.cancelled.is_set():
             self._finish(job, "cancelled")
         else:
-            ready = len(text) - held_back(text, stops)
+            ready = min(len(text) - held_back(text, stops), job.settled)
             if ready > job.emitted_chars:
                 self._emit(job, text[job.emitted_chars:ready])
 
     def _decoded(self, job: GenerationJob, token: int) -> str:
         """The row's text with `token` (just appended to job.token_ids): what decoding
-        all its tokens gives. With a fast tokenizer only the newest tokens are decoded
-        (tokenizers' DecodeStream, which holds back an incomplete character), so a token
-        costs the same at any length; decoding the whole row each step cost O(length):
-        0.8 ms a row at 1,024 tokens. Other tokenizers, or a stream that fails, decode
-        the whole row."""
+        all its tokens gives; job.settled says how much of it is final. With a fast
+        tokenizer only the newest tokens are decoded (tokenizers' DecodeStream, which
+        holds back an incomplete character), so a token costs the same at any length;
+        decoding the whole row each step cost O(length): 0.8 ms a row at 1,024 tokens.
+        Other tokenizers, or a stream that fails, decode the whole row.
+
+        A run of byte-fallback tokens goes to the stream in one step, with the token
+        that ends it: given byte by byte, the stream would show `<0x5A>` as "Z" and
+        then refuse `<0x5A><0xB7>` ("\ufffd\ufffd": not UTF-8 together). Until then
+        the run's text is a preview, not settled. Special tokens inside a run leave it
+        open: decoding skips them, so the bytes on both sides decode together."""
         with self._tokenizer_lock:
             if job.decoder is None and self._backend is not None:
                 from tokenizers.decoders import DecodeStream
 
                 job.decoder = DecodeStream(skip_special_tokens=True)
+            if token in self._byte_ids or (job.pending and token in self._skipped_ids):
+                job.pending.append(token)
+                ended = []
+            else:
+                ended, job.pending = [*job.pending, token], []
             if job.decoder:
                 try:
-                    chunk = job.decoder.step(self._backend, token)
+                    return self._streamed(job, ended)
                 except Exception:  # noqa: BLE001 - decode this row whole from now on
                     job.decoder = False
-                else:
-                    return job.text + chunk if chunk else job.text
-            return self.tokenizer.decode(job.token_ids, skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=False)
+            return self._whole(job)
+
+    def _streamed(self, job: GenerationJob, ended: list[int]) -> str:
+        """The row's text from its DecodeStream, given the tokens that are no longer
+        pending (none while a byte run goes on: its text is previewed on a copy)."""
+        settled = job.text[:job.settled]
+        if not ended:
+            preview = copy.copy(job.decoder).step(self._backend, job.pending)
+            return settled + (preview or "")
+        text = settled + (job.decoder.step(self._backend, ended) or "")
+        job.settled = len(text)
+        return text
+
+    def _whole(self, job: GenerationJob) -> str:
+        """The row's text from decoding all its tokens; settled: as much of it as
+        decoding them without a pending byte run gives, less a trailing incomplete
+        character (which the next bytes may complete)."""
+        text = final = self._decode(job.token_ids)
+        if job.pending:
+            final = os.path.commonprefix([self._decode(job.token_ids[:-len(job.pending)]),
+                                          text])
+        job.settled = len(final.rstrip("\ufffd"))
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
 
     def _finish(self, job: GenerationJob, reason: str) -> None:
         job.finish_reason = reason

@@ -293,8 +293,12 @@ def load_causal_lm_for_serving(path: str | Path, dtype: str = "auto"):
 
     The model's own generation defaults (sampling, repetition penalty, ...) are
     replaced by neutral ones: a request's parameters are the only ones that apply.
+    Generation stops at the generation config's EOS ids and at the tokenizer's EOS
+    (the one fine-tuning appends to every response), which can differ.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from services.generation import eos_token_ids
 
     quiet_transformers()
     import torch
@@ -302,11 +306,9 @@ def load_causal_lm_for_serving(path: str | Path, dtype: str = "auto"):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=serving_dtype(dtype),
                                                  **SAFE_LOAD)
     tokenizer = load_tokenizer(str(path))
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
     model.generation_config = GenerationConfig(
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_token_ids(model.generation_config, tokenizer) or None,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=model.generation_config.bos_token_id)
     model.config.use_cache = True
     if torch.cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)

@@ -277,7 +277,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             position.update(epoch=epoch + 1, micro_in_epoch=0)
 
         def save(folder: str) -> None:
-            task.save(model.module if hasattr(model, "module") else model, folder)
+            task.save(model.module if hasattr(model, "module") else model, folder, tokenizer)
             tokenizer.save_pretrained(folder)
             save_trainer_state(folder, optimizer, {
                 **position, "metrics": task.state_metrics(metrics)})

@@ -125,7 +125,9 @@ class Task:
         """The metrics written to train_state.json in the checkpoint."""
         return metrics
 
-    def save(self, model, folder: str) -> None:
+    def save(self, model, folder: str, tokenizer) -> None:
+        """Write the model into a checkpoint folder (the loop adds `tokenizer`'s
+        files beside it)."""
         model.save_pretrained(folder, safe_serialization=True)
 
     def load_weights(self, model, folder: str) -> None:
@@ -542,7 +544,13 @@ class GenerationTask(Task):
 
         set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors")))
 
-    def save(self, model, folder):
+    def save(self, model, folder, tokenizer):
+        """The model (LoRA merged in) with a generation config that stops at every
+        EOS it was trained on: fine-tuning appended the tokenizer's EOS to each
+        response, and the base model's config may name another (plain Hugging Face
+        `generate` on the checkpoint stops right too)."""
+        from services.generation import eos_token_ids
+
         if self.lora:
             from peft import get_peft_model_state_dict
             from safetensors.torch import save_file
@@ -553,6 +561,8 @@ class GenerationTask(Task):
             # The published checkpoint is a plain model: the adapter merged in, on a
             # copy so that training goes on with the adapter separate.
             model = copy.deepcopy(model).merge_and_unload()
+        eos = eos_token_ids(model.generation_config, tokenizer)
+        model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos or None
         model.save_pretrained(folder, safe_serialization=True)
         with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as fh:
             json.dump({"task": self.name, "prompt_template": self.prompt_template,

@@ -138,9 +138,11 @@ def test_lora_is_merged_into_the_saved_checkpoint(tiny_gpt2_dir, tokenizer, tmp_
     model.eval()
     ids = torch.tensor([tokenizer("red cat")["input_ids"]])
     expected = model(input_ids=ids).logits
-    task.save(model, str(tmp_path))
+    task.save(model, str(tmp_path), tokenizer)
     saved = AutoModelForCausalLM.from_pretrained(str(tmp_path), use_safetensors=True).eval()
     assert not any("lora" in n for n, _ in saved.named_parameters())
+    # the tokenizer's EOS is the config's: one id, as before
+    assert saved.generation_config.eos_token_id == tokenizer.eos_token_id
     torch.testing.assert_close(saved(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     assert json.loads((tmp_path / "tuneserve.json").read_text())["lora"]["r"] == 4
 
