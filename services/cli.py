@@ -15,6 +15,7 @@ bad input, 1 for everything else); no tracebacks unless --verbose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Inference (default: $TUNESERVE_ADMIN_TOKEN)")
 
     p = sub.add_parser("classify", help="classify texts through a running server")
-    p.add_argument("--address", default="localhost:9000", help="HOST:PORT of the gRPC API")
+    p.add_argument("--address", default="localhost:9000",
+                   help="HOST:PORT of the gRPC API (default: %(default)s)")
     p.add_argument("--model", required=True)
     p.add_argument("--version", dest="model_version", default="")
     p.add_argument("--timeout-s", type=float, default=30.0)
@@ -179,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
     p = sub.add_parser("generate", help="generate text through a running server")
-    p.add_argument("--address", default="localhost:9000", help="HOST:PORT of the gRPC API")
+    p.add_argument("--address", default="localhost:9000",
+                   help="HOST:PORT of the gRPC API (default: %(default)s)")
     p.add_argument("--model", required=True)
     p.add_argument("--version", dest="model_version", default="")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -382,6 +385,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       api_token_file=args.api_token_file,
                       admin_token_file=args.admin_token_file)
     cfg.validate()
+    if args.http_port is not None:  # Serve's HTTP proxy: not a ServeConfig field
+        from services.config import check_port
+
+        check_port("http_port", args.http_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -478,25 +485,52 @@ def cmd_models(args: argparse.Namespace) -> int:
         manifest = reg.verify(args.name, args.model_version)
         print(f"{args.name} {args.model_version}: OK ({len(manifest['files'])} files verified)")
         return 0
-    data = []
-    for name in reg.model_names():
-        channels = reg.channels_of(name)
-        for version in reg.versions(name):
-            m = reg.manifest(name, version)
-            data.append({"name": name, "version": version, "task": m.get("task"),
-                         "channels": [c for c, v in channels.items() if v == version],
-                         "metrics": m.get("metrics", {}), "created_at": m.get("created_at")})
+    data = _registry_rows(reg)
     if args.json:
         for row in data:
             print(json.dumps(row))
-        return 0
-    if not data:
+    elif not data:
         print(f"no models in {args.registry}")
-        return 0
-    rows = [(d["name"], d["version"], d["task"], ",".join(d["channels"]) or "-",
-             _headline_metric(d["metrics"]), d["created_at"]) for d in data]
-    print(format_table(rows, ["model", "version", "task", "channels", "eval", "created"]))
-    return 0
+    else:
+        rows = [(d["name"], d["version"], d["task"] or "-",
+                 ",".join([*d["channels"], *(["pin"] if d["pinned"] else [])]) or "-",
+                 _headline_metric(d["metrics"]) if not d.get("error") else
+                 f"unreadable: {d['error']}", d["created_at"] or "-") for d in data]
+        print(format_table(rows, ["model", "version", "task", "channels", "eval", "created"]))
+    return 1 if any(d.get("error") for d in data) else 0
+
+
+def _registry_rows(reg) -> list[dict[str, Any]]:
+    """One row per version. A version, channel or pin that cannot be read is shown as
+    such (`error`), and the rest are listed all the same."""
+    data: list[dict[str, Any]] = []
+    for name in reg.model_names():
+        problems: list[str] = []
+        try:
+            channels = reg.channels_of(name)
+        except TuneserveError as exc:
+            channels, problems = {}, [exc.message]
+        try:
+            pinned = reg.pinned(name)
+        except TuneserveError as exc:
+            pinned, problems = None, [*problems, exc.message]
+        for version in reg.versions(name):
+            row: dict[str, Any] = {
+                "name": name, "version": version, "task": None,
+                "channels": [c for c, v in channels.items() if v == version],
+                "pinned": version == pinned, "metrics": {}, "created_at": None}
+            try:
+                m = reg.manifest(name, version)
+            except TuneserveError as exc:
+                row["error"] = exc.message
+            else:
+                metrics = m.get("metrics")
+                row.update(task=m.get("task"), created_at=m.get("created_at"),
+                           metrics=metrics if isinstance(metrics, dict) else {})
+            if problems and not row.get("error"):
+                row["error"] = "; ".join(problems)
+            data.append(row)
+    return data
 
 
 def _headline_metric(metrics: dict) -> str:
@@ -540,17 +574,33 @@ def _models_change(args: argparse.Namespace) -> int:
             before = reg.channel(args.name, channel)
             now = reg.rollback(args.name, channel)
         elif action == "pin":
-            before = reg.pinned(args.name)
+            before = _pinned_or_unreadable(reg, args.name)
             reg.verify(args.name, version)
             reg.pin(args.name, version)
             now = version
         else:
-            before = reg.pinned(args.name)
+            before = _pinned_or_unreadable(reg, args.name)
             reg.unpin(args.name)
             now = ""
     target = channel if action in ("promote", "rollback") else "pin"
     print(f"{args.name} {target}: {before or '-'} -> {now or '-'}")
+    if action in ("promote", "rollback") and not args.address:
+        pinned = _pinned_or_unreadable(reg, args.name)
+        if pinned:
+            print(f"note: {args.name} is pinned to {pinned}: replicas serve it until "
+                  f"`tuneserve models unpin {args.name}`", file=sys.stderr)
     return 0
+
+
+def _pinned_or_unreadable(reg, name: str) -> Optional[str]:
+    """The pinned version; "(unreadable)" for a pin file that cannot be read, which Pin
+    and Unpin then overwrite (the way to repair it)."""
+    from services.errors import RegistryError
+
+    try:
+        return reg.pinned(name)
+    except RegistryError:
+        return "(unreadable)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -603,6 +653,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2 if isinstance(exc, InvalidInput) else 1
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        # the server found the input bad: as when the CLI finds it so
+        return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        if args.verbose:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

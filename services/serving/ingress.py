@@ -127,6 +127,15 @@ def _generate_response(answer: dict[str, Any], model: str):
         finish_reason=answer["finish_reason"] or "", model=model, version=answer["version"])
 
 
+def _or_none(read, *args):
+    """A registry read, or None when what it reads is unreadable (logged)."""
+    try:
+        return read(*args)
+    except TuneserveError as exc:
+        logger.warning("ListModels: %s", exc.message)
+        return None
+
+
 def _cancelled_code(grpc_context) -> str:
     """The code a call cancelled under us is counted with: DEADLINE_EXCEEDED when its
     deadline has passed (seen where the replica terminates gRPC itself), else
@@ -436,21 +445,26 @@ class InferenceIngress(AdminMethods):
         statuses = await self._statuses()
         infos = []
         for name in names:
-            channels = await asyncio.to_thread(self.registry.channels_of, name)
+            # A pointer or manifest that cannot be read hides what it says, not the
+            # rest of the model: the replicas' states matter most when something broke.
+            channels = await asyncio.to_thread(_or_none, self.registry.channels_of, name) \
+                or {}
             versions = []
             for version in await asyncio.to_thread(self.registry.versions, name):
                 try:
                     manifest = await asyncio.to_thread(self.registry.manifest, name, version)
                 except TuneserveError:
                     continue
-                metrics = {k: float(v) for k, v in (manifest.get("metrics") or {}).items()
-                           if isinstance(v, (int, float))}
+                listed = manifest.get("metrics")
+                metrics = {str(k): float(v) for k, v in
+                           (listed.items() if isinstance(listed, dict) else ())
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 versions.append(pb.VersionInfo(
                     version=version, created_at=str(manifest.get("created_at", "")),
                     metrics=metrics,
                     channels=[c for c, v in channels.items() if v == version]))
             replicas = statuses.get(name, [])
-            pinned = await asyncio.to_thread(self.registry.pinned, name)
+            pinned = await asyncio.to_thread(_or_none, self.registry.pinned, name)
             pinned = next((r["pinned_version"] for r in replicas if r.get("pinned_version")),
                           pinned)
             labels = next((r["labels"] for r in replicas if r.get("labels")), [])

@@ -75,14 +75,16 @@ def check_model_field(model: str, limits: ServeLimits) -> str:
     return check_name(model, "model")
 
 
-def check_version_field(version: str) -> Optional[str]:
+def check_version_field(version: str, optional: bool = True) -> Optional[str]:
+    """A request's version field: None when empty. `optional`: whether an empty one
+    means the model's channel (inference) or not (Admin's Promote, Pin)."""
     if not version:
         return None
     try:
         return validate_version(version)
     except InvalidInput:
-        raise InvalidInput("version: invalid version: expected v1, v2, ... (or leave it "
-                           "empty for the model's channel)") from None
+        hint = " (or leave it empty for the model's channel)" if optional else ""
+        raise InvalidInput(f"version: invalid version: expected v1, v2, ...{hint}") from None
 
 
 def check_text(text: str, field: str, limits: ServeLimits) -> str:

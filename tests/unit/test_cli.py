@@ -358,5 +358,5 @@ def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "m"), "--train", str(data),
                  "--registry", str(tmp_path / "reg")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot load a tokenizer" in err and "tokenizer.json or vocab.txt" in err
+    assert "has no tokenizer files" in err and "tokenizer.json, vocab.txt" in err
     assert len(err.splitlines()) == 1

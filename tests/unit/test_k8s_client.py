@@ -515,7 +515,7 @@ def test_train_watch_follows_to_the_published_version(api, run_yaml, capsys):
     api.routes[("GET", f"/api/v1/namespaces/{NS}/pods/train-x-sub/log")] = (
         200, "epoch 2 ...\npublished sentiment v4 (production) -> /data/registry/sentiment/v4\n")
     assert k8s("train", "--config", str(run_yaml), "--job-name", "train-x", "--watch",
-               "--interval-s", "0") == 0
+               "--interval-s", "0.5") == 0
     out = capsys.readouterr().out.splitlines()
     changes = [line.split("  ", 2)[2] for line in out if "  train-x  " in line]
     assert changes == ["deployment=Initializing job=-",
@@ -537,7 +537,7 @@ def test_watch_of_a_failed_job(api, run_yaml):
         (200, rayjob_with("Failed", "FAILED", "data file not found: /data/t.csv"))]
     with pytest.raises(KubernetesError, match="RayJob train-x failed: data file not found"):
         k8s("train", "--config", str(run_yaml), "--job-name", "train-x", "--watch",
-            "--interval-s", "0")
+            "--interval-s", "0.5")
 
 
 def test_watch_gives_up_after_its_timeout(api):
