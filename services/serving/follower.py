@@ -56,6 +56,9 @@ class RegistryFollower:
                  cache_versions: int = 2, board: Any = None, dtype: str = "auto"):
         import torch
 
+        from services.serving import serve_logs
+
+        serve_logs.install()  # a request found bad here is one INFO line, not a traceback
         torch.set_num_threads(max(1, int(threads or math.ceil(
             float(os.environ.get("TUNESERVE_REPLICA_CPUS", "1"))))))
         self.registry = Registry(registry)

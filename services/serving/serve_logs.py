@@ -1,11 +1,13 @@
-"""Serve's log lines for a streaming call that ends with a client error, made quiet.
+"""Serve's log lines for a call that ends with a client error, made quiet.
 
 A server-streaming method can end with a status of its choosing only by setting the code
 and raising (Serve's proxy reads the code from the exception). Serve then logs the call
 as failed, with a traceback, twice: in the ingress replica ("Request failed.") and in the
 proxy ("Request failed with user-set gRPC status code ..."). For a caller's mistake
 (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, ...) that is noise in the logs and in
-alerts on ERROR lines: the same mistake on a unary call logs nothing. This filter turns
+alerts on ERROR lines: the same mistake on a unary call logs nothing. A model replica that finds a request bad
+(a prompt longer than the model's context, an unknown version) raises too, and Serve
+logs that with a traceback in the model replica. This filter turns
 those records into one INFO line without a traceback. INTERNAL and UNKNOWN keep
 theirs; tuneserve's own records are untouched.
 """
@@ -41,6 +43,8 @@ class StreamEnded(TuneserveError):
 def _client_code(exc: Optional[BaseException]) -> Optional[grpc.StatusCode]:
     if isinstance(exc, StreamEnded):
         code = exc.code
+    elif isinstance(exc, TuneserveError):  # raised in a model replica (a prompt too long)
+        code = getattr(grpc.StatusCode, exc.grpc_code, None)
     else:  # the proxy's gRPCStatusError (duck-typed: no Serve import here)
         code = getattr(exc, "grpc_code", None)
     return code if isinstance(code, grpc.StatusCode) and code in CLIENT_CODES else None
@@ -52,7 +56,7 @@ class QuietClientErrors(logging.Filter):
         code = _client_code(exc)
         if code is not None:
             details = getattr(exc, "grpc_details", None) or str(exc)
-            record.msg, record.args = "stream ended with %s: %s", (code.name, details)
+            record.msg, record.args = "call ended with %s: %s", (code.name, details)
             record.exc_info, record.exc_text, record.stack_info = None, None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True

@@ -1,5 +1,5 @@
-"""Serve's records of a streaming call ended by a caller's mistake: one INFO line, no
-traceback, in the replica and in the proxy; faults keep theirs."""
+"""Serve's records of a call ended by a caller's mistake: one INFO line, no traceback,
+in the ingress and model replicas and in the proxy; faults keep theirs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import grpc
 import pytest
 from ray.serve.exceptions import gRPCStatusError
 
+from services.errors import InvalidInput, ModelNotFound, TuneserveError
 from services.serving import serve_logs
 from services.serving.serve_logs import QuietClientErrors, StreamEnded
 
@@ -29,19 +30,34 @@ def test_a_callers_mistake_becomes_one_info_line():
     proxy = record_of(gRPCStatusError(RuntimeError("x"), grpc.StatusCode.NOT_FOUND,
                                       "model 'nope' not found"),
                       "Request failed with user-set gRPC status code NOT_FOUND.")
-    for record, line in ((replica, "stream ended with INVALID_ARGUMENT: top_p: must be in "
+    for record, line in ((replica, "call ended with INVALID_ARGUMENT: top_p: must be in "
                                    "(0, 1]"),
-                         (proxy, "stream ended with NOT_FOUND: model 'nope' not found")):
+                         (proxy, "call ended with NOT_FOUND: model 'nope' not found")):
         assert quiet.filter(record)
         assert record.levelno == logging.INFO and record.exc_info is None
         assert record.getMessage() == line
         assert "Traceback" not in logging.Formatter().format(record)
 
 
+@pytest.mark.parametrize("exc, line", [
+    (InvalidInput("prompt: 256 tokens; the model's context is 256 tokens"),
+     "call ended with INVALID_ARGUMENT: prompt: 256 tokens; the model's context is 256 "
+     "tokens"),
+    (ModelNotFound("model 'toy' has no version 'v9'"),
+     "call ended with NOT_FOUND: model 'toy' has no version 'v9'"),
+])
+def test_a_callers_mistake_found_in_a_model_replica_is_one_info_line(exc, line):
+    record = record_of(exc)
+    assert QuietClientErrors().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage() == line
+
+
 @pytest.mark.parametrize("exc", [
     StreamEnded(grpc.StatusCode.INTERNAL, "internal error (id 1)"),
     gRPCStatusError(RuntimeError("boom"), grpc.StatusCode.UNKNOWN, "boom"),
     RuntimeError("a real fault"),
+    TuneserveError("a fault of ours"),
 ])
 def test_faults_keep_their_traceback(exc):
     record = record_of(exc)
