@@ -83,7 +83,10 @@ def _history(state: dict[str, Any]) -> list[str]:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    """When a pointer was written: to the microsecond, since replicas take a pointer
+    written again (a Promote of the version it already names) as a request to retry a
+    refused version (services/serving/follower.py)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _dumps(obj: Any) -> bytes:

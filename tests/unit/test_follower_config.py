@@ -195,12 +195,15 @@ def test_a_refused_version_is_tried_again_when_promoted_again(tmp_path):
         await _until(lambda: f.current is not None)
         assert f.current.version == "v1" and f.refused == {} and f.tries == LOAD_ATTEMPTS + 1
         # a check failure, then the files are fixed and the version pinned
+        f._follower.cancel()
+        await asyncio.sleep(0)
         f.failures = [CorruptVersion("toy v1: model.safetensors fails its sha256 check")]
         f.current = None
         f.refused, f.state = {}, "loading"
         await f._switch_to("v1")
         assert "v1" in f.refused and f.current is None
         await asyncio.to_thread(Registry(uri).pin, "toy", "v1")
+        f._ensure_follower()
         await _until(lambda: f.current is not None)
         f._follower.cancel()
 
