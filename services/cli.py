@@ -606,6 +606,16 @@ def _pinned_or_unreadable(reg, name: str) -> Optional[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from services.evaluate import run_eval
 
+    if args.confusion_png:  # checked before the evaluation, not after it
+        png = Path(args.confusion_png)
+        if png.suffix.lower() != ".png":
+            raise InvalidInput(f"--confusion-png: a .png file name, got {args.confusion_png}")
+        if png.is_dir():
+            raise InvalidInput(f"--confusion-png: {args.confusion_png} is a folder")
+        if png.parent.exists() and not png.parent.is_dir():
+            raise InvalidInput(f"--confusion-png: cannot write {args.confusion_png}: "
+                               f"{png.parent} is not a folder")
+
     report = run_eval(data=args.data, model=args.model, registry=args.registry,
                       address=args.address, text_column=args.text_column,
                       label_column=args.label_column, columns=args.columns,

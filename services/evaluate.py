@@ -197,6 +197,21 @@ def evaluate_local(registry: str, name: str, version: Optional[str], data: Label
                    pred, time.perf_counter() - started)
 
 
+def _check_registry_task(registry: str, name: str, version: Optional[str]) -> None:
+    """The model's task, when its manifest can be read now (else evaluate_local says
+    what is wrong, after the data)."""
+    from services.registry import Registry
+
+    reg = Registry(registry)
+    try:
+        version = version or reg.channel(name, "production")
+        task = reg.task(name, version) if version else None
+    except TuneserveError:
+        return
+    if task is not None:
+        _check_task(task, f"{name} {version}")
+
+
 # ---- remote: through the live gRPC API ----------------------------------------------
 def _rpc_error(exc, address: str, first_call: bool = False) -> TuneserveError:
     """A one-line error for a failed call; the caller's mistakes exit 2."""
@@ -303,6 +318,8 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
         raise InvalidInput("--token-file: a token is for a server; pass --address too (a "
                            "registry on disk needs none)")
     name, version = parse_model_ref(model)
+    if not address:  # a generation model is refused before its data is read
+        _check_registry_task(registry or DEFAULT_REGISTRY, name, version)
     examples = read_data(data, text_column, label_column, columns, limit)
     if address:
         from services.client import Client, token_from

@@ -173,6 +173,13 @@ def test_numeric_labels_match_label_names(reg, rows, tmp_path, capsys):
     (["--model", "sent@v9"], None, "--model: model 'sent' has no version 'v9'"),
     (["--model", "sent@2"], None, "--model: invalid version '2'"),
     (["--model", "gen"], None, "--model: gen v1 is a generation model"),
+    # said before the data is read (a generation data set has no text column)
+    (["--model", "gen", "--text-column", "prompt"], None,
+     "--model: gen v1 is a generation model"),
+    (["--model", "sent", "--confusion-png", "cm.txt"], None,
+     "--confusion-png: a .png file name, got cm.txt"),
+    (["--model", "sent", "--confusion-png", "/dev/null/cm.png"], None,
+     "--confusion-png: cannot write /dev/null/cm.png"),
     (["--model", "sent", "--limit", "0"], None, "--limit: must be at least 1"),
     (["--model", "sent", "--batch-size", "0"], None, "--batch-size: must be at least 1"),
 ])
