@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -80,7 +81,9 @@ class TrainConfig:
     Saved with the checkpoint; the server applies it. Default: the prompt as is."""
     packing: bool = False
     """Generation: pack several short examples into each training sequence of up to
-    max_length tokens (less padding; attention then crosses example boundaries)."""
+    max_length tokens (less padding; attention then crosses example boundaries). The
+    default max_length (the 99th percentile of example lengths) leaves little room to
+    pack: set --max-length to a few times the typical example for it to pack."""
     lora_r: int = 0
     """Generation: LoRA rank (needs the peft package); 0 trains every weight. The
     adapter is merged into the published checkpoint."""
@@ -266,6 +269,12 @@ class TrainConfig:
             except (KeyError, IndexError, ValueError) as exc:
                 raise bad("prompt_template", f"must contain {{prompt}} and no other "
                           f"{{...}} field (write {{{{ and }}}} for literal braces): {exc!r}")
+            for _, field, spec, conversion in string.Formatter().parse(self.prompt_template):
+                if field is not None and (field != "prompt" or spec or conversion):
+                    raise bad("prompt_template", f"write {{prompt}} as it is, without an "
+                              f"index, attribute, format or conversion (got "
+                              f"{{{field}{'!' + conversion if conversion else ''}"
+                              f"{':' + spec if spec else ''}}})")
             if rendered.count("\x00") != 1:
                 raise bad("prompt_template", "must contain {prompt} exactly once")
         if self.packing and not generation:

@@ -59,7 +59,8 @@ class Task:
     """Upper bound of a max_length chosen from the data (memory grows with it)."""
 
     def example_lengths(self, tokenizer, columns: tuple, limit: int) -> list[int]:
-        """Token lengths of the examples made of these columns (untruncated up to limit)."""
+        """Token lengths of the examples made of these columns (untruncated, or up to
+        `limit` where counting further would cost a tokenisation in full)."""
         raise NotImplementedError
 
     def _resolve_max_length(self, cfg, tokenizer, columns: tuple) -> dict[str, Any]:
@@ -464,7 +465,9 @@ class GenerationTask(Task):
         p_ids = tokenizer([render_prompt(self.prompt_template, p) for p in prompts],
                           add_special_tokens=True)["input_ids"]
         r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-        return [min(limit, len(p) + len(r) + 1) for p, r in zip(p_ids, r_ids)]
+        # Whole lengths (tokenised in full anyway): the manifest's length statistics
+        # and truncated share are the data's, not capped at the limit.
+        return [len(p) + len(r) + 1 for p, r in zip(p_ids, r_ids)]
 
     def describe_data(self) -> str:
         tr, ev = self.stats["train"], self.stats["eval"]

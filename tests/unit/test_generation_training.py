@@ -49,7 +49,10 @@ def test_prompt_template_config_checks():
     for template, needle in [("no placeholder", "exactly once"),
                              ("{prompt} {prompt}", "exactly once"),
                              ("{prompt} {other}", "no other"),
-                             ("{prompt", "no other")]:
+                             ("{prompt", "no other"),
+                             ("{prompt[0]}", "without an index"),
+                             ("Q: {prompt:>10}", "(got {prompt:>10})"),
+                             ("{prompt!r}", "(got {prompt!r})")]:
         with pytest.raises(ConfigError, match="prompt_template") as err:
             TrainConfig(model="m", train="t.jsonl", task="generation",
                         prompt_template=template).validate()
@@ -222,3 +225,14 @@ def test_tokenising_many_examples_shows_progress_on_a_terminal(tokenizer, monkey
     monkeypatch.setattr("sys.stderr", terminal := _Terminal())
     encoded.encode_texts(tokenizer, ["a b"] * 9, [0] * 9, 16, chunk=4)
     assert terminal.parts == []
+
+
+def test_length_statistics_are_the_datas_not_capped_at_the_limit():
+    from tests.helpers import build_bpe_tokenizer
+
+    prompts = ["what is " + "very " * 40 + "long", "short"]
+    responses = ["an answer " * 20, "ok"]
+    tokenizer = build_bpe_tokenizer(prompts + responses)
+    task = GenerationTask(TrainConfig(model="m", train="t.jsonl", task="generation"))
+    lengths = task.example_lengths(tokenizer, (prompts, responses), limit=16)
+    assert lengths[0] > 16 and lengths[1] < 16
