@@ -474,13 +474,10 @@ def _clip(text: str, width: int = 60) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from services.client import format_table
-    from services.registry import Registry
 
     if args.models_command in ("promote", "rollback", "pin", "unpin"):
         return _models_change(args)
-    reg = Registry(args.registry)
-    if not reg.backend.remote and not Path(reg.backend.root).is_dir():
-        raise InvalidInput(f"--registry: no registry at {args.registry} (no such folder)")
+    reg = _existing_registry(args.registry)
     if args.models_command == "verify":
         manifest = reg.verify(args.name, args.model_version)
         print(f"{args.name} {args.model_version}: OK ({len(manifest['files'])} files verified)")
@@ -533,6 +530,18 @@ def _registry_rows(reg) -> list[dict[str, Any]]:
     return data
 
 
+def _existing_registry(location: str):
+    """The registry at `location`; a local one must be a folder that exists."""
+    from services.registry import Registry
+
+    reg = Registry(location)
+    root = Path(reg.backend.root)
+    if not reg.backend.remote and not root.is_dir():
+        why = "a file, not a folder" if root.exists() else "no such folder"
+        raise InvalidInput(f"--registry: no registry at {location} ({why})")
+    return reg
+
+
 def _headline_metric(metrics: dict) -> str:
     """A classifier's accuracy, a generator's perplexity, from a manifest's metrics."""
     for key, fmt in (("accuracy", ".4f"), ("perplexity", ".3f"), ("loss", ".4f")):
@@ -562,9 +571,7 @@ def _models_change(args: argparse.Namespace) -> int:
             resp = call()
         now, before = resp.version, resp.previous_version
     else:
-        from services.registry import Registry
-
-        reg = Registry(args.registry or DEFAULT_REGISTRY)
+        reg = _existing_registry(args.registry or DEFAULT_REGISTRY)
         if action == "promote":
             before = reg.channel(args.name, channel)
             reg.verify(args.name, version)

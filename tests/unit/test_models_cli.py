@@ -124,3 +124,15 @@ def test_a_bad_version_for_pin_or_promote_gets_no_hint_about_leaving_it_empty():
         AdminMethods._required_version("latest")
     with pytest.raises(InvalidInput, match="leave it empty for the model's channel"):
         check_version_field("latest")
+
+
+def test_a_missing_registry_is_named_by_every_models_command(tmp_path, capsys):
+    afile = tmp_path / "train.csv"
+    afile.write_text("text,label\n")
+    for registry, why in ((tmp_path / "nope", "no such folder"), (afile, "a file")):
+        for command in (["list"], ["verify", "a", "v1"], ["promote", "a", "v1"],
+                        ["rollback", "a"], ["pin", "a", "v1"], ["unpin", "a"]):
+            assert main(["models", command[0], "--registry", str(registry),
+                         *command[1:]]) == 2, command
+            assert f"--registry: no registry at {registry} ({why}" in \
+                capsys.readouterr().err, command
