@@ -52,8 +52,11 @@ def iter_rows(path: str | Path, columns: Optional[Sequence[str]] = None) -> Iter
     if path.is_dir():
         raise DataError(f"{path}: is a folder; pass a data file (.csv, .tsv, .jsonl, .json "
                         "or .parquet)")
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file; pass a data file (.csv, .tsv, "
+                        ".jsonl, .json or .parquet)")
     fmt = detect_format(path)
     if fmt in ("csv", "tsv"):
         yield from _iter_delimited(path, fmt, columns)
@@ -211,8 +214,11 @@ def _pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
     if headerless:
         hint = (f"if its first row is data, not a header, pass --columns {headerless} "
                 f"(the fields in order); else {hint}")
+    other = "text" if what == "label" else "label"
+    clash = (f" ('{taken}' is the {other} column)"
+             if taken is not None and taken in candidates and taken in available else "")
     raise DataError(
-        f"{path}: cannot tell which column holds the {what}; columns are: "
+        f"{path}: cannot tell which column holds the {what}{clash}; columns are: "
         f"{_names(available)}; {hint}"
     )
 

@@ -82,9 +82,12 @@ def test_custom_columns_and_missing_column(tmp_path):
     both = write(tmp_path / "d.csv", "text,label,category\nnice,pos,a\nbad,neg,b\n")
     data = load_labelled(both, text_column="label")
     assert (data.text_column, data.label_column) == ("label", "category")
-    with pytest.raises(DataError, match="cannot tell which column holds the label; columns "
-                                        "are: text, label"):
+    with pytest.raises(DataError, match=r"cannot tell which column holds the label \('label' "
+                                        r"is the text column\); columns are: text, label"):
         load_labelled(write(tmp_path / "e.csv", "text,label\nnice,pos\n"), text_column="label")
+    # a path that is no regular file (a device) is said to be so, not "not found"
+    with pytest.raises(DataError, match="/dev/null: not a regular file"):
+        load_labelled("/dev/null")
 
 
 def test_headerless_file_gets_a_hint_to_name_its_columns(tmp_path):
