@@ -70,7 +70,8 @@ class TrainConfig:
     """Column names for CSV/TSV files without a header row, e.g. [text, label]."""
     prompt_column: Optional[str] = None
     """Generation: column with the prompt; default: the first of prompt, question,
-    instruction, input."""
+    instruction, input, query (an `instruction` found so gets its record's `input`, when
+    not empty, after a blank line: Alpaca's instruction/input/output)."""
     response_column: Optional[str] = None
     """Generation: column with the response; default: the first of response, answer,
     output, completion."""

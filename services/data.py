@@ -312,6 +312,9 @@ def _whole_numbers(labels: list[Any]) -> list[Any]:
 
 
 PROMPT_COLUMN_CANDIDATES = ("prompt", "question", "instruction", "input", "query")
+ALPACA_INPUT = "input"
+"""Beside an `instruction` column (found, not named), joined to the prompt when not
+empty: Alpaca's instruction/input/output records."""
 RESPONSE_COLUMN_CANDIDATES = ("response", "answer", "output", "completion", "target")
 
 
@@ -334,7 +337,7 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
     path = Path(path)
     prompts: list[str] = []
     responses: list[str] = []
-    pcol = rcol = None
+    pcol = rcol = extra = None
     for row in iter_rows(path, columns):
         if pcol is None:
             keys = list(row.values)
@@ -345,6 +348,11 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
                                 "response", hint, taken=pcol)
             if pcol == rcol:
                 raise DataError(f"{path}: prompt and response are the same column '{pcol}'")
+            # Alpaca-style records: the instruction's input (often empty) is part of
+            # the prompt, after a blank line.
+            extra = ALPACA_INPUT if (prompt_column is None and pcol == "instruction"
+                                     and ALPACA_INPUT in keys and rcol != ALPACA_INPUT) \
+                else None
         pair = []
         for col, what in ((pcol, "prompt"), (rcol, "response")):
             value = row.values.get(col)
@@ -356,10 +364,19 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
             if not value.strip():
                 raise DataError(f"{row.where}: empty {what} in column '{col}'")
             pair.append(value)
+        if extra is not None:
+            more = row.values.get(extra)
+            if more is not None and not isinstance(more, str):
+                raise DataError(f"{row.where}: {extra} in column '{extra}' is not a string: "
+                                f"{str(more)[:60]!r}")
+            if more and more.strip():
+                pair[0] = f"{pair[0]}\n\n{more}"
         prompts.append(pair[0])
         responses.append(pair[1])
     if not prompts:
         raise DataError(f"{path}: no examples found")
+    if extra is not None:
+        pcol = f"{pcol}+{extra}"
     return PairData(prompts, responses, pcol, rcol, str(path), file_sha256(path))
 
 

@@ -236,3 +236,15 @@ def test_length_statistics_are_the_datas_not_capped_at_the_limit():
     task = GenerationTask(TrainConfig(model="m", train="t.jsonl", task="generation"))
     lengths = task.example_lengths(tokenizer, (prompts, responses), limit=16)
     assert lengths[0] > 16 and lengths[1] < 16
+
+
+def test_alpaca_records_join_the_input_to_the_instruction(tmp_path):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Translate to French", "input": "cat", "output": "chat"},
+        {"instruction": "Name a colour", "input": "", "output": "red"}])
+    pairs = load_pairs(path)
+    assert pairs.prompts == ["Translate to French\n\ncat", "Name a colour"]
+    assert pairs.responses == ["chat", "red"]
+    assert pairs.prompt_column == "instruction+input"
+    # named columns are taken as named
+    assert load_pairs(path, prompt_column="instruction").prompts[0] == "Translate to French"
