@@ -52,7 +52,7 @@ class Client:
         most (docs/kubernetes.md)."""
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
-        _check_address(address)
+        check_address(address)
         self.address = address
         self.timeout_s = _deadline(timeout_s)
         self.channels = [grpc.insecure_channel(address,
@@ -201,7 +201,7 @@ def build(message_cls, **fields):
         raise InvalidInput(f"{descriptor.full_name}: {exc}") from None
 
 
-def _check_address(address: str) -> None:
+def check_address(address: str) -> None:
     """HOST:PORT with a port gRPC can reach (it would wrap 99999 round to another). No
     scheme (gRPC reads `http://host:9000` as a DNS name) and no missing port (gRPC would
     dial 443); an IPv6 host in brackets, [::1]:9000."""

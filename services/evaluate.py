@@ -318,7 +318,11 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
         raise InvalidInput("--token-file: a token is for a server; pass --address too (a "
                            "registry on disk needs none)")
     name, version = parse_model_ref(model)
-    if not address:  # a generation model is refused before its data is read
+    if address:  # a bad address is refused before the data is read
+        from services.client import check_address
+
+        check_address(address)
+    else:  # so is a generation model
         _check_registry_task(registry or DEFAULT_REGISTRY, name, version)
     examples = read_data(data, text_column, label_column, columns, limit)
     if address:

@@ -312,3 +312,9 @@ def test_parse_model_ref():
     for bad in ("sent@", "@v1", "a/b", "sent@latest"):
         with pytest.raises(InvalidInput, match="--model"):
             parse_model_ref(bad)
+
+
+def test_a_bad_address_is_refused_before_the_data_is_read(tmp_path, capsys):
+    assert main(["eval", "--data", str(tmp_path / "absent.csv"), "--address",
+                 "http://localhost:9000", "--model", "sent"]) == 2
+    assert "expected host:port" in capsys.readouterr().err

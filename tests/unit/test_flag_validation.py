@@ -327,12 +327,12 @@ def test_address_must_be_host_colon_port(command, address, needle, capsys):
 
 
 def test_client_accepts_host_port_forms():
-    from services.client import _check_address
+    from services.client import check_address
 
     for ok in ("localhost:9000", "127.0.0.1:1", "[::1]:9000", "svc.ns.svc.cluster.local:443"):
-        _check_address(ok)
+        check_address(ok)
     with pytest.raises(InvalidInput, match="port 99999 is out of range"):
-        _check_address("localhost:99999")
+        check_address("localhost:99999")
 
 
 @pytest.mark.parametrize("command", ["classify", "generate"])
