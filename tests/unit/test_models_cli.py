@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import grpc
 import pytest
 
 from services.cli import main
 from services.registry import Registry
-from tests.unit.test_registry import fake_checkpoint, manifest
+from tests.unit.test_registry import registry_of
 
 
 @pytest.fixture
 def reg(tmp_path):
-    registry = Registry(tmp_path / "reg")
-    ck = fake_checkpoint(tmp_path / "ck")
-    for name in ("a", "b"):
-        registry.publish(name, ck, manifest())
-        registry.publish(name, ck, manifest())
-    return tmp_path / "reg"
+    return Path(registry_of(tmp_path, ("a", "b")).uri)
 
 
 def test_list_shows_every_readable_version_and_marks_the_broken_one(reg, capsys):

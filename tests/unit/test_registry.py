@@ -27,6 +27,16 @@ def manifest(labels=("neg", "pos")):
     return {"task": "classification", "labels": list(labels), "metrics": {"accuracy": 0.9}}
 
 
+def registry_of(tmp_path, names, versions: int = 2) -> Registry:
+    """A registry under tmp_path/reg with `versions` classifier versions of each name."""
+    reg = Registry(tmp_path / "reg")
+    ck = fake_checkpoint(tmp_path / "ck")
+    for name in names:
+        for _ in range(versions):
+            reg.publish(name, ck, manifest())
+    return reg
+
+
 def test_publish_first_version_becomes_production(tmp_path):
     reg = Registry(tmp_path / "reg")
     res = reg.publish("sent", fake_checkpoint(tmp_path / "ck"), manifest())

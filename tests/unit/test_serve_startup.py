@@ -8,19 +8,13 @@ import logging
 import pytest
 
 from services.errors import CorruptVersion
-from services.registry import Registry
 from services.serving.app import discover_models, startup_state
-from tests.unit.test_registry import fake_checkpoint, manifest
+from tests.unit.test_registry import registry_of
 
 
 @pytest.fixture
 def registry(tmp_path):
-    reg = Registry(tmp_path / "reg")
-    ck = fake_checkpoint(tmp_path / "ck")
-    for name in ("good", "other"):
-        reg.publish(name, ck, manifest())
-        reg.publish(name, ck, manifest())
-    return reg
+    return registry_of(tmp_path, ("good", "other"))
 
 
 def test_a_model_with_an_unreadable_manifest_is_skipped_with_a_warning(registry, tmp_path,
