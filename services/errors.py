@@ -93,5 +93,10 @@ class CorruptVersion(RegistryError):
     """A published version failed verification (checksums, manifest, unsafe files)."""
 
 
+class UnreadableVersion(RegistryError):
+    """A version's file could not be read (permissions, an I/O error): not known to be
+    corrupt, so a replica tries it again (services/serving/follower.py)."""
+
+
 class TrainingFailed(TuneserveError):
     """A training run failed; nothing was published."""

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from services.data import file_sha256
 from services.errors import (CorruptVersion, InvalidInput, ModelNotFound, RegistryError,
-                             TuneserveError)
+                             TuneserveError, UnreadableVersion)
 from services.registry.backend import Backend
 from services.registry.safetensors_check import check_safetensors, unsafe_format
 
@@ -261,7 +261,7 @@ class Registry:
         try:
             verify_folder(folder, name, version, manifest)
         except OSError as exc:  # unreadable, not corrupt: no CorruptVersion
-            raise RegistryError(f"{name} {version}: cannot read "
+            raise UnreadableVersion(f"{name} {version}: cannot read "
                                 f"{_relative(exc.filename, folder)}: "
                                 f"{exc.strerror or type(exc).__name__}") from None
         return manifest
@@ -285,7 +285,10 @@ class Registry:
         keeps its task (the server builds one kind of deployment per name from it).
         `task`: the version's, when not yet in the registry (publish)."""
         task = task or self.task(name, version)
-        production = self.channel(name, "production")
+        try:
+            production = self.channel(name, "production")
+        except TuneserveError:  # a broken pointer must not block Pin, the way around it
+            production = None
         against = production if production != version else None
         if against is None:  # no production yet: the newest other version
             others = [v for v in self.versions(name) if v != version]

@@ -32,7 +32,8 @@ from typing import Any, Optional
 from ray import serve
 
 from services import metrics
-from services.errors import CorruptVersion, ModelLoading, ModelNotFound, TuneserveError
+from services.errors import (CorruptVersion, ModelLoading, ModelNotFound, TuneserveError,
+                             UnreadableVersion)
 from services.registry import Registry
 
 logger = logging.getLogger("ray.serve")
@@ -165,7 +166,10 @@ class RegistryFollower:
         self._seen_stamp = stamp
         if target not in self.refused:
             return
-        rewritten = seen is not None and stamp != seen
+        # The same pointer written again, or a pin now naming the version; not a
+        # move back to the channel (an Unpin), which names no version on purpose.
+        rewritten = seen is not None and stamp != seen and (
+            stamp[0] == seen[0] or stamp[0] == "pin")
         expired = time.monotonic() - self.gave_up.get(target, math.inf) >= REFUSED_RETRY_S
         if rewritten or expired:
             logger.info("%s: trying %s again (%s)", self.name, target,
@@ -187,6 +191,9 @@ class RegistryFollower:
                 if target:
                     await self._fall_back(target)
                 elif target is None and current is None:
+                    # nothing to serve until a version is promoted: "failed", so that a
+                    # server starting does not wait for it (app.startup_state)
+                    self.state = "failed"
                     self.last_error = (f"model '{self.name}' has no {self.channel} version"
                                        if not self.pinned else
                                        f"pinned version {self.pinned} does not exist")
@@ -233,7 +240,9 @@ class RegistryFollower:
     def _load_failed(self, version: str, exc: Exception) -> TuneserveError:
         """Count an unexpected load failure; the error for whoever asked for the version."""
         attempts = self.failed_loads.get(version, (0, 0.0))[0] + 1
-        what = type(exc).__name__  # clients see status; the log has the whole error
+        # clients see status; the log has the whole error (an UnreadableVersion's
+        # message names only the file, relative to the version)
+        what = exc.message if isinstance(exc, UnreadableVersion) else type(exc).__name__
         logger.error("loading %s %s failed (attempt %d of %d)", self.name, version,
                      attempts, LOAD_ATTEMPTS, exc_info=exc)
         if attempts >= LOAD_ATTEMPTS:
@@ -269,6 +278,8 @@ class RegistryFollower:
             started = time.perf_counter()
             try:
                 loaded = await asyncio.to_thread(self._load_serialized, version)
+            except UnreadableVersion as exc:  # a read error: tried again, like an OSError
+                raise self._load_failed(version, exc) from None
             except TuneserveError as exc:
                 self.refused[version] = exc.message
                 self.last_error = exc.message

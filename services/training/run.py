@@ -125,9 +125,19 @@ RUN_CONFIG_FILE = "tuneserve_run.json"
 """Written into the run folder at the start: what `train --resume` needs."""
 FINISHED_FILE = "tuneserve_finished.json"
 """Written into the run folder when the run ended well: its published version."""
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
-"""A model folder holds one of these when it has a tokenizer (save_pretrained)."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+"""What a model folder's tokenizer is saved as, in the message when there is none."""
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether a model folder holds a saved tokenizer of any kind: tokenizer.json,
+    tokenizer_config.json, a vocabulary (vocab.txt, vocab.json, merges.txt) or a
+    SentencePiece model (spiece.model, spm.model, tokenizer.model, ...). Without one,
+    transformers builds an empty tokenizer from config.json alone, which reads every
+    word as [UNK]."""
+    return any(f.is_file() and ("tokenizer" in f.name or "vocab" in f.name
+                                or f.name == "merges.txt" or f.suffix == ".model")
+               for f in folder.iterdir())
 
 
 def _run_folder(run: str, runs_dir: Optional[str]) -> Path:
@@ -223,8 +233,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     out(f"model: {describe_model_ref(cfg.model)}")
     tokenizer_help = (f"a model folder needs the tokenizer files save_pretrained writes, e.g. "
                       f"{', '.join(TOKENIZER_FILES[:2])}, beside config.json")
-    if Path(model_ref).is_dir() and not any((Path(model_ref) / f).is_file()
-                                            for f in TOKENIZER_FILES):
+    if Path(model_ref).is_dir() and not has_tokenizer_files(Path(model_ref)):
         raise DataError(f"model {cfg.model!r} has no tokenizer files ({tokenizer_help})")
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -401,7 +410,7 @@ def _publishable(ckpt_dir: str):
         yield tmp
 
 
-def _root_cause(exc: BaseException) -> str:
+def _root_cause(exc: BaseException) -> tuple[str, bool]:
     """The innermost error's message, without Ray's wrapping and tracebacks."""
     seen = set()
     while True:

@@ -228,3 +228,63 @@ def test_a_version_refused_for_unexpected_failures_is_tried_again_later(tmp_path
         f._follower.cancel()
 
     asyncio.run(scenario())
+
+
+def test_an_unreadable_file_is_retried_like_a_read_error(tmp_path):
+    from services.errors import UnreadableVersion
+
+    async def scenario():
+        f = _Flaky(_published(tmp_path), "toy", poll_interval_s=0.02,
+                   failures=[UnreadableVersion("toy v1: cannot read config.json: I/O error")])
+        await f.reconfigure({})
+        assert f.refused == {} and f.state == "loading"
+        assert "cannot read config.json" in f.last_error
+        await _until(lambda: f.current is not None)
+        assert f.tries == 2
+        f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_an_unpin_does_not_retry_what_the_channel_named_and_was_refused(tmp_path):
+    from services.registry import Registry
+
+    async def scenario():
+        uri = _published(tmp_path)
+        f = _Flaky(uri, "toy", poll_interval_s=0.02,
+                   failures=[CorruptVersion("toy v1: model.safetensors fails its sha256")])
+        await f.reconfigure({})
+        assert "v1" in f.refused
+        reg = Registry(uri)
+        await asyncio.to_thread(reg.pin, "toy", "v1")  # a pin naming it: tried again
+        await _until(lambda: f.current is not None)
+        f._follower.cancel()
+        await asyncio.sleep(0)
+        f.current, f.refused, f.failures = None, {"v1": "refused"}, []
+        tries = f.tries
+        await asyncio.to_thread(reg.unpin, "toy")  # back to the channel: not a request
+        f._ensure_follower()
+        polls = f.polls
+        await _until(lambda: f.polls >= polls + 5)
+        assert f.tries == tries and "v1" in f.refused
+        f._follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_model_with_no_version_to_serve_is_failed_not_loading(tmp_path):
+    from services.registry import Registry
+    from tests.unit.test_registry import fake_checkpoint, manifest
+
+    async def scenario():
+        reg = Registry(tmp_path / "reg")
+        reg.publish("toy", fake_checkpoint(tmp_path / "ck"), manifest(), promote=False)
+        f = _Flaky(reg.uri, "toy", poll_interval_s=0.02)
+        await f.reconfigure({})
+        await _until(lambda: f.state == "failed")
+        assert f.last_error == "model 'toy' has no production version" and f.tries == 0
+        await asyncio.to_thread(reg.set_channel, "toy", "production", "v1")
+        await _until(lambda: f.state == "ready")
+        f._follower.cancel()
+
+    asyncio.run(scenario())

@@ -271,3 +271,11 @@ def test_an_unreadable_file_is_a_registry_error_naming_it(tmp_path):
         assert str(tmp_path) not in err.value.message
     finally:
         weights.chmod(0o644)
+
+
+def test_a_broken_production_pointer_does_not_block_pin_or_other_channels(tmp_path):
+    reg = registry_of(tmp_path, ("m",))
+    (tmp_path / "reg" / "m" / "channels" / "production.json").write_text("{not json")
+    reg.pin("m", "v2")
+    reg.set_channel("m", "canary", "v2")
+    assert reg.pinned("m") == "v2" and reg.channel("m", "canary") == "v2"

@@ -83,3 +83,21 @@ def test_a_workers_input_error_is_shown_alone_and_not_as_resumable():
     wrapped = WorkerGroupError("services.errors.ConfigError: invalid config field 'x': bad")
     assert _root_cause(wrapped) == ("invalid config field 'x': bad", True)
     assert _root_cause(RuntimeError("boom\nlast line")) == ("RuntimeError: last line", False)
+
+
+def test_any_saved_tokenizer_counts(tmp_path):
+    from services.training.run import has_tokenizer_files
+
+    for files in (["spm.model"], ["tokenizer_config.json"], ["vocab.json", "merges.txt"],
+                  ["sentencepiece.bpe.model"], ["tokenizer.json"]):
+        folder = tmp_path / files[0]
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        for name in files:
+            (folder / name).write_text("x")
+        assert has_tokenizer_files(folder), files
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    (bare / "model.safetensors").write_text("x")
+    assert not has_tokenizer_files(bare)
