@@ -34,6 +34,7 @@ from services.protocol import admin_pb, pb
 from services.raycluster import ensure_ray
 from services.registry import Registry
 from services.serving.auth import Tokens
+from services.serving.status import model_states
 from services.serving.validation import UndecodableRequest
 
 APP_NAME = "tuneserve"
@@ -434,7 +435,7 @@ def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[st
     statuses: dict[str, Any] = {}
     while time.monotonic() < deadline:
         statuses = handle._statuses.remote().result()
-        loaded, failed, pending = startup_state(statuses)
+        loaded, failed, pending = model_states(statuses)
         if statuses and not pending:
             if not loaded:
                 raise ModelLoading(f"no model could be loaded: {'; '.join(failed.values())}")
@@ -443,28 +444,10 @@ def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[st
                                "promoted later is loaded)", why)
             return statuses
         time.sleep(poll_s)
-    _, failed, pending = startup_state(statuses)
+    _, failed, pending = model_states(statuses)
     raise ModelLoading(f"models not loaded after {timeout_s:.0f}s: "
                        f"{'; '.join([*pending.values(), *failed.values()]) or 'no status'}")
 
-
-def startup_state(statuses: dict[str, list[dict]]) -> tuple[list[str], dict[str, str],
-                                                             dict[str, str]]:
-    """From the status board: the models loaded (a replica has a version), the ones
-    failed (every replica refused what it tried: model -> why) and the ones still
-    pending (model -> why, if known)."""
-    loaded, failed, pending = [], {}, {}
-    for name, replicas in statuses.items():
-        if any(r.get("version") for r in replicas):
-            loaded.append(name)
-            continue
-        errors = sorted({str(r.get("last_error")) for r in replicas if r.get("last_error")})
-        why = f"{name}: {', '.join(errors)}" if errors else f"{name}: loading"
-        if replicas and all(r.get("state") == "failed" for r in replicas):
-            failed[name] = why
-        else:
-            pending[name] = why
-    return loaded, failed, pending
 
 
 def stop_serving() -> None:

@@ -192,7 +192,7 @@ class RegistryFollower:
                     await self._fall_back(target)
                 elif target is None and current is None:
                     # nothing to serve until a version is promoted: "failed", so that a
-                    # server starting does not wait for it (app.startup_state)
+                    # server starting does not wait for it (status.model_states)
                     self.state = "failed"
                     self.last_error = (f"model '{self.name}' has no {self.channel} version"
                                        if not self.pinned else

@@ -43,6 +43,7 @@ from services.serving.admin import AdminMethods
 from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens
 from services.serving.batching import Coalescer
 from services.serving.serve_logs import StreamEnded
+from services.serving.status import model_states
 from services.serving.validation import (
     UndecodableRequest,
     check_decoded,
@@ -347,9 +348,11 @@ class InferenceIngress(AdminMethods):
 
     @staticmethod
     def _serving_now(statuses: dict[str, list[dict]]) -> bool:
-        """Every served model has at least one replica answering with a version."""
-        return bool(statuses) and all(any(r.get("version") for r in replicas)
-                                      for replicas in statuses.values())
+        """Every served model has a replica answering with a version, but for models
+        with nothing they can load (every version refused, or none promoted), which do
+        not keep the others from serving; and one model at least is served."""
+        loaded, _, pending = model_states(statuses)
+        return bool(loaded) and not pending
 
     # ---- tuneserve.v1.Inference ---------------------------------------------------
     @rpc(pb.ClassifyResponse)

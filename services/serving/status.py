@@ -38,3 +38,24 @@ class StatusBoard:
         for statuses in out.values():
             statuses.sort(key=lambda s: s["replica"])
         return out
+
+
+def model_states(statuses: dict[str, list[dict]]) -> tuple[list[str], dict[str, str],
+                                                            dict[str, str]]:
+    """From the status board: the models loaded (a replica has a version), the ones
+    failed (every replica has nothing it can load: what it tried was refused, or no
+    version is promoted; model -> why) and the ones still pending (model -> why)."""
+    loaded: list[str] = []
+    failed: dict[str, str] = {}
+    pending: dict[str, str] = {}
+    for name, replicas in statuses.items():
+        if any(r.get("version") for r in replicas):
+            loaded.append(name)
+            continue
+        errors = sorted({str(r.get("last_error")) for r in replicas if r.get("last_error")})
+        why = f"{name}: {', '.join(errors)}" if errors else f"{name}: loading"
+        if replicas and all(r.get("state") == "failed" for r in replicas):
+            failed[name] = why
+        else:
+            pending[name] = why
+    return loaded, failed, pending

@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from services.errors import CorruptVersion
-from services.serving.app import discover_models, startup_state
+from services.serving.app import discover_models
+from services.serving.status import model_states
 from tests.unit.test_registry import registry_of
 
 
@@ -30,7 +31,7 @@ def test_a_model_with_an_unreadable_manifest_is_skipped_with_a_warning(registry,
         discover_models(registry, ["other"])  # asked for by name: an error
 
 
-def test_startup_state_tells_loaded_failed_and_pending_models():
+def test_model_states_tell_loaded_failed_and_pending_models():
     statuses = {
         "good": [{"version": "v1", "state": "ready"}, {"version": None, "state": "loading"}],
         "bad": [{"version": None, "state": "failed",
@@ -39,7 +40,7 @@ def test_startup_state_tells_loaded_failed_and_pending_models():
                  {"version": None, "state": "loading"}],
         "new": [],
     }
-    loaded, failed, pending = startup_state(statuses)
+    loaded, failed, pending = model_states(statuses)
     assert loaded == ["good"]
     assert failed == {"bad": "bad: other v1: model.safetensors has the wrong size"}
     assert set(pending) == {"slow", "new"} and pending["new"] == "new: loading"
@@ -79,3 +80,15 @@ def test_waiting_ends_when_every_model_is_loaded_or_failed(monkeypatch, caplog):
     with pytest.raises(ModelLoading, match="not loaded after 0s: bad: loading"):
         app.wait_until_serving(timeout_s=0.05, poll_s=0.01)
 
+
+
+def test_health_is_serving_when_the_only_unloaded_models_have_nothing_to_load():
+    from services.serving.ingress import InferenceIngress
+
+    good = [{"version": "v1", "state": "ready"}]
+    failed = [{"version": None, "state": "failed", "last_error": "refused"}]
+    assert InferenceIngress._serving_now({"a": good, "b": failed})
+    assert not InferenceIngress._serving_now({"a": good, "b": [{"state": "loading"}]})
+    assert not InferenceIngress._serving_now({"a": good, "b": []})  # not reported yet
+    assert not InferenceIngress._serving_now({"b": failed})
+    assert not InferenceIngress._serving_now({})
