@@ -322,5 +322,5 @@ def test_cli_generate(server, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["finish_reason"] in ("stop", "eos") and row["version"] == "v1"
     assert main(["generate", "--address", server.address, "--model", GEN_MODEL,
-                 "--top-p", "0", prompt]) == 1
+                 "--top-p", "0", prompt]) == 2
     assert "INVALID_ARGUMENT: top_p" in capsys.readouterr().err
