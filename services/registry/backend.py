@@ -23,6 +23,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -43,17 +44,35 @@ class Backend:
         self.uri = uri
         self.remote = is_remote(uri)
         if self.remote:
+            if "@" in urlsplit(uri).netloc:
+                # it would be printed, and saved in every manifest's config
+                raise InvalidInput("--registry: no credentials in the URI; give them as "
+                                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
             try:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
             except Exception as exc:  # pyarrow raises ArrowInvalid and friends
                 raise RegistryError(f"cannot open registry {uri.split('?')[0]}: {exc}") from None
             self.root = root.rstrip("/")
             self.local_root: Optional[Path] = None
+            self._check_bucket(uri)
         else:
             path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
             self.fs = pafs.LocalFileSystem()
             self.local_root = path.absolute()
             self.root = str(self.local_root)
+
+    def _check_bucket(self, uri: str) -> None:
+        """A bucket that does not exist reads as an empty registry (and a publish fails
+        only at its end): say so at once."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except Exception as exc:  # unreachable endpoint, refused credentials
+            raise RegistryError(f"cannot open registry {uri.split('?')[0]}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        if not found:
+            raise RegistryError(f"registry {uri.split('?')[0]}: bucket '{bucket}' does not "
+                                "exist")
 
     # ---- paths -------------------------------------------------------------------
     def full(self, rel: str) -> str:
@@ -106,6 +125,13 @@ class Backend:
         except (NotADirectoryError, FileNotFoundError):
             return []
         return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
+
+    def newest_mtime(self, rel: str) -> Optional[float]:
+        """The latest modification time (epoch seconds) of a file below rel, if known."""
+        sel = pafs.FileSelector(self._check(rel), allow_not_found=True, recursive=True)
+        times = [i.mtime.timestamp() for i in self.fs.get_file_info(sel)
+                 if i.type == pafs.FileType.File and i.mtime is not None]
+        return max(times) if times else None
 
     def list_files(self, rel: str) -> dict[str, int]:
         """Every file below rel (recursive) -> size, keyed by path relative to rel."""

@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 CHANNELS_DIR = "channels"
 PIN_FILE = "pin.json"
+CLAIM = ".claim"  # an object-store publisher's claim on a version number
 STAGING_PREFIX = ".staging-"
 # \Z, not $: "$" also matches before a trailing newline ("m\n" would pass).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -230,8 +231,10 @@ class Registry:
         return target
 
     # ---- local copies and verification -----------------------------------------
-    def local_copy(self, name: str, version: str) -> Path:
-        """A local folder holding the version's files (the folder itself when local)."""
+    def local_copy(self, name: str, version: str, refresh: bool = False) -> Path:
+        """A local folder holding the version's files (the folder itself when local).
+        From an object store, a cached copy, fetched again when an object of the
+        version changed since, or when `refresh`."""
         validate_name(name), validate_version(version)
         if not self.backend.remote:
             if self.backend.is_symlink(f"{name}/{version}"):
@@ -239,17 +242,29 @@ class Registry:
             return self.backend.local_path(f"{name}/{version}")
         key = hashlib.sha256(self.backend.uri.encode()).hexdigest()[:16]
         dest = CACHE_DIR / key / name / version
-        if not (dest / MANIFEST).is_file():
-            if not self.exists(name, version):
-                raise ModelNotFound(f"model '{name}' has no version '{version}'")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
+        # When the copy was fetched (the store's clock, from its newest object then):
+        # an object written since (a bad file replaced) fetches the version again.
+        fetched = dest.parent / f".{version}.fetched"
+        if (dest / MANIFEST).is_file() and not refresh and fetched.is_file():
+            newest = self.backend.newest_mtime(f"{name}/{version}")
             try:
-                self.backend.download_tree(f"{name}/{version}", tmp)
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                stale = newest is not None and newest > float(fetched.read_text())
+            except ValueError:
+                stale = True
+            if not stale:
+                return dest
+        if not self.exists(name, version):
+            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        newest = self.backend.newest_mtime(f"{name}/{version}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
+        try:
+            self.backend.download_tree(f"{name}/{version}", tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fetched.write_text(repr(newest if newest is not None else time.time()))
         return dest
 
     def verify(self, name: str, version: str) -> dict[str, Any]:
@@ -259,7 +274,15 @@ class Registry:
         manifest = self.manifest(name, version)
         folder = self.local_copy(name, version)
         try:
-            verify_folder(folder, name, version, manifest)
+            try:
+                verify_folder(folder, name, version, manifest)
+            except CorruptVersion:
+                if not self.backend.remote:
+                    raise
+                # The cached copy may predate a fix of the store's objects (or be
+                # damaged itself): judge the store's bytes, fetched again.
+                folder = self.local_copy(name, version, refresh=True)
+                verify_folder(folder, name, version, manifest)
         except OSError as exc:  # unreadable, not corrupt: no CorruptVersion
             raise UnreadableVersion(f"{name} {version}: cannot read "
                                 f"{_relative(exc.filename, folder)}: "
@@ -359,8 +382,8 @@ class Registry:
         # manifest last. Until the manifest exists the version is invisible and unloadable.
         version = self._next_version(name)
         claim = uuid.uuid4().hex
-        self.backend.write_atomic(f"{name}/{version}/.claim", claim.encode())
-        if self.backend.read_bytes(f"{name}/{version}/.claim").decode() != claim:
+        self.backend.write_atomic(f"{name}/{version}/{CLAIM}", claim.encode())
+        if self.backend.read_bytes(f"{name}/{version}/{CLAIM}").decode() != claim:
             raise RegistryError(f"{name}: another publisher claimed {version}; retry")
         body["version"] = version
         body["files"] = {rel: self._upload(source / rel, f"{name}/{version}/{rel}")
@@ -521,7 +544,7 @@ def _checkpoint_files(source: Path) -> list[str]:
         rel = path.relative_to(source).as_posix()
         if path.is_symlink():
             raise RegistryError(f"refusing to publish symlink {rel}")
-        if path.is_dir() or rel == MANIFEST:
+        if path.is_dir() or rel in (MANIFEST, CLAIM):  # the registry's own files
             continue
         if not path.is_file():
             raise RegistryError(f"refusing to publish {rel}: not a regular file")
@@ -557,7 +580,7 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
             continue
         if not path.is_file():
             raise CorruptVersion(f"{where}: {rel} is not a regular file")
-        if rel not in (MANIFEST, ".claim"):
+        if rel not in (MANIFEST, CLAIM):
             present[rel] = path
     for rel, path in present.items():
         if Path(rel).suffix.lower() in UNSAFE_SUFFIXES:

@@ -105,3 +105,59 @@ def test_unreachable_store_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(RegistryError, match="cannot open registry"):
         Registry("nosuchscheme://bucket/prefix")
+
+
+def _flip_last_byte(reg, rel):
+    data = bytearray(reg.backend.read_bytes(rel))
+    data[-1] ^= 0xFF
+    reg.backend.write_atomic(rel, bytes(data))
+    return bytes(data)
+
+
+def test_the_cache_follows_the_store(s3_registry, tmp_path):
+    """A cached copy is not trusted over the store: an object corrupted after the copy
+    was made fails verify, and the same object put right verifies again (a Promote
+    after the fix works without clearing any cache by hand)."""
+    import time
+
+    reg = s3_registry
+    reg.publish("c", fake_checkpoint(tmp_path / "ck"), manifest())
+    good = reg.backend.read_bytes("c/v1/model.safetensors")
+    assert reg.verify("c", "v1")  # cached now
+    time.sleep(1.1)  # object stores date objects to the second
+    _flip_last_byte(reg, "c/v1/model.safetensors")
+    with pytest.raises(CorruptVersion, match="sha256"):
+        reg.verify("c", "v1")
+    time.sleep(1.1)
+    reg.backend.write_atomic("c/v1/model.safetensors", good)
+    assert reg.verify("c", "v1")["version"] == "v1"
+    # a damaged cached copy is fetched again rather than refused
+    cached = reg.local_copy("c", "v1") / "model.safetensors"
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\x00")
+    assert reg.verify("c", "v1")["version"] == "v1"
+
+
+def test_a_missing_bucket_and_credentials_in_the_uri_are_refused(s3_endpoint, monkeypatch):
+    from services.errors import InvalidInput
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    query = f"?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    with pytest.raises(RegistryError, match="bucket 'nobucket' does not exist"):
+        Registry(f"s3://nobucket/p{query}")
+    with pytest.raises(InvalidInput, match="no credentials in the URI") as err:
+        Registry(f"s3://AKIAFAKE:SuperSecret@{BUCKET}/p{query}")
+    assert "SuperSecret" not in err.value.message
+
+
+def test_a_copy_of_a_cached_version_publishes_without_its_claim(s3_registry, tmp_path):
+    import shutil
+
+    reg = s3_registry
+    reg.publish("c", fake_checkpoint(tmp_path / "ck"), manifest())
+    copy = tmp_path / "copy"
+    shutil.copytree(reg.local_copy("c", "v1"), copy)
+    assert (copy / ".claim").is_file()
+    res = reg.publish("c", copy, manifest())
+    assert ".claim" not in reg.verify("c", res.version)["files"]
