@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -344,7 +345,8 @@ def _train_summary(s: dict[str, Any]) -> str:
                      + (" (production)" if s["promoted"] else "")
                      + f" -> {s['checkpoint']}"
                      + (f" in {s['publish_s']}s" if s.get("publish_s") is not None else ""))
-        lines.append(f"serve it:  tuneserve serve --registry {s['registry']} --grpc-port 9000")
+        lines.append(f"serve it:  tuneserve serve --registry {shlex.quote(s['registry'])} "
+                     "--grpc-port 9000")
     else:
         lines.append(f"best checkpoint (not published): {s['checkpoint']}")
     if s.get("promotion"):

@@ -303,9 +303,31 @@ def port_in_use(port: int) -> bool:
 DEFAULT_HTTP_PORT = 8000
 
 
+def _host_problem(host: str) -> Optional[str]:
+    """Why Serve's proxies could not listen on `host` here (None: they can)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return "is not a name this machine can resolve"
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind(addr)
+                return None
+        except OSError:
+            continue
+    return "is not an address of this machine"
+
+
 def check_ports_free(cfg: ServeConfig, http_port: Optional[int]) -> None:
-    """Before a local cluster starts: the ports it would bind must be free, or the
-    failure comes later, from deep inside Serve's proxy actor."""
+    """Before a local cluster starts: the host must be this machine's and the ports it
+    would bind free, or the failure comes later, from deep inside Serve's proxy actor."""
+    problem = _host_problem(cfg.host)
+    if problem:
+        raise ConfigError(f"invalid serve setting 'host': {cfg.host!r} {problem}; pass "
+                          "--host 0.0.0.0 (every address) or one of this machine's")
     for field, flag, port in (("grpc_port", "--grpc-port", cfg.grpc_port),
                               ("http_port", "--http-port", http_port),
                               ("metrics_port", "--metrics-port", cfg.metrics_port)):

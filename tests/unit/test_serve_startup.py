@@ -92,3 +92,27 @@ def test_health_is_serving_when_the_only_unloaded_models_have_nothing_to_load():
     assert not InferenceIngress._serving_now({"a": good, "b": []})  # not reported yet
     assert not InferenceIngress._serving_now({"b": failed})
     assert not InferenceIngress._serving_now({})
+
+
+@pytest.mark.parametrize("host, needle", [("10.255.255.1", "is not an address of this machine")])
+def test_a_host_this_machine_does_not_have_is_refused_naming_it(tmp_path, host, needle):
+    from services.config import ServeConfig
+    from services.errors import ConfigError
+    from services.serving.app import check_ports_free
+
+    cfg = ServeConfig(registry=str(tmp_path), host=host, grpc_port=0)
+    with pytest.raises(ConfigError, match=f"'host': '{host}' {needle}"):
+        check_ports_free(cfg, None)
+    check_ports_free(ServeConfig(registry=str(tmp_path), host="127.0.0.1", grpc_port=0), None)
+
+
+def test_the_serve_line_after_training_can_be_pasted_into_a_shell():
+    import shlex
+
+    from services.cli import _train_summary
+
+    uri = "s3://bkt/pre?endpoint_override=http://127.0.0.1:9555&scheme=http"
+    text = _train_summary({"name": "m", "version": "v1", "promoted": True, "checkpoint": "c",
+                           "registry": uri, "metrics": {}, "epochs": [], "wall_s": 1.0})
+    line = next(x for x in text.splitlines() if x.startswith("serve it:"))
+    assert shlex.split(line.split(":", 1)[1])[3] == uri
