@@ -392,19 +392,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         check_port("http_port", args.http_port)
     stop = threading.Event()
+
+    def interrupt(*_):  # while starting: stop starting (cleaned up below)
+        raise KeyboardInterrupt
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     print(f"starting Ray Serve (registry {cfg.registry}) ...", flush=True)
     local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
-    start_serving(cfg, http_port=args.http_port, verbose=args.verbose)
-    print(f"serving gRPC on port {cfg.grpc_port}; health: grpc.health.v1.Health; "
-          "Ctrl-C stops", flush=True)
     try:
+        start_serving(cfg, http_port=args.http_port, verbose=args.verbose)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"serving gRPC on port {cfg.grpc_port}; health: grpc.health.v1.Health; "
+              "Ctrl-C stops", flush=True)
         stop.wait()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal: no traceback
+            signal.signal(sig, signal.SIG_IGN)
         print("shutting down ...", flush=True)
-        if not local:
-            serve.delete(APP_NAME)  # leave the shared cluster as we found it
+        if not local and ray.is_initialized():
+            with contextlib.suppress(Exception):  # interrupted before it was deployed
+                serve.delete(APP_NAME)  # leave the shared cluster as we found it
         ray.shutdown()
     return 0
 

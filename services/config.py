@@ -710,6 +710,9 @@ class ServeConfig:
             low = 1 if self.min_replicas is None else self.min_replicas
             if self.max_replicas < max(1, low):
                 raise bad("max_replicas", f"must be >= min_replicas ({low}) and >= 1")
+            if self.num_replicas != 1:  # it would be dropped without a word
+                raise bad("num_replicas", "is for a fixed number of replicas; with "
+                          "max_replicas (autoscaling) set min_replicas instead")
         elif self.min_replicas is not None:
             raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
         if self.models is not None:

@@ -64,3 +64,34 @@ def test_serve_command_foreground_and_ctrl_c(trained, tmp_path):
     assert f"serving gRPC on port {port}" in out
     assert "shutting down" in out
     assert "Traceback" not in out
+
+
+def test_ctrl_c_while_starting_stops_the_start(trained, tmp_path):
+    """Ctrl-C before the models are up ends the start at once (it used to wait for
+    them, up to 300 s) and leaves no Ray processes."""
+    import time
+
+    from tests.helpers import poll_until
+
+    cfg, _ = trained
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services", "serve", "--registry", cfg.registry,
+             "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+             "--replica-cpus", "0.5"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        assert poll_until(lambda: "starting Ray Serve" in log.read_text(), timeout_s=60)
+        time.sleep(2)  # into Ray's start, not before it (no condition to poll there)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "shutting down" in text and "interrupted" in text and "serving gRPC" not in text
+    assert "Traceback" not in text

@@ -116,3 +116,12 @@ def test_the_serve_line_after_training_can_be_pasted_into_a_shell():
                            "registry": uri, "metrics": {}, "epochs": [], "wall_s": 1.0})
     line = next(x for x in text.splitlines() if x.startswith("serve it:"))
     assert shlex.split(line.split(":", 1)[1])[3] == uri
+
+
+def test_a_fixed_replica_count_beside_autoscaling_is_refused(tmp_path):
+    from services.config import ServeConfig
+    from services.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'num_replicas'.*set min_replicas instead"):
+        ServeConfig(registry=str(tmp_path), num_replicas=3, max_replicas=2).validate()
+    ServeConfig(registry=str(tmp_path), min_replicas=2, max_replicas=3).validate()
