@@ -452,7 +452,11 @@ def _check_registry_task(cfg: TrainConfig) -> None:
     from services.errors import RegistryError
 
     try:
-        Registry(cfg.registry).check_task(cfg.name, "", cfg.task)
+        registry = Registry(cfg.registry)
+    except RegistryError as exc:  # e.g. a bucket that does not exist
+        raise ConfigError(f"invalid config field 'registry': {exc.message}") from None
+    try:
+        registry.check_task(cfg.name, "", cfg.task)
     except RegistryError as exc:
         raise ConfigError(f"invalid config field 'name': {exc.message}") from None
 
