@@ -74,6 +74,12 @@ def validate_version(version: str) -> str:
     return version
 
 
+def pointer_version(state: dict[str, Any]) -> Optional[str]:
+    """The version a channel or pin pointer names (None: none, or not a version)."""
+    version = state.get("version")
+    return version if isinstance(version, str) and VERSION_RE.match(version) else None
+
+
 def _history(state: dict[str, Any]) -> list[str]:
     """A channel's earlier versions, oldest first; anything else in a hand-edited
     file (not a list, not a version) is skipped."""
@@ -194,8 +200,7 @@ class Registry:
         return self._pointer(self._channel_rel(name, channel), f"{name} {channel}")
 
     def channel(self, name: str, channel: str = "production") -> Optional[str]:
-        version = self.channel_state(name, channel).get("version")
-        return version if isinstance(version, str) and VERSION_RE.match(version) else None
+        return pointer_version(self.channel_state(name, channel))
 
     def channels_of(self, name: str) -> dict[str, str]:
         """channel name -> version, for every channel of a model."""
@@ -213,8 +218,7 @@ class Registry:
 
     def pinned(self, name: str) -> Optional[str]:
         """A version every replica must serve, whatever the channel says (or None)."""
-        version = self.pin_state(name).get("version")
-        return version if isinstance(version, str) and VERSION_RE.match(version) else None
+        return pointer_version(self.pin_state(name))
 
     def resolve(self, name: str, version: Optional[str] = None,
                 channel: str = "production") -> str:
@@ -245,8 +249,8 @@ class Registry:
         # When the copy was fetched (the store's clock, from its newest object then):
         # an object written since (a bad file replaced) fetches the version again.
         fetched = dest.parent / f".{version}.fetched"
+        newest = self.backend.newest_mtime(f"{name}/{version}")
         if (dest / MANIFEST).is_file() and not refresh and fetched.is_file():
-            newest = self.backend.newest_mtime(f"{name}/{version}")
             try:
                 stale = newest is not None and newest > float(fetched.read_text())
             except ValueError:
@@ -256,7 +260,6 @@ class Registry:
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        newest = self.backend.newest_mtime(f"{name}/{version}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
         try:
             self.backend.download_tree(f"{name}/{version}", tmp)

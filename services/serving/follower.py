@@ -35,6 +35,7 @@ from services import metrics
 from services.errors import (CorruptVersion, ModelLoading, ModelNotFound, TuneserveError,
                              UnreadableVersion)
 from services.registry import Registry
+from services.registry.store import pointer_version
 
 logger = logging.getLogger("ray.serve")
 _PROCESS_LOADS = threading.Lock()
@@ -150,13 +151,13 @@ class RegistryFollower:
             self._target_stamp = ("config", self.pinned)
             return self.pinned if self.registry.exists(self.name, self.pinned) else None
         pin = self.registry.pin_state(self.name)
-        pinned = self.registry.pinned(self.name)
+        pinned = pointer_version(pin)
         if pinned:
             self._target_stamp = ("pin", pin.get("updated_at"))
             return pinned if self.registry.exists(self.name, pinned) else None
         state = self.registry.channel_state(self.name, self.channel)
         self._target_stamp = (self.channel, state.get("updated_at"))
-        return self.registry.channel(self.name, self.channel)
+        return pointer_version(state)
 
     def _rearm(self, target: Optional[str]) -> None:
         """Forget a refusal of `target` when its pointer was written since the last
