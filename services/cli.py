@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -40,13 +41,26 @@ from services.errors import InvalidInput, TuneserveError
 TRAIN_FLAG_SKIP = {"extra"}
 
 
+@functools.lru_cache(maxsize=None)
 def _field_help(cls) -> dict[str, str]:
-    """Field docstrings (the string literal after each field) as help texts."""
+    """Field docstrings (the string literal after each field) as help texts. Read once
+    per process."""
     import ast
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    source = textwrap.dedent(inspect.getsource(cls))
+    for attempt in range(3):
+        try:
+            tree = ast.parse(source)
+            break
+        except SystemError:
+            # CPython 3.11 counts ast.parse's depth in state shared by every thread: a
+            # parse in another thread at the same moment (3.11 formats a traceback's
+            # ^^^ markers with one) fails it with "AST constructor recursion depth
+            # mismatch" (python/cpython#106905). Parsing again is all it takes.
+            if attempt == 2:
+                raise
     helps: dict[str, str] = {}
     body = tree.body[0].body
     for node, nxt in zip(body, body[1:]):
