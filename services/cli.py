@@ -606,33 +606,22 @@ def _models_change(args: argparse.Namespace) -> int:
             before = reg.channel(args.name, channel)
             now = reg.rollback(args.name, channel)
         elif action == "pin":
-            before = _pinned_or_unreadable(reg, args.name)
+            before = reg.pinned_or_unreadable(args.name)
             reg.verify(args.name, version)
             reg.pin(args.name, version)
             now = version
         else:
-            before = _pinned_or_unreadable(reg, args.name)
+            before = reg.pinned_or_unreadable(args.name)
             reg.unpin(args.name)
             now = ""
     target = channel if action in ("promote", "rollback") else "pin"
     print(f"{args.name} {target}: {before or '-'} -> {now or '-'}")
     if action in ("promote", "rollback") and not args.address:
-        pinned = _pinned_or_unreadable(reg, args.name)
+        pinned = reg.pinned_or_unreadable(args.name)
         if pinned:
             print(f"note: {args.name} is pinned to {pinned}: replicas serve it until "
                   f"`tuneserve models unpin {args.name}`", file=sys.stderr)
     return 0
-
-
-def _pinned_or_unreadable(reg, name: str) -> Optional[str]:
-    """The pinned version; "(unreadable)" for a pin file that cannot be read, which Pin
-    and Unpin then overwrite (the way to repair it)."""
-    from services.errors import RegistryError
-
-    try:
-        return reg.pinned(name)
-    except RegistryError:
-        return "(unreadable)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -74,6 +74,11 @@ def validate_version(version: str) -> str:
     return version
 
 
+def manifest_task(manifest: dict[str, Any]) -> str:
+    """A manifest's task (classification when unsaid, as before the field existed)."""
+    return str(manifest.get("task") or "classification")
+
+
 def pointer_version(state: dict[str, Any]) -> Optional[str]:
     """The version a channel or pin pointer names (None: none, or not a version)."""
     version = state.get("version")
@@ -293,18 +298,29 @@ class Registry:
         return manifest
 
     def task(self, name: str, version: str) -> str:
-        """A version's task, as its manifest says (classification when unsaid)."""
-        return str(self.manifest(name, version).get("task") or "classification")
+        """A version's task, as its manifest says."""
+        return manifest_task(self.manifest(name, version))
 
-    def _task_or_none(self, name: str, version: Optional[str]) -> Optional[str]:
-        """The version's task; None when there is no such version or it is unreadable
-        (nothing to compare with)."""
-        if not version:
-            return None
+    def model_task(self, name: str, skip: Optional[str] = None) -> Optional[tuple[str, str]]:
+        """(version, task) that says a model's task: its production version's, else its
+        newest readable version's (a model name keeps its task: check_task); `skip`: a
+        version not to ask. None without another version; the first read error when
+        none can be read."""
         try:
-            return self.task(name, version)
-        except (TuneserveError, OSError):
-            return None
+            production = self.channel(name, "production")
+        except TuneserveError:  # an unreadable pointer: the versions still say
+            production = None
+        first_error: Optional[TuneserveError] = None
+        for version in dict.fromkeys([production, *reversed(self.versions(name))]):
+            if version is None or version == skip:
+                continue
+            try:
+                return version, self.task(name, version)
+            except TuneserveError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return None
 
     def check_task(self, name: str, version: str, task: Optional[str] = None) -> None:
         """Refuse to serve `version` where `name` serves another task: a model name
@@ -312,19 +328,23 @@ class Registry:
         `task`: the version's, when not yet in the registry (publish)."""
         task = task or self.task(name, version)
         try:
-            production = self.channel(name, "production")
-        except TuneserveError:  # a broken pointer must not block Pin, the way around it
-            production = None
-        against = production if production != version else None
-        if against is None:  # no production yet: the newest other version
-            others = [v for v in self.versions(name) if v != version]
-            against = others[-1] if others else None
-        served = self._task_or_none(name, against)
-        if served is not None and served != task:
+            served = self.model_task(name, skip=version)
+        except (TuneserveError, OSError):  # nothing readable to compare with (a broken
+            return                         # pointer must not block Pin, the way around it)
+        if served is not None and served[1] != task:
             raise RegistryError(
-                f"model '{name}' is a {served} model ({against}); {version or 'this'} is a "
-                f"{task} model: a model name keeps its task, so publish it under "
+                f"model '{name}' is a {served[1]} model ({served[0]}); {version or 'this'} "
+                f"is a {task} model: a model name keeps its task, so publish it under "
                 "another name")
+
+    def pinned_or_unreadable(self, name: str) -> Optional[str]:
+        """The pinned version, or "(unreadable)" for a pin file that cannot be read
+        (which Pin and Unpin overwrite: the way to repair it), for showing what a pin
+        change replaces."""
+        try:
+            return self.pinned(name)
+        except RegistryError:
+            return "(unreadable)"
 
     # ---- writing ---------------------------------------------------------------
     def publish(self, name: str, source: str | Path, manifest: dict[str, Any],
@@ -336,7 +356,7 @@ class Registry:
         """
         validate_name(name)
         source = Path(source)
-        self.check_task(name, "", str(manifest.get("task") or "classification"))
+        self.check_task(name, "", manifest_task(manifest))
         files = _checkpoint_files(source)
         body = dict(manifest)
         body.update(format=MANIFEST_FORMAT, name=name,
@@ -416,7 +436,7 @@ class Registry:
         self.check_task(name, version)
         with self.backend.lock(f"{name}/.lock"):
             state = self.channel_state(name, channel)
-            if only_if_unset and self.channel(name, channel) is not None:
+            if only_if_unset and pointer_version(state) is not None:
                 return None
             history = _history(state)
             previous = state.get("version")

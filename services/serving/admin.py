@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.errors import InvalidInput, ModelNotFound, RegistryError
+from services.errors import InvalidInput, ModelNotFound
 from services.protocol import admin_pb
 from services.serving.validation import check_model_field, check_name, check_version_field
 
@@ -56,18 +56,10 @@ class AdminMethods:
         return admin_pb.AdminResponse(model=name, channel=channel, version=version,
                                       previous_version=previous or "")
 
-    def _pinned_before(self, name: str) -> str:
-        """The pin a Pin or Unpin replaces; "(unreadable)" for a pin file that cannot be
-        read, which they overwrite (the way to repair it)."""
-        try:
-            return self.registry.pinned(name) or ""
-        except RegistryError:
-            return "(unreadable)"
-
     async def _pin(self, request):
         name = self._admin_model(request.model)
         version = self._required_version(request.version)
-        previous = await asyncio.to_thread(self._pinned_before, name)
+        previous = await asyncio.to_thread(self.registry.pinned_or_unreadable, name) or ""
         await asyncio.to_thread(self.registry.verify, name, version)
         await asyncio.to_thread(self.registry.pin, name, version)
         return admin_pb.AdminResponse(model=name, channel="pin", version=version,
@@ -75,7 +67,7 @@ class AdminMethods:
 
     async def _unpin(self, request):
         name = self._admin_model(request.model)
-        previous = await asyncio.to_thread(self._pinned_before, name)
+        previous = await asyncio.to_thread(self.registry.pinned_or_unreadable, name) or ""
         await asyncio.to_thread(self.registry.unpin, name)
         return admin_pb.AdminResponse(model=name, channel="pin", version="",
                                       previous_version=previous or "")

@@ -57,31 +57,13 @@ def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> d
             raise RegistryError(f"model '{name}' not found in registry "
                                 f"{registry.uri.split('?')[0]}")
         try:
-            tasks[name] = _task_of(registry, name, versions)
+            tasks[name] = registry.model_task(name)[1]  # it has versions: never None
         except TuneserveError as exc:
             if wanted:  # asked for by name: not served is an error
                 raise
             # One broken model does not keep the others from being served.
             logger.warning("not serving model %s: %s", name, exc.message)
     return tasks
-
-
-def _task_of(registry: Registry, name: str, versions: list[str]) -> str:
-    """A model's task: its production manifest's, else the newest readable version's
-    (a model name keeps its task: Registry.check_task)."""
-    try:
-        production = registry.channel(name, "production")
-    except TuneserveError:  # an unreadable channel pointer: the versions still say
-        production = None
-    first_error: Optional[TuneserveError] = None
-    for version in dict.fromkeys([production, *reversed(versions)]):
-        if version is None:
-            continue
-        try:
-            return registry.task(name, version)
-        except TuneserveError as exc:
-            first_error = first_error or exc
-    raise first_error or RegistryError(f"model '{name}' has no readable version")
 
 
 def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
