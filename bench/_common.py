@@ -47,7 +47,7 @@ def table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
     """--colocate, --replica-grpc, --[no-]access-log and --dtype: the serving layouts
     the benchmarks compare (ServeConfig's fields of those names)."""
-    from services.config import SERVING_DTYPES
+    from services.core.config import SERVING_DTYPES
 
     parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
                         help="ServeConfig.colocate: the model runs in the ingress replica")
@@ -72,7 +72,7 @@ def build_checkpoint(folder: Path) -> Path:
     untrained, which does not matter for timing), saved with its tokenizer in folder."""
     from transformers import AutoModelForSequenceClassification
 
-    from services.modeling import demo_model_path, load_tokenizer, quiet_transformers
+    from services.core.modeling import demo_model_path, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     base = demo_model_path()

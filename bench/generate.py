@@ -119,7 +119,7 @@ def build_random_gpt2(folder: Path) -> Path:
 
 
 def publish(folder: Path, template: str | None, registry: Path) -> None:
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     Registry(registry).publish("bench-gen", folder, {
         "task": "generation", "base_model": str(folder), "labels": [],
@@ -132,7 +132,7 @@ def hf_run(model, tokenizer, template, prompts, new_tokens) -> dict:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from services.config import render_prompt
+    from services.core.config import render_prompt
 
     class FirstToken(StoppingCriteria):
         def __init__(self):
@@ -273,10 +273,10 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
     from services.demo import free_port
-    from services.modeling import load_causal_lm_for_serving, quiet_transformers
-    from services.raycluster import ensure_ray
+    from services.core.modeling import load_causal_lm_for_serving, quiet_transformers
+    from services.core.raycluster import ensure_ray
     from services.serving.app import APP_NAME, build_app, start_serving, wait_until_serving
 
     quiet_transformers()

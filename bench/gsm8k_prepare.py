@@ -43,7 +43,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
     sys.path.insert(0, str(REPO))
-    from services.modeling import quiet_transformers
+    from services.core.modeling import quiet_transformers
 
     quiet_transformers()
 

@@ -4,7 +4,7 @@
         --test-fraction 0.1 --out /tmp/agnews
 
 writes OUT/train.tsv and OUT/test.tsv (with a header row), using the same stratified
-split as `tuneserve train` (services/data.py), so `tuneserve eval` can measure a model on
+split as `tuneserve train` (services/core/data.py), so `tuneserve eval` can measure a model on
 rows that neither its training nor its checkpoint selection saw (docs/quality.md).
 """
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    from services.data import load_labelled, stratified_split_indices
+    from services.core.data import load_labelled, stratified_split_indices
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")

@@ -42,10 +42,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from services.client import Client
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
     from services.demo import free_port
-    from services.raycluster import ensure_ray
-    from services.registry import Registry
+    from services.core.raycluster import ensure_ray
+    from services.core.registry import Registry
     from services.serving.app import start_serving
 
     work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-"))

@@ -90,7 +90,7 @@ PRIME_S = 3.0
 # ---- checkpoint ----------------------------------------------------------------------
 def publish(ckpt: Path, registry: Path) -> Path:
     """Publish as MODEL v1; returns the version folder (what every side loads)."""
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     reg = Registry(registry)
     reg.publish(MODEL, ckpt, {"task": "classification", "labels": ["negative", "positive"],
@@ -103,7 +103,7 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
     """Batches of min(C, max_batch_size) requests back to back, through the replica's code."""
     import torch
 
-    from services.registry import Registry
+    from services.core.registry import Registry
     from services.serving.classifier import Classifier, _load_version
 
     # the cores all the replicas get, in one process
@@ -367,7 +367,7 @@ def tuneserve_role(pid: int, cmdline: str) -> Optional[str]:
 
 # ---- tuneserve -----------------------------------------------------------------------
 def serve_config(args, registry: Path, port: int):
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
 
     cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
@@ -395,7 +395,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
 
     from services.client import Client
     from services.demo import free_port
-    from services.raycluster import ensure_ray
+    from services.core.raycluster import ensure_ray
     from services.serving.app import direct_ingress_env, start_serving
 
     port = free_port()

@@ -56,9 +56,9 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from services.modeling import load_tokenizer, quiet_transformers
+    from services.core.modeling import load_tokenizer, quiet_transformers
     from services.training.encoded import encode_texts, pad_batch
-    from services.training.loop import _param_groups, lr_at
+    from services.training.loop import param_groups, lr_at
     from services.training.sharding import epoch_order
 
     started = time.perf_counter()
@@ -73,7 +73,7 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
         model_ref, num_labels=len(labels), use_safetensors=True)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model.to(device).train()
-    opt = torch.optim.AdamW(_param_groups(model, 0.01), lr=lr)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=lr)
     order = epoch_order(len(split), seed, 0, batch_size)  # Ray Train's batches
     first_step_s = None
     steady_start = None
@@ -102,7 +102,7 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
 def ray_train(model_ref: str, train_file: Path, eval_file: Path, workers: int,
               batch_size: int, max_length: int, lr: float, cores: int, use_gpu: bool,
               work: Path, seed: int, group_by_length: bool = False) -> dict:
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
 
     cfg = TrainConfig(model=model_ref, train=str(train_file), eval=str(eval_file),
                       name=f"bench-{workers}w", registry=str(work / "registry"),
@@ -134,8 +134,8 @@ def main() -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from services.modeling import demo_model_path
-    from services.raycluster import ensure_ray
+    from services.core.modeling import demo_model_path
+    from services.core.raycluster import ensure_ray
 
     model_ref = args.model or demo_model_path()
     data = Path(args.data) if args.data else (

@@ -70,7 +70,7 @@ def build(folder: Path, preset: str, seq_len: int, seed: int) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from services.modeling import quiet_transformers
+    from services.core.modeling import quiet_transformers
 
     quiet_transformers()
     shape = dict(PRESETS[preset])
@@ -134,10 +134,10 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
     """The baseline: one process, no Ray; the same packed sequences and optimizer."""
     import torch
 
-    from services.data import load_pairs
-    from services.modeling import load_causal_lm_for_training, load_tokenizer
+    from services.core.data import load_pairs
+    from services.core.modeling import load_causal_lm_for_training, load_tokenizer
     from services.training.encoded import encode_pairs
-    from services.training.loop import _param_groups
+    from services.training.loop import param_groups
     from services.training.tasks import lm_batch, token_nll
 
     started = time.perf_counter()
@@ -147,7 +147,7 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
     split, _ = encode_pairs(tokenizer, pairs.prompts, pairs.responses, None, args.seq_len,
                             packing=True)
     model = load_causal_lm_for_training(str(folder), tokenizer).to(device).train()
-    opt = torch.optim.AdamW(_param_groups(model, 0.01), lr=args.lr,
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr,
                             fused=device == "cuda")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     first_step_s = steady_start = None
@@ -180,7 +180,7 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
 
 def ray_train(folder: Path, train_file: Path, eval_file: Path, workers: int, args,
               work: Path) -> dict:
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
 
     cfg = TrainConfig(model=str(folder), train=str(train_file), eval=str(eval_file),
                       task="generation", packing=True, max_length=args.seq_len,
@@ -215,7 +215,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 
-    from services.raycluster import ensure_ray
+    from services.core.raycluster import ensure_ray
 
     device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
     if args.use_gpu and device != "cuda":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shlex
@@ -28,50 +27,22 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from services import __version__
-from services.config import (
+from services.core.config import (
     DEFAULT_REGISTRY,
     GENERATION_BATCHING,
     SERVING_DTYPES,
     ServeConfig,
     TrainConfig,
+    field_help,
     template_from_flag,
 )
-from services.errors import InvalidInput, TuneserveError
+from services.core.errors import InvalidInput, TuneserveError
 
 TRAIN_FLAG_SKIP = {"extra"}
 
 
-@functools.lru_cache(maxsize=None)
-def _field_help(cls) -> dict[str, str]:
-    """Field docstrings (the string literal after each field) as help texts. Read once
-    per process."""
-    import ast
-    import inspect
-    import textwrap
-
-    source = textwrap.dedent(inspect.getsource(cls))
-    for attempt in range(3):
-        try:
-            tree = ast.parse(source)
-            break
-        except SystemError:
-            # CPython 3.11 counts ast.parse's depth in state shared by every thread: a
-            # parse in another thread at the same moment (3.11 formats a traceback's
-            # ^^^ markers with one) fails it with "AST constructor recursion depth
-            # mismatch" (python/cpython#106905). Parsing again is all it takes.
-            if attempt == 2:
-                raise
-    helps: dict[str, str] = {}
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            helps[node.target.id] = " ".join(str(nxt.value.value).split())
-    return helps
-
-
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    helps = _field_help(TrainConfig)
+    helps = field_help(TrainConfig)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name in TRAIN_FLAG_SKIP:
@@ -264,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="with --address: file holding the API token (default: "
                         "$TUNESERVE_API_TOKEN, else $TUNESERVE_ADMIN_TOKEN)")
-    helps = _field_help(TrainConfig)
+    helps = field_help(TrainConfig)
     p.add_argument("--text-column", default=None, metavar="VALUE", help=helps["text_column"])
     p.add_argument("--label-column", default=None, metavar="VALUE",
                    help=helps["label_column"])
@@ -310,7 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = sorted(k for k, v in overrides.items()
                        if v is not None and k not in ("runs_dir", "address"))
         if given or args.config:
-            from services.errors import ConfigError
+            from services.core.errors import ConfigError
 
             raise ConfigError(f"--resume continues a run with the config it started with; "
                               f"drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config'}")
@@ -339,7 +310,7 @@ EPOCH_COLUMNS = ("loss", "accuracy", "macro_f1", "perplexity")
 
 
 def _train_summary(s: dict[str, Any]) -> str:
-    from services.client import format_table
+    from services.core.tables import format_table
 
     epochs = s.get("epochs") or []
     if epochs:
@@ -402,7 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       admin_token_file=args.admin_token_file)
     cfg.validate()
     if args.http_port is not None:  # Serve's HTTP proxy: not a ServeConfig field
-        from services.config import check_port
+        from services.core.config import check_port
 
         check_port("http_port", args.http_port)
     stop = threading.Event()
@@ -433,7 +404,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from services.client import Client, format_table, token_from
+    from services.client import Client, token_from
+    from services.core.tables import format_table
 
     token = token_from(args.token_file, "TUNESERVE_API_TOKEN") if args.token_file else None
     with Client(args.address, token=token, timeout_s=args.timeout_s) as client:
@@ -498,7 +470,7 @@ def _clip(text: str, width: int = 60) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from services.client import format_table
+    from services.core.tables import format_table
 
     if args.models_command in ("promote", "rollback", "pin", "unpin"):
         return _models_change(args)
@@ -557,7 +529,7 @@ def _registry_rows(reg) -> list[dict[str, Any]]:
 
 def _existing_registry(location: str):
     """The registry at `location`; a local one must be a folder that exists."""
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     reg = Registry(location)
     root = Path(reg.backend.root)

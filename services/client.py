@@ -18,15 +18,15 @@ with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.errors import InvalidInput
+from services.core.errors import InvalidInput
 from services.protocol import INFERENCE_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
-from services.serving.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
+from services.core.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -239,13 +239,3 @@ def _deadline(timeout_s: Optional[float]) -> Optional[float]:
 
 def _bearer(token: Optional[str]) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
-
-
-def format_table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:
-    rows = [list(map(str, r)) for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)

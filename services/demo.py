@@ -9,13 +9,13 @@ classifies a few sentences over a real gRPC channel and shuts everything down.
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Optional
 
-from services.config import DEFAULT_HOME, ServeConfig, TrainConfig
-from services.errors import InvalidInput
+from services.core.config import DEFAULT_HOME, ServeConfig, TrainConfig
+from services.core.errors import InvalidInput
+from services.core.net import free_port
 
 DEMO_DATA = Path(__file__).parent / "resources" / "demo_sentiment.tsv"
 DEMO_MODEL_NAME = "sentiment-demo"
@@ -25,12 +25,6 @@ DEMO_SENTENCES = [
     "The soundtrack was lovely and the ending moved me.",
     "A clumsy script and flat acting; what a waste of an evening.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DEMO_BATCH_SIZE = 16
@@ -58,9 +52,10 @@ def run_demo(workers: int = 2, epochs: int = 4, grpc_port: int = 0,
     check_demo_args(workers, epochs, grpc_port)
     import ray
 
-    from services.client import Client, format_table
-    from services.modeling import demo_model_path
-    from services.raycluster import ensure_ray
+    from services.client import Client
+    from services.core.tables import format_table
+    from services.core.modeling import demo_model_path
+    from services.core.raycluster import ensure_ray
     from services.serving.app import check_ports_free, start_serving
     from services.training.run import run_training
 

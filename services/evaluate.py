@@ -9,7 +9,7 @@ and run in batches sorted by length. Through `--address` the texts go to the liv
 Classify API in requests of at most the server's limit, all pinned to one version.
 Either way the data's labels are matched to the model's by name, as training does it
 (0/1 in a data file are the labels "0"/"1"), and the metrics come from
-services/evaluation.py, the code training reports with, so the numbers compare.
+services/core/evaluation.py, the code training reports with, so the numbers compare.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from services.data import LabelledData, LabelSet, load_labelled
-from services.errors import DataError, InvalidInput, ModelNotFound, TuneserveError
-from services.evaluation import (
+from services.core.data import LabelledData, LabelSet, load_labelled
+from services.core.errors import DataError, InvalidInput, ModelNotFound, TuneserveError
+from services.core.evaluation import (
     confusion_matrix,
     format_report,
     metrics_from_confusion,
@@ -82,7 +82,7 @@ class EvalReport:
 # ---- inputs ------------------------------------------------------------------------
 def parse_model_ref(ref: str) -> tuple[str, Optional[str]]:
     """NAME or NAME@VERSION -> (name, version or None), both checked."""
-    from services.registry import validate_name, validate_version
+    from services.core.registry import validate_name, validate_version
 
     name, at, version = ref.partition("@")
     try:
@@ -160,7 +160,7 @@ def _report(name: str, version: str, source: str, location: str, data: LabelledD
 def evaluate_local(registry: str, name: str, version: Optional[str], data: LabelledData,
                    batch_size: int = DEFAULT_LOCAL_BATCH,
                    progress: Optional[bool] = None) -> EvalReport:
-    from services.registry import Registry
+    from services.core.registry import Registry
     from services.serving.classifier import _load_version, _predict
 
     reg = Registry(registry)
@@ -200,7 +200,7 @@ def evaluate_local(registry: str, name: str, version: Optional[str], data: Label
 def _check_registry_task(registry: str, name: str, version: Optional[str]) -> None:
     """The model's task, when its manifest can be read now (else evaluate_local says
     what is wrong, after the data)."""
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     reg = Registry(registry)
     try:
@@ -243,7 +243,7 @@ def evaluate_remote(client, name: str, version: Optional[str], data: LabelledDat
     changes nothing."""
     import grpc
 
-    from services.config import ServeLimits
+    from services.core.config import ServeLimits
 
     address = client.address
     try:
@@ -308,7 +308,7 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
              progress: Optional[bool] = None) -> EvalReport:
     """What `tuneserve eval` does, short of printing. With `address`, the API token
     comes from `token_file`, else from the environment as Client reads it."""
-    from services.config import DEFAULT_REGISTRY
+    from services.core.config import DEFAULT_REGISTRY
 
     if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"--batch-size: must be at least 1, got {batch_size}")

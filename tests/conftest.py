@@ -46,7 +46,7 @@ def toy_csv(tmp_path_factory, toy_rows):
 def ray_cluster():
     import ray
 
-    from services.raycluster import ensure_ray
+    from services.core.raycluster import ensure_ray
 
     # Ray's metrics endpoint on a known port, for test_prometheus.py to scrape.
     metrics_port = free_port()
@@ -61,7 +61,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def trained(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
     """The tiny BERT fine-tuned by 2 Ray Train workers and published as toy v1."""
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
     from services.training.run import run_training
 
     home = tmp_path_factory.mktemp("home")
@@ -98,7 +98,7 @@ def trained_generator(trained, tmp_path_factory, tiny_gpt2_dir):
     workers on 36 prompt/response pairs until it reproduces them greedily, published
     as GEN_MODEL v1 into the same registry as toy, so that the one session server
     serves both."""
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
     from services.training.run import run_training
 
     cfg, _ = trained
@@ -120,7 +120,7 @@ HOT_MODEL = "toy-hot"
 
 def publish_copy(registry: str, name: str, version: str, new_name: str) -> str:
     """Publish an existing version again (same weights) as the next version of new_name."""
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     reg = Registry(registry)
     manifest = {k: v for k, v in reg.manifest(name, version).items()
@@ -135,7 +135,7 @@ def server(trained, trained_generator):
     It serves "toy" (which tests expect at v1 throughout) and HOT_MODEL, a copy that
     test_hotload.py promotes, pins, rolls back and corrupts."""
     from services.client import Client
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
     from services.serving.app import start_serving
 
     cfg, _ = trained

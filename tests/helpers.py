@@ -9,7 +9,7 @@ import os
 import random
 from pathlib import Path
 
-from services.demo import free_port  # noqa: F401  (one implementation, re-exported for tests)
+from services.core.net import free_port  # noqa: F401  (one implementation, re-exported for tests)
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful", "brilliant"]
 NEGATIVE = ["bad", "awful", "boring", "poor", "dull", "terrible", "clumsy"]

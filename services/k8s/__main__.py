@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from services.errors import InvalidInput, TuneserveError
+from services.core.errors import InvalidInput, TuneserveError
 from services.k8s import register, run
 
 

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from services.config import template_from_flag
-from services.errors import ConfigError, InvalidInput
+from services.core.config import template_from_flag
+from services.core.errors import ConfigError, InvalidInput
 from services.k8s import objects
 from services.k8s.objects import (APP_NAME, DEFAULT_NAMESPACE, DEFAULT_PVC,
                                   DEFAULT_RAYSERVICE, JobOptions)
@@ -31,10 +31,9 @@ from services.k8s.objects import (APP_NAME, DEFAULT_NAMESPACE, DEFAULT_PVC,
 
 def _field_help() -> dict[str, str]:
     try:
-        from services.cli import _field_help as helps  # the same texts as `tuneserve train`
-        from services.config import TrainConfig
+        from services.core.config import TrainConfig, field_help
 
-        return helps(TrainConfig)
+        return field_help(TrainConfig)  # the same texts as `tuneserve train`
     except Exception:  # help texts only: never fail the parser for them
         return {}
 
@@ -177,7 +176,7 @@ def _check_watch_flags(args: argparse.Namespace) -> None:
 
 
 def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    from services.config import load_yaml_mapping
+    from services.core.config import load_yaml_mapping
 
     _check_watch_flags(args)
     file_data = load_yaml_mapping(args.config) if args.config else {}
@@ -297,7 +296,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
-    import yaml
 
     if version is not None:
         objects.check_version(version)  # before any cluster or file is read

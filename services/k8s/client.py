@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from services.errors import TuneserveError
+from services.core.errors import TuneserveError
 from services.k8s.objects import RAY_API_VERSION, RAY_GROUP, owner_reference, pin_version
 
 # (connect, read) seconds per API call, and no retries of a read: an API server answers

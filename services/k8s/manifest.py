@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 from services.k8s.objects import COLOCATED_INGRESS, deployment_name, pin_version
 
 SERVE_CONFIG_PATH = "/spec/serveConfigV2"

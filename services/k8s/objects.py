@@ -20,8 +20,8 @@ from typing import Any, Optional
 import yaml
 
 from services import __version__
-from services.config import TrainConfig
-from services.errors import ConfigError, InvalidInput
+from services.core.config import TrainConfig
+from services.core.errors import ConfigError, InvalidInput
 
 RAY_GROUP = "ray.io"
 RAY_API_VERSION = "v1"

@@ -19,9 +19,9 @@ ADMIN_SERVICE = admin_pb.DESCRIPTOR.services_by_name["Admin"].full_name
 # INVALID_ARGUMENT instead of UNKNOWN. The health service is routed through the proxy
 # like any other, so Kubernetes' native gRPC probe reaches the app.
 SERVICER_FUNCTIONS = [
-    "services.serving.app.add_inference_servicer",
-    "services.serving.app.add_admin_servicer",
-    "services.serving.app.add_health_servicer",
+    "services.serving.servicers.add_inference_servicer",
+    "services.serving.servicers.add_admin_servicer",
+    "services.serving.servicers.add_health_servicer",
 ]
 
 __all__ = ["pb", "pb_grpc", "admin_pb", "admin_pb_grpc", "INFERENCE_SERVICE", "ADMIN_SERVICE",

@@ -5,7 +5,7 @@
                   pin, verifying, loading, swapping versions; no grpc here.
 - `classifier.py` the classification deployment: batches requests (batching.py).
 - `generator.py`  the generation deployment: batched generate with per-request
-                  sampling, streaming, cancellation (services/generation.py).
+                  sampling, streaming, cancellation (services/runtime/generation.py).
 - `validation.py` request messages -> checked domain values.
 - `app.py`        builds the application and starts Serve with its gRPC proxy.
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.errors import InvalidInput, ModelNotFound
+from services.core.errors import InvalidInput, ModelNotFound
 from services.protocol import admin_pb
 from services.serving.validation import check_model_field, check_name, check_version_field
 

@@ -5,7 +5,7 @@
 or, for a Serve config file / KubeRay RayService, the import path
 `services.serving.app:app_builder` with args {registry: ..., ...}.
 
-API tokens (services/serving/auth.py) are read here, where the application is built,
+API tokens (services/core/auth.py) are read here, where the application is built,
 from `api_token_file` / `admin_token_file` or TUNESERVE_API_TOKEN /
 TUNESERVE_ADMIN_TOKEN; only their digests go to the ingress.
 
@@ -24,18 +24,14 @@ import logging
 import math
 from typing import Any, Optional
 
-import grpc
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError
-
-from services.config import ServeConfig, ServeLimits
-from services.errors import ConfigError, ModelLoading, RegistryError, TuneserveError
-from services.protocol import admin_pb, pb
-from services.raycluster import ensure_ray
-from services.registry import Registry
-from services.serving.auth import Tokens
+from services.core.config import ServeConfig, ServeLimits
+from services.core.errors import ConfigError, ModelLoading, RegistryError, TuneserveError
+from services.core.raycluster import ensure_ray
+from services.core.net import bind_error, free_port, host_problem, port_in_use
+from services.core.registry import Registry
+from services.core.auth import Tokens
 from services.serving.status import model_states
-from services.serving.validation import UndecodableRequest
+from services.serving.servicers import GRPC_SERVICER_FUNCTIONS
 
 APP_NAME = "tuneserve"
 INGRESS_DEPLOYMENT = "ingress"
@@ -169,63 +165,6 @@ def app_builder(args: dict[str, Any]):
     return build_app(ServeConfig(limits=limits, **args))
 
 
-# ---- registering the services with Serve's gRPC proxy ---------------------------------
-def _lenient(message_class):
-    """A request deserializer that never raises: bytes it cannot parse become an
-    UndecodableRequest for the ingress to refuse."""
-
-    def deserialize(raw: bytes):
-        try:
-            return message_class.FromString(raw)
-        except DecodeError:
-            return UndecodableRequest(message_class.DESCRIPTOR.full_name, len(raw))
-
-    return deserialize
-
-
-def _register(service, servicer, server) -> None:
-    """What a generated `add_*Servicer_to_server` does, with lenient deserializers."""
-    handlers = {}
-    for method in service.methods:
-        fn = getattr(servicer, method.name, None)
-        if fn is None:  # a method the servicer lacks stays UNIMPLEMENTED
-            continue
-        request = message_factory.GetMessageClass(method.input_type)
-        response = message_factory.GetMessageClass(method.output_type)
-        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler)
-        handlers[method.name] = make(fn,
-                                     request_deserializer=_lenient(request),
-                                     response_serializer=response.SerializeToString)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(service.full_name, handlers)
-
-
-def add_inference_servicer(servicer, server) -> None:
-    from services.serving import serve_logs
-
-    serve_logs.install()  # in Serve's proxy, which calls this at start
-    _register(pb.DESCRIPTOR.services_by_name["Inference"], servicer, server)
-
-
-def add_admin_servicer(servicer, server) -> None:
-    _register(admin_pb.DESCRIPTOR.services_by_name["Admin"], servicer, server)
-
-
-def add_health_servicer(servicer, server) -> None:
-    from grpc_health.v1 import health_pb2
-
-    _register(health_pb2.DESCRIPTOR.services_by_name["Health"], servicer, server)
-
-
-GRPC_SERVICER_FUNCTIONS = [f"{__name__}.{fn.__name__}" for fn in
-                           (add_inference_servicer, add_admin_servicer, add_health_servicer)]
-"""Import paths for `gRPCOptions.grpc_servicer_functions` (Serve config files too);
-services.protocol.SERVICER_FUNCTIONS names the same (checked by a test)."""
-
-
 def grpc_options(cfg: ServeConfig) -> dict[str, Any]:
     return {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
 
@@ -245,8 +184,6 @@ def _prepare_direct_ingress(cfg: ServeConfig) -> int:
 
     import ray
 
-    from services.demo import free_port
-
     env = direct_ingress_env(cfg.grpc_port)
     unset = [f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v]
     if unset and (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
@@ -258,62 +195,20 @@ def _prepare_direct_ingress(cfg: ServeConfig) -> int:
     return free_port()
 
 
-def _bind_error(port: int) -> Optional[int]:
-    """The errno of binding `port` on every address (IPv6 and 4), or None if it can be."""
-    import socket
-
-    for family, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:  # no IPv6 on this machine
-            continue
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
-            try:
-                sock.bind((addr, port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL:  # e.g. IPv6 present but disabled
-                    return exc.errno
-    return None
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something on this machine listens on `port` (any address, IPv4 or 6)."""
-    return _bind_error(port) == errno.EADDRINUSE
-
-
 DEFAULT_HTTP_PORT = 8000
-
-
-def _host_problem(host: str) -> Optional[str]:
-    """Why Serve's proxies could not listen on `host` here (None: they can)."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return "is not a name this machine can resolve"
-    for family, _, _, _, addr in infos:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.bind(addr)
-                return None
-        except OSError:
-            continue
-    return "is not an address of this machine"
 
 
 def check_ports_free(cfg: ServeConfig, http_port: Optional[int]) -> None:
     """Before a local cluster starts: the host must be this machine's and the ports it
     would bind free, or the failure comes later, from deep inside Serve's proxy actor."""
-    problem = _host_problem(cfg.host)
+    problem = host_problem(cfg.host)
     if problem:
         raise ConfigError(f"invalid serve setting 'host': {cfg.host!r} {problem}; pass "
                           "--host 0.0.0.0 (every address) or one of this machine's")
     for field, flag, port in (("grpc_port", "--grpc-port", cfg.grpc_port),
                               ("http_port", "--http-port", http_port),
                               ("metrics_port", "--metrics-port", cfg.metrics_port)):
-        error = _bind_error(port) if port else None
+        error = bind_error(port) if port else None
         if error == errno.EADDRINUSE:
             raise ConfigError(f"invalid serve setting '{field}': port {port} is already in "
                               f"use on this machine (another server?); pass {flag} with a "
@@ -330,8 +225,6 @@ def local_http_port(http_port: Optional[int]) -> int:
         return http_port
     if not port_in_use(DEFAULT_HTTP_PORT):
         return DEFAULT_HTTP_PORT
-    from services.demo import free_port
-
     return free_port()
 
 
@@ -405,9 +298,7 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
     if cfg.direct_ingress:
         options["port"] = _prepare_direct_ingress(cfg)
     elif cfg.replica_grpc:  # grpc_port belongs to the ingress replicas
-        from services.demo import free_port
-
-        options["port"] = free_port()
+            options["port"] = free_port()
     local = ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
     served = sum(1 for task in tasks.values() if task in model_classes())
     warning = check_startup_resources(cfg, served, ray.cluster_resources(), local)

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from services import metrics
-from services.errors import CorruptVersion
-from services.registry import Registry
+from services.core import metrics
+from services.core.errors import CorruptVersion
+from services.core.registry import Registry
 from services.serving.batching import GreedyBatcher
 from services.serving.follower import RegistryFollower
 
@@ -47,7 +47,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> str:
-        from services.modeling import dtype_name
+        from services.core.modeling import dtype_name
 
         return dtype_name(self.model)
 
@@ -60,11 +60,11 @@ class LoadedModel:
 def _load_version(registry: Registry, name: str, version: str,
                   dtype: str = "auto", trace: bool = True) -> LoadedModel:
     """Verify, load and smoke-test one version (runs in a worker thread); the weights
-    in `services.modeling.serving_dtype(dtype)`; with `trace`, run as a TorchScript
+    in `services.core.modeling.serving_dtype(dtype)`; with `trace`, run as a TorchScript
     trace where that gives the model's own answers (`trace_classifier`)."""
     import torch
 
-    from services.modeling import load_classifier_for_serving
+    from services.core.modeling import load_classifier_for_serving
 
     manifest = registry.verify(name, version)
     if manifest.get("task") != "classification":

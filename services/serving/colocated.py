@@ -116,7 +116,7 @@ class ColocatedIngress(InferenceIngress):
     async def model_status(self, name: str) -> dict[str, Any]:
         """One model's status in this replica: what a model deployment's `status`
         answers in the default layout (bench/generate.py reads its batch counters)."""
-        from services.errors import ModelNotFound
+        from services.core.errors import ModelNotFound
 
         if name not in self.models:
             raise ModelNotFound(f"model '{name}' is not served here")

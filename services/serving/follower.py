@@ -31,11 +31,11 @@ from typing import Any, Optional
 
 from ray import serve
 
-from services import metrics
-from services.errors import (CorruptVersion, ModelLoading, ModelNotFound, TuneserveError,
+from services.core import metrics
+from services.core.errors import (CorruptVersion, ModelLoading, ModelNotFound, TuneserveError,
                              UnreadableVersion)
-from services.registry import Registry
-from services.registry.store import pointer_version
+from services.core.registry import Registry
+from services.core.registry.store import pointer_version
 
 logger = logging.getLogger("ray.serve")
 _PROCESS_LOADS = threading.Lock()
@@ -117,8 +117,8 @@ class RegistryFollower:
         returning: Serve sends no traffic to a replica until then, so a replica that
         autoscaling adds never answers "loading" while its peers could answer.
         """
-        from services.errors import InvalidInput
-        from services.registry import validate_name, validate_version
+        from services.core.errors import InvalidInput
+        from services.core.registry import validate_name, validate_version
 
         user_config = user_config or {}
         pinned = user_config.get("pinned_version") or None

@@ -7,7 +7,7 @@ request's prompt goes through, exactly as at training time.
 
 Batching (ServeConfig.generation_batching), unary and streaming requests alike:
 - continuous (the default): each version has a ContinuousBatcher
-  (services/continuous.py), a thread that decodes the running requests one token a
+  (services/runtime/continuous.py), a thread that decodes the running requests one token a
   step; a new request joins at the next step (its prompt run through the model, its
   cache rows joined to the batch) and a finished one leaves at once. Only a request
   that finds the replica idle waits: a quarter of `batch_wait_timeout_s` for a
@@ -17,7 +17,7 @@ Batching (ServeConfig.generation_batching), unary and streaming requests alike:
   batches, with a warning.
 - static: requests meet in one queue (a GreedyBatcher, services/serving/batching.py);
   a batch is one Hugging Face `generate` call over left-padded prompts
-  (services/generation.py). Batches run one at a time per replica: a request that
+  (services/runtime/generation.py). Batches run one at a time per replica: a request that
   arrives while one runs waits for it to end, so a batch waits up to
   `batch_wait_timeout_s` for more requests to join; a lone request waits a quarter
   of that for a second one, or all of it for a while after a burst split
@@ -43,10 +43,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-from services import metrics
-from services.errors import CorruptVersion
-from services.continuous import ContinuousBatcher, ContinuousUnsupported, check_continuous
-from services.generation import GenerationEngine, GenerationJob, SamplingParams
+from services.core import metrics
+from services.core.errors import CorruptVersion
+from services.runtime.continuous import ContinuousBatcher, ContinuousUnsupported, check_continuous
+from services.runtime.generation import GenerationEngine, GenerationJob, SamplingParams
 from services.serving.batching import GreedyBatcher
 from services.serving.follower import RegistryFollower
 
@@ -74,15 +74,15 @@ class LoadedGenerator:
 
     @property
     def dtype(self) -> str:
-        from services.modeling import dtype_name
+        from services.core.modeling import dtype_name
 
         return dtype_name(self.engine.model)
 
 
 def load_generator(registry, name: str, version: str, dtype: str = "auto") -> LoadedGenerator:
     """Verify, load and smoke-test one generation version (runs in a worker thread); the
-    weights in `services.modeling.serving_dtype(dtype)`."""
-    from services.modeling import GENERATION_FILE, context_length, load_causal_lm_for_serving
+    weights in `services.core.modeling.serving_dtype(dtype)`."""
+    from services.core.modeling import GENERATION_FILE, context_length, load_causal_lm_for_serving
 
     manifest = registry.verify(name, version)
     if manifest.get("task") != "generation":

@@ -2,7 +2,7 @@
 
 Ray Serve's gRPC proxy routes `/tuneserve.v1.Inference/<Method>` and
 `/grpc.health.v1.Health/<Method>` to the methods of the same name here. This layer
-checks the caller's bearer token (services/serving/auth.py), validates requests, maps
+checks the caller's bearer token (services/core/auth.py), validates requests, maps
 domain errors to status codes (one table: `grpc_code` on each error class) and never
 imports torch. Unexpected failures answer INTERNAL with an error id while the traceback
 goes to the replica log: no traceback, path or internal name reaches a client.
@@ -19,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
-import uuid
 from typing import Any, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from services import metrics
-from services.config import ServeLimits
-from services.errors import (
+from services.core import metrics
+from services.core.config import ServeLimits
+from services.core.errors import (
     ModelLoading,
     ModelNotFound,
     Overloaded,
@@ -37,13 +35,14 @@ from services.errors import (
     WrongTask,
 )
 from services.protocol import INFERENCE_SERVICE, admin_pb, pb
-from services.registry import Registry
+from services.core.registry import Registry
 from services.serving import serve_logs
 from services.serving.admin import AdminMethods
-from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens
+from services.core.auth import ADMIN, INFERENCE, Authenticator, Tokens
 from services.serving.batching import Coalescer
 from services.serving.serve_logs import StreamEnded
 from services.serving.status import model_states
+from services.serving.status_codes import queue_full, status_code
 from services.serving.validation import (
     UndecodableRequest,
     check_decoded,
@@ -57,68 +56,15 @@ logger = logging.getLogger("ray.serve")
 
 HEALTH_CACHE_S = 1.0
 STATUS_TIMEOUT_S = 5.0
-MAX_MESSAGE_CHARS = 1000
 REPLICA_CALL_ATTEMPTS = 2
 """Tries of a call to a model deployment when its replica dies during one: Classify,
 Generate, and a GenerateStream that has sent nothing yet."""
 METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream": INFERENCE,
                  "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
                  "Unpin": ADMIN}
-# Anything that looks like a file path or a module: a word holding a slash or a
-# backslash, or ending in ".py".
-_PATH_LIKE = re.compile(r"""[^\s'"()]*[/\\][^\s'"()]*|[^\s'"()]+\.py\b""")
-
-
-def _internal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    error_id = uuid.uuid4().hex[:12]
-    logger.error("internal error %s", error_id, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see server logs"
-
-
-def public_message(message: str) -> Optional[str]:
-    """A domain error's message as a client may see it: paths cut out, bounded; None
-    if it looks like a traceback (the caller answers INTERNAL with an error id)."""
-    if "Traceback" in message or 'File "' in message:
-        return None
-    message = _PATH_LIKE.sub("<path>", message)
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
-    return message
-
-
-def _status_code(exc: BaseException, model: str = "") -> tuple[grpc.StatusCode, str]:
-    """Exception -> (status code, message for the client). `model`: the request's model
-    if it is one served here (safe to name), else empty."""
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(exc, ModelLoading):
-        # The replica's own message may carry its last load error (paths, exception
-        # names): ListModels shows that to whoever needs it.
-        who = f"model '{model}'" if model and model != "-" else "the model"
-        return grpc.StatusCode.UNAVAILABLE, (f"{who} is loading: no version is loaded yet; "
-                                             "retry shortly (ListModels shows its state)")
-    if isinstance(exc, TuneserveError):
-        message = public_message(exc.message or exc.grpc_code)
-        if message is None:
-            return _internal(exc)
-        return getattr(grpc.StatusCode, exc.grpc_code), message
-    if isinstance(exc, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(_queue_full())
-    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
-        return grpc.StatusCode.UNAVAILABLE, "model temporarily unavailable; retry"
-    if isinstance(exc, asyncio.TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "timed out"
-    return _internal(exc)
-
-
 def _replica_died(model: str, method: str) -> None:
     logger.warning("a %s replica died during a %s call; sending it again", model, method)
     metrics.inc("tuneserve_replica_retries_total", model=model)
-
-
-def _queue_full() -> Exception:
-    return Overloaded("server busy: request queue full; retry later")
 
 
 def _generate_response(answer: dict[str, Any], model: str):
@@ -164,7 +110,7 @@ def rpc(response_type):
                 code_name = _cancelled_code(grpc_context)
                 raise
             except Exception as exc:
-                code, message = _status_code(exc, self._metric_model(request))
+                code, message = status_code(exc, self._metric_model(request))
                 code_name = code.name
                 if grpc_context is not None:
                     grpc_context.set_code(code)
@@ -192,14 +138,14 @@ class InferenceIngress(AdminMethods):
         # Coalescer's limits per model; a model without them gets one call per request.
         self.coalescers = {
             name: Coalescer(functools.partial(self._classify_many, name),
-                            on_full=_queue_full, **settings,
+                            on_full=queue_full, **settings,
                             on_call=functools.partial(self._observe_call, name))
             for name, settings in (coalesce or {}).items() if name in models}
         self.tasks = tasks
         self.limits = ServeLimits(**(limits or {}))
         self.board = board  # DeploymentHandle of the StatusBoard
         serve_logs.install()
-        # Token digests (services/serving/auth.py), never the tokens themselves.
+        # Token digests (services/core/auth.py), never the tokens themselves.
         tokens = Tokens.from_dict(auth)
         self.auth = Authenticator(tokens)
         if tokens.open_warning():
@@ -416,7 +362,7 @@ class InferenceIngress(AdminMethods):
             finished = True
             code_name = "OK"
         except Exception as exc:
-            code, message = _status_code(exc, self._metric_model(request))
+            code, message = status_code(exc, self._metric_model(request))
             code_name = code.name
             if grpc_context is not None:
                 grpc_context.set_code(code)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import grpc
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,9 +46,9 @@ def _streaming(fn):
         except Exception as exc:
             if context.code() not in (None, grpc.StatusCode.OK):
                 return
-            from services.serving.ingress import _internal
+            from services.serving.status_codes import internal_error
 
-            code, message = _internal(exc)
+            code, message = internal_error(exc)
             context.set_code(code)
             context.set_details(message)
 
@@ -77,7 +77,7 @@ class ReplicaGrpcServer:
         from grpc_reflection.v1alpha import reflection
 
         from services.protocol import admin_pb, pb
-        from services.serving.app import (
+        from services.serving.servicers import (
             add_admin_servicer,
             add_health_servicer,
             add_inference_servicer,

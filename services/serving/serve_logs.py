@@ -19,7 +19,7 @@ from typing import Optional
 
 import grpc
 
-from services.errors import TuneserveError
+from services.core.errors import TuneserveError
 
 SERVE_LOGGER = "ray.serve"
 # The codes a caller's request (or the server's load) explains; anything else is a fault.

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from services.config import ServeLimits
-from services.errors import InvalidInput, RequestTooLarge
-from services.registry import (RESERVED_CHANNELS, reserved_channel, validate_name,
+from services.core.config import ServeLimits
+from services.core.errors import InvalidInput, RequestTooLarge
+from services.core.registry import (RESERVED_CHANNELS, reserved_channel, validate_name,
                                validate_version)
 
 MIN_TEMPERATURE = 1e-5

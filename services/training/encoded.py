@@ -70,7 +70,7 @@ def model_limit(ref: str, tokenizer) -> int:
     """The longest input the model accepts, from its config (or its tokenizer)."""
     from transformers import AutoConfig
 
-    from services.modeling import context_length
+    from services.core.modeling import context_length
 
     try:
         config = AutoConfig.from_pretrained(ref)
@@ -124,8 +124,8 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     EOS since it is incomplete. With `packing`, consecutive examples are joined into
     sequences of at most max_length tokens.
     """
-    from services.config import render_prompt
-    from services.errors import DataError
+    from services.core.config import render_prompt
+    from services.core.errors import DataError
 
     eos = tokenizer.eos_token_id
     if eos is None:

@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _param_groups(model, weight_decay: float):
+def param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -135,7 +135,7 @@ def _maybe_inject_fault(spec: Optional[str], step: int, rank: int, world: int,
 
     It first waits until Ray Train has registered this worker's `reports` reports: a
     report becomes a durable checkpoint at the controller's next health-check poll
-    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, services/raycluster.py), and a worker lost
+    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, services/core/raycluster.py), and a worker lost
     before that loses it (Ray's semantics).
     """
     if not spec or rank != world - 1:
@@ -192,8 +192,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     from ray.train import CheckpointUploadMode
 
-    from services.modeling import load_tokenizer, quiet_transformers
-    from services.training.tasks import _all_reduce
+    from services.core.modeling import load_tokenizer, quiet_transformers
+    from services.training.tasks import all_reduce
     from services.training.tracking import record_gauges
 
     quiet_transformers()
@@ -232,7 +232,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * cfg["epochs"]
     warmup_steps = int(total_steps * cfg["warmup_ratio"])
     eval_steps = cfg.get("eval_steps") or 0
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg["weight_decay"]),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]),
                                   lr=cfg["learning_rate"])
 
     # Where training stands: the epoch, optimizer steps so far, micro-batches of this
@@ -331,7 +331,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 # every rank reaches this line at the same step: one scalar all-reduce
                 # gives the exact loss of the window's global batches (and each epoch's
                 # last step closes a window, so every epoch has its train loss)
-                loss = float(_all_reduce([window_loss], device, world)[0]) / window_steps
+                loss = float(all_reduce([window_loss], device, world)[0]) / window_steps
                 elapsed = time.perf_counter() - window_start
                 emit({"type": "step", "epoch": epoch + 1, "step": state["step"],
                       "loss": loss, "lr": lr,

@@ -7,50 +7,11 @@ given); otherwise it stays published, unpromoted, and the reason is printed.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-from services.errors import ConfigError, TuneserveError
-from services.registry import Registry
-
-
-def parse_min_metric(spec: Optional[str]) -> Optional[tuple[str, float]]:
-    if not spec:
-        return None
-    name, sep, value = spec.partition("=")
-    try:
-        if not sep or not name.strip():
-            raise ValueError
-        return name.strip(), float(value)
-    except ValueError:
-        raise ConfigError(f"invalid config field 'min_metric': expected NAME=NUMBER "
-                          f"(e.g. accuracy=0.85), got {spec!r}") from None
-
-
-GATE_METRICS = {
-    "classification": ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"),
-    "generation": ("loss", "perplexity"),
-}
-"""The eval metrics a run of each task records, which --min-metric may name."""
-LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def check_min_metric(spec: str, task: str) -> tuple[str, float]:
-    """parse_min_metric, and the name is one the task records, the bound one it can meet."""
-    name, bound = parse_min_metric(spec)
-    known = GATE_METRICS.get(task, ())
-    if name not in known:
-        raise ConfigError(f"invalid config field 'min_metric': a {task} run records "
-                          f"{', '.join(known)}; got {name!r}")
-    if not math.isfinite(bound):
-        raise ConfigError(f"invalid config field 'min_metric': {name} bound must be a finite "
-                          f"number, got {bound}")
-    if name not in LOWER_IS_BETTER and not 0.0 <= bound <= 1.0:
-        raise ConfigError(f"invalid config field 'min_metric': {name} lies between 0 and 1, "
-                          f"got {bound}")
-    if name in LOWER_IS_BETTER and bound <= 0:
-        raise ConfigError(f"invalid config field 'min_metric': {name} is above 0, got {bound}")
-    return name, bound
+from services.core.config import LOWER_IS_BETTER, parse_min_metric
+from services.core.errors import TuneserveError
+from services.core.registry import Registry
 
 
 def better_or_equal(new: float, old: float, mode: str) -> bool:

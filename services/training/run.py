@@ -1,6 +1,6 @@
 """The training driver: data -> Ray Train -> registry.
 
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
     from services.training.run import run_training
     result = run_training(TrainConfig(model=..., train="data.csv", workers=2))
 
@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from services import __version__
-from services.config import TrainConfig
-from services.errors import ConfigError, DataError, InvalidInput, TrainingFailed
-from services.metrics import observe as metrics_observe
-from services.raycluster import ensure_ray
-from services.registry import Registry
+from services.core.config import TrainConfig
+from services.core.errors import ConfigError, DataError, InvalidInput, TrainingFailed
+from services.core.metrics import observe as metrics_observe
+from services.core.raycluster import ensure_ray
+from services.core.registry import Registry
 from services.training.tasks import Task, make_task
 from services.training.tracking import RunTracker
 
@@ -145,7 +145,7 @@ def _run_folder(run: str, runs_dir: Optional[str]) -> Path:
     if not path.is_dir():
         path = Path(runs_dir or TrainConfig().runs_dir) / run
     if not (path / RUN_CONFIG_FILE).is_file():
-        from services.errors import ConfigError
+        from services.core.errors import ConfigError
 
         raise ConfigError(f"--resume: no run {run!r} (looked for {path / RUN_CONFIG_FILE}); "
                           f"give a run name from --runs-dir or a run folder")
@@ -218,7 +218,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from services.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
+    from services.core.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
     from services.training.loop import FAULT_ENV, train_loop_per_worker
 
     started = time.perf_counter()
@@ -422,7 +422,7 @@ def _root_cause(exc: BaseException) -> tuple[str, bool]:
     text = str(exc).strip().splitlines()
     last = text[-1] if text else ""
     # A worker's own error arrives as text in Ray's wrapper ("WorkerGroupError:
-    # services.errors.ConfigError: invalid config field ..."): our input errors are
+    # services.core.errors.ConfigError: invalid config field ..."): our input errors are
     # shown as their message alone, and no resume can fix them.
     ours = re.search(r"services\.errors\.(ConfigError|DataError|InvalidInput): (.*)", last)
     if ours or isinstance(exc, InvalidInput):
@@ -449,7 +449,7 @@ def _check_unfinished(run: str, runs_dir: Optional[str]) -> None:
 def _check_registry_task(cfg: TrainConfig) -> None:
     """A run whose model name holds versions of the other task would fail at publish,
     after the whole run: say so before it starts."""
-    from services.errors import RegistryError
+    from services.core.errors import RegistryError
 
     try:
         registry = Registry(cfg.registry)

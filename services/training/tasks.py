@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from services.modeling import GENERATION_FILE
+from services.core.modeling import GENERATION_FILE
 from services.training.encoded import EncodedSplit, pad_batch
 
 IGNORE_INDEX = -100
@@ -72,7 +72,7 @@ class Task:
 
         limit = model_limit(cfg.model, tokenizer)
         if cfg.max_length and cfg.max_length > limit:
-            from services.errors import ConfigError
+            from services.core.errors import ConfigError
 
             raise ConfigError(f"invalid config field 'max_length': {cfg.max_length} is more "
                               f"tokens than the model takes ({limit}, from its config)")
@@ -158,7 +158,7 @@ def load_saved_weights(model, folder: str) -> None:
                          f"{result.unexpected_keys[:5]}")
 
 
-def _all_reduce(values, device, world: int):
+def all_reduce(values, device, world: int):
     """Sum a float64 vector over ranks (no-op on one worker)."""
     import torch
 
@@ -175,8 +175,8 @@ def _all_reduce(values, device, world: int):
 def resolve_class_weights(spec: Optional[str], labels: list[str],
                           counts: list[int]) -> Optional[list[float]]:
     """Loss weight per class id: None, 'balanced' (n / (k x count)) or label=weight."""
-    from services.config import parse_class_weights
-    from services.errors import ConfigError
+    from services.core.config import parse_class_weights
+    from services.core.errors import ConfigError
 
     if not spec:
         return None
@@ -233,7 +233,7 @@ class ClassificationTask(Task):
         return [self.id2label[i] for i in range(len(self.id2label))]
 
     def prepare_data(self, cfg, tokenizer):
-        from services.data import LabelSet, load_labelled, stratified_split_indices
+        from services.core.data import LabelSet, load_labelled, stratified_split_indices
         from services.training.encoded import encode_texts
 
         train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
@@ -292,7 +292,7 @@ class ClassificationTask(Task):
                 f"macro-F1 {ev['eval_macro_f1']:.4f} loss {ev['eval_loss']:.4f}")
 
     def summary(self, metrics):
-        from services.evaluation import summary
+        from services.core.evaluation import summary
 
         out = summary({k.removeprefix("eval_"): v for k, v in metrics.items()
                        if k.startswith("eval_") and isinstance(v, (int, float))})
@@ -300,7 +300,7 @@ class ClassificationTask(Task):
         return out
 
     def build_model(self, tokenizer):
-        from services.modeling import load_classifier_for_training
+        from services.core.modeling import load_classifier_for_training
 
         return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id)
 
@@ -338,7 +338,7 @@ class ClassificationTask(Task):
         import torch
         import torch.nn.functional as F
 
-        from services.evaluation import metrics_from_confusion
+        from services.core.evaluation import metrics_from_confusion
 
         n_labels = len(self.id2label)
         cm = torch.zeros((n_labels, n_labels), dtype=torch.long)
@@ -359,7 +359,7 @@ class ClassificationTask(Task):
                 cm.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
                 count += len(chunk)
         model.train()
-        packed = _all_reduce([*cm.flatten().tolist(), loss_sum, count], device, world)
+        packed = all_reduce([*cm.flatten().tolist(), loss_sum, count], device, world)
         cm = packed[:-2].round().long().view(n_labels, n_labels).tolist()
         n = int(round(float(packed[-1])))
         m = metrics_from_confusion(cm, self.label_names)
@@ -420,8 +420,8 @@ class GenerationTask(Task):
         self.stats: dict[str, Any] = {}
 
     def prepare_data(self, cfg, tokenizer):
-        from services.data import load_pairs, split_indices
-        from services.modeling import check_causal_lm
+        from services.core.data import load_pairs, split_indices
+        from services.core.modeling import check_causal_lm
         from services.training.encoded import encode_pairs
 
         check_causal_lm(cfg.model)
@@ -459,7 +459,7 @@ class GenerationTask(Task):
     max_length_cap = 1024
 
     def example_lengths(self, tokenizer, columns, limit):
-        from services.config import render_prompt
+        from services.core.config import render_prompt
 
         prompts, responses = columns
         p_ids = tokenizer([render_prompt(self.prompt_template, p) for p in prompts],
@@ -492,7 +492,7 @@ class GenerationTask(Task):
         return {"prompt_template": self.prompt_template, "lora": self.lora}
 
     def build_model(self, tokenizer):
-        from services.modeling import load_causal_lm_for_training
+        from services.core.modeling import load_causal_lm_for_training
 
         return load_causal_lm_for_training(self.model_ref, tokenizer, lora=self.lora)
 
@@ -533,7 +533,7 @@ class GenerationTask(Task):
                 tokens += n
                 examples += len(chunk)
         model.train()
-        loss_sum, tokens, examples = _all_reduce([loss_sum, tokens, examples], device,
+        loss_sum, tokens, examples = all_reduce([loss_sum, tokens, examples], device,
                                                  world).tolist()
         loss = loss_sum / max(1.0, tokens)
         return {"eval_loss": loss, "eval_perplexity": perplexity(loss),
@@ -552,7 +552,7 @@ class GenerationTask(Task):
         EOS it was trained on: fine-tuning appended the tokenizer's EOS to each
         response, and the base model's config may name another (plain Hugging Face
         `generate` on the checkpoint stops right too)."""
-        from services.generation import eos_token_ids
+        from services.core.modeling import eos_token_ids
 
         if self.lora:
             from peft import get_peft_model_state_dict

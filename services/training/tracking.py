@@ -3,7 +3,7 @@
 The driver (run.py) hands rank 0's events (`start`, `step`, `eval`; see loop.py) to a
 `RunTracker`, which
 
-- sets the training gauges of services/metrics.py (loss, learning rate, samples/s,
+- sets the training gauges of services/core/metrics.py (loss, learning rate, samples/s,
   tokens/s, epoch, eval metrics), labelled by run and model, for Prometheus;
 - writes TensorBoard event files under `<runs_dir>/<run>/tensorboard/`
   (`tensorboard --logdir <runs_dir>` shows every run side by side);
@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from services import metrics
+from services.core import metrics
 
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "training_curves.png"

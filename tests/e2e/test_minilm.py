@@ -3,10 +3,10 @@ training with 2 Ray Train workers, publishing, and the serving model code."""
 
 import pytest
 
-from services.config import TrainConfig
+from services.core.config import TrainConfig
 from services.demo import DEMO_DATA
-from services.modeling import demo_model_path
-from services.registry import Registry
+from services.core.modeling import demo_model_path
+from services.core.registry import Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

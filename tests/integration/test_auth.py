@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import Client
-from services.config import ServeConfig
+from services.core.config import ServeConfig
 from services.protocol import admin_pb, pb
-from services.registry import Registry
+from services.core.registry import Registry
 from tests.helpers import delete_app
 
 pytestmark = pytest.mark.timeout(600)

@@ -15,10 +15,10 @@ import grpc
 import pytest
 
 from services.client import Client
-from services.config import ServeConfig
-from services.registry import Registry
+from services.core.config import ServeConfig
+from services.core.registry import Registry
 from tests.conftest import GEN_MODEL
-from services.demo import free_port
+from services.core.net import free_port
 from tests.helpers import copy_version, delete_app, poll_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -175,7 +175,7 @@ def test_model_status_through_the_ingress_handle(colocated):
     """What bench/generate.py reads for its requests-per-batch column."""
     from ray import serve
 
-    from services.errors import ModelNotFound
+    from services.core.errors import ModelNotFound
     from services.serving.app import INGRESS_DEPLOYMENT
 
     handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP)

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.client import Client
-from services.config import ServeConfig, ServeLimits
+from services.core.config import ServeConfig, ServeLimits
 from services.protocol import admin_pb, pb
-from services.registry import Registry
+from services.core.registry import Registry
 from tests.conftest import GEN_MODEL
 from tests.helpers import copy_version, delete_app, poll_until
 

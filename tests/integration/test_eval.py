@@ -8,9 +8,9 @@ import json
 import pytest
 
 from services.cli import main
-from services.data import load_labelled, split_indices
-from services.evaluation import SUMMARY_KEYS
-from services.registry import Registry
+from services.core.data import load_labelled, split_indices
+from services.core.evaluation import SUMMARY_KEYS
+from services.core.registry import Registry
 from tests.helpers import write_csv
 
 pytestmark = pytest.mark.timeout(900)
@@ -38,7 +38,7 @@ def test_eval_on_the_training_eval_split_reproduces_the_manifest(trained, tmp_pa
     data = load_labelled(cfg.train)
     # The held-out split, made again the way the manifest says training made it.
     if manifest["data"]["split"].get("method") == "stratified by label":
-        from services.data import stratified_split_indices
+        from services.core.data import stratified_split_indices
 
         _, ev = stratified_split_indices(data.labels, cfg.eval_fraction, cfg.seed)
     else:

@@ -13,9 +13,9 @@ import pytest
 from tests.helpers import poll_until
 
 from services.cli import main
-from services.modeling import GENERATION_FILE
+from services.core.modeling import GENERATION_FILE
 from services.protocol import pb
-from services.registry import Registry
+from services.core.registry import Registry
 from services.serving.app import APP_NAME, model_deployment_name
 from tests.conftest import GEN_MODEL
 from tests.helpers import GEN_TEMPLATE, toy_generation_pairs
@@ -28,7 +28,7 @@ LONG = dict(max_new_tokens=1000, ignore_eos=True)  # ~1000 tokens: seconds of wo
 
 @pytest.fixture(scope="module")
 def tokenizer(trained_generator):
-    from services.modeling import load_tokenizer
+    from services.core.modeling import load_tokenizer
 
     cfg, result = trained_generator
     return load_tokenizer(str(Registry(cfg.registry).local_copy(GEN_MODEL, result.version)))

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import poll_until as wait_for
 
-from services.registry import Registry
+from services.core.registry import Registry
 from tests.conftest import HOT_MODEL, publish_copy
 
 pytestmark = pytest.mark.timeout(600)

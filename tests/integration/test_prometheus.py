@@ -18,7 +18,7 @@ import urllib.request
 import grpc
 import pytest
 
-from services.metrics import PREFIX, SPECS
+from services.core.metrics import PREFIX, SPECS
 from tests.conftest import GEN_MODEL
 from tests.helpers import free_port
 

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import main
 from services.protocol import pb
-from services.registry import Registry
+from services.core.registry import Registry
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -87,7 +87,7 @@ def test_direct_ingress_needs_a_cluster_started_with_it(server):
     cluster fails with a message naming the setting, before anything is deployed."""
     import dataclasses
 
-    from services.errors import ConfigError
+    from services.core.errors import ConfigError
     from services.serving.app import start_serving
 
     with pytest.raises(ConfigError, match="'direct_ingress'.*RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import Registry
+from services.core.registry import Registry
 from services.training.tracking import PLOT_FILE, TENSORBOARD_DIR
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from services.cli import main as cli_main
-from services.config import TrainConfig
-from services.errors import TrainingFailed
-from services.registry import Registry
+from services.core.config import TrainConfig
+from services.core.errors import TrainingFailed
+from services.core.registry import Registry
 from services.training.loop import FAULT_ENV
 from services.training.run import RUN_CONFIG_FILE, run_training
 from tests.helpers import poll_until

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from services.config import TrainConfig
-from services.registry import Registry
+from services.core.config import TrainConfig
+from services.core.registry import Registry
 from services.training.run import run_training
 from tests.helpers import build_tiny_bert, write_csv
 

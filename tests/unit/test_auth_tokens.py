@@ -10,11 +10,11 @@ import logging
 import grpc
 import pytest
 
-from services.config import ServeConfig
-from services.errors import ConfigError, PermissionDenied, Unauthenticated
+from services.core.config import ServeConfig
+from services.core.errors import ConfigError, PermissionDenied, Unauthenticated
 from services.protocol import admin_pb, pb
-from services.serving import auth
-from services.serving.auth import ADMIN, INFERENCE, Authenticator, Tokens, read_token
+from services.core import auth
+from services.core.auth import ADMIN, INFERENCE, Authenticator, Tokens, read_token
 
 API, ADMIN_T = "api-token-1", "admin-token-2"
 

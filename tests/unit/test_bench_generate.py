@@ -9,7 +9,7 @@ def test_the_random_gpt2_writes_whole_characters(tmp_path):
     import torch
 
     from bench.generate import PROMPTS, build_random_gpt2
-    from services.modeling import load_causal_lm_for_serving
+    from services.core.modeling import load_causal_lm_for_serving
 
     build_random_gpt2(tmp_path / "m")
     model, tokenizer = load_causal_lm_for_serving(tmp_path / "m")

@@ -9,9 +9,9 @@ import pytest
 
 from services.cli import main
 from tests.unit.test_registry import fake_checkpoint, manifest
-from services.config import ServeConfig
-from services.errors import ConfigError
-from services.registry import Registry
+from services.core.config import ServeConfig
+from services.core.errors import ConfigError
+from services.core.registry import Registry
 
 
 def test_help_runs_as_a_console_script():
@@ -32,7 +32,7 @@ def test_a_failed_training_run_exits_1_with_one_line(tmp_path, capsys, monkeypat
     """What run_training raises when workers failed more often than allowed (the real
     failure: tests/integration/test_training_faults.py) reaches the shell as exit code
     1 and its message, with the --max-failures given."""
-    from services.errors import TrainingFailed
+    from services.core.errors import TrainingFailed
     from services.training import run
 
     def fails(cfg, **kw):
@@ -202,7 +202,7 @@ def test_privileged_ports_and_the_default_http_port(monkeypatch):
 
     from services.serving import app
 
-    monkeypatch.setattr(app, "_bind_error", lambda port: errno.EACCES if port < 1024 else None)
+    monkeypatch.setattr(app, "bind_error", lambda port: errno.EACCES if port < 1024 else None)
     with pytest.raises(ConfigError, match="'grpc_port': port 80 needs root .* --grpc-port"):
         app.check_ports_free(ServeConfig(grpc_port=80), None)
     app.check_ports_free(ServeConfig(grpc_port=9000), 8000)
@@ -256,7 +256,7 @@ def test_client_flags_out_of_range_are_named_before_any_call(argv, needle, capsy
 
 def test_client_timeouts():
     from services.client import Client
-    from services.errors import InvalidInput
+    from services.core.errors import InvalidInput
 
     with Client("localhost:1", timeout_s=float("inf")) as client:
         assert client.timeout_s is None and client._timeout(2) == 2.0
@@ -291,7 +291,7 @@ def test_models_promote_rollback_pin_unpin_on_the_registry(tmp_path, capsys):
 
 
 def test_eval_gated_promotion_decisions(tmp_path):
-    from services.errors import ConfigError
+    from services.core.errors import ConfigError
     from services.training.promotion import decide, parse_min_metric
 
     reg = Registry(tmp_path / "reg")

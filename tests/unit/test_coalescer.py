@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from services.errors import ModelNotFound, Overloaded
+from services.core.errors import ModelNotFound, Overloaded
 from services.serving.batching import Coalescer
 
 

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from services.config import TrainConfig
-from services.errors import ConfigError
+from services.core.config import TrainConfig
+from services.core.errors import ConfigError
 
 
 def valid(**kw):
@@ -121,7 +121,7 @@ def test_unknown_and_mistyped_yaml_fields(tmp_path):
 
 
 def test_serve_config_autoscaling_and_validation():
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
 
     assert ServeConfig().validate().autoscaling_config() is None
     auto = ServeConfig(max_replicas=4, target_ongoing_requests=3).validate().autoscaling_config()
@@ -136,7 +136,7 @@ def test_serve_config_autoscaling_and_validation():
 
 
 def test_ongoing_requests_default_per_task_and_explicit_value_wins():
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
 
     cfg = ServeConfig(max_batch_size=16).validate()
     # a classifier holds a computing batch and the next one; a generator batch runs to
@@ -148,7 +148,7 @@ def test_ongoing_requests_default_per_task_and_explicit_value_wins():
 
 
 def test_coalescing_limits_follow_replicas_batch_and_queue_settings():
-    from services.config import ServeConfig
+    from services.core.config import ServeConfig
 
     cfg = ServeConfig(max_batch_size=16, num_replicas=3, max_queued_requests=10).validate()
     # two calls per replica (one computing, one queued), each at most a batch, no more
@@ -169,7 +169,7 @@ def test_coalescing_limits_follow_replicas_batch_and_queue_settings():
 
 @pytest.mark.parametrize("preset, expected", [(None, "0.5"), ("3", "3")])
 def test_local_ray_polls_train_reports_often_unless_told(preset, expected):
-    # Ray Train's controller drains one report per worker per poll; services.raycluster
+    # Ray Train's controller drains one report per worker per poll; services.core.raycluster
     # sets a 0.5 s poll for the processes of a local cluster, and keeps a user's value.
     import subprocess
     import sys
@@ -177,7 +177,7 @@ def test_local_ray_polls_train_reports_often_unless_told(preset, expected):
     env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
     if preset is not None:
         env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = preset
-    code = ("import os, services.raycluster; "
+    code = ("import os, services.core.raycluster; "
             "print(os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.strip()

@@ -1,4 +1,4 @@
-"""Continuous batching (services/continuous.py) in-process, without Ray: requests that
+"""Continuous batching (services/runtime/continuous.py) in-process, without Ray: requests that
 join a running batch at different steps get the tokens a static batch gives them
 (greedy and seeded samples), on a tiny GPT-2 (learned positions) and a tiny Llama
 (rotary positions, grouped KV heads); rows leave as they end, the context bounds who
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from services.continuous import ContinuousBatcher, ContinuousUnsupported, check_continuous
-from services.generation import GenerationEngine, SamplingParams
+from services.runtime.continuous import ContinuousBatcher, ContinuousUnsupported, check_continuous
+from services.runtime.generation import GenerationEngine, SamplingParams
 from tests.helpers import GEN_TEMPLATE, build_bpe_tokenizer, poll_until
 
 PROMPTS = ["red cat", "a much longer prompt than the others, with more words in it",
@@ -362,7 +362,7 @@ def test_the_check_forgives_a_divergence_only_at_a_near_tie(engine):
     """Batches of other shapes round differently; in bfloat16 that can swap two
     all-but-tied tokens. The check accepts a divergence where the static run's two
     candidates were within NEAR_TIE of each other, and nothing else."""
-    from services.continuous import NEAR_TIE, _near_tie
+    from services.runtime.continuous import NEAR_TIE, _near_tie
 
     job = _static(engine, "red cat", **GREEDY)
     step, chosen = 3, job.token_ids[3]

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.data import LabelSet, load_labelled, load_pairs, split_indices
-from services.errors import DataError
+from services.core.data import LabelSet, load_labelled, load_pairs, split_indices
+from services.core.errors import DataError
 
 ROWS = [("great film", 1), ("awful film", 0), ("fine", 1)]
 

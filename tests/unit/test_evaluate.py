@@ -10,11 +10,11 @@ import grpc
 import pytest
 
 from services.cli import main
-from services.data import load_labelled
+from services.core.data import load_labelled
 from services.evaluate import evaluate_remote, parse_model_ref
-from services.evaluation import format_report, metrics_from_confusion, write_confusion_png
+from services.core.evaluation import format_report, metrics_from_confusion, write_confusion_png
 from services.protocol import pb
-from services.registry import Registry
+from services.core.registry import Registry
 from tests.helpers import free_port, toy_sentiment_rows, write_csv, write_jsonl
 from tests.unit.test_registry import fake_checkpoint
 
@@ -271,7 +271,7 @@ def test_remote_auth_errors_name_the_token(data_csv):
         def list_models(self, model):
             raise _RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token")
 
-    from services.errors import InvalidInput
+    from services.core.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="UNAUTHENTICATED.*TUNESERVE_API_TOKEN"):
         evaluate_remote(Locked(), "sent", None, load_labelled(data_csv))
@@ -284,13 +284,13 @@ def test_missing_token_file_exits_2(data_csv, tmp_path, capsys):
 
 
 def test_remote_refuses_a_generation_model(data_csv):
-    from services.errors import InvalidInput
+    from services.core.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="generation model"):
         evaluate_remote(FakeServer(task="generation"), "gen", None, load_labelled(data_csv))
 
 
-# ---- the additions to services/evaluation.py ---------------------------------------------
+# ---- the additions to services/core/evaluation.py ---------------------------------------------
 def test_format_report_and_png(tmp_path):
     cm = [[3, 1], [0, 4]]
     m = metrics_from_confusion(cm, ["cat", "dog"])
@@ -307,7 +307,7 @@ def test_format_report_and_png(tmp_path):
 def test_parse_model_ref():
     assert parse_model_ref("sent") == ("sent", None)
     assert parse_model_ref("sent@v12") == ("sent", "v12")
-    from services.errors import InvalidInput
+    from services.core.errors import InvalidInput
 
     for bad in ("sent@", "@v1", "a/b", "sent@latest"):
         with pytest.raises(InvalidInput, match="--model"):

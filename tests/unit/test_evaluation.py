@@ -1,6 +1,6 @@
 import pytest
 
-from services.evaluation import confusion_matrix, metrics_from_confusion
+from services.core.evaluation import confusion_matrix, metrics_from_confusion
 
 
 def test_metrics_match_hand_computation():

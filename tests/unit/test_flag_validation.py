@@ -7,21 +7,21 @@ import socket
 import pytest
 
 from services.cli import main
-from services.config import SEED_MAX, ServeConfig, TrainConfig
-from services.errors import ConfigError, InvalidInput
+from services.core.config import SEED_MAX, ServeConfig, TrainConfig
+from services.core.errors import ConfigError, InvalidInput
 
 
 @pytest.fixture
 def nothing_starts(monkeypatch):
     """Anything that would start Ray, train or serve fails the test instead."""
-    import services.raycluster
+    import services.core.raycluster
     import services.serving.app
     import services.training.run
 
     def started(*args, **kwargs):
         raise AssertionError("validation came too late: something started")
 
-    monkeypatch.setattr(services.raycluster, "ensure_ray", started)
+    monkeypatch.setattr(services.core.raycluster, "ensure_ray", started)
     monkeypatch.setattr(services.serving.app, "start_serving", started)
 
     def run_training(cfg, **kwargs):  # it validates the config first, then trains
@@ -98,7 +98,7 @@ def test_serve_config_refuses_non_finite_negative_and_mistyped_values(kw, field)
 
 
 def test_serve_config_limits_are_checked():
-    from services.config import ServeLimits
+    from services.core.config import ServeLimits
 
     for name in ("max_texts_per_request", "max_new_tokens", "default_max_new_tokens"):
         with pytest.raises(ConfigError, match=f"'limits.{name}': must be an integer >= 1"):
@@ -116,7 +116,7 @@ def test_serve_config_accepts_the_edges():
 
 
 def test_serve_unknown_model_names_the_registry_not_its_repr(tmp_path):
-    from services.registry import Registry
+    from services.core.registry import Registry
     from services.serving.app import discover_models
 
     registry = Registry(tmp_path / "reg")
@@ -296,9 +296,9 @@ def test_demo_flags_are_checked_before_ray_starts(flags, needle, capsys, nothing
 
 def test_demo_grpc_port_in_use_is_refused_before_training(capsys, nothing_starts,
                                                           monkeypatch, tmp_path):
-    import services.modeling
+    import services.core.modeling
 
-    monkeypatch.setattr(services.modeling, "demo_model_path", lambda: "m")
+    monkeypatch.setattr(services.core.modeling, "demo_model_path", lambda: "m")
     with socket.socket() as held:
         held.bind(("0.0.0.0", 0))
         held.listen()

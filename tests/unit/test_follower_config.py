@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.errors import CorruptVersion, ModelLoading
+from services.core.errors import CorruptVersion, ModelLoading
 from services.serving.follower import LOAD_ATTEMPTS, RegistryFollower
 
 
@@ -59,7 +59,7 @@ class _Flaky(RegistryFollower):
 
 
 def _published(tmp_path):
-    from services.registry import Registry
+    from services.core.registry import Registry
     from tests.unit.test_registry import fake_checkpoint, manifest
 
     reg = Registry(tmp_path / "reg")
@@ -148,7 +148,7 @@ def test_a_replica_started_on_a_refused_version_serves_the_one_before(tmp_path):
     """A replica that starts (e.g. added by autoscaling) while the channel points at a
     version it refuses serves what the channel pointed at before, as the replicas that
     were already running do; it moves on when the channel does."""
-    from services.registry import Registry
+    from services.core.registry import Registry
     from tests.unit.test_registry import fake_checkpoint, manifest
 
     reg = Registry(tmp_path / "reg")
@@ -183,7 +183,7 @@ def test_a_replica_started_on_a_refused_version_serves_the_one_before(tmp_path):
 def test_a_refused_version_is_tried_again_when_promoted_again(tmp_path):
     """An operator who fixed the files promotes the same version again: the replica
     forgets the refusal (of either kind) and loads it."""
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     async def scenario():
         uri = _published(tmp_path)
@@ -231,7 +231,7 @@ def test_a_version_refused_for_unexpected_failures_is_tried_again_later(tmp_path
 
 
 def test_an_unreadable_file_is_retried_like_a_read_error(tmp_path):
-    from services.errors import UnreadableVersion
+    from services.core.errors import UnreadableVersion
 
     async def scenario():
         f = _Flaky(_published(tmp_path), "toy", poll_interval_s=0.02,
@@ -247,7 +247,7 @@ def test_an_unreadable_file_is_retried_like_a_read_error(tmp_path):
 
 
 def test_an_unpin_does_not_retry_what_the_channel_named_and_was_refused(tmp_path):
-    from services.registry import Registry
+    from services.core.registry import Registry
 
     async def scenario():
         uri = _published(tmp_path)
@@ -273,7 +273,7 @@ def test_an_unpin_does_not_retry_what_the_channel_named_and_was_refused(tmp_path
 
 
 def test_a_model_with_no_version_to_serve_is_failed_not_loading(tmp_path):
-    from services.registry import Registry
+    from services.core.registry import Registry
     from tests.unit.test_registry import fake_checkpoint, manifest
 
     async def scenario():

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from services.errors import InvalidInput
-from services.generation import GenerationEngine, SamplingParams, find_stop, held_back
+from services.core.errors import InvalidInput
+from services.runtime.generation import GenerationEngine, SamplingParams, find_stop, held_back
 from tests.helpers import GEN_TEMPLATE
 
 
@@ -15,7 +15,7 @@ from tests.helpers import GEN_TEMPLATE
 def engine(varied_gpt2_dir):
     import torch
 
-    from services.modeling import context_length, load_causal_lm_for_serving
+    from services.core.modeling import context_length, load_causal_lm_for_serving
 
     torch.set_num_threads(1)
     model, tokenizer = load_causal_lm_for_serving(varied_gpt2_dir)

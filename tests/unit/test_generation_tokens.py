@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from services.continuous import ContinuousBatcher
-from services.generation import GenerationEngine, SamplingParams
+from services.runtime.continuous import ContinuousBatcher
+from services.runtime.generation import GenerationEngine, SamplingParams
 
 CONFIG_EOS = 2
 PROMPT = "cat"
@@ -73,7 +73,7 @@ def llama_dir(tmp_path_factory):
 def engine(llama_dir):
     import torch
 
-    from services.modeling import context_length, load_causal_lm_for_serving
+    from services.core.modeling import context_length, load_causal_lm_for_serving
 
     torch.set_num_threads(1)
     model, tokenizer = load_causal_lm_for_serving(llama_dir)
@@ -187,8 +187,8 @@ def test_the_training_checkpoint_stops_at_the_tokenizers_eos(llama_dir, engine, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from services.config import TrainConfig
-    from services.modeling import load_tokenizer
+    from services.core.config import TrainConfig
+    from services.core.modeling import load_tokenizer
     from services.training.tasks import GenerationTask
 
     tokenizer = load_tokenizer(str(llama_dir))

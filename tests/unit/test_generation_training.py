@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from services.config import TrainConfig, render_prompt
-from services.data import load_pairs
-from services.errors import ConfigError, DataError
+from services.core.config import TrainConfig, render_prompt
+from services.core.data import load_pairs
+from services.core.errors import ConfigError, DataError
 from services.training.encoded import encode_pairs
 from services.training.tasks import IGNORE_INDEX, GenerationTask, lm_batch, token_nll
 from tests.helpers import GEN_TEMPLATE, write_jsonl
@@ -16,7 +16,7 @@ from tests.helpers import GEN_TEMPLATE, write_jsonl
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_gpt2_dir):
-    from services.modeling import load_tokenizer
+    from services.core.modeling import load_tokenizer
 
     return load_tokenizer(str(tiny_gpt2_dir))
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from services.config import ServeConfig
-from services.errors import ConfigError
-from services.generation import GenerationEngine, SamplingParams
+from services.core.config import ServeConfig
+from services.core.errors import ConfigError
+from services.runtime.generation import GenerationEngine, SamplingParams
 from services.serving.generator import Generator, LoadedGenerator
 from tests.unit.test_continuous import PROMPTS, _engine
 

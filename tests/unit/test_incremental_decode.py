@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.generation import GenerationEngine, SamplingParams
+from services.runtime.generation import GenerationEngine, SamplingParams
 from tests.helpers import build_bpe_tokenizer, toy_generation_pairs
 
 TEXTS = ["naïve café — 😀 emoji ✓ and 中文 text", "the red cat says meow. 42 × 7 = 294"]

@@ -9,7 +9,7 @@ import grpc
 
 from services.protocol import pb
 from services.serving import ingress as ingress_module
-from services.serving.auth import Tokens
+from services.core.auth import Tokens
 from tests.unit.test_auth_tokens import FakeClassifier, FakeContext, Remote
 
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from services.errors import ConfigError, InvalidInput, TuneserveError
+from services.core.errors import ConfigError, InvalidInput, TuneserveError
 from services.k8s import objects, register, run
 from services.k8s.client import (JobState, KubeRayMissing, KubernetesError, ObjectNotFound,
                                  published_version)

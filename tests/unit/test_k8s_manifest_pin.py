@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 from services.k8s import objects
 from services.k8s.manifest import pin_in_manifest
 from tests.unit.test_k8s_client import k8s

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from services.config import ServeConfig
+from services.core.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -575,7 +575,7 @@ def test_pod_monitor_scrapes_the_metrics_port_of_every_ray_node():
 # ---- training --------------------------------------------------------------------------
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_training_job_runs_the_config_map_run(overlay):
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
 
     objects = render(str(K8S / "overlays" / overlay))
     job = one(objects, "RayJob")
@@ -602,7 +602,7 @@ def test_training_job_runs_the_config_map_run(overlay):
 
 
 def test_base_run_config_is_the_file_tuneserve_train_reads():
-    from services.config import TrainConfig
+    from services.core.config import TrainConfig
 
     cfg = TrainConfig.from_yaml(K8S / "base" / "train" / "run.yaml").validate()
     gpu = TrainConfig.from_yaml(K8S / "overlays" / "gpu" / "run-gpu.yaml").validate()

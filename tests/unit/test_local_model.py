@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from services.config import ServeConfig
-from services.errors import ConfigError, ModelNotFound
+from services.core.config import ServeConfig
+from services.core.errors import ConfigError, ModelNotFound
 from services.serving import colocated
 from services.serving.colocated import ColocatedIngress, LocalModel
 

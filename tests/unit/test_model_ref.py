@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.errors import ConfigError
-from services.modeling import prepare_model_ref
+from services.core.errors import ConfigError
+from services.core.modeling import prepare_model_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -107,8 +107,8 @@ class _Hub(BaseHTTPRequestHandler):
 SCRIPT = """
 import json, sys
 import huggingface_hub
-from services.errors import ConfigError
-from services.modeling import prepare_model_ref
+from services.core.errors import ConfigError
+from services.core.modeling import prepare_model_ref
 fetched = []
 huggingface_hub.snapshot_download = lambda ref, **kw: fetched.append([ref, kw["allow_patterns"]])
 out = {}
@@ -173,7 +173,7 @@ def test_generation_needs_a_causal_lm(tmp_path):
     """An encoder loads as a 'causal LM' too, and would see what it predicts."""
     from transformers import BertConfig, GPT2Config, T5Config
 
-    from services.modeling import check_causal_lm
+    from services.core.modeling import check_causal_lm
 
     def folder(name, config):
         config.save_pretrained(tmp_path / name)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import ServeConfig
-from services.errors import ConfigError
-from services.registry import Registry
+from services.core.config import ServeConfig
+from services.core.errors import ConfigError
+from services.core.registry import Registry
 from tests.helpers import GEN_TEMPLATE
 
 TEXTS = ["a lovely film", "dull and far too long", "fine", "😀 ✓ 日本語", "x " * 60]
@@ -62,7 +62,7 @@ def test_app_builder_passes_the_dtype_to_every_model(monkeypatch, tmp_path):
 def test_auto_is_bfloat16_only_on_a_gpu_that_computes_it(monkeypatch):
     import torch
 
-    from services.modeling import serving_dtype
+    from services.core.modeling import serving_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert serving_dtype("auto") is torch.float32
@@ -114,8 +114,8 @@ def test_a_classifier_replica_loads_and_answers_in_bfloat16(classifier_registry)
 def test_a_generator_loads_and_generates_in_bfloat16(tiny_gpt2_dir):
     import torch
 
-    from services.generation import GenerationEngine, SamplingParams
-    from services.modeling import context_length, load_causal_lm_for_serving
+    from services.runtime.generation import GenerationEngine, SamplingParams
+    from services.core.modeling import context_length, load_causal_lm_for_serving
 
     model, tokenizer = load_causal_lm_for_serving(tiny_gpt2_dir, "bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.cli import main
-from services.registry import Registry
+from services.core.registry import Registry
 from tests.unit.test_registry import registry_of
 
 
@@ -65,7 +65,7 @@ def test_a_corrupt_pin_file_is_repaired_by_unpin(reg, capsys):
 
 
 def test_os_errors_are_one_line_not_a_traceback(reg, capsys, monkeypatch):
-    from services.registry import store
+    from services.core.registry import store
 
     def unreadable(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -112,7 +112,7 @@ def test_output_into_a_closed_pipe_ends_quietly(reg):
 
 
 def test_a_bad_version_for_pin_or_promote_gets_no_hint_about_leaving_it_empty():
-    from services.errors import InvalidInput
+    from services.core.errors import InvalidInput
     from services.serving.admin import AdminMethods
     from services.serving.validation import check_version_field
 

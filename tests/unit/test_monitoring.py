@@ -2,7 +2,7 @@
 
 promtool (Debian package `prometheus`; .ci/run installs it) checks the rules and the
 dashboard's PromQL, and unit-tests the alerts on made-up series with Ray's exported names
-and labels; every metric name and label they use must be one services/metrics.py
+and labels; every metric name and label they use must be one services/core/metrics.py
 defines (Ray adds the `ray_` prefix; histograms export `_bucket`, `_sum`, `_count`).
 The PrometheusRule's schema is checked with the rest of k8s/ in test_k8s_manifests.py.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.metrics import PREFIX, SPECS
+from services.core.metrics import PREFIX, SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
@@ -86,7 +86,7 @@ def name_problems(expr: str) -> list[str]:
     for name in used:
         spec = spec_for(name)
         if spec is None:
-            problems.append(f"{name} is not an exported name of services/metrics.py")
+            problems.append(f"{name} is not an exported name of services/core/metrics.py")
         else:
             allowed |= set(spec.labels)
     for name, selector in re.findall(r"(\w*tuneserve_\w+)\{([^}]*)\}", expr):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import Registry
-from services.registry.store import STALE_STAGING_S
+from services.core.registry import Registry
+from services.core.registry.store import STALE_STAGING_S
 from tests.helpers import poll_until
 from tests.unit.test_registry import fake_checkpoint, manifest
 
@@ -32,8 +32,8 @@ SHARD_BYTES = 1024 * 1024
 CHILD = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, sys.argv[5])
-    import services.registry.backend as backend
-    from services.registry import Registry
+    import services.core.registry.backend as backend
+    from services.core.registry import Registry
 
     root, ck, marker, point = sys.argv[1:5]
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from services.errors import ConfigError
-from services.raycluster import check_reachable, ensure_ray
+from services.core.errors import ConfigError
+from services.core.raycluster import check_reachable, ensure_ray
 
 
 def closed_port() -> int:

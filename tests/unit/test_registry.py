@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from services.errors import CorruptVersion, InvalidInput, ModelNotFound, RegistryError
-from services.registry import Registry
-from services.registry.safetensors_check import check_safetensors
+from services.core.errors import CorruptVersion, InvalidInput, ModelNotFound, RegistryError
+from services.core.registry import Registry
+from services.core.registry.safetensors_check import check_safetensors
 
 
 def fake_checkpoint(folder, labels=("neg", "pos"), payload=b"\x00" * 8):
@@ -155,8 +155,8 @@ def test_publisher_killed_midway_leaves_no_version(tmp_path):
     root = tmp_path / "reg"
     script = textwrap.dedent(f"""
         import os, signal
-        import services.registry.backend as backend
-        import services.registry.store as store
+        import services.core.registry.backend as backend
+        import services.core.registry.store as store
         real = backend.Backend.upload
         def upload_then_die(self, local, rel):
             out = real(self, local, rel)

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from services.errors import CorruptVersion, RegistryError
-from services.registry import Registry
-from services.registry import store
+from services.core.errors import CorruptVersion, RegistryError
+from services.core.registry import Registry
+from services.core.registry import store
 from tests.unit.test_registry import fake_checkpoint, manifest
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed")
@@ -138,7 +138,7 @@ def test_the_cache_follows_the_store(s3_registry, tmp_path):
 
 
 def test_a_missing_bucket_and_credentials_in_the_uri_are_refused(s3_endpoint, monkeypatch):
-    from services.errors import InvalidInput
+    from services.core.errors import InvalidInput
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")

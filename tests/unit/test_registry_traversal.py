@@ -23,14 +23,14 @@ import pytest
 
 import services
 
-from services.errors import (
+from services.core.errors import (
     CorruptVersion,
     InvalidInput,
     ModelNotFound,
     RegistryError,
     TuneserveError,
 )
-from services.registry import Registry
+from services.core.registry import Registry
 from tests.unit.test_registry import fake_checkpoint, manifest
 
 BAD_NAMES = ["../x", "..", ".", "a/b", "/abs", "a\\b", "x\x00", "x\x00/../../etc", "",
@@ -114,7 +114,7 @@ def world(tmp_path, monkeypatch):
     snapshot = {p: (p.stat().st_size, p.stat().st_mtime_ns)
                 for p in outside.rglob("*") if p.is_file()}
     for module in ("services.cli", "services.serving.classifier", "services.serving.admin",
-                   "services.serving.validation", "services.modeling"):
+                   "services.serving.validation", "services.core.modeling"):
         importlib.import_module(module)  # imports open files by the thousand: not here
     _RECORDING.append(log)
     w = SimpleNamespace(root=root, outside=outside, tmp=tmp_path, log=log,
@@ -242,7 +242,7 @@ def test_cli_refuses_bad_names(world, name, capsys):
 
 
 def test_grpc_requests_refuse_bad_names(world):
-    from services.config import ServeLimits
+    from services.core.config import ServeLimits
     from services.protocol.tuneserve.v1 import inference_pb2
     from services.serving.admin import AdminMethods
     from services.serving.validation import validate_classify, validate_generate
@@ -385,7 +385,7 @@ def test_symlink_loop_is_refused_cleanly(world):
 
 def test_remote_keys_cannot_escape_the_download_folder(tmp_path, monkeypatch):
     """An object store accepts keys such as `m/v1/../../x`: local copies refuse them."""
-    from services.registry.backend import Backend
+    from services.core.registry.backend import Backend
 
     backend = Backend(tmp_path / "src")
     (tmp_path / "src" / "m" / "v1").mkdir(parents=True)
@@ -400,7 +400,7 @@ def test_remote_keys_cannot_escape_the_download_folder(tmp_path, monkeypatch):
 
 def test_the_recorder_sees_a_read_through_a_symlink(world):
     """The check the fixture makes can fail: a read through a planted link is seen."""
-    from services.data import file_sha256
+    from services.core.data import file_sha256
 
     link = world.root / "m" / "v1" / "link"
     link.symlink_to(world.outside / "secret")

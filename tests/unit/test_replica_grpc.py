@@ -15,11 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import Client
-from services.config import ServeConfig
-from services.demo import free_port
-from services.errors import ConfigError, ModelNotFound
+from services.core.config import ServeConfig
+from services.core.net import free_port
+from services.core.errors import ConfigError, ModelNotFound
 from services.protocol import pb
-from services.serving.auth import Tokens
+from services.core.auth import Tokens
 from services.serving.colocated import LocalModel
 
 API = "api-token-0123456789abcdef"
@@ -393,7 +393,7 @@ def test_a_colocated_replica_listens_only_once_its_models_are_loaded(tmp_path, m
 def test_calls_ended_by_a_deadline_or_the_client_are_not_counted_ok(served, monkeypatch):
     """requests_total: a call whose deadline passes in the model is DEADLINE_EXCEEDED,
     a stream the client drops CANCELLED, never OK."""
-    from services import metrics
+    from services.core import metrics
 
     counted: list[tuple[str, str]] = []
     real_inc = metrics.inc

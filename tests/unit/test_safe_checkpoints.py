@@ -19,11 +19,11 @@ import time
 
 import pytest
 
-from services.data import file_sha256
-from services.errors import CorruptVersion, RegistryError
-from services.registry import Registry
-from services.registry import safetensors_check
-from services.registry.safetensors_check import MAX_HEADER_BYTES, check_safetensors
+from services.core.data import file_sha256
+from services.core.errors import CorruptVersion, RegistryError
+from services.core.registry import Registry
+from services.core.registry import safetensors_check
+from services.core.registry.safetensors_check import MAX_HEADER_BYTES, check_safetensors
 
 LABELS = ["neg", "pos"]
 
@@ -194,7 +194,7 @@ def test_the_hostile_pickle_would_run(tmp_path):
 
 
 def test_classifier_loaders_never_unpickle(tiny_model_dir, tmp_path, torch_load_calls):
-    from services.modeling import load_classifier_for_serving, load_classifier_for_training
+    from services.core.modeling import load_classifier_for_serving, load_classifier_for_training
 
     folder, marker = pickle_only_folder(tmp_path, tiny_model_dir)
     with pytest.raises(OSError, match="model.safetensors"):
@@ -207,7 +207,7 @@ def test_classifier_loaders_never_unpickle(tiny_model_dir, tmp_path, torch_load_
 def test_causal_lm_loaders_never_unpickle(tmp_path, torch_load_calls):
     from transformers import GPT2Config
 
-    from services.modeling import load_causal_lm_for_serving, load_causal_lm_for_training
+    from services.core.modeling import load_causal_lm_for_serving, load_causal_lm_for_training
 
     config_dir = tmp_path / "cfg"
     GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50).save_pretrained(config_dir)
@@ -220,7 +220,7 @@ def test_causal_lm_loaders_never_unpickle(tmp_path, torch_load_calls):
 
 
 def test_safetensors_wins_over_a_pickle_beside_it(checkpoint, tmp_path, torch_load_calls):
-    from services.modeling import load_classifier_for_serving
+    from services.core.modeling import load_classifier_for_serving
 
     marker = tmp_path / "unpickled"
     (checkpoint / "pytorch_model.bin").write_bytes(hostile_pickle(marker))
@@ -233,7 +233,7 @@ def test_every_loader_asks_for_safetensors_and_no_remote_code(monkeypatch):
     """Each loader's from_pretrained call, whatever the folder holds."""
     import transformers
 
-    import services.modeling as modeling
+    import services.core.modeling as modeling
 
     seen = {}
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from ray.serve.exceptions import gRPCStatusError
 
-from services.errors import InvalidInput, ModelNotFound, TuneserveError
+from services.core.errors import InvalidInput, ModelNotFound, TuneserveError
 from services.serving import serve_logs
 from services.serving.serve_logs import QuietClientErrors, StreamEnded
 
@@ -67,7 +67,7 @@ def test_faults_keep_their_traceback(exc):
 
 
 def test_installed_once_on_serves_logger_and_travels_between_processes():
-    from services.serving.app import add_inference_servicer
+    from services.serving.servicers import add_inference_servicer
 
     class Server:  # what Serve's proxy passes to the servicer functions
         def add_generic_rpc_handlers(self, handlers):

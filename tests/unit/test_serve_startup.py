@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from services.errors import CorruptVersion
+from services.core.errors import CorruptVersion
 from services.serving.app import discover_models
 from services.serving.status import model_states
 from tests.unit.test_registry import registry_of
@@ -47,7 +47,7 @@ def test_model_states_tell_loaded_failed_and_pending_models():
 
 
 def test_waiting_ends_when_every_model_is_loaded_or_failed(monkeypatch, caplog):
-    from services.errors import ModelLoading
+    from services.core.errors import ModelLoading
     from services.serving import app
 
     boards = [{"good": [], "bad": []},
@@ -96,8 +96,8 @@ def test_health_is_serving_when_the_only_unloaded_models_have_nothing_to_load():
 
 @pytest.mark.parametrize("host, needle", [("10.255.255.1", "is not an address of this machine")])
 def test_a_host_this_machine_does_not_have_is_refused_naming_it(tmp_path, host, needle):
-    from services.config import ServeConfig
-    from services.errors import ConfigError
+    from services.core.config import ServeConfig
+    from services.core.errors import ConfigError
     from services.serving.app import check_ports_free
 
     cfg = ServeConfig(registry=str(tmp_path), host=host, grpc_port=0)
@@ -119,8 +119,8 @@ def test_the_serve_line_after_training_can_be_pasted_into_a_shell():
 
 
 def test_a_fixed_replica_count_beside_autoscaling_is_refused(tmp_path):
-    from services.config import ServeConfig
-    from services.errors import ConfigError
+    from services.core.config import ServeConfig
+    from services.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'num_replicas'.*set min_replicas instead"):
         ServeConfig(registry=str(tmp_path), num_replicas=3, max_replicas=2).validate()

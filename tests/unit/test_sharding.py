@@ -139,8 +139,8 @@ def test_sharded_classification_gradient_equals_the_whole_batch(tiny_model_dir, 
     import torch
     import torch.nn.functional as F
 
-    from services.config import TrainConfig
-    from services.modeling import load_tokenizer
+    from services.core.config import TrainConfig
+    from services.core.modeling import load_tokenizer
     from services.training.encoded import encode_texts, pad_batch
     from services.training.tasks import ClassificationTask
 
@@ -171,8 +171,8 @@ def test_sharded_classification_gradient_equals_the_whole_batch(tiny_model_dir, 
 def test_sharded_generation_gradient_equals_the_whole_batch(tiny_gpt2_dir):
     import torch
 
-    from services.config import TrainConfig
-    from services.modeling import load_tokenizer
+    from services.core.config import TrainConfig
+    from services.core.modeling import load_tokenizer
     from services.training.encoded import encode_pairs
     from services.training.tasks import GenerationTask, lm_batch, token_nll
 

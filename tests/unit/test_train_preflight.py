@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from services.config import TrainConfig
-from services.errors import ConfigError, DataError
-from services.registry import Registry
+from services.core.config import TrainConfig
+from services.core.errors import ConfigError, DataError
+from services.core.registry import Registry
 from services.training.run import (FINISHED_FILE, RUN_CONFIG_FILE, _check_lora_targets,
                                    _root_cause, run_training)
 from tests.helpers import toy_generation_pairs, write_csv, write_jsonl
@@ -79,7 +79,7 @@ def test_a_workers_input_error_is_shown_alone_and_not_as_resumable():
     class WorkerGroupError(Exception):
         pass
 
-    wrapped = WorkerGroupError("services.errors.ConfigError: invalid config field 'x': bad")
+    wrapped = WorkerGroupError("services.core.errors.ConfigError: invalid config field 'x': bad")
     assert _root_cause(wrapped) == ("invalid config field 'x': bad", True)
     assert _root_cause(RuntimeError("boom\nlast line")) == ("RuntimeError: last line", False)
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from services.config import TrainConfig, parse_class_weights
-from services.data import stratified_split_indices
-from services.errors import ConfigError
+from services.core.config import TrainConfig, parse_class_weights
+from services.core.data import stratified_split_indices
+from services.core.errors import ConfigError
 from services.training.encoded import choose_max_length
 from services.training.loop import EarlyStopping, load_trainer_state, save_trainer_state
 from services.training.tasks import resolve_class_weights
@@ -172,7 +172,7 @@ def test_a_run_larger_than_the_cluster_is_named_before_it_waits():
 
 
 def test_a_diverged_run_is_not_published(tmp_path):
-    from services.errors import TrainingFailed
+    from services.core.errors import TrainingFailed
     from services.training.run import check_converged
 
     check_converged({"eval_loss": 0.3, "eval_accuracy": 0.9}, tmp_path)
@@ -183,7 +183,7 @@ def test_a_diverged_run_is_not_published(tmp_path):
 
 
 def test_max_length_above_the_models_limit_is_named(tiny_model_dir, tmp_path):
-    from services.modeling import load_tokenizer
+    from services.core.modeling import load_tokenizer
     from services.training.tasks import make_task
 
     data = tmp_path / "t.csv"
@@ -215,8 +215,8 @@ def test_resume_of_a_damaged_run_folder_is_one_clear_error(tmp_path):
 
 def test_eval_file_columns_are_found_on_their_own(tiny_model_dir, tmp_path):
     """The train file says 'text', the eval file 'sentence': each is detected."""
-    from services.errors import DataError
-    from services.modeling import load_tokenizer
+    from services.core.errors import DataError
+    from services.core.modeling import load_tokenizer
     from services.training.tasks import make_task
 
     train = tmp_path / "t.csv"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from services import metrics
+from services.core import metrics
 from services.training import tracking
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 import pytest
 
-from services.config import ServeLimits
-from services.errors import InvalidInput
+from services.core.config import ServeLimits
+from services.core.errors import InvalidInput
 from services.protocol import pb
 from services.serving.validation import validate_classify, validate_generate
 

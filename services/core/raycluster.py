@@ -28,7 +28,7 @@ def check_reachable(address: str, flag: str = "--address") -> None:
     ray.init would retry the connection without end. "auto" is left to Ray."""
     import socket
 
-    from services.errors import ConfigError
+    from services.core.errors import ConfigError
 
     if address in ("auto", "local"):
         return

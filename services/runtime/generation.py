@@ -39,8 +39,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from services.config import render_prompt
-from services.errors import InvalidInput
+from services.core.config import render_prompt
+from services.core.errors import InvalidInput
+from services.core.modeling import eos_token_ids
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled")
 
@@ -117,16 +118,6 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 hold = max(hold, k)
                 break
     return hold
-
-
-def eos_token_ids(generation_config, tokenizer) -> list[int]:
-    """The tokens that end a generation: the generation config's EOS ids and the
-    tokenizer's EOS, which fine-tuning appends to every response
-    (services/training/encoded.py) and which can differ from the config's (e.g. a
-    tokenizer's `<|endoftext|>` on a config whose default EOS is 2)."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def byte_fallback_ids(tokenizer) -> set[int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from services.errors import ConfigError, PermissionDenied, Unauthenticated
+from services.core.errors import ConfigError, PermissionDenied, Unauthenticated
 
 API_TOKEN_ENV = "TUNESERVE_API_TOKEN"
 ADMIN_TOKEN_ENV = "TUNESERVE_ADMIN_TOKEN"

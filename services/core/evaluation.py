@@ -60,7 +60,7 @@ def summary(metrics: dict) -> dict[str, float]:
 def format_report(metrics: dict, cm: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
     """Accuracy, a per-class table with the macro averages, and the confusion matrix,
     as plain-text tables (what `tuneserve eval` prints)."""
-    from services.client import format_table
+    from services.core.tables import format_table
 
     rows = [(lab, f"{pc['precision']:.4f}", f"{pc['recall']:.4f}", f"{pc['f1']:.4f}",
              pc["support"]) for lab, pc in metrics["per_class"].items()]

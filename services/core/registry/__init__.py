@@ -16,7 +16,7 @@ Names and versions are validated by every Registry method (never a path), and a
 symlink in a model or version folder is refused, never followed.
 """
 
-from services.registry.store import (
+from services.core.registry.store import (
     MANIFEST,
     RESERVED_CHANNELS,
     PublishResult,

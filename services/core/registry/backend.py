@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from services.errors import CorruptVersion, InvalidInput, RegistryError
+from services.core.errors import CorruptVersion, InvalidInput, RegistryError
 
 CHUNK = 1 << 20
 

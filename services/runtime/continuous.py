@@ -36,7 +36,7 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
-from services.generation import (
+from services.runtime.generation import (
     GenerationEngine,
     GenerationJob,
     SamplingParams,
@@ -482,7 +482,7 @@ def _near_tie(engine: GenerationEngine, job: GenerationJob, step: int, other: li
     static run's prefix."""
     import torch
 
-    from services.modeling import dtype_name
+    from services.core.modeling import dtype_name
 
     if not other or step >= len(job.token_ids):
         return False

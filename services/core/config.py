@@ -9,6 +9,7 @@ it was trained. Units are in the names (`_s`, `_chars`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -19,12 +20,16 @@ from typing import Any, Optional
 
 import yaml
 
-from services.errors import ConfigError, TuneserveError
+from services.core.errors import ConfigError, TuneserveError
 
 DEFAULT_HOME = Path(os.environ.get("TUNESERVE_HOME", ".tuneserve"))
 DEFAULT_REGISTRY = str(DEFAULT_HOME / "registry")
 DEFAULT_RUNS_DIR = str(DEFAULT_HOME / "runs")
-TASKS = ("classification", "generation")
+CLASSIFICATION = "classification"
+GENERATION = "generation"
+TASKS = (CLASSIFICATION, GENERATION)
+"""The task names a run, a manifest and a served model carry; compare with these
+constants, never with string literals."""
 SEED_MAX = 2**64 - 1
 """The largest seed torch.manual_seed takes (it reads the seed as an unsigned 64-bit
 integer)."""
@@ -44,6 +49,75 @@ def check_port(name: str, value: Any) -> Any:
         raise ConfigError(f"invalid serve setting '{name}': {value!r} is not a port number "
                           "(1-65535)")
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def field_help(cls) -> dict[str, str]:
+    """Field docstrings (the string literal after each field) as help texts. Read once
+    per process."""
+    import ast
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    for attempt in range(3):
+        try:
+            tree = ast.parse(source)
+            break
+        except SystemError:
+            # CPython 3.11 counts ast.parse's depth in state shared by every thread: a
+            # parse in another thread at the same moment (3.11 formats a traceback's
+            # ^^^ markers with one) fails it with "AST constructor recursion depth
+            # mismatch" (python/cpython#106905). Parsing again is all it takes.
+            if attempt == 2:
+                raise
+    helps: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            helps[node.target.id] = " ".join(str(nxt.value.value).split())
+    return helps
+
+
+def parse_min_metric(spec: Optional[str]) -> Optional[tuple[str, float]]:
+    if not spec:
+        return None
+    name, sep, value = spec.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise ConfigError(f"invalid config field 'min_metric': expected NAME=NUMBER "
+                          f"(e.g. accuracy=0.85), got {spec!r}") from None
+
+
+GATE_METRICS = {
+    "classification": ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"),
+    "generation": ("loss", "perplexity"),
+}
+"""The eval metrics a run of each task records, which --min-metric may name."""
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def check_min_metric(spec: str, task: str) -> tuple[str, float]:
+    """parse_min_metric, and the name is one the task records, the bound one it can meet."""
+    name, bound = parse_min_metric(spec)
+    known = GATE_METRICS.get(task, ())
+    if name not in known:
+        raise ConfigError(f"invalid config field 'min_metric': a {task} run records "
+                          f"{', '.join(known)}; got {name!r}")
+    if not math.isfinite(bound):
+        raise ConfigError(f"invalid config field 'min_metric': {name} bound must be a finite "
+                          f"number, got {bound}")
+    if name not in LOWER_IS_BETTER and not 0.0 <= bound <= 1.0:
+        raise ConfigError(f"invalid config field 'min_metric': {name} lies between 0 and 1, "
+                          f"got {bound}")
+    if name in LOWER_IS_BETTER and bound <= 0:
+        raise ConfigError(f"invalid config field 'min_metric': {name} is above 0, got {bound}")
+    return name, bound
+
 
 
 @dataclass
@@ -227,15 +301,13 @@ class TrainConfig:
                 raise bad(b, f"is the same column as {a} ({getattr(self, a)!r})")
         if self.name is None:
             self.name = Path(self.train).stem
-        from services.registry import validate_name
+        from services.core.registry import validate_name
 
         try:
             validate_name(self.name, "model")
         except Exception as exc:
             raise bad("name", str(exc)) from None
         if self.min_metric:
-            from services.training.promotion import check_min_metric
-
             check_min_metric(self.min_metric, self.task)
             if not self.promote:
                 raise bad("min_metric", "is the threshold of --promote: pass --promote too "
@@ -529,7 +601,7 @@ class ServeLimits:
 
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 GENERATION_BATCHING = ("continuous", "static")
-"""What `ServeConfig.dtype` may name (services.modeling.serving_dtype)."""
+"""What `ServeConfig.dtype` may name (services.core.modeling.serving_dtype)."""
 
 
 @dataclass
@@ -621,7 +693,7 @@ class ServeConfig:
     generation_batching: str = "continuous"
     """How a generator replica batches requests. continuous: a request joins the running
     batch at its next decoding step and leaves it as soon as it ends, so nobody waits
-    for a batch to finish (services/continuous.py); a version whose model cannot be
+    for a batch to finish (services/runtime/continuous.py); a version whose model cannot be
     batched so (a sliding-window cache, or tokens that differ from a static batch's
     in a check at load) gets static batches, with a warning. static: one Hugging Face
     `generate` call per batch, which runs until its longest request ends."""
@@ -667,7 +739,7 @@ class ServeConfig:
         check_port("grpc_port", self.grpc_port)
         if self.metrics_port is not None:
             check_port("metrics_port", self.metrics_port)
-        from services.registry.store import validate_name  # (it imports this module)
+        from services.core.registry.store import validate_name  # (it imports this module)
 
         try:
             validate_name(self.channel, "channel")

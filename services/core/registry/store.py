@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from services.data import file_sha256
-from services.errors import (CorruptVersion, InvalidInput, ModelNotFound, RegistryError,
+from services.core.data import file_sha256
+from services.core.errors import (CorruptVersion, InvalidInput, ModelNotFound, RegistryError,
                              TuneserveError, UnreadableVersion)
-from services.registry.backend import Backend
-from services.registry.safetensors_check import check_safetensors, unsafe_format
+from services.core.registry.backend import Backend
+from services.core.registry.safetensors_check import check_safetensors, unsafe_format
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

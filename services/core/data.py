@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from services.errors import DataError
+from services.core.errors import DataError
 
 TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "category", "class", "target")
