@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tuneserve/v1/*.proto)
 
-.PHONY: setup demo test test-fast protos bench clean
+.PHONY: setup demo test test-fast lint-imports protos bench clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/tuneserve demo
 
-test: setup
+# The package's layers (pyproject.toml [tool.importlinter]) are checked before the tests.
+lint-imports: setup
+	$(VENV)/bin/lint-imports --no-cache
+
+test: setup lint-imports
 	$(VENV)/bin/pytest -q --durations=30
 
-test-fast: setup
+test-fast: setup lint-imports
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # Regenerates the gRPC code and type stubs checked in under services/protocol.
