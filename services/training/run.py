@@ -424,7 +424,7 @@ def _root_cause(exc: BaseException) -> tuple[str, bool]:
     # A worker's own error arrives as text in Ray's wrapper ("WorkerGroupError:
     # services.core.errors.ConfigError: invalid config field ..."): our input errors are
     # shown as their message alone, and no resume can fix them.
-    ours = re.search(r"services\.errors\.(ConfigError|DataError|InvalidInput): (.*)", last)
+    ours = re.search(r"services\.(?:core\.)?errors\.(ConfigError|DataError|InvalidInput): (.*)", last)
     if ours or isinstance(exc, InvalidInput):
         return (ours.group(2) if ours else last), True
     return (f"{type(exc).__name__}: {last}" if last else type(exc).__name__), False
