@@ -1,58 +1,47 @@
 """The text-generation model deployment (one per model name). No gRPC in here.
 
-Follows the registry like the classifier (services/serving/follower.py): verify, load
-beside the old version, smoke-test, swap. A generation version must carry its prompt
-template (tuneserve.json in the checkpoint, the same as the manifest's), which every
-request's prompt goes through, exactly as at training time.
+A thin wrapper around the runtime (services/runtime/generator.py: loading, the prompt
+template, the smoke generation): it follows the registry (services/serving/follower.py),
+batches requests, streams their text and records metrics.
 
 Batching (ServeConfig.generation_batching), unary and streaming requests alike:
 - continuous (the default): each version has a ContinuousBatcher
-  (services/runtime/continuous.py), a thread that decodes the running requests one token a
-  step; a new request joins at the next step (its prompt run through the model, its
-  cache rows joined to the batch) and a finished one leaves at once. Only a request
-  that finds the replica idle waits: a quarter of `batch_wait_timeout_s` for a
-  second, and all of it once one came, so that a burst starts together. Checked at load
-  against a static batch (same greedy tokens); a version that fails the check, or
-  whose model's cache cannot be joined (sliding-window attention), gets static
-  batches, with a warning.
-- static: requests meet in one queue (a GreedyBatcher, services/serving/batching.py);
-  a batch is one Hugging Face `generate` call over left-padded prompts
-  (services/runtime/generation.py). Batches run one at a time per replica: a request that
-  arrives while one runs waits for it to end, so a batch waits up to
-  `batch_wait_timeout_s` for more requests to join; a lone request waits a quarter
-  of that for a second one, or all of it for a while after a burst split
-  (batching.py; docs/benchmarks.md has the figures).
-Both sample each request with its own parameters and seed. A streaming request gets
-its text through a callback from the generating thread: its first chunk leaves with
-the first token, the next ones as tokens are produced, grouped so that a replica
-sends at most about 100 chunks a second over all its streams (STREAM_CHUNKS_PER_S).
-
-Cancellation: when a caller goes away (client cancel, deadline), Serve cancels this
-replica's request; the request then sets its job's `cancelled` event, and the
-generating thread drops the row at the next token (a static batch ends once every row
-has stopped). `status()` counts what was generated, so this can be observed.
+  (services/runtime/continuous.py) that a new request joins at the next decoding step;
+  a version that fails `check_continuous` at load gets static batches, with a warning.
+- static: requests meet in one GreedyBatcher queue (services/serving/batching.py); a
+  batch is one Hugging Face `generate` call per version (`run_jobs`).
+A stream sends its text as tokens are produced, at most about STREAM_CHUNKS_PER_S
+chunks a second over all of a replica's streams. When a caller goes away, its job is
+cancelled and the generating thread drops its row at the next token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from services.core import metrics
-from services.core.errors import CorruptVersion
-from services.runtime.continuous import ContinuousBatcher, ContinuousUnsupported, check_continuous
-from services.runtime.generation import GenerationEngine, GenerationJob, SamplingParams
+from services.core.config import GENERATION
+from services.runtime.continuous import (
+    ContinuousBatcher,
+    ContinuousUnsupported,
+    check_continuous,
+)
+from services.runtime.generation import GenerationJob
+from services.runtime.generator import (
+    LoadedGenerator,
+    job_result,
+    load_generator,
+    run_jobs,
+    sampling_params,
+)
 from services.serving.batching import GreedyBatcher
 from services.serving.follower import RegistryFollower
 
 logger = logging.getLogger("ray.serve")
 
-SMOKE_PROMPT = "tuneserve smoke test"
 RECENT_JOBS = 32
 STREAM_CHUNKS_PER_S = 100.0
 """Chunks per second one replica sends, shared by its open streams: after its first
@@ -61,70 +50,6 @@ holding the tokens generated meanwhile. Every chunk crosses three processes (thi
 replica, the ingress, the proxy), which costs more CPU than a decoding step of a small
 model; this bound keeps that cost flat as streams are added (docs/benchmarks.md).
 One stream gets a chunk every 10 ms, 8 streams one every 80 ms each."""
-
-
-@dataclass
-class LoadedGenerator:
-    version: str
-    engine: GenerationEngine
-    prompt_template: Optional[str]
-    loaded_at: float
-    continuous: Optional[ContinuousBatcher] = None
-    """The version's continuous batcher; None: its requests go in static batches."""
-
-    @property
-    def dtype(self) -> str:
-        from services.core.modeling import dtype_name
-
-        return dtype_name(self.engine.model)
-
-
-def load_generator(registry, name: str, version: str, dtype: str = "auto") -> LoadedGenerator:
-    """Verify, load and smoke-test one generation version (runs in a worker thread); the
-    weights in `services.core.modeling.serving_dtype(dtype)`."""
-    from services.core.modeling import GENERATION_FILE, context_length, load_causal_lm_for_serving
-
-    manifest = registry.verify(name, version)
-    if manifest.get("task") != "generation":
-        raise CorruptVersion(f"{name} {version}: task is {manifest.get('task')!r}, "
-                             "not generation")
-    folder = registry.local_copy(name, version)
-    template = manifest.get("prompt_template")
-    task_file = folder / GENERATION_FILE
-    if task_file.is_file():
-        try:
-            saved = json.loads(task_file.read_text(encoding="utf-8"))
-        except ValueError:
-            raise CorruptVersion(f"{name} {version}: {GENERATION_FILE} is not valid JSON") \
-                from None
-        if "prompt_template" in manifest and saved.get("prompt_template") != template:
-            raise CorruptVersion(f"{name} {version}: the checkpoint's prompt template "
-                                 "differs from the manifest's")
-        template = saved.get("prompt_template")
-    model, tokenizer = load_causal_lm_for_serving(folder, dtype)
-    engine = GenerationEngine(model, tokenizer, template, context_length(model.config, tokenizer))
-    job = engine.job(SMOKE_PROMPT, SamplingParams(max_new_tokens=2, ignore_eos=True))
-    engine.run([job])
-    if job.completion_tokens != 2:
-        raise CorruptVersion(f"{name} {version}: smoke generation produced "
-                             f"{job.completion_tokens} tokens instead of 2")
-    return LoadedGenerator(version, engine, template, time.time())
-
-
-def sampling_params(params: dict[str, Any]) -> SamplingParams:
-    """The ingress's validated parameters (plain values) -> SamplingParams."""
-    return SamplingParams(
-        max_new_tokens=int(params["max_new_tokens"]),
-        temperature=float(params.get("temperature", 0.0)),
-        top_p=float(params.get("top_p", 1.0)), top_k=int(params.get("top_k", 0)),
-        stop=tuple(params.get("stop") or ()), seed=int(params.get("seed", 0)),
-        ignore_eos=bool(params.get("ignore_eos", False)))
-
-
-def job_result(job: GenerationJob, version: str) -> dict[str, Any]:
-    return {"text": job.text, "prompt_tokens": job.prompt_tokens,
-            "completion_tokens": job.completion_tokens, "finish_reason": job.finish_reason,
-            "version": version}
 
 
 class Generator(RegistryFollower):
@@ -249,11 +174,7 @@ class Generator(RegistryFollower):
         self.generating += len(items)
         self.counters["batches"] += 1
         try:
-            groups: dict[int, list] = {}
-            for loaded, job in items:
-                groups.setdefault(id(loaded), [loaded]).append(job)
-            for loaded, *jobs in groups.values():
-                loaded.engine.run(jobs)
+            run_jobs(items)
         finally:
             self.generating -= len(items)
             for _, job in items:
@@ -283,5 +204,5 @@ class Generator(RegistryFollower):
         batching = None
         if self.current is not None:
             batching = "continuous" if self.current.continuous is not None else "static"
-        return {"task": "generation", "generating": self.generating + rows,
+        return {"task": GENERATION, "generating": self.generating + rows,
                 "batching": batching, **self.counters, "recent": list(self.recent)}

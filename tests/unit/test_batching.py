@@ -205,16 +205,16 @@ def test_configure_checks_its_arguments():
 
 
 def test_forward_passes_group_similar_lengths_within_both_budgets():
-    from services.serving.classifier import _passes
+    from services.runtime.classifier import forward_passes
 
     lengths = [50, 3, 4, 48, 5, 200, 6, 47]
-    passes = _passes(lengths, max_texts=64, max_tokens=160)
+    passes = forward_passes(lengths, max_texts=64, max_tokens=160)
     assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
     for p in passes:
         width = max(lengths[i] for i in p)
         assert len(p) == 1 or len(p) * width <= 160  # one over-long text runs alone
     assert [sorted(lengths[i] for i in p) for p in passes] == [[3, 4, 5, 6], [47, 48, 50], [200]]
-    assert [len(p) for p in _passes([5] * 10, max_texts=4, max_tokens=10**6)] == [4, 4, 2]
+    assert [len(p) for p in forward_passes([5] * 10, max_texts=4, max_tokens=10**6)] == [4, 4, 2]
 
 
 # ---- waiting for the last batch's callers to come back -------------------------------

@@ -15,7 +15,8 @@ import pytest
 from services.core.config import ServeConfig
 from services.core.errors import ConfigError
 from services.runtime.generation import GenerationEngine, SamplingParams
-from services.serving.generator import Generator, LoadedGenerator
+from services.runtime.generator import LoadedGenerator
+from services.serving.generator import Generator
 from tests.unit.test_continuous import PROMPTS, _engine
 
 

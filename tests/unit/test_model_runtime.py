@@ -95,7 +95,8 @@ def classifier_registry(tiny_model_dir, tmp_path_factory):
 def test_a_classifier_replica_loads_and_answers_in_bfloat16(classifier_registry):
     import torch
 
-    from services.serving.classifier import Classifier, _predict
+    from services.runtime.classifier import predict
+    from services.serving.classifier import Classifier
 
     torch.set_num_threads(1)
     answers = {}
@@ -103,7 +104,7 @@ def test_a_classifier_replica_loads_and_answers_in_bfloat16(classifier_registry)
         replica = Classifier(classifier_registry.uri, "toy", dtype=dtype)
         loaded = replica._load_version("v1")  # verified and smoke-tested
         assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
-        answers[dtype] = _predict(loaded, TEXTS)
+        answers[dtype] = predict(loaded, TEXTS)
     half = answers["bfloat16"]
     assert half.dtype == torch.float32 and half.shape == (len(TEXTS), 2)
     assert torch.allclose(half.sum(dim=1), torch.ones(len(TEXTS)))
@@ -135,7 +136,8 @@ MIXED = ["a lovely film with superb acting and a plot that keeps you guessing", 
 def test_a_traced_classifier_answers_exactly_as_the_model(classifier_registry):
     import torch
 
-    from services.serving.classifier import Classifier, _predict
+    from services.runtime.classifier import predict
+    from services.serving.classifier import Classifier
 
     replica = Classifier(classifier_registry.uri, "toy")
     assert replica._status_extra() == {"labels": [], "torchscript": False}  # nothing loaded
@@ -144,12 +146,12 @@ def test_a_traced_classifier_answers_exactly_as_the_model(classifier_registry):
     assert isinstance(loaded.traced, torch.jit.ScriptModule)
     replica.current = loaded  # what the status board shows of the version it serves
     assert replica._status_extra() == {"labels": ["neg", "pos"], "torchscript": True}
-    traced = _predict(loaded, MIXED)
+    traced = predict(loaded, MIXED)
     for chunk in (64, 1, 3):  # one padded pass, one text a pass, uneven passes
         # (passes of other widths may round differently in the last bits)
-        assert torch.allclose(_predict(loaded, MIXED, chunk=chunk), traced, atol=1e-6)
+        assert torch.allclose(predict(loaded, MIXED, chunk=chunk), traced, atol=1e-6)
     loaded.traced = None  # the model itself
-    assert torch.allclose(_predict(loaded, MIXED), traced, atol=1e-6)
+    assert torch.allclose(predict(loaded, MIXED), traced, atol=1e-6)
     plain = Classifier(classifier_registry.uri, "toy", trace=False)
     plain.current = untraced = plain._load_version("v1")
     assert untraced.traced is None and plain._status_extra()["torchscript"] is False
@@ -158,12 +160,12 @@ def test_a_traced_classifier_answers_exactly_as_the_model(classifier_registry):
 def test_a_trace_in_bfloat16_is_checked_with_a_wider_tolerance(classifier_registry):
     import torch
 
-    from services.serving.classifier import _load_version, _predict
+    from services.runtime.classifier import load_classifier, predict
 
-    loaded = _load_version(classifier_registry, "toy", "v1", dtype="bfloat16")
+    loaded = load_classifier(classifier_registry, "toy", "v1", dtype="bfloat16")
     assert loaded.traced is not None and loaded.dtype == "bfloat16"
-    eager = _load_version(classifier_registry, "toy", "v1", dtype="float32", trace=False)
-    assert torch.allclose(_predict(loaded, MIXED), _predict(eager, MIXED), atol=0.02)
+    eager = load_classifier(classifier_registry, "toy", "v1", dtype="float32", trace=False)
+    assert torch.allclose(predict(loaded, MIXED), predict(eager, MIXED), atol=0.02)
 
 
 @pytest.mark.parametrize("fault", ["trace fails", "trace differs", "shape differs"])
@@ -171,7 +173,7 @@ def test_a_trace_that_fails_or_differs_is_dropped_and_the_model_serves(
         classifier_registry, monkeypatch, caplog, fault):
     import torch
 
-    from services.serving.classifier import _load_version, _predict
+    from services.runtime.classifier import load_classifier, predict
 
     real_trace = torch.jit.trace
 
@@ -188,11 +190,11 @@ def test_a_trace_that_fails_or_differs_is_dropped_and_the_model_serves(
 
     monkeypatch.setattr(torch.jit, "trace", faulty)
     with caplog.at_level("WARNING", logger="ray.serve"):
-        loaded = _load_version(classifier_registry, "toy", "v1")
+        loaded = load_classifier(classifier_registry, "toy", "v1")
     assert loaded.traced is None
     assert any("toy v1: serving the model without TorchScript" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
-    probs = _predict(loaded, MIXED)  # the model itself answers
+    probs = predict(loaded, MIXED)  # the model itself answers
     assert probs.shape == (len(MIXED), 2)
 
 
