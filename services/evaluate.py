@@ -4,7 +4,7 @@
     tuneserve eval --data dev.csv --model sentiment --address HOST:PORT     # live gRPC API
 
 Locally, the version (the production channel's when none is named) is verified, loaded
-and smoke-tested exactly as a serving replica does it (services/serving/classifier.py)
+and smoke-tested by the model runtime a serving replica runs (services/runtime/classifier.py)
 and run in batches sorted by length. Through `--address` the texts go to the live
 Classify API in requests of at most the server's limit, all pinned to one version.
 Either way the data's labels are matched to the model's by name, as training does it
@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import grpc
+
+from services.client import Client, check_address, token_from
+from services.core.config import CLASSIFICATION, DEFAULT_REGISTRY, ServeLimits
 from services.core.data import LabelledData, LabelSet, load_labelled
 from services.core.errors import DataError, InvalidInput, ModelNotFound, TuneserveError
 from services.core.evaluation import (
@@ -30,6 +34,8 @@ from services.core.evaluation import (
     summary,
     write_confusion_png,
 )
+from services.core.registry import Registry, validate_name, validate_version
+from services.runtime.classifier import load_classifier, predict
 
 DEFAULT_LOCAL_BATCH = 64
 TOKEN_ENV = "TUNESERVE_API_TOKEN"
@@ -82,8 +88,6 @@ class EvalReport:
 # ---- inputs ------------------------------------------------------------------------
 def parse_model_ref(ref: str) -> tuple[str, Optional[str]]:
     """NAME or NAME@VERSION -> (name, version or None), both checked."""
-    from services.core.registry import validate_name, validate_version
-
     name, at, version = ref.partition("@")
     try:
         validate_name(name)
@@ -135,7 +139,7 @@ def _data_info(data: LabelledData) -> dict[str, Any]:
 
 
 def _check_task(task: str, model: str) -> None:
-    if task and task != "classification":
+    if task and task != CLASSIFICATION:
         raise InvalidInput(f"--model: {model} is a {task} model; tuneserve eval "
                            "evaluates classification models only")
 
@@ -160,9 +164,6 @@ def _report(name: str, version: str, source: str, location: str, data: LabelledD
 def evaluate_local(registry: str, name: str, version: Optional[str], data: LabelledData,
                    batch_size: int = DEFAULT_LOCAL_BATCH,
                    progress: Optional[bool] = None) -> EvalReport:
-    from services.core.registry import Registry
-    from services.serving.classifier import _load_version, _predict
-
     reg = Registry(registry)
     if not reg.backend.remote and not Path(reg.backend.root).is_dir():
         raise InvalidInput(f"--registry: no registry at {registry}")
@@ -180,7 +181,7 @@ def evaluate_local(registry: str, name: str, version: Optional[str], data: Label
     _check_task(manifest.get("task"), f"{name} {version}")
     labels = list(manifest.get("labels") or [])
     true = label_ids(data, labels, f"{name} {version}")
-    loaded = _load_version(reg, name, version)  # verified, labels checked, smoke-tested
+    loaded = load_classifier(reg, name, version)  # verified, labels checked, smoke-tested
 
     texts = data.texts
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -189,7 +190,7 @@ def evaluate_local(registry: str, name: str, version: Optional[str], data: Label
     with _bar(len(texts), progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            probs = _predict(loaded, [texts[i] for i in idx], chunk=batch_size)
+            probs = predict(loaded, [texts[i] for i in idx], chunk=batch_size)
             for i, p in zip(idx, probs.argmax(dim=-1).tolist()):
                 pred[i] = p
             bar.update(len(idx))
@@ -200,8 +201,6 @@ def evaluate_local(registry: str, name: str, version: Optional[str], data: Label
 def _check_registry_task(registry: str, name: str, version: Optional[str]) -> None:
     """The model's task, when its manifest can be read now (else evaluate_local says
     what is wrong, after the data)."""
-    from services.core.registry import Registry
-
     reg = Registry(registry)
     try:
         version = version or reg.channel(name, "production")
@@ -215,8 +214,6 @@ def _check_registry_task(registry: str, name: str, version: Optional[str]) -> No
 # ---- remote: through the live gRPC API ----------------------------------------------
 def _rpc_error(exc, address: str, first_call: bool = False) -> TuneserveError:
     """A one-line error for a failed call; the caller's mistakes exit 2."""
-    import grpc
-
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE or (first_call and
                                               code == grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -232,6 +229,34 @@ def _rpc_error(exc, address: str, first_call: bool = False) -> TuneserveError:
     return TuneserveError(f"--address {address}: {code.name}: {details}")
 
 
+def _classify_error(exc, address: str, data: LabelledData, idx: list[int]) -> TuneserveError:
+    """A failed Classify call's error; a text the server refused is named by its example."""
+    details = exc.details() or ""
+    field = _TEXT_FIELD_RE.match(details)
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and field \
+            and int(field.group(1)) < len(idx):
+        return InvalidInput(f"{data.path}: example #{idx[int(field.group(1))] + 1}: "
+                            f"refused by the server: {details[field.end():]}")
+    return _rpc_error(exc, address)
+
+
+def _lower_limit(exc, sent: int) -> Optional[int]:
+    """The server's limit on texts per request, where it refused `sent` texts for it."""
+    lower = _LIMIT_RE.search(exc.details() or "")
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and lower \
+            and 0 < int(lower.group(1)) < sent:
+        return int(lower.group(1))
+    return None
+
+
+def _served_labels(resp, info) -> list[str]:
+    """The model's labels in id order, from its first answer and its ListModels entry."""
+    names = [s.label for s in resp.results[0].scores]
+    served = list(info[0].labels) if info else []
+    # ListModels lists labels in id order; else order them as training does.
+    return served if sorted(served) == sorted(names) else LabelSet.from_labels(names).names
+
+
 def evaluate_remote(client, name: str, version: Optional[str], data: LabelledData,
                     batch_size: Optional[int] = None,
                     progress: Optional[bool] = None) -> EvalReport:
@@ -241,10 +266,6 @@ def evaluate_remote(client, name: str, version: Optional[str], data: LabelledDat
     server answers that its limit is lower, they shrink to it. After the first request
     every one names the version that answered it, so a promote during the evaluation
     changes nothing."""
-    import grpc
-
-    from services.core.config import ServeLimits
-
     address = client.address
     try:
         info = client.list_models(name).models
@@ -269,25 +290,14 @@ def evaluate_remote(client, name: str, version: Optional[str], data: LabelledDat
             try:
                 resp = client.classify(name, [texts[i] for i in idx], version=version or "")
             except grpc.RpcError as exc:
-                details = exc.details() or ""
-                lower = _LIMIT_RE.search(details)
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and lower \
-                        and 0 < int(lower.group(1)) < len(idx):
-                    per_request = int(lower.group(1))
-                    continue
-                field = _TEXT_FIELD_RE.match(details)
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and field \
-                        and int(field.group(1)) < len(idx):
-                    raise InvalidInput(f"{data.path}: example #{idx[int(field.group(1))] + 1}: "
-                                       f"refused by the server: {details[field.end():]}") from None
-                raise _rpc_error(exc, address) from None
+                lower = _lower_limit(exc, len(idx))
+                if lower is None:
+                    raise _classify_error(exc, address, data, idx) from None
+                per_request = lower
+                continue
             if not labels:
                 version = resp.version
-                names = [s.label for s in resp.results[0].scores]
-                served = list(info[0].labels) if info else []
-                # ListModels lists labels in id order; else order them as training does.
-                labels = served if sorted(served) == sorted(names) \
-                    else LabelSet.from_labels(names).names
+                labels = _served_labels(resp, info)
                 true = label_ids(data, labels, f"{name} {version}")
             for i, result in zip(idx, resp.results):
                 answers[i] = result.label
@@ -308,8 +318,6 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
              progress: Optional[bool] = None) -> EvalReport:
     """What `tuneserve eval` does, short of printing. With `address`, the API token
     comes from `token_file`, else from the environment as Client reads it."""
-    from services.core.config import DEFAULT_REGISTRY
-
     if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"--batch-size: must be at least 1, got {batch_size}")
     if not timeout_s > 0:
@@ -319,15 +327,11 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
                            "registry on disk needs none)")
     name, version = parse_model_ref(model)
     if address:  # a bad address is refused before the data is read
-        from services.client import check_address
-
         check_address(address)
     else:  # so is a generation model
         _check_registry_task(registry or DEFAULT_REGISTRY, name, version)
     examples = read_data(data, text_column, label_column, columns, limit)
     if address:
-        from services.client import Client, token_from
-
         token = token_from(token_file, TOKEN_ENV) if token_file else None
         with Client(address, token=token, timeout_s=timeout_s) as client:
             return evaluate_remote(client, name, version, examples, batch_size, progress)
