@@ -17,6 +17,10 @@ import asyncio
 import logging
 from typing import Any, Optional
 
+from services.core.config import CLASSIFICATION, GENERATION
+from services.core.errors import ModelNotFound
+from services.serving.classifier import Classifier
+from services.serving.generator import Generator
 from services.serving.ingress import InferenceIngress
 
 logger = logging.getLogger("ray.serve")
@@ -24,10 +28,7 @@ logger = logging.getLogger("ray.serve")
 
 def model_classes() -> dict[str, type]:
     """task -> the model class serving it."""
-    from services.serving.classifier import Classifier
-    from services.serving.generator import Generator
-
-    return {"classification": Classifier, "generation": Generator}
+    return {CLASSIFICATION: Classifier, GENERATION: Generator}
 
 
 class _LocalStream:
@@ -116,8 +117,6 @@ class ColocatedIngress(InferenceIngress):
     async def model_status(self, name: str) -> dict[str, Any]:
         """One model's status in this replica: what a model deployment's `status`
         answers in the default layout (bench/generate.py reads its batch counters)."""
-        from services.core.errors import ModelNotFound
-
         if name not in self.models:
             raise ModelNotFound(f"model '{name}' is not served here")
         return await self.models[name].status()

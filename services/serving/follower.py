@@ -32,10 +32,17 @@ from typing import Any, Optional
 from ray import serve
 
 from services.core import metrics
-from services.core.errors import (CorruptVersion, ModelLoading, ModelNotFound, TuneserveError,
-                             UnreadableVersion)
-from services.core.registry import Registry
+from services.core.errors import (
+    CorruptVersion,
+    InvalidInput,
+    ModelLoading,
+    ModelNotFound,
+    TuneserveError,
+    UnreadableVersion,
+)
+from services.core.registry import Registry, validate_name, validate_version
 from services.core.registry.store import pointer_version
+from services.serving import serve_logs
 
 logger = logging.getLogger("ray.serve")
 _PROCESS_LOADS = threading.Lock()
@@ -57,8 +64,6 @@ class RegistryFollower:
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, board: Any = None, dtype: str = "auto"):
         import torch
-
-        from services.serving import serve_logs
 
         serve_logs.install()  # a request found bad here is one INFO line, not a traceback
         torch.set_num_threads(max(1, int(threads or math.ceil(
@@ -117,9 +122,6 @@ class RegistryFollower:
         returning: Serve sends no traffic to a replica until then, so a replica that
         autoscaling adds never answers "loading" while its peers could answer.
         """
-        from services.core.errors import InvalidInput
-        from services.core.registry import validate_name, validate_version
-
         user_config = user_config or {}
         pinned = user_config.get("pinned_version") or None
         channel = user_config.get("channel") or self.channel
