@@ -7,8 +7,13 @@ import csv
 import json
 import platform
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from services.core.config import SERVING_DTYPES
+from services.core.modeling import demo_model_path, load_tokenizer, quiet_transformers
+from services.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -47,8 +52,6 @@ def table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
     """--colocate, --replica-grpc, --[no-]access-log and --dtype: the serving layouts
     the benchmarks compare (ServeConfig's fields of those names)."""
-    from services.core.config import SERVING_DTYPES
-
     parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
                         help="ServeConfig.colocate: the model runs in the ingress replica")
     parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
@@ -72,8 +75,6 @@ def build_checkpoint(folder: Path) -> Path:
     untrained, which does not matter for timing), saved with its tokenizer in folder."""
     from transformers import AutoModelForSequenceClassification
 
-    from services.core.modeling import demo_model_path, load_tokenizer, quiet_transformers
-
     quiet_transformers()
     base = demo_model_path()
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -90,10 +91,6 @@ def timed_ray_training(cfg, rate_key: str, warmup_steps: int,
     the steady-state rate_key ("samples_per_s", "tokens_per_s") over the steps after
     warmup_steps (the first max_steps only, if given), the time to the first step and
     the wall time."""
-    import time
-
-    from services.training.run import run_training
-
     stamps: list[tuple[float, str]] = []
     started = time.perf_counter()
     result = run_training(cfg, publish=False, progress_bar=False,

@@ -43,6 +43,7 @@ of --repeats runs.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -55,6 +56,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import add_layout_args, machine, table, write_json  # noqa: E402
+from services.client import Client  # noqa: E402
+from services.core.config import GENERATION, ServeConfig, render_prompt  # noqa: E402
+from services.core.modeling import (  # noqa: E402
+    GENERATION_FILE,
+    load_causal_lm_for_serving,
+    quiet_transformers,
+)
+from services.core.net import free_port  # noqa: E402
+from services.core.raycluster import ensure_ray  # noqa: E402
+from services.core.registry import Registry  # noqa: E402
+from services.serving.app import (  # noqa: E402
+    APP_NAME,
+    INGRESS_DEPLOYMENT,
+    build_app,
+    model_deployment_name,
+    start_serving,
+    wait_until_serving,
+)
 
 DEFAULT_GSM8K = Path("/tmp/gsm8k/registry/gsm8k-tiny")
 PROMPTS = [
@@ -74,8 +93,6 @@ PROMPTS = [
 
 def find_checkpoint(model_dir: str | None, work: Path) -> tuple[Path, str | None]:
     """(checkpoint folder, prompt template)."""
-    import json
-
     if model_dir:
         folder = Path(model_dir)
     elif DEFAULT_GSM8K.is_dir() and sorted(DEFAULT_GSM8K.glob("v*")):
@@ -83,7 +100,7 @@ def find_checkpoint(model_dir: str | None, work: Path) -> tuple[Path, str | None
     else:
         folder = build_random_gpt2(work / "gpt2")
     template = None
-    task_file = folder / "tuneserve.json"
+    task_file = folder / GENERATION_FILE
     if task_file.is_file():
         template = json.loads(task_file.read_text()).get("prompt_template")
     return folder, template
@@ -119,10 +136,8 @@ def build_random_gpt2(folder: Path) -> Path:
 
 
 def publish(folder: Path, template: str | None, registry: Path) -> None:
-    from services.core.registry import Registry
-
     Registry(registry).publish("bench-gen", folder, {
-        "task": "generation", "base_model": str(folder), "labels": [],
+        "task": GENERATION, "base_model": str(folder), "labels": [],
         "prompt_template": template, "metrics": {}})
 
 
@@ -131,8 +146,6 @@ def hf_run(model, tokenizer, template, prompts, new_tokens) -> dict:
     """One generate over the prompts (left-padded); first-token time and wall time."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
-
-    from services.core.config import render_prompt
 
     class FirstToken(StoppingCriteria):
         def __init__(self):
@@ -165,8 +178,6 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False,
     one per prompt; `delays`: seconds after the start each call begins (default all
     at once); a call's TTFT and latency count from its own start."""
     import grpc
-
-    from services.client import Client
 
     counts = new_tokens if isinstance(new_tokens, (list, tuple)) else [new_tokens] * len(prompts)
     delays = delays or [0.0] * len(prompts)
@@ -221,8 +232,6 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False,
 def generator_counters(colocate: bool) -> dict:
     from ray import serve
 
-    from services.serving.app import APP_NAME, INGRESS_DEPLOYMENT, model_deployment_name
-
     if colocate:  # the model lives in the (one) ingress replica
         handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP_NAME)
         return handle.model_status.remote("bench-gen").result(timeout_s=30)
@@ -250,7 +259,7 @@ def median_run(fn, repeats: int) -> dict:
     return best
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="causal LM folder (default: the "
                         "GSM8K run in /tmp/gsm8k, else a random GPT-2 from a config)")
@@ -267,82 +276,77 @@ def main() -> int:
                         help="the staggered phase: milliseconds between request starts")
     add_layout_args(parser)
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
+    return parser
 
-    import ray
-    import torch
-    from ray import serve
 
-    from services.core.config import ServeConfig
-    from services.demo import free_port
-    from services.core.modeling import load_causal_lm_for_serving, quiet_transformers
-    from services.core.raycluster import ensure_ray
-    from services.serving.app import APP_NAME, build_app, start_serving, wait_until_serving
-
-    quiet_transformers()
-    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-gen-"))
-    folder, template = find_checkpoint(args.model_dir, work)
-    publish(folder, template, work / "registry")
-    threads = max(1, int(args.replica_cpus))
-    torch.set_num_threads(threads)
-    model, tokenizer = load_causal_lm_for_serving(folder, args.dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.streams)]
-
-    port = free_port()
-    cfg = ServeConfig(registry=str(work / "registry"), grpc_port=port, host="127.0.0.1",
+def serve_config(args, registry: Path, port: int) -> ServeConfig:
+    cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       replica_cpus=args.replica_cpus, max_ongoing_requests=args.streams,
                       colocate=args.colocate, replica_grpc=args.replica_grpc,
                       access_log=args.access_log, dtype=args.dtype,
                       generation_batching=args.batching)
     if args.batch_wait_s is not None:
         cfg.generation_batch_wait_timeout_s = args.batch_wait_s
-    ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)
-    start_serving(cfg, http_port=free_port())
-    address = f"127.0.0.1:{port}"
-    results: dict[str, dict] = {}
-    staggered: dict[str, dict] = {}
-    try:
-        # Warm up both sides (first calls allocate, load kernels).
-        hf_run(model, tokenizer, template, prompts[:1], 8)
-        grpc_run(address, prompts[:2], 8)
-        many = f"{args.streams} streams"
+    return cfg
 
-        def measure(batch, unary=False):
-            return {"hf": median_run(lambda: hf_run(model, tokenizer, template, batch,
-                                                    args.new_tokens), args.repeats),
-                    "grpc": median_run(with_batches(lambda: grpc_run(
-                        address, batch, args.new_tokens, unary=unary), args.colocate),
-                        args.repeats)}
 
-        results["1 stream"] = measure(prompts[:1])
-        results[many] = measure(prompts)
-        results[f"{args.streams} unary Generate"] = measure(prompts, unary=True)
-        # The same streams with batching off: one request per generate call.
-        serve.run(build_app(ServeConfig(**{**cfg.__dict__, "max_batch_size": 1})),
-                  name=APP_NAME, blocking=False)
-        wait_until_serving(120)
-        grpc_run(address, prompts[:2], 8)
-        results[f"{many}, batching off"] = {
-            "hf": results[many]["hf"],
-            "grpc": median_run(with_batches(lambda: grpc_run(address, prompts,
-                                                             args.new_tokens), args.colocate),
-                               args.repeats)}
-        # Staggered arrivals and lengths, served both ways.
-        lengths = [max(1, args.new_tokens * k // 4) for k in (4, 1, 3, 2)]
-        counts = [lengths[i % 4] for i in range(len(prompts))]
-        delays = [i * args.stagger_ms / 1000 for i in range(len(prompts))]
-        for mode in ("continuous", "static"):
-            serve.run(build_app(ServeConfig(**{**cfg.__dict__,
-                                               "generation_batching": mode})),
-                      name=APP_NAME, blocking=False)
-            wait_until_serving(120)
-            grpc_run(address, prompts[:2], 8)
-            staggered[mode] = median_run(with_batches(lambda: grpc_run(
-                address, prompts, counts, delays=delays), args.colocate), args.repeats)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def redeploy(cfg: ServeConfig, address: str, prompts: list[str]) -> None:
+    """Serve the app again with `cfg` and warm it up."""
+    from ray import serve
+
+    serve.run(build_app(cfg), name=APP_NAME, blocking=False)
+    wait_until_serving(120)
+    grpc_run(address, prompts[:2], 8)
+
+
+def run_phases(args, cfg: ServeConfig, address: str, hf, prompts: list[str]) -> dict:
+    """Every phase but the staggered one: label -> {"hf": ..., "grpc": ...}. `hf`:
+    (model, tokenizer, template)."""
+    hf_run(*hf, prompts[:1], 8)  # warm up both sides (first calls allocate, load kernels)
+    grpc_run(address, prompts[:2], 8)
+    many = f"{args.streams} streams"
+
+    def measure(batch, unary=False):
+        return {"hf": median_run(lambda: hf_run(*hf, batch, args.new_tokens), args.repeats),
+                "grpc": median_run(with_batches(lambda: grpc_run(
+                    address, batch, args.new_tokens, unary=unary), args.colocate),
+                    args.repeats)}
+
+    results = {"1 stream": measure(prompts[:1]), many: measure(prompts)}
+    results[f"{args.streams} unary Generate"] = measure(prompts, unary=True)
+    # The same streams with batching off: one request per generate call.
+    redeploy(ServeConfig(**{**cfg.__dict__, "max_batch_size": 1}), address, prompts)
+    results[f"{many}, batching off"] = {
+        "hf": results[many]["hf"],
+        "grpc": median_run(with_batches(lambda: grpc_run(address, prompts, args.new_tokens),
+                                        args.colocate), args.repeats)}
+    return results
+
+
+def staggered_lengths(args, prompts: list[str]) -> tuple[list[int], list[int], list[float]]:
+    """The staggered phase's (lengths in turn, new tokens per request, start delays)."""
+    lengths = [max(1, args.new_tokens * k // 4) for k in (4, 1, 3, 2)]
+    counts = [lengths[i % 4] for i in range(len(prompts))]
+    delays = [i * args.stagger_ms / 1000 for i in range(len(prompts))]
+    return lengths, counts, delays
+
+
+def run_staggered(args, cfg: ServeConfig, address: str, prompts: list[str]) -> dict:
+    """Staggered arrivals and lengths, served both ways: mode -> figures."""
+    _, counts, delays = staggered_lengths(args, prompts)
+    staggered = {}
+    for mode in ("continuous", "static"):
+        redeploy(ServeConfig(**{**cfg.__dict__, "generation_batching": mode}), address,
+                 prompts)
+        staggered[mode] = median_run(with_batches(lambda: grpc_run(
+            address, prompts, counts, delays=delays), args.colocate), args.repeats)
+    return staggered
+
+
+def print_report(args, folder: Path, n_params: int, threads: int, prompts: list[str],
+                 results: dict, staggered: dict) -> dict:
+    """Print both tables; the machine's description."""
+    import torch
 
     rows = []
     for label, r in results.items():
@@ -362,6 +366,7 @@ def main() -> int:
     print(table(rows, ["", "HF tok/s", "gRPC tok/s", "ratio", "HF TTFT ms", "gRPC TTFT ms",
                        "ratio", "requests/batch"]))
     cont, stat = staggered["continuous"], staggered["static"]
+    lengths, _, _ = staggered_lengths(args, prompts)
     print(f"\n{len(prompts)} staggered streams: one every {args.stagger_ms:.0f} ms, "
           f"{'/'.join(map(str, lengths))} new tokens in turn; ratio = continuous / static")
     print(table([[mode, f"{r['tokens_per_s']:.0f}", f"{r['ttft_s'] * 1000:.1f}",
@@ -374,6 +379,39 @@ def main() -> int:
                 ["batching", "tok/s", "TTFT ms", "max TTFT ms", "latency ms",
                  "requests/batch"]))
     print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
+    return info
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    quiet_transformers()
+    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-gen-"))
+    folder, template = find_checkpoint(args.model_dir, work)
+    publish(folder, template, work / "registry")
+    threads = max(1, int(args.replica_cpus))
+    torch.set_num_threads(threads)
+    model, tokenizer = load_causal_lm_for_serving(folder, args.dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.streams)]
+
+    port = free_port()
+    cfg = serve_config(args, work / "registry", port)
+    ensure_ray(num_cpus=math.ceil(args.replica_cpus) + 1)
+    start_serving(cfg, http_port=free_port())
+    address = f"127.0.0.1:{port}"
+    try:
+        results = run_phases(args, cfg, address, (model, tokenizer, template), prompts)
+        staggered = run_staggered(args, cfg, address, prompts)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    info = print_report(args, folder, n_params, threads, prompts, results, staggered)
+    _, counts, _ = staggered_lengths(args, prompts)
     write_json(args.json, {"machine": info, "checkpoint": str(folder),
                            "layout": {"colocate": args.colocate,
                                       "replica_grpc": args.replica_grpc,

