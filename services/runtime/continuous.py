@@ -1,30 +1,15 @@
 """Iteration-level ("continuous") batching for one GenerationEngine (torch side).
 
-A static batch (`GenerationEngine.run`, one Hugging Face `generate` call) runs until
-its longest request ends, and a request that arrives meanwhile waits for all of it.
-Here a thread decodes the running requests one token per step and admits waiting
-requests between steps: a new request's prompt is run through the model (prefill),
-its first token sampled, and its rows of the KV cache joined to the running batch,
-which then goes on with one more row. A request that ends (EOS, stop string, its
-max_new_tokens, cancelled) leaves the batch at once.
-
     loop = ContinuousBatcher(engine, max_rows=8)
     future = loop.submit(engine.job("red cat", SamplingParams(max_new_tokens=32)))
     future.result()            # the job holds its text and finish reason
 
-How rows of different lengths share one cache: every row is left-padded to the
-batch's width (the attention mask hides the padding), each row has its own position
-ids (so padding never shifts a position), and columns every row has as padding are
-cut off as rows leave. Per-row sampling, stop strings, streaming and cancellation are
-the engine's own (`sample_rows`, `GenerationEngine._advance`), so a request gets the
-same tokens here as in a static batch: equal for greedy requests and seeded samples,
-up to the floating-point noise of padding.
-
-What it needs from the model: a `DynamicCache` of plain full-attention layers, and a
-forward pass that takes `position_ids` and a padded 2-D `attention_mask` with a cache
-(GPT-2, Llama, Qwen, Mistral without a sliding window, ...). `check_continuous` runs
-a request both ways at load and the replica falls back to static batches where the
-tokens differ or the model does not fit (services/serving/generator.py).
+A thread decodes the running requests one token per step and admits waiting ones
+between steps (their prompts run through the model, their KV-cache rows joined to the
+batch); a request that ends leaves at once, and gets the same tokens as in a static
+batch (up to the floating-point noise of padding). `check_continuous` verifies that at
+load; a model it refuses (ContinuousUnsupported) is served in static batches
+(docs/design.md, "Continuous batching"). No Ray and no gRPC in here.
 """
 
 from __future__ import annotations

@@ -1,32 +1,15 @@
 """Batched text generation with per-request sampling parameters (torch side).
 
-Used by the Generator deployment (services/serving/generator.py) and the benchmark;
-no Ray and no gRPC in here.
-
     engine = GenerationEngine(model, tokenizer, prompt_template, context_tokens)
     job = engine.job("blue cat", SamplingParams(max_new_tokens=32, temperature=0.8, seed=7))
     engine.run([job, other_job])          # one batched Hugging Face `generate` call
     job.text, job.finish_reason           # "length", "stop", "eos" or "cancelled"
 
-One `model.generate` call serves a whole batch (prompts left-padded), so every
-architecture Hugging Face can generate with works, with its own cache and position
-handling. What differs per request is done by two hooks called at every step:
-
-- `_RowSampler` (a logits processor) samples each row's next token with that row's
-  temperature, top-k, top-p and its own seeded `torch.Generator`, and leaves a
-  one-hot score that HF's greedy selection then picks; greedy rows are untouched. So
-  the same seed gives the same tokens whatever else is in the batch (up to the
-  floating-point noise of padding), and a seed never depends on global RNG state.
-- `_RowMonitor` (a stopping criterion) appends each row's new token, decodes the
-  row's text (incrementally: `_decoded`), stops the row at EOS (the generation
-  config's and the tokenizer's: `eos_token_ids`), at a stop string (cut out of the
-  text; one that is a special token's text also stops at that token, which decoding
-  skips), at its own max_new_tokens, or when its `cancelled` event is set (client
-  gone), and hands new text to the row's `on_text` callback as it becomes final. Text
-  that could be the start of a stop string, an incomplete UTF-8 character, or the
-  text of a run of byte-fallback tokens not ended yet is held back until it is
-  decided, so the streamed text is always a prefix of the final text. Generation ends
-  when every row has stopped, so a cancelled request costs at most one more step.
+Each request is sampled with its own parameters and seed (`_RowSampler`), so a seed
+gives the same tokens whatever else is batched; each row stops on its own (EOS, a stop
+string, max_new_tokens, cancellation: `_RowMonitor`), and text streams to its `on_text`
+callback only once final, so streamed text is a prefix of the final text
+(docs/design.md, "The engine"). No Ray and no gRPC in here.
 """
 
 from __future__ import annotations
@@ -282,8 +265,8 @@ class GenerationEngine:
         """The row's text with `token` (just appended to job.token_ids): what decoding
         all its tokens gives; job.settled says how much of it is final. With a fast
         tokenizer only the newest tokens are decoded (tokenizers' DecodeStream, which
-        holds back an incomplete character), so a token costs the same at any length;
-        decoding the whole row each step cost O(length): 0.8 ms a row at 1,024 tokens.
+        holds back an incomplete character), so a token costs the same at any length,
+        where decoding the whole row each step costs O(length).
         Other tokenizers, or a stream that fails, decode the whole row.
 
         A run of byte-fallback tokens goes to the stream in one step, with the token

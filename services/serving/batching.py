@@ -1,49 +1,11 @@
-"""Dynamic batching for a model replica: a batch starts as soon as the model is free.
+"""Batching for the model replicas and the ingress (docs/design.md, "Batching").
 
-`serve.batch` (Ray Serve 2.60) collects a batch for up to `batch_wait_timeout_s` after
-its first request, then hands it on and at once starts collecting the next one, even
-while the model is still busy with the previous batch. A lone request therefore always
-waits the whole timeout, and with a timeout of 0 every request becomes a batch of one
-queued behind the others. For a model that computes one batch at a time (a classifier
-on its own cores) the better rule is the one Triton and TorchServe use: while the
-model computes, requests queue; when it is free, the next batch is everything queued
-(up to `max_batch_size`). Nobody waits on an idle model, and batches grow with the
-load by themselves.
-
-Greedy batching alone splits callers that call one after another (most clients: each
-sends its next request when it has its answer) into batches that take turns: while one
-batch computes, the callers that just got answers come back one by one and queue, so
-32 such callers settle into two batches of about 16 that alternate, each computing
-while the other's callers are away. On a CPU a text costs less in a larger batch
-(lengths sort into tighter passes), so the halves cost throughput. So when a batch
-ends, the next one waits for its callers to come back: until as many calls are queued
-as were queued when it ended plus as many as it carried, for at most
-`return_wait_share` of its compute time and `return_wait_max_s`, counted from its end.
-A lone caller never waits (a batch of one with nothing queued asks for one call), a
-request arriving after the bound never waits, and a saturated replica, whose queue
-already holds a full batch, never waits. With 32 such clients on one replica this kept
-every batch at 32 and raised throughput by 17-28% (docs/benchmarks.md). Where callers
-do not come back (requests arriving independently of answers), a wait runs out, and
-then the next 1, 2, 4, ... up to RETURN_WAIT_MAX_SKIPS batches skip it, until a wait
-fills again.
-
-`wait_timeout_s` > 0 replaces that wait with one for a batch to fill: while fewer than
-`max_batch_size` requests are queued, a batch waits until its oldest request has waited
-`wait_timeout_s`. It trades latency for larger batches, which pays where a larger
-batch costs little more than a small one (a GPU) or where a batch runs to its longest
-request and later requests queue behind it (static batching of generation). A lone
-request would pay the whole wait, and most often nobody comes, so it waits only
-LONE_WAIT_SHARE of it for a second request; once one comes, the batch waits the rest.
-The first two requests of a burst of concurrent callers usually arrive well within
-that (8 streams: 0.1-5.5 ms apart in 17 of 20 bursts measured, docs/benchmarks.md),
-but where hops spread them more (Serve's proxy and a Ray call in front of the model),
-the first may start on its own and the rest then wait for its whole batch. So a
-request that arrives while such a lone batch runs, within the fill wait of the lone
-request's arrival (it would have joined with the whole wait), makes lone requests wait
-the whole fill wait again, until LONE_FULL_WAITS of those in a row catch nobody.
-
-Calls cancelled while queued (deadline, client gone) are dropped before the batch
-runs; a failing batch fails each of its calls with the same exception.
+`GreedyBatcher`: a replica's requests queue while the model computes; when it is free,
+the next batch is everything queued (up to `max_batch_size`), after a bounded wait for
+the callers of the batch that just ended, or with `wait_timeout_s` > 0 for a batch to
+fill. Batches run one at a time on the batcher's own thread. `Coalescer`: the
+ingress's concurrent requests to one model, sent as few calls. Calls cancelled while
+queued are dropped; a failing batch fails each of its calls with the same exception.
 """
 
 from __future__ import annotations
@@ -92,9 +54,8 @@ class GreedyBatcher:
         self._arrived: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         # Every batch runs on this one thread. From a pool, consecutive batches land on
-        # whichever worker wakes first: a batch-1 MiniLM pass then cost 10-12% more CPU
-        # (10.8-12.2 against 12.1-13.3 ms, docs/benchmarks.md), and with several torch
-        # threads each calling thread would keep an OpenMP team of its own.
+        # whichever worker wakes first, which costs CPU (caches, docs/benchmarks.md), and
+        # with several torch threads each calling thread would keep an OpenMP team of its own.
         # (No thread starts before the first batch.)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tuneserve-batch")
@@ -242,12 +203,12 @@ class Coalescer:
     side of batching).
 
     Every call through Ray Serve costs CPU in the caller and the replica whatever it
-    carries: on two cores, more than the model itself spends on a one-text request
-    (docs/benchmarks.md). So the ingress keeps at most `max_calls` calls in flight per
-    model, carrying at most `max_items` requests in all; a request that arrives while
-    those are used up waits here, and when a call returns, everything waiting (up to
-    `max_call_items`) goes in the next one. A lone request is sent at once; under load
-    each call carries about what the replica batches next.
+    carries, more than the model itself spends on a short text. So the ingress keeps at
+    most `max_calls` calls in flight per model, carrying at most `max_items` requests in
+    all; a request that arrives while those are used up waits here, and when a call
+    returns, everything waiting (up to `max_call_items`) goes in the next one. A lone
+    request is sent at once; under load each call carries about what the replica
+    batches next.
 
     `send(items)` returns one result per item, where a result that is an exception is
     raised to that item's caller; if `send` raises, every item's caller gets it. More

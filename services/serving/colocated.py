@@ -1,14 +1,11 @@
 """The colocated ingress (ServeConfig.colocate): the models run inside the ingress replica.
 
-The default layout puts each model in a deployment of its own, so every request crosses
-a Ray call from the ingress to a model replica: about 5 ms of latency and as much CPU
-per call on a small machine (docs/benchmarks.md). Here each ingress replica builds the
-model objects itself (the same Classifier and Generator classes, following the registry
-the same way) and calls them in-process through `LocalModel`, which answers the few
-DeploymentHandle calls the ingress makes. Everything else (validation, auth, status
-codes, metrics, the status board, hot-load) is unchanged.
-
-The ingress module itself still never imports torch: this module composes the two.
+Each ingress replica builds the model objects itself (the same Classifier and Generator
+classes, following the registry the same way) and calls them in-process through
+`LocalModel`, which answers the few DeploymentHandle calls the ingress makes; no Ray
+call between the gRPC handler and the model. Everything else (validation, auth, status
+codes, metrics, the status board, hot-load) is the ingress's, unchanged. This is the
+one module that composes the ingress (no torch) and the model deployments.
 """
 
 from __future__ import annotations

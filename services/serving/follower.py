@@ -1,21 +1,13 @@
 """The part every model deployment shares: following the registry. No gRPC in here.
 
-Each replica follows its model's channel (`production` by default) in the registry,
-or a version pinned through `reconfigure` (Serve `user_config`) or the registry. A
-background task polls the registry; when the target moves it verifies the new version
-(manifest, sha256 of every file), loads it beside the old one (the subclass's
-`_load_version`, which also runs a smoke inference) and swaps the reference
-atomically. Requests already running finish on the old model. A version that fails
-verification or a check of the model (a TuneserveError: checksums, labels, the smoke
-inference) is refused for good: a published version never changes. Any other failure
-(a file system hiccup, memory running short) may pass, so the version is tried again,
-LOAD_ATTEMPTS times in all, the wait doubling from one poll interval, before it is
-refused; meanwhile the old version keeps serving. A replica with nothing loaded whose
-target is refused (one started while the channel points at a bad version) serves what
-the channel pointed at before (`_fall_back`).
-
-Subclasses (Classifier, Generator) add the inference methods, `_load_version` and
-`_status_extra`.
+A replica follows its model's channel (`production` by default), or a version pinned
+through `reconfigure` (Serve `user_config`) or the registry: a background task polls,
+and when the target moves, verifies and loads the new version beside the old one (the
+subclass's `_load_version`, which smoke-tests it) and swaps the reference atomically.
+A version failing a check (a TuneserveError) is refused for good; other load failures
+are tried again up to LOAD_ATTEMPTS times, the old version serving meanwhile
+(docs/design.md). Subclasses (Classifier, Generator) add the inference methods,
+`_load_version` and `_status_extra`.
 """
 
 from __future__ import annotations
