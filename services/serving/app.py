@@ -3,17 +3,8 @@
     tuneserve serve --registry DIR --grpc-port 9000
 
 or, for a Serve config file / KubeRay RayService, the import path
-`services.serving.app:app_builder` with args {registry: ..., ...}.
-
-API tokens (services/core/auth.py) are read here, where the application is built,
-from `api_token_file` / `admin_token_file` or TUNESERVE_API_TOKEN /
-TUNESERVE_ADMIN_TOKEN; only their digests go to the ingress.
-
-`grpc_options` registers the services with Serve's gRPC proxy through
-`add_*_servicer` below rather than the generated `add_*Servicer_to_server`: the same
-methods, but a request the proxy cannot parse (not the message, a string that is not
-UTF-8) reaches the ingress as an `UndecodableRequest`, answered INVALID_ARGUMENT,
-instead of failing inside grpc as UNKNOWN with the parser's exception text.
+`services.serving.app:app_builder` with args {registry: ..., ...}. API tokens are read
+here, where the application is built; only their digests go to the ingress.
 """
 
 from __future__ import annotations
@@ -22,21 +13,41 @@ import dataclasses
 import errno
 import logging
 import math
+import os
+import time
 from typing import Any, Optional
 
-from services.core.config import ServeConfig, ServeLimits
-from services.core.errors import ConfigError, ModelLoading, RegistryError, TuneserveError
-from services.core.raycluster import ensure_ray
-from services.core.net import bind_error, free_port, host_problem, port_in_use
-from services.core.registry import Registry
 from services.core.auth import Tokens
-from services.serving.status import model_states
+from services.core.config import CLASSIFICATION, GENERATION, ServeConfig, ServeLimits
+from services.core.errors import ConfigError, ModelLoading, RegistryError, TuneserveError
+from services.core.net import bind_error, free_port, host_problem, port_in_use
+from services.core.raycluster import ensure_ray
+from services.core.registry import Registry
+from services.serving.ingress import InferenceIngress
 from services.serving.servicers import GRPC_SERVICER_FUNCTIONS
+from services.serving.status import StatusBoard, model_states
 
 APP_NAME = "tuneserve"
 INGRESS_DEPLOYMENT = "ingress"
 """The ingress deployment's name (with colocate it also holds the models)."""
 logger = logging.getLogger(__name__)
+
+
+def _ray():
+    """Ray, with Ray Serve loaded, imported on first use: this module's one import of
+    Ray, which takes seconds; the checks before serving need none of it."""
+    import ray
+    import ray.serve
+
+    return ray
+
+
+def _colocated():
+    """services/serving/colocated.py, imported on first use: it imports the model
+    deployments, and with them Ray."""
+    from services.serving import colocated
+
+    return colocated
 
 
 def model_deployment_name(model: str) -> str:
@@ -66,12 +77,6 @@ def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
     """The Serve application: one ingress, one model deployment per model name (or, with
     cfg.colocate, an ingress that runs the models itself: services/serving/colocated.py).
     `tasks`: the registry's models (discover_models), when the caller has read them."""
-    from ray import serve
-
-    from services.serving.colocated import ColocatedIngress, model_classes
-    from services.serving.ingress import InferenceIngress
-    from services.serving.status import StatusBoard
-
     cfg.validate()
     tokens = Tokens.load(cfg.api_token_file, cfg.admin_token_file)
     registry = Registry(cfg.registry)
@@ -80,12 +85,25 @@ def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
     if not tasks:
         raise RegistryError(f"no models in registry {cfg.registry}: train one first "
                             "(tuneserve train ...)")
-    threads = max(1, math.ceil(cfg.replica_cpus))
-    board = serve.deployment(StatusBoard).options(
+    board = _ray().serve.deployment(StatusBoard).options(
         name="status-board", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000).bind()
-    classes = model_classes()
-    specs: dict[str, dict[str, Any]] = {}  # model name -> its class's arguments
+    specs = _model_specs(cfg, registry.uri, tasks)
+    served_tasks = {n: t for n, t in tasks.items() if n in specs}
+    if tokens.open_warning():
+        logger.warning(tokens.open_warning())
+    if cfg.colocate:
+        return _colocated_ingress(cfg, registry.uri, specs, served_tasks, board, tokens)
+    return _ingress_over_models(cfg, registry.uri, specs, tasks, served_tasks, board, tokens)
+
+
+def _model_specs(cfg: ServeConfig, registry_uri: str,
+                 tasks: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """model name -> {"task", "kwargs": its class's arguments}, for each model whose task
+    this server can serve (the others are named in a warning)."""
+    classes = _colocated().model_classes()
+    threads = max(1, math.ceil(cfg.replica_cpus))
+    specs: dict[str, dict[str, Any]] = {}
     for name, task in tasks.items():
         if task not in classes:
             logger.warning("model %s has task %s, which this server cannot serve",
@@ -94,47 +112,64 @@ def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
         # A generation batch runs to its longest request: no larger than what one
         # replica takes on at once.
         batch_size, batch_wait = cfg.max_batch_size, cfg.batch_wait_timeout_s
-        if task == "generation":
+        if task == GENERATION:
             batch_size = min(cfg.max_batch_size, cfg.ongoing_for(task))
             batch_wait = cfg.generation_batch_wait_timeout_s
-        specs[name] = {"task": task, "kwargs": {
-            "registry": registry.uri, "name": name, "channel": cfg.channel,
-            "poll_interval_s": cfg.poll_interval_s, "threads": threads,
-            "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait,
-            "dtype": cfg.dtype}}
-        if task == "classification":
-            specs[name]["kwargs"]["trace"] = cfg.trace
-        elif task == "generation":
-            specs[name]["kwargs"]["batching"] = cfg.generation_batching
-    served_tasks = {n: t for n, t in tasks.items() if n in specs}
-    if tokens.open_warning():
-        logger.warning(tokens.open_warning())
+        kwargs = {"registry": registry_uri, "name": name, "channel": cfg.channel,
+                  "poll_interval_s": cfg.poll_interval_s, "threads": threads,
+                  "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait,
+                  "dtype": cfg.dtype}
+        if task == CLASSIFICATION:
+            kwargs["trace"] = cfg.trace
+        elif task == GENERATION:
+            kwargs["batching"] = cfg.generation_batching
+        specs[name] = {"task": task, "kwargs": kwargs}
+    return specs
+
+
+def _replicas(cfg: ServeConfig) -> dict[str, Any]:
+    """The replica count options of a deployment holding models: autoscaling or fixed."""
     autoscaling = cfg.autoscaling_config()
-    replicas = {"autoscaling_config": autoscaling} if autoscaling else \
+    return {"autoscaling_config": autoscaling} if autoscaling else \
         {"num_replicas": cfg.num_replicas}
-    model_actor = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
-                   "runtime_env": {"env_vars": {
-                       "TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}}
-    limits = dataclasses.asdict(cfg.limits)
-    if cfg.colocate:
-        ingress = serve.deployment(ColocatedIngress).options(
-            name=INGRESS_DEPLOYMENT, **replicas, ray_actor_options=model_actor,
-            max_ongoing_requests=max((cfg.ongoing_for(t) for t in served_tasks.values()),
-                                     default=cfg.ongoing_for("classification")),
-            max_queued_requests=cfg.max_queued_requests,
-            user_config={"channel": cfg.channel, "pinned_versions": dict(cfg.pinned_versions),
-                         "poll_interval_s": cfg.poll_interval_s},
-            health_check_period_s=10, **cfg.deployment_logging())
-        return ingress.bind(registry.uri, specs, served_tasks, limits, board=board,
-                            auth=tokens.as_dict(), grpc_server=cfg.replica_grpc_server())
+
+
+def _model_actor(cfg: ServeConfig) -> dict[str, Any]:
+    """ray_actor_options of a replica holding models."""
+    return {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
+            "runtime_env": {"env_vars": {"TUNESERVE_REPLICA_CPUS": str(cfg.replica_cpus)}}}
+
+
+def _colocated_ingress(cfg: ServeConfig, registry_uri: str, specs: dict[str, dict[str, Any]],
+                       served_tasks: dict[str, str], board, tokens: Tokens):
+    """cfg.colocate: one ingress deployment whose replicas run every model themselves."""
+    ingress = _ray().serve.deployment(_colocated().ColocatedIngress).options(
+        name=INGRESS_DEPLOYMENT, **_replicas(cfg), ray_actor_options=_model_actor(cfg),
+        max_ongoing_requests=max((cfg.ongoing_for(t) for t in served_tasks.values()),
+                                 default=cfg.ongoing_for(CLASSIFICATION)),
+        max_queued_requests=cfg.max_queued_requests,
+        user_config={"channel": cfg.channel, "pinned_versions": dict(cfg.pinned_versions),
+                     "poll_interval_s": cfg.poll_interval_s},
+        health_check_period_s=10, **cfg.deployment_logging())
+    return ingress.bind(registry_uri, specs, served_tasks, dataclasses.asdict(cfg.limits),
+                        board=board, auth=tokens.as_dict(),
+                        grpc_server=cfg.replica_grpc_server())
+
+
+def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
+                         specs: dict[str, dict[str, Any]], tasks: dict[str, str],
+                         served_tasks: dict[str, str], board, tokens: Tokens):
+    """The default layout: a model deployment per model, and an ingress calling them."""
+    serve = _ray().serve
+    classes = _colocated().model_classes()
     handles = {}
     for name, spec in specs.items():
         deployment = serve.deployment(classes[spec["task"]]).options(
             name=model_deployment_name(name),
             max_ongoing_requests=cfg.ongoing_for(spec["task"]),
             max_queued_requests=cfg.max_queued_requests,
-            **replicas,
-            ray_actor_options=model_actor,
+            **_replicas(cfg),
+            ray_actor_options=_model_actor(cfg),
             user_config={"channel": cfg.channel,
                          "pinned_version": cfg.pinned_versions.get(name),
                          "poll_interval_s": cfg.poll_interval_s},
@@ -149,8 +184,8 @@ def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
     )
     coalesce = {name: settings for name, task in served_tasks.items()
                 if (settings := cfg.coalescing(task))}
-    return ingress.bind(registry.uri, handles, served_tasks, limits, board=board,
-                        auth=tokens.as_dict(), coalesce=coalesce,
+    return ingress.bind(registry_uri, handles, served_tasks, dataclasses.asdict(cfg.limits),
+                        board=board, auth=tokens.as_dict(), coalesce=coalesce,
                         grpc_server=cfg.replica_grpc_server())
 
 
@@ -180,13 +215,9 @@ def direct_ingress_env(grpc_port: int) -> dict[str, str]:
 def _prepare_direct_ingress(cfg: ServeConfig) -> int:
     """Set up direct ingress before Ray starts; returns the port for Serve's own proxy
     (a free one: grpc_port belongs to the ingress replica)."""
-    import os
-
-    import ray
-
     env = direct_ingress_env(cfg.grpc_port)
     unset = [f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v]
-    if unset and (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
+    if unset and (_ray().is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
         raise ConfigError("invalid serve setting 'direct_ingress': Ray reads it when a "
                           "cluster starts, and this one is already running; start the "
                           f"cluster with {' '.join(unset)} in its environment, or let "
@@ -280,16 +311,10 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
 
     `http_port`: Serve's HTTP proxy, which the gRPC API does not use; None: 8000, or a
     free port when a local cluster starts and 8000 is taken."""
-    import os
-
-    import ray
-    from ray import serve
-
-    from services.serving.colocated import model_classes
-
     cfg.validate()
     tasks = discover_models(Registry(cfg.registry), cfg.models)
     app = build_app(cfg, tasks)  # fail fast on an empty or bad registry, before Ray starts
+    ray = _ray()
     if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
         check_ports_free(cfg, http_port)
         http_port = local_http_port(http_port)
@@ -298,21 +323,21 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
     if cfg.direct_ingress:
         options["port"] = _prepare_direct_ingress(cfg)
     elif cfg.replica_grpc:  # grpc_port belongs to the ingress replicas
-            options["port"] = free_port()
+        options["port"] = free_port()
     local = ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
-    served = sum(1 for task in tasks.values() if task in model_classes())
+    served = sum(1 for task in tasks.values() if task in _colocated().model_classes())
     warning = check_startup_resources(cfg, served, ray.cluster_resources(), local)
     if warning:
         logger.warning(warning)
     try:
-        serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
+        ray.serve.start(http_options={"host": cfg.host, "port": http_port}, grpc_options=options)
     except Exception as exc:
         if "Failed to bind" not in str(exc) and "address already in use" not in str(exc).lower():
             raise
         raise ConfigError(f"Serve's proxy cannot bind its ports (gRPC {options['port']}, "
                           f"HTTP {http_port}): one is in use; pass free ones with "
                           "--grpc-port / --http-port") from None
-    serve.run(app, name=APP_NAME, blocking=False)
+    ray.serve.run(app, name=APP_NAME, blocking=False)
     if wait_for_models:
         wait_until_serving(timeout_s)
 
@@ -321,11 +346,7 @@ def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[st
     """Poll the ingress until every model has a loaded version, or has none it can load
     (every version it tried refused): those are named in a warning and the others are
     served; if no model could be loaded, ModelLoading says why."""
-    import time
-
-    from ray import serve
-
-    handle = serve.get_app_handle(APP_NAME)
+    handle = _ray().serve.get_app_handle(APP_NAME)
     deadline = time.monotonic() + timeout_s
     statuses: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -344,8 +365,5 @@ def wait_until_serving(timeout_s: float = 300.0, poll_s: float = 0.5) -> dict[st
                        f"{'; '.join([*pending.values(), *failed.values()]) or 'no status'}")
 
 
-
 def stop_serving() -> None:
-    from ray import serve
-
-    serve.shutdown()
+    _ray().serve.shutdown()
