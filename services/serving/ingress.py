@@ -1,17 +1,11 @@
 """The gRPC ingress deployment: turns protos into calls on model deployments.
 
 Ray Serve's gRPC proxy routes `/tuneserve.v1.Inference/<Method>` and
-`/grpc.health.v1.Health/<Method>` to the methods of the same name here. This layer
-checks the caller's bearer token (services/core/auth.py), validates requests, maps
-domain errors to status codes (one table: `grpc_code` on each error class) and never
-imports torch. Unexpected failures answer INTERNAL with an error id while the traceback
-goes to the replica log: no traceback, path or internal name reaches a client.
-
-Every Inference and Admin method goes through the same steps, in this order:
-authorization (UNAUTHENTICATED / PERMISSION_DENIED), a request the proxy could not
-parse (INVALID_ARGUMENT), the request's size (RESOURCE_EXHAUSTED), then the method.
-Health stays open. A Classify call whose model replica dies during it is sent once
-more (it has no side effects); a generation is not, since it may have streamed.
+`/grpc.health.v1.Health/<Method>` to the methods of the same name here. Every Inference
+and Admin call passes, in order: authorization (UNAUTHENTICATED / PERMISSION_DENIED), a
+request the proxy could parse (INVALID_ARGUMENT), its size (RESOURCE_EXHAUSTED), then
+the method. Domain errors answer their status code (services/serving/status_codes.py);
+anything else INTERNAL with an error id. Health stays open. No torch import here.
 """
 
 from __future__ import annotations
@@ -26,7 +20,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from services.core import metrics
-from services.core.config import ServeLimits
+from services.core.auth import ADMIN, INFERENCE, Authenticator, Tokens
+from services.core.config import CLASSIFICATION, GENERATION, ServeLimits
 from services.core.errors import (
     ModelLoading,
     ModelNotFound,
@@ -34,12 +29,12 @@ from services.core.errors import (
     TuneserveError,
     WrongTask,
 )
-from services.protocol import INFERENCE_SERVICE, admin_pb, pb
 from services.core.registry import Registry
+from services.protocol import INFERENCE_SERVICE, admin_pb, pb
 from services.serving import serve_logs
 from services.serving.admin import AdminMethods
-from services.core.auth import ADMIN, INFERENCE, Authenticator, Tokens
 from services.serving.batching import Coalescer
+from services.serving.replica_grpc import ReplicaGrpcServer
 from services.serving.serve_logs import StreamEnded
 from services.serving.status import model_states
 from services.serving.status_codes import queue_full, status_code
@@ -62,6 +57,16 @@ Generate, and a GenerateStream that has sent nothing yet."""
 METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream": INFERENCE,
                  "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
                  "Unpin": ADMIN}
+
+
+def _ray_actor_error() -> type[Exception]:
+    """Ray's RayActorError (a model replica died during a call), imported on first use:
+    this module's one import of Ray, so that importing the module loads none."""
+    from ray.exceptions import RayActorError
+
+    return RayActorError
+
+
 def _replica_died(model: str, method: str) -> None:
     logger.warning("a %s replica died during a %s call; sending it again", model, method)
     metrics.inc("tuneserve_replica_retries_total", model=model)
@@ -173,8 +178,6 @@ class InferenceIngress(AdminMethods):
         it binds, the kernel gives the shared port's new connections to the other
         replicas of the node."""
         if self._grpc_server_args and self._grpc_server is None:
-            from services.serving.replica_grpc import ReplicaGrpcServer
-
             self._grpc_server = ReplicaGrpcServer(self, **self._grpc_server_args)
             self._grpc_server.start()
 
@@ -220,7 +223,7 @@ class InferenceIngress(AdminMethods):
                                 "served here")
         actual = self.tasks.get(model)
         if actual != task:
-            method = "Classify" if actual == "classification" else "Generate"
+            method = "Classify" if actual == CLASSIFICATION else "Generate"
             raise WrongTask(f"model '{model}' is a {actual} model; use {method}")
         return handle
 
@@ -282,12 +285,11 @@ class InferenceIngress(AdminMethods):
         dead replica. Serve's router sends the second call to a live replica (or waits
         for the replacement). Only one more: a request that kills replicas itself must
         not take them all down."""
-        from ray.exceptions import RayActorError
-
+        replica_died = _ray_actor_error()
         for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
             try:
                 return await call()
-            except RayActorError:
+            except replica_died:
                 if attempt == REPLICA_CALL_ATTEMPTS:
                     raise
                 _replica_died(model, method)
@@ -304,7 +306,7 @@ class InferenceIngress(AdminMethods):
     @rpc(pb.ClassifyResponse)
     async def Classify(self, request, grpc_context=None):
         call = validate_classify(request, self.limits)
-        handle = self._handle(call.model, "classification")
+        handle = self._handle(call.model, CLASSIFICATION)
         await self._check_loaded(call.model)
         coalescer = self.coalescers.get(call.model)
         if coalescer is not None:
@@ -324,7 +326,7 @@ class InferenceIngress(AdminMethods):
     @rpc(pb.GenerateResponse)
     async def Generate(self, request, grpc_context=None):
         call = validate_generate(request, self.limits)
-        handle = self._handle(call.model, "generation")
+        handle = self._handle(call.model, GENERATION)
         await self._check_loaded(call.model)
         # If this call is cancelled (client gone, deadline), Serve cancels the model
         # call too, and the generator stops at the next token.
@@ -334,8 +336,7 @@ class InferenceIngress(AdminMethods):
         return _generate_response(answer, call.model)
 
     async def GenerateStream(self, request, grpc_context=None):
-        from ray.exceptions import RayActorError
-
+        replica_died = _ray_actor_error()
         stream = None
         finished = False
         started = time.perf_counter()
@@ -343,7 +344,7 @@ class InferenceIngress(AdminMethods):
         try:
             self._admit("GenerateStream", request, grpc_context)
             call = validate_generate(request, self.limits)
-            handle = self._handle(call.model, "generation")
+            handle = self._handle(call.model, GENERATION)
             await self._check_loaded(call.model)
             for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
                 stream = handle.options(stream=True).generate_stream.remote(
@@ -354,7 +355,7 @@ class InferenceIngress(AdminMethods):
                         sent = True
                         yield _generate_response(chunk, call.model)
                     break
-                except RayActorError:
+                except replica_died:
                     # Sent again only while the client has seen nothing of it.
                     if sent or attempt == REPLICA_CALL_ATTEMPTS:
                         raise

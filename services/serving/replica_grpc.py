@@ -1,17 +1,10 @@
 """The ingress replica's own gRPC server (ServeConfig.replica_grpc).
 
-By default a gRPC call reaches the ingress through Serve's proxy, a process of its own
-(or, with direct_ingress, through a server Serve runs in the one ingress replica a
-node may hold). Here every ingress replica runs a `grpc.aio` server of its own on
-grpc_port, in its own event loop, whose handlers are the ingress's methods: the same
-code, checks, status codes and metrics, with nothing between the client and tuneserve.
-
-The replicas of a node share the port (SO_REUSEPORT: the kernel spreads connections
-among them), so with colocate several model processes on one node answer one port,
-each with a GIL of its own: on two cores, two such replicas served 1.7-1.9x what the
-best one-process layout did (docs/benchmarks.md). Serve's proxy keeps serving the same
-methods on its own port. Serve does not see these calls, so its autoscaler cannot
-follow them (ServeConfig refuses max_replicas with replica_grpc).
+Every ingress replica runs a `grpc.aio` server of its own on grpc_port, in its own
+event loop, whose handlers are the ingress's methods: the same code, checks, status
+codes and metrics as behind Serve's proxy, which keeps serving on its own port. The
+replicas of a node share the port (SO_REUSEPORT). Serve does not see these calls, so
+its autoscaler cannot follow them (ServeConfig refuses max_replicas with replica_grpc).
 """
 
 from __future__ import annotations
@@ -23,8 +16,16 @@ import logging
 from typing import Any, Optional
 
 import grpc
+from grpc_reflection.v1alpha import reflection
 
 from services.core.errors import ConfigError
+from services.protocol import admin_pb, pb
+from services.serving.servicers import (
+    add_admin_servicer,
+    add_health_servicer,
+    add_inference_servicer,
+)
+from services.serving.status_codes import internal_error
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,8 +47,6 @@ def _streaming(fn):
         except Exception as exc:
             if context.code() not in (None, grpc.StatusCode.OK):
                 return
-            from services.serving.status_codes import internal_error
-
             code, message = internal_error(exc)
             context.set_code(code)
             context.set_details(message)
@@ -74,15 +73,6 @@ class ReplicaGrpcServer:
     construction (a port that cannot be bound fails the replica with a clear error)."""
 
     def __init__(self, ingress: Any, host: str, port: int, max_receive_bytes: int):
-        from grpc_reflection.v1alpha import reflection
-
-        from services.protocol import admin_pb, pb
-        from services.serving.servicers import (
-            add_admin_servicer,
-            add_health_servicer,
-            add_inference_servicer,
-        )
-
         self.address = f"{host}:{port}"
         self.server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1),

@@ -1,15 +1,9 @@
 """Serve's log lines for a call that ends with a client error, made quiet.
 
-A server-streaming method can end with a status of its choosing only by setting the code
-and raising (Serve's proxy reads the code from the exception). Serve then logs the call
-as failed, with a traceback, twice: in the ingress replica ("Request failed.") and in the
-proxy ("Request failed with user-set gRPC status code ..."). For a caller's mistake
-(INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, ...) that is noise in the logs and in
-alerts on ERROR lines: the same mistake on a unary call logs nothing. A model replica that finds a request bad
-(a prompt longer than the model's context, an unknown version) raises too, and Serve
-logs that with a traceback in the model replica. This filter turns
-those records into one INFO line without a traceback. INTERNAL and UNKNOWN keep
-theirs; tuneserve's own records are untouched.
+A logging filter on Serve's logger (`install`): a record of a call that ended with a
+caller's mistake (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, ...) becomes one INFO
+line without a traceback. INTERNAL and UNKNOWN keep theirs; tuneserve's own records are
+untouched. `StreamEnded` is how a streaming method ends with a status of its choosing.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Optional
 from services.core.config import ServeLimits
 from services.core.errors import InvalidInput, RequestTooLarge
 from services.core.registry import (RESERVED_CHANNELS, reserved_channel, validate_name,
-                               validate_version)
+                                    validate_version)
 
 MIN_TEMPERATURE = 1e-5
 """Temperatures in (0, MIN_TEMPERATURE) decode greedily: dividing logits by a smaller
