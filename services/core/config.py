@@ -1,13 +1,17 @@
 """Typed configuration for training runs and for serving.
 
-One YAML file per run (`tuneserve train --config run.yaml`); command-line flags
-override it; the resolved config is validated in `__post_init__`-style `validate()`
-and saved inside every published checkpoint's manifest, so a version always says how
-it was trained. Units are in the names (`_s`, `_chars`).
+`TrainConfig` is the flat input (YAML keys and CLI flags are its field names);
+`TrainConfig.resolve()` (also `validate()`) checks it and returns a new frozen
+`ResolvedTrainConfig` grouped into data, modeling, optim, cluster and publish
+sections, with each task's defaults filled in; nothing writes into either afterwards.
+Its flat `to_dict()` is what a version's manifest saves as `config`. Task defaults
+live in `TASK_DEFAULTS` here (core does not import training; each training task class
+reads its row). Units are in the names (`_s`, `_chars`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -16,7 +20,7 @@ import os
 import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -93,10 +97,40 @@ def parse_min_metric(spec: Optional[str]) -> Optional[tuple[str, float]]:
                           f"(e.g. accuracy=0.85), got {spec!r}") from None
 
 
-GATE_METRICS = {
-    "classification": ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss"),
-    "generation": ("loss", "perplexity"),
+@dataclass(frozen=True)
+class TaskDefaults:
+    """A task's values for the training fields left unset (docs/quality.md says why),
+    and the eval metrics its runs record."""
+
+    epochs: int
+    learning_rate: float
+    warmup_ratio: float
+    group_by_length: bool
+    metrics: tuple[str, ...]
+    """The eval metrics a run records, which --min-metric may name."""
+    lora_learning_rate: Optional[float] = None
+    """learning_rate with LoRA (None: LoRA does not apply to the task)."""
+
+    def fill(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The defaults of the fields that `values` (flat TrainConfig fields) leaves None."""
+        lr = self.lora_learning_rate if values["lora_r"] and self.lora_learning_rate \
+            else self.learning_rate
+        filled = {"epochs": self.epochs, "learning_rate": lr,
+                  "warmup_ratio": self.warmup_ratio, "group_by_length": self.group_by_length}
+        return {name: value for name, value in filled.items() if values[name] is None}
+
+
+TASK_DEFAULTS = {
+    CLASSIFICATION: TaskDefaults(
+        epochs=3, learning_rate=5e-5, warmup_ratio=0.06, group_by_length=True,
+        metrics=("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")),
+    GENERATION: TaskDefaults(
+        epochs=2, learning_rate=2e-5, lora_learning_rate=2e-4, warmup_ratio=0.03,
+        group_by_length=False, metrics=("loss", "perplexity")),
 }
+"""One row per task name in TASKS: a new task adds its row here and its class in
+services/training/tasks.py."""
+GATE_METRICS = {task: defaults.metrics for task, defaults in TASK_DEFAULTS.items()}
 """The eval metrics a run of each task records, which --min-metric may name."""
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -133,7 +167,7 @@ class TrainConfig:
     """Evaluation data; when absent, `eval_fraction` of the training data is held out."""
     eval_fraction: float = 0.1
     """Share of the training data held out for evaluation when no --eval file is given."""
-    task: str = "classification"
+    task: str = CLASSIFICATION
     """classification (sequence classifier) or generation (supervised fine-tuning of a
     causal language model on prompt/response pairs)."""
     text_column: Optional[str] = None
@@ -230,146 +264,19 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes kept in the manifest."""
 
-    def validate(self) -> "TrainConfig":
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"invalid config field '{name}': {why}")
+    def resolve(self) -> "ResolvedTrainConfig":
+        """The checked run config: a new frozen ResolvedTrainConfig with the task's
+        defaults filled in and the model name derived from the training file. This
+        input is left as it is. ConfigError names the first bad field."""
+        _check_required(self)
+        resolved = ResolvedTrainConfig.from_flat(_resolved_values(self))
+        for check in TRAIN_CHECKS:
+            check(resolved)
+        return resolved
 
-        if not self.model:
-            raise bad("model", "required (a Hugging Face model id or a local folder)")
-        if not self.train:
-            raise bad("train", "required (path of the training data file)")
-        if self.task not in TASKS:
-            raise bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if not (0.0 < self.eval_fraction < 1.0):
-            raise bad("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
-        self._apply_task_defaults()
-        for f in fields(self):  # nan passes every comparison below; inf is no setting
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise bad(f.name, f"must be a finite number, got {value}")
-        for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
-                     "log_every_steps", "eval_steps"):
-            value = getattr(self, name)
-            if name in ("max_length", "eval_steps") and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(name, f"must be a positive integer, got {value!r}")
-        if self.max_length is not None and self.max_length < 8:
-            raise bad("max_length", f"must be at least 8, got {self.max_length}")
-        for name in ("early_stopping_patience", "max_failures", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise bad(name, f"must be an integer >= 0, got {value!r}")
-        if self.seed > SEED_MAX:  # torch.manual_seed would fail in every worker
-            raise bad("seed", f"must be at most {SEED_MAX} (2**64 - 1), got {self.seed}")
-        if self.early_stopping_min_delta < 0:
-            raise bad("early_stopping_min_delta",
-                      f"must be >= 0, got {self.early_stopping_min_delta}")
-        if self.class_weights is not None:
-            if self.task != "classification":
-                raise bad("class_weights", "applies to --task classification only")
-            parse_class_weights(self.class_weights)
-        if self.cpus_per_worker <= 0:
-            raise bad("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        if not (0.0 < self.learning_rate < 1.0):
-            raise bad("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
-        if not (0.0 <= self.weight_decay < 1.0):
-            raise bad("weight_decay", f"must be in [0, 1), got {self.weight_decay}")
-        if not (0.0 <= self.warmup_ratio < 1.0):
-            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm <= 0:
-            raise bad("max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        per_step = self.workers * self.grad_accum_steps
-        if self.batch_size % per_step:
-            raise bad(
-                "batch_size",
-                f"{self.batch_size} is not divisible by workers x grad_accum_steps "
-                f"({self.workers} x {self.grad_accum_steps} = {per_step})",
-            )
-        self._validate_generation(bad)
-        if self.columns is not None:
-            if isinstance(self.columns, str):
-                self.columns = [c.strip() for c in self.columns.split(",")]
-            _check_names(bad, "columns", self.columns)
-            if not self.columns or any(not c for c in self.columns):
-                raise bad("columns", "must be a comma-separated list of column names")
-            twice = sorted({c for c in self.columns if self.columns.count(c) > 1})
-            if twice:
-                raise bad("columns", f"names a column twice: {', '.join(twice)}")
-        for a, b in (("text_column", "label_column"), ("prompt_column", "response_column")):
-            if getattr(self, a) and getattr(self, a) == getattr(self, b):
-                raise bad(b, f"is the same column as {a} ({getattr(self, a)!r})")
-        if self.name is None:
-            self.name = Path(self.train).stem
-        from services.core.registry import validate_name
-
-        try:
-            validate_name(self.name, "model")
-        except Exception as exc:
-            raise bad("name", str(exc)) from None
-        if self.min_metric:
-            check_min_metric(self.min_metric, self.task)
-            if not self.promote:
-                raise bad("min_metric", "is the threshold of --promote: pass --promote too "
-                          "(or drop min_metric)")
-        if self.extra:
-            try:
-                json.dumps(self.extra, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise bad("extra", f"must hold plain values (text, numbers, lists, "
-                          f"mappings) as the manifest is JSON: {exc}") from None
-        return self
-
-    def _apply_task_defaults(self) -> None:
-        """Fill the fields left unset with the defaults of the task (docs/quality.md)."""
-        generation = self.task == "generation"
-        if self.group_by_length is None:
-            self.group_by_length = not generation
-        if self.epochs is None:
-            self.epochs = 2 if generation else 3
-        if self.learning_rate is None:
-            self.learning_rate = (2e-4 if self.lora_r else 2e-5) if generation else 5e-5
-        if self.warmup_ratio is None:
-            self.warmup_ratio = 0.03 if generation else 0.06
-
-    def _validate_generation(self, bad) -> None:
-        generation = self.task == "generation"
-        if self.prompt_template is not None:
-            if not generation:
-                raise bad("prompt_template", "applies to --task generation only")
-            try:
-                rendered = render_prompt(self.prompt_template, "\x00")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise bad("prompt_template", f"must contain {{prompt}} and no other "
-                          f"{{...}} field (write {{{{ and }}}} for literal braces): {exc!r}")
-            for _, field, spec, conversion in string.Formatter().parse(self.prompt_template):
-                if field is not None and (field != "prompt" or spec or conversion):
-                    raise bad("prompt_template", f"write {{prompt}} as it is, without an "
-                              f"index, attribute, format or conversion (got "
-                              f"{{{field}{'!' + conversion if conversion else ''}"
-                              f"{':' + spec if spec else ''}}})")
-            if rendered.count("\x00") != 1:
-                raise bad("prompt_template", "must contain {prompt} exactly once")
-        if self.packing and not generation:
-            raise bad("packing", "applies to --task generation only")
-        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
-            raise bad("lora_r", f"must be an integer >= 0, got {self.lora_r!r}")
-        if self.lora_r:
-            if not generation:
-                raise bad("lora_r", "LoRA applies to --task generation only")
-            if self.lora_alpha <= 0:
-                raise bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
-            if not (0.0 <= self.lora_dropout < 1.0):
-                raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-            if isinstance(self.lora_target_modules, str):
-                self.lora_target_modules = [m.strip() for m in
-                                            self.lora_target_modules.split(",")]
-            if self.lora_target_modules is not None:
-                _check_names(bad, "lora_target_modules", self.lora_target_modules)
-            if self.lora_target_modules is not None and (
-                    not self.lora_target_modules or any(not m for m in self.lora_target_modules)):
-                raise bad("lora_target_modules", "must be a comma-separated list of names")
-
+    def validate(self) -> "ResolvedTrainConfig":
+        """resolve() by its older name: use the config it returns."""
+        return self.resolve()
     @property
     def micro_batch_size(self) -> int:
         """Examples per forward pass on one worker."""
@@ -391,11 +298,11 @@ class TrainConfig:
                 f"{source}: unknown config field(s) {', '.join(map(repr, unknown))}; "
                 f"known fields: {', '.join(sorted(known))}"
             )
-        cfg = cls()
+        values = {}
         for key, value in data.items():
             key = key.replace("-", "_")
-            setattr(cfg, key, _coerce(cls, key, value, source))
-        return cfg
+            values[key] = _coerce(cls, key, value, source)
+        return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -408,13 +315,329 @@ class TrainConfig:
         return TrainConfig.from_dict(data, source="command line")
 
 
-def _check_names(bad, name: str, value: Any) -> None:
+def _bad(name: str, why: str) -> ConfigError:
+    return ConfigError(f"invalid config field '{name}': {why}")
+
+
+def _check_required(cfg: TrainConfig) -> None:
+    """What resolving needs: a model, a training file and a known task."""
+    if not cfg.model:
+        raise _bad("model", "required (a Hugging Face model id or a local folder)")
+    if not cfg.train:
+        raise _bad("train", "required (path of the training data file)")
+    if cfg.task not in TASKS:
+        raise _bad("task", f"must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if not (0.0 < cfg.eval_fraction < 1.0):
+        raise _bad("eval_fraction", f"must be between 0 and 1, got {cfg.eval_fraction}")
+
+
+def _names(value: Any) -> Any:
+    """A list-of-names field as a tuple ('a, b' in a flag or YAML is a list too); any
+    other value as it is, for the checks to refuse."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(","))
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _resolved_values(cfg: TrainConfig) -> dict[str, Any]:
+    """The input's fields, copied, with the task's defaults for those left unset, the
+    lists as tuples and the model name defaulting to the training file's stem."""
+    values = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in fields(cfg)}
+    values.update(TASK_DEFAULTS[cfg.task].fill(values))
+    values["columns"] = _names(values["columns"])
+    values["lora_target_modules"] = _names(values["lora_target_modules"])
+    if values["name"] is None:
+        values["name"] = Path(cfg.train).stem
+    return values
+
+
+def _check_finite(r: "ResolvedTrainConfig") -> None:
+    """nan passes every comparison of the checks below; inf is no setting."""
+    for name in TrainConfig.field_names():
+        value = getattr(r, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(name, f"must be a finite number, got {value}")
+
+
+def _check_integers(r: "ResolvedTrainConfig") -> None:
+    for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
+                 "log_every_steps", "eval_steps"):
+        value = getattr(r, name)
+        if name in ("max_length", "eval_steps") and value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise _bad(name, f"must be a positive integer, got {value!r}")
+    if r.max_length is not None and r.max_length < 8:
+        raise _bad("max_length", f"must be at least 8, got {r.max_length}")
+    for name in ("early_stopping_patience", "max_failures", "seed"):
+        value = getattr(r, name)
+        if not _is_int(value) or value < 0:
+            raise _bad(name, f"must be an integer >= 0, got {value!r}")
+    if r.seed > SEED_MAX:  # torch.manual_seed would fail in every worker
+        raise _bad("seed", f"must be at most {SEED_MAX} (2**64 - 1), got {r.seed}")
+
+
+def _check_ranges(r: "ResolvedTrainConfig") -> None:
+    if r.early_stopping_min_delta < 0:
+        raise _bad("early_stopping_min_delta", f"must be >= 0, got {r.early_stopping_min_delta}")
+    if r.class_weights is not None:
+        if r.task != CLASSIFICATION:
+            raise _bad("class_weights", f"applies to --task {CLASSIFICATION} only")
+        parse_class_weights(r.class_weights)
+    if r.cpus_per_worker <= 0:
+        raise _bad("cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
+    if not (0.0 < r.learning_rate < 1.0):
+        raise _bad("learning_rate", f"must be in (0, 1), got {r.learning_rate}")
+    if not (0.0 <= r.weight_decay < 1.0):
+        raise _bad("weight_decay", f"must be in [0, 1), got {r.weight_decay}")
+    if not (0.0 <= r.warmup_ratio < 1.0):
+        raise _bad("warmup_ratio", f"must be in [0, 1), got {r.warmup_ratio}")
+    if r.max_grad_norm <= 0:
+        raise _bad("max_grad_norm", f"must be > 0, got {r.max_grad_norm}")
+
+
+def _check_batch_split(r: "ResolvedTrainConfig") -> None:
+    per_step = r.workers * r.grad_accum_steps
+    if r.batch_size % per_step:
+        raise _bad("batch_size", f"{r.batch_size} is not divisible by workers x "
+                   f"grad_accum_steps ({r.workers} x {r.grad_accum_steps} = {per_step})")
+
+
+def _check_prompt_template(r: "ResolvedTrainConfig") -> None:
+    template = r.prompt_template
+    if template is None:
+        return
+    if r.task != GENERATION:
+        raise _bad("prompt_template", f"applies to --task {GENERATION} only")
+    try:
+        rendered = render_prompt(template, "\x00")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise _bad("prompt_template", f"must contain {{prompt}} and no other {{...}} field "
+                   f"(write {{{{ and }}}} for literal braces): {exc!r}")
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None and (name != "prompt" or spec or conversion):
+            raise _bad("prompt_template", f"write {{prompt}} as it is, without an index, "
+                       f"attribute, format or conversion (got {{{name}"
+                       f"{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}})")
+    if rendered.count("\x00") != 1:
+        raise _bad("prompt_template", "must contain {prompt} exactly once")
+
+
+def _check_packing(r: "ResolvedTrainConfig") -> None:
+    if r.packing and r.task != GENERATION:
+        raise _bad("packing", f"applies to --task {GENERATION} only")
+
+
+def _check_lora(r: "ResolvedTrainConfig") -> None:
+    if not _is_int(r.lora_r) or r.lora_r < 0:
+        raise _bad("lora_r", f"must be an integer >= 0, got {r.lora_r!r}")
+    if not r.lora_r:
+        return
+    if r.task != GENERATION:
+        raise _bad("lora_r", f"LoRA applies to --task {GENERATION} only")
+    if r.lora_alpha <= 0:
+        raise _bad("lora_alpha", f"must be > 0, got {r.lora_alpha}")
+    if not (0.0 <= r.lora_dropout < 1.0):
+        raise _bad("lora_dropout", f"must be in [0, 1), got {r.lora_dropout}")
+    targets = r.lora_target_modules
+    if targets is not None:
+        _check_names("lora_target_modules", targets)
+        if not targets or any(not m for m in targets):
+            raise _bad("lora_target_modules", "must be a comma-separated list of names")
+
+
+def _check_columns(r: "ResolvedTrainConfig") -> None:
+    columns = r.columns
+    if columns is not None:
+        _check_names("columns", columns)
+        if not columns or any(not c for c in columns):
+            raise _bad("columns", "must be a comma-separated list of column names")
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise _bad("columns", f"names a column twice: {', '.join(twice)}")
+    for a, b in (("text_column", "label_column"), ("prompt_column", "response_column")):
+        if getattr(r, a) and getattr(r, a) == getattr(r, b):
+            raise _bad(b, f"is the same column as {a} ({getattr(r, a)!r})")
+
+
+def _check_name(r: "ResolvedTrainConfig") -> None:
+    # Imported here: the registry package loads pyarrow, which parsing flags needs not.
+    from services.core.registry import validate_name
+
+    try:
+        validate_name(r.name, "model")
+    except Exception as exc:
+        raise _bad("name", str(exc)) from None
+
+
+def _check_promotion(r: "ResolvedTrainConfig") -> None:
+    if r.min_metric:
+        check_min_metric(r.min_metric, r.task)
+        if not r.promote:
+            raise _bad("min_metric", "is the threshold of --promote: pass --promote too "
+                       "(or drop min_metric)")
+
+
+def _check_extra(r: "ResolvedTrainConfig") -> None:
+    if r.extra:
+        try:
+            json.dumps(r.extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise _bad("extra", f"must hold plain values (text, numbers, lists, mappings) "
+                       f"as the manifest is JSON: {exc}") from None
+
+
+TRAIN_CHECKS: tuple[Callable[["ResolvedTrainConfig"], None], ...] = (
+    _check_finite, _check_integers, _check_ranges, _check_batch_split,
+    _check_prompt_template, _check_packing, _check_lora, _check_columns, _check_name, _check_promotion,
+    _check_extra)
+"""The checks of a resolved config, in the order its fields are reported."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """What is read, how it is split for eval and how it is tokenised."""
+
+    train: str
+    eval: Optional[str]
+    eval_fraction: float
+    text_column: Optional[str]
+    label_column: Optional[str]
+    columns: Optional[tuple[str, ...]]
+    prompt_column: Optional[str]
+    response_column: Optional[str]
+    prompt_template: Optional[str]
+    packing: bool
+    max_length: Optional[int]
+    """None until the training data chose it (ResolvedTrainConfig.with_max_length)."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The base model and how it is adapted (LoRA)."""
+
+    model: str
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: Optional[tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """The optimisation: schedule, batches, loss weights, seed and evaluation."""
+
+    epochs: int
+    batch_size: int
+    grad_accum_steps: int
+    group_by_length: bool
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    class_weights: Optional[str]
+    seed: int
+    eval_steps: Optional[int]
+    early_stopping_patience: int
+    early_stopping_min_delta: float
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """Where the run goes: Ray workers and their resources, run state, reporting."""
+
+    workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    address: Optional[str]
+    runs_dir: str
+    max_failures: int
+    log_every_steps: int
+
+
+@dataclass(frozen=True)
+class PublishSection:
+    """What the registry gets: the model name, the registry and the promotion gate."""
+
+    name: str
+    registry: str
+    promote: bool
+    min_metric: Optional[str]
+    extra: dict[str, Any]
+
+
+SECTIONS = (("data", DataSection), ("modeling", ModelSection), ("optim", OptimSection),
+            ("cluster", ClusterSection), ("publish", PublishSection))
+"""ResolvedTrainConfig's sections; together with `task` they hold every TrainConfig
+field exactly once."""
+
+
+@dataclass(frozen=True)
+class ResolvedTrainConfig:
+    """A checked run config (TrainConfig.resolve()), grouped and frozen. Every
+    TrainConfig field also reads flat (`cfg.epochs`, lists as lists) for the callers
+    that know the input's names."""
+
+    task: str
+    data: DataSection
+    modeling: ModelSection
+    optim: OptimSection
+    cluster: ClusterSection
+    publish: PublishSection
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "ResolvedTrainConfig":
+        """From flat TrainConfig field values (unchecked: TrainConfig.resolve checks)."""
+        return cls(task=values["task"], **{
+            name: section(**{f.name: values[f.name] for f in fields(section)})
+            for name, section in SECTIONS})
+
+    @property
+    def task_defaults(self) -> TaskDefaults:
+        return TASK_DEFAULTS[self.task]
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per forward pass on one worker."""
+        return self.optim.batch_size // (self.cluster.workers * self.optim.grad_accum_steps)
+
+    def with_max_length(self, max_length: int) -> "ResolvedTrainConfig":
+        """A copy with the max_length the training data chose."""
+        return dataclasses.replace(
+            self, data=dataclasses.replace(self.data, max_length=max_length))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat fields in TrainConfig's order, as a TrainConfig's to_dict gives them:
+        the run folder's and the manifest's `config` (TrainConfig.from_dict reads it)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in TrainConfig.field_names()}
+
+    def resolve(self) -> "ResolvedTrainConfig":
+        """Already resolved: itself."""
+        return self
+
+    validate = resolve
+
+
+def _flat_field(section: str, name: str) -> property:
+    def get(self: ResolvedTrainConfig) -> Any:
+        value = getattr(getattr(self, section), name)
+        return list(value) if isinstance(value, tuple) else value
+
+    return property(get, doc=f"{section}.{name}, as TrainConfig names it.")
+
+
+for _section, _cls in SECTIONS:
+    for _field in fields(_cls):
+        setattr(ResolvedTrainConfig, _field.name, _flat_field(_section, _field.name))
+del _section, _cls, _field
+
+def _check_names(name: str, value: Any) -> None:
     """A list-of-text field holds text only (YAML reads `[1, 2]` as numbers)."""
     if not isinstance(value, list):
-        raise bad(name, f"must be a list of names, got {type(value).__name__} {value!r}")
+        raise _bad(name, f"must be a list of names, got {type(value).__name__} {value!r}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise bad(name, f"must be a list of names (text); item {i + 1} is "
+            raise _bad(name, f"must be a list of names (text); item {i + 1} is "
                       f"{type(item).__name__} {item!r}")
 
 
@@ -600,8 +823,9 @@ class ServeLimits:
 
 
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
-GENERATION_BATCHING = ("continuous", "static")
 """What `ServeConfig.dtype` may name (services.core.modeling.serving_dtype)."""
+GENERATION_BATCHING = ("continuous", "static")
+"""What `ServeConfig.generation_batching` may name."""
 
 
 @dataclass
@@ -733,109 +957,23 @@ class ServeConfig:
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def validate(self) -> "ServeConfig":
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"invalid serve setting '{name}': {why}")
-
-        check_port("grpc_port", self.grpc_port)
-        if self.metrics_port is not None:
-            check_port("metrics_port", self.metrics_port)
-        from services.core.registry.store import validate_name  # (it imports this module)
-
-        try:
-            validate_name(self.channel, "channel")
-        except TuneserveError as exc:
-            raise bad("channel", str(exc)) from None
-        # Integers: (field, smallest value); None is "unset" where the field allows it.
-        for name, low in (("num_replicas", 1), ("max_ongoing_requests", 1),
-                          ("max_batch_size", 1), ("min_replicas", 0), ("max_replicas", 1)):
-            value = getattr(self, name)
-            if value is None and name in ("max_ongoing_requests", "min_replicas",
-                                          "max_replicas"):
-                continue
-            if not _is_int(value) or value < low:
-                raise bad(name, f"must be an integer >= {low}, got {value!r}")
-        if not _is_int(self.max_queued_requests) or \
-                (self.max_queued_requests < 1 and self.max_queued_requests != -1):
-            raise bad("max_queued_requests", "must be -1 (no limit) or a positive integer, "
-                      f"got {self.max_queued_requests!r}")
-        # Numbers: nan passes no comparison and inf is no setting, so both are refused
-        # first; then (field, smallest value, whether the smallest is allowed).
-        for name, low, inclusive in (("poll_interval_s", 0.0, False),
-                                     ("replica_cpus", 0.0, False),
-                                     ("replica_gpus", 0.0, True),
-                                     ("ingress_cpus", 0.0, True),
-                                     ("target_ongoing_requests", 0.0, False),
-                                     ("upscale_delay_s", 0.0, True),
-                                     ("downscale_delay_s", 0.0, True),
-                                     ("batch_wait_timeout_s", 0.0, True),
-                                     ("generation_batch_wait_timeout_s", 0.0, True)):
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value):
-                raise bad(name, f"must be a finite number, got {value!r}")
-            if value < low or (value == low and not inclusive):
-                raise bad(name, f"must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
-        for name in ("replica_cpus", "replica_gpus", "ingress_cpus"):
-            value = getattr(self, name)
-            if 0 < value < 0.0001:  # Ray's resource precision
-                raise bad(name, f"must be 0 or at least 0.0001, got {value!r}")
-        if self.max_replicas is not None:
-            low = 1 if self.min_replicas is None else self.min_replicas
-            if self.max_replicas < max(1, low):
-                raise bad("max_replicas", f"must be >= min_replicas ({low}) and >= 1")
-            if self.num_replicas != 1:  # it would be dropped without a word
-                raise bad("num_replicas", "is for a fixed number of replicas; with "
-                          "max_replicas (autoscaling) set min_replicas instead")
-        elif self.min_replicas is not None:
-            raise bad("min_replicas", "needs max_replicas (autoscaling) as well")
-        if self.models is not None:
-            if not isinstance(self.models, list) or not self.models:
-                raise bad("models", f"must be a list of model names, got {self.models!r}")
-            for model in self.models:
-                try:
-                    validate_name(model, "model")
-                except TuneserveError as exc:
-                    raise bad("models", str(exc)) from None
-        if self.dtype not in SERVING_DTYPES:
-            raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(SERVING_DTYPES)}")
-        if self.generation_batching not in GENERATION_BATCHING:
-            raise bad("generation_batching", f"{self.generation_batching!r} is not one of "
-                      f"{', '.join(GENERATION_BATCHING)}")
-        if self.dtype == "float16" and not self.replica_gpus:
-            raise bad("dtype", "float16 needs a GPU (replica_gpus > 0); on a CPU use "
-                      "bfloat16")
-        if self.colocate and self.direct_ingress and \
-                (self.max_replicas is not None or self.num_replicas != 1):
-            raise bad("colocate", "with direct_ingress the ingress replica listens on "
-                      "grpc_port itself, so it runs one replica: set num_replicas 1 and no "
-                      "max_replicas, or drop direct_ingress")
-        if self.replica_grpc and self.direct_ingress:
-            raise bad("replica_grpc", "both replica_grpc and direct_ingress put a gRPC "
-                      "server in the ingress replica on grpc_port: choose one")
-        if self.replica_grpc and self.max_replicas is not None:
-            raise bad("replica_grpc", "Serve's autoscaler does not see the calls the "
-                      "ingress replicas' own gRPC servers answer: set num_replicas "
-                      "instead of max_replicas, or drop replica_grpc")
-        for f in fields(self.limits):
-            value = getattr(self.limits, f.name)
-            low = 0 if f.name == "max_stop_sequences" else 1
-            if not _is_int(value) or value < low:
-                raise bad(f"limits.{f.name}", f"must be an integer >= {low}, got {value!r}")
-        if self.limits.max_request_bytes < 1024:
-            raise bad("limits.max_request_bytes", "must be at least 1024")
+        """Checks every setting, naming the first bad one (ConfigError); returns this
+        config, unchanged."""
+        for check in SERVE_CHECKS:
+            check(self)
         return self
-
     def ongoing_for(self, task: str) -> int:
         """max_ongoing_requests of a model deployment of this task."""
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
-        return 8 if task == "generation" else 2 * self.max_batch_size
+        return 8 if task == GENERATION else 2 * self.max_batch_size
 
     def coalescing(self, task: str) -> Optional[dict[str, int]]:
         """The ingress's Coalescer limits for a model of this task (None: not coalesced;
         a colocated model is called in-process, where its own batcher does the work).
         With autoscaling they allow for max_replicas, so that a saturated deployment
         shows the autoscaler more than its target in flight per replica."""
-        if not self.coalesce or self.colocate or task != "classification":
+        if not self.coalesce or self.colocate or task != CLASSIFICATION:
             return None
         replicas = self.max_replicas if self.max_replicas is not None else self.num_replicas
         ongoing = self.ongoing_for(task)
@@ -866,3 +1004,132 @@ class ServeConfig:
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
                 **self.autoscaling_overrides}
+
+
+def _bad_serve(name: str, why: str) -> ConfigError:
+    return ConfigError(f"invalid serve setting '{name}': {why}")
+
+
+def _check_serve_names(cfg: ServeConfig) -> None:
+    """Ports, the channel and the served models' names."""
+    # Imported here: the registry package loads pyarrow, which parsing flags needs not.
+    from services.core.registry.store import validate_name
+
+    check_port("grpc_port", cfg.grpc_port)
+    if cfg.metrics_port is not None:
+        check_port("metrics_port", cfg.metrics_port)
+    try:
+        validate_name(cfg.channel, "channel")
+    except TuneserveError as exc:
+        raise _bad_serve("channel", str(exc)) from None
+
+
+def _check_serve_counts(cfg: ServeConfig) -> None:
+    """Integers: (field, smallest value); None is "unset" where the field allows it."""
+    for name, low in (("num_replicas", 1), ("max_ongoing_requests", 1),
+                      ("max_batch_size", 1), ("min_replicas", 0), ("max_replicas", 1)):
+        value = getattr(cfg, name)
+        if value is None and name in ("max_ongoing_requests", "min_replicas",
+                                      "max_replicas"):
+            continue
+        if not _is_int(value) or value < low:
+            raise _bad_serve(name, f"must be an integer >= {low}, got {value!r}")
+    if not _is_int(cfg.max_queued_requests) or \
+            (cfg.max_queued_requests < 1 and cfg.max_queued_requests != -1):
+        raise _bad_serve("max_queued_requests", "must be -1 (no limit) or a positive "
+                         f"integer, got {cfg.max_queued_requests!r}")
+
+
+def _check_serve_numbers(cfg: ServeConfig) -> None:
+    """nan passes no comparison and inf is no setting, so both are refused first; then
+    (field, smallest value, whether the smallest is allowed)."""
+    for name, low, inclusive in (("poll_interval_s", 0.0, False),
+                                 ("replica_cpus", 0.0, False),
+                                 ("replica_gpus", 0.0, True),
+                                 ("ingress_cpus", 0.0, True),
+                                 ("target_ongoing_requests", 0.0, False),
+                                 ("upscale_delay_s", 0.0, True),
+                                 ("downscale_delay_s", 0.0, True),
+                                 ("batch_wait_timeout_s", 0.0, True),
+                                 ("generation_batch_wait_timeout_s", 0.0, True)):
+        value = getattr(cfg, name)
+        if not _is_number(value) or not math.isfinite(value):
+            raise _bad_serve(name, f"must be a finite number, got {value!r}")
+        if value < low or (value == low and not inclusive):
+            raise _bad_serve(name, f"must be {'>=' if inclusive else '>'} {low:g}, "
+                             f"got {value!r}")
+    for name in ("replica_cpus", "replica_gpus", "ingress_cpus"):
+        value = getattr(cfg, name)
+        if 0 < value < 0.0001:  # Ray's resource precision
+            raise _bad_serve(name, f"must be 0 or at least 0.0001, got {value!r}")
+
+
+def _check_serve_scaling(cfg: ServeConfig) -> None:
+    """A fixed number of replicas or autoscaling bounds, not both."""
+    if cfg.max_replicas is not None:
+        low = 1 if cfg.min_replicas is None else cfg.min_replicas
+        if cfg.max_replicas < max(1, low):
+            raise _bad_serve("max_replicas", f"must be >= min_replicas ({low}) and >= 1")
+        if cfg.num_replicas != 1:  # it would be dropped without a word
+            raise _bad_serve("num_replicas", "is for a fixed number of replicas; with "
+                             "max_replicas (autoscaling) set min_replicas instead")
+    elif cfg.min_replicas is not None:
+        raise _bad_serve("min_replicas", "needs max_replicas (autoscaling) as well")
+
+
+def _check_serve_models(cfg: ServeConfig) -> None:
+    from services.core.registry.store import validate_name
+
+    if cfg.models is None:
+        return
+    if not isinstance(cfg.models, list) or not cfg.models:
+        raise _bad_serve("models", f"must be a list of model names, got {cfg.models!r}")
+    for model in cfg.models:
+        try:
+            validate_name(model, "model")
+        except TuneserveError as exc:
+            raise _bad_serve("models", str(exc)) from None
+
+
+def _check_serve_runtime(cfg: ServeConfig) -> None:
+    """The weights' dtype and how generators batch."""
+    if cfg.dtype not in SERVING_DTYPES:
+        raise _bad_serve("dtype", f"{cfg.dtype!r} is not one of {', '.join(SERVING_DTYPES)}")
+    if cfg.generation_batching not in GENERATION_BATCHING:
+        raise _bad_serve("generation_batching", f"{cfg.generation_batching!r} is not one "
+                         f"of {', '.join(GENERATION_BATCHING)}")
+    if cfg.dtype == "float16" and not cfg.replica_gpus:
+        raise _bad_serve("dtype", "float16 needs a GPU (replica_gpus > 0); on a CPU use "
+                         "bfloat16")
+
+
+def _check_serve_ingress(cfg: ServeConfig) -> None:
+    """colocate, direct_ingress and replica_grpc: the combinations that work."""
+    if cfg.colocate and cfg.direct_ingress and \
+            (cfg.max_replicas is not None or cfg.num_replicas != 1):
+        raise _bad_serve("colocate", "with direct_ingress the ingress replica listens on "
+                         "grpc_port itself, so it runs one replica: set num_replicas 1 and "
+                         "no max_replicas, or drop direct_ingress")
+    if cfg.replica_grpc and cfg.direct_ingress:
+        raise _bad_serve("replica_grpc", "both replica_grpc and direct_ingress put a gRPC "
+                         "server in the ingress replica on grpc_port: choose one")
+    if cfg.replica_grpc and cfg.max_replicas is not None:
+        raise _bad_serve("replica_grpc", "Serve's autoscaler does not see the calls the "
+                         "ingress replicas' own gRPC servers answer: set num_replicas "
+                         "instead of max_replicas, or drop replica_grpc")
+
+
+def _check_serve_limits(cfg: ServeConfig) -> None:
+    for f in fields(cfg.limits):
+        value = getattr(cfg.limits, f.name)
+        low = 0 if f.name == "max_stop_sequences" else 1
+        if not _is_int(value) or value < low:
+            raise _bad_serve(f"limits.{f.name}", f"must be an integer >= {low}, got {value!r}")
+    if cfg.limits.max_request_bytes < 1024:
+        raise _bad_serve("limits.max_request_bytes", "must be at least 1024")
+
+
+SERVE_CHECKS: tuple[Callable[[ServeConfig], None], ...] = (
+    _check_serve_names, _check_serve_counts, _check_serve_numbers, _check_serve_scaling,
+    _check_serve_models, _check_serve_runtime, _check_serve_ingress, _check_serve_limits)
+"""ServeConfig.validate's checks, in the order settings are reported."""

@@ -14,6 +14,7 @@ best epoch's checkpoint with a manifest that links those artifacts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -166,10 +167,7 @@ def resume_config(run: str, runs_dir: Optional[str] = None,
         raise ConfigError(f"--resume: {path} holds no run config (a 'config' mapping); "
                           "the run cannot be resumed")
     cfg = TrainConfig.from_dict(saved["config"], source=str(path))
-    cfg.runs_dir = str(folder.parent)
-    if address:
-        cfg.address = address
-    return cfg
+    return dataclasses.replace(cfg, runs_dir=str(folder.parent), address=address or cfg.address)
 
 
 def check_converged(best_metrics: dict[str, Any], run_dir: Path) -> None:
@@ -222,7 +220,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     from services.training.loop import FAULT_ENV, train_loop_per_worker
 
     started = time.perf_counter()
-    cfg.validate()
+    cfg = cfg.resolve()
     if resume:
         _check_unfinished(resume, cfg.runs_dir)
     if publish:
@@ -246,6 +244,7 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
     task = make_task(cfg)
     task.model_ref = model_ref  # what the workers load: a local folder made absolute
     data, data_info = task.prepare_data(cfg, tokenizer)
+    cfg = cfg.with_max_length(task.max_length)  # what the manifest's config says was used
     out(task.describe_data())
 
     started_here = ensure_ray(cfg.address, verbose=verbose)

@@ -64,10 +64,8 @@ class Task:
         raise NotImplementedError
 
     def _resolve_max_length(self, cfg, tokenizer, columns: tuple) -> dict[str, Any]:
-        """cfg.max_length, or one chosen from (a sample of) the training examples.
-
-        Sets cfg.max_length, so the manifest's config says what was used.
-        """
+        """cfg.max_length, or one chosen from (a sample of) the training examples, as
+        self.max_length (the driver puts it in the run's config)."""
         from services.training.encoded import choose_max_length, model_limit
 
         limit = model_limit(cfg.model, tokenizer)
@@ -85,7 +83,7 @@ class Task:
         lengths = self.example_lengths(tokenizer, columns, limit)
         source = "config" if cfg.max_length else "data"
         chosen = cfg.max_length or choose_max_length(lengths, limit)
-        cfg.max_length = self.max_length = chosen
+        self.max_length = chosen
         arr = np.asarray(lengths)
         return {"value": chosen, "source": source, "p50": int(np.median(arr)),
                 "p99": int(np.quantile(arr, 0.99)), "longest": int(arr.max()),

@@ -1,8 +1,9 @@
+import dataclasses
 import os
 
 import pytest
 
-from services.core.config import TrainConfig
+from services.core.config import SECTIONS, TASK_DEFAULTS, TASKS, TrainConfig
 from services.core.errors import ConfigError
 
 
@@ -16,6 +17,30 @@ def test_defaults_validate_and_derive_name():
     cfg = valid().validate()
     assert cfg.name == "train"
     assert cfg.micro_batch_size == 32
+
+
+def test_resolve_returns_a_new_frozen_config_and_leaves_the_input_as_it_is():
+    raw = valid(columns="text, label")
+    cfg = raw.resolve()
+    assert (raw.name, raw.epochs, raw.columns) == (None, None, "text, label")
+    assert (cfg.publish.name, cfg.optim.epochs, cfg.data.columns) == ("train", 3, ("text", "label"))
+    assert (cfg.name, cfg.epochs, cfg.columns) == ("train", 3, ["text", "label"])  # flat view
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.epochs = 1
+    with pytest.raises(AttributeError):
+        cfg.epochs = 1
+    assert cfg.resolve() is cfg and raw.validate() == cfg
+    longer = cfg.with_max_length(64)
+    assert (longer.data.max_length, longer.max_length, cfg.data.max_length) == (64, 64, None)
+
+
+def test_sections_hold_every_field_once_and_to_dict_is_flat():
+    names = ["task"] + [f.name for _, section in SECTIONS for f in dataclasses.fields(section)]
+    assert sorted(names) == sorted(TrainConfig.field_names()) and len(set(names)) == len(names)
+    assert set(TASK_DEFAULTS) == set(TASKS)
+    cfg = valid(lora_target_modules="a, b").resolve()
+    assert list(cfg.to_dict()) == TrainConfig.field_names()
+    assert TrainConfig.from_dict(cfg.to_dict()).resolve() == cfg
 
 
 def test_yaml_round_trip_and_flag_override(tmp_path):
