@@ -1,17 +1,10 @@
 """Where registry bytes live: a POSIX folder, or an S3-compatible object store.
 
 Both are reached through `pyarrow.fs`, so the registry code above this is the same for
-both. The differences that matter for atomicity are kept here:
-
-- local folders: files are fsynced, small pointer files are replaced with os.replace,
-  a publish is a directory rename, and a lock file serialises pointer updates;
-- object stores: every PUT replaces an object whole (so pointer updates are atomic);
-  a version becomes visible when its manifest is written, which is written last.
-
-URIs: a path (`/data/registry`, `.tuneserve/registry`), `file:///data/registry`, or
-`s3://bucket/prefix` with optional query parameters understood by pyarrow
+both; what atomicity needs differs and is kept here. URIs: a path (`/data/registry`),
+`file:///data/registry`, or `s3://bucket/prefix` with optional pyarrow query parameters
 (`?endpoint_override=http://127.0.0.1:9000&scheme=http&region=us-east-1`); credentials
-come from the usual AWS environment variables or instance roles.
+come from the usual AWS environment variables or instance roles, never the URI.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """Checks of weight files before anything loads them.
 
-`check_safetensors` validates the structure of a safetensors file, so that a hostile or
-truncated file is refused with a clear reason rather than handed to a loader: the
-header length is bounded by the file (and by 100 MiB, the limit of the safetensors
-library), the header is one UTF-8 JSON object without repeated keys, every tensor has
-a known dtype, a shape and two offsets, its byte size matches dtype x shape, and the
-tensors tile the data section exactly (no overlap, no gap, nothing past the end). It
-reads at most 8 bytes plus the header, never the tensor data, and allocates nothing in
-proportion to what the header claims.
-
-`unsafe_format` sniffs the first bytes of any file for the serialisations that run code
-when loaded (pickle protocol 2-5, which `torch.save` also writes, the zip archives of
-`torch.save`, numpy arrays that may hold pickles), so that a pickle under an innocent
-name is refused as well as one called `*.bin`. Protocol 0/1 pickles have no magic bytes
-and are only caught by their file names; no loader here opens arbitrary files anyway
-(transformers reads weights only from `*.safetensors` with `use_safetensors=True`).
+`check_safetensors` validates a safetensors file's structure, so that a hostile or
+truncated file is refused with a clear reason rather than handed to a loader; it reads
+at most 8 bytes plus the header, never the tensor data. `unsafe_format` sniffs the first
+bytes of any file for serialisations that run code when loaded (pickle, torch.save's
+zip archives, numpy arrays).
 """
 
 from __future__ import annotations
@@ -93,6 +83,18 @@ def _nbytes(shape: list[int], dtype: str, limit: int) -> Optional[int]:
 
 def check_safetensors(path: str | Path) -> int:
     """Return the number of tensors; raise ValueError naming the problem."""
+    raw, data_len = _read_header(path)
+    header = _parse_header(raw)
+    _check_metadata(header.pop("__metadata__", None))
+    spans = sorted(_tensor_span(name, meta, data_len) for name, meta in header.items())
+    _check_tiling(spans, data_len)
+    return len(spans)
+
+
+def _read_header(path: str | Path) -> tuple[bytes, int]:
+    """The header's bytes and the length of the data section after it, read from one
+    open file: the 8-byte length prefix, then a header bounded by the file's size and
+    MAX_HEADER_BYTES."""
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())  # the size of the file being read, not of a path
         if not stat.S_ISREG(st.st_mode):
@@ -114,6 +116,11 @@ def check_safetensors(path: str | Path) -> int:
         raw = fh.read(header_len)
     if len(raw) != header_len:
         raise ValueError("file shrank while it was read")
+    return raw, size - HEADER_PREFIX_BYTES - header_len
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    """The header: one UTF-8 JSON object without repeated keys."""
     if not raw.lstrip(b" \t\r\n").startswith(b"{"):
         raise ValueError("header is not valid JSON: it must be a JSON object")
     try:
@@ -128,37 +135,45 @@ def check_safetensors(path: str | Path) -> int:
         raise ValueError(f"header is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not valid JSON: it must be a JSON object")
+    return header
 
-    metadata = header.pop("__metadata__", None)
+
+def _check_metadata(metadata: Any) -> None:
+    """The optional `__metadata__` entry maps strings to strings."""
     if metadata is not None and not (
             isinstance(metadata, dict)
             and all(isinstance(v, str) for v in metadata.values())):
         raise ValueError("__metadata__ must map strings to strings")
 
-    data_len = size - HEADER_PREFIX_BYTES - header_len
-    spans = []
-    for name, meta in header.items():
-        if not isinstance(meta, dict):
-            raise ValueError(f"{_label(name)}: entry is not a JSON object")
-        offsets, dtype, shape = meta.get("data_offsets"), meta.get("dtype"), meta.get("shape")
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise ValueError(f"{_label(name)}: unknown dtype {str(dtype)[:20]!r}")
-        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise ValueError(f"{_label(name)}: shape must be a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_uint(o) for o in offsets) or offsets[0] > offsets[1]):
-            raise ValueError(f"{_label(name)}: data_offsets must be [begin, end] with "
-                             "0 <= begin <= end")
-        begin, end = offsets
-        if end > data_len:
-            raise ValueError(f"{_label(name)}: data offsets outside the file (ends at byte "
-                             f"{end} of a {data_len}-byte data section; truncated?)")
-        nbytes = _nbytes(shape, dtype, data_len)
-        if nbytes != end - begin:
-            raise ValueError(f"{_label(name)}: size does not match dtype x shape "
-                             f"({end - begin} bytes for {dtype} {shape[:8]})")
-        spans.append((begin, end, name))
-    spans.sort()
+
+def _tensor_span(name: str, meta: Any, data_len: int) -> tuple[int, int, str]:
+    """(begin, end, name) of one tensor's bytes in the data section, after checking its
+    dtype, shape and offsets, and that its byte size matches dtype x shape."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{_label(name)}: entry is not a JSON object")
+    offsets, dtype, shape = meta.get("data_offsets"), meta.get("dtype"), meta.get("shape")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise ValueError(f"{_label(name)}: unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise ValueError(f"{_label(name)}: shape must be a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_uint(o) for o in offsets) or offsets[0] > offsets[1]):
+        raise ValueError(f"{_label(name)}: data_offsets must be [begin, end] with "
+                         "0 <= begin <= end")
+    begin, end = offsets
+    if end > data_len:
+        raise ValueError(f"{_label(name)}: data offsets outside the file (ends at byte "
+                         f"{end} of a {data_len}-byte data section; truncated?)")
+    nbytes = _nbytes(shape, dtype, data_len)
+    if nbytes != end - begin:
+        raise ValueError(f"{_label(name)}: size does not match dtype x shape "
+                         f"({end - begin} bytes for {dtype} {shape[:8]})")
+    return begin, end, name
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors' sorted spans tile the data section exactly: no overlap, no gap,
+    nothing after the last tensor."""
     covered, previous = 0, None
     for begin, end, name in spans:
         if begin < covered:
@@ -171,4 +186,3 @@ def check_safetensors(path: str | Path) -> int:
     if covered != data_len:
         raise ValueError(f"{data_len - covered} bytes after the last tensor belong to no "
                          "tensor")
-    return len(spans)

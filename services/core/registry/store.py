@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from services.core.data import file_sha256
 from services.core.errors import (CorruptVersion, InvalidInput, ModelNotFound, RegistryError,
-                             TuneserveError, UnreadableVersion)
+                                  TuneserveError, UnreadableVersion)
 from services.core.registry.backend import Backend
 from services.core.registry.safetensors_check import check_safetensors, unsafe_format
 
@@ -76,6 +76,7 @@ def validate_version(version: str) -> str:
 
 def manifest_task(manifest: dict[str, Any]) -> str:
     """A manifest's task (classification when unsaid, as before the field existed)."""
+    # The literal of services.core.config.CLASSIFICATION: config imports this package.
     return str(manifest.get("task") or "classification")
 
 
@@ -293,8 +294,8 @@ class Registry:
                 verify_folder(folder, name, version, manifest)
         except OSError as exc:  # unreadable, not corrupt: no CorruptVersion
             raise UnreadableVersion(f"{name} {version}: cannot read "
-                                f"{_relative(exc.filename, folder)}: "
-                                f"{exc.strerror or type(exc).__name__}") from None
+                                    f"{_relative(exc.filename, folder)}: "
+                                    f"{exc.strerror or type(exc).__name__}") from None
         return manifest
 
     def task(self, name: str, version: str) -> str:
@@ -588,12 +589,30 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
 
     Reads only below vdir: a symlink anywhere in it is refused, not followed."""
     where = f"{name} {version}"
+    listed = _listed_files(where, name, version, manifest)
+    present = _present_files(vdir, where)
+    _check_present_files(where, present, listed)
+    _check_listed_files(where, present, listed)
+    _check_weights(where, present)
+    if manifest.get("task") == "classification":  # services.core.config.CLASSIFICATION
+        _check_labels(where, present, manifest)
+
+
+def _listed_files(where: str, name: str, version: str,
+                  manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's files (path -> {size, sha256}), once it names this version."""
     if manifest.get("name") != name or manifest.get("version") != version:
         raise CorruptVersion(f"{where}: manifest names {manifest.get('name')!r} "
                              f"{manifest.get('version')!r}")
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise CorruptVersion(f"{where}: manifest lists no files")
+    return listed
+
+
+def _present_files(vdir: Path, where: str) -> dict[str, Path]:
+    """The version folder's regular files but the registry's own, by relative path;
+    a symlink or anything else that is not a regular file is refused."""
     present: dict[str, Path] = {}
     for path in vdir.rglob("*"):
         rel = path.relative_to(vdir).as_posix()
@@ -605,6 +624,11 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
             raise CorruptVersion(f"{where}: {rel} is not a regular file")
         if rel not in (MANIFEST, CLAIM):
             present[rel] = path
+    return present
+
+
+def _check_present_files(where: str, present: dict[str, Path], listed: dict[str, Any]) -> None:
+    """No file is pickle-based (by name, or by its first bytes), and every one is listed."""
     for rel, path in present.items():
         if Path(rel).suffix.lower() in UNSAFE_SUFFIXES:
             raise CorruptVersion(f"{where}: refusing pickle-based file {rel}")
@@ -613,6 +637,10 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
                                  "pickle-based files can run code when loaded")
         if rel not in listed:
             raise CorruptVersion(f"{where}: {rel} is not in the manifest")
+
+
+def _check_listed_files(where: str, present: dict[str, Path], listed: dict[str, Any]) -> None:
+    """Every listed file is there, with the manifest's size and sha256."""
     for rel, meta in listed.items():
         path = present.get(rel)
         if path is None:
@@ -623,6 +651,11 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
             raise CorruptVersion(f"{where}: {rel} has the wrong size")
         if file_sha256(path) != meta.get("sha256"):
             raise CorruptVersion(f"{where}: {rel} fails its sha256 check")
+
+
+def _check_weights(where: str, present: dict[str, Path]) -> None:
+    """Sound safetensors weights, referenced only from within the folder, and a
+    config.json."""
     weights = [rel for rel in present if rel.endswith(".safetensors")]
     if not weights:
         raise CorruptVersion(f"{where}: no safetensors weights")
@@ -636,16 +669,19 @@ def verify_folder(vdir: Path, name: str, version: str, manifest: dict[str, Any])
         raise CorruptVersion(f"{where}: {problem}")
     if "config.json" not in present:
         raise CorruptVersion(f"{where}: missing config.json")
-    if manifest.get("task") == "classification":
-        try:
-            config = _read_json(present["config.json"], "config.json")
-        except ValueError as exc:
-            raise CorruptVersion(f"{where}: {exc}") from None
-        id2label = (config.get("id2label") if isinstance(config, dict) else None) or {}
-        if not isinstance(id2label, dict):
-            raise CorruptVersion(f"{where}: config.json id2label is not a JSON object")
-        names = [id2label.get(str(i)) for i in range(len(id2label))]
-        labels = manifest.get("labels")
-        if not labels or names != labels:
-            raise CorruptVersion(f"{where}: config labels {names} differ from the "
-                                 f"manifest's {labels}")
+
+
+def _check_labels(where: str, present: dict[str, Path], manifest: dict[str, Any]) -> None:
+    """A classifier's config.json id2label names the manifest's labels, in order."""
+    try:
+        config = _read_json(present["config.json"], "config.json")
+    except ValueError as exc:
+        raise CorruptVersion(f"{where}: {exc}") from None
+    id2label = (config.get("id2label") if isinstance(config, dict) else None) or {}
+    if not isinstance(id2label, dict):
+        raise CorruptVersion(f"{where}: config.json id2label is not a JSON object")
+    names = [id2label.get(str(i)) for i in range(len(id2label))]
+    labels = manifest.get("labels")
+    if not labels or names != labels:
+        raise CorruptVersion(f"{where}: config labels {names} differ from the "
+                             f"manifest's {labels}")
