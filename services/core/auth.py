@@ -1,22 +1,10 @@
-"""Bearer-token authentication of the gRPC API. No grpc import here.
+"""Bearer-token authentication of the gRPC API (`authorization: Bearer <token>`).
 
-Two optional tokens, sent by clients as the metadata `authorization: Bearer <token>`:
-
-- the API token (env TUNESERVE_API_TOKEN, or `tuneserve serve --api-token-file`) for
-  tuneserve.v1.Inference (Classify, Generate, GenerateStream, ListModels);
-- the admin token (env TUNESERVE_ADMIN_TOKEN, or `--admin-token-file`) for
-  tuneserve.v1.Admin; it may call Inference methods too.
-
-Missing or unknown token: UNAUTHENTICATED. The API token on an Admin method:
-PERMISSION_DENIED. With no token configured at all, everything is open (and the
-server says so in one warning at start). With only an API token, Admin is closed to
-everyone (no admin token to present); with only an admin token, Inference is open.
-grpc.health.v1 and server reflection are always open.
-
-Tokens are read where the application is built (`tuneserve serve`, or Serve's app
-builder in a RayService) and only their SHA-256 digests travel to the ingress
-replicas, so no token sits in Serve's stored application config. A presented token is
-hashed and compared with `hmac.compare_digest`. Tokens are never logged.
+The API token (TUNESERVE_API_TOKEN, `--api-token-file`) opens tuneserve.v1.Inference;
+the admin token (TUNESERVE_ADMIN_TOKEN, `--admin-token-file`) opens tuneserve.v1.Admin
+and Inference. Missing or unknown token: UNAUTHENTICATED; the API token on Admin:
+PERMISSION_DENIED; no token configured: everything open. Health and reflection are
+always open. Only SHA-256 digests of the tokens leave this module. No grpc import here.
 """
 
 from __future__ import annotations

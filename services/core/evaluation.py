@@ -7,7 +7,10 @@ predicted), so distributed evaluation is exact: no sample is dropped or counted 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
+
+from services.core.tables import format_table
 
 
 def confusion_matrix(true: Sequence[int], pred: Sequence[int], num_labels: int) -> list[list[int]]:
@@ -60,8 +63,6 @@ def summary(metrics: dict) -> dict[str, float]:
 def format_report(metrics: dict, cm: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
     """Accuracy, a per-class table with the macro averages, and the confusion matrix,
     as plain-text tables (what `tuneserve eval` prints)."""
-    from services.core.tables import format_table
-
     rows = [(lab, f"{pc['precision']:.4f}", f"{pc['recall']:.4f}", f"{pc['f1']:.4f}",
              pc["support"]) for lab, pc in metrics["per_class"].items()]
     rows.append(("macro avg", f"{metrics['macro_precision']:.4f}",
@@ -81,8 +82,6 @@ def write_confusion_png(cm: Sequence[Sequence[int]], labels: Sequence[str], path
                         title: str = ""):
     """The confusion matrix as a PNG heat map with the counts written in each cell.
     Matplotlib's object API on the Agg canvas: no pyplot state, no display needed."""
-    from pathlib import Path
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

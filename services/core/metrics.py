@@ -1,18 +1,10 @@
 """Every Prometheus metric tuneserve exports, defined in one place.
 
-Metrics are recorded with Ray's metrics API (`ray.util.metrics`), so each Serve replica
-and Train worker on every node is exported through Ray's metrics endpoint on that node
-(`tuneserve serve --metrics-port`, or the Ray node's metrics-export port in Kubernetes),
-which Prometheus scrapes. Ray prefixes every name with `ray_`: the exported names are
-the ones below with that prefix, e.g. `ray_tuneserve_requests_total`.
-
-Ray (2.60) rebuilds a histogram's observations from its bucket midpoints before it
-exports them, so a histogram's `_sum` is approximate (a batch of 1 adds 0.5 to it);
-its buckets and `_count` are exact. Each histogram therefore has a companion counter,
-its name plus `_exact_sum_total`, that adds up the observations exactly: a mean is
-rate(<name>_exact_sum_total) / rate(<name>_count). (Not `<name>_total` or
-`<name>_sum_total`: in the exposition format a counter's family is its name without
-`_total`, which would clash with the histogram's own names.)
+Metrics are recorded with Ray's metrics API (`ray.util.metrics`) and exported through
+Ray's metrics endpoint on each node, which prefixes every name with `ray_` (e.g.
+`ray_tuneserve_requests_total`). Each histogram has a companion counter, its name plus
+`_exact_sum_total`, that adds up the observations exactly (Ray's `_sum` is approximate):
+a mean is rate(<name>_exact_sum_total) / rate(<name>_count).
 
 Labels have few values only (method, code, model, version, result, run): never a text,
 a prompt or a request id. Metric objects are created lazily, once per process.

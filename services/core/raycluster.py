@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Optional
+
+from services.core.errors import ConfigError
 
 # Set before Ray is imported anywhere: no usage-stats reporting (no network here).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller takes in one report per worker each poll (2 s by default) and
-# a worker's next report waits for it: on a short run, or one that evaluates every few
-# seconds, each checkpoint stalled training ~2 s and the run's end waited for the
-# backlog (a 24-step run with 6 evaluations: 37 s -> 24 s at 0.5 s; the poll also
-# finds a dead worker sooner). A local cluster's processes inherit this; on a running
-# cluster the controller reads its own environment.
+# Ray Train's controller polls for the workers' reports, and a worker's next report
+# waits for it: a short poll keeps checkpoints from stalling training (docs/design.md).
+# A local cluster's processes inherit this; a running cluster's controller reads its
+# own environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
@@ -26,10 +27,6 @@ REACH_TIMEOUT_S = 5.0
 def check_reachable(address: str, flag: str = "--address") -> None:
     """A HOST:PORT (or ray://HOST:PORT) that does not answer fails here in seconds:
     ray.init would retry the connection without end. "auto" is left to Ray."""
-    import socket
-
-    from services.core.errors import ConfigError
-
     if address in ("auto", "local"):
         return
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
