@@ -150,9 +150,9 @@ def cli(*argv) -> int:
 
 def load_version(reg, name, version):
     """What a classifier replica does with a new version: verify, then load."""
-    from services.serving.classifier import _load_version
+    from services.runtime.classifier import load_classifier
 
-    return _load_version(reg, name, version)
+    return load_classifier(reg, name, version)
 
 
 # ---- names and versions ----------------------------------------------------------------
