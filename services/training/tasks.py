@@ -1,7 +1,8 @@
 """What differs between training a classifier and fine-tuning a causal LM.
 
-The driver (run.py) and the Ray Train loop (loop.py) are shared; a task object holds
-everything task-specific and travels to the workers inside the loop config:
+The driver (run.py) and the Ray Train loop (loop.py) are shared; a task object, made
+from a ResolvedTrainConfig by `make_task`, holds everything task-specific and travels
+to the workers inside the loop config:
 
     driver:  prepare_data(tokenizer) -> tokenised splits, describe_eval, summary,
              manifest_fields (what the registry records)
@@ -12,6 +13,10 @@ everything task-specific and travels to the workers inside the loop config:
 `ClassificationTask`: cross-entropy over labels, confusion matrices all-reduced.
 `GenerationTask`: next-token loss on response tokens only, eval loss and perplexity
 over every target token of the eval split; optional LoRA (peft), merged on save.
+
+A new task is one Task subclass here plus its entry in TASK_CLASSES, and its row of
+defaults in services.core.config.TASK_DEFAULTS (resolving a config, in core, fills
+them in; core cannot import training).
 """
 
 from __future__ import annotations
@@ -24,28 +29,30 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from services.core.config import (CLASSIFICATION, GENERATION, TASK_DEFAULTS,
+                                  ResolvedTrainConfig, TaskDefaults, parse_class_weights,
+                                  render_prompt)
+from services.core.errors import ConfigError
 from services.core.modeling import GENERATION_FILE
 from services.training.encoded import EncodedSplit, pad_batch
 
 IGNORE_INDEX = -100
 
 
-def make_task(cfg) -> "Task":
-    """The task object for a validated TrainConfig."""
-    return {"classification": ClassificationTask,
-            "generation": GenerationTask}[cfg.task](cfg)
-
-
 class Task:
     name = ""
+    defaults: TaskDefaults
+    """The values resolving a config of this task gives the fields left unset."""
     metric = "eval_loss"
     """The metric that picks the best epoch (checkpoint score attribute)."""
     metric_mode = "min"
     label_names: list[str] = []
 
-    def __init__(self, cfg):
-        self.model_ref: str = cfg.model
-        self.max_length: int = cfg.max_length
+    def __init__(self, cfg: ResolvedTrainConfig, model_ref: Optional[str] = None):
+        """`model_ref`: what the workers load (prepare_model_ref's local folder made
+        absolute); default: the config's model."""
+        self.model_ref: str = model_ref or cfg.modeling.model
+        self.max_length: Optional[int] = cfg.data.max_length
         self.pad_id: Optional[int] = None
 
     # ---- driver side -----------------------------------------------------------
@@ -63,26 +70,26 @@ class Task:
         `limit` where counting further would cost a tokenisation in full)."""
         raise NotImplementedError
 
-    def _resolve_max_length(self, cfg, tokenizer, columns: tuple) -> dict[str, Any]:
-        """cfg.max_length, or one chosen from (a sample of) the training examples, as
-        self.max_length (the driver puts it in the run's config)."""
+    def _resolve_max_length(self, cfg: ResolvedTrainConfig, tokenizer,
+                            columns: tuple) -> dict[str, Any]:
+        """The config's max_length, or one chosen from (a sample of) the training
+        examples, as self.max_length (the driver puts it in the run's config)."""
         from services.training.encoded import choose_max_length, model_limit
 
-        limit = model_limit(cfg.model, tokenizer)
-        if cfg.max_length and cfg.max_length > limit:
-            from services.core.errors import ConfigError
-
-            raise ConfigError(f"invalid config field 'max_length': {cfg.max_length} is more "
+        given = cfg.data.max_length
+        limit = model_limit(cfg.modeling.model, tokenizer)
+        if given and given > limit:
+            raise ConfigError(f"invalid config field 'max_length': {given} is more "
                               f"tokens than the model takes ({limit}, from its config)")
         if self.max_length_cap:
             limit = min(limit, self.max_length_cap)
         n = len(columns[0])
         if n > 20_000:
-            pick = np.random.default_rng(cfg.seed).choice(n, 20_000, replace=False)
+            pick = np.random.default_rng(cfg.optim.seed).choice(n, 20_000, replace=False)
             columns = tuple([col[i] for i in pick] for col in columns)
         lengths = self.example_lengths(tokenizer, columns, limit)
-        source = "config" if cfg.max_length else "data"
-        chosen = cfg.max_length or choose_max_length(lengths, limit)
+        source = "config" if given else "data"
+        chosen = given or choose_max_length(lengths, limit)
         self.max_length = chosen
         arr = np.asarray(lengths)
         return {"value": chosen, "source": source, "p50": int(np.median(arr)),
@@ -173,9 +180,6 @@ def all_reduce(values, device, world: int):
 def resolve_class_weights(spec: Optional[str], labels: list[str],
                           counts: list[int]) -> Optional[list[float]]:
     """Loss weight per class id: None, 'balanced' (n / (k x count)) or label=weight."""
-    from services.core.config import parse_class_weights
-    from services.core.errors import ConfigError
-
     if not spec:
         return None
     parsed = parse_class_weights(spec)
@@ -217,12 +221,13 @@ class _Examples:
 
 
 class ClassificationTask(Task):
-    name = "classification"
+    name = CLASSIFICATION
+    defaults = TASK_DEFAULTS[CLASSIFICATION]
     metric = "eval_accuracy"
     metric_mode = "max"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg: ResolvedTrainConfig, model_ref: Optional[str] = None):
+        super().__init__(cfg, model_ref)
         self.id2label: dict[int, str] = {}
         self.class_weights: Optional[list[float]] = None
 
@@ -231,39 +236,24 @@ class ClassificationTask(Task):
         return [self.id2label[i] for i in range(len(self.id2label))]
 
     def prepare_data(self, cfg, tokenizer):
-        from services.core.data import LabelSet, load_labelled, stratified_split_indices
+        from services.core.data import LabelSet
         from services.training.encoded import encode_texts
 
-        train = load_labelled(cfg.train, cfg.text_column, cfg.label_column, cfg.columns)
-        if cfg.eval:
-            # Columns not named in the config are found in each file on its own: an
-            # eval file may call its text 'sentence' where the train file says 'text'.
-            evald = load_labelled(cfg.eval, cfg.text_column, cfg.label_column, cfg.columns)
-            tr_texts, tr_labels = train.texts, train.labels
-            ev_texts, ev_labels = evald.texts, evald.labels
-            eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
-            split = None
-        else:
-            tr_idx, ev_idx = stratified_split_indices(train.labels, cfg.eval_fraction,
-                                                      cfg.seed)
-            tr_texts = [train.texts[i] for i in tr_idx]
-            tr_labels = [train.labels[i] for i in tr_idx]
-            ev_texts = [train.texts[i] for i in ev_idx]
-            ev_labels = [train.labels[i] for i in ev_idx]
-            eval_info = None
-            split = {"method": "stratified by label", "eval_fraction": cfg.eval_fraction,
-                     "seed": cfg.seed, "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
-        where = f"{cfg.train}: " if cfg.eval else (
-            f"{cfg.train}: the {len(tr_labels)} rows left for training after holding out "
-            f"{len(ev_labels)} for eval (--eval-fraction {cfg.eval_fraction}; or pass --eval): ")
+        d = cfg.data
+        train, (tr_texts, tr_labels), (ev_texts, ev_labels), eval_info, split = \
+            self._load_splits(cfg)
+        where = f"{d.train}: " if d.eval else (
+            f"{d.train}: the {len(tr_labels)} rows left for training after holding out "
+            f"{len(ev_labels)} for eval (--eval-fraction {d.eval_fraction}; or pass --eval): ")
         labelset = LabelSet.from_labels(tr_labels, where=where)
         tr_ids = labelset.encode(tr_labels)
-        ev_ids = labelset.encode(ev_labels, where=f"{cfg.eval or cfg.train}: ")
+        ev_ids = labelset.encode(ev_labels, where=f"{d.eval or d.train}: ")
         self.id2label = labelset.id2label
         self.pad_id = tokenizer.pad_token_id
         length_info = self._resolve_max_length(cfg, tokenizer, (tr_texts,))
         counts = np.bincount(np.asarray(tr_ids), minlength=len(labelset)).tolist()
-        self.class_weights = resolve_class_weights(cfg.class_weights, self.label_names, counts)
+        self.class_weights = resolve_class_weights(cfg.optim.class_weights, self.label_names,
+                                                   counts)
         data = {
             "train": encode_texts(tokenizer, tr_texts, tr_ids, self.max_length, desc="train"),
             "eval": encode_texts(tokenizer, ev_texts, ev_ids, self.max_length, desc="eval"),
@@ -276,6 +266,30 @@ class ClassificationTask(Task):
                 "class_weights": (dict(zip(self.label_names, self.class_weights))
                                   if self.class_weights else None)}
         return data, info
+
+    @staticmethod
+    def _load_splits(cfg: ResolvedTrainConfig):
+        """(the training file's data, train (texts, labels), eval (texts, labels), the
+        eval file's info, how eval was held out): from --eval, or a stratified share."""
+        from services.core.data import load_labelled, stratified_split_indices
+
+        d, seed = cfg.data, cfg.optim.seed
+        train = load_labelled(d.train, d.text_column, d.label_column, d.columns)
+        if d.eval:
+            # Columns not named in the config are found in each file on its own: an
+            # eval file may call its text 'sentence' where the train file says 'text'.
+            evald = load_labelled(d.eval, d.text_column, d.label_column, d.columns)
+            eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(evald.texts)}
+            return (train, (train.texts, train.labels), (evald.texts, evald.labels),
+                    eval_info, None)
+        tr_idx, ev_idx = stratified_split_indices(train.labels, d.eval_fraction, seed)
+
+        def pick(idx):
+            return [train.texts[i] for i in idx], [train.labels[i] for i in idx]
+
+        split = {"method": "stratified by label", "eval_fraction": d.eval_fraction,
+                 "seed": seed, "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+        return train, pick(tr_idx), pick(ev_idx), None, split
 
     def example_lengths(self, tokenizer, columns, limit):
         (texts,) = columns
@@ -402,42 +416,30 @@ def perplexity(loss: float) -> float:
 
 
 class GenerationTask(Task):
-    name = "generation"
+    name = GENERATION
+    defaults = TASK_DEFAULTS[GENERATION]
     metric = "eval_loss"
     metric_mode = "min"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.prompt_template: Optional[str] = cfg.prompt_template
-        self.packing: bool = cfg.packing
+    def __init__(self, cfg: ResolvedTrainConfig, model_ref: Optional[str] = None):
+        super().__init__(cfg, model_ref)
+        self.prompt_template: Optional[str] = cfg.data.prompt_template
+        self.packing: bool = cfg.data.packing
         self.lora = None
-        if cfg.lora_r:
-            self.lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-                         "lora_dropout": cfg.lora_dropout,
-                         "target_modules": cfg.lora_target_modules}
+        m = cfg.modeling
+        if m.lora_r:
+            self.lora = {"r": m.lora_r, "lora_alpha": m.lora_alpha,
+                         "lora_dropout": m.lora_dropout,
+                         "target_modules": None if m.lora_target_modules is None
+                         else list(m.lora_target_modules)}
         self.stats: dict[str, Any] = {}
 
     def prepare_data(self, cfg, tokenizer):
-        from services.core.data import load_pairs, split_indices
         from services.core.modeling import check_causal_lm
         from services.training.encoded import encode_pairs
 
-        check_causal_lm(cfg.model)
-        train = load_pairs(cfg.train, cfg.prompt_column, cfg.response_column, cfg.columns)
-        if cfg.eval:
-            evald = load_pairs(cfg.eval, cfg.prompt_column, cfg.response_column,
-                               cfg.columns)
-            tr = (train.prompts, train.responses)
-            ev = (evald.prompts, evald.responses)
-            eval_info = {"path": evald.path, "sha256": evald.sha256, "rows": len(ev[0])}
-            split = None
-        else:
-            tr_idx, ev_idx = split_indices(len(train.prompts), cfg.eval_fraction, cfg.seed)
-            tr = ([train.prompts[i] for i in tr_idx], [train.responses[i] for i in tr_idx])
-            ev = ([train.prompts[i] for i in ev_idx], [train.responses[i] for i in ev_idx])
-            eval_info = None
-            split = {"eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
-                     "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+        check_causal_lm(cfg.modeling.model)
+        train, tr, ev, eval_info, split = self._load_splits(cfg)
         self.pad_id = tokenizer.pad_token_id
         length_info = self._resolve_max_length(cfg, tokenizer, tr)
         train_split, train_stats = encode_pairs(tokenizer, *tr, self.prompt_template,
@@ -454,11 +456,32 @@ class GenerationTask(Task):
                 "max_length": length_info}
         return {"train": train_split, "eval": eval_split}, info
 
+    @staticmethod
+    def _load_splits(cfg: ResolvedTrainConfig):
+        """(the training file's pairs, train (prompts, responses), eval (prompts,
+        responses), the eval file's info, how eval was held out)."""
+        from services.core.data import load_pairs, split_indices
+
+        d, seed = cfg.data, cfg.optim.seed
+        train = load_pairs(d.train, d.prompt_column, d.response_column, d.columns)
+        if d.eval:
+            evald = load_pairs(d.eval, d.prompt_column, d.response_column, d.columns)
+            eval_info = {"path": evald.path, "sha256": evald.sha256,
+                         "rows": len(evald.prompts)}
+            return (train, (train.prompts, train.responses),
+                    (evald.prompts, evald.responses), eval_info, None)
+        tr_idx, ev_idx = split_indices(len(train.prompts), d.eval_fraction, seed)
+
+        def pick(idx):
+            return [train.prompts[i] for i in idx], [train.responses[i] for i in idx]
+
+        split = {"eval_fraction": d.eval_fraction, "seed": seed,
+                 "train_rows": len(tr_idx), "eval_rows": len(ev_idx)}
+        return train, pick(tr_idx), pick(ev_idx), None, split
+
     max_length_cap = 1024
 
     def example_lengths(self, tokenizer, columns, limit):
-        from services.core.config import render_prompt
-
         prompts, responses = columns
         p_ids = tokenizer([render_prompt(self.prompt_template, p) for p in prompts],
                           add_special_tokens=True)["input_ids"]
@@ -568,3 +591,22 @@ class GenerationTask(Task):
         with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as fh:
             json.dump({"task": self.name, "prompt_template": self.prompt_template,
                        "max_length": self.max_length, "lora": self.lora}, fh, indent=2)
+
+
+TASK_CLASSES: dict[str, type[Task]] = {CLASSIFICATION: ClassificationTask,
+                                       GENERATION: GenerationTask}
+"""Every task name of services.core.config.TASKS, and the class that trains it."""
+
+
+def task_for(name: str) -> type[Task]:
+    """The Task class of a task name (ConfigError naming the field when there is none)."""
+    try:
+        return TASK_CLASSES[name]
+    except KeyError:
+        raise ConfigError(f"invalid config field 'task': must be one of "
+                          f"{', '.join(TASK_CLASSES)}, got {name!r}") from None
+
+
+def make_task(cfg: ResolvedTrainConfig, model_ref: Optional[str] = None) -> Task:
+    """The task object for a resolved config (see Task.__init__ for `model_ref`)."""
+    return task_for(cfg.task)(cfg, model_ref)

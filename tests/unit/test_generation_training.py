@@ -233,7 +233,7 @@ def test_length_statistics_are_the_datas_not_capped_at_the_limit():
     prompts = ["what is " + "very " * 40 + "long", "short"]
     responses = ["an answer " * 20, "ok"]
     tokenizer = build_bpe_tokenizer(prompts + responses)
-    task = GenerationTask(TrainConfig(model="m", train="t.jsonl", task="generation"))
+    task = GenerationTask(TrainConfig(model="m", train="t.jsonl", task="generation").resolve())
     lengths = task.example_lengths(tokenizer, (prompts, responses), limit=16)
     assert lengths[0] > 16 and lengths[1] < 16
 

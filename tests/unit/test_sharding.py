@@ -150,7 +150,7 @@ def test_sharded_classification_gradient_equals_the_whole_batch(tiny_model_dir, 
              "fine", "great fun", "dull and long", "ok"]
     labels = [1, 1, 0, 1, 0, 0, 1, 1, 0, 1]
     split = encode_texts(tokenizer, texts, labels, 32)
-    task = ClassificationTask(TrainConfig(model=str(tiny_model_dir), train="t.csv"))
+    task = ClassificationTask(TrainConfig(model=str(tiny_model_dir), train="t.csv").resolve())
     task.id2label, task.pad_id, task.class_weights = {0: "neg", 1: "pos"}, \
         tokenizer.pad_token_id, weights
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_sharded_generation_gradient_equals_the_whole_batch(tiny_gpt2_dir):
     responses = ["4", "it is far away", "hello there my friend", "one two three", "yes"]
     split, _ = encode_pairs(tokenizer, prompts, responses, None, 48)
     task = GenerationTask(TrainConfig(model=str(tiny_gpt2_dir), train="t.jsonl",
-                                      task="generation"))
+                                      task="generation").resolve())
     task.pad_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     model = task.build_model(tokenizer).eval()

@@ -26,6 +26,20 @@ def test_task_defaults_fill_only_what_is_unset():
     assert (mine.learning_rate, mine.epochs) == (1e-4, 1)
 
 
+def test_every_task_name_has_its_class_and_defaults():
+    from services.core.config import TASK_DEFAULTS, TASKS
+    from services.training.tasks import make_task, task_for
+
+    for name in TASKS:
+        assert task_for(name).name == name and task_for(name).defaults is TASK_DEFAULTS[name]
+    with pytest.raises(ConfigError, match="'task'"):
+        task_for("regression")
+    cfg = TrainConfig(model="m", train="t.jsonl", task="generation", lora_r=4,
+                      lora_target_modules="a, b").resolve()
+    task = make_task(cfg, model_ref="/abs/m")
+    assert task.model_ref == "/abs/m" and task.lora["target_modules"] == ["a", "b"]
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("eval_steps", 0, "eval_steps"),
     ("early_stopping_patience", -1, "early_stopping_patience"),
