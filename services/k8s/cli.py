@@ -22,17 +22,29 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from services.core.config import template_from_flag
+import yaml
+
+from services.core.config import (
+    TrainConfig,
+    field_help,
+    load_yaml_mapping,
+    template_from_flag,
+)
 from services.core.errors import ConfigError, InvalidInput
 from services.k8s import objects
-from services.k8s.objects import (APP_NAME, DEFAULT_NAMESPACE, DEFAULT_PVC,
-                                  DEFAULT_RAYSERVICE, JobOptions)
+from services.k8s.client import JobFailed, Kube
+from services.k8s.manifest import pin_in_manifest
+from services.k8s.objects import (
+    APP_NAME,
+    DEFAULT_NAMESPACE,
+    DEFAULT_PVC,
+    DEFAULT_RAYSERVICE,
+    JobOptions,
+)
 
 
 def _field_help() -> dict[str, str]:
     try:
-        from services.core.config import TrainConfig, field_help
-
         return field_help(TrainConfig)  # the same texts as `tuneserve train`
     except Exception:  # help texts only: never fail the parser for them
         return {}
@@ -65,6 +77,23 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def register(subparsers, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """Add `k8s` and its actions to an argparse subparsers object; returns its parser.
     `prog`: the command's name in usage lines, where it is not `... k8s`."""
+    parser = subparsers.add_parser(
+        "k8s", help="train and pin versions on Kubernetes (KubeRay RayJob / RayService)",
+        **({"prog": prog} if prog else {}),
+        description="Submit and follow training RayJobs; pin the version a RayService "
+                    "serves. See docs/kubernetes.md.")
+    actions = parser.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
+    common = _cluster_flags()
+    for register_action in (_register_train, _register_status, _register_logs,
+                            _register_delete):
+        register_action(actions, common)
+    for action, text in PIN_ACTIONS:
+        _register_pin(actions, common, action, text)
+    return parser
+
+
+def _cluster_flags() -> argparse.ArgumentParser:
+    """The flags every action takes: which cluster and namespace."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE,
                         help=f"namespace of the RayJobs and the RayService "
@@ -73,18 +102,15 @@ def register(subparsers, prog: Optional[str] = None) -> argparse.ArgumentParser:
                         help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then "
                              "the in-cluster service account)")
     common.add_argument("--context", default=None, help="kubeconfig context")
+    return common
 
-    parser = subparsers.add_parser(
-        "k8s", help="train and pin versions on Kubernetes (KubeRay RayJob / RayService)",
-        **({"prog": prog} if prog else {}),
-        description="Submit and follow training RayJobs; pin the version a RayService "
-                    "serves. See docs/kubernetes.md.")
-    sub = parser.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
 
-    p = sub.add_parser("train", parents=[common],
-                       help="run `tuneserve train` as a KubeRay RayJob",
-                       description="Builds a RayJob and a ConfigMap holding the run config "
-                                   "(registry and runs on the shared volume) and creates them.")
+def _register_train(actions, common: argparse.ArgumentParser) -> None:
+    p = actions.add_parser("train", parents=[common],
+                           help="run `tuneserve train` as a KubeRay RayJob",
+                           description="Builds a RayJob and a ConfigMap holding the run "
+                                       "config (registry and runs on the shared volume) and "
+                                       "creates them.")
     p.add_argument("--config", help="YAML run config, as for `tuneserve train`")
     _add_train_flags(p)
     g = p.add_argument_group("cluster")
@@ -112,48 +138,60 @@ def register(subparsers, prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="stop watching after this long (the job goes on)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the ConfigMap and RayJob as YAML; contact no cluster")
+    p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("status", parents=[common], help="state of a training RayJob")
+
+def _register_status(actions, common: argparse.ArgumentParser) -> None:
+    p = actions.add_parser("status", parents=[common], help="state of a training RayJob")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--json", action="store_true", help="the RayJob's status as JSON")
+    p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("logs", parents=[common], help="the training driver's log")
+
+def _register_logs(actions, common: argparse.ArgumentParser) -> None:
+    p = actions.add_parser("logs", parents=[common], help="the training driver's log")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--tail", type=int, default=None, metavar="N", help="last N lines only")
+    p.set_defaults(handler=cmd_logs)
 
-    p = sub.add_parser("delete", parents=[common],
-                       help="delete a RayJob (its cluster and run config go with it)")
+
+def _register_delete(actions, common: argparse.ArgumentParser) -> None:
+    p = actions.add_parser("delete", parents=[common],
+                           help="delete a RayJob (its cluster and run config go with it)")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted")
+    p.set_defaults(handler=cmd_delete)
 
-    for action, text in (("promote", "pin the version a model's replicas serve "
-                                     "(declarative: edits the RayService's serveConfigV2)"),
-                         ("unpin", "let a model's replicas follow their channel again")):
-        p = sub.add_parser(action, parents=[common], help=text)
-        p.add_argument("model", metavar="MODEL")
-        if action == "promote":
-            p.add_argument("version", metavar="VERSION", help="e.g. v3")
-        p.add_argument("--service", default=DEFAULT_RAYSERVICE,
-                       help=f"RayService name (default: {DEFAULT_RAYSERVICE})")
-        p.add_argument("--app", default=APP_NAME,
-                       help=f"Serve application name (default: {APP_NAME})")
-        p.add_argument("--dry-run", action="store_true",
-                       help="print the patch instead of applying it")
-        p.add_argument("--file", default=None, metavar="MANIFEST_YAML",
-                       help="edit this manifest instead of the cluster's RayService and "
-                            "print the result, changed only in the pin (no cluster "
-                            "needed): a RayService, or an overlay's patch of "
-                            "/spec/serveConfigV2 (k8s/overlays/gpu/rayservice-gpu.yaml)")
-        p.add_argument("--in-place", action="store_true",
-                       help="with --file: write the result back to the file")
-    return parser
+
+PIN_ACTIONS = (("promote", "pin the version a model's replicas serve "
+                           "(declarative: edits the RayService's serveConfigV2)"),
+               ("unpin", "let a model's replicas follow their channel again"))
+
+
+def _register_pin(actions, common: argparse.ArgumentParser, action: str, text: str) -> None:
+    p = actions.add_parser(action, parents=[common], help=text)
+    p.add_argument("model", metavar="MODEL")
+    if action == "promote":
+        p.add_argument("version", metavar="VERSION", help="e.g. v3")
+    p.add_argument("--service", default=DEFAULT_RAYSERVICE,
+                   help=f"RayService name (default: {DEFAULT_RAYSERVICE})")
+    p.add_argument("--app", default=APP_NAME,
+                   help=f"Serve application name (default: {APP_NAME})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the patch instead of applying it")
+    p.add_argument("--file", default=None, metavar="MANIFEST_YAML",
+                   help="edit this manifest instead of the cluster's RayService and "
+                        "print the result, changed only in the pin (no cluster "
+                        "needed): a RayService, or an overlay's patch of "
+                        "/spec/serveConfigV2 (k8s/overlays/gpu/rayservice-gpu.yaml)")
+    p.add_argument("--in-place", action="store_true",
+                   help="with --file: write the result back to the file")
+    p.set_defaults(handler=cmd_promote if action == "promote" else cmd_unpin)
 
 
 # ---- actions ---------------------------------------------------------------------------
-def _connect(args: argparse.Namespace):
-    from services.k8s.client import Kube
-
+def _connect(args: argparse.Namespace) -> Kube:
     objects.check_k8s_name(args.namespace, "namespace", 63)
     return Kube.connect(args.namespace, kubeconfig=args.kubeconfig, context=args.context)
 
@@ -176,8 +214,6 @@ def _check_watch_flags(args: argparse.Namespace) -> None:
 
 
 def _train_objects(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    from services.core.config import load_yaml_mapping
-
     _check_watch_flags(args)
     file_data = load_yaml_mapping(args.config) if args.config else {}
     overrides = {f.name: getattr(args, f.name) for f in objects.train_flag_fields()}
@@ -233,9 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _watch(kube, name, args)
 
 
-def _watch(kube, name: str, args: argparse.Namespace) -> int:
-    from services.k8s.client import JobFailed
-
+def _watch(kube: Kube, name: str, args: argparse.Namespace) -> int:
     try:
         state = kube.watch_job(name, out=lambda line: print(line, flush=True),
                                interval_s=args.interval_s, timeout_s=args.timeout_s)
@@ -296,7 +330,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
-
     if version is not None:
         objects.check_version(version)  # before any cluster or file is read
     if args.file:
@@ -318,10 +351,6 @@ def _pin(args: argparse.Namespace, version: Optional[str]) -> int:
 def _pin_file(args: argparse.Namespace, version: Optional[str]) -> int:
     """Pin in a manifest file (a RayService, or an overlay's serveConfigV2 patch), keeping
     the rest of the file as it is; print it, or with --in-place write it back."""
-    import yaml
-
-    from services.k8s.manifest import pin_in_manifest
-
     try:
         with open(args.file, encoding="utf-8") as fh:
             text = fh.read()
@@ -356,10 +385,7 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     return _pin(args, None)
 
 
-ACTIONS = {"train": cmd_train, "status": cmd_status, "logs": cmd_logs,
-           "delete": cmd_delete, "promote": cmd_promote, "unpin": cmd_unpin}
-
-
 def run(args: argparse.Namespace) -> int:
-    """Carry out a parsed `tuneserve k8s ...`; raises TuneserveError for the CLI to print."""
-    return ACTIONS[args.k8s_command](args)
+    """Carry out a parsed `tuneserve k8s ...` (the action's handler, set by `register`);
+    raises TuneserveError for the CLI to print."""
+    return args.handler(args)

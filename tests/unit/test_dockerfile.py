@@ -201,7 +201,7 @@ def dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
 
 def test_dockerignore_keeps_the_source_and_generated_code_only():
     rules = dockerignore_rules()
-    kept = ["pyproject.toml", "README.md", "services/cli.py", "services/__main__.py",
+    kept = ["pyproject.toml", "README.md", "services/cli/__init__.py", "services/__main__.py",
             "services/protocol/tuneserve/v1/inference_pb2.py",
             "services/protocol/tuneserve/v1/inference_pb2_grpc.py",
             "services/protocol/tuneserve/v1/inference_pb2.pyi",

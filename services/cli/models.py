@@ -1,0 +1,199 @@
+"""`tuneserve models ...`: list and verify the registry's versions; move channels and
+pins (promote, rollback, pin, unpin) on the registry itself or through a running
+server's Admin API.
+
+`list` shows what it cannot read as such and exits 1, listing the rest all the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from services.cli.common import token
+from services.core.auth import ADMIN_TOKEN_ENV
+from services.core.config import DEFAULT_REGISTRY
+from services.core.errors import InvalidInput, TuneserveError
+from services.core.tables import format_table
+
+CHANGES = (("promote", "verify a version, then point a channel at it"),
+           ("rollback", "move a channel back to its previous version"),
+           ("pin", "make every replica serve this version"),
+           ("unpin", "let replicas follow their channel again"))
+"""The actions that change what is served, with their help texts."""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("models", help="inspect the registry")
+    actions = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    q = actions.add_parser("list", help="models, versions, channels and metrics")
+    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=run_list)
+    q = actions.add_parser("verify", help="check a version's manifest and checksums")
+    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    q.add_argument("name")
+    q.add_argument("model_version", metavar="VERSION")
+    q.set_defaults(handler=run_verify)
+    for action, text in CHANGES:
+        _register_change(actions, action, text)
+    return p
+
+
+def _register_change(actions, action: str, text: str) -> None:
+    q = actions.add_parser(action, help=text)
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--registry", default=None,
+                       help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
+    where.add_argument("--address", default=None,
+                       help="act through a running server's Admin API (HOST:PORT)")
+    q.add_argument("name")
+    if action in ("promote", "pin"):
+        q.add_argument("model_version", metavar="VERSION")
+    if action in ("promote", "rollback"):
+        q.add_argument("--channel", default="production")
+    q.add_argument("--token-file", default=None, metavar="FILE",
+                   help="with --address: file holding the admin token (default: "
+                        "$TUNESERVE_ADMIN_TOKEN)")
+    q.set_defaults(handler=run_change)
+
+
+# ---- list and verify -----------------------------------------------------------------
+def run_verify(args: argparse.Namespace) -> int:
+    manifest = existing_registry(args.registry).verify(args.name, args.model_version)
+    print(f"{args.name} {args.model_version}: OK ({len(manifest['files'])} files verified)")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    data = registry_rows(existing_registry(args.registry))
+    if args.json:
+        for row in data:
+            print(json.dumps(row))
+    elif not data:
+        print(f"no models in {args.registry}")
+    else:
+        rows = [(d["name"], d["version"], d["task"] or "-",
+                 ",".join([*d["channels"], *(["pin"] if d["pinned"] else [])]) or "-",
+                 headline_metric(d["metrics"]) if not d.get("error") else
+                 f"unreadable: {d['error']}", d["created_at"] or "-") for d in data]
+        print(format_table(rows, ["model", "version", "task", "channels", "eval", "created"]))
+    return 1 if any(d.get("error") for d in data) else 0
+
+
+def registry_rows(reg) -> list[dict[str, Any]]:
+    """One row per version. A version, channel or pin that cannot be read is shown as
+    such (`error`), and the rest are listed all the same."""
+    data: list[dict[str, Any]] = []
+    for name in reg.model_names():
+        problems: list[str] = []
+        try:
+            channels = reg.channels_of(name)
+        except TuneserveError as exc:
+            channels, problems = {}, [exc.message]
+        try:
+            pinned = reg.pinned(name)
+        except TuneserveError as exc:
+            pinned, problems = None, [*problems, exc.message]
+        for version in reg.versions(name):
+            row: dict[str, Any] = {
+                "name": name, "version": version, "task": None,
+                "channels": [c for c, v in channels.items() if v == version],
+                "pinned": version == pinned, "metrics": {}, "created_at": None}
+            _read_manifest(reg, row)
+            if problems and not row.get("error"):
+                row["error"] = "; ".join(problems)
+            data.append(row)
+    return data
+
+
+def _read_manifest(reg, row: dict[str, Any]) -> None:
+    try:
+        m = reg.manifest(row["name"], row["version"])
+    except TuneserveError as exc:
+        row["error"] = exc.message
+    else:
+        metrics = m.get("metrics")
+        row.update(task=m.get("task"), created_at=m.get("created_at"),
+                   metrics=metrics if isinstance(metrics, dict) else {})
+
+
+def existing_registry(location: str):
+    """The registry at `location`; a local one must be a folder that exists."""
+    from services.core.registry import Registry
+
+    reg = Registry(location)
+    root = Path(reg.backend.root)
+    if not reg.backend.remote and not root.is_dir():
+        why = "a file, not a folder" if root.exists() else "no such folder"
+        raise InvalidInput(f"--registry: no registry at {location} ({why})")
+    return reg
+
+
+def headline_metric(metrics: dict) -> str:
+    """A classifier's accuracy, a generator's perplexity, from a manifest's metrics."""
+    for key, fmt in (("accuracy", ".4f"), ("perplexity", ".3f"), ("loss", ".4f")):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{key} {value:{fmt}}"
+    return "-"
+
+
+# ---- promote, rollback, pin, unpin ---------------------------------------------------
+def run_change(args: argparse.Namespace) -> int:
+    """promote / rollback / pin / unpin, on the registry or through the Admin API."""
+    action = args.models_command
+    version = getattr(args, "model_version", None)
+    channel = getattr(args, "channel", "production")
+    if args.token_file and not args.address:
+        raise InvalidInput("--token-file: only with --address (the Admin API)")
+    if args.address:
+        before, now = _change_through_admin(args, action, version, channel)
+    else:
+        reg = existing_registry(args.registry or DEFAULT_REGISTRY)
+        before, now = _change_in_registry(reg, args.name, action, version, channel)
+    target = channel if action in ("promote", "rollback") else "pin"
+    print(f"{args.name} {target}: {before or '-'} -> {now or '-'}")
+    if action in ("promote", "rollback") and not args.address:
+        pinned = reg.pinned_or_unreadable(args.name)
+        if pinned:
+            print(f"note: {args.name} is pinned to {pinned}: replicas serve it until "
+                  f"`tuneserve models unpin {args.name}`", file=sys.stderr)
+    return 0
+
+
+def _change_through_admin(args: argparse.Namespace, action: str, version: Optional[str],
+                          channel: str) -> tuple[str, str]:
+    """(before, now) of a change made by the server's Admin API."""
+    from services.client import Client
+
+    with Client(args.address, admin_token=token(args.token_file, ADMIN_TOKEN_ENV)) as client:
+        call = {"promote": lambda: client.promote(args.name, version, channel),
+                "rollback": lambda: client.rollback(args.name, channel),
+                "pin": lambda: client.pin(args.name, version),
+                "unpin": lambda: client.unpin(args.name)}[action]
+        resp = call()
+    return resp.previous_version, resp.version
+
+
+def _change_in_registry(reg, name: str, action: str, version: Optional[str],
+                        channel: str) -> tuple[Optional[str], Optional[str]]:
+    """(before, now) of a change made on the registry; promote and pin verify first."""
+    if action == "promote":
+        before = reg.channel(name, channel)
+        reg.verify(name, version)
+        reg.set_channel(name, channel, version)
+        return before, version
+    if action == "rollback":
+        before = reg.channel(name, channel)
+        return before, reg.rollback(name, channel)
+    before = reg.pinned_or_unreadable(name)
+    if action == "pin":
+        reg.verify(name, version)
+        reg.pin(name, version)
+        return before, version
+    reg.unpin(name)
+    return before, ""

@@ -1,0 +1,173 @@
+"""`tuneserve serve`: serve the registry's models over gRPC with Ray Serve, in the
+foreground until Ctrl-C or SIGTERM.
+
+The flags become a ServeConfig, validated before Ray starts; Ray and the serving
+application are imported in `run` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import threading
+
+from services.core.config import (
+    DEFAULT_REGISTRY,
+    GENERATION_BATCHING,
+    SERVING_DTYPES,
+    ServeConfig,
+    check_port,
+)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve the registry's models over gRPC (foreground)")
+    _add_placement_flags(p)
+    _add_scaling_flags(p)
+    _add_model_flags(p)
+    _add_ingress_flags(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=DEFAULT_REGISTRY)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--http-port", type=int, default=None,
+                   help="Ray Serve's HTTP proxy port, unused by the gRPC API (default: "
+                   "8000, or a free port when 8000 is taken)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus metrics port of the local Ray node")
+    p.add_argument("--host", default="0.0.0.0", help="HTTP proxy host (Serve's gRPC proxy "
+                   "listens on all interfaces); with --replica-grpc also the address the "
+                   "replicas' gRPC servers listen on (127.0.0.1: this machine only)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    p.add_argument("--models", default=None, help="comma-separated model names "
+                   "(default: all in the registry)")
+
+
+def _add_scaling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-replicas", type=int, default=1,
+                   help="replicas per model when not autoscaling")
+    p.add_argument("--min-replicas", type=int, default=None)
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="turns on Serve autoscaling between --min-replicas and this")
+    p.add_argument("--target-ongoing-requests", type=float, default=2.0,
+                   help="autoscaling target per replica")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="per replica (default: 2 x the batch size for classifiers, 8 "
+                        "for generators)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="past this, requests fail fast with RESOURCE_EXHAUSTED")
+    p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--replica-gpus", type=float, default=0.0)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="requests per batch a model replica runs at most")
+    p.add_argument("--dtype", choices=SERVING_DTYPES, default="auto",
+                   help="what the replicas hold model weights in (auto: bfloat16 on a GPU "
+                        "that computes it natively, else float32; bfloat16 on a CPU with "
+                        "AVX512-BF16 or AMX is faster, scores differ in the third decimal)")
+    p.add_argument("--generation-batching", choices=GENERATION_BATCHING, default="continuous",
+                   help="generators: continuous (a request joins the running batch at the "
+                        "next token and leaves when it ends) or static (one generate call "
+                        "per batch, which runs until its longest request ends)")
+    p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
+                   help="classifiers run as a TorchScript trace of the model, checked "
+                        "against it at load (the model itself where tracing fails)")
+
+
+def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                   help="the ingress sends concurrent Classify requests to a model "
+                        "together (one call per batch instead of one per request)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="the ingress replica listens on --grpc-port itself, with no "
+                        "Serve proxy hop (Ray's experimental direct ingress; a cluster "
+                        "tuneserve starts, not --address)")
+    p.add_argument("--colocate", action="store_true",
+                   help="run the models inside the ingress replicas: no Ray call between "
+                        "the gRPC method and the model (the replica settings apply to "
+                        "the ingress)")
+    p.add_argument("--replica-grpc", action="store_true",
+                   help="each ingress replica answers gRPC on --grpc-port with a server "
+                        "of its own; replicas on a node share the port (with --colocate "
+                        "and --num-replicas N: N model processes behind one port). "
+                        "Serve's proxy moves to a free port; not with --max-replicas")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="Serve's per-request access log in the replica logs (about 2 ms "
+                        "of CPU per request on a small CPU)")
+    p.add_argument("--poll-interval-s", type=float, default=2.0)
+    p.add_argument("--api-token-file", default=None, metavar="FILE",
+                   help="file holding the token Inference calls must send as "
+                        "'authorization: Bearer <token>' (default: $TUNESERVE_API_TOKEN)")
+    p.add_argument("--admin-token-file", default=None, metavar="FILE",
+                   help="file holding the token Admin calls must send; it also works for "
+                        "Inference (default: $TUNESERVE_ADMIN_TOKEN)")
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The validated ServeConfig of the flags (--http-port is checked, not a field)."""
+    cfg = ServeConfig(registry=args.registry, grpc_port=args.grpc_port, host=args.host,
+                      metrics_port=args.metrics_port, address=args.address,
+                      num_replicas=args.num_replicas, replica_cpus=args.replica_cpus,
+                      replica_gpus=args.replica_gpus, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas,
+                      target_ongoing_requests=args.target_ongoing_requests,
+                      max_ongoing_requests=args.max_ongoing_requests,
+                      max_queued_requests=args.max_queued_requests,
+                      max_batch_size=args.max_batch_size, dtype=args.dtype,
+                      trace=args.trace, generation_batching=args.generation_batching,
+                      coalesce=args.coalesce,
+                      direct_ingress=args.direct_ingress, colocate=args.colocate,
+                      replica_grpc=args.replica_grpc, access_log=args.access_log,
+                      poll_interval_s=args.poll_interval_s,
+                      models=[m.strip() for m in args.models.split(",")] if args.models else None,
+                      api_token_file=args.api_token_file,
+                      admin_token_file=args.admin_token_file)
+    cfg.validate()
+    if args.http_port is not None:  # Serve's HTTP proxy: not a ServeConfig field
+        check_port("http_port", args.http_port)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from services.serving.app import APP_NAME, start_serving
+
+    cfg = serve_config(args)
+    stop = threading.Event()
+
+    def interrupt(*_):  # while starting: stop starting (cleaned up below)
+        raise KeyboardInterrupt
+
+    _on_stop_signals(interrupt)
+    print(f"starting Ray Serve (registry {cfg.registry}) ...", flush=True)
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    try:
+        start_serving(cfg, http_port=args.http_port, verbose=args.verbose)
+        _on_stop_signals(lambda *_: stop.set())
+        print(f"serving gRPC on port {cfg.grpc_port}; health: grpc.health.v1.Health; "
+              "Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        _on_stop_signals(signal.SIG_IGN)  # a second signal: no traceback
+        print("shutting down ...", flush=True)
+        if not local and ray.is_initialized():
+            with contextlib.suppress(Exception):  # interrupted before it was deployed
+                serve.delete(APP_NAME)  # leave the shared cluster as we found it
+        ray.shutdown()
+    return 0
+
+
+def _on_stop_signals(handler) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
