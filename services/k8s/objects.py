@@ -214,20 +214,66 @@ def build_train_objects(run_config: dict[str, Any], cfg: TrainConfig,
     name = check_k8s_name(opts.job_name or default_job_name(cfg.name or "model"), "job name")
     check_k8s_name(opts.namespace, "namespace", 63)
     image = opts.resolved_image(cfg)
-    labels = dict(COMMON_LABELS)
-    config_map = {
+    labels = dict(COMMON_LABELS)  # one dict: the YAML names it once and refers to it
+    config_map = _config_map(name, opts.namespace, labels, run_config)
+    head = _head_group(image, labels, opts, config_map["metadata"]["name"])
+    worker_pod = _worker_pod(image, cfg, opts)
+    rayjob = {
+        "apiVersion": f"{RAY_GROUP}/{RAY_API_VERSION}",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": opts.namespace,
+                     "labels": {**labels, "tuneserve.dev/model": cfg.name or ""}},
+        "spec": {
+            "entrypoint": ENTRYPOINT,
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": opts.ttl_s,
+            "backoffLimit": opts.backoff_limit,
+            "activeDeadlineSeconds": opts.active_deadline_s,
+            "submitterPodTemplate": _submitter_template(image, labels),
+            "rayClusterSpec": {
+                "rayVersion": ray_version(),
+                "enableInTreeAutoscaling": False,
+                "headGroupSpec": head,
+                "workerGroupSpecs": [{
+                    "groupName": "train",
+                    "replicas": cfg.workers, "minReplicas": cfg.workers,
+                    "maxReplicas": cfg.workers,
+                    "rayStartParams": {"metrics-export-port": "8080"},
+                    "template": {"metadata": {"labels": labels}, "spec": worker_pod},
+                }],
+            },
+        },
+    }
+    return config_map, rayjob
+
+
+def _config_map(job_name: str, namespace: str, labels: dict[str, str],
+                run_config: dict[str, Any]) -> dict[str, Any]:
+    """The run config as run.yaml, for the pods to mount at CONFIG_MOUNT."""
+    return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": f"{name}-config", "namespace": opts.namespace,
-                     "labels": {**labels, "tuneserve.dev/rayjob": name}},
+        "metadata": {"name": f"{job_name}-config", "namespace": namespace,
+                     "labels": {**labels, "tuneserve.dev/rayjob": job_name}},
         "data": {CONFIG_KEY: yaml.safe_dump(run_config, sort_keys=False)},
     }
-    gpus = opts.gpus_per_worker if cfg.use_gpu else 0
-    worker_cpus = opts.worker_cpus or str(max(1, math.ceil(cfg.cpus_per_worker)))
-    tmp = {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}}
-    data = {"name": "data", "persistentVolumeClaim": {"claimName": opts.pvc}}
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": DATA_MOUNT}]
-    head = {
+
+
+def _pod_volumes(pvc: str) -> list[dict[str, Any]]:
+    """/tmp (emptyDir) and the shared volume, as head and workers mount them."""
+    return [{"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+            {"name": "data", "persistentVolumeClaim": {"claimName": pvc}}]
+
+
+def _pod_mounts() -> list[dict[str, Any]]:
+    return [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": DATA_MOUNT}]
+
+
+def _head_group(image: str, labels: dict[str, str], opts: JobOptions,
+                config_map_name: str) -> dict[str, Any]:
+    """The head pod: no training work (num-cpus 0); it mounts the run config."""
+    return {
         "rayStartParams": {"num-cpus": "0", "metrics-export-port": "8080"},
         "template": {
             "metadata": {"labels": labels},
@@ -243,15 +289,23 @@ def build_train_objects(run_config: dict[str, Any], cfg: TrainConfig,
                     "env": _ray_env(),
                     "resources": _resources(opts.head_cpus, opts.head_memory),
                     "securityContext": _restricted_container(),
-                    "volumeMounts": mounts + [{"name": "run-config", "mountPath": CONFIG_MOUNT,
-                                               "readOnly": True}],
+                    "volumeMounts": _pod_mounts() + [{"name": "run-config",
+                                                      "mountPath": CONFIG_MOUNT,
+                                                      "readOnly": True}],
                 }],
-                "volumes": [tmp, data, {"name": "run-config",
-                                        "configMap": {"name": config_map["metadata"]["name"]}}],
+                "volumes": _pod_volumes(opts.pvc) + [{"name": "run-config",
+                                                      "configMap": {"name": config_map_name}}],
             },
         },
     }
-    worker_pod: dict[str, Any] = {
+
+
+def _worker_pod(image: str, cfg: TrainConfig, opts: JobOptions) -> dict[str, Any]:
+    """A training worker's pod spec: cpus_per_worker rounded up unless --worker-cpus,
+    GPUs (and their taint's toleration) when the run uses them."""
+    gpus = opts.gpus_per_worker if cfg.use_gpu else 0
+    worker_cpus = opts.worker_cpus or str(max(1, math.ceil(cfg.cpus_per_worker)))
+    pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "securityContext": _restricted_pod(),
         "containers": [{
@@ -260,14 +314,19 @@ def build_train_objects(run_config: dict[str, Any], cfg: TrainConfig,
             "env": _ray_env(),
             "resources": _resources(worker_cpus, opts.worker_memory, gpus),
             "securityContext": _restricted_container(),
-            "volumeMounts": copy.deepcopy(mounts),
+            "volumeMounts": _pod_mounts(),
         }],
-        "volumes": [copy.deepcopy(tmp), copy.deepcopy(data)],
+        "volumes": _pod_volumes(opts.pvc),
     }
     if gpus:
-        worker_pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                      "effect": "NoSchedule"}]
-    submitter = {
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                               "effect": "NoSchedule"}]
+    return pod
+
+
+def _submitter_template(image: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The pod that submits the entrypoint to the cluster and follows it."""
+    return {
         "metadata": {"labels": labels},
         "spec": {
             "restartPolicy": "Never",
@@ -284,34 +343,6 @@ def build_train_objects(run_config: dict[str, Any], cfg: TrainConfig,
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
         },
     }
-    rayjob = {
-        "apiVersion": f"{RAY_GROUP}/{RAY_API_VERSION}",
-        "kind": "RayJob",
-        "metadata": {"name": name, "namespace": opts.namespace,
-                     "labels": {**labels, "tuneserve.dev/model": cfg.name or ""}},
-        "spec": {
-            "entrypoint": ENTRYPOINT,
-            "submissionMode": "K8sJobMode",
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": opts.ttl_s,
-            "backoffLimit": opts.backoff_limit,
-            "activeDeadlineSeconds": opts.active_deadline_s,
-            "submitterPodTemplate": submitter,
-            "rayClusterSpec": {
-                "rayVersion": ray_version(),
-                "enableInTreeAutoscaling": False,
-                "headGroupSpec": head,
-                "workerGroupSpecs": [{
-                    "groupName": "train",
-                    "replicas": cfg.workers, "minReplicas": cfg.workers,
-                    "maxReplicas": cfg.workers,
-                    "rayStartParams": {"metrics-export-port": "8080"},
-                    "template": {"metadata": {"labels": labels}, "spec": worker_pod},
-                }],
-            },
-        },
-    }
-    return config_map, rayjob
 
 
 def owner_reference(rayjob: dict[str, Any]) -> dict[str, Any]:
