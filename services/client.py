@@ -18,15 +18,16 @@ with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Iterator, Optional, Sequence
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.core.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
 from services.core.errors import InvalidInput
 from services.protocol import INFERENCE_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
-from services.core.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -139,8 +140,6 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_until_serving(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
-        import time
-
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
