@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_minilm_fine_tunes_and_serves(ray_cluster, tmp_path):
-    from services.serving.classifier import _load_version, _predict
+    from services.runtime.classifier import load_classifier, predict
     from services.training.run import run_training
 
     cfg = TrainConfig(model=demo_model_path(), train=str(DEMO_DATA), eval_fraction=0.2,
@@ -24,7 +24,7 @@ def test_minilm_fine_tunes_and_serves(ray_cluster, tmp_path):
     reg = Registry(cfg.registry)
     manifest = reg.verify("minilm", "v1")
     assert manifest["base_model"] == cfg.model
-    loaded = _load_version(reg, "minilm", "v1")
-    probs = _predict(loaded, ["A wonderful, clever film.", "A dull and tedious mess."])
+    loaded = load_classifier(reg, "minilm", "v1")
+    probs = predict(loaded, ["A wonderful, clever film.", "A dull and tedious mess."])
     labels = [loaded.labels[int(i)] for i in probs.argmax(dim=-1)]
     assert labels == ["positive", "negative"]
