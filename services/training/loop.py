@@ -1,12 +1,11 @@
-"""The training loop every Ray Train worker runs. Read it top to bottom.
+"""The training loop every Ray Train worker runs: `train_loop_per_worker(LoopConfig)`.
 
-One `state` dict, a pure `lr_at(step)`, gradient accumulation with DDP's `no_sync` on
-all but the last micro-step, each global micro-batch dealt out to the ranks by padded
-size with the loss of the whole batch (services/training/sharding.py), exact
-distributed evaluation after every epoch, rank 0 writes the checkpoint and every rank
-reports. The same loop trains classifiers and causal LMs: the task object in the
-config (services/training/tasks.py) builds the model, the batches, the loss and the
-eval metrics.
+A `Worker` sets up (model, optimizer, resumed position), trains epoch by epoch
+(gradient accumulation with DDP's `no_sync` on all but the last micro-step, each global
+micro-batch dealt out to the ranks by padded size: services/training/sharding.py) and
+evaluates and checkpoints (exact over all ranks; rank 0 writes the checkpoint, every
+rank reports). The task in the LoopConfig (services/training/tasks.py) builds the
+model, the batches, the loss and the eval metrics.
 """
 
 from __future__ import annotations
@@ -20,12 +19,17 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
 
+from services.core.config import ResolvedTrainConfig
+from services.core.modeling import load_tokenizer, quiet_transformers
 from services.training.encoded import EncodedSplit
-from services.training.sharding import epoch_order, micro_batches, share_and_scale
+from services.training.sharding import MicroBatch, epoch_order, micro_batches, share_and_scale
+from services.training.tasks import Task, all_reduce
+from services.training.tracking import record_gauges
 
 TRAIN_STATE_FILE = "train_state.json"
 TRAINER_STATE_FILE = "trainer_state.safetensors"
@@ -185,169 +189,286 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evals >= self.patience
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray.train import CheckpointUploadMode
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker gets from the driver (picklable)."""
 
-    from services.core.modeling import load_tokenizer, quiet_transformers
-    from services.training.tasks import all_reduce
-    from services.training.tracking import record_gauges
+    model_ref: str
+    """What the workers load: a Hugging Face id or an absolute local folder."""
+    data_ref: Any
+    """ray.ObjectRef of {"train": EncodedSplit, "eval": EncodedSplit}."""
+    task: Task
+    seed: int
+    epochs: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    group_by_length: bool
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    cpus_per_worker: float
+    use_gpu: bool
+    log_every_steps: int
+    eval_steps: Optional[int] = None
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    progress_queue: Any = None
+    """ray.util.queue.Queue that rank 0's events go to (None: not reported)."""
+    metric_tags: dict[str, str] = field(default_factory=dict)
+    run_dir: Optional[str] = None
+    fault_injection: Optional[str] = None
+    """FAULT_ENV's value on the driver (a test hook)."""
 
-    quiet_transformers()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Each worker gets the cores it reserved, no more: two workers on two cores must
-    # not run four BLAS threads each.
-    torch.set_num_threads(max(1, int(math.ceil(cfg["cpus_per_worker"]))))
-    seed_everything(cfg["seed"])
+    @classmethod
+    def from_config(cls, cfg: ResolvedTrainConfig, *, model_ref: str, data_ref: Any,
+                    task: Task, progress_queue: Any, run_name: str,
+                    run_dir: str) -> "LoopConfig":
+        o = cfg.optim
+        return cls(
+            model_ref=model_ref, data_ref=data_ref, task=task, seed=o.seed, epochs=o.epochs,
+            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=o.grad_accum_steps,
+            group_by_length=o.group_by_length, learning_rate=o.learning_rate,
+            weight_decay=o.weight_decay, warmup_ratio=o.warmup_ratio,
+            max_grad_norm=o.max_grad_norm, cpus_per_worker=cfg.cluster.cpus_per_worker,
+            use_gpu=cfg.cluster.use_gpu, log_every_steps=cfg.cluster.log_every_steps,
+            eval_steps=o.eval_steps, early_stopping_patience=o.early_stopping_patience,
+            early_stopping_min_delta=o.early_stopping_min_delta,
+            progress_queue=progress_queue,
+            metric_tags={"run": run_name, "model": cfg.publish.name}, run_dir=run_dir,
+            fault_injection=os.environ.get(FAULT_ENV))
 
-    data = ray.get(cfg["data_ref"])
-    train_split: EncodedSplit = data["train"]
-    eval_split: EncodedSplit = data["eval"]
-    task = cfg["task"]
 
-    restore = ray.train.get_checkpoint()
-    tokenizer = load_tokenizer(cfg["model"])
-    model = task.build_model(tokenizer)
-    if restore is not None:
-        with restore.as_directory() as folder:
-            task.load_weights(model, folder)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    bf16 = cfg["use_gpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+@dataclass
+class TrainState:
+    """Where training stands (saved in each checkpoint's train_state.json): the epoch,
+    optimizer steps so far, micro-batches of this epoch already trained (the data
+    position), the early-stopping record and the reports made."""
 
-    def autocast():
-        if bf16:
+    epoch: int = 0
+    step: int = 0
+    micro_in_epoch: int = 0
+    best: Optional[float] = None
+    bad_evals: int = 0
+    reports: int = 0
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "TrainState":
+        names = asdict(cls()).keys()
+        return cls(**{k: saved[k] for k in names if k in saved})
+
+
+class _Window:
+    """Loss and throughput since the last step report."""
+
+    def __init__(self):
+        self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
+        self.loss, self.steps = 0.0, 0
+
+
+def train_loop_per_worker(cfg: LoopConfig) -> None:
+    """Ray Train's entry point on every worker: set up, then train epoch by epoch,
+    evaluating and checkpointing, until the last epoch or early stopping."""
+    Worker(cfg).run()
+
+
+class Worker:
+    """One Ray Train worker's training run; every rank runs the same steps."""
+
+    def __init__(self, cfg: LoopConfig):
+        import ray
+        import ray.train
+        import torch
+
+        quiet_transformers()
+        ctx = ray.train.get_context()
+        self.cfg, self.task = cfg, cfg.task
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # Each worker gets the cores it reserved, no more: two workers on two cores must
+        # not run four BLAS threads each.
+        torch.set_num_threads(max(1, int(math.ceil(cfg.cpus_per_worker))))
+        seed_everything(cfg.seed)
+        data = ray.get(cfg.data_ref)
+        self.train_split: EncodedSplit = data["train"]
+        self.eval_split: EncodedSplit = data["eval"]
+        self.dataset = self.task.dataset(self.train_split)
+        self.lengths = self.train_split.lengths()
+        restore = ray.train.get_checkpoint()
+        self._setup_model(restore)
+        self._setup_schedule()
+        self.state, resumed = TrainState(), None
+        if restore is not None:
+            with restore.as_directory() as folder:
+                self.state = TrainState.from_saved(
+                    load_trainer_state(folder, self.optimizer, self.device))
+            resumed = {"epoch": self.state.epoch + 1, "step": self.state.step}
+        self.stopper = EarlyStopping(self.task.metric_mode, cfg.early_stopping_patience or 0,
+                                     cfg.early_stopping_min_delta or 0.0,
+                                     self.state.best, self.state.bad_evals)
+        self.progress = cfg.progress_queue if self.rank == 0 else None
+        self.emit({"type": "start", "total_steps": self.total_steps,
+                   "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.epochs,
+                   "world_size": self.world, "resumed": resumed,
+                   "train_examples": len(self.train_split),
+                   "eval_examples": len(self.eval_split)})
+
+    # ---- setup -------------------------------------------------------------------
+    def _setup_model(self, restore) -> None:
+        """The model (restored weights when resuming), wrapped for DDP, and AdamW."""
+        import ray.train.torch
+        import torch
+
+        self.tokenizer = load_tokenizer(self.cfg.model_ref)
+        model = self.task.build_model(self.tokenizer)
+        if restore is not None:
+            with restore.as_directory() as folder:
+                self.task.load_weights(model, folder)
+        self.model = ray.train.torch.prepare_model(model)
+        self.device = ray.train.torch.get_device()
+        self.bf16 = self.cfg.use_gpu and torch.cuda.is_available() \
+            and torch.cuda.is_bf16_supported()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay),
+                                           lr=self.cfg.learning_rate)
+
+    def _setup_schedule(self) -> None:
+        cfg = self.cfg
+        micro_per_epoch = math.ceil(len(self.train_split) / (cfg.micro_batch_size * self.world))
+        self.micro_per_epoch = micro_per_epoch
+        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = int(self.total_steps * cfg.warmup_ratio)
+
+    def autocast(self):
+        import torch
+
+        if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    dataset = task.dataset(train_split)
-    lengths = train_split.lengths()
-    micro, accum = cfg["micro_batch_size"], cfg["grad_accum_steps"]
-    micro_per_epoch = math.ceil(len(train_split) / (micro * world))
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / accum))
-    total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = int(total_steps * cfg["warmup_ratio"])
-    eval_steps = cfg.get("eval_steps") or 0
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]),
-                                  lr=cfg["learning_rate"])
-
-    # Where training stands: the epoch, optimizer steps so far, micro-batches of this
-    # epoch already trained (the data position), and the early-stopping record.
-    state = {"epoch": 0, "step": 0, "micro_in_epoch": 0, "best": None, "bad_evals": 0,
-             "reports": 0}
-    resumed = None
-    if restore is not None:
-        with restore.as_directory() as folder:
-            saved = load_trainer_state(folder, optimizer, device)
-        state.update({k: saved[k] for k in state if k in saved})
-        resumed = {"epoch": state["epoch"] + 1, "step": state["step"]}
-    stopper = EarlyStopping(task.metric_mode, cfg.get("early_stopping_patience") or 0,
-                            cfg.get("early_stopping_min_delta") or 0.0,
-                            state["best"], state["bad_evals"])
-    progress = cfg.get("progress_queue") if rank == 0 else None
-
-    def emit(event: dict) -> None:
-        if progress is not None:
-            record_gauges(event, cfg.get("metric_tags") or {})
+    def emit(self, event: dict) -> None:
+        """An event to the driver (rank 0 only), and the training gauges."""
+        if self.progress is not None:
+            record_gauges(event, self.cfg.metric_tags or {})
             with contextlib.suppress(Exception):
-                progress.put_nowait(event)
+                self.progress.put_nowait(event)
 
-    emit({"type": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-          "epochs": cfg["epochs"], "world_size": world, "resumed": resumed,
-          "train_examples": len(train_split), "eval_examples": len(eval_split)})
+    # ---- training ----------------------------------------------------------------
+    def run(self) -> None:
+        self.window = _Window()
+        self.model.train()
+        for epoch in range(self.state.epoch, self.cfg.epochs):
+            self.state.epoch = epoch
+            if self.train_epoch(epoch) or self.evaluate_and_checkpoint(epoch, epoch_done=True):
+                self.emit({"type": "early_stop", "epoch": epoch + 1, "step": self.state.step,
+                           "best": self.stopper.best, "patience": self.stopper.patience})
+                break
+            self.state.micro_in_epoch = 0
 
-    def evaluate_and_checkpoint(epoch: int, epoch_done: bool) -> bool:
+    def train_epoch(self, epoch: int) -> bool:
+        """The rest of this epoch's micro-batches; True: early stopping ended it."""
+        cfg, world = self.cfg, self.world
+        order = epoch_order(len(self.train_split), cfg.seed, epoch,
+                            cfg.micro_batch_size * world,
+                            self.lengths if cfg.group_by_length else None)
+        batches = micro_batches(order, self.lengths, cfg.micro_batch_size,
+                                cfg.grad_accum_steps, self.rank, world,
+                                start=self.state.micro_in_epoch,
+                                denominator=self._denominator)
+        for mb in batches:
+            i = mb.index
+            last_micro = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == self.micro_per_epoch
+            self._backward(mb, sync=last_micro)
+            if not last_micro:
+                continue
+            self._optimizer_step(epoch, epoch_ends=i + 1 == self.micro_per_epoch)
+            self.state.micro_in_epoch = i + 1
+            _maybe_inject_fault(cfg.fault_injection, self.state.step, self.rank, world,
+                                cfg.run_dir or tempfile.gettempdir(), self.state.reports)
+            if cfg.eval_steps and self.state.step % cfg.eval_steps == 0 \
+                    and i + 1 < self.micro_per_epoch \
+                    and self.evaluate_and_checkpoint(epoch, epoch_done=False):
+                return True
+        return False
+
+    def _denominator(self, examples: list[int]) -> float:
+        return self.task.loss_denominator(self.train_split, examples)
+
+    def _backward(self, mb: MicroBatch, sync: bool) -> None:
+        """This rank's share of a global micro-batch, forward and backward; DDP syncs
+        gradients only on an optimizer step's last micro-batch."""
+        share, scale = share_and_scale(mb, self.world)
+        batch = {k: v.to(self.device, non_blocking=True)
+                 for k, v in self.task.collate([self.dataset[k] for k in share]).items()}
+        no_sync = contextlib.nullcontext() if (sync or self.world == 1) \
+            else self.model.no_sync()
+        with no_sync:
+            loss_sum = self.task.loss_sum(self.model, batch, self.autocast)
+            (loss_sum * scale).backward()
+        w = self.window
+        w.loss += float(loss_sum) * scale / self.world  # this rank's part of the mean
+        w.samples += len(mb.everyone)
+        w.tokens += int(self.lengths[mb.everyone].sum())  # non-padding tokens
+
+    def _optimizer_step(self, epoch: int, epoch_ends: bool) -> None:
+        """One optimizer step on the accumulated gradients, and a step report when one
+        is due."""
+        import torch
+
+        cfg, state = self.cfg, self.state
+        lr = lr_at(state.step, self.total_steps, self.warmup_steps, cfg.learning_rate)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.window.steps += 1
+        if state.step % cfg.log_every_steps == 0 or state.step == self.total_steps \
+                or epoch_ends:
+            self._report_step(epoch, lr)
+
+    def _report_step(self, epoch: int, lr: float) -> None:
+        # Every rank reaches this at the same step: one scalar all-reduce gives the
+        # exact loss of the window's global batches (and each epoch's last step closes
+        # a window, so every epoch has its train loss).
+        w = self.window
+        loss = float(all_reduce([w.loss], self.device, self.world)[0]) / w.steps
+        elapsed = max(time.perf_counter() - w.start, 1e-9)
+        self.emit({"type": "step", "epoch": epoch + 1, "step": self.state.step,
+                   "loss": loss, "lr": lr, "samples_per_s": w.samples / elapsed,
+                   "tokens_per_s": w.tokens / elapsed})
+        self.window = _Window()
+
+    # ---- evaluation and checkpoints ----------------------------------------------
+    def evaluate_and_checkpoint(self, epoch: int, epoch_done: bool) -> bool:
         """Exact eval on all ranks, a checkpoint from rank 0; True: stop early."""
-        metrics = {"epoch": epoch + 1, "step": state["step"],
-                   "epoch_progress": round(epoch + (1.0 if epoch_done else
-                                                    state["micro_in_epoch"] / micro_per_epoch), 4),
-                   **task.evaluate(model, eval_split, rank, world,
-                                   cfg["micro_batch_size"] * 2, device, autocast)}
-        stop = stopper.update(float(metrics[task.metric]))
-        state.update(best=stopper.best, bad_evals=stopper.bad_evals)
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        state = self.state
+        done = 1.0 if epoch_done else state.micro_in_epoch / self.micro_per_epoch
+        metrics = {"epoch": epoch + 1, "step": state.step,
+                   "epoch_progress": round(epoch + done, 4),
+                   **self.task.evaluate(self.model, self.eval_split, self.rank, self.world,
+                                        self.cfg.micro_batch_size * 2, self.device,
+                                        self.autocast)}
+        stop = self.stopper.update(float(metrics[self.task.metric]))
+        state.best, state.bad_evals = self.stopper.best, self.stopper.bad_evals
         metrics["early_stop"] = stop
-        emit({"type": "eval", **metrics})
-        state["reports"] += 1
-        position = dict(state)
-        if epoch_done:
-            position.update(epoch=epoch + 1, micro_in_epoch=0)
-
-        def save(folder: str) -> None:
-            task.save(model.module if hasattr(model, "module") else model, folder, tokenizer)
-            tokenizer.save_pretrained(folder)
-            save_trainer_state(folder, optimizer, {
-                **position, "metrics": task.state_metrics(metrics)})
-
-        checkpoint = write_checkpoint(save) if rank == 0 else None
+        self.emit({"type": "eval", **metrics})
+        state.reports += 1
+        position = replace(state, epoch=epoch + 1, micro_in_epoch=0) if epoch_done \
+            else replace(state)
+        checkpoint = None
+        if self.rank == 0:
+            checkpoint = write_checkpoint(lambda folder: self._save(folder, position, metrics))
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         return stop
 
-    def denominator(examples: list[int]) -> float:
-        return task.loss_denominator(train_split, examples)
-
-    def to_device(batch: dict) -> dict:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    fault = cfg.get("fault_injection")
-    window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    window_tokens = 0  # non-padding tokens of the global batches
-    model.train()
-    for epoch in range(state["epoch"], cfg["epochs"]):
-        state["epoch"] = epoch
-        order = epoch_order(len(train_split), cfg["seed"], epoch, micro * world,
-                            lengths if cfg.get("group_by_length") else None)
-        stop = False
-        for mb in micro_batches(order, lengths, micro, accum, rank, world,
-                                start=state["micro_in_epoch"], denominator=denominator):
-            i = mb.index
-            last_micro = (i + 1) % accum == 0 or i + 1 == micro_per_epoch
-            share, scale = share_and_scale(mb, world)
-            batch = to_device(task.collate([dataset[k] for k in share]))
-            sync = contextlib.nullcontext() if (last_micro or world == 1) else model.no_sync()
-            with sync:
-                loss_sum = task.loss_sum(model, batch, autocast)
-                (loss_sum * scale).backward()
-            window_loss += float(loss_sum) * scale / world  # this rank's part of the mean
-            window_samples += len(mb.everyone)
-            window_tokens += int(lengths[mb.everyone].sum())
-            if not last_micro:
-                continue
-            lr = lr_at(state["step"], total_steps, warmup_steps, cfg["learning_rate"])
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["micro_in_epoch"] = i + 1
-            window_steps += 1
-            if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == total_steps \
-                    or i + 1 == micro_per_epoch:
-                # every rank reaches this line at the same step: one scalar all-reduce
-                # gives the exact loss of the window's global batches (and each epoch's
-                # last step closes a window, so every epoch has its train loss)
-                loss = float(all_reduce([window_loss], device, world)[0]) / window_steps
-                elapsed = time.perf_counter() - window_start
-                emit({"type": "step", "epoch": epoch + 1, "step": state["step"],
-                      "loss": loss, "lr": lr,
-                      "samples_per_s": window_samples / max(elapsed, 1e-9),
-                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
-                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-                window_loss, window_steps = 0.0, 0
-            _maybe_inject_fault(fault, state["step"], rank, world,
-                                cfg.get("run_dir") or tempfile.gettempdir(), state["reports"])
-            if eval_steps and state["step"] % eval_steps == 0 and i + 1 < micro_per_epoch:
-                if evaluate_and_checkpoint(epoch, epoch_done=False):
-                    stop = True
-                    break
-        if stop or evaluate_and_checkpoint(epoch, epoch_done=True):
-            emit({"type": "early_stop", "epoch": epoch + 1, "step": state["step"],
-                  "best": stopper.best, "patience": stopper.patience})
-            break
-        state["micro_in_epoch"] = 0
-
+    def _save(self, folder: str, position: TrainState, metrics: dict[str, Any]) -> None:
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        self.task.save(model, folder, self.tokenizer)
+        self.tokenizer.save_pretrained(folder)
+        save_trainer_state(folder, self.optimizer, {
+            **asdict(position), "metrics": self.task.state_metrics(metrics)})

@@ -1,14 +1,13 @@
-"""The training driver: data -> Ray Train -> registry.
+"""The training driver: `run_training` is preflight -> prepare -> fit -> publish_best.
 
     from services.core.config import TrainConfig
     from services.training.run import run_training
     result = run_training(TrainConfig(model=..., train="data.csv", workers=2))
 
-Reads and tokenises the data once on the driver (no tokenisation inside the loop),
-ships it to the workers through the object store, runs `TorchTrainer`, shows progress
-from rank 0's reports (and records them as Prometheus gauges, TensorBoard scalars and a
-PNG of the curves in the run folder: services/training/tracking.py), and publishes the
-best epoch's checkpoint with a manifest that links those artifacts.
+preflight checks what can fail before Ray starts; prepare reads and tokenises the data
+once on the driver; fit runs Ray Train (workers: loop.py), shows rank 0's progress and
+records it (tracking.py); publish_best publishes the best checkpoint with a manifest
+that links those records, and gates promotion.
 """
 
 from __future__ import annotations
@@ -32,12 +31,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from services import __version__
-from services.core.config import TrainConfig
-from services.core.errors import ConfigError, DataError, InvalidInput, TrainingFailed
+from services.core.config import (DEFAULT_RUNS_DIR, GENERATION, ResolvedTrainConfig,
+                                  TrainConfig)
+from services.core.errors import (ConfigError, DataError, InvalidInput, RegistryError,
+                                  TrainingFailed)
 from services.core.metrics import observe as metrics_observe
+from services.core.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
 from services.core.raycluster import ensure_ray
 from services.core.registry import Registry
-from services.training.tasks import Task, make_task
+from services.training.encoded import EncodedSplit
+from services.training.loop import LoopConfig, train_loop_per_worker
+from services.training.promotion import decide
+from services.training.tasks import RESUME_ONLY_FILES, Task, make_task
 from services.training.tracking import RunTracker
 
 
@@ -144,10 +149,8 @@ def has_tokenizer_files(folder: Path) -> bool:
 def _run_folder(run: str, runs_dir: Optional[str]) -> Path:
     path = Path(run)
     if not path.is_dir():
-        path = Path(runs_dir or TrainConfig().runs_dir) / run
+        path = Path(runs_dir or DEFAULT_RUNS_DIR) / run
     if not (path / RUN_CONFIG_FILE).is_file():
-        from services.core.errors import ConfigError
-
         raise ConfigError(f"--resume: no run {run!r} (looked for {path / RUN_CONFIG_FILE}); "
                           f"give a run name from --runs-dir or a run folder")
     return path
@@ -181,15 +184,16 @@ def check_converged(best_metrics: dict[str, Any], run_dir: Path) -> None:
             f" and train again; the run is in {run_dir}")
 
 
-def _check_resources(cfg: TrainConfig, resources: dict[str, float], local: bool,
+def _check_resources(cfg: ResolvedTrainConfig, resources: dict[str, float], local: bool,
                      out: Callable[[str], None]) -> None:
     """A run that asks for more CPUs or GPUs than the cluster has would wait for them
     without a word: on a cluster started here it never gets them (an error naming the
     flags), on one joined with --address an autoscaler may add nodes (a warning)."""
-    needs = [("CPU", cfg.workers * cfg.cpus_per_worker,
-              f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker:g}")]
-    if cfg.use_gpu:
-        needs.append(("GPU", float(cfg.workers), f"--workers {cfg.workers} with --use-gpu"))
+    c = cfg.cluster
+    needs = [("CPU", c.workers * c.cpus_per_worker,
+              f"--workers {c.workers} x --cpus-per-worker {c.cpus_per_worker:g}")]
+    if c.use_gpu:
+        needs.append(("GPU", float(c.workers), f"--workers {c.workers} with --use-gpu"))
     for kind, need, flags in needs:
         have = float(resources.get(kind, 0.0))
         if need <= have + 1e-9:
@@ -203,109 +207,205 @@ def _check_resources(cfg: TrainConfig, resources: dict[str, float], local: bool,
             "autoscaling cluster adds nodes)")
 
 
-def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bool] = None,
-                 out: Callable[[str], None] = print, progress_bar: Optional[bool] = None,
-                 verbose: bool = False, resume: Optional[str] = None) -> TrainResult:
+def run_training(cfg: TrainConfig | ResolvedTrainConfig, *, publish: bool = True,
+                 promote: Optional[bool] = None, out: Callable[[str], None] = print,
+                 progress_bar: Optional[bool] = None, verbose: bool = False,
+                 resume: Optional[str] = None) -> TrainResult:
     """Train, evaluate each epoch, publish the best checkpoint. Raises TrainingFailed.
 
     `resume`: the name (or folder) of an interrupted run to continue from its last
     checkpoint; Ray Train finds it from the run's name and storage path.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
-
-    from services.core.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
-    from services.training.loop import FAULT_ENV, train_loop_per_worker
-
     started = time.perf_counter()
-    cfg = cfg.resolve()
+    resolved = cfg.resolve()
+    model_ref, tokenizer = preflight(resolved, publish=publish, resume=resume,
+                                     progress_bar=progress_bar, out=out)
+    prepared = prepare(resolved, model_ref, tokenizer, out)
+    fitted = fit(prepared, resume=resume, out=out, progress_bar=progress_bar,
+                 verbose=verbose)
+    res = fitted.result(prepared)
+    check_converged(fitted.best_metrics, fitted.run_dir)
+    if publish:
+        publish_best(prepared, fitted, res, promote)
+    res.wall_s = time.perf_counter() - started
+    (fitted.run_dir / FINISHED_FILE).write_text(json.dumps(
+        {"name": res.name, "version": res.version, "checkpoint": res.checkpoint_dir}))
+    return res
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The run's data, tokenised on the driver, and its config with max_length chosen."""
+
+    cfg: ResolvedTrainConfig
+    task: Task
+    data: dict[str, EncodedSplit]
+    data_info: dict[str, Any]
+    """What the manifest records about the data (files, split, lengths)."""
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A finished Ray Train run and its best checkpoint."""
+
+    run_name: str
+    run_dir: Path
+    checkpoint: Any
+    """ray.train.Checkpoint of the best evaluation."""
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    samples_per_s: Optional[float]
+    artifacts: dict[str, str]
+
+    def result(self, prep: Prepared) -> TrainResult:
+        """The run's result before publishing."""
+        cfg = prep.cfg
+        return TrainResult(name=cfg.publish.name, version=None, promoted=False,
+                           metrics=prep.task.summary(self.best_metrics),
+                           run_dir=str(self.run_dir), registry=str(cfg.publish.registry),
+                           checkpoint_dir=self.checkpoint.path, history=self.history,
+                           best_epoch=self.best_metrics.get("epoch"),
+                           artifacts=self.artifacts, samples_per_s=self.samples_per_s)
+
+
+def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
+              progress_bar: Optional[bool], out: Callable[[str], None]) -> tuple[str, Any]:
+    """What fails before any data is read or Ray starts: a finished run to resume, a
+    name that holds the other task, a model or tokenizer that cannot be loaded, LoRA
+    targets the model lacks. Returns the model's reference for the workers and its
+    tokenizer."""
     if resume:
-        _check_unfinished(resume, cfg.runs_dir)
+        _check_unfinished(resume, cfg.cluster.runs_dir)
     if publish:
         _check_registry_task(cfg)
+    model = cfg.modeling.model
     model_ref = prepare_model_ref(
-        cfg.model, field="model",
+        model, field="model",
         progress=sys.stderr.isatty() if progress_bar is None else progress_bar)
-    out(f"model: {describe_model_ref(cfg.model)}")
+    out(f"model: {describe_model_ref(model)}")
     tokenizer_help = (f"a model folder needs the tokenizer files save_pretrained writes, e.g. "
                       f"{', '.join(TOKENIZER_FILES[:2])}, beside config.json")
     if Path(model_ref).is_dir() and not has_tokenizer_files(Path(model_ref)):
-        raise DataError(f"model {cfg.model!r} has no tokenizer files ({tokenizer_help})")
+        raise DataError(f"model {model!r} has no tokenizer files ({tokenizer_help})")
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(model)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot load a tokenizer for model {cfg.model!r}: {first} "
+        raise DataError(f"cannot load a tokenizer for model {model!r}: {first} "
                         f"({tokenizer_help})") from None
-    if cfg.task == "generation" and cfg.lora_r:
+    if cfg.task == GENERATION and cfg.modeling.lora_r:
         _check_lora_targets(model_ref, cfg.lora_target_modules)
-    task = make_task(cfg)
-    task.model_ref = model_ref  # what the workers load: a local folder made absolute
-    data, data_info = task.prepare_data(cfg, tokenizer)
-    cfg = cfg.with_max_length(task.max_length)  # what the manifest's config says was used
-    out(task.describe_data())
+    return model_ref, tokenizer
 
-    started_here = ensure_ray(cfg.address, verbose=verbose)
+
+def prepare(cfg: ResolvedTrainConfig, model_ref: str, tokenizer,
+            out: Callable[[str], None]) -> Prepared:
+    """Reads and tokenises the data once, on the driver (the workers get the tokens)."""
+    task = make_task(cfg, model_ref)
+    data, data_info = task.prepare_data(cfg, tokenizer)
+    out(task.describe_data())
+    # The max_length the data chose goes into the config the manifest records.
+    return Prepared(cfg.with_max_length(task.max_length), task, data, data_info)
+
+
+def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
+        progress_bar: Optional[bool], verbose: bool) -> Fitted:
+    """Runs Ray Train to the end, showing and recording rank 0's progress; the best
+    checkpoint. TrainingFailed names the cause (and how to resume, where that helps)."""
+    import ray
+    from ray.util.queue import Queue
+
+    cfg, task = prep.cfg, prep.task
+    started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
     _check_resources(cfg, ray.cluster_resources(), started_here, out)
-    if resume:
-        folder = _run_folder(resume, cfg.runs_dir)
-        run_name, runs_dir = folder.name, folder.parent.resolve()
-        out(f"resuming run {run_name}")
-    else:
-        run_name = (f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-"
-                    f"{uuid.uuid4().hex[:6]}")
-        runs_dir = Path(cfg.runs_dir).resolve()
-        (runs_dir / run_name).mkdir(parents=True, exist_ok=True)
-        (runs_dir / run_name / RUN_CONFIG_FILE).write_text(json.dumps(
-            {"run": run_name, "config": cfg.to_dict(), "data": data_info,
-             "versions": _versions()}, indent=2, default=str))
+    run_name, runs_dir = _open_run(prep, resume, out)
+    run_dir = runs_dir / run_name
     queue = Queue(actor_options={"num_cpus": 0})
-    loop_cfg = {
-        "model": model_ref, "data_ref": ray.put(data), "task": task,
-        "seed": cfg.seed, "epochs": cfg.epochs,
-        "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
-        "group_by_length": cfg.group_by_length,
-        "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay,
-        "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
-        "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": cfg.use_gpu,
-        "log_every_steps": cfg.log_every_steps, "progress_queue": queue,
-        "metric_tags": {"run": run_name, "model": cfg.name},
-        "eval_steps": cfg.eval_steps,
-        "early_stopping_patience": cfg.early_stopping_patience,
-        "early_stopping_min_delta": cfg.early_stopping_min_delta,
-        "run_dir": str(runs_dir / run_name),
-        "fault_injection": os.environ.get(FAULT_ENV),
-    }
-    trainer = TorchTrainer(
+    loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,
+                                      data_ref=ray.put(prep.data), task=task,
+                                      progress_queue=queue, run_name=run_name,
+                                      run_dir=str(run_dir))
+    trainer = _trainer(cfg, task, loop_cfg, run_name, runs_dir)
+    progress = _Progress(out, progress_bar, task)
+    tracker = RunTracker(run_dir, run_name, cfg.publish.name, config=cfg.to_dict(),
+                         out=out, gauges=False)
+    resume_hint = f"`tuneserve train --resume {run_name} --runs-dir {runs_dir}`"
+    outcome = _watch(trainer, queue, progress, tracker, started_here, out,
+                     interrupted=(f"interrupted: run {run_name} stopped; nothing was "
+                                  f"published. Continue it from its last checkpoint with "
+                                  f"{resume_hint}"))
+    result = _succeeded(outcome, cfg, resume_hint)
+    best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
+    if best is None:
+        raise TrainingFailed("training produced no checkpoint")
+    best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path),
+                        result.metrics)
+    return Fitted(run_name=run_name, run_dir=run_dir, checkpoint=best,
+                  best_metrics=best_metrics, history=progress.history,
+                  samples_per_s=progress.last_rate,
+                  artifacts=tracker.artifacts(tracker.plot()))
+
+
+def _open_run(prep: Prepared, resume: Optional[str],
+              out: Callable[[str], None]) -> tuple[str, Path]:
+    """(run name, runs folder): the interrupted run's, or a new run's folder with the
+    config, data and versions `train --resume` starts from (RUN_CONFIG_FILE)."""
+    cfg = prep.cfg
+    if resume:
+        folder = _run_folder(resume, cfg.cluster.runs_dir)
+        out(f"resuming run {folder.name}")
+        return folder.name, folder.parent.resolve()
+    run_name = (f"{cfg.publish.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-"
+                f"{uuid.uuid4().hex[:6]}")
+    runs_dir = Path(cfg.cluster.runs_dir).resolve()
+    (runs_dir / run_name).mkdir(parents=True, exist_ok=True)
+    (runs_dir / run_name / RUN_CONFIG_FILE).write_text(json.dumps(
+        {"run": run_name, "config": cfg.to_dict(), "data": prep.data_info,
+         "versions": _versions()}, indent=2, default=str))
+    return run_name, runs_dir
+
+
+def _trainer(cfg: ResolvedTrainConfig, task: Task, loop_cfg: LoopConfig, run_name: str,
+             runs_dir: Path):
+    """Ray Train's TorchTrainer: the workers run loop.train_loop_per_worker(loop_cfg);
+    it keeps the two best checkpoints by the task's metric."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    c = cfg.cluster
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.use_gpu,
+                                     resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name, storage_path=str(runs_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=2,
                                                checkpoint_score_attribute=task.metric,
                                                checkpoint_score_order=task.metric_mode),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=c.max_failures),
         ),
     )
-    progress = _Progress(out, progress_bar, task)
-    tracker = RunTracker(runs_dir / run_name, run_name, cfg.name, config=cfg.to_dict(),
-                         out=out, gauges=False)
+
+
+def _watch(trainer, queue, progress: _Progress, tracker: RunTracker, started_here: bool,
+           out: Callable[[str], None], interrupted: str) -> dict[str, Any]:
+    """trainer.fit() on a thread while this one shows and records the progress events;
+    {"result": ...} or {"error": ...}. Ctrl-C stops the run (`interrupted` says so)."""
+    import ray
+    from ray.util.queue import Empty
+
     outcome: dict[str, Any] = {}
 
-    def fit() -> None:
+    def fit_run() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as exc:  # reported on the main thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=fit, name="tuneserve-fit", daemon=True)
+    thread = threading.Thread(target=fit_run, name="tuneserve-fit", daemon=True)
     thread.start()
-    resume_hint = f"`tuneserve train --resume {run_name} --runs-dir {runs_dir}`"
-    interrupted = False
+    stopped = False
     try:
         while thread.is_alive() or not queue.empty():
             try:
@@ -318,82 +418,74 @@ def run_training(cfg: TrainConfig, *, publish: bool = True, promote: Optional[bo
         # Not waiting for the run: its controller and workers belong to this driver
         # and end with it (and with the local cluster, shut down here). A checkpoint
         # being written is never seen half-written (write_checkpoint renames it whole).
-        interrupted = True
+        stopped = True
         progress.close()
-        out(f"interrupted: run {run_name} stopped; nothing was published. Continue it "
-            f"from its last checkpoint with {resume_hint}")
+        out(interrupted)
         if started_here:
             ray.shutdown()
         raise
     finally:
         progress.close()
         tracker.close()
-        if not interrupted:
+        if not stopped:
             thread.join()
             ray.kill(queue.actor, no_restart=True)
-    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
-    if error is not None:
-        cause, bad_input = _root_cause(error)
-        advice = (f"fix it and train again (--resume keeps the config the run started with)"
-                  if bad_input else f"continue it with {resume_hint} once the cause is fixed")
-        raise TrainingFailed(
-            f"training failed (worker failures tolerated: {cfg.max_failures}; nothing was "
-            f"published): {cause}. {advice[0].upper()}{advice[1:]}.") from None
-    result = outcome["result"]
-    best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
-    if best is None:
-        raise TrainingFailed("training produced no checkpoint")
-    best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path),
-                        result.metrics)
-    metrics = task.summary(best_metrics)
-    res = TrainResult(name=cfg.name, version=None, promoted=False, metrics=metrics,
-                      run_dir=str(runs_dir / run_name), registry=str(cfg.registry),
-                      checkpoint_dir=best.path, history=progress.history,
-                      best_epoch=best_metrics.get("epoch"),
-                      samples_per_s=progress.last_rate)
-    res.artifacts = tracker.artifacts(tracker.plot())
-    check_converged(best_metrics, runs_dir / run_name)
-    if publish:
-        manifest = {
-            "task": cfg.task, "base_model": cfg.model, "labels": task.label_names,
-            **task.manifest_fields(),
-            "metrics": metrics, "best_epoch": best_metrics.get("epoch"),
-            "per_class": best_metrics.get("eval_per_class"),
-            "confusion_matrix": best_metrics.get("confusion_matrix"),
-            "config": cfg.to_dict(), "data": data_info, "run": run_name,
-            "versions": _versions(), "artifacts": res.artifacts,
-        }
-        registry = Registry(cfg.registry)
-        publish_started = time.perf_counter()
-        if promote is None and cfg.promote:
-            promote = False  # the gate below decides, for a first version too
-        with best.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
-            pub = registry.publish(cfg.name, folder, manifest, promote=promote)
-        res.publish_s = time.perf_counter() - publish_started
-        metrics_observe("tuneserve_checkpoint_publish_duration_seconds", res.publish_s,
-                        model=cfg.name)
-        res.version, res.promoted = pub.version, pub.promoted
-        res.checkpoint_dir = str(pub.path)
-        if cfg.promote and not pub.promoted:
-            from services.training.promotion import decide
+    return outcome
 
-            key = task.metric.removeprefix("eval_")
-            ok, res.promotion = decide(registry, cfg.name, pub.version, metrics, key,
-                                       task.metric_mode, cfg.min_metric)
-            if ok:
-                registry.set_channel(cfg.name, "production", pub.version)
-                res.promoted = True
-    res.wall_s = time.perf_counter() - started
-    (runs_dir / run_name / FINISHED_FILE).write_text(json.dumps(
-        {"name": cfg.name, "version": res.version, "checkpoint": res.checkpoint_dir}))
-    return res
+
+def _succeeded(outcome: dict[str, Any], cfg: ResolvedTrainConfig, resume_hint: str):
+    """The Ray Train result of a run that ended well; else TrainingFailed with the
+    cause and what to do."""
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is None:
+        return outcome["result"]
+    cause, bad_input = _root_cause(error)
+    advice = ("fix it and train again (--resume keeps the config the run started with)"
+              if bad_input else f"continue it with {resume_hint} once the cause is fixed")
+    raise TrainingFailed(
+        f"training failed (worker failures tolerated: {cfg.cluster.max_failures}; nothing "
+        f"was published): {cause}. {advice[0].upper()}{advice[1:]}.") from None
+
+
+def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult,
+                 promote: Optional[bool]) -> None:
+    """Publishes the best checkpoint with its manifest (into `res`); with --promote,
+    production moves to it when the eval gate lets it."""
+    cfg, task = prep.cfg, prep.task
+    best = fitted.best_metrics
+    manifest = {
+        "task": cfg.task, "base_model": cfg.modeling.model, "labels": task.label_names,
+        **task.manifest_fields(),
+        "metrics": res.metrics, "best_epoch": best.get("epoch"),
+        "per_class": best.get("eval_per_class"),
+        "confusion_matrix": best.get("confusion_matrix"),
+        "config": cfg.to_dict(), "data": prep.data_info, "run": fitted.run_name,
+        "versions": _versions(), "artifacts": res.artifacts,
+    }
+    name = cfg.publish.name
+    registry = Registry(cfg.publish.registry)
+    publish_started = time.perf_counter()
+    if promote is None and cfg.publish.promote:
+        promote = False  # the gate below decides, for a first version too
+    with fitted.checkpoint.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
+        pub = registry.publish(name, folder, manifest, promote=promote)
+    res.publish_s = time.perf_counter() - publish_started
+    metrics_observe("tuneserve_checkpoint_publish_duration_seconds", res.publish_s,
+                    model=name)
+    res.version, res.promoted = pub.version, pub.promoted
+    res.checkpoint_dir = str(pub.path)
+    if cfg.publish.promote and not pub.promoted:
+        ok, res.promotion = decide(registry, name, pub.version, res.metrics,
+                                   task.metric.removeprefix("eval_"), task.metric_mode,
+                                   cfg.publish.min_metric)
+        if ok:
+            registry.set_channel(name, "production", pub.version)
+            res.promoted = True
 
 
 @contextlib.contextmanager
 def _publishable(ckpt_dir: str):
     """The checkpoint without the files only resuming needs (optimizer state, adapter)."""
-    from services.training.tasks import RESUME_ONLY_FILES
-
     with tempfile.TemporaryDirectory(prefix="tuneserve-publish-") as tmp:
         for entry in Path(ckpt_dir).iterdir():
             if entry.name in RESUME_ONLY_FILES:
@@ -445,17 +537,15 @@ def _check_unfinished(run: str, runs_dir: Optional[str]) -> None:
                       "(train again without --resume for a new run)")
 
 
-def _check_registry_task(cfg: TrainConfig) -> None:
+def _check_registry_task(cfg: ResolvedTrainConfig) -> None:
     """A run whose model name holds versions of the other task would fail at publish,
     after the whole run: say so before it starts."""
-    from services.core.errors import RegistryError
-
     try:
-        registry = Registry(cfg.registry)
+        registry = Registry(cfg.publish.registry)
     except RegistryError as exc:  # e.g. a bucket that does not exist
         raise ConfigError(f"invalid config field 'registry': {exc.message}") from None
     try:
-        registry.check_task(cfg.name, "", cfg.task)
+        registry.check_task(cfg.publish.name, "", cfg.task)
     except RegistryError as exc:
         raise ConfigError(f"invalid config field 'name': {exc.message}") from None
 
