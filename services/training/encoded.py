@@ -17,6 +17,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from services.core.config import render_prompt
+from services.core.errors import DataError
+from services.core.modeling import context_length
+
 
 @dataclass
 class EncodedSplit:
@@ -70,8 +74,6 @@ def model_limit(ref: str, tokenizer) -> int:
     """The longest input the model accepts, from its config (or its tokenizer)."""
     from transformers import AutoConfig
 
-    from services.core.modeling import context_length
-
     try:
         config = AutoConfig.from_pretrained(ref)
     except Exception:  # a tokenizer-only folder: trust the tokenizer
@@ -124,9 +126,6 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     EOS since it is incomplete. With `packing`, consecutive examples are joined into
     sequences of at most max_length tokens.
     """
-    from services.core.config import render_prompt
-    from services.core.errors import DataError
-
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no end-of-sequence token; generation training "
@@ -156,19 +155,25 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
             masks.append([False] * len(prompt) + [True] * len(response))
     n_examples = len(token_lists)
     if packing:
-        packed_ids: list[list[int]] = []
-        packed_masks: list[list[bool]] = []
-        for ids, mask in zip(token_lists, masks):
-            if packed_ids and len(packed_ids[-1]) + len(ids) <= max_length:
-                packed_ids[-1].extend(ids)
-                packed_masks[-1].extend(mask)
-            else:
-                packed_ids.append(list(ids))
-                packed_masks.append(list(mask))
-        token_lists, masks = packed_ids, packed_masks
+        token_lists, masks = pack(token_lists, masks, max_length)
     split = EncodedSplit.from_lists(token_lists, [0] * len(token_lists), masks)
     return split, {"examples": n_examples, "sequences": len(token_lists),
                    "truncated": truncated, "target_tokens": split.target_tokens()}
+
+
+def pack(token_lists: list[list[int]], masks: list[list[bool]],
+         max_length: int) -> tuple[list[list[int]], list[list[bool]]]:
+    """Consecutive examples joined into sequences of at most max_length tokens."""
+    packed_ids: list[list[int]] = []
+    packed_masks: list[list[bool]] = []
+    for ids, mask in zip(token_lists, masks):
+        if packed_ids and len(packed_ids[-1]) + len(ids) <= max_length:
+            packed_ids[-1].extend(ids)
+            packed_masks[-1].extend(mask)
+        else:
+            packed_ids.append(list(ids))
+            packed_masks.append(list(mask))
+    return packed_ids, packed_masks
 
 
 def pad_batch(examples: Sequence[np.ndarray], pad_id: int):

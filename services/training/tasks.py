@@ -32,9 +32,16 @@ import numpy as np
 from services.core.config import (CLASSIFICATION, GENERATION, TASK_DEFAULTS,
                                   ResolvedTrainConfig, TaskDefaults, parse_class_weights,
                                   render_prompt)
+from services.core.data import (LabelSet, load_labelled, load_pairs, split_indices,
+                                stratified_split_indices)
+from services.core.evaluation import metrics_from_confusion
+from services.core.evaluation import summary as evaluation_summary
 from services.core.errors import ConfigError
-from services.core.modeling import GENERATION_FILE
-from services.training.encoded import EncodedSplit, pad_batch
+from services.core.modeling import (GENERATION_FILE, check_causal_lm, eos_token_ids,
+                                    load_causal_lm_for_training,
+                                    load_classifier_for_training)
+from services.training.encoded import (EncodedSplit, choose_max_length, encode_pairs,
+                                       encode_texts, model_limit, pad_batch)
 
 IGNORE_INDEX = -100
 
@@ -74,8 +81,6 @@ class Task:
                             columns: tuple) -> dict[str, Any]:
         """The config's max_length, or one chosen from (a sample of) the training
         examples, as self.max_length (the driver puts it in the run's config)."""
-        from services.training.encoded import choose_max_length, model_limit
-
         given = cfg.data.max_length
         limit = model_limit(cfg.modeling.model, tokenizer)
         if given and given > limit:
@@ -236,9 +241,6 @@ class ClassificationTask(Task):
         return [self.id2label[i] for i in range(len(self.id2label))]
 
     def prepare_data(self, cfg, tokenizer):
-        from services.core.data import LabelSet
-        from services.training.encoded import encode_texts
-
         d = cfg.data
         train, (tr_texts, tr_labels), (ev_texts, ev_labels), eval_info, split = \
             self._load_splits(cfg)
@@ -271,8 +273,6 @@ class ClassificationTask(Task):
     def _load_splits(cfg: ResolvedTrainConfig):
         """(the training file's data, train (texts, labels), eval (texts, labels), the
         eval file's info, how eval was held out): from --eval, or a stratified share."""
-        from services.core.data import load_labelled, stratified_split_indices
-
         d, seed = cfg.data, cfg.optim.seed
         train = load_labelled(d.train, d.text_column, d.label_column, d.columns)
         if d.eval:
@@ -304,16 +304,12 @@ class ClassificationTask(Task):
                 f"macro-F1 {ev['eval_macro_f1']:.4f} loss {ev['eval_loss']:.4f}")
 
     def summary(self, metrics):
-        from services.core.evaluation import summary
-
-        out = summary({k.removeprefix("eval_"): v for k, v in metrics.items()
-                       if k.startswith("eval_") and isinstance(v, (int, float))})
+        out = evaluation_summary({k.removeprefix("eval_"): v for k, v in metrics.items()
+                                  if k.startswith("eval_") and isinstance(v, (int, float))})
         out["loss"] = float(metrics.get("eval_loss", float("nan")))
         return out
 
     def build_model(self, tokenizer):
-        from services.core.modeling import load_classifier_for_training
-
         return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id)
 
     def dataset(self, split):
@@ -349,8 +345,6 @@ class ClassificationTask(Task):
         """Exact over all ranks: confusion matrices, loss sums and counts all-reduced."""
         import torch
         import torch.nn.functional as F
-
-        from services.core.evaluation import metrics_from_confusion
 
         n_labels = len(self.id2label)
         cm = torch.zeros((n_labels, n_labels), dtype=torch.long)
@@ -435,9 +429,6 @@ class GenerationTask(Task):
         self.stats: dict[str, Any] = {}
 
     def prepare_data(self, cfg, tokenizer):
-        from services.core.modeling import check_causal_lm
-        from services.training.encoded import encode_pairs
-
         check_causal_lm(cfg.modeling.model)
         train, tr, ev, eval_info, split = self._load_splits(cfg)
         self.pad_id = tokenizer.pad_token_id
@@ -460,8 +451,6 @@ class GenerationTask(Task):
     def _load_splits(cfg: ResolvedTrainConfig):
         """(the training file's pairs, train (prompts, responses), eval (prompts,
         responses), the eval file's info, how eval was held out)."""
-        from services.core.data import load_pairs, split_indices
-
         d, seed = cfg.data, cfg.optim.seed
         train = load_pairs(d.train, d.prompt_column, d.response_column, d.columns)
         if d.eval:
@@ -513,8 +502,6 @@ class GenerationTask(Task):
         return {"prompt_template": self.prompt_template, "lora": self.lora}
 
     def build_model(self, tokenizer):
-        from services.core.modeling import load_causal_lm_for_training
-
         return load_causal_lm_for_training(self.model_ref, tokenizer, lora=self.lora)
 
     def dataset(self, split):
@@ -573,8 +560,6 @@ class GenerationTask(Task):
         EOS it was trained on: fine-tuning appended the tokenizer's EOS to each
         response, and the base model's config may name another (plain Hugging Face
         `generate` on the checkpoint stops right too)."""
-        from services.core.modeling import eos_token_ids
-
         if self.lora:
             from peft import get_peft_model_state_dict
             from safetensors.torch import save_file
