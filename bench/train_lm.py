@@ -180,10 +180,10 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
 
 def ray_train(folder: Path, train_file: Path, eval_file: Path, workers: int, args,
               work: Path) -> dict:
-    from services.core.config import TrainConfig
+    from services.core.config import GENERATION, TrainConfig
 
     cfg = TrainConfig(model=str(folder), train=str(train_file), eval=str(eval_file),
-                      task="generation", packing=True, max_length=args.seq_len,
+                      task=GENERATION, packing=True, max_length=args.seq_len,
                       name=f"bench-lm-{workers}w", registry=str(work / "registry"),
                       runs_dir=str(work / "runs"), workers=workers,
                       cpus_per_worker=max(1, args.cores // workers), use_gpu=args.use_gpu,
