@@ -29,6 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, machine, table, timed_ray_training, write_json  # noqa: E402
+from services.core.config import TrainConfig  # noqa: E402
+from services.core.modeling import (demo_model_path, load_tokenizer,  # noqa: E402
+                                    quiet_transformers)
+from services.core.raycluster import ensure_ray  # noqa: E402
+from services.training.encoded import encode_texts, pad_batch  # noqa: E402
+from services.training.loop import lr_at, param_groups  # noqa: E402
+from services.training.sharding import epoch_order  # noqa: E402
 
 SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 WARMUP_STEPS = 5
@@ -56,10 +63,6 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from services.core.modeling import load_tokenizer, quiet_transformers
-    from services.training.encoded import encode_texts, pad_batch
-    from services.training.loop import param_groups, lr_at
-    from services.training.sharding import epoch_order
 
     started = time.perf_counter()
     quiet_transformers()
@@ -102,8 +105,6 @@ def plain_loop(model_ref: str, rows, batch_size: int, steps: int, max_length: in
 def ray_train(model_ref: str, train_file: Path, eval_file: Path, workers: int,
               batch_size: int, max_length: int, lr: float, cores: int, use_gpu: bool,
               work: Path, seed: int, group_by_length: bool = False) -> dict:
-    from services.core.config import TrainConfig
-
     cfg = TrainConfig(model=model_ref, train=str(train_file), eval=str(eval_file),
                       name=f"bench-{workers}w", registry=str(work / "registry"),
                       runs_dir=str(work / "runs"), workers=workers,
@@ -134,8 +135,6 @@ def main() -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from services.core.modeling import demo_model_path
-    from services.core.raycluster import ensure_ray
 
     model_ref = args.model or demo_model_path()
     data = Path(args.data) if args.data else (

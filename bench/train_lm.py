@@ -34,6 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, table, timed_ray_training, write_json  # noqa: E402
+from services.core.config import GENERATION, TrainConfig  # noqa: E402
+from services.core.data import load_pairs  # noqa: E402
+from services.core.modeling import (load_causal_lm_for_training,  # noqa: E402
+                                    load_tokenizer, quiet_transformers)
+from services.core.raycluster import ensure_ray  # noqa: E402
+from services.training.encoded import encode_pairs  # noqa: E402
+from services.training.loop import param_groups  # noqa: E402
+from services.training.tasks import lm_batch, token_nll  # noqa: E402
 
 WARMUP_STEPS = 3
 # Llama-style shapes. 0.5b: 24 x 1280 (about 0.56B parameters with a 32k vocabulary);
@@ -69,8 +77,6 @@ def build(folder: Path, preset: str, seq_len: int, seed: int) -> dict:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    from services.core.modeling import quiet_transformers
 
     quiet_transformers()
     shape = dict(PRESETS[preset])
@@ -134,12 +140,6 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
     """The baseline: one process, no Ray; the same packed sequences and optimizer."""
     import torch
 
-    from services.core.data import load_pairs
-    from services.core.modeling import load_causal_lm_for_training, load_tokenizer
-    from services.training.encoded import encode_pairs
-    from services.training.loop import param_groups
-    from services.training.tasks import lm_batch, token_nll
-
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(str(folder))
@@ -180,8 +180,6 @@ def plain_loop(folder: Path, train_file: Path, args, device: str) -> dict:
 
 def ray_train(folder: Path, train_file: Path, eval_file: Path, workers: int, args,
               work: Path) -> dict:
-    from services.core.config import GENERATION, TrainConfig
-
     cfg = TrainConfig(model=str(folder), train=str(train_file), eval=str(eval_file),
                       task=GENERATION, packing=True, max_length=args.seq_len,
                       name=f"bench-lm-{workers}w", registry=str(work / "registry"),
@@ -214,8 +212,6 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
-
-    from services.core.raycluster import ensure_ray
 
     device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
     if args.use_gpu and device != "cuda":
