@@ -114,7 +114,7 @@ def ray_train(model_ref: str, train_file: Path, eval_file: Path, workers: int,
     return timed_ray_training(cfg, "samples_per_s", WARMUP_STEPS)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled MiniLM-L6")
     parser.add_argument("--data", default=None, help="TSV with sentence, label columns")
@@ -131,12 +131,12 @@ def main() -> int:
                              "default of `tuneserve train` for classification): the "
                              "other runs use the plain loop's shuffled batches")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    model_ref = args.model or demo_model_path()
+def write_data(args: argparse.Namespace) -> tuple[Path, list, Path, Path, Path]:
+    """(the source file, the training rows, the work folder, train and eval files):
+    steps x batch size examples to train on and 64 to evaluate."""
     data = Path(args.data) if args.data else (
         SST2_TRAIN if SST2_TRAIN.is_file()
         else REPO / "services" / "resources" / "demo_sentiment.tsv")
@@ -147,25 +147,31 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-train-"))
     train_file = write_tsv(work / "train.tsv", rows[:n])
     eval_file = write_tsv(work / "eval.tsv", rows[n:])
+    return data, rows[:n], work, train_file, eval_file
 
-    print(f"model {model_ref}\ndata {data}: {n} examples, {args.steps} steps of "
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    model_ref = args.model or demo_model_path()
+    data, rows, work, train_file, eval_file = write_data(args)
+    print(f"model {model_ref}\ndata {data}: {len(rows)} examples, {args.steps} steps of "
           f"{args.batch_size}, max_length {args.max_length}, {args.cores} cores")
-    results = {"plain": plain_loop(model_ref, rows[:n], args.batch_size, args.steps,
+    results = {"plain": plain_loop(model_ref, rows, args.batch_size, args.steps,
                                    args.max_length, args.lr, args.cores, args.seed,
                                    args.use_gpu)}
     t0 = time.perf_counter()
     ensure_ray(None)
     ray_start_s = time.perf_counter() - t0
     workers = [int(x) for x in args.workers.split(",")]
-    for w in workers:
-        results[f"ray-{w}w"] = ray_train(model_ref, train_file, eval_file, w,
-                                         args.batch_size, args.max_length, args.lr,
-                                         args.cores, args.use_gpu, work, args.seed)
+    runs = [(f"ray-{w}w", w, False) for w in workers]
     if args.grouped:
-        w = max(workers)
-        results[f"ray-{w}w grouped"] = ray_train(
-            model_ref, train_file, eval_file, w, args.batch_size, args.max_length, args.lr,
-            args.cores, args.use_gpu, work, args.seed, group_by_length=True)
+        runs.append((f"ray-{max(workers)}w grouped", max(workers), True))
+    for name, w, grouped in runs:
+        results[name] = ray_train(model_ref, train_file, eval_file, w, args.batch_size,
+                                  args.max_length, args.lr, args.cores, args.use_gpu, work,
+                                  args.seed, group_by_length=grouped)
     base = results["plain"]["samples_per_s"]
     rows_out = [[name, f"{r['samples_per_s']:.1f}", f"{r['samples_per_s'] / base:.2f}x",
                  f"{r['first_step_s']:.1f}", f"{r['wall_s']:.1f}"]

@@ -190,7 +190,7 @@ def ray_train(folder: Path, train_file: Path, eval_file: Path, workers: int, arg
     return timed_ray_training(cfg, "tokens_per_s", WARMUP_STEPS, max_steps=args.steps)
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="0.5b")
     parser.add_argument("--steps", type=int, default=30)
@@ -208,42 +208,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be more than {WARMUP_STEPS} (the warm-up steps)")
+    return parser, args
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import torch
 
-    device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
-    if args.use_gpu and device != "cuda":
-        parser.error("--use-gpu: torch sees no CUDA device")
-    gpu_name = torch.cuda.get_device_name(0) if device == "cuda" else ""
-    peak = args.peak_tflops or (peak_tflops(gpu_name) if gpu_name else None)
-    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-lm-"))
-    folder = work / "model"
-    shape = build(folder, args.preset, args.seq_len, args.seed)
-    workers = [int(x) for x in args.workers.split(",")]
+def write_data(work: Path, folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Train and eval pairs: enough to pack steps x batch-size sequences."""
     sample = write_pairs(work / "sample.jsonl", 200, args.seq_len // 6, args.seed)
     n_pairs = pairs_needed(folder, sample, args.steps * args.batch_size, args.seq_len)
     train_file = write_pairs(work / "train.jsonl", n_pairs, args.seq_len // 6, args.seed)
     eval_file = write_pairs(work / "eval.jsonl", 8, args.seq_len // 6, args.seed + 1)
-    fpt = flops_per_token(shape["params"], shape["embedding_params"], shape["layers"],
-                          shape["hidden"], args.seq_len)
-    print(f"model: Llama-style '{args.preset}' {shape['params'] / 1e6:.1f}M parameters "
-          f"({shape['layers']} layers x {shape['hidden']}, vocab {shape['vocab_size']}), "
-          f"random init; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens; "
-          f"{device}{' ' + gpu_name if gpu_name else ''}; {fpt / 1e9:.2f} GFLOP/token",
-          flush=True)
+    return train_file, eval_file
 
-    results = {}
-    if not args.no_plain:
-        results["plain"] = plain_loop(folder, train_file, args, device)
-        print(f"  plain: {results['plain']['tokens_per_s']:.0f} tokens/s", flush=True)
-    t0 = time.perf_counter()
-    ensure_ray(None)
-    ray_start_s = time.perf_counter() - t0
-    for w in workers:
-        results[f"ray-{w}w"] = ray_train(folder, train_file, eval_file, w, args, work)
-        print(f"  ray-{w}w: {results[f'ray-{w}w']['tokens_per_s']:.0f} tokens/s", flush=True)
+
+def report(results: dict, fpt: float, peak: float | None, device: str) -> None:
+    """The table, with each run's MFU added to its result."""
     base = results.get("plain", {}).get("tokens_per_s")
     rows = []
     for name, r in results.items():
@@ -257,6 +235,41 @@ def main() -> int:
                      f"{r['first_step_s']:.1f}", f"{r['wall_s']:.1f}"])
     print(table(rows, ["run", "tokens/s", "vs plain", "TFLOP/s", "MFU", "first step s",
                        "wall s"]))
+
+
+def main() -> int:
+    parser, args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import torch
+
+    device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
+    if args.use_gpu and device != "cuda":
+        parser.error("--use-gpu: torch sees no CUDA device")
+    gpu_name = torch.cuda.get_device_name(0) if device == "cuda" else ""
+    peak = args.peak_tflops or (peak_tflops(gpu_name) if gpu_name else None)
+    work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-lm-"))
+    folder = work / "model"
+    shape = build(folder, args.preset, args.seq_len, args.seed)
+    train_file, eval_file = write_data(work, folder, args)
+    fpt = flops_per_token(shape["params"], shape["embedding_params"], shape["layers"],
+                          shape["hidden"], args.seq_len)
+    print(f"model: Llama-style '{args.preset}' {shape['params'] / 1e6:.1f}M parameters "
+          f"({shape['layers']} layers x {shape['hidden']}, vocab {shape['vocab_size']}), "
+          f"random init; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens; "
+          f"{device}{' ' + gpu_name if gpu_name else ''}; {fpt / 1e9:.2f} GFLOP/token",
+          flush=True)
+    results = {}
+    if not args.no_plain:
+        results["plain"] = plain_loop(folder, train_file, args, device)
+        print(f"  plain: {results['plain']['tokens_per_s']:.0f} tokens/s", flush=True)
+    t0 = time.perf_counter()
+    ensure_ray(None)
+    ray_start_s = time.perf_counter() - t0
+    for w in (int(x) for x in args.workers.split(",")):
+        results[f"ray-{w}w"] = ray_train(folder, train_file, eval_file, w, args, work)
+        print(f"  ray-{w}w: {results[f'ray-{w}w']['tokens_per_s']:.0f} tokens/s", flush=True)
+    report(results, fpt, peak, device)
     print(f"ray start: {ray_start_s:.1f} s; peak used for MFU: "
           f"{f'{peak:g} TFLOP/s per GPU' if peak and device == 'cuda' else 'none (no GPU)'}")
     write_json(args.json, {"machine": {**machine(), "gpu": gpu_name}, "args": vars(args),
