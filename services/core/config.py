@@ -903,17 +903,16 @@ class ServeConfig:
     """Each ingress replica answers gRPC on grpc_port with a server of its own
     (services/serving/replica_grpc.py): no proxy hop, and the replicas of a node share
     the port (the kernel spreads connections among them), so with colocate and
-    num_replicas > 1 several model processes serve one port (docs/benchmarks.md: 1.7-1.9x
-    one process's throughput on two cores). Clients need several connections to reach
-    several replicas. Serve's proxy answers the same methods on another port
+    num_replicas > 1 several model processes serve one port (docs/benchmarks.md).
+    Clients need several connections to reach several replicas. Serve's proxy answers the same methods on another port
     (`tuneserve serve` picks a free one; in a Serve config or RayService, give
     grpc_options a port other than grpc_port). Works on any cluster, nothing to set
     when it starts. Serve's autoscaler does not see these calls: not with max_replicas,
     nor with direct_ingress."""
     access_log: bool = True
-    """Serve's access log: a line per request in each replica's log. It costs about 2 ms
-    of CPU per request on a small CPU (docs/benchmarks.md); tuneserve's own request
-    metrics count every call either way."""
+    """Serve's access log: a line per request in each replica's log. It costs CPU on
+    every request (docs/benchmarks.md); tuneserve's own request metrics count every
+    call either way."""
     generation_batching: str = "continuous"
     """How a generator replica batches requests. continuous: a request joins the running
     batch at its next decoding step and leaves it as soon as it ends, so nobody waits

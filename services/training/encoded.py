@@ -1,12 +1,9 @@
 """Tokenised examples in a compact form that crosses the Ray object store cheaply.
 
-Token ids of all examples are stored end to end in one int32 array with offsets,
-instead of a list of lists, so that 60k examples are two arrays and not 60k objects.
-Batches are padded to their own longest example, not to max_length.
-
-Generation examples (prompt + response + EOS) carry a per-token `loss_mask`: True on
-the response tokens and the EOS, False on the prompt, so the loss is only on what the
-model should write.
+An `EncodedSplit` holds every example's token ids end to end in one int32 array with
+offsets (two arrays, not one object per example). Generation examples carry a per-token
+loss mask: True on the response and its EOS, so the loss is only on what the model
+should write. Batches are padded to their own longest example.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Which examples each rank trains on, micro-batch by micro-batch.
 
 Every rank computes the same order of the epoch (a permutation from the seed and the
-epoch, optionally grouped by length), cuts it into global micro-batches of
-micro_batch_size x world examples and takes its share of each. A share is not a fixed
-slice: the global micro-batch is sorted by length and cut into `world` runs whose padded
-size (rows x longest row) is as even as possible, so the rank that holds the longest
-text gets fewer rows and every other rank pads to a shorter width. DDP ranks run in
-lockstep, so a step lasts as long as its costliest share; on shuffled SST-2 batches of
-32 over 2 ranks the costliest share holds 42% fewer padded tokens than with an equal
-split (docs/benchmarks.md).
-
-The gradient stays exactly that of the whole global batch: each rank sums its examples'
-losses and divides by the denominator of the whole accumulation group (examples, class
-weights or target tokens: every rank knows every example of the batch, so no message is
-needed), times world, because DDP averages over ranks.
+epoch, optionally grouped by length) and cuts it into global micro-batches of
+micro_batch_size x world examples. Each global micro-batch is dealt out to the ranks by
+padded size (rows x longest row, `split_by_cost`), not in equal slices, since DDP ranks
+wait for the costliest share. The gradient stays that of the whole global batch: each
+rank divides its summed loss by the accumulation group's denominator (every rank knows
+every example of it), times world, because DDP averages over ranks.
 """
 
 from __future__ import annotations

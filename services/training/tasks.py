@@ -1,22 +1,11 @@
 """What differs between training a classifier and fine-tuning a causal LM.
 
-The driver (run.py) and the Ray Train loop (loop.py) are shared; a task object, made
-from a ResolvedTrainConfig by `make_task`, holds everything task-specific and travels
-to the workers inside the loop config:
-
-    driver:  prepare_data(tokenizer) -> tokenised splits, describe_eval, summary,
-             manifest_fields (what the registry records)
-    worker:  build_model, dataset + collate (the batches), loss_sum and
-             loss_denominator (the loss of a batch dealt out to ranks unevenly,
-             services/training/sharding.py), evaluate (exact over all ranks), save
-
-`ClassificationTask`: cross-entropy over labels, confusion matrices all-reduced.
-`GenerationTask`: next-token loss on response tokens only, eval loss and perplexity
-over every target token of the eval split; optional LoRA (peft), merged on save.
-
-A new task is one Task subclass here plus its entry in TASK_CLASSES, and its row of
-defaults in services.core.config.TASK_DEFAULTS (resolving a config, in core, fills
-them in; core cannot import training).
+A Task (made from a ResolvedTrainConfig by `make_task`) travels to the workers in the
+LoopConfig. Driver side: prepare_data, describe_*, summary, manifest_fields. Worker
+side: build_model, dataset/collate, loss_sum/loss_denominator, evaluate (exact over
+all ranks), save/load_weights. A new task is one subclass here, its TASK_CLASSES
+entry and its row in services.core.config.TASK_DEFAULTS (core fills defaults in when
+resolving a config; it cannot import training).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """What a training run leaves to watch and to look at afterwards.
 
-The driver (run.py) hands rank 0's events (`start`, `step`, `eval`; see loop.py) to a
-`RunTracker`, which
-
-- sets the training gauges of services/core/metrics.py (loss, learning rate, samples/s,
-  tokens/s, epoch, eval metrics), labelled by run and model, for Prometheus;
-- writes TensorBoard event files under `<runs_dir>/<run>/tensorboard/`
-  (`tensorboard --logdir <runs_dir>` shows every run side by side);
-- at the end draws the loss and eval curves into `<runs_dir>/<run>/training_curves.png`.
-
-`epoch_rows(history)` is the per-epoch table `tuneserve train` prints. None of this may
-fail a training run: a writer or plot that cannot be made is reported in one line.
+A `RunTracker` turns rank 0's events (`start`, `step`, `eval`; loop.py) into Prometheus
+gauges (services/core/metrics.py), TensorBoard scalars under `<run>/tensorboard/` and,
+at the end, `<run>/training_curves.png`; `epoch_rows` is the per-epoch table `tuneserve
+train` prints. None of this may fail a run: what cannot be written is reported in one
+line.
 """
 
 from __future__ import annotations
