@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from services.client import Client
-from tests.helpers import free_port, listening_process
+from tests.helpers import free_port, listening_process, poll_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -53,6 +53,10 @@ def test_serve_command_foreground_and_ctrl_c(trained, tmp_path):
         # no proxy in front: the ingress replica's own process holds the port
         assert listening_process(port).startswith("ray::ServeReplica:tuneserve:ingress"), \
             listening_process(port)
+        # The replica can answer before the command's own start-up wait has seen the
+        # app running; a Ctrl-C before that line interrupts the start (exit 130).
+        assert poll_until(lambda: f"serving gRPC on port {port}" in
+                          (tmp_path / "serve.log").read_text(), timeout_s=120)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:
