@@ -18,7 +18,7 @@ import ray
 
 from services.client import Client
 from services.core import modeling, raycluster
-from services.core.config import DEFAULT_HOME, ServeConfig, TrainConfig
+from services.core.config import DEFAULT_HOME, ResolvedTrainConfig, ServeConfig, TrainConfig
 from services.core.errors import InvalidInput
 from services.core.net import free_port
 from services.core.tables import format_table
@@ -81,7 +81,7 @@ def run_demo(workers: int = 2, epochs: int = 4, grpc_port: int = 0,
     return 0
 
 
-def demo_config(workers: int, epochs: int, home: Optional[str]) -> TrainConfig:
+def demo_config(workers: int, epochs: int, home: Optional[str]) -> ResolvedTrainConfig:
     """The demo's run: the bundled model and data, registry and runs under `home`."""
     home_dir = Path(home) if home else DEFAULT_HOME
     return TrainConfig(

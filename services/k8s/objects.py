@@ -20,7 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from services import __version__
-from services.core.config import TrainConfig
+from services.core.config import ResolvedTrainConfig, TrainConfig
 from services.core.errors import ConfigError, InvalidInput
 
 RAY_GROUP = "ray.io"
@@ -71,7 +71,7 @@ class JobOptions:
     backoff_limit: int = 1
     active_deadline_s: int = 86400
 
-    def resolved_image(self, cfg: TrainConfig) -> str:
+    def resolved_image(self, cfg: ResolvedTrainConfig) -> str:
         if self.image:
             return self.image
         return f"tuneserve:{__version__}-{'cu128' if cfg.use_gpu else 'cpu'}"
@@ -150,8 +150,8 @@ def default_job_name(model_name: str, now: Optional[_dt.datetime] = None) -> str
 
 
 def resolve_run_config(file_data: dict[str, Any], overrides: dict[str, Any],
-                       source: str = "config") -> tuple[dict[str, Any], TrainConfig]:
-    """The run config the cluster gets, and the TrainConfig it resolves to.
+                       source: str = "config") -> tuple[dict[str, Any], ResolvedTrainConfig]:
+    """The run config the cluster gets, and the resolved config it gives.
 
     The YAML mapping stays as written, with the command-line overrides applied; only the
     registry and run-state paths move to the shared volume, and `address` goes (inside
@@ -164,12 +164,10 @@ def resolve_run_config(file_data: dict[str, Any], overrides: dict[str, Any],
     data["registry"] = REGISTRY_PATH
     data["runs_dir"] = RUNS_PATH
     data.pop("address", None)
-    cfg = TrainConfig.from_dict(copy.deepcopy(data), source=source)
-    cfg.validate()
-    return data, cfg
+    return data, TrainConfig.from_dict(copy.deepcopy(data), source=source).resolve()
 
 
-def paths_outside_cluster(cfg: TrainConfig) -> list[str]:
+def paths_outside_cluster(cfg: ResolvedTrainConfig) -> list[str]:
     """Fields naming local paths that the pods cannot see (not on the shared volume)."""
     out = []
     for name in ("train", "eval"):
@@ -208,7 +206,7 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def build_train_objects(run_config: dict[str, Any], cfg: TrainConfig,
+def build_train_objects(run_config: dict[str, Any], cfg: ResolvedTrainConfig,
                         opts: JobOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """(ConfigMap, RayJob) for one training run; `run_config` goes in unchanged."""
     name = check_k8s_name(opts.job_name or default_job_name(cfg.name or "model"), "job name")
@@ -300,7 +298,7 @@ def _head_group(image: str, labels: dict[str, str], opts: JobOptions,
     }
 
 
-def _worker_pod(image: str, cfg: TrainConfig, opts: JobOptions) -> dict[str, Any]:
+def _worker_pod(image: str, cfg: ResolvedTrainConfig, opts: JobOptions) -> dict[str, Any]:
     """A training worker's pod spec: cpus_per_worker rounded up unless --worker-cpus,
     GPUs (and their taint's toleration) when the run uses them."""
     gpus = opts.gpus_per_worker if cfg.use_gpu else 0

@@ -210,6 +210,14 @@ def test_dry_run_carries_the_run_config_unchanged_and_validates(run_yaml, capsys
     assert image.startswith("tuneserve:") and image.endswith("-cpu")
 
 
+def test_an_unnamed_run_is_named_after_its_training_file(capsys):
+    """The model name a run resolves to (the training file's stem) names the job and
+    labels it, as `tuneserve train` would name the model."""
+    _, job = dry_run_objects(capsys, "--model", "bert", "--train", "/data/reviews.csv")
+    assert job["metadata"]["name"].startswith("train-reviews-")
+    assert job["metadata"]["labels"]["tuneserve.dev/model"] == "reviews"
+
+
 def test_flags_read_like_tuneserve_train(capsys):
     """--prompt-template's \\n is a newline, and --no-group-by-length turns off what
     classification does by default: as `tuneserve train` reads them."""
