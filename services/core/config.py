@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from services.core.errors import ConfigError, TuneserveError
+from services.core.names import validate_name
 
 DEFAULT_HOME = Path(os.environ.get("TUNESERVE_HOME", ".tuneserve"))
 DEFAULT_REGISTRY = str(DEFAULT_HOME / "registry")
@@ -461,9 +462,6 @@ def _check_columns(r: "ResolvedTrainConfig") -> None:
 
 
 def _check_name(r: "ResolvedTrainConfig") -> None:
-    # Imported here: the registry package loads pyarrow, which parsing flags needs not.
-    from services.core.registry import validate_name
-
     try:
         validate_name(r.name, "model")
     except Exception as exc:
@@ -1011,9 +1009,6 @@ def _bad_serve(name: str, why: str) -> ConfigError:
 
 def _check_serve_names(cfg: ServeConfig) -> None:
     """Ports, the channel and the served models' names."""
-    # Imported here: the registry package loads pyarrow, which parsing flags needs not.
-    from services.core.registry.store import validate_name
-
     check_port("grpc_port", cfg.grpc_port)
     if cfg.metrics_port is not None:
         check_port("metrics_port", cfg.metrics_port)
@@ -1077,8 +1072,6 @@ def _check_serve_scaling(cfg: ServeConfig) -> None:
 
 
 def _check_serve_models(cfg: ServeConfig) -> None:
-    from services.core.registry.store import validate_name
-
     if cfg.models is None:
         return
     if not isinstance(cfg.models, list) or not cfg.models:

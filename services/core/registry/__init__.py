@@ -13,15 +13,9 @@ weights are safetensors only; names and versions are validated by every Registry
 method (never a path), and a symlink in a model or version folder is never followed.
 """
 
-from services.core.registry.store import (
-    MANIFEST,
-    RESERVED_CHANNELS,
-    PublishResult,
-    Registry,
-    reserved_channel,
-    validate_name,
-    validate_version,
-)
+from services.core.names import (RESERVED_CHANNELS, reserved_channel, validate_name,
+                                 validate_version)
+from services.core.registry.store import MANIFEST, PublishResult, Registry
 
 __all__ = ["MANIFEST", "RESERVED_CHANNELS", "PublishResult", "Registry", "reserved_channel",
            "validate_name", "validate_version"]

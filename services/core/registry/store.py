@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import shutil
 import tempfile
 import time
@@ -16,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from services.core.config import CLASSIFICATION
 from services.core.data import file_sha256
-from services.core.errors import (CorruptVersion, InvalidInput, ModelNotFound, RegistryError,
+from services.core.errors import (CorruptVersion, ModelNotFound, RegistryError,
                                   TuneserveError, UnreadableVersion)
+from services.core.names import NAME_RE, VERSION_RE, validate_name, validate_version
 from services.core.registry.backend import Backend
 from services.core.registry.safetensors_check import check_safetensors, unsafe_format
 
@@ -28,56 +29,20 @@ CHANNELS_DIR = "channels"
 PIN_FILE = "pin.json"
 CLAIM = ".claim"  # an object-store publisher's claim on a version number
 STAGING_PREFIX = ".staging-"
-# \Z, not $: "$" also matches before a trailing newline ("m\n" would pass).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})\Z")
 # Pickle-based formats can run code when loaded: a version holding one is refused (and
 # any other file whose first bytes show a pickle or a torch.save archive, see
 # safetensors_check.unsafe_format).
 UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
                    ".npz", ".h5", ".msgpack"}
-# Admin replies to Pin and Unpin name "pin" where others name the channel they moved:
-# no channel may be called so.
-RESERVED_CHANNELS = ("pin",)
 STALE_STAGING_S = 24 * 3600
 MAX_JSON_BYTES = 64 * 1024 * 1024  # manifests, pointers, config.json, *.index.json
 HISTORY_LIMIT = 50
 CACHE_DIR = Path(os.environ.get("TUNESERVE_CACHE", Path.home() / ".cache" / "tuneserve"))
 
 
-def validate_name(name: str, what: str = "model") -> str:
-    """Model and channel names: 1-128 ASCII letters, digits, '.', '_', '-', starting
-    with a letter or digit, no '..'. So never a path: no '/', '\\', NUL, '.', '..' or
-    absolute path can reach the filesystem. Every Registry method checks its names."""
-    if not isinstance(name, str):
-        raise InvalidInput(f"{what} name must be a string")
-    if not name:
-        raise InvalidInput(f"{what} name is empty")
-    if not NAME_RE.match(name) or ".." in name:
-        raise InvalidInput(
-            f"invalid {what} name {name[:64]!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    if what == "channel" and name in RESERVED_CHANNELS:
-        raise InvalidInput(reserved_channel(name))
-    return name
-
-
-def reserved_channel(name: str) -> str:
-    return (f"channel name {name!r} is reserved (Admin replies to Pin and Unpin carry it); "
-            "to serve one version everywhere, pin it instead")
-
-
-def validate_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidInput(f"invalid version {str(version)[:64]!r}: expected v1, v2, ...")
-    return version
-
-
 def manifest_task(manifest: dict[str, Any]) -> str:
     """A manifest's task (classification when unsaid, as before the field existed)."""
-    # The literal of services.core.config.CLASSIFICATION: config imports this package.
-    return str(manifest.get("task") or "classification")
+    return str(manifest.get("task") or CLASSIFICATION)
 
 
 def pointer_version(state: dict[str, Any]) -> Optional[str]:
