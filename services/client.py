@@ -8,8 +8,12 @@
 Tokens: when the server requires them, the client sends `authorization: Bearer
 <token>`: `token` (default: env TUNESERVE_API_TOKEN, else TUNESERVE_ADMIN_TOKEN) on
 Inference calls, `admin_token` (default: env TUNESERVE_ADMIN_TOKEN, else `token`) on
-Admin calls. Pass "" to send none. The channel is plaintext: put TLS in front (a mesh,
-an ingress) before tokens cross a network you do not trust.
+Admin calls. Pass "" to send none.
+
+TLS: `Client(address, tls_ca="ca.pem")` checks the server's certificate against that CA
+(`tls=True`: the system's CAs); `tls_cert` and `tls_key` add a client certificate for a
+server that requires mutual TLS (`tuneserve serve --tls-client-ca`). Without any of
+them the channel is plaintext: do not send tokens over a network you do not trust.
 
 Other languages: generate stubs from protos/tuneserve/v1/inference.proto, or explore
 with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import grpc
@@ -40,7 +45,9 @@ def token_from(token_file: Optional[str], env_name: str) -> Optional[str]:
 class Client:
     def __init__(self, address: str, *, token: Optional[str] = None,
                  admin_token: Optional[str] = None, application: Optional[str] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, connections: int = 1):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, connections: int = 1,
+                 tls: bool = False, tls_ca: Optional[str] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None):
         """`application`: the Serve application to reach, when the cluster runs more
         than one (sent as the `application` metadata Serve's gRPC proxy routes by).
 
@@ -50,14 +57,19 @@ class Client:
         proxy spreads calls over replicas. Replicas that answer gRPC themselves
         (ServeConfig.replica_grpc) share a port and the kernel hands each connection to
         one of them, so a client reaches as many replicas as it has connections, at
-        most (docs/kubernetes.md)."""
+        most (docs/kubernetes.md).
+
+        `tls`, `tls_ca`, `tls_cert`, `tls_key`: TLS (any of them turns it on), see the
+        module docstring; the files are PEM."""
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
         check_address(address)
         self.address = address
         self.timeout_s = _deadline(timeout_s)
-        self.channels = [grpc.insecure_channel(address,
-                                               options=[("grpc.use_local_subchannel_pool", 1)])
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.secure_channel(address, credentials, options=options)
+                         if credentials else grpc.insecure_channel(address, options=options)
                          for _ in range(connections)]
         self.channel = self.channels[0]
         self._inference = [pb_grpc.InferenceStub(ch) for ch in self.channels]
@@ -223,6 +235,39 @@ def check_address(address: str) -> None:
         raise InvalidInput(f"address: {expected}, got {address!r}"
                            + (" (an IPv6 host goes in brackets: [::1]:9000)"
                               if ":" in host and not bracketed else ""))
+
+
+def channel_credentials(tls: bool = False, tls_ca: Optional[str] = None,
+                        tls_cert: Optional[str] = None, tls_key: Optional[str] = None
+                        ) -> Optional[grpc.ChannelCredentials]:
+    """TLS credentials from PEM files (None: plaintext, when none is asked for). A file
+    that cannot be read, or a certificate without its key, is an InvalidInput naming
+    the argument."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return None
+    if bool(tls_cert) != bool(tls_key):
+        raise InvalidInput("tls_cert and tls_key (--tls-cert, --tls-key): a client "
+                           "certificate needs its key, give both or neither")
+    return grpc.ssl_channel_credentials(root_certificates=_pem("tls_ca", tls_ca),
+                                        private_key=_pem("tls_key", tls_key),
+                                        certificate_chain=_pem("tls_cert", tls_cert))
+
+
+def _pem(name: str, path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{name} ({_flag(name)}): cannot read {path} "
+                           f"({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in data:
+        raise InvalidInput(f"{name} ({_flag(name)}): {path} is not a PEM file")
+    return data
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _deadline(timeout_s: Optional[float]) -> Optional[float]:

@@ -315,9 +315,11 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
              label_column: Optional[str] = None, columns: Optional[str] = None,
              batch_size: Optional[int] = None, limit: Optional[int] = None,
              timeout_s: float = 60.0, token_file: Optional[str] = None,
-             progress: Optional[bool] = None) -> EvalReport:
+             progress: Optional[bool] = None,
+             tls: Optional[dict] = None) -> EvalReport:
     """What `tuneserve eval` does, short of printing. With `address`, the API token
-    comes from `token_file`, else from the environment as Client reads it."""
+    comes from `token_file`, else from the environment as Client reads it; `tls`: the
+    Client's TLS keyword arguments (tls, tls_ca, tls_cert, tls_key)."""
     if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"--batch-size: must be at least 1, got {batch_size}")
     if not timeout_s > 0:
@@ -333,7 +335,7 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
     examples = read_data(data, text_column, label_column, columns, limit)
     if address:
         token = token_from(token_file, TOKEN_ENV) if token_file else None
-        with Client(address, token=token, timeout_s=timeout_s) as client:
+        with Client(address, token=token, timeout_s=timeout_s, **(tls or {})) as client:
             return evaluate_remote(client, name, version, examples, batch_size, progress)
     return evaluate_local(registry or DEFAULT_REGISTRY, name, version, examples,
                           batch_size or DEFAULT_LOCAL_BATCH, progress)

@@ -29,6 +29,7 @@ import grpc
 
 from services import __version__, k8s
 from services.cli import classify, demo, evaluation, generate, models, serve, train
+from services.cli.common import describe_rpc_error
 from services.core.errors import InvalidInput, TuneserveError
 
 __all__ = ["build_parser", "main"]
@@ -63,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidInput) else 1
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"error: {describe_rpc_error(exc)}", file=sys.stderr)
         # the server found the input bad: as when the CLI finds it so
         return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
     except BrokenPipeError:  # output piped into `head` and the like

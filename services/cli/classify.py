@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from services.cli.common import add_target_flags, add_token_file_flag, token
+from services.cli.common import (
+    add_target_flags,
+    add_tls_flags,
+    add_token_file_flag,
+    tls_options,
+    token,
+)
 from services.core.tables import format_table
 
 
@@ -14,6 +20,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_target_flags(p)
     p.add_argument("--timeout-s", type=float, default=30.0)
     add_token_file_flag(p)
+    add_tls_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(handler=run)
@@ -24,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from services.client import Client
 
     with Client(args.address, token=token(args.token_file),
-                timeout_s=args.timeout_s) as client:
+                timeout_s=args.timeout_s, **tls_options(args)) as client:
         resp = client.classify(args.model, args.texts, version=args.model_version)
     if args.json:
         for text, r in zip(args.texts, resp.results):

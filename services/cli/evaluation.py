@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from services.cli.common import add_tls_flags, tls_options
 from services.core.config import DEFAULT_REGISTRY, TrainConfig, field_help
 from services.core.errors import InvalidInput
 
@@ -28,6 +29,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="with --address: file holding the API token (default: "
                         "$TUNESERVE_API_TOKEN, else $TUNESERVE_ADMIN_TOKEN)")
+    add_tls_flags(p)  # with --address
     helps = field_help(TrainConfig)
     p.add_argument("--text-column", default=None, metavar="VALUE", help=helps["text_column"])
     p.add_argument("--label-column", default=None, metavar="VALUE",
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                       address=args.address, text_column=args.text_column,
                       label_column=args.label_column, columns=args.columns,
                       batch_size=args.batch_size, limit=args.limit, timeout_s=args.timeout_s,
-                      token_file=args.token_file)
+                      token_file=args.token_file, tls=_tls(args))
     png = str(report.write_png(args.confusion_png)) if args.confusion_png else None
     if args.json:
         print(json.dumps({**report.to_json(), "confusion_png": png}))
@@ -64,6 +66,16 @@ def run(args: argparse.Namespace) -> int:
         if png:
             print(f"\nconfusion matrix plot: {png}")
     return 0
+
+
+def _tls(args: argparse.Namespace) -> dict:
+    """The --tls* flags, which only a server (--address) uses."""
+    tls = tls_options(args)
+    given = [name for name, value in tls.items() if value]
+    if given and not args.address:
+        raise InvalidInput(f"--{given[0].replace('_', '-')}: TLS is for a server; pass "
+                           "--address too")
+    return tls
 
 
 def check_png_path(path: str) -> None:

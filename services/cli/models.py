@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from services.cli.common import token
+from services.cli.common import add_tls_flags, tls_options, token
 from services.core.auth import ADMIN_TOKEN_ENV
 from services.core.config import DEFAULT_REGISTRY
 from services.core.errors import InvalidInput, TuneserveError
@@ -58,6 +58,7 @@ def _register_change(actions, action: str, text: str) -> None:
     q.add_argument("--token-file", default=None, metavar="FILE",
                    help="with --address: file holding the admin token (default: "
                         "$TUNESERVE_ADMIN_TOKEN)")
+    add_tls_flags(q)
     q.set_defaults(handler=run_change)
 
 
@@ -150,6 +151,9 @@ def run_change(args: argparse.Namespace) -> int:
     channel = getattr(args, "channel", "production")
     if args.token_file and not args.address:
         raise InvalidInput("--token-file: only with --address (the Admin API)")
+    tls = [flag for flag, value in tls_options(args).items() if value]
+    if tls and not args.address:
+        raise InvalidInput(f"--{tls[0].replace('_', '-')}: only with --address (the Admin API)")
     if args.address:
         before, now = _change_through_admin(args, action, version, channel)
     else:
@@ -170,7 +174,8 @@ def _change_through_admin(args: argparse.Namespace, action: str, version: Option
     """(before, now) of a change made by the server's Admin API."""
     from services.client import Client
 
-    with Client(args.address, admin_token=token(args.token_file, ADMIN_TOKEN_ENV)) as client:
+    with Client(args.address, admin_token=token(args.token_file, ADMIN_TOKEN_ENV),
+                **tls_options(args)) as client:
         call = {"promote": lambda: client.promote(args.name, version, channel),
                 "rollback": lambda: client.rollback(args.name, channel),
                 "pin": lambda: client.pin(args.name, version),

@@ -11,12 +11,14 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 from services.core.config import (
     DEFAULT_REGISTRY,
     GENERATION_BATCHING,
     SERVING_DTYPES,
+    TLS_LAYOUT,
     ServeConfig,
     check_port,
 )
@@ -30,6 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _add_scaling_flags(p)
     _add_model_flags(p)
     _add_ingress_flags(p)
+    _add_tls_flags(p)
     p.set_defaults(handler=run)
     return p
 
@@ -112,6 +115,31 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
                         "Inference (default: $TUNESERVE_ADMIN_TOKEN)")
 
 
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="PEM certificate chain: TLS on --grpc-port (with --tls-key), "
+                        "re-read when the file changes. Serve's gRPC proxy cannot "
+                        "terminate TLS, so it selects --replica-grpc (not with "
+                        "--max-replicas or --direct-ingress)")
+    p.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="PEM private key (unencrypted) of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="FILE",
+                   help="PEM CA certificates: mutual TLS, clients must present a "
+                        "certificate one of them signed")
+
+
+def _replica_grpc(args: argparse.Namespace) -> bool:
+    """--replica-grpc, or TLS without a layout flag: the layout that terminates TLS
+    (said in one line)."""
+    if args.replica_grpc or args.direct_ingress or \
+            not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return args.replica_grpc
+    print(f"note: {TLS_LAYOUT}, so TLS selects it: each ingress replica serves "
+          "--grpc-port itself and Serve's gRPC proxy is off (not with --max-replicas)",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The validated ServeConfig of the flags (--http-port is checked, not a field)."""
     cfg = ServeConfig(registry=args.registry, grpc_port=args.grpc_port, host=args.host,
@@ -126,11 +154,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       trace=args.trace, generation_batching=args.generation_batching,
                       coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
-                      replica_grpc=args.replica_grpc, access_log=args.access_log,
+                      replica_grpc=_replica_grpc(args), access_log=args.access_log,
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,
-                      admin_token_file=args.admin_token_file)
+                      admin_token_file=args.admin_token_file,
+                      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                      tls_client_ca_file=args.tls_client_ca)
     cfg.validate()
     if args.http_port is not None:  # Serve's HTTP proxy: not a ServeConfig field
         check_port("http_port", args.http_port)
@@ -155,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         start_serving(cfg, http_port=args.http_port, verbose=args.verbose)
         _on_stop_signals(lambda *_: stop.set())
-        print(f"serving gRPC on port {cfg.grpc_port}; health: grpc.health.v1.Health; "
-              "Ctrl-C stops", flush=True)
+        tls = "" if not cfg.tls_cert_file else " with mutual TLS" \
+            if cfg.tls_client_ca_file else " with TLS"
+        print(f"serving gRPC{tls} on port {cfg.grpc_port}; health: "
+              "grpc.health.v1.Health; Ctrl-C stops", flush=True)
         stop.wait()
     finally:
         _on_stop_signals(signal.SIG_IGN)  # a second signal: no traceback

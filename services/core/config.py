@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import ssl
 import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -951,6 +952,16 @@ class ServeConfig:
     TUNESERVE_API_TOKEN. Clients send `authorization: Bearer <token>`."""
     admin_token_file: Optional[str] = None
     """File holding the Admin API token; default: env TUNESERVE_ADMIN_TOKEN."""
+    tls_cert_file: Optional[str] = None
+    """PEM certificate chain the gRPC port presents (with tls_key_file): TLS, terminated
+    by the ingress replicas' own servers, so it needs replica_grpc (Serve's gRPC proxy
+    cannot terminate TLS: ray-project/ray#34103). Re-read when the file changes (a
+    renewed Secret): new connections get the new certificate, no restart."""
+    tls_key_file: Optional[str] = None
+    """PEM private key (unencrypted) of tls_cert_file."""
+    tls_client_ca_file: Optional[str] = None
+    """PEM CA certificates: with it, mutual TLS: a client must present a certificate
+    signed by one of them."""
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def validate(self) -> "ServeConfig":
@@ -984,8 +995,14 @@ class ServeConfig:
         the limit); grpc refuses larger ones before reading them."""
         if not self.replica_grpc:
             return None
-        return {"host": self.host, "port": self.grpc_port,
-                "max_receive_bytes": 2 * self.limits.max_request_bytes}
+        server = {"host": self.host, "port": self.grpc_port,
+                  "max_receive_bytes": 2 * self.limits.max_request_bytes}
+        if self.tls_cert_file:  # absolute: a replica's working folder is not ours
+            server["tls"] = {name: os.path.abspath(path) if path else None
+                             for name, path in (("cert_file", self.tls_cert_file),
+                                                ("key_file", self.tls_key_file),
+                                                ("client_ca_file", self.tls_client_ca_file))}
+        return server
 
     def deployment_logging(self) -> dict[str, Any]:
         """Extra Serve deployment options for logging (none unless the access log is off)."""
@@ -1121,7 +1138,74 @@ def _check_serve_limits(cfg: ServeConfig) -> None:
         raise _bad_serve("limits.max_request_bytes", "must be at least 1024")
 
 
+TLS_FLAGS = {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key",
+             "tls_client_ca_file": "--tls-client-ca"}
+"""The `tuneserve serve` flag of each TLS setting, named in its errors."""
+
+TLS_LAYOUT = ("TLS is terminated by each ingress replica's own gRPC server (the "
+              "replica_grpc layout, --replica-grpc); Serve's gRPC proxy cannot terminate "
+              "TLS (ray-project/ray#34103)")
+
+
+def _bad_tls(name: str, why: str) -> ConfigError:
+    return _bad_serve(name, f"{TLS_FLAGS[name]} {why}")
+
+
+def _check_serve_tls(cfg: ServeConfig) -> None:
+    """The TLS files, and a layout that can terminate TLS."""
+    given = [n for n in TLS_FLAGS if getattr(cfg, n) is not None]
+    if not given:
+        return
+    for name in ("tls_cert_file", "tls_key_file"):
+        if getattr(cfg, name) is None:
+            raise _bad_tls(name, f"is needed with {TLS_FLAGS[given[0]]}: --tls-cert "
+                           "and --tls-key go together")
+    if cfg.direct_ingress:
+        raise _bad_serve("direct_ingress", f"Ray's direct ingress has no TLS; {TLS_LAYOUT}: "
+                         "drop direct_ingress (--direct-ingress)")
+    if not cfg.replica_grpc:
+        raise _bad_serve("replica_grpc", f"{TLS_LAYOUT}: set replica_grpc "
+                         "(`tuneserve serve` selects it when given --tls-cert)")
+    if cfg.max_replicas is not None:
+        raise _bad_serve("max_replicas", f"{TLS_LAYOUT}, and Serve's autoscaler does not "
+                         "see its calls: set num_replicas (--num-replicas) instead")
+    check_tls_files(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
+
+
+def check_tls_files(cert_file: str, key_file: str, client_ca_file: Optional[str]) -> None:
+    """The files exist and hold PEM certificates / an unencrypted key that matches the
+    certificate; ConfigError naming the flag otherwise. Also used when they are re-read."""
+    for name, path, marker in (("tls_cert_file", cert_file, "CERTIFICATE"),
+                               ("tls_key_file", key_file, "PRIVATE KEY"),
+                               ("tls_client_ca_file", client_ca_file, "CERTIFICATE")):
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise _bad_tls(name, f"{path}: cannot read it ({exc.strerror or exc})") from None
+        if f"-----BEGIN {marker}-----".encode() not in text and \
+                not (marker == "PRIVATE KEY" and b"PRIVATE KEY-----" in text):
+            raise _bad_tls(name, f"{path}: no PEM {marker.lower()} in it")
+        if b"ENCRYPTED" in text and marker == "PRIVATE KEY":
+            raise _bad_tls(name, f"{path}: the key is encrypted; gRPC needs it unencrypted")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert_file, key_file, password=b"")
+    except ssl.SSLError as exc:
+        why = "the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(exc) \
+            else f"cannot load the certificate and key ({exc.reason or exc})"
+        raise _bad_tls("tls_key_file", f"{key_file}: {why} ({cert_file})") from None
+    if client_ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=client_ca_file)
+        except ssl.SSLError as exc:
+            raise _bad_tls("tls_client_ca_file", f"{client_ca_file}: not PEM CA "
+                           f"certificates ({exc.reason or exc})") from None
+
+
 SERVE_CHECKS: tuple[Callable[[ServeConfig], None], ...] = (
     _check_serve_names, _check_serve_counts, _check_serve_numbers, _check_serve_scaling,
-    _check_serve_models, _check_serve_runtime, _check_serve_ingress, _check_serve_limits)
+    _check_serve_models, _check_serve_runtime, _check_serve_tls, _check_serve_ingress,
+    _check_serve_limits)
 """ServeConfig.validate's checks, in the order settings are reported."""

@@ -324,6 +324,8 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
         options["port"] = _prepare_direct_ingress(cfg)
     elif cfg.replica_grpc:  # grpc_port belongs to the ingress replicas
         options["port"] = free_port()
+        if cfg.tls_cert_file:  # Serve's proxy has no TLS: no plaintext way around it
+            options["grpc_servicer_functions"] = []
     local = ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
     served = sum(1 for task in tasks.values() if task in _colocated().model_classes())
     warning = check_startup_resources(cfg, served, ray.cluster_resources(), local)

@@ -5,6 +5,10 @@ event loop, whose handlers are the ingress's methods: the same code, checks, sta
 codes and metrics as behind Serve's proxy, which keeps serving on its own port. The
 replicas of a node share the port (SO_REUSEPORT). Serve does not see these calls, so
 its autoscaler cannot follow them (ServeConfig refuses max_replicas with replica_grpc).
+
+With ServeConfig's TLS files the port is TLS (mutual TLS with a client CA), and the
+files are re-read when they change (CertificateFiles), so a renewed Secret reaches new
+connections without a restart.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
+import threading
+from pathlib import Path
 from typing import Any, Optional
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core.config import check_tls_files
 from services.core.errors import ConfigError
 from services.protocol import admin_pb, pb
 from services.serving.servicers import (
@@ -68,12 +76,76 @@ class _Servicer:
         return _streaming(fn) if inspect.isasyncgenfunction(fn) else fn
 
 
+class CertificateFiles:
+    """A server's TLS files (PEM certificate chain, key, optional client CA), checked
+    and read at once; `fetch` is grpc's certificate configuration fetcher, called for
+    each new connection: when a file changed (a renewed k8s Secret swaps them all at
+    once), they are read again and new connections get the new certificate, while open
+    connections keep theirs. Files that do not load (half written) are skipped, with a
+    warning, until they do."""
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: Optional[str] = None):
+        self.files = (cert_file, key_file, client_ca_file)
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._refused: Optional[tuple] = None
+        self.initial = self._load()
+
+    def _stat(self) -> tuple:
+        stamps = []
+        for path in self.files:
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            stamps.append(st and (st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def _load(self):
+        cert, key, client_ca = self.files
+        check_tls_files(cert, key, client_ca)
+        return grpc.ssl_server_certificate_configuration(
+            [(Path(key).read_bytes(), Path(cert).read_bytes())],
+            root_certificates=Path(client_ca).read_bytes() if client_ca else None)
+
+    def fetch(self):
+        """The new configuration if a file changed since the last one, else None (grpc
+        keeps the current one). Never raises: grpc would refuse the connection."""
+        with self._lock:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return None
+            try:
+                config = self._load()
+            except Exception as exc:  # noqa: BLE001 - keep serving the current files
+                if stamp != self._refused:
+                    self._refused = stamp
+                    logger.warning("TLS files changed but do not load, serving the "
+                                   "previous ones: %s", exc)
+                return None
+            if self._stat() != stamp:  # changed while being read: the next connection
+                return None
+            self._stamp = stamp
+            logger.info("TLS files changed: new connections get the new certificate")
+            return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that follow the files; with a client CA, mutual TLS (a
+        client must present a certificate it signed)."""
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, self.fetch, require_client_authentication=bool(self.files[2]))
+
+
 class ReplicaGrpcServer:
     """A grpc.aio server answering the ingress's services on host:port, bound at
-    construction (a port that cannot be bound fails the replica with a clear error)."""
+    construction (a port that cannot be bound fails the replica with a clear error).
+    `tls`: {cert_file, key_file, client_ca_file} (ServeConfig.replica_grpc_server), or
+    None for plaintext."""
 
-    def __init__(self, ingress: Any, host: str, port: int, max_receive_bytes: int):
+    def __init__(self, ingress: Any, host: str, port: int, max_receive_bytes: int,
+                 tls: Optional[dict[str, Optional[str]]] = None):
         self.address = f"{host}:{port}"
+        self.tls = tls
         self.server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_receive_bytes),
@@ -87,7 +159,9 @@ class ReplicaGrpcServer:
              admin_pb.DESCRIPTOR.services_by_name["Admin"].full_name,
              "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
         try:
-            bound = self.server.add_insecure_port(self.address)
+            bound = self.server.add_secure_port(
+                self.address, CertificateFiles(**tls).credentials()) if tls else \
+                self.server.add_insecure_port(self.address)
         except RuntimeError as exc:
             bound, cause = 0, exc
         else:
@@ -101,7 +175,9 @@ class ReplicaGrpcServer:
     def start(self) -> None:
         """Start serving from the running event loop (the replica's user-code loop)."""
         self._started = asyncio.get_running_loop().create_task(self.server.start())
-        logger.info("ingress replica serving gRPC on %s", self.address)
+        logger.info("ingress replica serving gRPC on %s%s", self.address,
+                    "" if not self.tls else " with mutual TLS"
+                    if self.tls.get("client_ca_file") else " with TLS")
 
     def check(self) -> None:
         """Raise if the server failed to start (Serve's health check then replaces the
