@@ -84,6 +84,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
                    help="classifiers run as a TorchScript trace of the model, checked "
                         "against it at load (the model itself where tracing fails)")
+    p.add_argument("--max-input-tokens", type=int, default=None, metavar="N",
+                   help="classifiers: the most tokens a text runs on (default: the "
+                        "model's own limit, e.g. 512)")
+    p.add_argument("--truncation", choices=("truncate", "refuse"), default="truncate",
+                   help="classifiers, a text over that limit: truncate it (counted in "
+                        "tuneserve_truncated_inputs_total) or refuse its request with "
+                        "INVALID_ARGUMENT")
 
 
 def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
@@ -152,6 +159,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       max_queued_requests=args.max_queued_requests,
                       max_batch_size=args.max_batch_size, dtype=args.dtype,
                       trace=args.trace, generation_batching=args.generation_batching,
+                      max_input_tokens=args.max_input_tokens, truncation=args.truncation,
                       coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
                       replica_grpc=_replica_grpc(args), access_log=args.access_log,

@@ -942,6 +942,13 @@ class ServeConfig:
     differs): the whole forward pass in C++, without the model's Python and without
     holding the GIL, so the replica's gRPC work and the model run side by side
     (docs/benchmarks.md)."""
+    max_input_tokens: Optional[int] = None
+    """Classifiers: the most tokens a text runs on (default: the model's own limit, e.g.
+    512; a higher value is the model's limit). A longer text is truncated, counted in
+    tuneserve_truncated_inputs_total, or refused (truncation)."""
+    truncation: str = "truncate"
+    """Classifiers, a text over the limit: truncate (run its first tokens) or refuse
+    (its request fails with INVALID_ARGUMENT naming the text and its length)."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)
@@ -1110,6 +1117,12 @@ def _check_serve_runtime(cfg: ServeConfig) -> None:
     if cfg.dtype == "float16" and not cfg.replica_gpus:
         raise _bad_serve("dtype", "float16 needs a GPU (replica_gpus > 0); on a CPU use "
                          "bfloat16")
+    if cfg.max_input_tokens is not None and \
+            (not _is_int(cfg.max_input_tokens) or cfg.max_input_tokens < 8):
+        raise _bad_serve("max_input_tokens", f"must be an integer >= 8, got "
+                         f"{cfg.max_input_tokens!r}")
+    if cfg.truncation not in ("truncate", "refuse"):
+        raise _bad_serve("truncation", f"{cfg.truncation!r} is not one of truncate, refuse")
 
 
 def _check_serve_ingress(cfg: ServeConfig) -> None:

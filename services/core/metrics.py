@@ -66,6 +66,9 @@ SPECS = {s.name: s for s in [
     Spec("tuneserve_replica_retries_total", "counter",
          "Calls (Classify, Generate, GenerateStream before its first chunk) the ingress "
          "sent again because the model replica died during them", ("model",)),
+    Spec("tuneserve_truncated_inputs_total", "counter",
+         "Texts longer than the model's (or the serving) token limit, truncated to it",
+         ("model",)),
     Spec("tuneserve_model_load_duration_seconds", "histogram",
          "Time to verify, load and smoke-test a model version", ("model",), LOAD_BUCKETS_S),
     # training

@@ -8,24 +8,33 @@ whose model's labels differ from its manifest's, or whose smoke inference fails;
 version runs as a TorchScript trace where that answers as the model does
 (`trace_classifier`). `predict_batch` runs several requests' texts together, once per
 version. No gRPC and no Ray Serve in here.
+
+Texts run whole, up to the model's own limit (`input_limit`) or a lower serving limit,
+never the training run's max_length (a statistic of the training data). A longer text
+is truncated to it, counted in `tuneserve_truncated_inputs_total` and reported in a
+log line at most once a minute per version; with `refuse`, its request fails with
+InvalidInput instead.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from services.core import metrics
 from services.core.config import CLASSIFICATION
-from services.core.errors import CorruptVersion
-from services.core.modeling import dtype_name, load_classifier_for_serving
+from services.core.errors import CorruptVersion, InvalidInput
+from services.core.modeling import context_length, dtype_name, load_classifier_for_serving
 from services.core.registry import Registry
 
 # The serving replicas' logger: a replica logs its loads there, and so does `tuneserve eval`.
 logger = logging.getLogger("ray.serve")
 
 SMOKE_TEXT = "tuneserve smoke test"
+TRUNCATION_LOG_INTERVAL_S = 60.0
+"""At most one log line about truncated texts per version and interval."""
 
 
 @dataclass
@@ -35,10 +44,20 @@ class LoadedClassifier:
     tokenizer: Any
     labels: list[str]
     max_length: int
+    """The most tokens a text runs on: the model's own limit (`input_limit`), or the
+    serving limit where that is lower. Longer texts are truncated (or refused)."""
     loaded_at: float
     traced: Any = None
     """The model's TorchScript trace (`trace_classifier`), which `predict` runs when
     set; None: the model itself."""
+    name: str = ""
+    """The model's name (the `model` label of its metrics)."""
+    refuse: bool = False
+    """`predict_batch` answers a request with a text over max_length with InvalidInput
+    instead of truncating it."""
+    truncations: dict[str, Any] = field(default_factory=lambda: {
+        "count": 0, "longest": 0, "logged_at": 0.0})
+    """Texts truncated since the last log line, and when that was."""
 
     @property
     def dtype(self) -> str:
@@ -50,11 +69,30 @@ class LoadedClassifier:
         return self.model(**batch).logits
 
 
+def input_limit(model, tokenizer) -> int:
+    """The most tokens the model takes: its position embeddings (less the positions
+    that padding reserves, as in RoBERTa), and the tokenizer's model_max_length where
+    that is set and lower."""
+    limit = context_length(model.config, tokenizer)
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)  # RoBERTa: positions from it + 1
+    if isinstance(padding_idx, int) and 0 <= padding_idx < limit - 1:
+        limit -= padding_idx + 1
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < 10**7:
+        limit = min(limit, own)
+    return limit
+
+
 def load_classifier(registry: Registry, name: str, version: str,
-                    dtype: str = "auto", trace: bool = True) -> LoadedClassifier:
+                    dtype: str = "auto", trace: bool = True,
+                    max_input_tokens: Optional[int] = None,
+                    refuse: bool = False) -> LoadedClassifier:
     """Verify, load and smoke-test one version (a serving replica runs this in a worker
     thread); the weights in `services.core.modeling.serving_dtype(dtype)`; with `trace`,
-    run as a TorchScript trace where that gives the model's own answers."""
+    run as a TorchScript trace where that gives the model's own answers. Texts run up
+    to the model's limit, or `max_input_tokens` where lower; `refuse`: see
+    LoadedClassifier.refuse."""
     import torch
 
     manifest = registry.verify(name, version)
@@ -65,9 +103,11 @@ def load_classifier(registry: Registry, name: str, version: str,
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if labels != manifest.get("labels"):
         raise CorruptVersion(f"{name} {version}: model labels differ from the manifest")
-    max_length = int((manifest.get("config") or {}).get("max_length") or 512)
-    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    loaded = LoadedClassifier(version, model, tokenizer, labels, max_length, time.time())
+    max_length = input_limit(model, tokenizer)
+    if max_input_tokens is not None and max_input_tokens < max_length:
+        max_length = max_input_tokens
+    loaded = LoadedClassifier(version, model, tokenizer, labels, max_length, time.time(),
+                              name=name, refuse=refuse)
     if trace:
         loaded.traced = trace_classifier(loaded, f"{name} {version}")
     probs = predict(loaded, [SMOKE_TEXT])
@@ -77,11 +117,17 @@ def load_classifier(registry: Registry, name: str, version: str,
 
 
 # ---- TorchScript --------------------------------------------------------------------
-TRACE_PROBES = [SMOKE_TEXT, "a", "two texts of different lengths, so one of them is padded",
-                "word " * 600]
-"""What a trace is checked on: lengths from 1 token to max_length, with padding."""
+TRACE_PROBES = [SMOKE_TEXT, "a", "two texts of different lengths, so one of them is padded"]
+"""What a trace is made from; it is checked on these and `trace_probes`' long texts."""
 TRACE_KEYS = {"input_ids", "attention_mask", "token_type_ids"}
 """The tokenizer's tensors a trace takes."""
+
+
+def trace_probes(max_length: int) -> list[str]:
+    """What a trace is checked on: TRACE_PROBES and texts of about half of max_length
+    and of more than max_length (truncated to it), so that every length a text can
+    run on, from 1 token to max_length, is covered; with padding and without."""
+    return [*TRACE_PROBES, "word " * max(1, max_length // 2 - 2), "word " * (max_length + 8)]
 
 
 def _logits_module(model):
@@ -125,8 +171,9 @@ def _checked_trace(loaded: LoadedClassifier) -> Any:
         traced = torch.jit.trace(_logits_module(loaded.model), example_kwarg_inputs=(
             _trace_inputs(loaded, TRACE_PROBES[:3])), strict=False, check_trace=False)
     tolerance = 1e-4 if loaded.model.dtype == torch.float32 else 2e-2
+    probes = trace_probes(loaded.max_length)
     with torch.inference_mode():
-        for texts in [TRACE_PROBES, *([t] for t in TRACE_PROBES)]:
+        for texts in [probes, *([t] for t in probes)]:
             batch = _trace_inputs(loaded, texts)
             want, got = loaded.model(**batch).logits, traced(**batch)
             if got.shape != want.shape or not torch.allclose(
@@ -137,7 +184,7 @@ def _checked_trace(loaded: LoadedClassifier) -> Any:
 
 def trace_classifier(loaded: LoadedClassifier, what: str) -> Any:
     """A TorchScript trace of the model, or None where tracing fails or its logits
-    differ from the model's on TRACE_PROBES (one pass of all, padded, and each alone).
+    differ from the model's on `trace_probes` (one pass of all, padded, and each alone).
 
     A trace runs the whole forward pass in TorchScript's C++ interpreter: none of the
     Python of the model's layers, and without holding the GIL, so a replica's gRPC
@@ -175,19 +222,60 @@ def forward_passes(lengths: list[int], max_texts: int, max_tokens: int) -> list[
     return passes
 
 
+def encode(loaded: LoadedClassifier, texts: list[str]) -> tuple[dict[str, list], dict[int, int]]:
+    """The texts tokenised whole, those over loaded.max_length truncated to it: the
+    tokenizer's lists, and index -> untruncated token length of the texts that were
+    longer."""
+    tokenizer = loaded.tokenizer
+    enc = tokenizer(texts, verbose=False)  # no warning for a text over the model's limit
+    over = {i: len(ids) for i, ids in enumerate(enc["input_ids"]) if len(ids) > loaded.max_length}
+    if over:
+        cut = tokenizer([texts[i] for i in over], truncation=True,
+                        max_length=loaded.max_length)
+        enc = {k: list(v) for k, v in enc.items()}
+        for j, i in enumerate(over):
+            for k in enc:
+                enc[k][i] = cut[k][j]
+    return enc, over
+
+
+def record_truncation(loaded: LoadedClassifier, lengths: list[int]) -> None:
+    """Counts texts truncated to loaded.max_length (their untruncated token lengths),
+    and logs them in one line at most every TRUNCATION_LOG_INTERVAL_S."""
+    metrics.inc("tuneserve_truncated_inputs_total", len(lengths), model=loaded.name)
+    state = loaded.truncations
+    state["count"] += len(lengths)
+    state["longest"] = max(state["longest"], *lengths)
+    now = time.monotonic()
+    if now - state["logged_at"] >= TRUNCATION_LOG_INTERVAL_S:
+        logger.info("%s %s: truncated %d text(s) to the limit of %d tokens since the "
+                    "last report (the longest had %d)", loaded.name, loaded.version,
+                    state["count"], loaded.max_length, state["longest"])
+        state.update(count=0, longest=0, logged_at=now)
+
+
 def predict(loaded: LoadedClassifier, texts: list[str], chunk: int = 64,
             max_tokens: Optional[int] = None):
     """Class probabilities for texts, in order (a float32 tensor, texts x labels). The
-    texts are tokenised together, then run in passes of similar lengths
-    (`forward_passes`), each padded to its own longest."""
+    texts are tokenised together (`encode`: whole, up to loaded.max_length), then run
+    in passes of similar lengths (`forward_passes`), each padded to its own longest."""
+    enc, over = encode(loaded, texts)
+    if over:
+        record_truncation(loaded, list(over.values()))
+    return run_encoded(loaded, enc, chunk, max_tokens)
+
+
+def run_encoded(loaded: LoadedClassifier, enc: dict[str, list], chunk: int = 64,
+                max_tokens: Optional[int] = None):
+    """`predict` of texts `encode` tokenised."""
     import torch
 
     device = loaded.model.device
     if max_tokens is None:
         max_tokens = GPU_TOKENS_PER_PASS if device.type == "cuda" else CPU_TOKENS_PER_PASS
-    enc = loaded.tokenizer(texts, truncation=True, max_length=loaded.max_length)
     keys = list(enc.keys())
-    out = torch.empty((len(texts), len(loaded.labels)), dtype=torch.float32)
+    n = len(enc["input_ids"])
+    out = torch.empty((n, len(loaded.labels)), dtype=torch.float32)
     with torch.inference_mode():
         for idx in forward_passes([len(ids) for ids in enc["input_ids"]], chunk, max_tokens):
             batch = loaded.tokenizer.pad([{k: enc[k][i] for k in keys} for i in idx],
@@ -198,20 +286,38 @@ def predict(loaded: LoadedClassifier, texts: list[str], chunk: int = 64,
     return out
 
 
-def predict_batch(items: list[tuple[LoadedClassifier, list[str]]]) -> list[list[list[float]]]:
+def predict_batch(items: list[tuple[LoadedClassifier, list[str]]]) -> list[Any]:
     """Several requests, (version, texts) each: every request's probabilities (lists),
-    in order. The texts of all requests on one version go through `predict` together."""
+    in order. The texts of all requests on one version are tokenised and run together.
+    Where the version refuses texts over its limit (LoadedClassifier.refuse), a request
+    with one gets an InvalidInput (an answer, not raised) and the others run."""
     groups: dict[int, list[int]] = {}
     for i, (loaded, _) in enumerate(items):
         groups.setdefault(id(loaded), []).append(i)
     answers: list[Any] = [None] * len(items)
     for members in groups.values():
         loaded = items[members[0]][0]
-        texts = [t for i in members for t in items[i][1]]
-        probs = predict(loaded, texts).tolist()
-        pos = 0
+        enc, over = encode(loaded, [t for i in members for t in items[i][1]])
+        rows, pos = [], 0  # (request, its first row)
         for i in members:
             n = len(items[i][1])
-            answers[i] = probs[pos:pos + n]
+            bad = [j for j in range(n) if pos + j in over] if loaded.refuse else []
+            if bad:
+                answers[i] = InvalidInput(
+                    f"texts[{bad[0]}]: {over[pos + bad[0]]} tokens; model {loaded.name} "
+                    f"takes at most {loaded.max_length} tokens per text")
+            else:
+                rows.append((i, pos))
             pos += n
+        if over and not loaded.refuse:
+            record_truncation(loaded, list(over.values()))
+        keep = [first + j for i, first in rows for j in range(len(items[i][1]))]
+        if len(keep) < pos:
+            enc = {k: [v[r] for r in keep] for k, v in enc.items()}
+        probs = run_encoded(loaded, enc).tolist() if keep else []
+        at = 0
+        for i, _ in rows:
+            n = len(items[i][1])
+            answers[i] = probs[at:at + n]
+            at += n
     return answers

@@ -120,7 +120,8 @@ def _model_specs(cfg: ServeConfig, registry_uri: str,
                   "max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait,
                   "dtype": cfg.dtype}
         if task == CLASSIFICATION:
-            kwargs["trace"] = cfg.trace
+            kwargs.update(trace=cfg.trace, max_input_tokens=cfg.max_input_tokens,
+                          truncation=cfg.truncation)
         elif task == GENERATION:
             kwargs["batching"] = cfg.generation_batching
         specs[name] = {"task": task, "kwargs": kwargs}

@@ -8,7 +8,8 @@ Requests are batched across callers by a GreedyBatcher (services/serving/batchin
 while the model computes, requests queue, and the next batch is everything queued
 (after a brief wait for the callers of the batch that just ended), so a lone request
 never waits and batches grow with the load. A batch runs through
-`services.runtime.classifier.predict_batch`, once per model version.
+`services.runtime.classifier.predict_batch`, once per model version; texts run whole
+up to the model's limit (or the serving limit), longer ones truncated or refused.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ class Classifier(RegistryFollower):
                  poll_interval_s: float = 2.0, threads: Optional[int] = None,
                  cache_versions: int = 2, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.0, board: Any = None,
-                 dtype: str = "auto", trace: bool = True):
+                 dtype: str = "auto", trace: bool = True,
+                 max_input_tokens: Optional[int] = None, truncation: str = "truncate"):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
                          threads=threads, cache_versions=cache_versions, board=board,
                          dtype=dtype)
         self.trace = trace  # ServeConfig.trace: run each version as a TorchScript trace
+        # ServeConfig.max_input_tokens and .truncation: texts run whole up to the model's
+        # limit or this one; a longer text is truncated, or its request refused.
+        self.max_input_tokens = max_input_tokens
+        self.refuse = truncation == "refuse"
         self._batcher = GreedyBatcher(
             predict_batch, max_batch_size, batch_wait_timeout_s,
             on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name),
@@ -45,11 +51,14 @@ class Classifier(RegistryFollower):
                 "torchscript": bool(self.current and self.current.traced is not None)}
 
     def _load_version(self, version: str) -> LoadedClassifier:
-        return load_classifier(self.registry, self.name, version, self.dtype, self.trace)
+        return load_classifier(self.registry, self.name, version, self.dtype, self.trace,
+                               self.max_input_tokens, self.refuse)
 
     async def classify(self, texts: list[str], version: Optional[str] = None) -> dict[str, Any]:
         loaded = await self._model_for(version)
         probs = await self._batcher.submit((loaded, texts))
+        if isinstance(probs, Exception):  # e.g. a text over the limit, with refuse
+            raise probs
         results = []
         for row in probs:
             ranked = sorted(zip(loaded.labels, row), key=lambda p: -p[1])
