@@ -25,10 +25,14 @@ class EncodedSplit:
     offsets: np.ndarray  # int64, len(examples) + 1
     labels: np.ndarray  # int64
     loss_mask: Optional[np.ndarray] = None  # bool, aligned with ids (generation only)
+    positions: Optional[np.ndarray] = None
+    """int32, aligned with ids: each token's position in its own example (packed
+    generation splits only; 0 starts an example)."""
 
     @classmethod
     def from_lists(cls, token_lists: Sequence[Sequence[int]], labels: Sequence[int],
-                   masks: Optional[Sequence[Sequence[bool]]] = None) -> "EncodedSplit":
+                   masks: Optional[Sequence[Sequence[bool]]] = None,
+                   positions: Optional[Sequence[Sequence[int]]] = None) -> "EncodedSplit":
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
         offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -37,7 +41,11 @@ class EncodedSplit:
         if masks is not None:
             loss_mask = np.fromiter((b for m in masks for b in m), dtype=np.bool_,
                                     count=int(offsets[-1]))
-        return cls(ids, offsets, np.asarray(labels, dtype=np.int64), loss_mask)
+        pos = None
+        if positions is not None:
+            pos = np.fromiter((p for ps in positions for p in ps), dtype=np.int32,
+                              count=int(offsets[-1]))
+        return cls(ids, offsets, np.asarray(labels, dtype=np.int64), loss_mask, pos)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -47,6 +55,12 @@ class EncodedSplit:
 
     def mask(self, i: int) -> np.ndarray:
         return self.loss_mask[self.offsets[i]:self.offsets[i + 1]]
+
+    def position(self, i: int) -> Optional[np.ndarray]:
+        """Example i's per-token positions (a packed sequence's), or None."""
+        if self.positions is None:
+            return None
+        return self.positions[self.offsets[i]:self.offsets[i + 1]]
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -121,7 +135,9 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     of it when it is shorter): the prompt loses tokens from its start (after any
     leading special tokens such as BOS), the response from its end, and then has no
     EOS since it is incomplete. With `packing`, consecutive examples are joined into
-    sequences of at most max_length tokens.
+    sequences of at most max_length tokens, each token keeping its position in its own
+    example (`EncodedSplit.positions`), so that training can keep examples from
+    attending to each other.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -151,26 +167,31 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
             token_lists.append(list(prompt) + response)
             masks.append([False] * len(prompt) + [True] * len(response))
     n_examples = len(token_lists)
+    positions = None
     if packing:
-        token_lists, masks = pack(token_lists, masks, max_length)
-    split = EncodedSplit.from_lists(token_lists, [0] * len(token_lists), masks)
+        token_lists, masks, positions = pack(token_lists, masks, max_length)
+    split = EncodedSplit.from_lists(token_lists, [0] * len(token_lists), masks, positions)
     return split, {"examples": n_examples, "sequences": len(token_lists),
                    "truncated": truncated, "target_tokens": split.target_tokens()}
 
 
-def pack(token_lists: list[list[int]], masks: list[list[bool]],
-         max_length: int) -> tuple[list[list[int]], list[list[bool]]]:
-    """Consecutive examples joined into sequences of at most max_length tokens."""
+def pack(token_lists: list[list[int]], masks: list[list[bool]], max_length: int
+         ) -> tuple[list[list[int]], list[list[bool]], list[list[int]]]:
+    """Consecutive examples joined into sequences of at most max_length tokens: (ids,
+    loss masks, positions), a token's position counted from its own example's start."""
     packed_ids: list[list[int]] = []
     packed_masks: list[list[bool]] = []
+    packed_pos: list[list[int]] = []
     for ids, mask in zip(token_lists, masks):
         if packed_ids and len(packed_ids[-1]) + len(ids) <= max_length:
             packed_ids[-1].extend(ids)
             packed_masks[-1].extend(mask)
+            packed_pos[-1].extend(range(len(ids)))
         else:
             packed_ids.append(list(ids))
             packed_masks.append(list(mask))
-    return packed_ids, packed_masks
+            packed_pos.append(list(range(len(ids))))
+    return packed_ids, packed_masks, packed_pos
 
 
 def pad_batch(examples: Sequence[np.ndarray], pad_id: int):

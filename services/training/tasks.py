@@ -211,6 +211,8 @@ class _Examples:
         return len(self.split)
 
     def __getitem__(self, i: int):
+        if self.split.positions is not None:  # a packed sequence
+            return self.split.example(i), self.second(i), self.split.position(i)
         return self.split.example(i), self.second(i)
 
 
@@ -373,13 +375,49 @@ def lm_batch(items, pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 off the response)."""
     import torch
 
-    ids, mask = pad_batch([ex for ex, _ in items], pad_id)
+    ids, mask = pad_batch([item[0] for item in items], pad_id)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    for row, (ex, loss_mask) in enumerate(items):
+    for row, (ex, loss_mask, *_) in enumerate(items):
         target = torch.from_numpy(ex.astype(np.int64))
         target[~torch.from_numpy(np.asarray(loss_mask, dtype=np.bool_))] = IGNORE_INDEX
         labels[row, :len(ex)] = target
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def packed_lm_batch(items, pad_id: int):
+    """lm_batch of packed sequences ((ids, loss mask, positions) items): position_ids
+    restart at 0 with each example and there is no attention_mask, so that the model
+    builds a block-diagonal causal mask from the position_ids (transformers'
+    packed-sequence detection; flash attention takes its variable-length path) and no
+    example attends to another. Each example's first token gets no loss (it would be
+    predicted from the example before it); the right padding is a segment of its own,
+    which no real token attends to (causal) and which has no loss."""
+    import torch
+
+    batch = lm_batch(items, pad_id)
+    ids, labels = batch["input_ids"], batch["labels"]
+    position_ids = torch.zeros_like(ids)
+    for row, (ex, _, positions) in enumerate(items):
+        n = len(ex)
+        pos = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        position_ids[row, :n] = pos
+        position_ids[row, n:] = torch.arange(ids.shape[1] - n)
+        labels[row, :n][pos == 0] = IGNORE_INDEX
+    del batch["attention_mask"]
+    batch["position_ids"] = position_ids
+    return batch
+
+
+def lm_inputs(batch: dict, device=None) -> dict:
+    """The model's keyword arguments for a (packed_)lm_batch, moved to `device`. A
+    packed batch runs without a KV cache: transformers only derives the packed mask
+    from position_ids when there is none (and training needs none)."""
+    packed = "position_ids" in batch
+    keys = ("input_ids", "position_ids") if packed else ("input_ids", "attention_mask")
+    inputs = {k: batch[k] if device is None else batch[k].to(device) for k in keys}
+    if packed:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def token_nll(logits, labels):
@@ -497,17 +535,21 @@ class GenerationTask(Task):
         return _Examples(split, "mask")
 
     def collate(self, items):
+        if len(items[0]) == 3:
+            return packed_lm_batch(items, self.pad_id)
         return lm_batch(items, self.pad_id)
 
     def loss_sum(self, model, batch, autocast):
         with autocast():
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(**lm_inputs(batch)).logits
         return token_nll(logits, batch["labels"])[0]
 
     def loss_denominator(self, split, indices):
-        """Target tokens: the loss mask after each sequence's first token (token_nll
-        predicts token t from those before it)."""
+        """Target tokens: the loss mask after each example's first token (token_nll
+        predicts token t from those before it; a packed sequence holds several)."""
+        if split.positions is not None:
+            return float(sum(int((split.mask(i) & (split.position(i) > 0)).sum())
+                             for i in indices))
         return float(sum(int(split.mask(i)[1:].sum()) for i in indices))
 
     def evaluate(self, model, split, rank, world, batch_size, device, autocast):
