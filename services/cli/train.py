@@ -30,6 +30,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config; flags override its fields")
     add_config_flags(p)
     p.add_argument("--no-publish", action="store_true", help="train and evaluate only")
+    p.add_argument("--promote-anyway", action="store_true",
+                   help="make the published version production even if it is no better "
+                        "than the majority-class baseline or the production version")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="continue an interrupted run (its name in --runs-dir, or its folder) "
                         "from its last checkpoint, with the config it started with")
@@ -78,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, overrides.get("runs_dir"), overrides.get("address"))
     else:
         cfg = cfg.merged(overrides)
+    if args.promote_anyway and args.no_publish:
+        raise ConfigError("--promote-anyway promotes what is published: drop --no-publish")
     result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose,
-                          resume=args.resume)
+                          resume=args.resume, promote=True if args.promote_anyway else None)
     summary = {"name": result.name, "version": result.version, "promoted": result.promoted,
                "metrics": result.metrics, "registry": result.registry,
                "checkpoint": result.checkpoint_dir, "run_dir": result.run_dir,

@@ -41,7 +41,8 @@ from services.core.raycluster import ensure_ray
 from services.core.registry import Registry
 from services.training.encoded import EncodedSplit
 from services.training.loop import LoopConfig, train_loop_per_worker
-from services.training.promotion import decide
+from services.training.promotion import (decide, learned_check, majority_baseline,
+                                          not_promoted_note, single_predicted_class)
 from services.training.tasks import RESUME_ONLY_FILES, Task, make_task
 from services.training.tracking import RunTracker
 
@@ -225,8 +226,13 @@ def run_training(cfg: TrainConfig | ResolvedTrainConfig, *, publish: bool = True
                  verbose=verbose)
     res = fitted.result(prepared)
     check_converged(fitted.best_metrics, fitted.run_dir)
+    quality = quality_record(prepared.task.label_names, fitted.best_metrics, res.metrics)
+    if quality.get("single_class") is not None:
+        out(f"warning: the model predicts {quality['single_class']!r} for every one of the "
+            f"{quality['baseline']['examples']} eval examples: it learned nothing from "
+            "the texts (more data, more epochs or another learning rate may help)")
     if publish:
-        publish_best(prepared, fitted, res, promote)
+        publish_best(prepared, fitted, res, promote, quality, out)
     res.wall_s = time.perf_counter() - started
     (fitted.run_dir / FINISHED_FILE).write_text(json.dumps(
         {"name": res.name, "version": res.version, "checkpoint": res.checkpoint_dir}))
@@ -260,8 +266,14 @@ class Fitted:
     def result(self, prep: Prepared) -> TrainResult:
         """The run's result before publishing."""
         cfg = prep.cfg
+        metrics = prep.task.summary(self.best_metrics)
+        baseline = majority_baseline(self.best_metrics.get("confusion_matrix"),
+                                     prep.task.label_names)
+        if baseline is not None:
+            metrics.update(baseline_accuracy=baseline.accuracy,
+                           baseline_macro_f1=baseline.macro_f1)
         return TrainResult(name=cfg.publish.name, version=None, promoted=False,
-                           metrics=prep.task.summary(self.best_metrics),
+                           metrics=metrics,
                            run_dir=str(self.run_dir), registry=str(cfg.publish.registry),
                            checkpoint_dir=self.checkpoint.path, history=self.history,
                            best_epoch=self.best_metrics.get("epoch"),
@@ -447,10 +459,25 @@ def _succeeded(outcome: dict[str, Any], cfg: ResolvedTrainConfig, resume_hint: s
         f"was published): {cause}. {advice[0].upper()}{advice[1:]}.") from None
 
 
-def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult,
-                 promote: Optional[bool]) -> None:
-    """Publishes the best checkpoint with its manifest (into `res`); with --promote,
-    production moves to it when the eval gate lets it."""
+def quality_record(labels: list[str], best: dict[str, Any],
+                   metrics: dict[str, float]) -> dict[str, Any]:
+    """What the manifest records about whether the best checkpoint learned anything:
+    the majority-class baseline of a classifier's eval set, the one label it predicts
+    for every eval example (if it does), and `learned_check`'s verdict."""
+    baseline = majority_baseline(best.get("confusion_matrix"), labels)
+    record: dict[str, Any] = {
+        "baseline": baseline.to_dict() if baseline else None,
+        "single_class": single_predicted_class(best.get("confusion_matrix"), labels)}
+    record["learned"], record["learned_check"] = learned_check(metrics, record["baseline"])
+    record["checked"] = baseline is not None or "initial_loss" in metrics
+    return record
+
+
+def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Optional[bool],
+                 quality: dict[str, Any], out: Callable[[str], None] = print) -> None:
+    """Publishes the best checkpoint with its manifest (into `res`). Production moves to
+    it when it learned something (`quality`) and, with --promote, when the eval gate
+    lets it; `promote=True` (--promote-anyway) moves it regardless."""
     cfg, task = prep.cfg, prep.task
     best = fitted.best_metrics
     manifest = {
@@ -458,15 +485,16 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult,
         **task.manifest_fields(),
         "metrics": res.metrics, "best_epoch": best.get("epoch"),
         "per_class": best.get("eval_per_class"),
-        "confusion_matrix": best.get("confusion_matrix"),
+        "confusion_matrix": best.get("confusion_matrix"), "quality": quality,
         "config": cfg.to_dict(), "data": prep.data_info, "run": fitted.run_name,
         "versions": _versions(), "artifacts": res.artifacts,
     }
     name = cfg.publish.name
     registry = Registry(cfg.publish.registry)
     publish_started = time.perf_counter()
-    if promote is None and cfg.publish.promote:
-        promote = False  # the gate below decides, for a first version too
+    held_back = promote is None and not quality["learned"]
+    if promote is None and (cfg.publish.promote or held_back):
+        promote = False  # the gates below decide, for a first version too
     with fitted.checkpoint.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
         pub = registry.publish(name, folder, manifest, promote=promote)
     res.publish_s = time.perf_counter() - publish_started
@@ -477,10 +505,15 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult,
     if cfg.publish.promote and not pub.promoted:
         ok, res.promotion = decide(registry, name, pub.version, res.metrics,
                                    task.metric.removeprefix("eval_"), task.metric_mode,
-                                   cfg.publish.min_metric)
+                                   cfg.publish.min_metric, baseline=quality["baseline"])
         if ok:
             registry.set_channel(name, "production", pub.version)
             res.promoted = True
+    elif held_back:
+        res.promotion = not_promoted_note(quality["learned_check"], name, pub.version,
+                                          registry.uri)
+    elif not quality["checked"]:
+        out(f"note: {quality['learned_check']}")
 
 
 @contextlib.contextmanager

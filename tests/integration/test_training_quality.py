@@ -87,3 +87,31 @@ def test_early_stopping_ends_the_run_and_publishes_the_best_evaluation(ray_clust
     manifest = Registry(cfg.registry).manifest("stopper", result.version)
     best = max(e["eval_accuracy"] for e in evals)
     assert manifest["metrics"]["accuracy"] == pytest.approx(best)
+
+
+def test_a_model_trained_on_shuffled_labels_is_published_but_not_production(
+        ray_cluster, tmp_path):
+    """Labels shuffled at random leave nothing to learn: the first version is published
+    with its baseline recorded, and production stays empty (issue 33). The session's
+    `trained` fixture (tests/conftest.py) is the learnable counterpart: made production."""
+    from tests.helpers import toy_sentiment_rows
+
+    rows = toy_sentiment_rows(200, seed=3)
+    labels = [label for _, label in rows]
+    random.Random(5).shuffle(labels)
+    data = write_csv(tmp_path / "shuffled.csv", [(t, y) for (t, _), y in zip(rows, labels)])
+    model = build_tiny_bert(tmp_path / "model", [t for t, _ in rows])
+    cfg = TrainConfig(model=str(model), train=str(data), name="shuffled",
+                      registry=str(tmp_path / "registry"), runs_dir=str(tmp_path / "runs"),
+                      workers=1, cpus_per_worker=2, epochs=4, batch_size=16,
+                      learning_rate=2e-3, seed=1, log_every_steps=20)
+    result = run_training(cfg, progress_bar=False, out=lambda _: None)
+    reg = Registry(cfg.registry)
+    assert result.version == "v1" and not result.promoted
+    assert reg.channel("shuffled", "production") is None
+    assert result.promotion.startswith("not promoted: accuracy ")
+    assert "published as shuffled v1" in result.promotion
+    manifest = reg.manifest("shuffled", "v1")
+    assert manifest["metrics"]["baseline_accuracy"] == pytest.approx(
+        manifest["quality"]["baseline"]["accuracy"])
+    assert manifest["quality"]["learned"] is False
