@@ -4,7 +4,9 @@
 
 or, for a Serve config file / KubeRay RayService, the import path
 `services.serving.app:app_builder` with args {registry: ..., ...}. API tokens are read
-here, where the application is built; only their digests go to the ingress.
+here, where the application is built (a placeholder or an empty one refuses to start);
+only their digests and file paths go to the ingress, which re-reads the files when they
+change.
 """
 
 from __future__ import annotations

@@ -150,9 +150,10 @@ class InferenceIngress(AdminMethods):
         self.limits = ServeLimits(**(limits or {}))
         self.board = board  # DeploymentHandle of the StatusBoard
         serve_logs.install()
-        # Token digests (services/core/auth.py), never the tokens themselves.
+        # Token digests (services/core/auth.py), never the tokens themselves; token
+        # files are re-read here when they change (rotation without a restart).
         tokens = Tokens.from_dict(auth)
-        self.auth = Authenticator(tokens)
+        self.auth = Authenticator(tokens, log=logger)
         if tokens.open_warning():
             logger.warning(tokens.open_warning())
         # Models seen with a loaded version once; until then a call is answered

@@ -7,12 +7,17 @@ Kubernetes Secret would give them (with a trailing newline), over its own copy o
 toy classifier. Serve's gRPC proxy serves every application on the one port and routes
 by the `application` metadata, which every call here sends; the app is deleted when
 the module ends, and the session's app is reachable without metadata again.
+`test_token_rotation_without_a_restart` rewrites the API token file while the app
+serves (and puts it back).
 
 The second app also serves in bfloat16 (ServeConfig.dtype), the session's in float32
 (the default on a CPU): the last test checks that the setting reaches the replicas.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import grpc
 import pytest
@@ -54,7 +59,8 @@ def secured(server, trained, tmp_path_factory):
 
     try:
         probe.wait_until_serving(timeout_s=180)
-        yield {"address": server.address, "channel": probe.channel, "registry": registry}
+        yield {"address": server.address, "channel": probe.channel, "registry": registry,
+               "api_token_file": folder / "api-token"}
     finally:
         probe.close()
         delete_app(APP, server)
@@ -186,6 +192,47 @@ def test_client_token_from_a_file(secured, tmp_path):
         with pytest.raises(grpc.RpcError) as err:
             client.classify("toy", ["x"])  # no API token given: none is sent
         assert err.value.code() == CODES.UNAUTHENTICATED
+
+
+def rewrite(path, text: str) -> None:
+    """Replace a token file atomically, as a Secret volume update does."""
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def wait_for(secured, token: str, code, timeout_s: float = 15.0):
+    """Classify with `token` until it answers `code` (the ingress re-reads the file at
+    most every second); the last (code, details)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = invoke(secured, "Classify", metadata(token))
+        if answer[0] == code or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def test_token_rotation_without_a_restart(secured):
+    """Old and new both valid while the file holds both; the old one UNAUTHENTICATED
+    once removed from it; the same replica all along (no restart)."""
+    path, new = secured["api_token_file"], "api-rotated-0123456789"
+    assert invoke(secured, "Classify", metadata(new))[0] == CODES.UNAUTHENTICATED
+    try:
+        rewrite(path, f"# rotation: old, then new\n{API_TOKEN}\n{new}\n")
+        assert wait_for(secured, new, CODES.OK)[0] == CODES.OK
+        assert invoke(secured, "Classify", metadata(API_TOKEN))[0] == CODES.OK
+        rewrite(path, new + "\n")
+        code, details = wait_for(secured, API_TOKEN, CODES.UNAUTHENTICATED)
+        assert code == CODES.UNAUTHENTICATED and "invalid token" in details
+        assert invoke(secured, "Classify", metadata(new))[0] == CODES.OK
+        rewrite(path, "")  # emptied mid-rotation: the last good token stays valid
+        time.sleep(1.5)
+        assert invoke(secured, "Classify", metadata(new))[0] == CODES.OK
+        assert invoke(secured, "Classify", metadata())[0] == CODES.UNAUTHENTICATED
+    finally:
+        rewrite(path, API_TOKEN + "\n")
+    assert wait_for(secured, API_TOKEN, CODES.OK)[0] == CODES.OK
+    assert invoke(secured, "Classify", metadata(new))[0] == CODES.UNAUTHENTICATED
 
 
 def test_the_dtype_setting_reaches_the_replicas(secured, server):

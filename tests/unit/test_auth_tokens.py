@@ -49,24 +49,15 @@ def test_bad_token_files_are_refused_without_echoing_them(tmp_path, content, nee
         assert content.strip() not in str(err.value)
 
 
-def test_the_manifests_placeholders_are_named_at_start():
-    """k8s/base/api-tokens.yaml's values are public: a server holding one warns."""
-    import yaml
-
+def test_the_base_manifests_hold_no_token_value():
+    """k8s/base ships no Secret: the user creates it (docs/kubernetes.md, step 2)."""
     from tests.unit.test_k8s_manifests import K8S
 
-    secret = yaml.safe_load((K8S / "base" / "api-tokens.yaml").read_text())
-    shipped = secret["stringData"]
-    assert set(shipped.values()) == set(auth.PLACEHOLDER_TOKENS)
-    warning = Tokens.from_values(shipped["TUNESERVE_API_TOKEN"], "a-real-admin-token"
-                                 ).open_warning()
-    assert warning.startswith("TUNESERVE_API_TOKEN still holds the public placeholder")
-    assert "ADMIN" not in warning and "api-tokens.yaml" in warning
-    both = Tokens.from_values(*auth.PLACEHOLDER_TOKENS).open_warning()
-    assert "TUNESERVE_API_TOKEN and TUNESERVE_ADMIN_TOKEN still hold the public" in both
-    assert Tokens.from_values("real-api-token", "real-admin-token").open_warning() is None
-    only_api = Tokens.from_values(auth.PLACEHOLDER_TOKENS[0], None).open_warning()
-    assert "Admin API is disabled" in only_api and "placeholder" in only_api
+    assert not (K8S / "base" / "api-tokens.yaml").exists()
+    for path in (K8S / "base").rglob("*.yaml"):
+        text = path.read_text()
+        assert "kind: Secret" not in text, path
+        assert not any(t in text for t in auth.PLACEHOLDER_TOKENS[:2]), path
 
 
 def test_missing_token_file_and_bad_env_value(tmp_path):
@@ -82,10 +73,188 @@ def test_tokens_hold_digests_only():
                                   "TUNESERVE_ADMIN_TOKEN": ADMIN_T})
     dumped = str(tokens.as_dict()) + repr(tokens)
     assert API not in dumped and ADMIN_T not in dumped
-    assert repr(tokens) == "Tokens(api=set, admin=set)"
+    assert repr(tokens) == "Tokens(api=1, admin=1)"
     assert Tokens.from_dict(tokens.as_dict()) == tokens
     with pytest.raises(ConfigError, match="must differ"):
         Tokens.load(environ={"TUNESERVE_API_TOKEN": API, "TUNESERVE_ADMIN_TOKEN": API})
+
+
+# ---- refusing placeholders and empty tokens at start ------------------------------------------
+@pytest.mark.parametrize("content", [
+    "", "\n", "# only a comment\n\n", "placeholder-inference-token-change-me\n",
+    "CHANGEME\n", "real-token-abc\nmy-token-change-me\n", "<your-token>\n",
+])
+def test_start_refuses_a_placeholder_or_empty_token_file(tmp_path, content):
+    path = tmp_path / "api-token"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        Tokens.load(str(path), environ={})
+    message = str(err.value)
+    assert str(path) in message and "refusing to start" in message
+    assert "kubectl -n tuneserve create secret generic tuneserve-api-tokens" in message
+    assert "--from-file=api-token=" in message
+    for line in content.splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert line.strip() not in message
+
+
+@pytest.mark.parametrize("env", [{"TUNESERVE_API_TOKEN": ""}, {"TUNESERVE_API_TOKEN": " \n"},
+                                 {"TUNESERVE_ADMIN_TOKEN": "placeholder-admin-token-change-me"}])
+def test_start_refuses_a_placeholder_or_empty_token_variable(env):
+    with pytest.raises(ConfigError, match="refusing to start") as err:
+        Tokens.load(environ=env)
+    assert "create secret generic" in str(err.value)
+
+
+def test_a_missing_token_file_says_how_to_create_the_secret(tmp_path):
+    with pytest.raises(ConfigError, match="token file not found") as err:
+        Tokens.load(admin_token_file=str(tmp_path / "admin-token"), environ={})
+    assert "--from-file=admin-token=" in str(err.value)
+
+
+def test_serve_exits_non_zero_on_a_placeholder_token(tmp_path, capsys):
+    """`tuneserve serve` refuses before Ray starts (build_app runs Tokens.load first)."""
+    from services.cli import main
+
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "api").write_text("placeholder-inference-token-change-me\n")
+    code = main(["serve", "--registry", str(tmp_path / "registry"),
+                 "--api-token-file", str(tmp_path / "api")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "placeholder" in err and "kubectl -n tuneserve create secret generic" in err
+
+
+def test_app_builder_refuses_an_empty_token_file(tmp_path, monkeypatch):
+    """The RayService path: app_builder raises, Serve reports the app DEPLOY_FAILED
+    with the message."""
+    from services.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "discover_models",
+                        lambda registry, wanted: {"m": "classification"})
+    (tmp_path / "admin").write_text("\n")
+    with pytest.raises(ConfigError, match="holds no token") as err:
+        app_module.app_builder({"registry": str(tmp_path),
+                                "admin_token_file": str(tmp_path / "admin")})
+    assert "create secret generic tuneserve-api-tokens" in str(err.value)
+
+
+# ---- several tokens and rotation without a restart ---------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def allowed(authenticator: Authenticator, token: str, scope: str = INFERENCE) -> bool:
+    return outcome(authenticator, bearer(token), scope) == OK
+
+
+def rotating(tmp_path, content: str):
+    path = tmp_path / "api-token"
+    path.write_text(content)
+    clock = Clock()
+    authenticator = Authenticator(Tokens.load(str(path), environ={}), clock=clock)
+    return path, clock, authenticator
+
+
+def test_a_token_file_holds_several_tokens_all_valid(tmp_path):
+    path, _, authenticator = rotating(
+        tmp_path, "# rotation of May\nold-token-1\n\n  new-token-2  \r\n")
+    assert allowed(authenticator, "old-token-1") and allowed(authenticator, "new-token-2")
+    assert not allowed(authenticator, "# rotation of May")
+    assert repr(authenticator.tokens) == "Tokens(api=2, admin=unset)"
+    assert "old-token-1" not in str(authenticator.tokens.as_dict())
+    # A client reading the same file sends the first token.
+    assert read_token("TUNESERVE_API_TOKEN", str(path), {}) == "old-token-1"
+
+
+def test_rewriting_the_file_rotates_without_a_restart(tmp_path):
+    path, clock, authenticator = rotating(tmp_path, "old-token-1\n")
+    assert allowed(authenticator, "old-token-1") and not allowed(authenticator, "new-token-2")
+    path.write_text("old-token-1\nnew-token-2\n")  # rotation starts: both valid
+    clock.now += 1.0
+    assert allowed(authenticator, "old-token-1") and allowed(authenticator, "new-token-2")
+    path.write_text("new-token-2\n")  # rotation ends: the old one is refused
+    assert allowed(authenticator, "old-token-1")  # not re-read within the interval
+    clock.now += 1.0
+    assert not allowed(authenticator, "old-token-1") and allowed(authenticator, "new-token-2")
+
+
+def kubelet_update(folder, content: str, generation: int) -> None:
+    """What the kubelet does to a Secret volume: a new timestamped folder, then an
+    atomic rename of the `..data` symlink; the key's file links into `..data`."""
+    new = folder / f"..2024_{generation}"
+    new.mkdir()
+    (new / "api-token").write_text(content)
+    link = folder / "..data_tmp"
+    link.symlink_to(new.name)
+    link.rename(folder / "..data")
+    if not (folder / "api-token").is_symlink():
+        (folder / "api-token").symlink_to("..data/api-token")
+
+
+def test_a_secret_volume_symlink_swap_rotates(tmp_path):
+    folder = tmp_path / "secret"
+    folder.mkdir()
+    kubelet_update(folder, "old-token-1\n", 1)
+    clock = Clock()
+    authenticator = Authenticator(Tokens.load(str(folder / "api-token"), environ={}),
+                                  clock=clock)
+    assert allowed(authenticator, "old-token-1")
+    kubelet_update(folder, "old-token-1\nnew-token-2\n", 2)
+    clock.now += 1.0
+    assert allowed(authenticator, "old-token-1") and allowed(authenticator, "new-token-2")
+    kubelet_update(folder, "new-token-2\n", 3)
+    clock.now += 1.0
+    assert not allowed(authenticator, "old-token-1") and allowed(authenticator, "new-token-2")
+
+
+@pytest.mark.parametrize("breakage", ["empty", "missing", "placeholder", "malformed",
+                                      "unreadable"])
+def test_a_broken_rotation_keeps_the_last_good_tokens(tmp_path, caplog, breakage):
+    path, clock, authenticator = rotating(tmp_path, "good-token-1\n")
+    assert allowed(authenticator, "good-token-1")
+    if breakage == "missing":
+        path.unlink()
+    elif breakage == "unreadable":
+        path.unlink()
+        path.mkdir()  # reading a folder fails, as an unreadable file does
+    else:
+        path.write_text({"empty": "", "placeholder": "placeholder-inference-token-change-me",
+                         "malformed": "two words"}[breakage])
+    with caplog.at_level(logging.WARNING, logger="services.core.auth"):
+        for _ in range(3):
+            clock.now += 1.0
+            assert allowed(authenticator, "good-token-1")
+            assert not allowed(authenticator, "placeholder-inference-token-change-me")
+            assert not allowed(authenticator, "")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once per state of the file, not per call
+    assert "keeping the 1 inference token(s)" in warnings[0] and str(path) in warnings[0]
+    assert "good-token-1" not in warnings[0]
+    if breakage == "unreadable":
+        path.rmdir()
+    path.write_text("good-token-2\n")  # repaired: read again
+    clock.now += 1.0
+    assert allowed(authenticator, "good-token-2") and not allowed(authenticator, "good-token-1")
+
+
+def test_admin_tokens_rotate_too_and_env_tokens_stay(tmp_path, monkeypatch):
+    path = tmp_path / "admin-token"
+    path.write_text("admin-old\n")
+    clock = Clock()
+    authenticator = Authenticator(
+        Tokens.load(admin_token_file=str(path), environ={"TUNESERVE_API_TOKEN": API}),
+        clock=clock)
+    assert allowed(authenticator, "admin-old", ADMIN)
+    path.write_text("admin-new\n")
+    clock.now += 1.0
+    assert allowed(authenticator, "admin-new", ADMIN)
+    assert not allowed(authenticator, "admin-old", ADMIN)
+    assert allowed(authenticator, API) and not allowed(authenticator, API, ADMIN)
 
 
 # ---- the decision table ---------------------------------------------------------------------
@@ -284,6 +453,19 @@ def test_generate_stream_checks_the_token(ingress):
     assert ended.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_ingress_rereads_the_token_file(ingress, tmp_path):
+    path = tmp_path / "api-token"
+    path.write_text("old-token-1\n")
+    server = ingress(Tokens.load(str(path), environ={}))
+    server.auth._interval_s = 0.0  # re-read on every call
+    classify = pb.ClassifyRequest(model="m", texts=["hello"])
+    assert run(server, "Classify", classify, bearer("old-token-1"))[0] == grpc.StatusCode.OK
+    path.write_text("new-token-2\n")
+    assert run(server, "Classify", classify, bearer("new-token-2"))[0] == grpc.StatusCode.OK
+    assert run(server, "Classify", classify, bearer("old-token-1"))[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+
+
 # ---- the app builder and the CLI --------------------------------------------------------------
 @pytest.fixture
 def built(monkeypatch, tmp_path):
@@ -313,7 +495,8 @@ def test_no_token_logs_one_warning(built):
     app = app_module.build_app(ServeConfig(registry=str(tmp_path)))
     warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "authentication is OFF" in warnings[0]
-    assert app._bound_deployment.init_kwargs["auth"] == {"api": None, "admin": None}
+    assert app._bound_deployment.init_kwargs["auth"] == {
+        "api": [], "admin": [], "api_file": None, "admin_file": None}
 
 
 def test_tokens_reach_the_ingress_as_digests(built, monkeypatch):
@@ -324,7 +507,7 @@ def test_tokens_reach_the_ingress_as_digests(built, monkeypatch):
                                            api_token_file=str(tmp_path / "api")))
     assert not [r for r in records if r.levelno >= logging.WARNING]
     sent = app._bound_deployment.init_kwargs["auth"]
-    assert sent == Tokens.from_values(API, ADMIN_T).as_dict()
+    assert sent == Tokens.from_values(API, ADMIN_T, str(tmp_path / "api")).as_dict()
     assert API not in str(sent) and ADMIN_T not in str(sent)
     assert all(API not in r.getMessage() and ADMIN_T not in r.getMessage() for r in records)
 

@@ -214,7 +214,8 @@ def test_overlay_renders_every_part(overlay):
     kinds = sorted(o["kind"] for o in objects)
     # colocated: plus the Service of the ingress replicas' own gRPC port
     extra = ["Service"] if overlay == "colocated" else []
-    assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "Secret", "ConfigMap",
+    # No Secret: the user creates tuneserve-api-tokens (test_no_token_value_in_the_manifests).
+    assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "ConfigMap",
                             "NetworkPolicy", "PodMonitor", "PrometheusRule", "RayJob",
                             "RayService"] + extra)
     for obj in objects:
@@ -222,12 +223,7 @@ def test_overlay_renders_every_part(overlay):
             assert obj["metadata"]["namespace"] == "tuneserve", obj["metadata"]
         labels = obj["metadata"].get("labels", {})
         assert labels.get("app.kubernetes.io/component") in ("platform", "training",
-                                                              "serving", "credentials"), \
-            obj["kind"]
-        # Only the placeholder Secret is `credentials`: applying any other component by
-        # label (docs/kubernetes.md) must not put its public tokens back.
-        assert (labels["app.kubernetes.io/component"] == "credentials") == \
-            (obj["kind"] == "Secret"), obj["kind"]
+                                                              "serving"), obj["kind"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -243,10 +239,10 @@ def test_strict_validation_catches_a_misspelt_field():
     rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParam"] = {}
     with pytest.raises(AssertionError, match="rayStartParam"):
         validate_object(rayservice)
-    secret = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "Secret"))
-    secret["strinData"] = secret.pop("stringData")
-    with pytest.raises(AssertionError, match="strinData"):
-        validate_object(secret)
+    config_map = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "ConfigMap"))
+    config_map["dta"] = config_map.pop("data")
+    with pytest.raises(AssertionError, match="dta"):
+        validate_object(config_map)
     job = copy.deepcopy(one(render(str(K8S / "overlays" / "cpu")), "RayJob"))
     job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["cpu"] = "two"
@@ -553,10 +549,56 @@ def test_grpc_service_and_probes(overlay):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model loading
     assert ready["periodSeconds"] * ready["failureThreshold"] <= 15  # quick
     assert worker["livenessProbe"]["httpGet"]["port"] == 52365  # the Ray node
-    assert {"secretRef": {"name": "tuneserve-api-tokens"}} in worker["envFrom"]
-    secret = one(render(str(K8S / "overlays" / overlay)), "Secret")
-    assert set(secret["stringData"]) == {"TUNESERVE_API_TOKEN", "TUNESERVE_ADMIN_TOKEN"}
-    assert all("placeholder" in v for v in secret["stringData"].values())
+
+
+# ---- API tokens -----------------------------------------------------------------------------
+TOKEN_SECRET = "tuneserve-api-tokens"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_token_value_in_the_manifests(overlay):
+    """No Secret and no token value anywhere: a `kubectl apply -k` or a GitOps sync can
+    never put a public token back; the user creates the Secret (docs/kubernetes.md)."""
+    from services.core import auth
+
+    objects = render(str(K8S / "overlays" / overlay))
+    assert not by_kind(objects, "Secret")
+    text = yaml.safe_dump_all(objects)
+    assert not any(t in text for t in auth.PLACEHOLDER_TOKENS[:2])
+    for obj in objects:
+        assert "stringData" not in obj, obj["kind"]
+        if obj["kind"] not in ("RayService", "RayJob"):
+            continue
+        for where, template in pod_templates(obj):
+            for container in template["spec"].get("containers", []):
+                names = [env["name"] for env in container.get("env", [])]
+                assert auth.API_TOKEN_ENV not in names and auth.ADMIN_TOKEN_ENV not in names
+                assert not container.get("envFrom"), where  # tokens are files, never env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tokens_are_mounted_files_the_server_reads(overlay):
+    """Every serving pod mounts the Secret as files (no subPath, which never updates),
+    and the Serve args point at them: the head's app builder checks them at start, the
+    ingress replicas on the workers re-read them when the Secret changes."""
+    rayservice = one(render(str(K8S / "overlays" / overlay)), "RayService")
+    args = serve_config(rayservice)["applications"][0]["args"]
+    files = [args["api_token_file"], args["admin_token_file"]]
+    assert [Path(f).name for f in files] == ["api-token", "admin-token"]
+    for where, template in pod_templates(rayservice):
+        (container,) = [c for c in template["spec"]["containers"]
+                        if c["name"].startswith("ray-")]
+        secret_volumes = {name for name, v in volumes(template).items()
+                          if v.get("secret", {}).get("secretName") == TOKEN_SECRET}
+        assert len(secret_volumes) == 1, where
+        (mount,) = [m for m in container.get("volumeMounts", [])
+                    if m["name"] in secret_volumes]
+        assert mount.get("readOnly") is True and "subPath" not in mount, where
+        for path in files:
+            assert Path(path).parent == Path(mount["mountPath"]), (where, path)
+        (volume,) = [volumes(template)[n] for n in secret_volumes]
+        assert "items" not in volume["secret"], where  # each key its own file
+        assert volume["secret"].get("defaultMode", 0o644) & 0o007 == 0, where
 
 
 def test_pod_monitor_scrapes_the_metrics_port_of_every_ray_node():
