@@ -111,3 +111,12 @@ def test_decide_refuses_a_useless_version_even_when_production_is_worse(registry
     ok, why = decide(registry, "sent", pub.version, _metrics(cm), "accuracy", "max", None,
                      baseline=majority_baseline(cm, LABELS).to_dict())
     assert not ok and "published as sent v2" in why
+
+
+def test_decide_applies_min_metric_to_a_version_that_learned(registry, tmp_path):
+    pub = registry.publish("sent", fake_checkpoint(tmp_path / "ck"), manifest(), promote=False)
+    good = [[18, 1], [2, 19]]
+    ok, why = decide(registry, "sent", pub.version, {**_metrics(good), "loss": 0.3},
+                     "accuracy", "max", "loss=0.0001",
+                     baseline=majority_baseline(good, LABELS).to_dict())
+    assert not ok and "misses the threshold 0.0001" in why
