@@ -111,8 +111,8 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
                         "and --num-replicas N: N model processes behind one port). "
                         "Serve's proxy moves to a free port; not with --max-replicas")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                   help="Serve's per-request access log in the replica logs (about 2 ms "
-                        "of CPU per request on a small CPU)")
+                   help="Serve's per-request access log in the replica logs (it costs CPU "
+                        "on every request: docs/benchmarks.md)")
     p.add_argument("--poll-interval-s", type=float, default=2.0)
     p.add_argument("--api-token-file", default=None, metavar="FILE",
                    help="file holding the token Inference calls must send as "

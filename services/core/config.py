@@ -883,7 +883,7 @@ class ServeConfig:
     of one call each: a call costs CPU in every process it crosses, more than a short
     text costs the model. Requests waiting for room count against max_queued_requests."""
     direct_ingress: bool = False
-    """Ray Serve's direct ingress (experimental in Ray 2.60): the ingress replica itself
+    """Ray Serve's direct ingress (experimental in Ray Serve): the ingress replica itself
     listens on grpc_port, with no proxy hop in front of it; Serve's proxy runs on the
     head node only, on another port. Fewer hops: more throughput and less latency per
     call (docs/benchmarks.md). Ray reads the switch when a cluster starts, so it works
