@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from services.core.config import ResolvedTrainConfig
+from services.core.config import OptimSection, ResolvedTrainConfig
 from services.core.modeling import load_tokenizer, quiet_transformers
 from services.training.encoded import EncodedSplit
 from services.training.sharding import MicroBatch, epoch_order, micro_batches, share_and_scale
@@ -198,21 +198,12 @@ class LoopConfig:
     data_ref: Any
     """ray.ObjectRef of {"train": EncodedSplit, "eval": EncodedSplit}."""
     task: Task
-    seed: int
-    epochs: int
+    optim: OptimSection
+    """The run's schedule, batches, seed, evaluation and early stopping, as resolved."""
     micro_batch_size: int
-    grad_accum_steps: int
-    group_by_length: bool
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
-    max_grad_norm: float
     cpus_per_worker: float
     use_gpu: bool
     log_every_steps: int
-    eval_steps: Optional[int] = None
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
     progress_queue: Any = None
     """ray.util.queue.Queue that rank 0's events go to (None: not reported)."""
     metric_tags: dict[str, str] = field(default_factory=dict)
@@ -224,17 +215,11 @@ class LoopConfig:
     def from_config(cls, cfg: ResolvedTrainConfig, *, model_ref: str, data_ref: Any,
                     task: Task, progress_queue: Any, run_name: str,
                     run_dir: str) -> "LoopConfig":
-        o = cfg.optim
         return cls(
-            model_ref=model_ref, data_ref=data_ref, task=task, seed=o.seed, epochs=o.epochs,
-            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=o.grad_accum_steps,
-            group_by_length=o.group_by_length, learning_rate=o.learning_rate,
-            weight_decay=o.weight_decay, warmup_ratio=o.warmup_ratio,
-            max_grad_norm=o.max_grad_norm, cpus_per_worker=cfg.cluster.cpus_per_worker,
-            use_gpu=cfg.cluster.use_gpu, log_every_steps=cfg.cluster.log_every_steps,
-            eval_steps=o.eval_steps, early_stopping_patience=o.early_stopping_patience,
-            early_stopping_min_delta=o.early_stopping_min_delta,
-            progress_queue=progress_queue,
+            model_ref=model_ref, data_ref=data_ref, task=task, optim=cfg.optim,
+            micro_batch_size=cfg.micro_batch_size,
+            cpus_per_worker=cfg.cluster.cpus_per_worker, use_gpu=cfg.cluster.use_gpu,
+            log_every_steps=cfg.cluster.log_every_steps, progress_queue=progress_queue,
             metric_tags={"run": run_name, "model": cfg.publish.name}, run_dir=run_dir,
             fault_injection=os.environ.get(FAULT_ENV))
 
@@ -287,7 +272,7 @@ class Worker:
         # Each worker gets the cores it reserved, no more: two workers on two cores must
         # not run four BLAS threads each.
         torch.set_num_threads(max(1, int(math.ceil(cfg.cpus_per_worker))))
-        seed_everything(cfg.seed)
+        seed_everything(cfg.optim.seed)
         data = ray.get(cfg.data_ref)
         self.train_split: EncodedSplit = data["train"]
         self.eval_split: EncodedSplit = data["eval"]
@@ -302,12 +287,13 @@ class Worker:
                 self.state = TrainState.from_saved(
                     load_trainer_state(folder, self.optimizer, self.device))
             resumed = {"epoch": self.state.epoch + 1, "step": self.state.step}
-        self.stopper = EarlyStopping(self.task.metric_mode, cfg.early_stopping_patience or 0,
-                                     cfg.early_stopping_min_delta or 0.0,
+        optim = cfg.optim
+        self.stopper = EarlyStopping(self.task.metric_mode, optim.early_stopping_patience or 0,
+                                     optim.early_stopping_min_delta or 0.0,
                                      self.state.best, self.state.bad_evals)
         self.progress = cfg.progress_queue if self.rank == 0 else None
         self.emit({"type": "start", "total_steps": self.total_steps,
-                   "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.epochs,
+                   "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs,
                    "world_size": self.world, "resumed": resumed,
                    "train_examples": len(self.train_split),
                    "eval_examples": len(self.eval_split)})
@@ -327,16 +313,16 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.bf16 = self.cfg.use_gpu and torch.cuda.is_available() \
             and torch.cuda.is_bf16_supported()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay),
-                                           lr=self.cfg.learning_rate)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg.optim.weight_decay),
+                                           lr=self.cfg.optim.learning_rate)
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
         micro_per_epoch = math.ceil(len(self.train_split) / (cfg.micro_batch_size * self.world))
         self.micro_per_epoch = micro_per_epoch
-        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.warmup_steps = int(self.total_steps * cfg.warmup_ratio)
+        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.optim.grad_accum_steps))
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.warmup_steps = int(self.total_steps * cfg.optim.warmup_ratio)
 
     def autocast(self):
         import torch
@@ -356,7 +342,7 @@ class Worker:
     def run(self) -> None:
         self.window = _Window()
         self.model.train()
-        for epoch in range(self.state.epoch, self.cfg.epochs):
+        for epoch in range(self.state.epoch, self.cfg.optim.epochs):
             self.state.epoch = epoch
             if self.train_epoch(epoch) or self.evaluate_and_checkpoint(epoch, epoch_done=True):
                 self.emit({"type": "early_stop", "epoch": epoch + 1, "step": self.state.step,
@@ -367,16 +353,16 @@ class Worker:
     def train_epoch(self, epoch: int) -> bool:
         """The rest of this epoch's micro-batches; True: early stopping ended it."""
         cfg, world = self.cfg, self.world
-        order = epoch_order(len(self.train_split), cfg.seed, epoch,
+        order = epoch_order(len(self.train_split), cfg.optim.seed, epoch,
                             cfg.micro_batch_size * world,
-                            self.lengths if cfg.group_by_length else None)
+                            self.lengths if cfg.optim.group_by_length else None)
         batches = micro_batches(order, self.lengths, cfg.micro_batch_size,
-                                cfg.grad_accum_steps, self.rank, world,
+                                cfg.optim.grad_accum_steps, self.rank, world,
                                 start=self.state.micro_in_epoch,
                                 denominator=self._denominator)
         for mb in batches:
             i = mb.index
-            last_micro = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == self.micro_per_epoch
+            last_micro = (i + 1) % cfg.optim.grad_accum_steps == 0 or i + 1 == self.micro_per_epoch
             self._backward(mb, sync=last_micro)
             if not last_micro:
                 continue
@@ -384,7 +370,7 @@ class Worker:
             self.state.micro_in_epoch = i + 1
             _maybe_inject_fault(cfg.fault_injection, self.state.step, self.rank, world,
                                 cfg.run_dir or tempfile.gettempdir(), self.state.reports)
-            if cfg.eval_steps and self.state.step % cfg.eval_steps == 0 \
+            if cfg.optim.eval_steps and self.state.step % cfg.optim.eval_steps == 0 \
                     and i + 1 < self.micro_per_epoch \
                     and self.evaluate_and_checkpoint(epoch, epoch_done=False):
                 return True
@@ -415,10 +401,10 @@ class Worker:
         import torch
 
         cfg, state = self.cfg, self.state
-        lr = lr_at(state.step, self.total_steps, self.warmup_steps, cfg.learning_rate)
+        lr = lr_at(state.step, self.total_steps, self.warmup_steps, cfg.optim.learning_rate)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
