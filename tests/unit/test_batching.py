@@ -318,13 +318,15 @@ def test_waits_that_run_out_back_off_for_callers_that_do_not_come_back(monkeypat
             return await asyncio.gather(*calls)
 
         assert run(main()) == [2 * i for i in range(60)]
-        return sum(waits), len(model.batches)
+        return sum(1 for w in waits if w > 0), len(model.batches)
 
+    # Counted, not timed: how many batches waited at all, so a slow machine that
+    # stretches each wait cannot fail it.
     waited, batches = open_loop()
-    assert batches >= 12 and waited < 0.4  # ~5 waits of 50 ms
+    assert batches >= 12 and waited <= batches // 2, (waited, batches)  # 1, 2, 4 skipped
     monkeypatch.setattr(batching, "RETURN_WAIT_MAX_SKIPS", 0)  # no backing off
     waited, batches = open_loop()
-    assert batches >= 12 and waited > 0.035 * (batches - 2)
+    assert batches >= 12 and waited >= batches - 3, (waited, batches)
 
 
 def test_a_lone_request_waits_a_quarter_of_the_fill_wait_for_company():
