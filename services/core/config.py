@@ -11,14 +11,17 @@ reads its row). Units are in the names (`_s`, `_chars`).
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
 import ssl
 import string
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -61,9 +64,6 @@ def check_port(name: str, value: Any) -> Any:
 def field_help(cls) -> dict[str, str]:
     """Field docstrings (the string literal after each field) as help texts. Read once
     per process."""
-    import ast
-    import inspect
-    import textwrap
 
     source = textwrap.dedent(inspect.getsource(cls))
     for attempt in range(3):

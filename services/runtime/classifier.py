@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -162,7 +163,6 @@ def _trace_inputs(loaded: LoadedClassifier, texts: list[str]) -> dict[str, Any]:
 
 def _checked_trace(loaded: LoadedClassifier) -> Any:
     """The trace, checked against the model on TRACE_PROBES; raises where it differs."""
-    import warnings
 
     import torch
 

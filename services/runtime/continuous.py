@@ -15,12 +15,14 @@ load; a model it refuses (ContinuousUnsupported) is served in static batches
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import threading
 import time
 from collections import deque
 from typing import Callable, Optional
 
+from services.core.modeling import dtype_name
 from services.runtime.generation import (
     GenerationEngine,
     GenerationJob,
@@ -397,7 +399,6 @@ def _forward_arguments(model) -> tuple[dict, str]:
     """(extra prefill arguments, the name the forward pass takes its cache by):
     only the last position's logits from a prefill, where the model can say so; the
     cache is `cache` in recent transformers, `past_key_values` before."""
-    import inspect
 
     try:
         accepted = inspect.signature(model.forward).parameters
@@ -467,7 +468,6 @@ def _near_tie(engine: GenerationEngine, job: GenerationJob, step: int, other: li
     static run's prefix."""
     import torch
 
-    from services.core.modeling import dtype_name
 
     if not other or step >= len(job.token_ids):
         return False

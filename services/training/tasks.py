@@ -11,6 +11,7 @@ resolving a config; it cannot import training).
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
 import os
@@ -141,7 +142,6 @@ RESUME_ONLY_FILES = ("trainer_state.safetensors", "adapter.safetensors")
 
 def load_saved_weights(model, folder: str) -> None:
     """Every *.safetensors weight file of a save_pretrained folder into `model`."""
-    import glob
 
     from safetensors.torch import load_file
 
