@@ -231,6 +231,8 @@ def build_train_objects(run_config: dict[str, Any], cfg: ResolvedTrainConfig,
             "submitterPodTemplate": _submitter_template(image, labels),
             "rayClusterSpec": {
                 "rayVersion": ray_version(),
+                # Ray token auth on GCS, dashboard and client port (k8s/base/rayjob-train.yaml)
+                "authOptions": {"mode": "token"},
                 "enableInTreeAutoscaling": False,
                 "headGroupSpec": head,
                 "workerGroupSpecs": [{

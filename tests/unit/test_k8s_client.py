@@ -264,7 +264,7 @@ def test_dry_run_matches_the_base_manifest(run_yaml, capsys):
     for key in ("entrypoint", "submissionMode", "shutdownAfterJobFinishes",
                 "ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds"):
         assert built["spec"][key] == base["spec"][key], key
-    for key in ("rayVersion", "enableInTreeAutoscaling"):
+    for key in ("rayVersion", "authOptions", "enableInTreeAutoscaling"):
         assert built["spec"]["rayClusterSpec"][key] == base["spec"]["rayClusterSpec"][key]
     for (where, mine), (_, theirs) in zip(pod_templates(built), pod_templates(base)):
         assert mine["spec"]["securityContext"] == theirs["spec"]["securityContext"], where

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
@@ -216,7 +216,7 @@ def test_overlay_renders_every_part(overlay):
     extra = ["Service"] if overlay == "colocated" else []
     # No Secret: the user creates tuneserve-api-tokens (test_no_token_value_in_the_manifests).
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "ConfigMap",
-                            "NetworkPolicy", "PodMonitor", "PrometheusRule", "RayJob",
+                            *["NetworkPolicy"] * 4, "PodMonitor", "PrometheusRule", "RayJob",
                             "RayService"] + extra)
     for obj in objects:
         if obj["kind"] != "Namespace":
@@ -288,35 +288,163 @@ def test_restricted_check_can_fail():
     assert len(bad) == 3, bad
 
 
-def policy_ports(policy: dict[str, Any]) -> tuple[set[int], set[int]]:
-    """(ports admitted from outside the namespace, ports admitted to the KubeRay operator)."""
-    spec = policy["spec"]
-    assert spec["podSelector"] == {} and spec["policyTypes"] == ["Ingress"]
-    outside_ports: set[int] = set()
-    operator_ports: set[int] = set()
-    for rule in spec["ingress"]:
-        peers = rule.get("from")
-        ports = {p["port"] for p in rule.get("ports", [])}
-        if peers == [{"podSelector": {}}]:
-            assert not rule.get("ports")  # Ray's own traffic, same namespace only
-            continue
-        if peers and all(p.get("podSelector", {}).get("matchLabels") ==
-                         {"app.kubernetes.io/name": "kuberay-operator"} for p in peers):
-            operator_ports |= ports
-            continue
-        assert ports, f"a rule admits every port from outside the namespace: {rule}"
-        outside_ports |= ports
-    return outside_ports, operator_ports
+NAMESPACE = "tuneserve"
+OPERATOR_NAMESPACE = {"kubernetes.io/metadata.name": "ray-system"}
+OPERATOR_LABELS = [{"app.kubernetes.io/name": "kuberay-operator"},  # Helm chart
+                   {"app.kubernetes.io/name": "kuberay"}]  # kustomize manifests
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions In/NotIn/Exists) on labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict[str, Any], ns: str, ns_labels: dict[str, str],
+                  pod_labels: dict[str, str]) -> bool:
+    if "ipBlock" in peer:
+        return False  # in-cluster pods are never matched by ipBlock rules here
+    if "namespaceSelector" in peer:
+        ns_ok = selects(peer["namespaceSelector"], ns_labels)
+    else:
+        ns_ok = ns == NAMESPACE  # a podSelector alone: the policy's own namespace
+    return ns_ok and selects(peer.get("podSelector") or {}, pod_labels)
+
+
+def admits(policies, dst_labels: dict[str, str], port: int, *, ns: str = NAMESPACE,
+           pod_labels: Optional[dict[str, str]] = None) -> bool:
+    """Whether the ingress NetworkPolicies let a pod (`pod_labels` in namespace `ns`; None:
+    outside the cluster) connect to a tuneserve pod labelled `dst_labels` on `port`."""
+    ns_labels = {"kubernetes.io/metadata.name": ns}
+    isolating = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]
+                 and selects(p["spec"]["podSelector"], dst_labels)]
+    if not isolating:
+        return True
+    for policy in isolating:
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if ports and port not in ports:
+                continue
+            peers = rule.get("from")
+            if not peers or (pod_labels is not None and any(
+                    _peer_matches(peer, ns, ns_labels, pod_labels) for peer in peers)):
+                return True
+    return False
+
+
+def policy_ports(policies) -> tuple[set[int], set[int]]:
+    """(ports admitted from outside the cluster, ports admitted to the KubeRay operator
+    only, Helm and kustomize installs alike) on a serving worker."""
+    worker = {"app.kubernetes.io/name": "tuneserve", "app.kubernetes.io/component": "serving",
+              "ray.io/node-type": "worker"}
+    # Every port a rule names, Ray's ports, and one no rule names (a rule without ports
+    # admits it too).
+    candidates = {p["port"] for policy in policies for rule in policy["spec"].get("ingress", [])
+                  for p in rule.get("ports", [])} | {6379, 8000, 8080, 8265, 10001, 52365, 23456}
+    outside = {p for p in candidates if admits(policies, worker, p)}
+    any_pod = {p for p in candidates if admits(policies, worker, p, ns="other", pod_labels={})}
+    operator = {p for p in candidates if all(
+        admits(policies, worker, p, ns="ray-system", pod_labels=labels)
+        for labels in OPERATOR_LABELS)} - outside - any_pod
+    return outside, operator
+
+
+def network_policies(objects) -> list[dict[str, Any]]:
+    return by_kind(objects, "NetworkPolicy")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policy_admits_only_grpc_and_metrics_from_outside(overlay):
-    policy = one(render(str(K8S / "overlays" / overlay)), "NetworkPolicy")
-    outside_ports, operator_ports = policy_ports(policy)
+    policies = network_policies(render(str(K8S / "overlays" / overlay)))
+    outside_ports, operator_ports = policy_ports(policies)
     # colocated: the ingress replicas' own gRPC port (args.grpc_port) as well
-    assert outside_ports == {9000, 8080} | ({9001} if overlay == "colocated" else set())
+    assert outside_ports == {9000} | ({9001} if overlay == "colocated" else set())
     assert operator_ports == {8265, 8000}
-    assert not {8265, 6379, 10001} & outside_ports
+    assert not {8265, 6379, 10001, 8080} & outside_ports
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_ports_open_only_to_the_same_part_and_the_operator(overlay):
+    """GCS, dashboard and client port: the pods of the same part (serving or training)
+    and the operator, by its namespace and labels, Helm or kustomize install."""
+    policies = network_policies(render(str(K8S / "overlays" / overlay)))
+    part = lambda c, t="worker": {"app.kubernetes.io/name": "tuneserve",  # noqa: E731
+                                  "app.kubernetes.io/component": c, "ray.io/node-type": t}
+    for component in ("serving", "training"):
+        other = "training" if component == "serving" else "serving"
+        head = part(component, "head")
+        for port in (6379, 8265, 10001, 52365):
+            assert admits(policies, head, port, pod_labels=part(component)), (component, port)
+            assert not admits(policies, head, port, pod_labels=part(other)), (component, port)
+            assert not admits(policies, head, port, pod_labels=None)
+            # any pod of another namespace, even one labelled as the operator
+            for labels in OPERATOR_LABELS + [{}]:
+                assert not admits(policies, head, port, ns="default", pod_labels=labels)
+        for labels in OPERATOR_LABELS:
+            assert admits(policies, head, 8265, ns="ray-system", pod_labels=labels)
+            assert not admits(policies, head, 6379, ns="ray-system", pod_labels=labels)
+        # a pod of the operator's namespace without its labels
+        assert not admits(policies, head, 8265, ns="ray-system", pod_labels={"app": "x"})
+        # metrics: Prometheus from any namespace
+        assert admits(policies, head, 8080, ns="monitoring", pod_labels={"app": "prom"})
+
+
+def test_policy_evaluation_can_fail():
+    """The evaluator itself: an operator peer with the namespace and the labels in two
+    peers (OR, not AND) admits any pod so labelled anywhere."""
+    policies = copy.deepcopy(network_policies(render(str(K8S / "overlays" / "cpu"))))
+    ingress = next(p for p in policies if p["metadata"]["name"] == "tuneserve-ingress")
+    rule = next(r for r in ingress["spec"]["ingress"] if {"port": 8265, "protocol": "TCP"}
+                in r.get("ports", []))
+    peer = rule["from"][0]
+    rule["from"] = [{"namespaceSelector": peer["namespaceSelector"]},
+                    {"namespaceSelector": {}, "podSelector": peer["podSelector"]}]
+    head = {"app.kubernetes.io/component": "serving", "ray.io/node-type": "head"}
+    assert admits(policies, head, 8265, ns="default", pod_labels=OPERATOR_LABELS[0])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_egress_blocks_the_cloud_metadata_endpoint(overlay):
+    import ipaddress
+
+    policies = network_policies(render(str(K8S / "overlays" / overlay)))
+    egress = [p for p in policies if "Egress" in p["spec"]["policyTypes"]]
+    assert egress, "no egress policy"
+
+    def reachable(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        for policy in egress:
+            for rule in policy["spec"].get("egress", []):
+                for peer in rule.get("to", []):
+                    block = peer.get("ipBlock")
+                    if block and ip in ipaddress.ip_network(block["cidr"]) and not any(
+                            ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+                        return True
+        return False
+
+    for policy in egress:
+        assert policy["spec"]["podSelector"] == {}  # every tuneserve pod
+    assert not reachable("169.254.169.254") and not reachable("fd00:ec2::254")
+    # everything else stays reachable: DNS, the API server, S3, a model hub
+    for address in ("10.96.0.10", "52.216.0.1", "8.8.8.8", "2600:1f18::1"):
+        assert reachable(address), address
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_token_auth_is_on(overlay):
+    objects = render(str(K8S / "overlays" / overlay))
+    for obj in by_kind(objects, "RayService") + by_kind(objects, "RayJob"):
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        assert cluster["authOptions"] == {"mode": "token"}, obj["kind"]
+        major, minor, _ = map(int, cluster["rayVersion"].split("."))
+        assert (major, minor) >= (2, 52), "Ray token auth needs Ray 2.52 or newer"
 
 
 # ---- the Ray clusters ---------------------------------------------------------------------
@@ -518,7 +646,7 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
     for probe in ("startupProbe", "readinessProbe"):
         assert ray[probe]["grpc"]["port"] == cfg.grpc_port, probe
     # ... and the NetworkPolicy admits it from outside, as it admits the proxy's port.
-    outside, _ = policy_ports(one(objects, "NetworkPolicy"))
+    outside, _ = policy_ports(network_policies(objects))
     assert {cfg.grpc_port, proxy_port} <= outside
 
 
