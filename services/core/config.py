@@ -241,6 +241,10 @@ class TrainConfig:
     eval_steps: Optional[int] = None
     """Also evaluate and checkpoint every N optimizer steps (default: at the end of each
     epoch only). A failed worker resumes from the last checkpoint."""
+    max_steps: Optional[int] = None
+    """End the run after at most N optimizer steps in all, counted across epochs (the
+    learning rate decays to 0 there); it then evaluates and publishes the best
+    checkpoint as usual. For smoke runs on big data. Default: no bound."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations in a row without the eval metric improving by
     more than early_stopping_min_delta; the best checkpoint is published. 0: off."""
@@ -363,9 +367,9 @@ def _check_finite(r: "ResolvedTrainConfig") -> None:
 
 def _check_integers(r: "ResolvedTrainConfig") -> None:
     for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
-                 "log_every_steps", "eval_steps"):
+                 "log_every_steps", "eval_steps", "max_steps"):
         value = getattr(r, name)
-        if name in ("max_length", "eval_steps") and value is None:
+        if name in ("max_length", "eval_steps", "max_steps") and value is None:
             continue
         if not _is_int(value) or value < 1:
             raise _bad(name, f"must be a positive integer, got {value!r}")
@@ -537,6 +541,7 @@ class OptimSection:
     class_weights: Optional[str]
     seed: int
     eval_steps: Optional[int]
+    max_steps: Optional[int]
     early_stopping_patience: int
     early_stopping_min_delta: float
 

@@ -169,6 +169,11 @@ def _maybe_inject_fault(spec: Optional[str], step: int, rank: int, world: int,
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+EARLY_STOP = "early_stop"
+MAX_STEPS = "max_steps"
+"""Why Worker.train_epoch ended before its epoch's end."""
+
+
 class EarlyStopping:
     """Counts evaluations without improvement of the metric by more than min_delta."""
 
@@ -294,6 +299,7 @@ class Worker:
         self.progress = cfg.progress_queue if self.rank == 0 else None
         self.emit({"type": "start", "total_steps": self.total_steps,
                    "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs,
+                   "max_steps": cfg.optim.max_steps,
                    "world_size": self.world, "resumed": resumed,
                    "train_examples": len(self.train_split),
                    "eval_examples": len(self.eval_split)})
@@ -322,6 +328,8 @@ class Worker:
         self.micro_per_epoch = micro_per_epoch
         self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.optim.grad_accum_steps))
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        if cfg.optim.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.optim.max_steps)
         self.warmup_steps = int(self.total_steps * cfg.optim.warmup_ratio)
 
     def autocast(self):
@@ -343,15 +351,23 @@ class Worker:
         self.window = _Window()
         self.model.train()
         for epoch in range(self.state.epoch, self.cfg.optim.epochs):
+            if self.state.step >= self.total_steps:  # --max-steps reached (a resumed run)
+                break
             self.state.epoch = epoch
-            if self.train_epoch(epoch) or self.evaluate_and_checkpoint(epoch, epoch_done=True):
+            ended = self.train_epoch(epoch)
+            if ended == MAX_STEPS:
+                self.emit({"type": "max_steps", "epoch": epoch + 1, "step": self.state.step})
+                break
+            if ended == EARLY_STOP or self.evaluate_and_checkpoint(epoch, epoch_done=True):
                 self.emit({"type": "early_stop", "epoch": epoch + 1, "step": self.state.step,
                            "best": self.stopper.best, "patience": self.stopper.patience})
                 break
             self.state.micro_in_epoch = 0
 
-    def train_epoch(self, epoch: int) -> bool:
-        """The rest of this epoch's micro-batches; True: early stopping ended it."""
+    def train_epoch(self, epoch: int) -> Optional[str]:
+        """The rest of this epoch's micro-batches. EARLY_STOP: early stopping ended it;
+        MAX_STEPS: the run's last step (--max-steps) came before the epoch's end, and
+        was evaluated and checkpointed; None: the epoch ran to its end."""
         cfg, world = self.cfg, self.world
         order = epoch_order(len(self.train_split), cfg.optim.seed, epoch,
                             cfg.micro_batch_size * world,
@@ -370,11 +386,15 @@ class Worker:
             self.state.micro_in_epoch = i + 1
             _maybe_inject_fault(cfg.fault_injection, self.state.step, self.rank, world,
                                 cfg.run_dir or tempfile.gettempdir(), self.state.reports)
+            if i + 1 == self.micro_per_epoch:
+                break  # the epoch's end: run() evaluates it
+            if self.state.step >= self.total_steps:
+                self.evaluate_and_checkpoint(epoch, epoch_done=False)
+                return MAX_STEPS
             if cfg.optim.eval_steps and self.state.step % cfg.optim.eval_steps == 0 \
-                    and i + 1 < self.micro_per_epoch \
                     and self.evaluate_and_checkpoint(epoch, epoch_done=False):
-                return True
-        return False
+                return EARLY_STOP
+        return None
 
     def _denominator(self, examples: list[int]) -> float:
         return self.task.loss_denominator(self.train_split, examples)

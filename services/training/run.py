@@ -93,9 +93,10 @@ class _Progress:
             if ev.get("resumed"):
                 self.out(f"resumed from the checkpoint at epoch {ev['resumed']['epoch']}, "
                          f"step {ev['resumed']['step']}")
+            bound = f" (--max-steps {ev['max_steps']})" if ev.get("max_steps") else ""
             self.out(f"training: {ev['train_examples']} examples, {ev['eval_examples']} for "
                      f"eval, {ev['world_size']} worker(s), {ev['epochs']} epoch(s), "
-                     f"{ev['total_steps']} optimizer steps")
+                     f"{ev['total_steps']} optimizer steps{bound}")
             if self.use_bar:
                 from tqdm import tqdm
 
@@ -112,6 +113,8 @@ class _Progress:
                 self.bar.set_postfix_str(text, refresh=True)
             else:
                 self.out(text)
+        elif kind == "max_steps":
+            self.out(f"stopping at epoch {ev['epoch']} step {ev['step']}: --max-steps reached")
         elif kind == "early_stop":
             self.out(f"early stopping at epoch {ev['epoch']} step {ev['step']}: no "
                      f"improvement in {ev['patience']} evaluation(s); best {ev['best']:.4f}")
@@ -262,6 +265,10 @@ class Fitted:
     history: list[dict[str, Any]]
     samples_per_s: Optional[float]
     artifacts: dict[str, str]
+    steps: Optional[int] = None
+    """Optimizer steps the run made (its last report's step)."""
+    search: Optional[dict[str, Any]] = None
+    """The search that chose this run (services/training/search.py), if any."""
 
     def result(self, prep: Prepared) -> TrainResult:
         """The run's result before publishing."""
@@ -355,7 +362,8 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
     return Fitted(run_name=run_name, run_dir=run_dir, checkpoint=best,
                   best_metrics=best_metrics, history=progress.history,
                   samples_per_s=progress.last_rate,
-                  artifacts=tracker.artifacts(tracker.plot()))
+                  artifacts=tracker.artifacts(tracker.plot()),
+                  steps=max((e["step"] for e in progress.history), default=None))
 
 
 def _open_run(prep: Prepared, resume: Optional[str],
@@ -488,7 +496,10 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
         "confusion_matrix": best.get("confusion_matrix"), "quality": quality,
         "config": cfg.to_dict(), "data": prep.data_info, "run": fitted.run_name,
         "versions": _versions(), "artifacts": res.artifacts,
+        "bounds": bounds_record(cfg.optim.max_steps, fitted.steps),
     }
+    if fitted.search is not None:
+        manifest["search"] = fitted.search
     name = cfg.publish.name
     registry = Registry(cfg.publish.registry)
     publish_started = time.perf_counter()
@@ -514,6 +525,14 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
                                           registry.uri)
     elif not quality["checked"]:
         out(f"note: {quality['learned_check']}")
+
+
+def bounds_record(max_steps: Optional[int], steps: Optional[int]) -> dict[str, Any]:
+    """What the manifest records about the run's length: the --max-steps bound, the
+    optimizer steps made, and whether the bound ended the run."""
+    return {"max_steps": max_steps, "steps": steps,
+            "ended_by_max_steps": max_steps is not None and steps is not None
+            and steps >= max_steps}
 
 
 @contextlib.contextmanager
