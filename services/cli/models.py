@@ -1,6 +1,6 @@
 """`tuneserve models ...`: list and verify the registry's versions; move channels and
-pins (promote, rollback, pin, unpin) on the registry itself or through a running
-server's Admin API.
+pins (promote, rollback, pin, unpin) and run canaries (canary) on the registry itself
+or through a running server's Admin API; show a model's rollout history (history).
 
 `list` shows what it cannot read as such and exits 1, listing the rest all the same.
 """
@@ -16,7 +16,7 @@ from typing import Any, Optional
 from services.cli.common import add_tls_flags, tls_options, token
 from services.core.auth import ADMIN_TOKEN_ENV
 from services.core.config import DEFAULT_REGISTRY
-from services.core.errors import InvalidInput, TuneserveError
+from services.core.errors import InvalidInput, ModelNotFound, TuneserveError
 from services.core.tables import format_table
 
 CHANGES = (("promote", "verify a version, then point a channel at it"),
@@ -40,7 +40,34 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.set_defaults(handler=run_verify)
     for action, text in CHANGES:
         _register_change(actions, action, text)
+    _register_canary(actions)
+    q = actions.add_parser("history", help="what changed what a model serves, and why")
+    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    q.add_argument("--json", action="store_true", help="one JSON object a line")
+    q.add_argument("name")
+    q.set_defaults(handler=run_history)
     return p
+
+
+def _register_canary(actions) -> None:
+    q = actions.add_parser(
+        "canary", help="serve a candidate version beside production to a share of traffic",
+        description="With VERSION and --percent: start a canary (or change the share of "
+                    "the running one); --percent alone: change the share; --promote: "
+                    "make the candidate production; --abort: end the canary. With no "
+                    "flag: show the running canary.")
+    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    q.add_argument("name")
+    q.add_argument("model_version", metavar="VERSION", nargs="?", default=None)
+    what = q.add_mutually_exclusive_group()
+    what.add_argument("--percent", default=None, metavar="N",
+                      help="the candidate's share of the requests, 0 to 100")
+    what.add_argument("--promote", action="store_true",
+                      help="point production at the candidate and end the canary")
+    what.add_argument("--abort", action="store_true",
+                      help="end the canary: production answers every request")
+    q.add_argument("--reason", default="", help="why, for the history")
+    q.set_defaults(handler=run_canary)
 
 
 def _register_change(actions, action: str, text: str) -> None:
@@ -202,3 +229,76 @@ def _change_in_registry(reg, name: str, action: str, version: Optional[str],
         return before, version
     reg.unpin(name)
     return before, ""
+
+
+# ---- canary and history --------------------------------------------------------------
+def describe_canary(name: str, state: Optional[dict[str, Any]]) -> str:
+    if not state:
+        return f"{name}: no canary running"
+    return (f"{name} canary: {state['version']} at {state['percent']:g} % beside production "
+            f"{state.get('production') or '-'} (step {state.get('step', 0)}, since "
+            f"{state.get('started_at') or '-'})")
+
+
+def run_canary(args: argparse.Namespace) -> int:
+    from services.core.registry import canary_percent
+
+    reg = existing_registry(args.registry)
+    name, version = args.name, args.model_version
+    percent = None if args.percent is None else canary_percent(args.percent, "--percent")
+    running = reg.canary(name)
+    if version and running and (args.promote or args.abort) and \
+            running["version"] != version:
+        raise InvalidInput(f"VERSION: the candidate of {name} is {running['version']}, "
+                           f"not {version}")
+    if args.promote:
+        state = reg.promote_canary(name, args.reason)
+        print(f"{name} production: {state['previous'] or '-'} -> {state['version']} "
+              "(canary promoted)")
+    elif args.abort:
+        state = reg.abort_canary(name, args.reason)
+        print(f"{name} canary: {state['version']} aborted; production "
+              f"{reg.channel(name) or '-'} answers every request")
+    elif percent is None:
+        if version:
+            raise InvalidInput(f"--percent: required to start a canary of {name} {version}")
+        print(describe_canary(name, running))
+    elif version is None or (running and running["version"] == version):
+        state = reg.set_canary_share(name, percent, args.reason)
+        print(f"{name} canary: {state['version']} at "
+              f"{running['percent'] if running else 0:g} % -> {percent:g} %")
+    else:
+        reg.verify(name, version)
+        state = reg.start_canary(name, version, percent, args.reason)
+        print(describe_canary(name, state))
+    return 0
+
+
+HISTORY_FIELDS = ("version", "channel", "previous", "production", "percent")
+
+
+def run_history(args: argparse.Namespace) -> int:
+    reg = existing_registry(args.registry)
+    if not reg.exists(args.name):
+        raise ModelNotFound(f"model '{args.name}' not found in {args.registry}")
+    entries = reg.history(args.name)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry, sort_keys=True))
+        return 0
+    if not entries:
+        print(f"{args.name}: no history yet")
+        return 0
+    rows = [(e.get("time", "-"), e.get("action", "-"), _history_details(e),
+             e.get("reason") or "-") for e in entries]
+    print(format_table(rows, ["time", "action", "details", "reason"]))
+    return 0
+
+
+def _history_details(entry: dict[str, Any]) -> str:
+    """The entry's fields but time, action and reason, the usual ones first."""
+    shown = [k for k in HISTORY_FIELDS if entry.get(k) is not None]
+    shown += sorted(k for k in entry if k not in (*HISTORY_FIELDS, "time", "action", "reason")
+                    and entry[k] is not None)
+    return " ".join(f"{k}={entry[k]:g}" if isinstance(entry[k], float) else
+                    f"{k}={entry[k]}" for k in shown) or "-"

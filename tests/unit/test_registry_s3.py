@@ -161,3 +161,24 @@ def test_a_copy_of_a_cached_version_publishes_without_its_claim(s3_registry, tmp
     assert (copy / ".claim").is_file()
     res = reg.publish("c", copy, manifest())
     assert ".claim" not in reg.verify("c", res.version)["files"]
+
+
+def test_canary_and_history_on_s3(s3_registry, tmp_path, monkeypatch):
+    """Canary state and history on an object store: no append there, so the history
+    is rewritten whole and keeps its newest entries (whole lines only)."""
+    from services.core.registry import rollout
+
+    reg = s3_registry
+    ck = fake_checkpoint(tmp_path / "ck")
+    reg.publish("sent", ck, manifest()), reg.publish("sent", ck, manifest())
+    reg.start_canary("sent", "v2", 10)
+    assert Registry(reg.uri).canary("sent")["percent"] == 10.0
+    reg.set_canary_share("sent", 30)
+    reg.abort_canary("sent", reason="errors")
+    assert [e["action"] for e in reg.history("sent")] == [
+        "promote", "canary-start", "canary-share", "canary-abort"]
+    monkeypatch.setattr(rollout, "HISTORY_KEEP_BYTES", 400)
+    for i in range(10):
+        reg.record("sent", "note", n=i)
+    kept = reg.history("sent")
+    assert kept and [e["n"] for e in kept] == list(range(10 - len(kept), 10))

@@ -140,6 +140,13 @@ class Backend:
         with self.fs.open_input_stream(self._check(rel)) as fh:
             return fh.read()
 
+    def read_tail(self, rel: str, nbytes: int) -> bytes:
+        """The last `nbytes` of a file (all of a shorter one)."""
+        with self.fs.open_input_file(self._check(rel)) as fh:
+            size = fh.size()
+            fh.seek(max(0, size - nbytes))
+            return fh.read()
+
     # ---- writing -----------------------------------------------------------------
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Replace a small file whole: readers see the old or the new, never a mix."""
@@ -156,6 +163,30 @@ class Backend:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+
+    def append(self, rel: str, data: bytes, keep_bytes: int) -> None:
+        """Add bytes at the end of a small log file. Local: one O_APPEND write, synced
+        (callers hold the model's lock). Object stores cannot append: the object is
+        read and written again whole, its oldest bytes beyond `keep_bytes` dropped
+        (whole lines: the caller's data ends with a newline)."""
+        if self.remote:
+            try:
+                old = self.read_bytes(rel)
+            except (FileNotFoundError, OSError):
+                old = b""
+            budget = max(0, keep_bytes - len(data))
+            if len(old) > budget:  # cut, then drop what is left of the line cut
+                old = old[len(old) - budget:].partition(b"\n")[2] if budget else b""
+            self.write_atomic(rel, old + data)
+            return
+        path = self.local_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def upload(self, local: Path, rel: str) -> tuple[str, int]:
         """Copy a local file in; returns (sha256, size) of what was written."""

@@ -21,6 +21,7 @@ from services.core.errors import (CorruptVersion, ModelNotFound, RegistryError,
                                   TuneserveError, UnreadableVersion)
 from services.core.names import NAME_RE, VERSION_RE, validate_name, validate_version
 from services.core.registry.backend import Backend
+from services.core.registry.rollout import RolloutMethods
 from services.core.registry.safetensors_check import check_safetensors, unsafe_format
 
 MANIFEST = "manifest.json"
@@ -79,7 +80,7 @@ class PublishResult:
     promoted: bool
 
 
-class Registry:
+class Registry(RolloutMethods):
     def __init__(self, root: str | Path):
         self.backend = Backend(root)
 
@@ -404,13 +405,21 @@ class Registry:
             state = self.channel_state(name, channel)
             if only_if_unset and pointer_version(state) is not None:
                 return None
-            history = _history(state)
-            previous = state.get("version")
-            if previous and previous != version:
-                history.append(previous)
-            new = {"version": version, "history": history[-HISTORY_LIMIT:],
-                   "updated_at": _now()}
-            self.backend.write_atomic(self._channel_rel(name, channel), _dumps(new))
+            new = self._write_channel(name, channel, version, state)
+            self.record(name, "promote", channel=channel, version=version,
+                        previous=pointer_version(state))
+        return new
+
+    def _write_channel(self, name: str, channel: str, version: str,
+                       state: dict[str, Any]) -> dict[str, Any]:
+        """Replace a channel pointer read as `state` (the model's lock held)."""
+        history = _history(state)
+        previous = state.get("version")
+        if previous and previous != version:
+            history.append(previous)
+        new = {"version": version, "history": history[-HISTORY_LIMIT:],
+               "updated_at": _now()}
+        self.backend.write_atomic(self._channel_rel(name, channel), _dumps(new))
         return new
 
     def rollback(self, name: str, channel: str = "production") -> str:
@@ -433,6 +442,8 @@ class Registry:
             version = history.pop()
             new = {"version": version, "history": history, "updated_at": _now()}
             self.backend.write_atomic(self._channel_rel(name, channel), _dumps(new))
+            self.record(name, "rollback", channel=channel, version=version,
+                        previous=current if isinstance(current, str) else None)
         return version
 
     def pin(self, name: str, version: str) -> None:
@@ -442,12 +453,14 @@ class Registry:
         self.check_task(name, version)
         self.backend.write_atomic(f"{name}/{PIN_FILE}",
                                   _dumps({"version": version, "updated_at": _now()}))
+        self.record(name, "pin", version=version)
 
     def unpin(self, name: str) -> None:
         if not self.exists(name):
             raise ModelNotFound(f"model '{name}' not found in the registry")
         self.backend.write_atomic(f"{name}/{PIN_FILE}", _dumps({"version": None,
                                                                 "updated_at": _now()}))
+        self.record(name, "unpin")
 
 
 def _relative(filename: Any, folder: Path) -> str:
