@@ -7,7 +7,9 @@ Ray's metrics endpoint on each node, which prefixes every name with `ray_` (e.g.
 a mean is rate(<name>_exact_sum_total) / rate(<name>_count).
 
 Labels have few values only (method, code, model, version, result, run): never a text,
-a prompt or a request id. Metric objects are created lazily, once per process.
+a prompt or a request id. `model` and `version` name only what is served: a request for
+an unknown model, or one no version answered, is counted under UNKNOWN ("-"). Metric
+objects are created lazily, once per process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 PREFIX = "ray_"  # added by Ray's exporter
+UNKNOWN = "-"
+"""The `model` or `version` label of a request for no served model or version."""
 
 # Buckets fit for millisecond classification and multi-second generation alike.
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -43,22 +47,25 @@ def exact_sum_name(histogram: str) -> str:
 SPECS = {s.name: s for s in [
     # serving
     Spec("tuneserve_requests_total", "counter",
-         "gRPC requests answered, by method, status code and model",
-         ("method", "code", "model")),
+         "gRPC requests answered, by method, status code, model and the version that "
+         "answered", ("method", "code", "model", "version")),
     Spec("tuneserve_request_duration_seconds", "histogram",
-         "Time to answer a gRPC request in the ingress", ("method", "model"),
+         "Time to answer a gRPC request in the ingress", ("method", "model", "version"),
          LATENCY_BUCKETS_S),
     Spec("tuneserve_batch_size", "histogram",
-         "Requests in each dynamic batch a model replica runs", ("model",), BATCH_BUCKETS),
+         "Requests of one model version in each dynamic batch a model replica runs",
+         ("model", "version"), BATCH_BUCKETS),
     Spec("tuneserve_batch_wait_seconds", "histogram",
          "Time each classifier batch waited for more requests before it ran (0: none)",
          ("model",), LATENCY_BUCKETS_S),
     Spec("tuneserve_coalesced_requests", "histogram",
          "Classify requests the ingress sends to a model deployment in one call",
          ("model",), BATCH_BUCKETS),
-    Spec("tuneserve_generated_tokens_total", "counter", "Tokens generated", ("model",)),
+    Spec("tuneserve_generated_tokens_total", "counter", "Tokens generated",
+         ("model", "version")),
     Spec("tuneserve_time_to_first_token_seconds", "histogram",
-         "Time from a generation request to its first token", ("model",), TTFT_BUCKETS_S),
+         "Time from a generation request to its first token", ("model", "version"),
+         TTFT_BUCKETS_S),
     Spec("tuneserve_model_info", "gauge",
          "1 for each model version a replica serves", ("model", "version")),
     Spec("tuneserve_model_loads_total", "counter",
@@ -68,7 +75,7 @@ SPECS = {s.name: s for s in [
          "sent again because the model replica died during them", ("model",)),
     Spec("tuneserve_truncated_inputs_total", "counter",
          "Texts longer than the model's (or the serving) token limit, truncated to it",
-         ("model",)),
+         ("model", "version")),
     Spec("tuneserve_model_load_duration_seconds", "histogram",
          "Time to verify, load and smoke-test a model version", ("model",), LOAD_BUCKETS_S),
     # training

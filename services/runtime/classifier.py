@@ -242,7 +242,8 @@ def encode(loaded: LoadedClassifier, texts: list[str]) -> tuple[dict[str, list],
 def record_truncation(loaded: LoadedClassifier, lengths: list[int]) -> None:
     """Counts texts truncated to loaded.max_length (their untruncated token lengths),
     and logs them in one line at most every TRUNCATION_LOG_INTERVAL_S."""
-    metrics.inc("tuneserve_truncated_inputs_total", len(lengths), model=loaded.name)
+    metrics.inc("tuneserve_truncated_inputs_total", len(lengths), model=loaded.name,
+                version=loaded.version)
     state = loaded.truncations
     state["count"] += len(lengths)
     state["longest"] = max(state["longest"], *lengths)

@@ -17,6 +17,8 @@ import contextvars
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from services.core import metrics
+
 RETURN_WAIT_SHARE = 0.25
 """The longest wait for a batch's callers to come back, as a share of its compute time."""
 RETURN_WAIT_MAX_S = 0.05
@@ -28,6 +30,13 @@ LONE_WAIT_SHARE = 0.25
 LONE_FULL_WAITS = 4
 """... or all of it, after a burst split, until this many such waits in a row caught
 nobody."""
+
+
+def observe_batch(model: str, versions: Sequence[str]) -> None:
+    """Record a batch's size as `tuneserve_batch_size`, once per model version in it
+    (each version runs its own forward pass): `versions` holds each request's."""
+    for version, size in collections.Counter(versions).items():
+        metrics.observe("tuneserve_batch_size", size, model=model, version=version)
 
 
 class GreedyBatcher:

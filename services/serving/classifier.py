@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from services.core import metrics
 from services.runtime.classifier import LoadedClassifier, load_classifier, predict_batch
-from services.serving.batching import GreedyBatcher
+from services.serving.batching import GreedyBatcher, observe_batch
 from services.serving.follower import RegistryFollower
 
 
@@ -41,10 +41,15 @@ class Classifier(RegistryFollower):
         self.max_input_tokens = max_input_tokens
         self.refuse = truncation == "refuse"
         self._batcher = GreedyBatcher(
-            predict_batch, max_batch_size, batch_wait_timeout_s,
-            on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name),
+            self._predict, max_batch_size, batch_wait_timeout_s,
             on_wait=lambda s: metrics.observe("tuneserve_batch_wait_seconds", s,
                                               model=self.name))
+
+    def _predict(self, items: list[tuple[LoadedClassifier, list[str]]]) -> list[Any]:
+        """One batch (the batcher's thread): its size per version, then the forward
+        passes."""
+        observe_batch(self.name, [loaded.version for loaded, _ in items])
+        return predict_batch(items)
 
     def _status_extra(self) -> dict[str, Any]:
         return {"labels": self.current.labels if self.current else [],

@@ -18,6 +18,7 @@ cancelled and the generating thread drops its row at the next token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from typing import Any, AsyncIterator, Optional
@@ -37,7 +38,7 @@ from services.runtime.generator import (
     run_jobs,
     sampling_params,
 )
-from services.serving.batching import GreedyBatcher
+from services.serving.batching import GreedyBatcher, observe_batch
 from services.serving.follower import RegistryFollower
 
 logger = logging.getLogger("ray.serve")
@@ -74,7 +75,6 @@ class Generator(RegistryFollower):
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_JOBS)
         self._batcher = GreedyBatcher(
             self._run_batch, max_batch_size, batch_wait_timeout_s,
-            on_batch=lambda n: metrics.observe("tuneserve_batch_size", n, model=self.name),
             on_wait=lambda s: metrics.observe("tuneserve_batch_wait_seconds", s,
                                               model=self.name))
 
@@ -93,14 +93,17 @@ class Generator(RegistryFollower):
                                self.name, version, exc)
             else:
                 loaded.continuous = ContinuousBatcher(
-                    loaded.engine, self.max_batch_size, on_admit=self._on_admit,
-                    on_done=self._record, start_wait_s=self.batch_wait_timeout_s / 4,
+                    loaded.engine, self.max_batch_size,
+                    on_admit=functools.partial(self._on_admit, version),
+                    on_done=functools.partial(self._record, version),
+                    start_wait_s=self.batch_wait_timeout_s / 4,
                     burst_wait_s=self.batch_wait_timeout_s)
         return loaded
 
-    def _on_admit(self, rows: int, waits: list[float]) -> None:  # the batcher's thread
+    def _on_admit(self, version: str, rows: int, waits: list[float]) -> None:
+        """Requests joined `version`'s continuous batch (on its batcher's thread)."""
         self.counters["batches"] += 1
-        metrics.observe("tuneserve_batch_size", rows, model=self.name)
+        metrics.observe("tuneserve_batch_size", rows, model=self.name, version=version)
         for wait in waits:
             metrics.observe("tuneserve_batch_wait_seconds", wait, model=self.name)
 
@@ -173,23 +176,26 @@ class Generator(RegistryFollower):
         version."""
         self.generating += len(items)
         self.counters["batches"] += 1
+        observe_batch(self.name, [loaded.version for loaded, _ in items])
         try:
             run_jobs(items)
         finally:
             self.generating -= len(items)
-            for _, job in items:
-                self._record(job)
+            for loaded, job in items:
+                self._record(loaded.version, job)
         return [None] * len(items)
 
-    def _record(self, job: GenerationJob) -> None:
+    def _record(self, version: str, job: GenerationJob) -> None:
+        """A job of `version` ended: counters and metrics."""
         self.counters["requests"] += 1
         self.counters["tokens_generated"] += job.completion_tokens
         if job.completion_tokens:
             metrics.inc("tuneserve_generated_tokens_total", job.completion_tokens,
-                        model=self.name)
+                        model=self.name, version=version)
         if job.first_token_at is not None:
             metrics.observe("tuneserve_time_to_first_token_seconds",
-                            job.first_token_at - job.created_at, model=self.name)
+                            job.first_token_at - job.created_at, model=self.name,
+                            version=version)
         if job.finish_reason == "cancelled":
             self.counters["cancelled"] += 1
         self.recent.append({"finish_reason": job.finish_reason or "failed",

@@ -88,6 +88,13 @@ def _or_none(read, *args):
         return None
 
 
+def _answered_version(response) -> Optional[str]:
+    """The version an inference response says answered it (None for other methods)."""
+    if isinstance(response, (pb.ClassifyResponse, pb.GenerateResponse)):
+        return response.version or None
+    return None
+
+
 def _cancelled_code(grpc_context) -> str:
     """The code a call cancelled under us is counted with: DEADLINE_EXCEEDED when its
     deadline has passed (seen where the replica terminates gRPC itself), else
@@ -107,10 +114,12 @@ def rpc(response_type):
         @functools.wraps(fn)
         async def wrapper(self, request, grpc_context=None):
             started = time.perf_counter()
-            code_name = "OK"
+            code_name, answered = "OK", None
             try:
                 self._admit(fn.__name__, request, grpc_context)
-                return await fn(self, request, grpc_context)
+                response = await fn(self, request, grpc_context)
+                answered = _answered_version(response)
+                return response
             except asyncio.CancelledError:
                 code_name = _cancelled_code(grpc_context)
                 raise
@@ -122,7 +131,7 @@ def rpc(response_type):
                     grpc_context.set_details(message)
                 return response_type()
             finally:
-                self._record(fn.__name__, code_name, request, started)
+                self._record(fn.__name__, code_name, request, started, answered)
 
         return wrapper
 
@@ -156,6 +165,9 @@ class InferenceIngress(AdminMethods):
         self.auth = Authenticator(tokens, log=logger)
         if tokens.open_warning():
             logger.warning(tokens.open_warning())
+        # model -> the versions that have answered here: the only values the `version`
+        # label of a failed call may take (a client naming v999 adds no series).
+        self._answered: dict[str, set[str]] = {}
         # Models seen with a loaded version once; until then a call is answered
         # UNAVAILABLE "loading" at once (see _check_loaded).
         self._seen_loaded: set[str] = set()
@@ -206,13 +218,28 @@ class InferenceIngress(AdminMethods):
     def _metric_model(self, request) -> str:
         """The model label: a served model's name, else "-" (labels stay bounded)."""
         name = getattr(request, "model", "")
-        return name if name in self.handles else "-"
+        return name if name in self.handles else metrics.UNKNOWN
 
-    def _record(self, method: str, code: str, request, started: float) -> None:
+    def _metric_version(self, model: str, request, answered: Optional[str]) -> str:
+        """The version label: the one that answered; for a call none answered, the
+        version it named if that version has answered here before; else "-"."""
+        if model == metrics.UNKNOWN:
+            return metrics.UNKNOWN
+        seen = self._answered.setdefault(model, set())
+        if answered:
+            seen.add(answered)
+            return answered
+        named = getattr(request, "version", "")
+        return named if named in seen else metrics.UNKNOWN
+
+    def _record(self, method: str, code: str, request, started: float,
+                answered: Optional[str] = None) -> None:
         model = self._metric_model(request)
-        metrics.inc("tuneserve_requests_total", method=method, code=code, model=model)
+        version = self._metric_version(model, request, answered)
+        metrics.inc("tuneserve_requests_total", method=method, code=code, model=model,
+                    version=version)
         metrics.observe("tuneserve_request_duration_seconds", time.perf_counter() - started,
-                        method=method, model=model)
+                        method=method, model=model, version=version)
 
     def _handle(self, model: str, task: str):
         handle = self.handles.get(model)
@@ -341,7 +368,7 @@ class InferenceIngress(AdminMethods):
         stream = None
         finished = False
         started = time.perf_counter()
-        code_name = "CANCELLED"
+        code_name, answered = "CANCELLED", None
         try:
             self._admit("GenerateStream", request, grpc_context)
             call = validate_generate(request, self.limits)
@@ -353,7 +380,7 @@ class InferenceIngress(AdminMethods):
                 sent = False
                 try:
                     async for chunk in stream:
-                        sent = True
+                        sent, answered = True, chunk["version"]
                         yield _generate_response(chunk, call.model)
                     break
                 except replica_died:
@@ -376,7 +403,7 @@ class InferenceIngress(AdminMethods):
         finally:
             if code_name == "CANCELLED":  # closed or cancelled under us
                 code_name = _cancelled_code(grpc_context)
-            self._record("GenerateStream", code_name, request, started)
+            self._record("GenerateStream", code_name, request, started, answered)
             if stream is not None and not finished:
                 # Client gone or deadline passed: stop the generation (Serve also
                 # cancels child calls of a cancelled request; this is explicit).

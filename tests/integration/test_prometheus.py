@@ -3,7 +3,8 @@
 Prometheus scrapes Ray's metrics endpoint of the session cluster on loopback; the test
 sends known traffic (including bad requests) and asserts, with PromQL over the HTTP API,
 the request counts by method and code, a latency quantile from the histogram and the
-served version in tuneserve_model_info. `promtool check metrics` passes on the scraped
+served version in tuneserve_model_info; the request, batch and generation series carry
+the version that answered. `promtool check metrics` passes on the scraped
 tuneserve series.
 """
 
@@ -141,6 +142,13 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         labels = {r["metric"].get("model") for r in prom.query(
             f"{PREFIX}tuneserve_requests_total")}
         assert "no-such-model" not in labels
+        # by version: the answers came from v1; the failures no version answered
+        assert prom.value(f'sum({PREFIX}tuneserve_requests_total{{method="Classify",'
+                          f'code="OK",model="toy",version="v1"}})') == before_ok + 7
+        assert {r["metric"]["version"] for r in prom.query(
+            f'{PREFIX}tuneserve_requests_total{{code="NOT_FOUND"}}')} == {"-"}
+        assert prom.value(f'sum({PREFIX}tuneserve_request_duration_seconds_count'
+                          f'{{method="Classify",model="toy",version="v1"}})') >= 7
         p50 = prom.value(
             f'histogram_quantile(0.5, sum by (le) ({PREFIX}tuneserve_request_duration_seconds'
             f'_bucket{{method="Classify",model="toy"}}))')
@@ -153,7 +161,8 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         assert prom.wait(lambda: prom.value(
             f'sum({PREFIX}tuneserve_model_loads_total{{model="toy",result="loaded"}})') >= 1)
         assert prom.wait(lambda: prom.value(
-            f'sum({PREFIX}tuneserve_batch_size_count{{model="toy"}})') >= 7, timeout_s=60)
+            f'sum({PREFIX}tuneserve_batch_size_count{{model="toy",version="v1"}})') >= 7,
+            timeout_s=60)
         assert prom.wait(lambda: prom.value(
             f'sum({PREFIX}tuneserve_batch_wait_seconds_count{{model="toy"}})') >= 7,
             timeout_s=60)
@@ -163,10 +172,10 @@ def test_metrics_through_a_real_prometheus(server, ray_cluster, tmp_path):
         exact = f'sum({PREFIX}tuneserve_batch_size_exact_sum_total{{model="toy"}})'
         assert prom.wait(lambda: prom.value(exact) >= prom.value(batches) >= 7, timeout_s=60)
         assert prom.wait(lambda: prom.value(
-            f'sum({PREFIX}tuneserve_generated_tokens_total{{model="{GEN_MODEL}"}})')
-            >= gen.completion_tokens > 0, timeout_s=60)
+            f'sum({PREFIX}tuneserve_generated_tokens_total{{model="{GEN_MODEL}",'
+            f'version="{gen.version}"}})') >= gen.completion_tokens > 0, timeout_s=60)
         assert prom.value(f'sum({PREFIX}tuneserve_time_to_first_token_seconds_count'
-                          f'{{model="{GEN_MODEL}"}})') >= 1
+                          f'{{model="{GEN_MODEL}",version="{gen.version}"}})') >= 1
 
     finally:
         prom.stop()

@@ -116,7 +116,7 @@ def test_the_name_check_can_fail():
     assert name_problems("rate(ray_tuneserve_request_total[5m])")  # misspelt
     assert name_problems("ray_tuneserve_requests_total_bucket")  # a counter has no buckets
     assert name_problems('sum(ray_tuneserve_batch_size_count{method="x"})')  # no such label
-    assert name_problems("sum by (version) (rate(ray_tuneserve_requests_total[1m]))")
+    assert name_problems("sum by (result) (rate(ray_tuneserve_requests_total[1m]))")
     assert name_problems("histogram_quantile(0.9, sum by (le) "
                          "(rate(ray_tuneserve_request_duration_seconds_bucket[5m])))") == []
 

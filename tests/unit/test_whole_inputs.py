@@ -109,7 +109,8 @@ def test_a_text_over_the_limit_is_truncated_counted_and_logged_once(registry, co
         logger.setLevel(level)
     assert probs.shape == (3, 2) and bool(torch.isfinite(probs).all())
     assert max(widths) == LIMIT
-    assert counted == [(2, {"model": "toy"}), (1, {"model": "toy"})]
+    assert counted == [(2, {"model": "toy", "version": "v1"}),
+                       (1, {"model": "toy", "version": "v1"})]
     lines = [r.getMessage() for r in records if "truncated" in r.getMessage()]
     assert lines == ["toy v1: truncated 2 text(s) to the limit of 128 tokens since the "
                      "last report (the longest had 303)"]
@@ -123,7 +124,7 @@ def test_the_serving_limit_applies_below_the_models_own(registry, counted):
     assert loaded.max_length == 32
     widths = _widths(loaded)
     predict(loaded, [MID])
-    assert widths == [32] and counted == [(1, {"model": "toy"})]
+    assert widths == [32] and counted == [(1, {"model": "toy", "version": "v1"})]
     above = load_classifier(registry, "toy", "v1", trace=False, max_input_tokens=4096)
     assert above.max_length == LIMIT  # no more than the model takes
 
@@ -142,7 +143,7 @@ def test_refuse_answers_invalid_argument(registry, counted):
     assert isinstance(answers[0], InvalidInput)
     assert str(answers[0]) == "texts[1]: 302 tokens; model toy takes at most 128 tokens per text"
     assert len(answers[1]) == 2 and len(answers[2]) == 1  # the others ran
-    assert counted == [(1, {"model": "toy"})]  # only the truncating version's text
+    assert counted == [(1, {"model": "toy", "version": "v1"})]  # only the truncating version's text
 
     replica = Classifier(registry.uri, "toy", trace=False, truncation="refuse")
     replica.current = replica._load_version("v1")

@@ -1,0 +1,150 @@
+"""Serving metrics by model version (issue 30, point 2).
+
+The ingress labels each request with the version that answered it, through a real
+InferenceIngress served by its own gRPC server on a real port (as in
+test_replica_grpc.py) over a fake model that answers v1, or v2 when asked; the model
+replicas' batch sizes are counted per version. The same labels through Ray's
+exporter and a real Prometheus: tests/integration/test_prometheus.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+from services.client import Client
+from services.core import metrics
+from services.core.errors import ModelNotFound
+from services.core.net import free_port
+from services.serving.batching import observe_batch
+from services.serving.colocated import LocalModel
+
+KNOWN = ("v1", "v2")
+
+
+class TwoVersions:
+    """A classifier and generator with versions v1 (the default) and v2; "boom" fails
+    on whichever version runs it."""
+
+    async def classify(self, texts, version=None):
+        version = version or "v1"
+        if version not in KNOWN:
+            raise ModelNotFound(f"model 'm' has no version '{version}'")
+        if "boom" in texts:
+            raise RuntimeError("the model broke")
+        return {"version": version, "results": [
+            {"label": "pos", "score": 1.0, "scores": [("pos", 1.0)]} for _ in texts]}
+
+    async def generate(self, prompt, params, version=None):
+        return {"text": prompt, "prompt_tokens": 1, "completion_tokens": 1,
+                "finish_reason": "length", "version": version or "v1"}
+
+    async def generate_stream(self, prompt, params, version=None):
+        for word in prompt.split():
+            yield {"text": word, "prompt_tokens": 1, "completion_tokens": 1,
+                   "finish_reason": None, "version": version or "v2"}
+
+
+class Board:
+    class _Get:
+        async def remote(self):
+            return {"m": [{"replica": "r1", "version": "v1"}],
+                    "g": [{"replica": "r1", "version": "v1"}]}
+
+    get = _Get()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """(metric name, tags) of every request count and latency the ingress records."""
+    seen: list[tuple[str, dict]] = []
+    real_inc, real_observe = metrics.inc, metrics.observe
+
+    def inc(name, value=1.0, **tags):
+        seen.append((name, tags))
+        real_inc(name, value, **tags)
+
+    def observe(name, value, **tags):
+        seen.append((name, tags))
+        real_observe(name, value, **tags)
+
+    monkeypatch.setattr(metrics, "inc", inc)
+    monkeypatch.setattr(metrics, "observe", observe)
+    return seen
+
+
+@pytest.fixture
+def port(tmp_path):
+    from services.serving.ingress import InferenceIngress
+
+    (tmp_path / "registry").mkdir()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    number = free_port()
+
+    async def build():
+        model = LocalModel(TwoVersions())
+        return InferenceIngress(
+            str(tmp_path / "registry"), {"m": model, "g": model},
+            {"m": "classification", "g": "generation"}, board=Board(),
+            grpc_server={"host": "127.0.0.1", "port": number, "max_receive_bytes": 8192})
+
+    ingress = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
+    yield number
+    asyncio.run_coroutine_threadsafe(ingress.__del__() or asyncio.sleep(0), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def _requests(seen) -> list[tuple[str, str, str, str]]:
+    return [(t["method"], t["code"], t["model"], t["version"])
+            for name, t in seen if name == "tuneserve_requests_total"]
+
+
+def _wait_for(seen, entry):
+    deadline = time.monotonic() + 10
+    while entry not in _requests(seen):  # a stream is counted after its last chunk
+        assert time.monotonic() < deadline, _requests(seen)
+        time.sleep(0.02)
+
+
+def test_requests_are_counted_under_the_version_that_answered(port, recorded):
+    with Client(f"127.0.0.1:{port}", timeout_s=10) as client:
+        assert client.classify("m", ["a"]).version == "v1"
+        assert client.classify("m", ["a"], version="v2").version == "v2"
+        with pytest.raises(grpc.RpcError) as err:  # v2 has answered: it gets the error
+            client.classify("m", ["boom"], version="v2")
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        for bad in ("v7", "v999"):  # never answered: no series of their own
+            with pytest.raises(grpc.RpcError):
+                client.classify("m", ["a"], version=bad)
+        with pytest.raises(grpc.RpcError):
+            client.classify("nope", ["a"], version="v1")
+        assert client.generate("g", "hi").version == "v1"
+        assert [c.version for c in client.generate_stream("g", "a b")] == ["v2", "v2"]
+        client.list_models()
+    _wait_for(recorded, ("GenerateStream", "OK", "g", "v2"))
+    assert _requests(recorded) == [
+        ("Classify", "OK", "m", "v1"), ("Classify", "OK", "m", "v2"),
+        ("Classify", "INTERNAL", "m", "v2"),
+        ("Classify", "NOT_FOUND", "m", "-"), ("Classify", "NOT_FOUND", "m", "-"),
+        ("Classify", "NOT_FOUND", "-", "-"),
+        ("Generate", "OK", "g", "v1"), ("GenerateStream", "OK", "g", "v2"),
+        ("ListModels", "OK", "-", "-")]
+    latencies = [(t["method"], t["version"]) for name, t in recorded
+                 if name == "tuneserve_request_duration_seconds"]
+    assert latencies[:3] == [("Classify", "v1"), ("Classify", "v2"), ("Classify", "v2")]
+
+
+def test_a_batch_is_counted_once_per_version_in_it(monkeypatch):
+    observed = []
+    monkeypatch.setattr(metrics, "observe", lambda name, value, **tags: observed.append(
+        (name, value, tags["model"], tags["version"])))
+    observe_batch("m", ["v1", "v2", "v1", "v1"])
+    assert sorted(observed) == [("tuneserve_batch_size", 1, "m", "v2"),
+                                ("tuneserve_batch_size", 3, "m", "v1")]
