@@ -136,6 +136,10 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "sum by (model, version) (ray_tuneserve_model_info",  # the served version
         "sum by (model, result) (increase(ray_tuneserve_model_loads_total",
         "ray_tuneserve_train_loss",
+        # the per-version view: a canary's share, errors and latency beside production's
+        "sum by (model, version) (rate(ray_tuneserve_requests_total",
+        "histogram_quantile(0.99, sum by (le, model, version, method) "
+        "(rate(ray_tuneserve_request_duration_seconds_bucket",
     ]:
         assert needle in text, needle
     for panel in dash["panels"]:

@@ -3,18 +3,24 @@
 The ingress labels each request with the version that answered it, through a real
 InferenceIngress served by its own gRPC server on a real port (as in
 test_replica_grpc.py) over a fake model that answers v1, or v2 when asked; the model
-replicas' batch sizes are counted per version. The same labels through Ray's
+replicas' batch sizes are counted per version; and the canary-regression alerts of
+k8s/monitoring fire, under `promtool test rules`, on a candidate that errs more or
+answers slower than production, and on nothing else. The same labels through Ray's
 exporter and a real Prometheus: tests/integration/test_prometheus.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from services.client import Client
 from services.core import metrics
@@ -23,6 +29,7 @@ from services.core.net import free_port
 from services.serving.batching import observe_batch
 from services.serving.colocated import LocalModel
 
+RULES = Path(__file__).resolve().parents[2] / "k8s" / "monitoring" / "prometheus-rules.yaml"
 KNOWN = ("v1", "v2")
 
 
@@ -148,3 +155,71 @@ def test_a_batch_is_counted_once_per_version_in_it(monkeypatch):
     observe_batch("m", ["v1", "v2", "v1", "v1"])
     assert sorted(observed) == [("tuneserve_batch_size", 1, "m", "v2"),
                                 ("tuneserve_batch_size", 3, "m", "v1")]
+
+
+# ---- the canary-regression alerts ------------------------------------------------------
+SERVER_SIDE = "INTERNAL"
+
+
+def _series(name: str, values: str, **labels: str) -> dict:
+    labels = {"WorkerId": "w1", "Component": "core_worker", **labels}
+    body = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{body}}}", "values": values}
+
+
+def _traffic(model: str, version: str, ok: int, failed: int, fast: bool) -> list[dict]:
+    """Per-minute Classify counts and latency buckets of one version."""
+    req, lat = "ray_tuneserve_requests_total", "ray_tuneserve_request_duration_seconds_bucket"
+    total = ok + failed
+    buckets = [("0.05", total), ("1.0", total), ("2.5", total), ("+Inf", total)] if fast \
+        else [("0.05", 0), ("1.0", 0), ("2.5", total), ("+Inf", total)]
+    tags = {"model": model, "version": version, "method": "Classify"}
+    out = [_series(req, f"0+{ok}x40", code="OK", **tags)]
+    if failed:
+        out.append(_series(req, f"0+{failed}x40", code=SERVER_SIDE, **tags))
+    out += [_series(lat, f"0+{n}x40", le=le, **tags) for le, n in buckets]
+    return out
+
+
+def _expect(alert: str, eval_time: str, *fired: dict) -> dict:
+    rule = next(r for g in yaml.safe_load(RULES.read_text())["spec"]["groups"]
+                for r in g["rules"] if r.get("alert") == alert)
+    return {"eval_time": eval_time, "alertname": alert,
+            "exp_alerts": [{"exp_labels": {**rule["labels"], **f}} for f in fired]}
+
+
+def test_canary_alerts_fire_on_the_worse_version_only(tmp_path):
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not installed (Debian package `prometheus`; .ci/run "
+                    "installs it)")
+    groups = yaml.safe_load(RULES.read_text())["spec"]["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    series = [
+        # toy: production v1 0.5% errors and fast; candidate v2 9% errors and slow.
+        *_traffic("toy", "v1", 995, 5, fast=True),
+        *_traffic("toy", "v2", 91, 9, fast=False),
+        # good: two versions, same error ratio, both fast.
+        *_traffic("good", "v1", 990, 10, fast=True),
+        *_traffic("good", "v2", 99, 1, fast=True),
+        # rare: a candidate that failed and was slow on too few requests to judge.
+        *_traffic("rare", "v1", 1000, 0, fast=True),
+        _series("ray_tuneserve_requests_total", "0+0.2x40", model="rare", version="v2",
+                method="Classify", code=SERVER_SIDE),
+        # one version only, erring a lot: TuneserveHighErrorRatio's business, not these.
+        *_traffic("solo", "v1", 50, 50, fast=False),
+    ]
+    bad = {"model": "toy", "version": "v2"}
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series, "alert_rule_test": [
+            _expect("TuneserveCanaryErrorRatio", "3m"),  # not yet: `for: 5m`
+            _expect("TuneserveCanaryErrorRatio", "20m", bad),
+            _expect("TuneserveCanaryLatency", "20m", {**bad, "method": "Classify"}),
+        ]}]}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    proc = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
