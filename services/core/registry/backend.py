@@ -13,16 +13,24 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
+import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
 
 from services.core.errors import CorruptVersion, InvalidInput, RegistryError
 
 CHUNK = 1 << 20
+# A conditional write that loses to another writer is retried this many times (with a
+# growing, jittered pause) before the update is reported as failed.
+CAS_ATTEMPTS = 50
+MAX_POINTER_BYTES = 64 * 1024 * 1024
+_CLIENT_LOCK = threading.Lock()
 
 
 def is_remote(uri: str) -> bool:
@@ -47,6 +55,7 @@ class Backend:
                 raise RegistryError(f"cannot open registry {uri.split('?')[0]}: {exc}") from None
             self.root = root.rstrip("/")
             self.local_root: Optional[Path] = None
+            self._s3: Any = None
             self._check_bucket(uri)
         else:
             path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
@@ -228,6 +237,83 @@ class Backend:
                 while block := src.read(CHUNK):
                     dst.write(block)
 
+    # ---- conditional writes (object stores) ---------------------------------------
+    def s3_client(self) -> Any:
+        """A boto3 S3 client for the same endpoint as the pyarrow filesystem: pyarrow
+        has no conditional writes, which the version claim and pointer updates need."""
+        if self._s3 is None:
+            import boto3  # lazy: only an object-store registry needs it
+            from botocore.config import Config
+
+            query = {k: v[-1] for k, v in parse_qs(urlsplit(self.uri).query).items()}
+            endpoint = query.get("endpoint_override")
+            if endpoint and "://" not in endpoint:
+                endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+            with _CLIENT_LOCK:  # creating clients is not thread-safe; using one is
+                self._s3 = boto3.session.Session().client(
+                    "s3", endpoint_url=endpoint, region_name=query.get("region"),
+                    config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        return self._s3
+
+    def _key(self, rel: str) -> tuple[str, str]:
+        bucket, _, prefix = self.full(rel).partition("/")
+        return bucket, prefix
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create a small object only if nothing is there yet (S3 `If-None-Match: *`):
+        True if this call created it, False if it existed (or another writer won)."""
+        bucket, key = self._key(rel)
+        return self._conditional_put(bucket, key, data, IfNoneMatch="*")
+
+    def read_tagged(self, rel: str) -> tuple[Optional[bytes], Optional[str]]:
+        """(bytes, ETag) of a small object, or (None, None) when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._key(rel)
+        try:
+            got = self.s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise RegistryError(f"cannot read {rel}: {_client_error(exc)}") from None
+        if got.get("ContentLength", 0) > MAX_POINTER_BYTES:
+            raise ValueError(f"larger than {MAX_POINTER_BYTES // (1024 * 1024)} MiB")
+        return got["Body"].read(), got["ETag"]
+
+    def replace_if(self, rel: str, data: bytes, etag: Optional[str]) -> bool:
+        """Write a small object only if it is still the one read (its ETag), or still
+        absent when `etag` is None; False when another writer changed it meanwhile."""
+        bucket, key = self._key(rel)
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        return self._conditional_put(bucket, key, data, **condition)
+
+    def _conditional_put(self, bucket: str, key: str, data: bytes, **condition: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            # 412: the condition failed; 409: a concurrent conditional write is in flight
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise RegistryError(f"cannot write to the registry: {_client_error(exc)}") from None
+        return True
+
+    def update(self, rel: str, change: Callable[[Optional[bytes]], Optional[bytes]],
+               what: str) -> bool:
+        """Read-modify-write of a small object that never loses a concurrent update:
+        `change(old bytes or None)` gives the new bytes (None: write nothing) and runs
+        again on the fresh value whenever another writer got in first (If-Match)."""
+        for attempt in range(CAS_ATTEMPTS):
+            data, etag = self.read_tagged(rel)
+            new = change(data)
+            if new is None:
+                return False
+            if self.replace_if(rel, new, etag):
+                return True
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
+        raise RegistryError(f"{what}: too many concurrent writers; try again")
+
     def delete_tree(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_dir(self._check(rel))
@@ -250,8 +336,8 @@ class Backend:
     def lock(self, rel: str) -> Iterator[None]:
         """Serialise writers of one model on a local or shared POSIX filesystem.
 
-        Object stores have no locks: there, run one publisher per model at a time
-        (a training job is one); pointer updates are still atomic single PUTs.
+        Object stores have no locks: there, version claims and pointer updates are
+        conditional writes instead (create_exclusive, update).
         """
         if self.remote:
             yield
@@ -272,3 +358,8 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _client_error(exc: Any) -> str:
+    err = exc.response.get("Error", {})
+    return f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")

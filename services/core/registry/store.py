@@ -13,13 +13,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from services.core.config import CLASSIFICATION
 from services.core.data import file_sha256
 from services.core.errors import (CorruptVersion, ModelNotFound, RegistryError,
                                   TuneserveError, UnreadableVersion)
 from services.core.names import NAME_RE, VERSION_RE, validate_name, validate_version
+from services.core.registry import cache
 from services.core.registry.backend import Backend
 from services.core.registry.rollout import RolloutMethods
 from services.core.registry.safetensors_check import check_safetensors, unsafe_format
@@ -210,7 +211,7 @@ class Registry(RolloutMethods):
     def local_copy(self, name: str, version: str, refresh: bool = False) -> Path:
         """A local folder holding the version's files (the folder itself when local).
         From an object store, a cached copy, fetched again when an object of the
-        version changed since, or when `refresh`."""
+        version changed since, or when `refresh`; the cache is bounded (cache.py)."""
         validate_name(name), validate_version(version)
         if not self.backend.remote:
             if self.backend.is_symlink(f"{name}/{version}"):
@@ -218,6 +219,7 @@ class Registry(RolloutMethods):
             return self.backend.local_path(f"{name}/{version}")
         key = hashlib.sha256(self.backend.uri.encode()).hexdigest()[:16]
         dest = CACHE_DIR / key / name / version
+        cache.hold(dest)  # before anything: a concurrent prune must not remove it
         # When the copy was fetched (the store's clock, from its newest object then):
         # an object written since (a bad file replaced) fetches the version again.
         fetched = dest.parent / f".{version}.fetched"
@@ -240,6 +242,7 @@ class Registry(RolloutMethods):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         fetched.write_text(repr(newest if newest is not None else time.time()))
+        cache.prune(CACHE_DIR)
         return dest
 
     def verify(self, name: str, version: str) -> dict[str, Any]:
@@ -368,13 +371,16 @@ class Registry(RolloutMethods):
             raise
 
     def _publish_remote(self, name: str, source: Path, files: list[str], body: dict) -> str:
-        # No rename on object stores: write the files under the version's prefix, then the
-        # manifest last. Until the manifest exists the version is invisible and unloadable.
-        version = self._next_version(name)
-        claim = uuid.uuid4().hex
-        self.backend.write_atomic(f"{name}/{version}/{CLAIM}", claim.encode())
-        if self.backend.read_bytes(f"{name}/{version}/{CLAIM}").decode() != claim:
-            raise RegistryError(f"{name}: another publisher claimed {version}; retry")
+        # No rename on object stores: claim a version number with a create-if-absent
+        # write, upload the files under its prefix, then the manifest last. Until the
+        # manifest exists the version is invisible and unloadable.
+        claim = uuid.uuid4().hex.encode()
+        for _attempt in range(100):
+            version = self._next_version(name)
+            if self.backend.create_exclusive(f"{name}/{version}/{CLAIM}", claim):
+                break
+        else:
+            raise RegistryError(f"{name}: could not claim a version number; try again")
         body["version"] = version
         body["files"] = {rel: self._upload(source / rel, f"{name}/{version}/{rel}")
                          for rel in files}
@@ -393,42 +399,82 @@ class Registry(RolloutMethods):
                 if mtime is not None and mtime.timestamp() < cutoff:
                     self.backend.delete_tree(f"{name}/{child}")
 
+    def _update_pointer(self, name: str, rel: str, what: str,
+                        change: Callable[[dict[str, Any]], Optional[dict[str, Any]]]
+                        ) -> Optional[dict[str, Any]]:
+        """Replace a pointer with change(its current state), or leave it when change
+        gives None, never losing a concurrent writer's update: under the model's lock
+        on a filesystem, as a conditional write (If-Match, retried) on an object store."""
+        if not self.backend.remote:
+            with self.backend.lock(f"{name}/.lock"):
+                new = change(self._pointer(rel, what))
+                if new is not None:
+                    self.backend.write_atomic(rel, _dumps(new))
+            return new
+        result: list[Optional[dict[str, Any]]] = [None]
+
+        def change_bytes(data: Optional[bytes]) -> Optional[bytes]:
+            state: Any = {}
+            if data is not None:
+                try:
+                    state = json.loads(data)
+                except (ValueError, RecursionError):
+                    raise RegistryError(f"unreadable {what} pointer (not JSON)") from None
+            result[0] = change(state if isinstance(state, dict) else {})
+            return None if result[0] is None else _dumps(result[0])
+
+        try:
+            written = self.backend.update(rel, change_bytes, what)
+        except ValueError as exc:
+            raise RegistryError(f"unreadable {what} pointer ({exc})") from None
+        return result[0] if written else None
+
     def set_channel(self, name: str, channel: str, version: str,
                     only_if_unset: bool = False) -> Optional[dict[str, Any]]:
         """Point a channel at a version (atomically), remembering the previous one.
         `only_if_unset`: only if the channel points nowhere yet (else None)."""
-        self._channel_rel(name, channel), validate_version(version)
+        rel = self._channel_rel(name, channel)
+        validate_version(version)
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         self.check_task(name, version)
-        with self.backend.lock(f"{name}/.lock"):
-            state = self.channel_state(name, channel)
+        before: dict[str, Any] = {}  # the pointer as the write that landed found it
+
+        def point(state: dict[str, Any]) -> Optional[dict[str, Any]]:
             if only_if_unset and pointer_version(state) is not None:
                 return None
-            new = self._write_channel(name, channel, version, state)
+            before.clear()
+            before.update(state)
+            return _moved(state, version)
+
+        new = self._update_pointer(name, rel, f"{name} {channel}", point)
+        if new is not None:
             self.record(name, "promote", channel=channel, version=version,
-                        previous=pointer_version(state))
+                        previous=pointer_version(before))
         return new
 
     def _write_channel(self, name: str, channel: str, version: str,
                        state: dict[str, Any]) -> dict[str, Any]:
-        """Replace a channel pointer read as `state` (the model's lock held)."""
-        history = _history(state)
-        previous = state.get("version")
-        if previous and previous != version:
-            history.append(previous)
-        new = {"version": version, "history": history[-HISTORY_LIMIT:],
-               "updated_at": _now()}
-        self.backend.write_atomic(self._channel_rel(name, channel), _dumps(new))
+        """Replace a channel pointer read as `state` (the model's lock held); on an
+        object store, a conditional write over the pointer as it is by then."""
+        rel = self._channel_rel(name, channel)
+        if self.backend.remote:
+            new = self._update_pointer(name, rel, f"{name} {channel}",
+                                       lambda current: _moved(current, version))
+            assert new is not None
+            return new
+        new = _moved(state, version)
+        self.backend.write_atomic(rel, _dumps(new))
         return new
 
     def rollback(self, name: str, channel: str = "production") -> str:
         """Move a channel back to the version it pointed at before."""
-        self._channel_rel(name, channel)  # validates both names before any file is touched
+        rel = self._channel_rel(name, channel)  # validates both names before any I/O
         if not self.exists(name):
             raise ModelNotFound(f"model '{name}' not found in the registry")
-        with self.backend.lock(f"{name}/.lock"):
-            state = self.channel_state(name, channel)
+        before: dict[str, Any] = {}
+
+        def back(state: dict[str, Any]) -> dict[str, Any]:
             current = state.get("version")
             if current is None and not _history(state):
                 others = ", ".join(self.channels_of(name)) or "none yet"
@@ -439,28 +485,52 @@ class Registry(RolloutMethods):
                 history.pop()
             if not history:
                 raise RegistryError(f"{name}: no earlier {channel} version to roll back to")
-            version = history.pop()
-            new = {"version": version, "history": history, "updated_at": _now()}
-            self.backend.write_atomic(self._channel_rel(name, channel), _dumps(new))
-            self.record(name, "rollback", channel=channel, version=version,
-                        previous=current if isinstance(current, str) else None)
-        return version
+            before.clear()
+            before.update(state)
+            return {"version": history.pop(), "history": history, "updated_at": _now()}
+
+        new = self._update_pointer(name, rel, f"{name} {channel}", back)
+        assert new is not None
+        current = before.get("version")
+        self.record(name, "rollback", channel=channel, version=new["version"],
+                    previous=current if isinstance(current, str) else None)
+        return new["version"]
 
     def pin(self, name: str, version: str) -> None:
         validate_name(name), validate_version(version)
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         self.check_task(name, version)
-        self.backend.write_atomic(f"{name}/{PIN_FILE}",
-                                  _dumps({"version": version, "updated_at": _now()}))
+        self._write_pin(name, version)
         self.record(name, "pin", version=version)
 
     def unpin(self, name: str) -> None:
         if not self.exists(name):
             raise ModelNotFound(f"model '{name}' not found in the registry")
-        self.backend.write_atomic(f"{name}/{PIN_FILE}", _dumps({"version": None,
-                                                                "updated_at": _now()}))
+        self._write_pin(name, None)
         self.record(name, "unpin")
+
+    def _write_pin(self, name: str, version: Optional[str]) -> None:
+        """Replace the pin whatever it held (an unreadable pin is repaired this way);
+        on an object store still a conditional write, so pins are ordered."""
+        rel = f"{name}/{PIN_FILE}"
+        if not self.backend.remote:
+            self.backend.write_atomic(rel, _dumps({"version": version, "updated_at": _now()}))
+            return
+        try:
+            self.backend.update(rel, lambda _old: _dumps({"version": version,
+                                                          "updated_at": _now()}), f"{name} pin")
+        except ValueError as exc:
+            raise RegistryError(f"unreadable {name} pin pointer ({exc})") from None
+
+
+def _moved(state: dict[str, Any], version: str) -> dict[str, Any]:
+    """A channel pointer `state` moved to `version`, the version it left in history."""
+    history = _history(state)
+    previous = state.get("version")
+    if previous and previous != version:
+        history.append(previous)
+    return {"version": version, "history": history[-HISTORY_LIMIT:], "updated_at": _now()}
 
 
 def _relative(filename: Any, folder: Path) -> str:
