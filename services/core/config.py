@@ -264,7 +264,8 @@ class TrainConfig:
     """Ray cluster address; default: start a local cluster in-process."""
     promote: bool = False
     """After publishing, promote to production if its eval metric is at least as good as
-    production's (accuracy as high for classification, eval loss as low for generation)."""
+    production's: a classifier's accuracy, both scored on this run's eval rows; a
+    generator's eval loss, as each run recorded it."""
     min_metric: Optional[str] = None
     """With --promote: also require e.g. accuracy=0.85."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -22,6 +22,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from services.core import metrics
@@ -115,6 +116,17 @@ def load_classifier(registry: Registry, name: str, version: str,
     if probs.shape != (1, len(labels)) or not bool(torch.isfinite(probs).all()):
         raise CorruptVersion(f"{name} {version}: smoke inference gave invalid output")
     return loaded
+
+
+def load_classifier_folder(folder: str | Path, name: str = "",
+                           version: str = "") -> LoadedClassifier:
+    """A checkpoint folder in a version's layout, loaded as `load_classifier` loads a
+    version but with no manifest to verify, no trace and no smoke test: a training
+    run's checkpoint, scored before it is published (the promotion gate)."""
+    model, tokenizer = load_classifier_for_serving(folder)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return LoadedClassifier(version, model, tokenizer, labels, input_limit(model, tokenizer),
+                            time.time(), name=name)
 
 
 # ---- TorchScript --------------------------------------------------------------------

@@ -10,6 +10,13 @@ beat, by more than the eval set's noise, what a model that ignores its input sco
 (always predicting the most frequent label: `majority_baseline`), and a causal LM must end below the eval loss of the model it started from, where the run
 measured that. A version that fails is published but never made production by the
 run; `tuneserve models promote` (or `train --promote-anyway`) still can.
+
+The comparison with production is made on the same rows with the same code where it
+can be (`same_rows`): a classifier run scores the production version and its own
+checkpoint on its eval rows through the serving runtime, and the manifest records
+both numbers (`gate`). Two runs' own eval metrics, each on its own eval set, are
+compared only where that cannot be done (a generation run; a production version that
+does not load), and the reason says so.
 """
 
 from __future__ import annotations
@@ -19,8 +26,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 from services.core.config import LOWER_IS_BETTER, parse_min_metric
+from services.core.evaluation import confusion_matrix, metrics_from_confusion, summary
 from services.core.errors import TuneserveError
 from services.core.registry import Registry
+from services.runtime.classifier import (
+    LoadedClassifier,
+    load_classifier,
+    load_classifier_folder,
+    predict,
+)
 
 SIGNIFICANCE_Z = 2.0
 """How many standard errors above the majority baseline a classifier's eval accuracy
@@ -153,11 +167,58 @@ def better_or_equal(new: float, old: float, mode: str) -> bool:
     return new >= old if mode == "max" else new <= old
 
 
+def scores_on_rows(loaded: LoadedClassifier, texts: Sequence[str], labels: Sequence[str],
+                   names: Sequence[str]) -> dict[str, float]:
+    """A classifier's summary metrics on labelled rows, through the serving runtime's
+    `predict`; `names`: every label either side knows (a true label the model lacks
+    is a row it gets wrong), so both sides' macro averages run over the same classes."""
+    index = {n: i for i, n in enumerate(names)}
+    probs = predict(loaded, list(texts))
+    predicted = [index[loaded.labels[i]] for i in probs.argmax(dim=-1).tolist()]
+    cm = confusion_matrix([index[str(t)] for t in labels], predicted, len(names))
+    return summary(metrics_from_confusion(cm, list(names)))
+
+
+def same_rows(registry: Registry, name: str, folder: str, rows: Optional[tuple],
+              metric: str, out=print) -> Optional[dict[str, Any]]:
+    """The gate's record: production and the run's checkpoint (`folder`) scored on the
+    run's eval `rows` (texts, labels) by the same code. None when there is no
+    production version, no rows (a generation run), or production does not load."""
+    current = registry.channel(name, "production")
+    if current is None or not rows or not rows[0]:
+        return None
+    try:
+        production = load_classifier(registry, name, current, trace=False)
+    except TuneserveError as exc:
+        out(f"note: production {current} could not be loaded to score it on this run's "
+            f"eval rows ({exc.message}); the gate compares the manifests' {metric}")
+        return None
+    candidate = load_classifier_folder(folder, name)
+    texts, labels = rows
+    names = list(dict.fromkeys([*map(str, labels), *candidate.labels, *production.labels]))
+    return {"metric": metric, "rows": len(texts),
+            "candidate": scores_on_rows(candidate, texts, labels, names),
+            "production": {"version": current,
+                           **scores_on_rows(production, texts, labels, names)}}
+
+
+def _compare_same_rows(gate: dict[str, Any], mode: str) -> tuple[bool, str]:
+    metric, rows, current = gate["metric"], gate["rows"], gate["production"]["version"]
+    new, old = gate["candidate"][metric], gate["production"][metric]
+    on = f"on this run's {rows} eval rows"
+    if better_or_equal(new, old, mode):
+        return True, f"promoted: {metric} {new:.4f} vs production {current}'s {old:.4f} {on}"
+    return False, (f"not promoted: {metric} {new:.4f} is worse than production {current}'s "
+                   f"{old:.4f} {on}")
+
+
 def decide(registry: Registry, name: str, version: str, metrics: dict[str, float],
            metric: str, mode: str, min_metric: Optional[str],
-           baseline: Optional[dict[str, Any]] = None) -> tuple[bool, str]:
+           baseline: Optional[dict[str, Any]] = None,
+           gate: Optional[dict[str, Any]] = None) -> tuple[bool, str]:
     """(promote?, why) for a just-published version: `learned_check` first (with the
-    run's `baseline`), then --min-metric, then the production version's metric."""
+    run's `baseline`), then --min-metric, then production: on the same rows where the
+    run scored it (`gate`, from `same_rows`), else by the manifests' metric."""
     learned, why = learned_check(metrics, baseline)
     if not learned:
         return False, not_promoted_note(why, name, version, registry.uri)
@@ -173,6 +234,8 @@ def decide(registry: Registry, name: str, version: str, metrics: dict[str, float
     current = registry.channel(name, "production")
     if current is None or current == version:
         return True, "promoted: no production version yet"
+    if gate and gate["production"]["version"] == current and metric in gate["candidate"]:
+        return _compare_same_rows(gate, mode)
     try:
         old = registry.manifest(name, current).get("metrics", {}).get(metric)
     except TuneserveError:
@@ -182,7 +245,9 @@ def decide(registry: Registry, name: str, version: str, metrics: dict[str, float
         return False, f"not promoted: this run has no {metric!r} metric"
     if old is None:
         return True, f"promoted: production {current} records no {metric}"
+    own = "each on its own eval set"
     if better_or_equal(new, float(old), mode):
-        return True, f"promoted: {metric} {new:.4f} vs production {current}'s {float(old):.4f}"
+        return True, (f"promoted: {metric} {new:.4f} vs production {current}'s "
+                      f"{float(old):.4f} ({own})")
     return False, (f"not promoted: {metric} {new:.4f} is worse than production "
-                   f"{current}'s {float(old):.4f}")
+                   f"{current}'s {float(old):.4f} ({own})")

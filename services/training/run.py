@@ -42,7 +42,8 @@ from services.core.registry import Registry
 from services.training.encoded import EncodedSplit
 from services.training.loop import LoopConfig, train_loop_per_worker
 from services.training.promotion import (decide, learned_check, majority_baseline,
-                                          not_promoted_note, single_predicted_class)
+                                          not_promoted_note, same_rows,
+                                          single_predicted_class)
 from services.training.tasks import RESUME_ONLY_FILES, Task, make_task
 from services.training.tracking import RunTracker
 
@@ -251,6 +252,9 @@ class Prepared:
     data: dict[str, EncodedSplit]
     data_info: dict[str, Any]
     """What the manifest records about the data (files, split, lengths)."""
+    eval_rows: Optional[tuple[list[str], list[str]]] = None
+    """A classifier run's eval texts and labels as read, for the promotion gate to
+    score production on (`promotion.same_rows`); None for a generation run."""
 
 
 @dataclass(frozen=True)
@@ -323,8 +327,10 @@ def prepare(cfg: ResolvedTrainConfig, model_ref: str, tokenizer,
     task = make_task(cfg, model_ref)
     data, data_info = task.prepare_data(cfg, tokenizer)
     out(task.describe_data())
+    # Kept on the driver: the task itself goes to every worker.
+    rows, task.eval_rows = task.eval_rows, None
     # The max_length the data chose goes into the config the manifest records.
-    return Prepared(cfg.with_max_length(task.max_length), task, data, data_info)
+    return Prepared(cfg.with_max_length(task.max_length), task, data, data_info, rows)
 
 
 def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
@@ -506,7 +512,13 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
     held_back = promote is None and not quality["learned"]
     if promote is None and (cfg.publish.promote or held_back):
         promote = False  # the gates below decide, for a first version too
+    gate = None
     with fitted.checkpoint.as_directory() as ckpt_dir, _publishable(ckpt_dir) as folder:
+        if cfg.publish.promote and promote is False and quality["learned"]:
+            gate = same_rows(registry, name, folder, prep.eval_rows,
+                             task.metric.removeprefix("eval_"), out)
+            if gate:
+                manifest["gate"] = gate
         pub = registry.publish(name, folder, manifest, promote=promote)
     res.publish_s = time.perf_counter() - publish_started
     metrics_observe("tuneserve_checkpoint_publish_duration_seconds", res.publish_s,
@@ -516,7 +528,8 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
     if cfg.publish.promote and not pub.promoted:
         ok, res.promotion = decide(registry, name, pub.version, res.metrics,
                                    task.metric.removeprefix("eval_"), task.metric_mode,
-                                   cfg.publish.min_metric, baseline=quality["baseline"])
+                                   cfg.publish.min_metric, baseline=quality["baseline"],
+                                   gate=gate)
         if ok:
             registry.set_channel(name, "production", pub.version)
             res.promoted = True

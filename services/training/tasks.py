@@ -44,6 +44,9 @@ class Task:
     """The metric that picks the best epoch (checkpoint score attribute)."""
     metric_mode = "min"
     label_names: list[str] = []
+    eval_rows: Optional[tuple[list[str], list[str]]] = None
+    """After prepare_data, a classifier's eval texts and labels as read (the driver
+    takes them off the task before it goes to the workers)."""
 
     def __init__(self, cfg: ResolvedTrainConfig, model_ref: Optional[str] = None):
         """`model_ref`: what the workers load (prepare_model_ref's local folder made
@@ -241,6 +244,7 @@ class ClassificationTask(Task):
         labelset = LabelSet.from_labels(tr_labels, where=where)
         tr_ids = labelset.encode(tr_labels)
         ev_ids = labelset.encode(ev_labels, where=f"{d.eval or d.train}: ")
+        self.eval_rows = (list(ev_texts), [str(lab) for lab in ev_labels])
         self.id2label = labelset.id2label
         self.pad_id = tokenizer.pad_token_id
         length_info = self._resolve_max_length(cfg, tokenizer, (tr_texts,))
