@@ -4,8 +4,9 @@ Ray Serve's gRPC proxy routes `/tuneserve.v1.Inference/<Method>` and
 `/grpc.health.v1.Health/<Method>` to the methods of the same name here. Every Inference
 and Admin call passes, in order: authorization (UNAUTHENTICATED / PERMISSION_DENIED), a
 request the proxy could parse (INVALID_ARGUMENT), its size (RESOURCE_EXHAUSTED), then
-the method. Domain errors answer their status code (services/serving/status_codes.py);
-anything else INTERNAL with an error id. Health stays open. No torch import here.
+the method. Domain errors answer their status code with its details (a retry hint, the
+invalid field: services/serving/status_codes.py); anything else INTERNAL with an error
+id. Health stays open. No torch import here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from services.serving.batching import Coalescer
 from services.serving.replica_grpc import ReplicaGrpcServer
 from services.serving.serve_logs import StreamEnded
 from services.serving.status import model_states
-from services.serving.status_codes import queue_full, status_code
+from services.serving.status_codes import queue_full, set_status
 from services.serving.validation import (
     UndecodableRequest,
     check_decoded,
@@ -124,11 +125,8 @@ def rpc(response_type):
                 code_name = _cancelled_code(grpc_context)
                 raise
             except Exception as exc:
-                code, message = status_code(exc, self._metric_model(request))
-                code_name = code.name
-                if grpc_context is not None:
-                    grpc_context.set_code(code)
-                    grpc_context.set_details(message)
+                answer = set_status(grpc_context, exc, self._metric_model(request))
+                code_name = answer.code.name
                 return response_type()
             finally:
                 self._record(fn.__name__, code_name, request, started, answered)
@@ -391,15 +389,12 @@ class InferenceIngress(AdminMethods):
             finished = True
             code_name = "OK"
         except Exception as exc:
-            code, message = status_code(exc, self._metric_model(request))
-            code_name = code.name
-            if grpc_context is not None:
-                grpc_context.set_code(code)
-                grpc_context.set_details(message)
+            answer = set_status(grpc_context, exc, self._metric_model(request))
+            code_name = answer.code.name
             # Raising after setting the code is how a streaming method ends with a
             # status in Serve; the proxy keeps our code and message (and, for a
             # caller's mistake, logs one line: services/serving/serve_logs.py).
-            raise StreamEnded(code, message) from None
+            raise StreamEnded(answer.code, answer.message) from None
         finally:
             if code_name == "CANCELLED":  # closed or cancelled under us
                 code_name = _cancelled_code(grpc_context)

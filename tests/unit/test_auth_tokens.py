@@ -329,7 +329,7 @@ class FakeContext:
 
     def __init__(self, metadata=()):
         self.metadata = list(metadata)
-        self._code, self._details = None, ""
+        self._code, self._details, self.trailers = None, "", []
 
     def invocation_metadata(self):
         return self.metadata
@@ -339,6 +339,9 @@ class FakeContext:
 
     def set_details(self, details):
         self._details = details
+
+    def set_trailing_metadata(self, trailing_metadata):
+        self.trailers = list(trailing_metadata)
 
     def code(self):
         return self._code
