@@ -15,6 +15,15 @@ TLS: `Client(address, tls_ca="ca.pem")` checks the server's certificate against 
 server that requires mutual TLS (`tuneserve serve --tls-client-ca`). Without any of
 them the channel is plaintext: do not send tokens over a network you do not trust.
 
+Errors: a failed call raises CallError, a grpc.RpcError with `code()`, `details()`, the
+request's invalid fields (`field_violations`) and the server's retry hint
+(`retry_after_s`), read from the status details (services/protocol/status.py), so no
+caller parses a message. Classify, Generate, ListModels and a GenerateStream that has
+sent nothing are tried up to `max_attempts` times (default 3) when calling again can
+help: after the wait the server asks for (RetryInfo), or, for UNAVAILABLE that no
+tuneserve server answered (a connection refused or lost), after a jittered backoff;
+all within the call's one deadline. Admin calls are tried once.
+
 Other languages: generate stubs from protos/tuneserve/v1/inference.proto, or explore
 with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`.
 """
@@ -22,9 +31,11 @@ with grpcurl (server reflection is on): `grpcurl -plaintext localhost:9000 list`
 from __future__ import annotations
 
 import itertools
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -33,8 +44,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.core.auth import ADMIN_TOKEN_ENV, API_TOKEN_ENV, read_token
 from services.core.errors import InvalidInput
 from services.protocol import INFERENCE_SERVICE, admin_pb, admin_pb_grpc, pb, pb_grpc
+from services.protocol.status import Details, FieldViolation
 
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 def token_from(token_file: Optional[str], env_name: str) -> Optional[str]:
@@ -47,7 +60,8 @@ class Client:
                  admin_token: Optional[str] = None, application: Optional[str] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, connections: int = 1,
                  tls: bool = False, tls_ca: Optional[str] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None):
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS):
         """`application`: the Serve application to reach, when the cluster runs more
         than one (sent as the `application` metadata Serve's gRPC proxy routes by).
 
@@ -60,9 +74,12 @@ class Client:
         most (docs/kubernetes.md).
 
         `tls`, `tls_ca`, `tls_cert`, `tls_key`: TLS (any of them turns it on), see the
-        module docstring; the files are PEM."""
+        module docstring; the files are PEM.
+
+        `max_attempts`: tries of an idempotent call (1: no retries), see RetryPolicy."""
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
+        self.retry = RetryPolicy(max_attempts)
         check_address(address)
         self.address = address
         self.timeout_s = _deadline(timeout_s)
@@ -110,40 +127,62 @@ class Client:
     def classify(self, model: str, texts: Sequence[str], version: str = "",
                  timeout_s: Optional[float] = None) -> pb.ClassifyResponse:
         req = build(pb.ClassifyRequest, model=model, texts=list(texts), version=version)
-        return self.inference.Classify(req, timeout=self._timeout(timeout_s),
-                                       metadata=self._metadata)
+        return self._call(lambda: self.inference.Classify, req, self._timeout(timeout_s))
 
     def generate(self, model: str, prompt: str, **params) -> pb.GenerateResponse:
         timeout_s = self._timeout(params.pop("timeout_s", None))
         req = build(pb.GenerateRequest, model=model, prompt=prompt, **params)
-        return self.inference.Generate(req, timeout=timeout_s, metadata=self._metadata)
+        return self._call(lambda: self.inference.Generate, req, timeout_s)
 
-    def generate_stream(self, model: str, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
+    def generate_stream(self, model: str, prompt: str, **params) -> "Stream":
         timeout_s = self._timeout(params.pop("timeout_s", None))
         req = build(pb.GenerateRequest, model=model, prompt=prompt, **params)
-        return self.inference.GenerateStream(req, timeout=timeout_s, metadata=self._metadata)
+        return Stream(lambda t: self.inference.GenerateStream(req, timeout=t,
+                                                              metadata=self._metadata),
+                      self.retry, timeout_s)
 
     def list_models(self, model: str = "") -> pb.ListModelsResponse:
-        return self.inference.ListModels(build(pb.ListModelsRequest, model=model),
-                                         timeout=self.timeout_s, metadata=self._metadata)
+        return self._call(lambda: self.inference.ListModels,
+                          build(pb.ListModelsRequest, model=model), self.timeout_s)
+
+    def _call(self, method: Callable[[], Any], request, timeout_s: Optional[float],
+              metadata=None, attempts: Optional[int] = None):
+        """A unary call, tried again as `self.retry` allows (`attempts`: at most that
+        many tries), each try on the next connection, all within one deadline; a failure
+        raises CallError."""
+        deadline = _Deadline(timeout_s)
+        attempts = self.retry.max_attempts if attempts is None else attempts
+        for attempt in itertools.count(1):
+            try:
+                return method()(request, timeout=deadline.left(),
+                                metadata=self._metadata if metadata is None else metadata)
+            except grpc.RpcError as exc:
+                error = CallError.of(exc, attempt)
+                wait = self.retry.wait_s(error, attempt) if attempt < attempts else None
+                if wait is None or not deadline.allows(wait):
+                    raise error from None
+                time.sleep(wait)
 
     # ---- Admin ----------------------------------------------------------------------
     def promote(self, model: str, version: str, channel: str = "") -> admin_pb.AdminResponse:
-        return self.admin.Promote(build(admin_pb.PromoteRequest, model=model, version=version,
-                                                          channel=channel),
-                                  timeout=self.timeout_s, metadata=self._admin_metadata)
+        return self._admin_call(lambda: self.admin.Promote, build(
+            admin_pb.PromoteRequest, model=model, version=version, channel=channel))
 
     def rollback(self, model: str, channel: str = "") -> admin_pb.AdminResponse:
-        return self.admin.Rollback(build(admin_pb.RollbackRequest, model=model, channel=channel),
-                                   timeout=self.timeout_s, metadata=self._admin_metadata)
+        return self._admin_call(lambda: self.admin.Rollback, build(
+            admin_pb.RollbackRequest, model=model, channel=channel))
 
     def pin(self, model: str, version: str) -> admin_pb.AdminResponse:
-        return self.admin.Pin(build(admin_pb.PinRequest, model=model, version=version),
-                              timeout=self.timeout_s, metadata=self._admin_metadata)
+        return self._admin_call(lambda: self.admin.Pin, build(
+            admin_pb.PinRequest, model=model, version=version))
 
     def unpin(self, model: str) -> admin_pb.AdminResponse:
-        return self.admin.Unpin(build(admin_pb.UnpinRequest, model=model),
-                                timeout=self.timeout_s, metadata=self._admin_metadata)
+        return self._admin_call(lambda: self.admin.Unpin, build(admin_pb.UnpinRequest,
+                                                                model=model))
+
+    def _admin_call(self, method: Callable[[], Any], request) -> admin_pb.AdminResponse:
+        """Admin calls change state: tried once (Rollback twice would go back twice)."""
+        return self._call(method, request, self.timeout_s, self._admin_metadata, attempts=1)
 
     def health(self, service: str = INFERENCE_SERVICE, timeout_s: float = 5.0) -> str:
         """'SERVING', 'NOT_SERVING', ... as a name (health needs no token)."""
@@ -163,6 +202,130 @@ class Client:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(poll_s)
         raise TimeoutError(f"{self.address} not SERVING after {timeout_s:.0f}s ({last})")
+
+
+class CallError(grpc.RpcError):
+    """A failed call: `code()` and `details()` as grpc.RpcError has them, and what the
+    status details say. `field_violations`: the request's invalid fields (field path,
+    description), for INVALID_ARGUMENT. `retry_after_s`: how long the server asks to
+    wait before calling again; None when it gave no hint. `from_server`: a tuneserve
+    server answered (False: the connection failed, or a proxy in front answered).
+    `attempts`: the tries made."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: Details = Details(),
+                 attempts: int = 1, trailing_metadata: Sequence = ()):
+        super().__init__(f"{code.name}: {message}")
+        self._code, self._message = code, message
+        self.field_violations: tuple[FieldViolation, ...] = details.field_violations
+        self.retry_after_s: Optional[float] = details.retry_after_s
+        self.from_server = details.status
+        self.attempts = attempts
+        self._trailing_metadata = tuple(trailing_metadata)
+
+    @classmethod
+    def of(cls, exc: grpc.RpcError, attempts: int = 1) -> "CallError":
+        """The CallError of a failed call's grpc.RpcError (itself, if it is one)."""
+        if isinstance(exc, CallError):
+            return exc
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else ()
+        return cls(code or grpc.StatusCode.UNKNOWN,
+                   (exc.details() if hasattr(exc, "details") else str(exc)) or "",
+                   Details.of(trailing), attempts, trailing or ())
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailing_metadata
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed idempotent call is tried again, and after how long. A server's
+    hint (RetryInfo) is waited out, plus up to half again (jitter, so that the clients
+    it turned away do not come back at once), unless it is over `max_wait_s`: then the
+    call fails at once. UNAVAILABLE that no tuneserve server answered waits
+    `backoff_s`, doubling each try, times a random factor in [0.5, 1). Nothing else is
+    tried again: a bad request, an error the server gave no hint for (a replica that
+    died twice on the request), a deadline."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff_s: float = 0.1
+    max_wait_s: float = 5.0
+    rand: Callable[[], float] = random.random
+
+    def __post_init__(self):
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or not 1 <= self.max_attempts <= 10:
+            raise InvalidInput(f"max_attempts (--max-attempts): must be an integer from 1 "
+                               f"to 10, got {self.max_attempts!r}")
+
+    def wait_s(self, error: CallError, attempt: int) -> Optional[float]:
+        """Seconds to wait before try `attempt + 1`; None: do not try again."""
+        if error.retry_after_s is not None:
+            if error.retry_after_s > self.max_wait_s:
+                return None
+            return error.retry_after_s * (1 + self.rand() / 2)
+        if error.code() == grpc.StatusCode.UNAVAILABLE and not error.from_server:
+            return min(self.max_wait_s,
+                       self.backoff_s * 2 ** (attempt - 1) * (0.5 + self.rand() / 2))
+        return None
+
+
+class _Deadline:
+    """One deadline for all the tries of a call (None: none)."""
+
+    def __init__(self, timeout_s: Optional[float]):
+        self.at = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def left(self) -> Optional[float]:
+        return None if self.at is None else max(0.001, self.at - time.monotonic())
+
+    def allows(self, wait_s: float) -> bool:
+        """Whether a try after waiting wait_s would still have time."""
+        return self.at is None or time.monotonic() + wait_s < self.at
+
+
+class Stream:
+    """A GenerateStream's chunks. Until the first chunk arrives, the call is tried again
+    when the server hints so (RetryInfo); after it, never: the caller has part of the
+    text. A failure raises CallError; `cancel()` ends the call."""
+
+    def __init__(self, start: Callable[[Optional[float]], Any], retry: RetryPolicy,
+                 timeout_s: Optional[float]):
+        self._start, self._retry = start, retry
+        self._deadline = _Deadline(timeout_s)
+        self._call = start(self._deadline.left())
+        self._attempt, self._sent, self._cancelled = 1, False, False
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> pb.GenerateResponse:
+        while True:
+            try:
+                chunk = next(self._call)
+                self._sent = True
+                return chunk
+            except grpc.RpcError as exc:
+                error = CallError.of(exc, self._attempt)
+                wait = None
+                if not (self._sent or self._cancelled or error.retry_after_s is None
+                        or self._attempt >= self._retry.max_attempts):
+                    wait = self._retry.wait_s(error, self._attempt)
+                if wait is None or not self._deadline.allows(wait):
+                    raise error from None
+                time.sleep(wait)
+                self._attempt += 1
+                self._call = self._start(self._deadline.left())
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
 
 
 _INT_RANGES = {

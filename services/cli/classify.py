@@ -6,6 +6,7 @@ import argparse
 import json
 
 from services.cli.common import (
+    add_retry_flag,
     add_target_flags,
     add_tls_flags,
     add_token_file_flag,
@@ -21,6 +22,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=30.0)
     add_token_file_flag(p)
     add_tls_flags(p)
+    add_retry_flag(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(handler=run)
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from services.client import Client
 
     with Client(args.address, token=token(args.token_file),
-                timeout_s=args.timeout_s, **tls_options(args)) as client:
+                timeout_s=args.timeout_s, max_attempts=args.max_attempts,
+                **tls_options(args)) as client:
         resp = client.classify(args.model, args.texts, version=args.model_version)
     if args.json:
         for text, r in zip(args.texts, resp.results):

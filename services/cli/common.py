@@ -44,6 +44,14 @@ def add_tls_flags(p: argparse.ArgumentParser) -> None:
                    help="PEM private key of --tls-cert")
 
 
+def add_retry_flag(p: argparse.ArgumentParser) -> None:
+    """--max-attempts: the Client's tries of a call that may be sent again."""
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                   help="tries of a call the server asks to send again (RetryInfo: a "
+                        "full queue, a model loading) or that reached no server, "
+                        "1 to 10 (default: %(default)s; 1: no retries)")
+
+
 def tls_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Client keyword arguments of the --tls* flags."""
     return {"tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert,
@@ -65,4 +73,6 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
             return (f"UNAVAILABLE: {details} (a server with TLS closes plaintext "
                     "connections, and one with mutual TLS those without a client "
                     "certificate: check --tls-ca, --tls-cert and --tls-key)")
-    return f"{exc.code().name}: {details}"
+    attempts = getattr(exc, "attempts", 1)
+    tried = f" (after {attempts} attempts, --max-attempts)" if attempts > 1 else ""
+    return f"{exc.code().name}: {details}{tried}"

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from services.cli.common import (
+    add_retry_flag,
     add_target_flags,
     add_tls_flags,
     add_token_file_flag,
@@ -37,6 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=120.0)
     add_token_file_flag(p)
     add_tls_flags(p)
+    add_retry_flag(p)
     p.add_argument("--json", action="store_true",
                    help="the response (with --stream: each chunk) as one JSON object a line")
     p.add_argument("prompt", metavar="PROMPT")
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     params = generation_params(args)
     with Client(args.address, token=token(args.token_file),
-                timeout_s=args.timeout_s, **tls_options(args)) as client:
+                timeout_s=args.timeout_s, max_attempts=args.max_attempts,
+                **tls_options(args)) as client:
         if not args.stream:
             last = client.generate(args.model, args.prompt, **params)
             print(_as_json(last) if args.json else last.text)

@@ -17,10 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.client import Client
+from services.client import CallError, Client
 from services.core.config import ServeConfig, ServeLimits
 from services.protocol import admin_pb, pb
 from services.core.registry import Registry
+from services.protocol.status import FieldViolation
+from services.serving.status_codes import LOADING_RETRY_S
 from tests.conftest import GEN_MODEL
 from tests.helpers import copy_version, delete_app, poll_until
 
@@ -132,6 +134,22 @@ def test_request_over_the_message_size_limit(server):
     assert request.ByteSize() > LIMITS.max_request_bytes
     expect(call(server, "Classify", request), CODES.RESOURCE_EXHAUSTED,
            "request", f"the limit is {LIMITS.max_request_bytes} bytes")
+
+
+def test_status_details_cross_the_proxy(server):
+    """docs/api.md "Status details and retries": the invalid field as a BadRequest, no
+    retry hint where calling again cannot help."""
+    with pytest.raises(CallError) as err:
+        server.classify("toy", ["fine", ""])
+    assert err.value.code() == CODES.INVALID_ARGUMENT and err.value.attempts == 1
+    assert err.value.field_violations == (FieldViolation("texts[1]", "empty text"),)
+    with pytest.raises(CallError) as err:
+        server.generate(GEN_MODEL, "red cat", top_k=-1)
+    assert [v.field for v in err.value.field_violations] == ["top_k"]
+    with pytest.raises(CallError) as err:
+        server.classify("toy", ["x" * 20_000] * 850)
+    assert err.value.code() == CODES.RESOURCE_EXHAUSTED and err.value.from_server
+    assert err.value.retry_after_s is None and err.value.attempts == 1
 
 
 def test_odd_unicode_is_served(server):
@@ -366,6 +384,8 @@ class TestBeforeAnyModelIsLoaded:
             client.classify("pending", ["a good film"])
         expect((err.value.code(), err.value.details(), None), CODES.UNAVAILABLE, "loading",
                echoes=["pending"])
+        # the retry hint crosses Serve's proxy, and the client waited it out, 3 times
+        assert err.value.retry_after_s == LOADING_RETRY_S and err.value.attempts == 3
         assert client.health() == "NOT_SERVING"
         assert client.health(service="") == "NOT_SERVING"
         (info,) = client.list_models().models
