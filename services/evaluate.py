@@ -40,7 +40,7 @@ from services.runtime.classifier import load_classifier, predict
 DEFAULT_LOCAL_BATCH = 64
 TOKEN_ENV = "TUNESERVE_API_TOKEN"
 _LIMIT_RE = re.compile(r"the limit is (\d+) per request")
-_TEXT_FIELD_RE = re.compile(r"^texts\[(\d+)\]: ")
+_TEXT_FIELD_RE = re.compile(r"texts\[(\d+)\]")
 
 
 @dataclass
@@ -230,13 +230,14 @@ def _rpc_error(exc, address: str, first_call: bool = False) -> TuneserveError:
 
 
 def _classify_error(exc, address: str, data: LabelledData, idx: list[int]) -> TuneserveError:
-    """A failed Classify call's error; a text the server refused is named by its example."""
-    details = exc.details() or ""
-    field = _TEXT_FIELD_RE.match(details)
-    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and field \
-            and int(field.group(1)) < len(idx):
-        return InvalidInput(f"{data.path}: example #{idx[int(field.group(1))] + 1}: "
-                            f"refused by the server: {details[field.end():]}")
+    """A failed Classify call's error; a text the server refused (its BadRequest field,
+    `texts[i]`) is named by its example."""
+    for violation in getattr(exc, "field_violations", ()):
+        field = _TEXT_FIELD_RE.fullmatch(violation.field)
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and field \
+                and int(field.group(1)) < len(idx):
+            return InvalidInput(f"{data.path}: example #{idx[int(field.group(1))] + 1}: "
+                                f"refused by the server: {violation.description}")
     return _rpc_error(exc, address)
 
 

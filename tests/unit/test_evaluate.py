@@ -277,6 +277,26 @@ def test_remote_auth_errors_name_the_token(data_csv):
         evaluate_remote(Locked(), "sent", None, load_labelled(data_csv))
 
 
+def test_a_text_the_server_refuses_is_named_by_its_example(data_csv):
+    """The refused text comes from the status details' field (texts[i]), not the
+    message: the message here names no field at all."""
+    from services.client import CallError
+    from services.core.errors import InvalidInput
+    from services.protocol.status import Details, FieldViolation
+
+    class Refusing(FakeServer):
+        def classify(self, model, texts, version=""):
+            if len(texts) > 1:
+                raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "too many tokens",
+                                Details(True, None, (FieldViolation("texts[1]",
+                                                                    "600 tokens"),)))
+            return super().classify(model, texts, version)
+
+    with pytest.raises(InvalidInput, match=r"example #\d+: refused by the server: 600 tokens"):
+        evaluate_remote(Refusing(limit=100), "sent", None, load_labelled(data_csv),
+                        batch_size=10, progress=False)
+
+
 def test_missing_token_file_exits_2(data_csv, tmp_path, capsys):
     assert main(["eval", "--data", data_csv, "--address", "127.0.0.1:1", "--model", "sent",
                  "--token-file", str(tmp_path / "no-token")]) == 2
