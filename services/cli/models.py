@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from services.cli import rollout
 from services.cli.common import add_tls_flags, tls_options, token
 from services.core.auth import ADMIN_TOKEN_ENV
 from services.core.config import DEFAULT_REGISTRY
@@ -41,6 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     for action, text in CHANGES:
         _register_change(actions, action, text)
     _register_canary(actions)
+    rollout.register_action(actions)
     q = actions.add_parser("history", help="what changed what a model serves, and why")
     q.add_argument("--registry", default=DEFAULT_REGISTRY)
     q.add_argument("--json", action="store_true", help="one JSON object a line")

@@ -1,0 +1,150 @@
+"""`tuneserve models rollout`: a stepped canary rollout with automatic analysis.
+
+The candidate starts as a canary at the policy's first share (services/core/registry:
+every replica reads the share there); at each step the serving metrics are read from
+Ray's metrics endpoints (every serving process's own counters: no Prometheus needed)
+and the candidate is judged against production over the same window
+(services/core/analysis.py). A step passes after min_step_s with min_requests of the
+candidate's, and the next share is set; a failing check aborts the canary at once
+(production answers everything again), and so does an error that stops the rollout
+(metrics that cannot be read); passing every step promotes the candidate.
+Each decision, with its numbers and reason, goes into the model's history
+(`tuneserve models history NAME`).
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from services.core.analysis import RolloutPolicy, Snapshot, Verdict, check, snapshot, window
+from services.core.errors import InvalidInput, TuneserveError
+
+SCRAPE_TIMEOUT_S = 10.0
+
+
+class MetricsUnreadable(TuneserveError):
+    grpc_code = "UNAVAILABLE"
+
+
+class CanaryGone(TuneserveError):
+    """The canary was ended or replaced by someone else during the rollout."""
+
+
+@dataclass
+class Outcome:
+    promoted: bool
+    reason: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    """Each step's share, verdict, numbers and seconds."""
+
+
+def metrics_reader(urls: Sequence[str]) -> Callable[[], Snapshot]:
+    """Reads and merges the snapshots of Ray metrics endpoints (one per node)."""
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise InvalidInput(f"--metrics-url: expected http://HOST:PORT/metrics, got {url!r}")
+
+    def read() -> Snapshot:
+        merged: Snapshot = {}
+        for url in urls:
+            try:
+                with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
+                    text = resp.read().decode("utf-8", "replace")
+            except (OSError, urllib.error.URLError) as exc:
+                raise MetricsUnreadable(f"--metrics-url {url}: cannot read it ({exc})") \
+                    from None
+            merged.update(snapshot(text, source=url))
+        return merged
+
+    return read
+
+
+class Rollout:
+    """One rollout of `version` of `name`: `run()` drives it to promotion or rollback."""
+
+    def __init__(self, registry, name: str, version: str, read: Callable[[], Snapshot],
+                 policy: RolloutPolicy, out: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.registry, self.name, self.version = registry, name, version
+        self.read, self.policy, self.out = read, policy, out
+        self.clock, self.sleep = clock, sleep
+        self.production: Optional[str] = None
+
+    def run(self) -> Outcome:
+        steps = self.policy.steps
+        state = self.registry.start_canary(
+            self.name, self.version, steps[0],
+            reason=f"rollout: step 1 of {len(steps)} ({_shares(steps)})")
+        self.production = state["production"]
+        try:
+            return self._steps(steps)
+        except CanaryGone:
+            raise
+        except TuneserveError as exc:  # metrics unreadable, say: production takes over
+            self.registry.abort_canary(self.name, reason=f"rollout stopped: {exc.message}")
+            raise
+
+    def _steps(self, steps: tuple[float, ...]) -> Outcome:
+        outcome = Outcome(False, "")
+        for i, percent in enumerate(steps):
+            if i:
+                self.registry.set_canary_share(
+                    self.name, percent, step=i, **outcome.steps[-1]["numbers"],
+                    reason=f"rollout: step {i} passed ({outcome.steps[-1]['reason']})")
+            self.out(f"step {i + 1} of {len(steps)}: {self.version} at {percent:g} %")
+            verdict, took = self._step()
+            outcome.steps.append({"percent": percent, "state": verdict.state,
+                                  "reason": verdict.reason, "numbers": verdict.numbers,
+                                  "seconds": round(took, 1)})
+            if verdict.state != "pass":
+                return self._roll_back(outcome, i, verdict)
+            self.out(f"  passed: {verdict.reason}")
+        outcome.promoted = True
+        outcome.reason = (f"promoted: {self.version} passed every step "
+                          f"({_shares(steps)}) against {self.production}")
+        self.registry.promote_canary(self.name, reason=f"rollout: {outcome.reason}",
+                                     **outcome.steps[-1]["numbers"])
+        self.out(outcome.reason)
+        return outcome
+
+    def _step(self) -> tuple[Verdict, float]:
+        """Judge one step: "fail" at once, "pass" once min_step_s has passed with
+        enough requests, "wait" when max_step_s ran out first."""
+        started, base = self.clock(), self.read()
+        while True:
+            self.sleep(self.policy.poll_s)
+            self._still_running()
+            stats = window(base, self.read(), self.name)
+            verdict = check(stats, self.version, self.production, self.policy)
+            took = self.clock() - started
+            if verdict.state == "fail":
+                return verdict, took
+            if verdict.state == "pass" and took >= self.policy.min_step_s:
+                return verdict, took
+            if took >= self.policy.max_step_s:
+                return Verdict("wait", f"too few requests to judge in "
+                               f"{self.policy.max_step_s:g} s: {verdict.reason}",
+                               verdict.numbers), took
+
+    def _still_running(self) -> None:
+        running = self.registry.canary(self.name)
+        if running is None or running["version"] != self.version:
+            raise CanaryGone(f"the canary of {self.version} was ended or replaced "
+                             "outside this rollout; stopping")
+
+    def _roll_back(self, outcome: Outcome, i: int, verdict: Verdict) -> Outcome:
+        share = self.policy.steps[i]
+        outcome.reason = f"rolled back at {share:g} % (step {i + 1}): {verdict.reason}"
+        self.registry.abort_canary(self.name, reason=f"rollout: {outcome.reason}",
+                                   **verdict.numbers)
+        self.out(outcome.reason)
+        return outcome
+
+
+def _shares(steps: Sequence[float]) -> str:
+    return " -> ".join(f"{s:g} %" for s in (*steps, 100.0))
