@@ -4,21 +4,22 @@
 #
 #   docker build -t tuneserve:0.1.0-cpu .                                   # CPU torch (default)
 #   docker build --build-arg TORCH_VARIANT=cu128 -t tuneserve:0.1.0-cu128 .  # CUDA 12.8 torch
+#   docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:<digest> ...
 #   docker run --rm tuneserve:0.1.0-cpu --help
 #
-# TORCH_VARIANT names a PyTorch wheel index (https://download.pytorch.org/whl/<variant>):
-# `cpu`, or a CUDA variant that index lists for TORCH_VERSION (cu126, cu128, cu130, ...).
-# CUDA wheels bundle the CUDA runtime, so the base stays the same; the node supplies only
-# the NVIDIA driver. Layers go slowest-changing first: torch, Ray, the other dependencies
-# (read from pyproject.toml), then the source. tests/unit/test_dockerfile.py keeps the
-# pins here equal to pyproject.toml and the Makefile.
+# Every dependency comes from requirements.lock (`make lock`): exact versions, each with
+# its sha256, so that two builds, and every node, run the same code; pip refuses anything
+# the lock does not name. The lock is for CPU torch on linux/amd64 and Python 3.11; a CUDA
+# image uses `make lock TORCH_VARIANT=cu128` (requirements-cu128.lock) and
+# --build-arg TORCH_VARIANT=cu128, whose torch comes from that PyTorch wheel index.
+# BASE_IMAGE may be pinned by digest (python:3.11-slim-bookworm@sha256:...); both stages
+# use it. tests/unit/test_dockerfile.py keeps the lock equal to pyproject.toml's pins.
 
 ARG PYTHON_VERSION=3.11
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 
 # ---- build: a virtual environment with every dependency and the project -----------------
 FROM ${BASE_IMAGE} AS builder
-ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -26,30 +27,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 
-# torch first, from the variant's index: a bare `torch` requirement would pull the
-# multi-GB CUDA build from PyPI even for a CPU image. Separate RUNs on purpose: each is
-# its own cached layer, so a Ray bump does not download torch again.
-# hadolint ignore=DL3059
-RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        "torch==${TORCH_VERSION}"
-
-# Ray, pinned exactly as in pyproject.toml: the image, the KubeRay manifests (rayVersion)
-# and every client must run the same Ray.
-# hadolint ignore=DL3059
-RUN pip install "ray[train,serve]==2.60.0"
-
-# The other runtime dependencies, read from pyproject.toml so that the two cannot drift.
-# The constraint keeps the torch installed above (2.13.0+cpu satisfies torch==2.13.0).
+# The dependencies before the source, so that a code change does not reinstall them.
+# The PyTorch index serves torch's local versions (2.13.0+cpu); PyPI the rest.
 WORKDIR /src
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt \
-    && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt
+COPY requirements*.lock ./
+RUN lock=requirements.lock \
+    && if [ "${TORCH_VARIANT}" != cpu ]; then lock="requirements-${TORCH_VARIANT}.lock"; fi \
+    && pip install --require-hashes \
+        --extra-index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" -r "${lock}"
 
 # The project last, without dependencies (all present). services/protocol holds the
 # generated gRPC code, checked in, so no code generation happens here.
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY services ./services
 RUN pip install --no-deps . \
     && python -c "import services.cli, services.protocol, ray; assert ray.__version__ == '2.60.0', ray.__version__"

@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tuneserve/v1/*.proto)
 
-.PHONY: setup demo test test-fast lint-imports protos bench clean
+.PHONY: setup demo test test-fast lint-imports protos bench lock clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,22 @@ test-fast: setup lint-imports
 # tests/unit/test_protos.py fails when they are stale.
 protos: setup
 	$(PY) -m services.protogen
+
+# The image's hash-locked dependencies (Dockerfile): pyproject.toml's runtime ones and the
+# demo's model, resolved for the image's platform with torch from the PyTorch index of
+# TORCH_VARIANT (requirements.lock for cpu, requirements-<variant>.lock otherwise).
+# LOCK_SOURCES replaces that index (e.g. LOCK_SOURCES='--find-links /opt/wheels').
+TORCH_VERSION := 2.13.0
+TORCH_VARIANT ?= cpu
+LOCK_FILE := $(if $(filter cpu,$(TORCH_VARIANT)),requirements.lock,requirements-$(TORCH_VARIANT).lock)
+LOCK_SOURCES ?= --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT) --index-strategy unsafe-best-match
+lock: setup
+	$(PIP) install -q uv
+	echo "torch==$(TORCH_VERSION)+$(TORCH_VARIANT)" > $(VENV)/lock-constraints.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra demo --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--constraint $(VENV)/lock-constraints.txt $(LOCK_SOURCES) \
+		--custom-compile-command 'make lock' --output-file $(LOCK_FILE)
 
 bench: setup
 	$(PY) bench/serve.py

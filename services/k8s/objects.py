@@ -102,6 +102,12 @@ def image_reference(value: str, what: str = "--image") -> str:
     return value
 
 
+def pull_policy(image: str) -> str:
+    """A tag can be moved to other bytes, so it is pulled at every start (Always); a
+    digest names its bytes for good, so a copy on the node is the same (IfNotPresent)."""
+    return "IfNotPresent" if "@" in image else "Always"
+
+
 def cpu_quantity(value: str, what: str) -> float:
     """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs, more than 0."""
     number = value.removesuffix("m")
@@ -281,7 +287,7 @@ def _head_group(image: str, labels: dict[str, str], opts: JobOptions,
                 "automountServiceAccountToken": False,
                 "securityContext": _restricted_pod(),
                 "containers": [{
-                    "name": "ray-head", "image": image, "imagePullPolicy": "IfNotPresent",
+                    "name": "ray-head", "image": image, "imagePullPolicy": pull_policy(image),
                     "ports": [{"name": "gcs-server", "containerPort": 6379},
                               {"name": "dashboard", "containerPort": 8265},
                               {"name": "client", "containerPort": 10001},
@@ -309,7 +315,7 @@ def _worker_pod(image: str, cfg: ResolvedTrainConfig, opts: JobOptions) -> dict[
         "automountServiceAccountToken": False,
         "securityContext": _restricted_pod(),
         "containers": [{
-            "name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
+            "name": "ray-worker", "image": image, "imagePullPolicy": pull_policy(image),
             "ports": [{"name": "metrics", "containerPort": 8080}],
             "env": _ray_env(),
             "resources": _resources(worker_cpus, opts.worker_memory, gpus),
@@ -333,7 +339,7 @@ def _submitter_template(image: str, labels: dict[str, str]) -> dict[str, Any]:
             "automountServiceAccountToken": False,
             "securityContext": _restricted_pod(fs_group=False),
             "containers": [{
-                "name": "ray-job-submitter", "image": image, "imagePullPolicy": "IfNotPresent",
+                "name": "ray-job-submitter", "image": image, "imagePullPolicy": pull_policy(image),
                 "env": [{"name": "HOME", "value": "/tmp"}],
                 "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
                               "limits": {"cpu": "1", "memory": "1Gi"}},
