@@ -125,8 +125,10 @@ class Client:
         return self.timeout_s if timeout_s is None else _deadline(timeout_s)
 
     def classify(self, model: str, texts: Sequence[str], version: str = "",
-                 timeout_s: Optional[float] = None) -> pb.ClassifyResponse:
-        req = build(pb.ClassifyRequest, model=model, texts=list(texts), version=version)
+                 timeout_s: Optional[float] = None,
+                 routing_key: str = "") -> pb.ClassifyResponse:
+        req = build(pb.ClassifyRequest, model=model, texts=list(texts), version=version,
+                    routing_key=routing_key)
         return self._call(lambda: self.inference.Classify, req, self._timeout(timeout_s))
 
     def generate(self, model: str, prompt: str, **params) -> pb.GenerateResponse:
@@ -183,6 +185,26 @@ class Client:
     def _admin_call(self, method: Callable[[], Any], request) -> admin_pb.AdminResponse:
         """Admin calls change state: tried once (Rollback twice would go back twice)."""
         return self._call(method, request, self.timeout_s, self._admin_metadata, attempts=1)
+
+    def start_canary(self, model: str, version: str, percent: float,
+                     reason: str = "") -> admin_pb.CanaryResponse:
+        return self._admin_call(lambda: self.admin.StartCanary, build(
+            admin_pb.StartCanaryRequest, model=model, version=version,
+            percent=float(percent), reason=reason))
+
+    def set_canary_share(self, model: str, percent: float,
+                         reason: str = "") -> admin_pb.CanaryResponse:
+        return self._admin_call(lambda: self.admin.SetCanaryShare, build(
+            admin_pb.SetCanaryShareRequest, model=model, percent=float(percent),
+            reason=reason))
+
+    def promote_canary(self, model: str, reason: str = "") -> admin_pb.CanaryResponse:
+        return self._admin_call(lambda: self.admin.PromoteCanary, build(
+            admin_pb.EndCanaryRequest, model=model, reason=reason))
+
+    def abort_canary(self, model: str, reason: str = "") -> admin_pb.CanaryResponse:
+        return self._admin_call(lambda: self.admin.AbortCanary, build(
+            admin_pb.EndCanaryRequest, model=model, reason=reason))
 
     def health(self, service: str = INFERENCE_SERVICE, timeout_s: float = 5.0) -> str:
         """'SERVING', 'NOT_SERVING', ... as a name (health needs no token)."""

@@ -58,7 +58,11 @@ def _register_canary(actions) -> None:
                     "the running one); --percent alone: change the share; --promote: "
                     "make the candidate production; --abort: end the canary. With no "
                     "flag: show the running canary.")
-    q.add_argument("--registry", default=DEFAULT_REGISTRY)
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--registry", default=None,
+                       help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
+    where.add_argument("--address", default=None,
+                       help="act through a running server's Admin API (HOST:PORT)")
     q.add_argument("name")
     q.add_argument("model_version", metavar="VERSION", nargs="?", default=None)
     what = q.add_mutually_exclusive_group()
@@ -69,6 +73,10 @@ def _register_canary(actions) -> None:
     what.add_argument("--abort", action="store_true",
                       help="end the canary: production answers every request")
     q.add_argument("--reason", default="", help="why, for the history")
+    q.add_argument("--token-file", default=None, metavar="FILE",
+                   help="with --address: file holding the admin token (default: "
+                        "$TUNESERVE_ADMIN_TOKEN)")
+    add_tls_flags(q)
     q.set_defaults(handler=run_canary)
 
 
@@ -107,7 +115,9 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"no models in {args.registry}")
     else:
         rows = [(d["name"], d["version"], d["task"] or "-",
-                 ",".join([*d["channels"], *(["pin"] if d["pinned"] else [])]) or "-",
+                 ",".join([*d["channels"], *(["pin"] if d["pinned"] else []),
+                           *([f"canary {d['canary_percent']:g}%"]
+                             if d.get("canary_percent") is not None else [])]) or "-",
                  headline_metric(d["metrics"]) if not d.get("error") else
                  f"unreadable: {d['error']}", d["created_at"] or "-") for d in data]
         print(format_table(rows, ["model", "version", "task", "channels", "eval", "created"]))
@@ -128,11 +138,17 @@ def registry_rows(reg) -> list[dict[str, Any]]:
             pinned = reg.pinned(name)
         except TuneserveError as exc:
             pinned, problems = None, [*problems, exc.message]
+        try:
+            canary = reg.canary(name) or {}
+        except TuneserveError as exc:
+            canary, problems = {}, [*problems, exc.message]
         for version in reg.versions(name):
             row: dict[str, Any] = {
                 "name": name, "version": version, "task": None,
                 "channels": [c for c, v in channels.items() if v == version],
                 "pinned": version == pinned, "metrics": {}, "created_at": None}
+            if canary.get("version") == version:
+                row["canary_percent"] = canary["percent"]
             _read_manifest(reg, row)
             if problems and not row.get("error"):
                 row["error"] = "; ".join(problems)
@@ -178,11 +194,7 @@ def run_change(args: argparse.Namespace) -> int:
     action = args.models_command
     version = getattr(args, "model_version", None)
     channel = getattr(args, "channel", "production")
-    if args.token_file and not args.address:
-        raise InvalidInput("--token-file: only with --address (the Admin API)")
-    tls = [flag for flag, value in tls_options(args).items() if value]
-    if tls and not args.address:
-        raise InvalidInput(f"--{tls[0].replace('_', '-')}: only with --address (the Admin API)")
+    check_admin_flags(args)
     if args.address:
         before, now = _change_through_admin(args, action, version, channel)
     else:
@@ -196,6 +208,15 @@ def run_change(args: argparse.Namespace) -> int:
             print(f"note: {args.name} is pinned to {pinned}: replicas serve it until "
                   f"`tuneserve models unpin {args.name}`", file=sys.stderr)
     return 0
+
+
+def check_admin_flags(args: argparse.Namespace) -> None:
+    """--token-file and the TLS flags go with --address only."""
+    if args.token_file and not args.address:
+        raise InvalidInput("--token-file: only with --address (the Admin API)")
+    tls = [flag for flag, value in tls_options(args).items() if value]
+    if tls and not args.address:
+        raise InvalidInput(f"--{tls[0].replace('_', '-')}: only with --address (the Admin API)")
 
 
 def _change_through_admin(args: argparse.Namespace, action: str, version: Optional[str],
@@ -245,9 +266,12 @@ def describe_canary(name: str, state: Optional[dict[str, Any]]) -> str:
 def run_canary(args: argparse.Namespace) -> int:
     from services.core.registry import canary_percent
 
-    reg = existing_registry(args.registry)
-    name, version = args.name, args.model_version
+    check_admin_flags(args)
     percent = None if args.percent is None else canary_percent(args.percent, "--percent")
+    if args.address:
+        return _canary_through_admin(args, percent)
+    reg = existing_registry(args.registry or DEFAULT_REGISTRY)
+    name, version = args.name, args.model_version
     running = reg.canary(name)
     if version and running and (args.promote or args.abort) and \
             running["version"] != version:
@@ -273,6 +297,30 @@ def run_canary(args: argparse.Namespace) -> int:
         reg.verify(name, version)
         state = reg.start_canary(name, version, percent, args.reason)
         print(describe_canary(name, state))
+    return 0
+
+
+def _canary_through_admin(args: argparse.Namespace, percent: Optional[float]) -> int:
+    """run_canary through the Admin API: VERSION with --percent starts a canary,
+    --percent alone changes its share."""
+    from services.client import Client
+
+    name, version, reason = args.name, args.model_version, args.reason
+    if not (args.promote or args.abort or percent is not None):
+        raise InvalidInput("--address: give --percent, --promote or --abort (the running "
+                           "canary shows in `tuneserve models list` or ListModels)")
+    with Client(args.address, admin_token=token(args.token_file, ADMIN_TOKEN_ENV),
+                **tls_options(args)) as client:
+        if args.promote:
+            resp = client.promote_canary(name, reason)
+        elif args.abort:
+            resp = client.abort_canary(name, reason)
+        elif version:
+            resp = client.start_canary(name, version, percent, reason)
+        else:
+            resp = client.set_canary_share(name, percent, reason)
+    print(f"{name} canary: {resp.candidate_version} at {resp.previous_percent:g} % -> "
+          f"{resp.percent:g} %; production {resp.production_version or '-'}")
     return 0
 
 

@@ -70,6 +70,9 @@ SPECS = {s.name: s for s in [
          "1 for each model version a replica serves", ("model", "version")),
     Spec("tuneserve_model_loads_total", "counter",
          "Model version loads by result (loaded, failed, refused)", ("model", "result")),
+    Spec("tuneserve_canary_fallbacks_total", "counter",
+         "Requests a canary candidate failed with a server-side error and production "
+         "answered instead, by candidate version", ("model", "version")),
     Spec("tuneserve_replica_retries_total", "counter",
          "Calls (Classify, Generate, GenerateStream before its first chunk) the ingress "
          "sent again because the model replica died during them", ("model",)),

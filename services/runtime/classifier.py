@@ -303,34 +303,46 @@ def predict_batch(items: list[tuple[LoadedClassifier, list[str]]]) -> list[Any]:
     """Several requests, (version, texts) each: every request's probabilities (lists),
     in order. The texts of all requests on one version are tokenised and run together.
     Where the version refuses texts over its limit (LoadedClassifier.refuse), a request
-    with one gets an InvalidInput (an answer, not raised) and the others run."""
+    with one gets an InvalidInput (an answer, not raised) and the others run. A version
+    that fails gives its requests the exception (as answers): the other versions'
+    requests in the batch are answered all the same (a canary fails only its own)."""
     groups: dict[int, list[int]] = {}
     for i, (loaded, _) in enumerate(items):
         groups.setdefault(id(loaded), []).append(i)
     answers: list[Any] = [None] * len(items)
     for members in groups.values():
-        loaded = items[members[0]][0]
-        enc, over = encode(loaded, [t for i in members for t in items[i][1]])
-        rows, pos = [], 0  # (request, its first row)
-        for i in members:
-            n = len(items[i][1])
-            bad = [j for j in range(n) if pos + j in over] if loaded.refuse else []
-            if bad:
-                answers[i] = InvalidInput(
-                    f"texts[{bad[0]}]: {over[pos + bad[0]]} tokens; model {loaded.name} "
-                    f"takes at most {loaded.max_length} tokens per text")
-            else:
-                rows.append((i, pos))
-            pos += n
-        if over and not loaded.refuse:
-            record_truncation(loaded, list(over.values()))
-        keep = [first + j for i, first in rows for j in range(len(items[i][1]))]
-        if len(keep) < pos:
-            enc = {k: [v[r] for r in keep] for k, v in enc.items()}
-        probs = run_encoded(loaded, enc).tolist() if keep else []
-        at = 0
-        for i, _ in rows:
-            n = len(items[i][1])
-            answers[i] = probs[at:at + n]
-            at += n
+        try:
+            _predict_group(items, members, answers)
+        except Exception as exc:
+            for i in members:
+                answers[i] = exc
     return answers
+
+
+def _predict_group(items: list[tuple[LoadedClassifier, list[str]]], members: list[int],
+                   answers: list[Any]) -> None:
+    """predict_batch for the requests `members` of one version, into `answers`."""
+    loaded = items[members[0]][0]
+    enc, over = encode(loaded, [t for i in members for t in items[i][1]])
+    rows, pos = [], 0  # (request, its first row)
+    for i in members:
+        n = len(items[i][1])
+        bad = [j for j in range(n) if pos + j in over] if loaded.refuse else []
+        if bad:
+            answers[i] = InvalidInput(
+                f"texts[{bad[0]}]: {over[pos + bad[0]]} tokens; model {loaded.name} "
+                f"takes at most {loaded.max_length} tokens per text")
+        else:
+            rows.append((i, pos))
+        pos += n
+    if over and not loaded.refuse:
+        record_truncation(loaded, list(over.values()))
+    keep = [first + j for i, first in rows for j in range(len(items[i][1]))]
+    if len(keep) < pos:
+        enc = {k: [v[r] for r in keep] for k, v in enc.items()}
+    probs = run_encoded(loaded, enc).tolist() if keep else []
+    at = 0
+    for i, _ in rows:
+        n = len(items[i][1])
+        answers[i] = probs[at:at + n]
+        at += n

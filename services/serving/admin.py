@@ -1,4 +1,4 @@
-"""The tuneserve.v1.Admin methods of the ingress: move channels and pins.
+"""The tuneserve.v1.Admin methods of the ingress: move channels and pins, run canaries.
 
 They act on the registry; every replica picks the change up within its poll interval
 (and ListModels shows what each replica serves). Promote and Pin verify the version
@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from services.core.errors import InvalidInput, ModelNotFound
+from services.core.registry import canary_percent
+from services.core.registry.rollout import REASON_CHARS
 from services.protocol import admin_pb
 from services.serving.validation import check_model_field, check_name, check_version_field
 
@@ -71,3 +73,44 @@ class AdminMethods:
         await asyncio.to_thread(self.registry.unpin, name)
         return admin_pb.AdminResponse(model=name, channel="pin", version="",
                                       previous_version=previous or "")
+
+    # ---- canaries ------------------------------------------------------------------
+    @staticmethod
+    def _reason(reason: str) -> str:
+        if len(reason) > REASON_CHARS:
+            raise InvalidInput(f"reason: {len(reason)} characters; the limit is "
+                               f"{REASON_CHARS}")
+        return reason
+
+    async def _canary_response(self, name: str, state: dict, percent: float,
+                                previous_percent: float):
+        production = await asyncio.to_thread(self.registry.channel, name)
+        return admin_pb.CanaryResponse(model=name, candidate_version=state["version"],
+                                       production_version=production or "",
+                                       percent=percent, previous_percent=previous_percent)
+
+    async def _start_canary(self, request):
+        name = self._admin_model(request.model)
+        version = self._required_version(request.version)
+        percent = canary_percent(request.percent)
+        reason = self._reason(request.reason)
+        await asyncio.to_thread(self.registry.verify, name, version)
+        state = await asyncio.to_thread(self.registry.start_canary, name, version, percent,
+                                        reason)
+        return await self._canary_response(name, state, percent, 0.0)
+
+    async def _set_canary_share(self, request):
+        name = self._admin_model(request.model)
+        percent = canary_percent(request.percent)
+        reason = self._reason(request.reason)
+        before = await asyncio.to_thread(self.registry.canary, name)
+        state = await asyncio.to_thread(self.registry.set_canary_share, name, percent, reason)
+        return await self._canary_response(name, state, percent,
+                                           before["percent"] if before else 0.0)
+
+    async def _end_canary(self, request, promote: bool):
+        name = self._admin_model(request.model)
+        reason = self._reason(request.reason)
+        end = self.registry.promote_canary if promote else self.registry.abort_canary
+        state = await asyncio.to_thread(end, name, reason)
+        return await self._canary_response(name, state, 0.0, state["percent"])

@@ -59,8 +59,14 @@ class Classifier(RegistryFollower):
         return load_classifier(self.registry, self.name, version, self.dtype, self.trace,
                                self.max_input_tokens, self.refuse)
 
-    async def classify(self, texts: list[str], version: Optional[str] = None) -> dict[str, Any]:
-        loaded = await self._model_for(version)
+    async def classify(self, texts: list[str], version: Optional[str] = None,
+                       routing_key: Optional[str] = None) -> dict[str, Any]:
+        """Label scores for `texts` from `version`, else from the canary candidate or
+        production (follower.py: `_answer`; `routing_key` keeps a caller on one)."""
+        return await self._answer(version, routing_key,
+                                  lambda loaded: self._classify_on(loaded, texts))
+
+    async def _classify_on(self, loaded: LoadedClassifier, texts: list[str]) -> dict[str, Any]:
         probs = await self._batcher.submit((loaded, texts))
         if isinstance(probs, Exception):  # e.g. a text over the limit, with refuse
             raise probs
@@ -71,9 +77,10 @@ class Classifier(RegistryFollower):
                             "scores": ranked})
         return {"version": loaded.version, "results": results}
 
-    async def classify_many(self, calls: list[tuple[list[str], Optional[str]]]) -> list[Any]:
-        """Several callers' requests, (texts, version) each, in one call (the ingress
-        coalesces them): an answer or the exception for each, in order. They join the
-        batcher's queue one by one, so they batch with everything else queued."""
-        return await asyncio.gather(*(self.classify(texts, version) for texts, version in calls),
+    async def classify_many(self, calls: list[tuple]) -> list[Any]:
+        """Several callers' requests, (texts, version[, routing_key]) each, in one call
+        (the ingress coalesces them): an answer or the exception for each, in order.
+        They join the batcher's queue one by one, so they batch with everything else
+        queued."""
+        return await asyncio.gather(*(self.classify(*call) for call in calls),
                                     return_exceptions=True)

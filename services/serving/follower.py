@@ -8,18 +8,28 @@ A version failing a check (a TuneserveError) is refused for good; other load fai
 are tried again up to LOAD_ATTEMPTS times, the old version serving meanwhile
 (docs/design.md). Subclasses (Classifier, Generator) add the inference methods,
 `_load_version` and `_status_extra`.
+
+Canary: while the registry names a candidate beside production (canary.json) and the
+replica follows production unpinned, it holds the candidate loaded too (verified and
+smoke-tested the same way) and `_answer` sends each request without an explicit version
+to it by the share: a request with a routing key by a hash of the key (the same key,
+the same version, on every replica), one without by chance. A request that fails on
+the candidate with a server-side error is answered by production instead and counted
+(tuneserve_canary_fallbacks_total).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
+import random
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from ray import serve
 
@@ -29,10 +39,11 @@ from services.core.errors import (
     InvalidInput,
     ModelLoading,
     ModelNotFound,
+    RegistryError,
     TuneserveError,
     UnreadableVersion,
 )
-from services.core.registry import Registry, validate_name, validate_version
+from services.core.registry import CANARY_CHANNEL, Registry, validate_name, validate_version
 from services.core.registry.store import pointer_version
 from services.serving import serve_logs
 
@@ -46,6 +57,27 @@ REFUSED_RETRY_S = 300.0
 """A version refused after LOAD_ATTEMPTS unexpected failures (a read error, say) is tried
 again after this long; one refused by a check (a bad checksum) is not, unless its
 pointer is written again (Promote or Pin of it, which re-arms any refusal)."""
+FALLBACK_CODES = ("INTERNAL", "UNAVAILABLE")
+"""The status codes of a candidate's failure that production answers instead (with
+any error not ours, and a version that could not be loaded or was refused)."""
+
+
+def routing_point(routing_key: Optional[str]) -> float:
+    """Where a request falls in [0, 100): by a hash of its routing key (the same on
+    every replica and process), else at random. A request goes to the candidate when
+    its point is below the share, so raising the share keeps a key's version."""
+    if not routing_key:
+        return random.random() * 100.0
+    digest = hashlib.sha256(routing_key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 * 100.0
+
+
+def falls_back(exc: BaseException) -> bool:
+    """Whether a failure on the candidate is the server's (answered by production)
+    rather than the request's (which production would refuse alike)."""
+    if not isinstance(exc, TuneserveError):
+        return isinstance(exc, Exception)
+    return exc.grpc_code in FALLBACK_CODES or isinstance(exc, RegistryError)
 
 
 class RegistryFollower:
@@ -86,6 +118,10 @@ class RegistryFollower:
         self._follower: Optional[asyncio.Task] = None
         self._started = False
         self.board = board  # DeploymentHandle of the StatusBoard, if any
+        # The registry's canary while it applies here: {"version", "percent", ...}, and
+        # the candidate loaded beside self.current (None until loaded, or refused).
+        self.canary: Optional[dict[str, Any]] = None
+        self.candidate: Optional[Any] = None
 
     def _load_version(self, version: str) -> Any:
         """Verify, load and smoke-test one version (runs in a worker thread). The result
@@ -135,6 +171,7 @@ class RegistryFollower:
             if target:
                 await self._switch_to(target)
                 await self._fall_back(target)
+                await self._follow_canary()  # a replica added mid-rollout takes its share
         self._ensure_follower()
         self._wake.set()
 
@@ -185,6 +222,7 @@ class RegistryFollower:
                     await self._switch_to(target)
                 if target:
                     await self._fall_back(target)
+                    await self._follow_canary()
                 elif target is None and current is None:
                     # nothing to serve until a version is promoted: "failed", so that a
                     # server starting does not wait for it (status.model_states)
@@ -196,14 +234,84 @@ class RegistryFollower:
                 logger.exception("registry poll failed for %s", self.name)
                 self.last_error = str(exc)
             await self._report()
-            if self.current is not None:  # refreshed every poll, so the series stays live
-                metrics.set_gauge("tuneserve_model_info", 1, model=self.name,
-                                  version=self.current.version)
+            for served in (self.current, self.candidate):  # refreshed every poll, so the
+                if served is not None:                      # series stay live
+                    metrics.set_gauge("tuneserve_model_info", 1, model=self.name,
+                                      version=served.version)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    def _read_canary(self) -> Optional[dict[str, Any]]:
+        """The registry's canary, where it applies: this replica follows production and
+        nothing pins it (a pin serves one version everywhere). Right after `_target`."""
+        if self.pinned or self.channel != CANARY_CHANNEL or \
+                (self._target_stamp or ("pin",))[0] == "pin":
+            return None
+        return self.registry.canary(self.name)
+
+    async def _follow_canary(self) -> None:
+        """Hold the registry's candidate loaded beside production, or drop it."""
+        canary = await asyncio.to_thread(self._read_canary)
+        current = self.current.version if self.current else None
+        if canary is None or canary["version"] == current or current is None:
+            self.canary = None
+            self._hold_candidate(None)
+            return
+        version = canary["version"]
+        if self.candidate is None or self.candidate.version != version:
+            self._hold_candidate(None)
+            if version not in self.refused and self._may_try(version):
+                try:
+                    self._hold_candidate(await self._get_or_load(version))
+                except TuneserveError:  # refused or to be tried again: status says
+                    pass
+        self.canary = canary
+
+    def _hold_candidate(self, loaded: Any) -> None:
+        """Hold `loaded` as the candidate (None: none); tuneserve_model_info counts it
+        as served while held."""
+        old, self.candidate = self.candidate, loaded
+        current = self.current.version if self.current else None
+        if old is not None and old.version not in (current, getattr(loaded, "version", None)):
+            metrics.set_gauge("tuneserve_model_info", 0, model=self.name, version=old.version)
+        if loaded is not None:
+            metrics.set_gauge("tuneserve_model_info", 1, model=self.name,
+                              version=loaded.version)
+
+    def _pick_candidate(self, version: Optional[str], routing_key: Optional[str]) -> Any:
+        """The candidate when this request goes to it (else None)."""
+        candidate, canary = self.candidate, self.canary
+        if version is not None or candidate is None or canary is None or \
+                self.current is None or candidate.version != canary["version"]:
+            return None
+        return candidate if routing_point(routing_key) < canary["percent"] else None
+
+    async def _answer(self, version: Optional[str], routing_key: Optional[str],
+                      call: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`call(loaded)` on the version that answers this request: the one named, else
+        the candidate by its share, else production; production again when the
+        candidate fails with a server-side error (module docstring)."""
+        self._ensure_follower()
+        candidate = self._pick_candidate(version, routing_key)
+        if candidate is None:
+            return await call(await self._model_for(version))
+        try:
+            return await call(candidate)
+        except Exception as exc:
+            if not falls_back(exc) or self.current is None:
+                raise
+            self.fell_back(candidate.version, exc)
+        return await call(await self._model_for(None))
+
+    def fell_back(self, version: str, exc: BaseException) -> None:
+        """Count a request the candidate `version` failed and production answered."""
+        metrics.inc("tuneserve_canary_fallbacks_total", model=self.name, version=version)
+        logger.warning("%s: candidate %s failed a request (%s); production answered it",
+                       self.name, version, exc.message if isinstance(exc, TuneserveError)
+                       else type(exc).__name__)
 
     async def _fall_back(self, target: str) -> None:
         """A replica with nothing loaded whose target was refused (e.g. one started while
@@ -258,7 +366,7 @@ class RegistryFollower:
 
     async def _get_or_load(self, version: str) -> Any:
         async with self._load_lock:
-            for loaded in (self.current, *self.others.values()):
+            for loaded in (self.current, self.candidate, *self.others.values()):
                 if loaded is not None and loaded.version == version:
                     return loaded
             if version in self.refused:
@@ -357,6 +465,9 @@ class RegistryFollower:
             "channel": self.channel, "refused": dict(self.refused),
             "refusals": len(self.refused),
             "last_error": self.last_error, "replica": ctx.replica_tag if ctx else None,
+            "canary": None if self.canary is None else {
+                "version": self.canary["version"], "percent": self.canary["percent"],
+                "loaded": self.candidate is not None},
             **self._status_extra(),
         }
 

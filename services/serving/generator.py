@@ -39,7 +39,7 @@ from services.runtime.generator import (
     sampling_params,
 )
 from services.serving.batching import GreedyBatcher, observe_batch
-from services.serving.follower import RegistryFollower
+from services.serving.follower import RegistryFollower, falls_back
 
 logger = logging.getLogger("ray.serve")
 
@@ -116,8 +116,15 @@ class Generator(RegistryFollower):
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, prompt: str, params: dict[str, Any],
-                       version: Optional[str] = None) -> dict[str, Any]:
-        loaded = await self._model_for(version)
+                       version: Optional[str] = None,
+                       routing_key: Optional[str] = None) -> dict[str, Any]:
+        """`version`, else the canary candidate or production, answers (follower.py:
+        `_answer`; `routing_key` keeps a caller on one)."""
+        return await self._answer(version, routing_key,
+                                  lambda loaded: self._generate_on(loaded, prompt, params))
+
+    async def _generate_on(self, loaded: LoadedGenerator, prompt: str,
+                           params: dict[str, Any]) -> dict[str, Any]:
         job = loaded.engine.job(prompt, sampling_params(params))
         try:
             await self._submit(loaded, job)
@@ -127,10 +134,31 @@ class Generator(RegistryFollower):
         return job_result(job, loaded.version)
 
     async def generate_stream(self, prompt: str, params: dict[str, Any],
-                              version: Optional[str] = None) -> AsyncIterator[dict[str, Any]]:
+                              version: Optional[str] = None,
+                              routing_key: Optional[str] = None
+                              ) -> AsyncIterator[dict[str, Any]]:
         """Chunks {text, prompt_tokens, completion_tokens, finish_reason, version}; the
-        text that became final since the last chunk, the finish reason on the last."""
-        loaded = await self._model_for(version)
+        text that became final since the last chunk, the finish reason on the last.
+        Routed as `generate`; a candidate that fails before its first chunk leaves the
+        stream to production."""
+        self._ensure_follower()
+        candidate = self._pick_candidate(version, routing_key)
+        if candidate is not None:
+            sent = False
+            try:
+                async for chunk in self._stream_on(candidate, prompt, params):
+                    sent = True
+                    yield chunk
+                return
+            except Exception as exc:
+                if sent or not falls_back(exc) or self.current is None:
+                    raise
+                self.fell_back(candidate.version, exc)
+        async for chunk in self._stream_on(await self._model_for(version), prompt, params):
+            yield chunk
+
+    async def _stream_on(self, loaded: LoadedGenerator, prompt: str,
+                         params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

@@ -57,7 +57,8 @@ REPLICA_CALL_ATTEMPTS = 2
 Generate, and a GenerateStream that has sent nothing yet."""
 METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream": INFERENCE,
                  "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
-                 "Unpin": ADMIN}
+                 "Unpin": ADMIN, "StartCanary": ADMIN, "SetCanaryShare": ADMIN,
+                 "PromoteCanary": ADMIN, "AbortCanary": ADMIN}
 
 
 def _ray_actor_error() -> type[Exception]:
@@ -94,6 +95,18 @@ def _answered_version(response) -> Optional[str]:
     if isinstance(response, (pb.ClassifyResponse, pb.GenerateResponse)):
         return response.version or None
     return None
+
+
+def _replica_status(r: dict[str, Any]):
+    """ListModels' entry for one replica, from the status it reported."""
+    canary = r.get("canary")
+    return pb.ReplicaStatus(
+        replica=str(r.get("replica") or ""), version=r.get("version") or "",
+        state=r.get("state") or "", refused=r.get("refused") or {},
+        dtype=r.get("dtype") or "", batching=r.get("batching") or "",
+        torchscript=bool(r.get("torchscript")),
+        canary_version=canary["version"] if isinstance(canary, dict) and canary.get("loaded")
+        else "")
 
 
 def _cancelled_code(grpc_context) -> str:
@@ -300,7 +313,7 @@ class InferenceIngress(AdminMethods):
         return {name: {"calls": c.calls_sent, "requests": c.requests_sent}
                 for name, c in self.coalescers.items()}
 
-    async def _classify_many(self, model: str, calls: list[tuple[list[str], Optional[str]]]):
+    async def _classify_many(self, model: str, calls: list[tuple]):
         return await self._again_if_replica_dies(
             model, lambda: self.handles[model].classify_many.remote(calls))
 
@@ -336,10 +349,11 @@ class InferenceIngress(AdminMethods):
         await self._check_loaded(call.model)
         coalescer = self.coalescers.get(call.model)
         if coalescer is not None:
-            answer = await coalescer.submit((call.texts, call.version))
+            answer = await coalescer.submit((call.texts, call.version, call.routing_key))
         else:
             answer = await self._again_if_replica_dies(
-                call.model, lambda: handle.classify.remote(call.texts, call.version))
+                call.model, lambda: handle.classify.remote(call.texts, call.version,
+                                                           call.routing_key))
         results = [
             pb.Classification(
                 label=r["label"], score=r["score"],
@@ -357,7 +371,8 @@ class InferenceIngress(AdminMethods):
         # If this call is cancelled (client gone, deadline), Serve cancels the model
         # call too, and the generator stops at the next token.
         answer = await self._again_if_replica_dies(
-            call.model, lambda: handle.generate.remote(call.prompt, call.params, call.version),
+            call.model, lambda: handle.generate.remote(call.prompt, call.params, call.version,
+                                                       call.routing_key),
             "Generate")
         return _generate_response(answer, call.model)
 
@@ -374,7 +389,7 @@ class InferenceIngress(AdminMethods):
             await self._check_loaded(call.model)
             for attempt in range(1, REPLICA_CALL_ATTEMPTS + 1):
                 stream = handle.options(stream=True).generate_stream.remote(
-                    call.prompt, call.params, call.version)
+                    call.prompt, call.params, call.version, call.routing_key)
                 sent = False
                 try:
                     async for chunk in stream:
@@ -441,6 +456,7 @@ class InferenceIngress(AdminMethods):
             pinned = next((r["pinned_version"] for r in replicas if r.get("pinned_version")),
                           pinned)
             labels = next((r["labels"] for r in replicas if r.get("labels")), [])
+            canary = await asyncio.to_thread(_or_none, self.registry.canary, name) or {}
             infos.append(pb.ModelInfo(
                 name=name, task=self.tasks.get(name, ""),
                 production_version=channels.get("production", ""),
@@ -448,14 +464,9 @@ class InferenceIngress(AdminMethods):
                 serving_versions=sorted({r["version"] for r in replicas if r.get("version")},
                                         key=lambda v: int(v[1:])),
                 versions=versions, labels=labels,
-                replicas=[pb.ReplicaStatus(replica=str(r.get("replica") or ""),
-                                           version=r.get("version") or "",
-                                           state=r.get("state") or "",
-                                           refused=r.get("refused") or {},
-                                           dtype=r.get("dtype") or "",
-                                           batching=r.get("batching") or "",
-                                           torchscript=bool(r.get("torchscript")))
-                          for r in replicas]))
+                replicas=[_replica_status(r) for r in replicas],
+                canary_version=canary.get("version") or "",
+                canary_percent=canary.get("percent") or 0.0))
         return pb.ListModelsResponse(models=infos)
 
     # ---- tuneserve.v1.Admin (services/serving/admin.py) ---------------------------
@@ -474,6 +485,22 @@ class InferenceIngress(AdminMethods):
     @rpc(admin_pb.AdminResponse)
     async def Unpin(self, request, grpc_context=None):
         return await self._unpin(request)
+
+    @rpc(admin_pb.CanaryResponse)
+    async def StartCanary(self, request, grpc_context=None):
+        return await self._start_canary(request)
+
+    @rpc(admin_pb.CanaryResponse)
+    async def SetCanaryShare(self, request, grpc_context=None):
+        return await self._set_canary_share(request)
+
+    @rpc(admin_pb.CanaryResponse)
+    async def PromoteCanary(self, request, grpc_context=None):
+        return await self._end_canary(request, promote=True)
+
+    @rpc(admin_pb.CanaryResponse)
+    async def AbortCanary(self, request, grpc_context=None):
+        return await self._end_canary(request, promote=False)
 
     # ---- grpc.health.v1.Health ---------------------------------------------------
     async def _serving(self) -> bool:

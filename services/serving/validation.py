@@ -55,6 +55,7 @@ class ClassifyCall:
     model: str
     texts: list[str]
     version: Optional[str]
+    routing_key: Optional[str] = None
 
 
 def check_name(name: str, field: str, what: str = "model") -> str:
@@ -87,6 +88,21 @@ def check_version_field(version: str, optional: bool = True) -> Optional[str]:
         raise InvalidInput(f"version: invalid version: expected v1, v2, ...{hint}") from None
 
 
+MAX_ROUTING_KEY_CHARS = 256
+
+
+def check_routing_key(request) -> Optional[str]:
+    """A request's routing_key (keeps a caller on one version during a canary): None
+    when empty; at most MAX_ROUTING_KEY_CHARS characters."""
+    key = request.routing_key
+    if not key:
+        return None
+    if len(key) > MAX_ROUTING_KEY_CHARS:
+        raise InvalidInput(f"routing_key: {len(key)} characters; the limit is "
+                           f"{MAX_ROUTING_KEY_CHARS}")
+    return key
+
+
 def check_text(text: str, field: str, limits: ServeLimits) -> str:
     if not text or not text.strip():
         raise InvalidInput(f"{field}: empty text")
@@ -111,7 +127,7 @@ def validate_classify(request, limits: ServeLimits) -> ClassifyCall:
         )
     for i, text in enumerate(texts):
         check_text(text, f"texts[{i}]", limits)
-    return ClassifyCall(model, texts, version)
+    return ClassifyCall(model, texts, version, check_routing_key(request))
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,7 @@ class GenerateCall:
     version: Optional[str]
     params: dict
     """max_new_tokens, temperature, top_p, top_k, stop, seed, ignore_eos: plain values."""
+    routing_key: Optional[str] = None
 
 
 def _finite(value: float, field: str) -> float:
@@ -187,4 +204,4 @@ def validate_generate(request, limits: ServeLimits) -> GenerateCall:
     params = {"max_new_tokens": max_new, "temperature": temperature, "top_p": top_p,
               "top_k": request.top_k, "stop": stop, "seed": request.seed,
               "ignore_eos": request.ignore_eos}
-    return GenerateCall(model, prompt, version, params)
+    return GenerateCall(model, prompt, version, params, check_routing_key(request))

@@ -360,7 +360,7 @@ class Remote:
 
 class FakeClassifier:
     def __init__(self):
-        async def classify(texts, version=None):
+        async def classify(texts, version=None, routing_key=None):
             return {"version": "v1", "results": [
                 {"label": "pos", "score": 0.9, "scores": [("pos", 0.9), ("neg", 0.1)]}
                 for _ in texts]}

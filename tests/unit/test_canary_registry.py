@@ -118,6 +118,10 @@ def test_cli_canary_start_share_promote_and_history(reg, capsys):
     assert capsys.readouterr().out == "a canary: v2 at 25 % -> 50 %\n"
     assert main(["models", "canary", "--registry", root, "a"]) == 0
     assert "v2 at 50 % beside production v1" in capsys.readouterr().out
+    assert main(["models", "list", "--registry", root]) == 0
+    listed = {line.split()[1]: line.split()[3] for line in
+              capsys.readouterr().out.splitlines()[2:]}
+    assert listed == {"v1": "production", "v2": "canary", "v3": "-"}
     assert main(["models", "canary", "--registry", root, "a", "--promote"]) == 0
     assert capsys.readouterr().out == "a production: v1 -> v2 (canary promoted)\n"
     assert main(["models", "canary", "--registry", root, "a"]) == 0

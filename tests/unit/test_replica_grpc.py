@@ -35,7 +35,7 @@ class Model:
         self.release = asyncio.Event()
         self.hold = asyncio.Event()  # a stream's word "hold" waits for it
 
-    async def classify(self, texts, version=None):
+    async def classify(self, texts, version=None, routing_key=None):
         self.classified += 1
         if version == "v9":
             raise ModelNotFound("model 'm' has no version 'v9'")
@@ -55,12 +55,12 @@ class Model:
         if "die-always" in prompt or ("die-once" in prompt and self.calls[prompt] == 1):
             raise ActorDiedError()
 
-    async def generate(self, prompt, params, version=None):
+    async def generate(self, prompt, params, version=None, routing_key=None):
         self._maybe_die(prompt)
         return {"text": prompt.upper(), "prompt_tokens": 1, "completion_tokens": 2,
                 "finish_reason": "length", "version": "v1"}
 
-    async def generate_stream(self, prompt, params, version=None):
+    async def generate_stream(self, prompt, params, version=None, routing_key=None):
         self._maybe_die(prompt)
         for i, word in enumerate(prompt.split()):
             if word == "hold":

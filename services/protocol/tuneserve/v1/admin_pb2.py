@@ -24,23 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*services/protocol/tuneserve/v1/admin.proto\x12\x0ctuneserve.v1\"A\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\"1\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\",\n\nPinRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1d\n\x0cUnpinRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Z\n\rAdminResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t2\x95\x02\n\x05\x41\x64min\x12\x44\n\x07Promote\x12\x1c.tuneserve.v1.PromoteRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12\x46\n\x08Rollback\x12\x1d.tuneserve.v1.RollbackRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12<\n\x03Pin\x12\x18.tuneserve.v1.PinRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12@\n\x05Unpin\x12\x1a.tuneserve.v1.UnpinRequest\x1a\x1b.tuneserve.v1.AdminResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*services/protocol/tuneserve/v1/admin.proto\x12\x0ctuneserve.v1\"U\n\x12StartCanaryRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"G\n\x15SetCanaryShareRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"1\n\x10\x45ndCanaryRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x81\x01\n\x0e\x43\x61naryResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\t\x12\x1a\n\x12production_version\x18\x03 \x01(\t\x12\x0f\n\x07percent\x18\x04 \x01(\x01\x12\x18\n\x10previous_percent\x18\x05 \x01(\x01\"A\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\"1\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\",\n\nPinRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1d\n\x0cUnpinRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Z\n\rAdminResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t2\xd5\x04\n\x05\x41\x64min\x12\x44\n\x07Promote\x12\x1c.tuneserve.v1.PromoteRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12\x46\n\x08Rollback\x12\x1d.tuneserve.v1.RollbackRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12<\n\x03Pin\x12\x18.tuneserve.v1.PinRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12@\n\x05Unpin\x12\x1a.tuneserve.v1.UnpinRequest\x1a\x1b.tuneserve.v1.AdminResponse\x12M\n\x0bStartCanary\x12 .tuneserve.v1.StartCanaryRequest\x1a\x1c.tuneserve.v1.CanaryResponse\x12S\n\x0eSetCanaryShare\x12#.tuneserve.v1.SetCanaryShareRequest\x1a\x1c.tuneserve.v1.CanaryResponse\x12M\n\rPromoteCanary\x12\x1e.tuneserve.v1.EndCanaryRequest\x1a\x1c.tuneserve.v1.CanaryResponse\x12K\n\x0b\x41\x62ortCanary\x12\x1e.tuneserve.v1.EndCanaryRequest\x1a\x1c.tuneserve.v1.CanaryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.protocol.tuneserve.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROMOTEREQUEST']._serialized_start=60
-  _globals['_PROMOTEREQUEST']._serialized_end=125
-  _globals['_ROLLBACKREQUEST']._serialized_start=127
-  _globals['_ROLLBACKREQUEST']._serialized_end=176
-  _globals['_PINREQUEST']._serialized_start=178
-  _globals['_PINREQUEST']._serialized_end=222
-  _globals['_UNPINREQUEST']._serialized_start=224
-  _globals['_UNPINREQUEST']._serialized_end=253
-  _globals['_ADMINRESPONSE']._serialized_start=255
-  _globals['_ADMINRESPONSE']._serialized_end=345
-  _globals['_ADMIN']._serialized_start=348
-  _globals['_ADMIN']._serialized_end=625
+  _globals['_STARTCANARYREQUEST']._serialized_start=60
+  _globals['_STARTCANARYREQUEST']._serialized_end=145
+  _globals['_SETCANARYSHAREREQUEST']._serialized_start=147
+  _globals['_SETCANARYSHAREREQUEST']._serialized_end=218
+  _globals['_ENDCANARYREQUEST']._serialized_start=220
+  _globals['_ENDCANARYREQUEST']._serialized_end=269
+  _globals['_CANARYRESPONSE']._serialized_start=272
+  _globals['_CANARYRESPONSE']._serialized_end=401
+  _globals['_PROMOTEREQUEST']._serialized_start=403
+  _globals['_PROMOTEREQUEST']._serialized_end=468
+  _globals['_ROLLBACKREQUEST']._serialized_start=470
+  _globals['_ROLLBACKREQUEST']._serialized_end=519
+  _globals['_PINREQUEST']._serialized_start=521
+  _globals['_PINREQUEST']._serialized_end=565
+  _globals['_UNPINREQUEST']._serialized_start=567
+  _globals['_UNPINREQUEST']._serialized_end=596
+  _globals['_ADMINRESPONSE']._serialized_start=598
+  _globals['_ADMINRESPONSE']._serialized_end=688
+  _globals['_ADMIN']._serialized_start=691
+  _globals['_ADMIN']._serialized_end=1288
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,50 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StartCanaryRequest(_message.Message):
+    __slots__ = ("model", "version", "percent", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    percent: float
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., percent: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetCanaryShareRequest(_message.Message):
+    __slots__ = ("model", "percent", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    percent: float
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., percent: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class EndCanaryRequest(_message.Message):
+    __slots__ = ("model", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CanaryResponse(_message.Message):
+    __slots__ = ("model", "candidate_version", "production_version", "percent", "previous_percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    candidate_version: str
+    production_version: str
+    percent: float
+    previous_percent: float
+    def __init__(self, model: _Optional[str] = ..., candidate_version: _Optional[str] = ..., production_version: _Optional[str] = ..., percent: _Optional[float] = ..., previous_percent: _Optional[float] = ...) -> None: ...
+
 class PromoteRequest(_message.Message):
     __slots__ = ("model", "version", "channel")
     MODEL_FIELD_NUMBER: _ClassVar[int]

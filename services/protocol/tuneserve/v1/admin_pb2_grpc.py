@@ -54,6 +54,26 @@ class AdminStub:
                 request_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.UnpinRequest.SerializeToString,
                 response_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.AdminResponse.FromString,
                 _registered_method=True)
+        self.StartCanary = channel.unary_unary(
+                '/tuneserve.v1.Admin/StartCanary',
+                request_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.StartCanaryRequest.SerializeToString,
+                response_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.SetCanaryShare = channel.unary_unary(
+                '/tuneserve.v1.Admin/SetCanaryShare',
+                request_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.SetCanaryShareRequest.SerializeToString,
+                response_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.PromoteCanary = channel.unary_unary(
+                '/tuneserve.v1.Admin/PromoteCanary',
+                request_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.EndCanaryRequest.SerializeToString,
+                response_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.AbortCanary = channel.unary_unary(
+                '/tuneserve.v1.Admin/AbortCanary',
+                request_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.EndCanaryRequest.SerializeToString,
+                response_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -88,6 +108,36 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartCanary(self, request, context):
+        """Serve a candidate version beside production to a share of the requests (a
+        canary), after verifying it as Promote does. Refused while another canary runs,
+        while the model is pinned, or for the production version itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanaryShare(self, request, context):
+        """Change the running canary's share.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCanary(self, request, context):
+        """Point production at the candidate and end the canary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortCanary(self, request, context):
+        """End the canary: production answers every request again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +160,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.UnpinRequest.FromString,
                     response_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.AdminResponse.SerializeToString,
+            ),
+            'StartCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCanary,
+                    request_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.StartCanaryRequest.FromString,
+                    response_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.SerializeToString,
+            ),
+            'SetCanaryShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanaryShare,
+                    request_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.SetCanaryShareRequest.FromString,
+                    response_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.SerializeToString,
+            ),
+            'PromoteCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanary,
+                    request_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.EndCanaryRequest.FromString,
+                    response_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.SerializeToString,
+            ),
+            'AbortCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortCanary,
+                    request_deserializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.EndCanaryRequest.FromString,
+                    response_serializer=services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +290,114 @@ class Admin:
             '/tuneserve.v1.Admin/Unpin',
             services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.UnpinRequest.SerializeToString,
             services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneserve.v1.Admin/StartCanary',
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.StartCanaryRequest.SerializeToString,
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanaryShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneserve.v1.Admin/SetCanaryShare',
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.SetCanaryShareRequest.SerializeToString,
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneserve.v1.Admin/PromoteCanary',
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.EndCanaryRequest.SerializeToString,
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneserve.v1.Admin/AbortCanary',
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.EndCanaryRequest.SerializeToString,
+            services_dot_protocol_dot_tuneserve_dot_v1_dot_admin__pb2.CanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.services/protocol/tuneserve/v1/inference.proto\x12\x0ctuneserve.v1\"@\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"X\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\x06scores\x18\x03 \x03(\x0b\x32\x18.tuneserve.v1.LabelScore\"a\n\x10\x43lassifyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.tuneserve.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xe3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_p\"\x89\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xad\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x37\n\x07metrics\x18\x03 \x03(\x0b\x32&.tuneserve.v1.VersionInfo.MetricsEntry\x12\x10\n\x08\x63hannels\x18\x04 \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe1\x01\n\rReplicaStatus\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x39\n\x07refused\x18\x04 \x03(\x0b\x32(.tuneserve.v1.ReplicaStatus.RefusedEntry\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x10\n\x08\x62\x61tching\x18\x06 \x01(\t\x12\x13\n\x0btorchscript\x18\x07 \x01(\x08\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x1a\n\x12production_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x18\n\x10serving_versions\x18\x05 \x03(\t\x12+\n\x08versions\x18\x06 \x03(\x0b\x32\x19.tuneserve.v1.VersionInfo\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12-\n\x08replicas\x18\x08 \x03(\x0b\x32\x1b.tuneserve.v1.ReplicaStatus\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tuneserve.v1.ModelInfo2\xc5\x02\n\tInference\x12I\n\x08\x43lassify\x12\x1d.tuneserve.v1.ClassifyRequest\x1a\x1e.tuneserve.v1.ClassifyResponse\x12I\n\x08Generate\x12\x1d.tuneserve.v1.GenerateRequest\x1a\x1e.tuneserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.tuneserve.v1.GenerateRequest\x1a\x1e.tuneserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tuneserve.v1.ListModelsRequest\x1a .tuneserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.services/protocol/tuneserve/v1/inference.proto\x12\x0ctuneserve.v1\"U\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0brouting_key\x18\x04 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"X\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\x06scores\x18\x03 \x03(\x0b\x32\x18.tuneserve.v1.LabelScore\"a\n\x10\x43lassifyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.tuneserve.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xf8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x13\n\x0brouting_key\x18\x0b \x01(\tB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_p\"\x89\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xad\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x37\n\x07metrics\x18\x03 \x03(\x0b\x32&.tuneserve.v1.VersionInfo.MetricsEntry\x12\x10\n\x08\x63hannels\x18\x04 \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf9\x01\n\rReplicaStatus\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x39\n\x07refused\x18\x04 \x03(\x0b\x32(.tuneserve.v1.ReplicaStatus.RefusedEntry\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x10\n\x08\x62\x61tching\x18\x06 \x01(\t\x12\x13\n\x0btorchscript\x18\x07 \x01(\x08\x12\x16\n\x0e\x63\x61nary_version\x18\x08 \x01(\t\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x1a\n\x12production_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x18\n\x10serving_versions\x18\x05 \x03(\t\x12+\n\x08versions\x18\x06 \x03(\x0b\x32\x19.tuneserve.v1.VersionInfo\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12-\n\x08replicas\x18\x08 \x03(\x0b\x32\x1b.tuneserve.v1.ReplicaStatus\x12\x16\n\x0e\x63\x61nary_version\x18\t \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\n \x01(\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tuneserve.v1.ModelInfo2\xc5\x02\n\tInference\x12I\n\x08\x43lassify\x12\x1d.tuneserve.v1.ClassifyRequest\x1a\x1e.tuneserve.v1.ClassifyResponse\x12I\n\x08Generate\x12\x1d.tuneserve.v1.GenerateRequest\x1a\x1e.tuneserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.tuneserve.v1.GenerateRequest\x1a\x1e.tuneserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tuneserve.v1.ListModelsRequest\x1a .tuneserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATUS_REFUSEDENTRY']._loaded_options = None
   _globals['_REPLICASTATUS_REFUSEDENTRY']._serialized_options = b'8\001'
   _globals['_CLASSIFYREQUEST']._serialized_start=64
-  _globals['_CLASSIFYREQUEST']._serialized_end=128
-  _globals['_LABELSCORE']._serialized_start=130
-  _globals['_LABELSCORE']._serialized_end=172
-  _globals['_CLASSIFICATION']._serialized_start=174
-  _globals['_CLASSIFICATION']._serialized_end=262
-  _globals['_CLASSIFYRESPONSE']._serialized_start=264
-  _globals['_CLASSIFYRESPONSE']._serialized_end=361
-  _globals['_GENERATEREQUEST']._serialized_start=364
-  _globals['_GENERATEREQUEST']._serialized_end=591
-  _globals['_GENERATERESPONSE']._serialized_start=594
-  _globals['_GENERATERESPONSE']._serialized_end=731
-  _globals['_LISTMODELSREQUEST']._serialized_start=733
-  _globals['_LISTMODELSREQUEST']._serialized_end=767
-  _globals['_VERSIONINFO']._serialized_start=770
-  _globals['_VERSIONINFO']._serialized_end=943
-  _globals['_VERSIONINFO_METRICSENTRY']._serialized_start=897
-  _globals['_VERSIONINFO_METRICSENTRY']._serialized_end=943
-  _globals['_REPLICASTATUS']._serialized_start=946
-  _globals['_REPLICASTATUS']._serialized_end=1171
-  _globals['_REPLICASTATUS_REFUSEDENTRY']._serialized_start=1125
-  _globals['_REPLICASTATUS_REFUSEDENTRY']._serialized_end=1171
-  _globals['_MODELINFO']._serialized_start=1174
-  _globals['_MODELINFO']._serialized_end=1399
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1401
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1462
-  _globals['_INFERENCE']._serialized_start=1465
-  _globals['_INFERENCE']._serialized_end=1790
+  _globals['_CLASSIFYREQUEST']._serialized_end=149
+  _globals['_LABELSCORE']._serialized_start=151
+  _globals['_LABELSCORE']._serialized_end=193
+  _globals['_CLASSIFICATION']._serialized_start=195
+  _globals['_CLASSIFICATION']._serialized_end=283
+  _globals['_CLASSIFYRESPONSE']._serialized_start=285
+  _globals['_CLASSIFYRESPONSE']._serialized_end=382
+  _globals['_GENERATEREQUEST']._serialized_start=385
+  _globals['_GENERATEREQUEST']._serialized_end=633
+  _globals['_GENERATERESPONSE']._serialized_start=636
+  _globals['_GENERATERESPONSE']._serialized_end=773
+  _globals['_LISTMODELSREQUEST']._serialized_start=775
+  _globals['_LISTMODELSREQUEST']._serialized_end=809
+  _globals['_VERSIONINFO']._serialized_start=812
+  _globals['_VERSIONINFO']._serialized_end=985
+  _globals['_VERSIONINFO_METRICSENTRY']._serialized_start=939
+  _globals['_VERSIONINFO_METRICSENTRY']._serialized_end=985
+  _globals['_REPLICASTATUS']._serialized_start=988
+  _globals['_REPLICASTATUS']._serialized_end=1237
+  _globals['_REPLICASTATUS_REFUSEDENTRY']._serialized_start=1191
+  _globals['_REPLICASTATUS_REFUSEDENTRY']._serialized_end=1237
+  _globals['_MODELINFO']._serialized_start=1240
+  _globals['_MODELINFO']._serialized_end=1513
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1515
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1576
+  _globals['_INFERENCE']._serialized_start=1579
+  _globals['_INFERENCE']._serialized_end=1904
 # @@protoc_insertion_point(module_scope)

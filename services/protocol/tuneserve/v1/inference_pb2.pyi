@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "texts", "version")
+    __slots__ = ("model", "texts", "version", "routing_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     version: str
-    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ...) -> None: ...
+    routing_key: str
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., routing_key: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
@@ -45,7 +47,7 @@ class ClassifyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "version", "ignore_eos")
+    __slots__ = ("model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "version", "ignore_eos", "routing_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +58,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     max_new_tokens: int
@@ -66,7 +69,8 @@ class GenerateRequest(_message.Message):
     seed: int
     version: str
     ignore_eos: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., version: _Optional[str] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    routing_key: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., version: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., routing_key: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "model", "version")
@@ -110,7 +114,7 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., channels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica", "version", "state", "refused", "dtype", "batching", "torchscript")
+    __slots__ = ("replica", "version", "state", "refused", "dtype", "batching", "torchscript", "canary_version")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,7 @@ class ReplicaStatus(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     TORCHSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
     replica: str
     version: str
     state: str
@@ -132,10 +137,11 @@ class ReplicaStatus(_message.Message):
     dtype: str
     batching: str
     torchscript: bool
-    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., batching: _Optional[str] = ..., torchscript: _Optional[bool] = ...) -> None: ...
+    canary_version: str
+    def __init__(self, replica: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., refused: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., batching: _Optional[str] = ..., torchscript: _Optional[bool] = ..., canary_version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "production_version", "pinned_version", "serving_versions", "versions", "labels", "replicas")
+    __slots__ = ("name", "task", "production_version", "pinned_version", "serving_versions", "versions", "labels", "replicas", "canary_version", "canary_percent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +150,8 @@ class ModelInfo(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     production_version: str
@@ -152,7 +160,9 @@ class ModelInfo(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     labels: _containers.RepeatedScalarFieldContainer[str]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., production_version: _Optional[str] = ..., pinned_version: _Optional[str] = ..., serving_versions: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    canary_version: str
+    canary_percent: float
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., production_version: _Optional[str] = ..., pinned_version: _Optional[str] = ..., serving_versions: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
