@@ -1,4 +1,4 @@
-"""Reading labelled data sets: CSV, TSV, JSONL and Parquet, local paths.
+"""Reading labelled data sets: CSV, TSV, JSONL and Parquet, local paths or s3:// URIs.
 
 `load_labelled(path, ...)` returns texts and raw labels (classification);
 `load_pairs(path, ...)` returns prompt/response pairs (generation); `LabelSet` maps raw labels
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from services.core import objectstore
 from services.core.errors import DataError
 
 TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
@@ -26,6 +27,16 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
            ".parquet": "parquet", ".pq": "parquet"}
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def local_file(path: str | Path) -> Path:
+    """The file to read: the path itself, or a local copy of an s3:// object."""
+    return objectstore.fetch(str(path)) if objectstore.is_remote(path) else Path(path)
+
+
+def _source(given: str, path: Path) -> str:
+    """Where the data came from, as recorded: the URI (no query) or the local path."""
+    return objectstore.shown(given) if objectstore.is_remote(given) else str(path)
 
 
 def detect_format(path: Path) -> str:
@@ -246,7 +257,8 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
                   label_column: Optional[str] = None,
                   columns: Optional[Sequence[str]] = None) -> LabelledData:
     """Read (text, label) pairs; empty texts and missing labels are errors with a line."""
-    path = Path(path)
+    source = str(path)
+    path = local_file(path)
     texts: list[str] = []
     labels: list[Any] = []
     tcol = lcol = None
@@ -277,7 +289,7 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
         raise DataError(f"{path}: no examples found")
     if columns:
         _check_not_a_header(path, texts[0], labels, list(columns))
-    return LabelledData(texts, _whole_numbers(labels), tcol, lcol, str(path),
+    return LabelledData(texts, _whole_numbers(labels), tcol, lcol, _source(source, path),
                         file_sha256(path))
 
 
@@ -334,7 +346,8 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
                response_column: Optional[str] = None,
                columns: Optional[Sequence[str]] = None) -> PairData:
     """Read (prompt, response) pairs; an empty prompt or response is an error with a line."""
-    path = Path(path)
+    source = str(path)
+    path = local_file(path)
     prompts: list[str] = []
     responses: list[str] = []
     pcol = rcol = extra = None
@@ -377,7 +390,7 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
         raise DataError(f"{path}: no examples found")
     if extra is not None:
         pcol = f"{pcol}+{extra}"
-    return PairData(prompts, responses, pcol, rcol, str(path), file_sha256(path))
+    return PairData(prompts, responses, pcol, rcol, _source(source, path), file_sha256(path))
 
 
 MAX_LABELS_SHOWN = 20
