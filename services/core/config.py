@@ -960,6 +960,11 @@ class ServeConfig:
     pinned_versions: dict[str, str] = field(default_factory=dict)
     """model name -> version pinned through Serve's user_config (declarative: a
     RayService or `serve deploy` change reconfigures replicas without restarting them)."""
+    model_tasks: dict[str, str] = field(default_factory=dict)
+    """model name -> task (classification, generation) of models served before they have
+    a version: the app deploys on an empty registry, health answers NOT_SERVING for them
+    until a version is promoted, which the replicas load without a redeploy. A model
+    named here that has versions must hold this task."""
     api_token_file: Optional[str] = None
     """File holding the Inference API token (e.g. a mounted Secret); default: env
     TUNESERVE_API_TOKEN. Clients send `authorization: Bearer <token>`."""
@@ -1113,6 +1118,24 @@ def _check_serve_models(cfg: ServeConfig) -> None:
             raise _bad_serve("models", str(exc)) from None
 
 
+def _check_serve_model_tasks(cfg: ServeConfig) -> None:
+    """model_tasks: valid names of models served here, each with a known task."""
+    if not isinstance(cfg.model_tasks, dict):
+        raise _bad_serve("model_tasks", "must map model names to tasks, e.g. "
+                         f"{{sentiment: {CLASSIFICATION}}}, got {cfg.model_tasks!r}")
+    for model, task in cfg.model_tasks.items():
+        try:
+            validate_name(model, "model")
+        except TuneserveError as exc:
+            raise _bad_serve("model_tasks", str(exc)) from None
+        if task not in TASKS:
+            raise _bad_serve("model_tasks", f"model {model!r}: task {task!r} is not one of "
+                             f"{', '.join(TASKS)}")
+        if cfg.models is not None and model not in cfg.models:
+            raise _bad_serve("model_tasks", f"model {model!r} is not in models "
+                             f"({', '.join(cfg.models)}): name it there too")
+
+
 def _check_serve_runtime(cfg: ServeConfig) -> None:
     """The weights' dtype and how generators batch."""
     if cfg.dtype not in SERVING_DTYPES:
@@ -1225,6 +1248,6 @@ def check_tls_files(cert_file: str, key_file: str, client_ca_file: Optional[str]
 
 SERVE_CHECKS: tuple[Callable[[ServeConfig], None], ...] = (
     _check_serve_names, _check_serve_counts, _check_serve_numbers, _check_serve_scaling,
-    _check_serve_models, _check_serve_runtime, _check_serve_tls, _check_serve_ingress,
+    _check_serve_models, _check_serve_model_tasks, _check_serve_runtime, _check_serve_tls, _check_serve_ingress,
     _check_serve_limits)
 """ServeConfig.validate's checks, in the order settings are reported."""

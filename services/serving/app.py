@@ -56,15 +56,22 @@ def model_deployment_name(model: str) -> str:
     return f"model-{model}"
 
 
-def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> dict[str, str]:
-    """model name -> task, for every servable model (or the ones asked for)."""
-    names = wanted or registry.model_names()
+def discover_models(registry: Registry, wanted: Optional[list[str]] = None,
+                    known_tasks: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """model name -> task, for every servable model (or the ones asked for).
+    `known_tasks` (ServeConfig.model_tasks): models served before they have a version."""
+    known_tasks = known_tasks or {}
+    names = wanted or list(dict.fromkeys([*registry.model_names(), *known_tasks]))
     tasks: dict[str, str] = {}
     for name in names:
         versions = registry.versions(name)
+        if not versions and name in known_tasks:
+            tasks[name] = known_tasks[name]  # NOT_SERVING until a version is promoted
+            continue
         if not versions:
             raise RegistryError(f"model '{name}' not found in registry "
-                                f"{registry.uri.split('?')[0]}")
+                                f"{registry.uri.split('?')[0]} (to serve it before its "
+                                "first version, name its task in model_tasks)")
         try:
             tasks[name] = registry.model_task(name)[1]  # it has versions: never None
         except TuneserveError as exc:
@@ -72,6 +79,10 @@ def discover_models(registry: Registry, wanted: Optional[list[str]] = None) -> d
                 raise
             # One broken model does not keep the others from being served.
             logger.warning("not serving model %s: %s", name, exc.message)
+    wrong = sorted(n for n, t in known_tasks.items() if tasks.get(n, t) != t)
+    if wrong:
+        raise ConfigError(f"invalid serve setting 'model_tasks': model '{wrong[0]}' holds "
+                          f"{tasks[wrong[0]]} versions, not {known_tasks[wrong[0]]}")
     return tasks
 
 
@@ -83,7 +94,7 @@ def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
     tokens = Tokens.load(cfg.api_token_file, cfg.admin_token_file)
     registry = Registry(cfg.registry)
     if tasks is None:
-        tasks = discover_models(registry, cfg.models)
+        tasks = discover_models(registry, cfg.models, cfg.model_tasks)
     if not tasks:
         raise RegistryError(f"no models in registry {cfg.registry}: train one first "
                             "(tuneserve train ...)")
@@ -315,7 +326,7 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
     `http_port`: Serve's HTTP proxy, which the gRPC API does not use; None: 8000, or a
     free port when a local cluster starts and 8000 is taken."""
     cfg.validate()
-    tasks = discover_models(Registry(cfg.registry), cfg.models)
+    tasks = discover_models(Registry(cfg.registry), cfg.models, cfg.model_tasks)
     app = build_app(cfg, tasks)  # fail fast on an empty or bad registry, before Ray starts
     ray = _ray()
     if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):

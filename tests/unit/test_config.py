@@ -4,7 +4,7 @@ import os
 import pytest
 
 from services.core.config import SECTIONS, TASK_DEFAULTS, TASKS, TrainConfig
-from services.core.errors import ConfigError
+from services.core.errors import ConfigError, TuneserveError
 
 
 def valid(**kw):
@@ -158,6 +158,30 @@ def test_serve_config_autoscaling_and_validation():
                        (dict(max_ongoing_requests=0), "max_ongoing_requests")]:
         with pytest.raises(ConfigError, match=needle):
             ServeConfig(**kw).validate()
+
+
+def test_model_tasks_are_checked(tmp_path):
+    from services.core.config import ServeConfig
+    from services.core.registry import Registry
+    from services.serving.app import discover_models
+
+    ok = ServeConfig(models=["fresh"], model_tasks={"fresh": "generation"}).validate()
+    assert ok.model_tasks == {"fresh": "generation"}
+    for kw, needle in [(dict(model_tasks={"fresh": "summarize"}), "summarize"),
+                       (dict(model_tasks=["fresh"]), "must map model names"),
+                       (dict(model_tasks={"../x": "classification"}), "model_tasks"),
+                       (dict(models=["a"], model_tasks={"b": "classification"}),
+                        "'b' is not in models")]:
+        with pytest.raises(ConfigError, match=needle):
+            ServeConfig(**kw).validate()
+    # An empty registry: a model with a known task is served (NOT_SERVING until a
+    # version is promoted); one without is an error that says how to serve it.
+    registry = Registry(tmp_path / "registry")
+    assert discover_models(registry, ["fresh"], {"fresh": "classification"}) == \
+        {"fresh": "classification"}
+    assert discover_models(registry, None, {"fresh": "generation"}) == {"fresh": "generation"}
+    with pytest.raises(TuneserveError, match="name its task in model_tasks"):
+        discover_models(registry, ["other"], {"fresh": "classification"})
 
 
 def test_ongoing_requests_default_per_task_and_explicit_value_wins():

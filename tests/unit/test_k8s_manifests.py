@@ -556,6 +556,8 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
         cfg.validate()
     assert cfg.registry == "/data/registry"
     assert cfg.models, "name the served models: each needs its deployment entry"
+    # Every served model starts on an empty registry too (NOT_SERVING until promoted).
+    assert set(cfg.model_tasks) == set(cfg.models)
     deployments = {d["name"]: d for d in application["deployments"]}
     for dep in deployments.values():
         assert set(dep) <= set(DeploymentSchema.model_fields), set(dep)
@@ -643,8 +645,7 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
                 replica_services.append(service["metadata"]["name"])
     assert replica_services == ["tuneserve-grpc-replicas"]
     # Readiness decides which pods that Service sends connections to: it checks the port.
-    for probe in ("startupProbe", "readinessProbe"):
-        assert ray[probe]["grpc"]["port"] == cfg.grpc_port, probe
+    assert ray["readinessProbe"]["grpc"]["port"] == cfg.grpc_port
     # ... and the NetworkPolicy admits it from outside, as it admits the proxy's port.
     outside, _ = policy_ports(network_policies(objects))
     assert {cfg.grpc_port, proxy_port} <= outside
@@ -670,13 +671,14 @@ def test_grpc_service_and_probes(overlay):
     # colocated overlay's Service sends connections to.
     args = serve_config(rayservice)["applications"][0]["args"]
     probed = args["grpc_port"] if args.get("replica_grpc") else 9000
-    for probe in ("startupProbe", "readinessProbe"):
-        grpc = worker[probe]["grpc"]
-        assert grpc["port"] == probed and grpc.get("service", "") in ("", INFERENCE_SERVICE)
+    grpc = worker["readinessProbe"]["grpc"]
+    assert grpc["port"] == probed and grpc.get("service", "") in ("", INFERENCE_SERVICE)
     startup, ready = worker["startupProbe"], worker["readinessProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model loading
+    # Startup and liveness check the Ray node, never the app: a registry with no version
+    # yet (model_tasks) must not get the pod restarted.
+    assert startup["httpGet"]["port"] == worker["livenessProbe"]["httpGet"]["port"] == 52365
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # joining Ray
     assert ready["periodSeconds"] * ready["failureThreshold"] <= 15  # quick
-    assert worker["livenessProbe"]["httpGet"]["port"] == 52365  # the Ray node
 
 
 # ---- API tokens -----------------------------------------------------------------------------
