@@ -209,6 +209,10 @@ class TrainConfig:
     """Registry root folder."""
     runs_dir: str = DEFAULT_RUNS_DIR
     """Where Ray Train keeps run state and checkpoints."""
+    run_name: Optional[str] = None
+    """The run's folder in runs_dir. A run of this name that did not finish is resumed
+    from its last checkpoint (a RayJob retry, a job submitted again); one that finished
+    is refused. Default: a new name, <model>-<time>-<random>."""
     workers: int = 1
     """Number of Ray Train workers (data parallel)."""
     cpus_per_worker: float = 1.0
@@ -472,6 +476,11 @@ def _check_name(r: "ResolvedTrainConfig") -> None:
         validate_name(r.name, "model")
     except Exception as exc:
         raise _bad("name", str(exc)) from None
+    if r.run_name is not None:
+        try:
+            validate_name(r.run_name, "run")
+        except Exception as exc:
+            raise _bad("run_name", str(exc)) from None
 
 
 def _check_promotion(r: "ResolvedTrainConfig") -> None:
@@ -556,6 +565,7 @@ class ClusterSection:
     use_gpu: bool
     address: Optional[str]
     runs_dir: str
+    run_name: Optional[str]
     max_failures: int
     log_every_steps: int
 

@@ -214,10 +214,14 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
 
 def build_train_objects(run_config: dict[str, Any], cfg: ResolvedTrainConfig,
                         opts: JobOptions) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(ConfigMap, RayJob) for one training run; `run_config` goes in unchanged."""
+    """(ConfigMap, RayJob) for one training run; `run_config` goes in unchanged but for
+    its run_name, the job's name when unset."""
     name = check_k8s_name(opts.job_name or default_job_name(cfg.name or "model"), "job name")
     check_k8s_name(opts.namespace, "namespace", 63)
     image = opts.resolved_image(cfg)
+    # A retry of the RayJob, or the job submitted again under its name, resumes the run
+    # from its last checkpoint (TrainConfig.run_name): the run is named after the job.
+    run_config = {**run_config, "run_name": run_config.get("run_name") or name}
     labels = dict(COMMON_LABELS)  # one dict: the YAML names it once and refers to it
     config_map = _config_map(name, opts.namespace, labels, run_config)
     head = _head_group(image, labels, opts, config_map["metadata"]["name"])

@@ -299,6 +299,9 @@ def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
     tokenizer."""
     if resume:
         _check_unfinished(resume, cfg.cluster.runs_dir)
+    elif cfg.cluster.run_name and \
+            (Path(cfg.cluster.runs_dir) / cfg.cluster.run_name / RUN_CONFIG_FILE).is_file():
+        _check_unfinished(cfg.cluster.run_name, cfg.cluster.runs_dir, flag="--run-name")
     if publish:
         _check_registry_task(cfg)
     model = cfg.modeling.model
@@ -377,12 +380,16 @@ def _open_run(prep: Prepared, resume: Optional[str],
     """(run name, runs folder): the interrupted run's, or a new run's folder with the
     config, data and versions `train --resume` starts from (RUN_CONFIG_FILE)."""
     cfg = prep.cfg
+    named = cfg.cluster.run_name
+    if not resume and named and \
+            (Path(cfg.cluster.runs_dir) / named / RUN_CONFIG_FILE).is_file():
+        resume = named  # a retry or a re-submission of the run: on from its checkpoint
     if resume:
         folder = _run_folder(resume, cfg.cluster.runs_dir)
         out(f"resuming run {folder.name}")
         return folder.name, folder.parent.resolve()
-    run_name = (f"{cfg.publish.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-"
-                f"{uuid.uuid4().hex[:6]}")
+    run_name = named or (f"{cfg.publish.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+                         f"-{uuid.uuid4().hex[:6]}")
     runs_dir = Path(cfg.cluster.runs_dir).resolve()
     (runs_dir / run_name).mkdir(parents=True, exist_ok=True)
     (runs_dir / run_name / RUN_CONFIG_FILE).write_text(json.dumps(
@@ -586,9 +593,9 @@ def _root_cause(exc: BaseException) -> tuple[str, bool]:
     return (f"{type(exc).__name__}: {last}" if last else type(exc).__name__), False
 
 
-def _check_unfinished(run: str, runs_dir: Optional[str]) -> None:
-    """--resume of a run that finished would train nothing and publish its checkpoint
-    again as a new version."""
+def _check_unfinished(run: str, runs_dir: Optional[str], flag: str = "--resume") -> None:
+    """--resume (or --run-name) of a run that finished would train nothing and publish
+    its checkpoint again as a new version."""
     marker = _run_folder(run, runs_dir) / FINISHED_FILE
     if not marker.is_file():
         return
@@ -598,8 +605,9 @@ def _check_unfinished(run: str, runs_dir: Optional[str]) -> None:
         done = {}
     where = (f" and was published as {done.get('name')} {done['version']}"
              if isinstance(done, dict) and done.get("version") else "")
-    raise ConfigError(f"--resume: run {run!r} already finished{where}; nothing to continue "
-                      "(train again without --resume for a new run)")
+    again = "without --resume" if flag == "--resume" else "with another --run-name"
+    raise ConfigError(f"{flag}: run {run!r} already finished{where}; nothing to continue "
+                      f"(train again {again} for a new run)")
 
 
 def _check_registry_task(cfg: ResolvedTrainConfig) -> None:

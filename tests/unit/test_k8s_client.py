@@ -193,10 +193,13 @@ def test_dry_run_carries_the_run_config_unchanged_and_validates(run_yaml, capsys
                               "--job-name", "train-x")
     sent = yaml.safe_load(cm["data"]["run.yaml"])
     expected = yaml.safe_load(RUN_YAML)
-    expected.update(epochs=5, registry="/data/registry", runs_dir="/data/runs")
+    # The run is named after the job: a retry or a re-submission resumes it.
+    expected.update(epochs=5, registry="/data/registry", runs_dir="/data/runs",
+                    run_name="train-x")
     del expected["address"]
     assert sent == expected  # every other field exactly as written, in the same order
-    assert list(sent) == [k for k in yaml.safe_load(RUN_YAML) if k != "address"]
+    assert list(sent) == [k for k in yaml.safe_load(RUN_YAML) if k != "address"] + \
+        ["run_name"]
     assert job["metadata"]["name"] == "train-x" and cm["metadata"]["name"] == "train-x-config"
     spec = job["spec"]
     assert spec["entrypoint"] == "python -m services train --config /config/run.yaml"
@@ -216,6 +219,10 @@ def test_an_unnamed_run_is_named_after_its_training_file(capsys):
     _, job = dry_run_objects(capsys, "--model", "bert", "--train", "/data/reviews.csv")
     assert job["metadata"]["name"].startswith("train-reviews-")
     assert job["metadata"]["labels"]["tuneserve.dev/model"] == "reviews"
+    # a run name given is kept
+    cm, _ = dry_run_objects(capsys, "--model", "bert", "--train", "/data/reviews.csv",
+                            "--run-name", "reviews-7")
+    assert yaml.safe_load(cm["data"]["run.yaml"])["run_name"] == "reviews-7"
 
 
 def test_flags_read_like_tuneserve_train(capsys):
