@@ -860,6 +860,9 @@ class ServeConfig:
     replica_gpus: float = 0.0
     """GPUs per model replica (the model moves to CUDA when it has one)."""
     ingress_cpus: float = 0.1
+    ingress_replicas: int = 1
+    """Replicas of the ingress (the default layout; with colocate, num_replicas sizes the
+    ingress). Two or more on different nodes keep the API answering when a node is lost."""
     num_replicas: int = 1
     """Fixed replicas per model when autoscaling is off (max_replicas unset)."""
     min_replicas: Optional[int] = None
@@ -1065,7 +1068,7 @@ def _check_serve_names(cfg: ServeConfig) -> None:
 
 def _check_serve_counts(cfg: ServeConfig) -> None:
     """Integers: (field, smallest value); None is "unset" where the field allows it."""
-    for name, low in (("num_replicas", 1), ("max_ongoing_requests", 1),
+    for name, low in (("num_replicas", 1), ("ingress_replicas", 1), ("max_ongoing_requests", 1),
                       ("max_batch_size", 1), ("min_replicas", 0), ("max_replicas", 1)):
         value = getattr(cfg, name)
         if value is None and name in ("max_ongoing_requests", "min_replicas",

@@ -191,7 +191,8 @@ def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
         )
         handles[name] = deployment.bind(**spec["kwargs"], board=board)
     ingress = serve.deployment(InferenceIngress).options(
-        name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        name=INGRESS_DEPLOYMENT, num_replicas=cfg.ingress_replicas,
+        ray_actor_options={"num_cpus": cfg.ingress_cpus},
         # The ingress only awaits model calls: it can hold many at once.
         max_ongoing_requests=max([256] + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
         **cfg.deployment_logging(),

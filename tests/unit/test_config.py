@@ -160,18 +160,20 @@ def test_serve_config_autoscaling_and_validation():
             ServeConfig(**kw).validate()
 
 
-def test_model_tasks_are_checked(tmp_path):
+def test_model_tasks_and_ingress_replicas_are_checked(tmp_path):
     from services.core.config import ServeConfig
     from services.core.registry import Registry
     from services.serving.app import discover_models
 
-    ok = ServeConfig(models=["fresh"], model_tasks={"fresh": "generation"}).validate()
+    ok = ServeConfig(models=["fresh"], model_tasks={"fresh": "generation"},
+                     ingress_replicas=2).validate()
     assert ok.model_tasks == {"fresh": "generation"}
     for kw, needle in [(dict(model_tasks={"fresh": "summarize"}), "summarize"),
                        (dict(model_tasks=["fresh"]), "must map model names"),
                        (dict(model_tasks={"../x": "classification"}), "model_tasks"),
                        (dict(models=["a"], model_tasks={"b": "classification"}),
-                        "'b' is not in models")]:
+                        "'b' is not in models"),
+                       (dict(ingress_replicas=0), "ingress_replicas")]:
         with pytest.raises(ConfigError, match=needle):
             ServeConfig(**kw).validate()
     # An empty registry: a model with a known task is served (NOT_SERVING until a

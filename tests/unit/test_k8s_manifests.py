@@ -28,7 +28,7 @@ from services.core.config import ServeConfig
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
-OVERLAYS = ["cpu", "gpu", "colocated"]
+OVERLAYS = ["cpu", "gpu", "colocated", "production"]
 K8S_VERSIONS = ["1.29", "1.37"]  # oldest we claim (grpc probes, h2c appProtocol) and newest
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                       "persistentVolumeClaim", "projected", "secret"}
@@ -213,7 +213,10 @@ def test_overlay_renders_every_part(overlay):
     objects = render(str(K8S / "overlays" / overlay))
     kinds = sorted(o["kind"] for o in objects)
     # colocated: plus the Service of the ingress replicas' own gRPC port
-    extra = ["Service"] if overlay == "colocated" else []
+    extra = {"colocated": ["Service"],
+             # the in-cluster Redis of GCS fault tolerance, and the disruption budgets
+             "production": ["Service", "StatefulSet", "PodDisruptionBudget",
+                            "PodDisruptionBudget"]}.get(overlay, [])
     # No Secret: the user creates tuneserve-api-tokens (test_no_token_value_in_the_manifests).
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "ConfigMap",
                             *["NetworkPolicy"] * 4, "PodMonitor", "PrometheusRule", "RayJob",
@@ -574,6 +577,9 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
         _check_colocated_replica_grpc(objects, doc, cfg, deployments)
         return
     assert cfg.grpc_port == doc["grpc_options"]["port"]  # Serve's proxy answers the API
+    # An ingress entry only places its replicas (production: one per node).
+    ingress = deployments.pop(app_module.INGRESS_DEPLOYMENT, {"name": "ingress"})
+    assert set(ingress) <= {"name", "max_replicas_per_node"}, ingress
     assert set(deployments) == {app_module.model_deployment_name(m) for m in cfg.models}
     for name, dep in deployments.items():
         assert set(dep["user_config"]) == {"channel", "pinned_version", "poll_interval_s"}
