@@ -14,6 +14,7 @@ Each decision, with its numbers and reason, goes into the model's history
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -63,17 +64,60 @@ def metrics_reader(urls: Sequence[str]) -> Callable[[], Snapshot]:
     return read
 
 
+class AccuracyCheck:
+    """Both versions' accuracy on the same labelled rows (`score(version)`: the
+    `tuneserve eval` code), computed on a thread of its own while the steps run."""
+
+    def __init__(self, score: Callable[[str], float], rows: int, where: str):
+        self.score, self.rows, self.where = score, rows, where
+        self.scores: Optional[tuple[float, float]] = None
+        self.error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, candidate: str, production: str) -> None:
+        def work():
+            try:
+                self.scores = (self.score(candidate), self.score(production))
+            except BaseException as exc:  # noqa: BLE001 (reported by verdict)
+                self.error = exc
+
+        self.candidate, self.production = candidate, production
+        self._thread = threading.Thread(target=work, name="tuneserve-analysis", daemon=True)
+        self._thread.start()
+
+    def verdict(self, wait: bool = False) -> Optional[Verdict]:
+        """None while the scores are not ready (and `wait` is False)."""
+        if wait:
+            self._thread.join()
+        if self.error is not None:
+            message = getattr(self.error, "message", None) or type(self.error).__name__
+            raise TuneserveError(f"--analysis-data: scoring failed: {message}")
+        if self.scores is None:
+            return None
+        cand, prod = self.scores
+        numbers = {"candidate_accuracy": round(cand, 4), "production_accuracy": round(prod, 4),
+                   "analysis_rows": self.rows}
+        said = (f"{self.candidate} accuracy {cand:.4f}, production {self.production} "
+                f"{prod:.4f} on the {self.rows} rows of {self.where}")
+        return Verdict("pass" if cand >= prod else "fail",
+                       said if cand >= prod else f"accuracy check: {said}", numbers)
+
+
 class Rollout:
-    """One rollout of `version` of `name`: `run()` drives it to promotion or rollback."""
+    """One rollout of `version` of `name`: `run()` drives it to promotion or rollback.
+    With `accuracy`, the candidate must also be as accurate as production on its rows
+    (judged as soon as the scores are ready, and before the promotion at the latest)."""
 
     def __init__(self, registry, name: str, version: str, read: Callable[[], Snapshot],
                  policy: RolloutPolicy, out: Callable[[str], None] = print,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 accuracy: Optional[AccuracyCheck] = None):
         self.registry, self.name, self.version = registry, name, version
         self.read, self.policy, self.out = read, policy, out
         self.clock, self.sleep = clock, sleep
         self.production: Optional[str] = None
+        self.accuracy = accuracy
 
     def run(self) -> Outcome:
         steps = self.policy.steps
@@ -81,6 +125,8 @@ class Rollout:
             self.name, self.version, steps[0],
             reason=f"rollout: step 1 of {len(steps)} ({_shares(steps)})")
         self.production = state["production"]
+        if self.accuracy is not None:
+            self.accuracy.start(self.version, self.production)
         try:
             return self._steps(steps)
         except CanaryGone:
@@ -104,6 +150,11 @@ class Rollout:
             if verdict.state != "pass":
                 return self._roll_back(outcome, i, verdict)
             self.out(f"  passed: {verdict.reason}")
+        if self.accuracy is not None:
+            verdict = self.accuracy.verdict(wait=True)
+            if verdict.state == "fail":
+                return self._roll_back(outcome, len(steps) - 1, verdict)
+            outcome.steps[-1]["numbers"].update(verdict.numbers)
         outcome.promoted = True
         outcome.reason = (f"promoted: {self.version} passed every step "
                           f"({_shares(steps)}) against {self.production}")
@@ -121,6 +172,10 @@ class Rollout:
             self._still_running()
             stats = window(base, self.read(), self.name)
             verdict = check(stats, self.version, self.production, self.policy)
+            scored = self.accuracy.verdict() if self.accuracy is not None else None
+            if scored is not None and scored.state == "fail":
+                verdict = Verdict("fail", scored.reason, {**verdict.numbers,
+                                                          **scored.numbers})
             took = self.clock() - started
             if verdict.state == "fail":
                 return verdict, took

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from services.core.analysis import RolloutPolicy
-from services.core.config import DEFAULT_REGISTRY
+from services.core.config import CLASSIFICATION, DEFAULT_REGISTRY
 from services.core.errors import InvalidInput
-from services.rollout import Rollout, metrics_reader
+from services.rollout import AccuracyCheck, Rollout, metrics_reader
 
 DEFAULTS = RolloutPolicy()
 
@@ -41,6 +41,10 @@ def register_action(actions) -> None:
                    help="a step without --min-requests in this long rolls back")
     q.add_argument("--poll-s", type=float, default=DEFAULTS.poll_s,
                    help="how often the metrics are read")
+    q.add_argument("--analysis-data", default=None, metavar="FILE",
+                   help="labelled rows (CSV/TSV/JSONL, as for `tuneserve eval`): a "
+                        "classifier's candidate must be as accurate as production on "
+                        "them, scored in the background while the steps run")
     q.add_argument("--json", action="store_true", help="print the outcome as JSON")
     q.set_defaults(handler=run)
 
@@ -60,6 +64,24 @@ def policy_from(args: argparse.Namespace) -> RolloutPolicy:
         raise InvalidInput(f"--{field.replace('_', '-')}: {expected}") from None
 
 
+def accuracy_check(args: argparse.Namespace, reg) -> AccuracyCheck:
+    """--analysis-data read and checked now; each version scored as `tuneserve eval`
+    scores it (verified, loaded, run through the serving runtime)."""
+    from services.evaluate import evaluate_local, read_data
+
+    task = reg.task(args.name, args.model_version)
+    if task != CLASSIFICATION:
+        raise InvalidInput(f"--analysis-data: {args.name} is a {task} model; the accuracy "
+                           "check is for classifiers")
+    data = read_data(args.analysis_data)
+
+    def score(version: str) -> float:
+        report = evaluate_local(args.registry, args.name, version, data, progress=False)
+        return float(report.metrics["accuracy"])
+
+    return AccuracyCheck(score, len(data.texts), args.analysis_data)
+
+
 def run(args: argparse.Namespace) -> int:
     from services.core.registry import Registry
 
@@ -70,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--registry: no registry at {args.registry}")
     reg.verify(args.name, args.model_version)
     read()  # an endpoint that cannot be read fails here, before the canary starts
+    accuracy = accuracy_check(args, reg) if args.analysis_data else None
     out = (lambda line: None) if args.json else print
     try:
-        outcome = Rollout(reg, args.name, args.model_version, read, policy, out=out).run()
+        outcome = Rollout(reg, args.name, args.model_version, read, policy, out=out,
+                          accuracy=accuracy).run()
     except KeyboardInterrupt:
         print(f"interrupted: the canary of {args.model_version} keeps its share; end it "
               f"with `tuneserve models canary --registry {args.registry} {args.name} "

@@ -211,22 +211,7 @@ def test_bad_flags_name_the_flag(registry, capsys, argv, message):
 
 
 def test_the_cli_rolls_out_through_a_real_metrics_endpoint(registry, capsys):
-    serving = Serving(registry, "toy")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # each scrape brings a poll's worth of traffic
-            serving.poll()
-            body = serving.text().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _metrics_endpoint(Serving(registry, "toy"))
     try:
         code = main(["models", "rollout", "--registry", registry.uri, "toy", "v2",
                      "--metrics-url", f"http://127.0.0.1:{server.server_port}/metrics",
@@ -260,3 +245,65 @@ def test_metrics_that_stop_answering_abort_the_canary(registry):
                 clock=lambda: clock.now, sleep=clock.sleep).run()
     assert registry.canary("toy") is None and registry.channel("toy") == "v1"
     assert registry.history("toy")[-1]["reason"].startswith("rollout stopped: --metrics-url")
+
+
+def _metrics_endpoint(serving: Serving) -> http.server.ThreadingHTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # each scrape brings a poll's worth of traffic
+            serving.poll()
+            body = serving.text().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def keyword_models(tmp_path_factory):
+    from tests.unit.test_fair_gate import NEGATIVE, POSITIVE, keyword_bert
+
+    root = tmp_path_factory.mktemp("keyword-berts")
+    return {"full": keyword_bert(root / "full", POSITIVE, NEGATIVE),
+            "partial": keyword_bert(root / "partial", ("good",), NEGATIVE)}
+
+
+@pytest.mark.parametrize("production, candidate, promoted", [
+    ("full", "partial", False), ("partial", "full", True)])
+def test_analysis_data_rolls_back_a_less_accurate_candidate(
+        tmp_path, capsys, keyword_models, production, candidate, promoted):
+    """Both versions answer every request (the metrics are clean); on the labelled
+    rows the "partial" keyword model misses 4 of 32 that "full" gets right."""
+    from tests.helpers import write_csv
+    from tests.unit.test_fair_gate import ROW_LABELS, ROWS
+
+    models = keyword_models
+    reg = Registry(tmp_path / "reg")
+    for which in (production, candidate):
+        reg.publish("sent", models[which], {"task": "classification",
+                                            "labels": ["neg", "pos"], "metrics": {}})
+    data = write_csv(tmp_path / "analysis.csv", list(zip(ROWS, ROW_LABELS)))
+    server = _metrics_endpoint(Serving(reg, "sent"))
+    try:
+        code = main(["models", "rollout", "--registry", reg.uri, "sent", "v2",
+                     "--metrics-url", f"http://127.0.0.1:{server.server_port}/metrics",
+                     "--steps", "10,50", "--min-requests", "30", "--min-step-s", "0",
+                     "--poll-s", "0.01", "--analysis-data", str(data)])
+    finally:
+        server.shutdown()
+    out = capsys.readouterr().out
+    last = reg.history("sent")[-1]
+    if promoted:
+        assert code == 0 and reg.channel("sent") == "v2", out
+        assert (last["candidate_accuracy"], last["production_accuracy"]) == (1.0, 0.875)
+    else:
+        assert code == 1 and reg.channel("sent") == "v1", out
+        assert "accuracy check: v2 accuracy 0.8750, production v1 1.0000 on the 32 rows" \
+            in out
+        assert last["action"] == "canary-abort" and "accuracy check" in last["reason"]
