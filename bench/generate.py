@@ -185,7 +185,7 @@ def grpc_run(address: str, prompts, new_tokens, unary: bool = False,
     barrier = threading.Barrier(len(prompts) + 1)
 
     def one(prompt, new_tokens, delay):
-        with Client(address, timeout_s=600) as c:
+        with Client(address, timeout_s=600, max_attempts=1) as c:  # failures counted
             # connected before the clock starts: a client keeps its channel, and TTFT
             # is not meant to include a TCP and HTTP/2 handshake
             grpc.channel_ready_future(c.channel).result(timeout=60)

@@ -78,7 +78,8 @@ class Load:
 
     def client_loop(self, seed: int) -> None:
         rng = random.Random(seed)
-        with Client(self.address, timeout_s=60) as c:
+        # One try a call: a failure the client would hide by retrying is counted.
+        with Client(self.address, timeout_s=60, max_attempts=1) as c:
             while not self.stop.is_set():
                 start = time.perf_counter()
                 try:
