@@ -445,6 +445,9 @@ class RegistryFollower:
                 raise ModelLoading(f"model '{self.name}' is loading; retry shortly"
                                    + (f" ({self.last_error})" if self.last_error else ""))
             return self.current
+        candidate = self.candidate
+        if candidate is not None and candidate.version == version:
+            return candidate
         if version in self.others:
             self.others.move_to_end(version)
             return self.others[version]

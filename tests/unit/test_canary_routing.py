@@ -16,6 +16,7 @@ from services.core.registry import Registry
 from services.runtime import classifier as runtime
 from services.serving import follower as follower_module
 from services.serving.classifier import Classifier
+from services.serving.generator import Generator
 from services.serving.follower import falls_back, routing_point
 from tests.helpers import build_tiny_bert, toy_sentiment_rows
 
@@ -213,3 +214,72 @@ def test_routing_key_is_passed_on_and_bounded():
                                                "is 256"):
             (validate_classify if isinstance(request, pb.ClassifyRequest)
              else validate_generate)(request, limits)
+
+
+class Stand:
+    """A loaded version as far as routing cares."""
+
+    def __init__(self, version: str):
+        self.version = version
+
+
+class FlakyGenerator(Generator):
+    """The Generator's routing over stand-ins: v2 fails prompts starting "bad" before
+    any text, and "late" ones after the first chunk."""
+
+    async def _generate_on(self, loaded, prompt, params):
+        if loaded.version == "v2" and prompt.startswith("bad"):
+            raise RuntimeError("candidate broke")
+        if prompt.startswith("invalid"):
+            raise InvalidInput("prompt: too long")
+        return {"text": prompt, "version": loaded.version}
+
+    async def _stream_on(self, loaded, prompt, params):
+        if loaded.version == "v2" and prompt.startswith("bad"):
+            raise RuntimeError("candidate broke")
+        yield {"text": "a", "version": loaded.version}
+        if loaded.version == "v2" and prompt.startswith("late"):
+            raise RuntimeError("candidate broke mid-stream")
+        yield {"text": "b", "version": loaded.version}
+
+
+def test_generator_falls_back_before_any_text_only(tmp_path, fallbacks):
+    async def scenario():
+        model = FlakyGenerator(str(tmp_path / "registry"), "gen")
+        model._follower = asyncio.get_running_loop().create_future()  # no registry polls
+        model.current, model.candidate = Stand("v1"), Stand("v2")
+        model.canary = {"version": "v2", "percent": 100.0}
+
+        async def stream(prompt, **kw):
+            return [c["version"] async for c in model.generate_stream(prompt, {}, **kw)]
+
+        assert (await model.generate("ok", {}))["version"] == "v2"
+        assert (await model.generate("bad", {}))["version"] == "v1"
+        assert await stream("ok") == ["v2", "v2"] and await stream("bad") == ["v1", "v1"]
+        assert fallbacks == {"v2": 2}
+        with pytest.raises(RuntimeError, match="mid-stream"):  # text was sent: no retry
+            await stream("late")
+        with pytest.raises(RuntimeError):  # an explicit version is never replaced
+            await model.generate("bad", {}, version="v2")
+        with pytest.raises(InvalidInput):  # the request's own mistake is not retried
+            await model.generate("invalid", {})
+        assert fallbacks == {"v2": 2}
+        model.canary = {"version": "v2", "percent": 0.0}
+        assert await stream("bad", routing_key="k") == ["v1", "v1"]
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_started_mid_canary_takes_its_share_at_once(registry):
+    """Autoscaling or a restart during a rollout: the first reconfigure loads the
+    candidate too, before Serve sends the replica any request."""
+    async def scenario():
+        registry.start_canary(NAME, "v2", 100)
+        try:
+            model = await replica(registry)
+            assert model.candidate is not None and model.candidate.version == "v2"
+            assert await versions_of(model, 20) == {"v2": 20}
+        finally:
+            registry.abort_canary(NAME)
+
+    asyncio.run(scenario())
