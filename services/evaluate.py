@@ -163,7 +163,8 @@ def _report(name: str, version: str, source: str, location: str, data: LabelledD
 # ---- local: from the registry --------------------------------------------------------
 def evaluate_local(registry: str, name: str, version: Optional[str], data: LabelledData,
                    batch_size: int = DEFAULT_LOCAL_BATCH,
-                   progress: Optional[bool] = None) -> EvalReport:
+                   progress: Optional[bool] = None,
+                   optimize: Optional[str] = None) -> EvalReport:
     reg = Registry(registry)
     if not reg.backend.remote and not Path(reg.backend.root).is_dir():
         raise InvalidInput(f"--registry: no registry at {registry}")
@@ -181,7 +182,8 @@ def evaluate_local(registry: str, name: str, version: Optional[str], data: Label
     _check_task(manifest.get("task"), f"{name} {version}")
     labels = list(manifest.get("labels") or [])
     true = label_ids(data, labels, f"{name} {version}")
-    loaded = load_classifier(reg, name, version)  # verified, labels checked, smoke-tested
+    # verified, labels checked, smoke-tested; on ONNX Runtime where `optimize` says so
+    loaded = load_classifier(reg, name, version, optimize=optimize)
 
     texts = data.texts
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -317,10 +319,11 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
              batch_size: Optional[int] = None, limit: Optional[int] = None,
              timeout_s: float = 60.0, token_file: Optional[str] = None,
              progress: Optional[bool] = None,
-             tls: Optional[dict] = None) -> EvalReport:
+             tls: Optional[dict] = None, optimize: Optional[str] = None) -> EvalReport:
     """What `tuneserve eval` does, short of printing. With `address`, the API token
     comes from `token_file`, else from the environment as Client reads it; `tls`: the
-    Client's TLS keyword arguments (tls, tls_ca, tls_cert, tls_key)."""
+    Client's TLS keyword arguments (tls, tls_ca, tls_cert, tls_key); `optimize`: run
+    the registry's version as `tuneserve serve --optimize` would."""
     if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"--batch-size: must be at least 1, got {batch_size}")
     if not timeout_s > 0:
@@ -328,6 +331,9 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
     if token_file and not address:
         raise InvalidInput("--token-file: a token is for a server; pass --address too (a "
                            "registry on disk needs none)")
+    if optimize and address:
+        raise InvalidInput("--optimize: the server chooses its runtime (tuneserve serve "
+                           "--optimize); pass --registry instead of --address")
     name, version = parse_model_ref(model)
     if address:  # a bad address is refused before the data is read
         check_address(address)
@@ -339,4 +345,4 @@ def run_eval(*, data: str, model: str, registry: Optional[str] = None,
         with Client(address, token=token, timeout_s=timeout_s, **(tls or {})) as client:
             return evaluate_remote(client, name, version, examples, batch_size, progress)
     return evaluate_local(registry or DEFAULT_REGISTRY, name, version, examples,
-                          batch_size or DEFAULT_LOCAL_BATCH, progress)
+                          batch_size or DEFAULT_LOCAL_BATCH, progress, optimize)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from services.cli.common import add_tls_flags, tls_options
-from services.core.config import DEFAULT_REGISTRY, TrainConfig, field_help
+from services.core.config import CLASSIFIER_OPTIMIZERS, DEFAULT_REGISTRY, TrainConfig, field_help
 from services.core.errors import InvalidInput
 
 
@@ -41,6 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate the first N examples only")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per request, with --address")
+    p.add_argument("--optimize", choices=CLASSIFIER_OPTIMIZERS, default=None,
+                   help="with --registry: run the version on ONNX Runtime as `tuneserve "
+                        "serve --optimize` does (onnx-int8: int8 weights)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
                    help="also write the confusion matrix as a PNG")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                       address=args.address, text_column=args.text_column,
                       label_column=args.label_column, columns=args.columns,
                       batch_size=args.batch_size, limit=args.limit, timeout_s=args.timeout_s,
-                      token_file=args.token_file, tls=_tls(args))
+                      token_file=args.token_file, tls=_tls(args), optimize=args.optimize)
     png = str(report.write_png(args.confusion_png)) if args.confusion_png else None
     if args.json:
         print(json.dumps({**report.to_json(), "confusion_png": png}))

@@ -15,6 +15,7 @@ import sys
 import threading
 
 from services.core.config import (
+    CLASSIFIER_OPTIMIZERS,
     DEFAULT_REGISTRY,
     GENERATION_BATCHING,
     SERVING_DTYPES,
@@ -84,6 +85,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
                    help="classifiers run as a TorchScript trace of the model, checked "
                         "against it at load (the model itself where tracing fails)")
+    p.add_argument("--optimize", choices=CLASSIFIER_OPTIMIZERS, default=None,
+                   help="classifiers on a CPU: run on ONNX Runtime (onnx; onnx-int8 with "
+                        "int8 weights), checked against the model at load (same labels, "
+                        "scores within a tolerance; the model serves where it differs)")
     p.add_argument("--max-input-tokens", type=int, default=None, metavar="N",
                    help="classifiers: the most tokens a text runs on (default: the "
                         "model's own limit, e.g. 512)")
@@ -158,7 +163,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       max_ongoing_requests=args.max_ongoing_requests,
                       max_queued_requests=args.max_queued_requests,
                       max_batch_size=args.max_batch_size, dtype=args.dtype,
-                      trace=args.trace, generation_batching=args.generation_batching,
+                      trace=args.trace, optimize=args.optimize,
+                      generation_batching=args.generation_batching,
                       max_input_tokens=args.max_input_tokens, truncation=args.truncation,
                       coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,

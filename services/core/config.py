@@ -840,6 +840,9 @@ class ServeLimits:
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """What `ServeConfig.dtype` may name (services.core.modeling.serving_dtype)."""
 GENERATION_BATCHING = ("continuous", "static")
+CLASSIFIER_OPTIMIZERS = ("onnx", "onnx-int8")
+"""ServeConfig.optimize: ONNX Runtime with the model's float32 weights, or with int8
+weights for its linear layers (services/runtime/optimized.py)."""
 """What `ServeConfig.generation_batching` may name."""
 
 
@@ -968,6 +971,11 @@ class ServeConfig:
     truncation: str = "truncate"
     """Classifiers, a text over the limit: truncate (run its first tokens) or refuse
     (its request fails with INVALID_ARGUMENT naming the text and its length)."""
+    optimize: Optional[str] = None
+    """Classifiers on a CPU: run each version on ONNX Runtime (onnx, or onnx-int8 with
+    int8 weights), exported when it loads and checked against the model on sample texts
+    (same labels, class probabilities within a tolerance); where it cannot run or
+    differs, the version serves as without it (trace). None: TorchScript or eager."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)
@@ -1163,6 +1171,9 @@ def _check_serve_runtime(cfg: ServeConfig) -> None:
             (not _is_int(cfg.max_input_tokens) or cfg.max_input_tokens < 8):
         raise _bad_serve("max_input_tokens", f"must be an integer >= 8, got "
                          f"{cfg.max_input_tokens!r}")
+    if cfg.optimize is not None and cfg.optimize not in CLASSIFIER_OPTIMIZERS:
+        raise _bad_serve("optimize", f"{cfg.optimize!r} is not one of "
+                         f"{', '.join(CLASSIFIER_OPTIMIZERS)}")
     if cfg.truncation not in ("truncate", "refuse"):
         raise _bad_serve("truncation", f"{cfg.truncation!r} is not one of truncate, refuse")
 

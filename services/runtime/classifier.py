@@ -30,6 +30,7 @@ from services.core.config import CLASSIFICATION
 from services.core.errors import CorruptVersion, InvalidInput
 from services.core.modeling import context_length, dtype_name, load_classifier_for_serving
 from services.core.registry import Registry
+from services.runtime.optimized import OptimizeRefused, onnx_runner
 
 # The serving replicas' logger: a replica logs its loads there, and so does `tuneserve eval`.
 logger = logging.getLogger("ray.serve")
@@ -50,8 +51,10 @@ class LoadedClassifier:
     serving limit where that is lower. Longer texts are truncated (or refused)."""
     loaded_at: float
     traced: Any = None
-    """The model's TorchScript trace (`trace_classifier`), which `predict` runs when
-    set; None: the model itself."""
+    """What `predict` runs where set: the model's TorchScript trace (`trace_classifier`)
+    or its ONNX Runtime session (`optimize_classifier`); None: the model itself."""
+    runtime: str = "eager"
+    """What runs the model: eager (the model itself), torchscript, onnx or onnx-int8."""
     name: str = ""
     """The model's name (the `model` label of its metrics)."""
     refuse: bool = False
@@ -89,12 +92,13 @@ def input_limit(model, tokenizer) -> int:
 def load_classifier(registry: Registry, name: str, version: str,
                     dtype: str = "auto", trace: bool = True,
                     max_input_tokens: Optional[int] = None,
-                    refuse: bool = False) -> LoadedClassifier:
+                    refuse: bool = False, optimize: Optional[str] = None) -> LoadedClassifier:
     """Verify, load and smoke-test one version (a serving replica runs this in a worker
     thread); the weights in `services.core.modeling.serving_dtype(dtype)`; with `trace`,
     run as a TorchScript trace where that gives the model's own answers. Texts run up
     to the model's limit, or `max_input_tokens` where lower; `refuse`: see
-    LoadedClassifier.refuse."""
+    LoadedClassifier.refuse; `optimize` (onnx, onnx-int8): run on ONNX Runtime where
+    that answers as the model does (`optimize_classifier`), else as without it."""
     import torch
 
     manifest = registry.verify(name, version)
@@ -110,8 +114,12 @@ def load_classifier(registry: Registry, name: str, version: str,
         max_length = max_input_tokens
     loaded = LoadedClassifier(version, model, tokenizer, labels, max_length, time.time(),
                               name=name, refuse=refuse)
-    if trace:
+    if optimize:
+        loaded.traced = optimize_classifier(loaded, optimize, f"{name} {version}")
+        loaded.runtime = optimize if loaded.traced is not None else "eager"
+    if trace and loaded.traced is None:
         loaded.traced = trace_classifier(loaded, f"{name} {version}")
+        loaded.runtime = "torchscript" if loaded.traced is not None else "eager"
     probs = predict(loaded, [SMOKE_TEXT])
     if probs.shape != (1, len(labels)) or not bool(torch.isfinite(probs).all()):
         raise CorruptVersion(f"{name} {version}: smoke inference gave invalid output")
@@ -143,7 +151,7 @@ def trace_probes(max_length: int) -> list[str]:
     return [*TRACE_PROBES, "word " * max(1, max_length // 2 - 2), "word " * (max_length + 8)]
 
 
-def _logits_module(model):
+def logits_module(model):
     """What is traced: the classifier called with the tokenizer's tensors -> its logits
     (a module made here, so that importing this file does not import torch)."""
     import torch
@@ -164,7 +172,7 @@ def _logits_module(model):
     return Logits(model)
 
 
-def _trace_inputs(loaded: LoadedClassifier, texts: list[str]) -> dict[str, Any]:
+def probe_batch(loaded: LoadedClassifier, texts: list[str]) -> dict[str, Any]:
     """The texts as one padded batch on the model's device, as a trace takes it."""
     enc = loaded.tokenizer(texts, padding=True, truncation=True,
                            max_length=loaded.max_length, return_tensors="pt")
@@ -180,13 +188,13 @@ def _checked_trace(loaded: LoadedClassifier) -> Any:
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values
-        traced = torch.jit.trace(_logits_module(loaded.model), example_kwarg_inputs=(
-            _trace_inputs(loaded, TRACE_PROBES[:3])), strict=False, check_trace=False)
+        traced = torch.jit.trace(logits_module(loaded.model), example_kwarg_inputs=(
+            probe_batch(loaded, TRACE_PROBES[:3])), strict=False, check_trace=False)
     tolerance = 1e-4 if loaded.model.dtype == torch.float32 else 2e-2
     probes = trace_probes(loaded.max_length)
     with torch.inference_mode():
         for texts in [probes, *([t] for t in probes)]:
-            batch = _trace_inputs(loaded, texts)
+            batch = probe_batch(loaded, texts)
             want, got = loaded.model(**batch).logits, traced(**batch)
             if got.shape != want.shape or not torch.allclose(
                     got.float(), want.float(), atol=tolerance, rtol=tolerance):
@@ -207,6 +215,19 @@ def trace_classifier(loaded: LoadedClassifier, what: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - the model itself still serves
         logger.warning("%s: serving the model without TorchScript (%s: %s)", what,
                        type(exc).__name__, str(exc)[:200])
+        return None
+
+
+def optimize_classifier(loaded: LoadedClassifier, kind: str, what: str) -> Any:
+    """The model on ONNX Runtime (`kind`: onnx or onnx-int8, services.runtime.optimized),
+    checked against the model on `trace_probes` (all padded together, and each alone);
+    None, with a log line saying why, where it cannot run or answers differently."""
+    probes = trace_probes(loaded.max_length)
+    try:
+        batches = [probe_batch(loaded, texts) for texts in [probes, *([t] for t in probes)]]
+        return onnx_runner(logits_module(loaded.model), batches, kind)
+    except (OptimizeRefused, ValueError) as exc:
+        logger.warning("%s: not serving on %s (%s)", what, kind, exc)
         return None
 
 

@@ -134,7 +134,7 @@ def _model_specs(cfg: ServeConfig, registry_uri: str,
                   "dtype": cfg.dtype}
         if task == CLASSIFICATION:
             kwargs.update(trace=cfg.trace, max_input_tokens=cfg.max_input_tokens,
-                          truncation=cfg.truncation)
+                          truncation=cfg.truncation, optimize=cfg.optimize)
         elif task == GENERATION:
             kwargs["batching"] = cfg.generation_batching
         specs[name] = {"task": task, "kwargs": kwargs}

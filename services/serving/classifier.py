@@ -31,11 +31,13 @@ class Classifier(RegistryFollower):
                  cache_versions: int = 2, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.0, board: Any = None,
                  dtype: str = "auto", trace: bool = True,
-                 max_input_tokens: Optional[int] = None, truncation: str = "truncate"):
+                 max_input_tokens: Optional[int] = None, truncation: str = "truncate",
+                 optimize: Optional[str] = None):
         super().__init__(registry, name, channel=channel, poll_interval_s=poll_interval_s,
                          threads=threads, cache_versions=cache_versions, board=board,
                          dtype=dtype)
         self.trace = trace  # ServeConfig.trace: run each version as a TorchScript trace
+        self.optimize = optimize  # ServeConfig.optimize: or on ONNX Runtime
         # ServeConfig.max_input_tokens and .truncation: texts run whole up to the model's
         # limit or this one; a longer text is truncated, or its request refused.
         self.max_input_tokens = max_input_tokens
@@ -53,11 +55,11 @@ class Classifier(RegistryFollower):
 
     def _status_extra(self) -> dict[str, Any]:
         return {"labels": self.current.labels if self.current else [],
-                "torchscript": bool(self.current and self.current.traced is not None)}
+                "torchscript": bool(self.current and self.current.runtime == "torchscript")}
 
     def _load_version(self, version: str) -> LoadedClassifier:
         return load_classifier(self.registry, self.name, version, self.dtype, self.trace,
-                               self.max_input_tokens, self.refuse)
+                               self.max_input_tokens, self.refuse, self.optimize)
 
     async def classify(self, texts: list[str], version: Optional[str] = None,
                        routing_key: Optional[str] = None) -> dict[str, Any]:

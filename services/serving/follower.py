@@ -395,8 +395,9 @@ class RegistryFollower:
             elapsed = time.perf_counter() - started
             # What the weights are in (ServeConfig.dtype "auto" resolved); a loaded
             # object without a dtype (a test's stand-in) shows the setting.
-            logger.info("loaded %s %s in %.2fs (dtype %s)", self.name, version, elapsed,
-                        getattr(loaded, "dtype", None) or self.dtype)
+            logger.info("loaded %s %s in %.2fs (dtype %s, runtime %s)", self.name, version,
+                        elapsed, getattr(loaded, "dtype", None) or self.dtype,
+                        getattr(loaded, "runtime", "eager"))
             metrics.inc("tuneserve_model_loads_total", model=self.name, result="loaded")
             metrics.observe("tuneserve_model_load_duration_seconds", elapsed, model=self.name)
             return loaded

@@ -16,7 +16,6 @@ import pytest
 
 from services.core.config import ServeConfig
 from services.core.errors import ConfigError
-from services.core.registry import Registry
 from tests.helpers import GEN_TEMPLATE
 
 TEXTS = ["a lovely film", "dull and far too long", "fine", "😀 ✓ 日本語", "x " * 60]
@@ -75,21 +74,6 @@ def test_auto_is_bfloat16_only_on_a_gpu_that_computes_it(monkeypatch):
     assert serving_dtype("float16") is torch.float16
     with pytest.raises(ValueError, match="unknown serving dtype 'int8'"):
         serving_dtype("int8")
-
-
-@pytest.fixture(scope="module")
-def classifier_registry(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("dtype")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
-    model.save_pretrained(folder / "ckpt")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder / "ckpt")
-    reg = Registry(folder / "registry")
-    reg.publish("toy", folder / "ckpt", {"task": "classification", "labels": ["neg", "pos"],
-                                        "config": {"max_length": 64}, "metrics": {}})
-    return reg
 
 
 def test_a_classifier_replica_loads_and_answers_in_bfloat16(classifier_registry):
