@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from services.core.config import OptimSection, ResolvedTrainConfig
+from services.core.config import ClusterSection, OptimSection, ResolvedTrainConfig
 from services.core.modeling import load_tokenizer, quiet_transformers
 from services.training.encoded import EncodedSplit
 from services.training.sharding import MicroBatch, epoch_order, micro_batches, share_and_scale
@@ -260,6 +260,30 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     """Ray Train's entry point on every worker: set up, then train epoch by epoch,
     evaluating and checkpointing, until the last epoch or early stopping."""
     Worker(cfg).run()
+
+
+def make_trainer(cfg: LoopConfig, cluster: ClusterSection, run_name: str,
+                 storage_path: str, callbacks: tuple = ()):
+    """Ray Train's TorchTrainer whose workers run train_loop_per_worker(cfg) on the
+    cluster section's workers; it keeps the two best checkpoints by the task's metric
+    (`callbacks`: Ray Train UserCallbacks, e.g. Tune's report callback)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    task = cfg.task
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, callbacks=list(callbacks),
+            checkpoint_config=CheckpointConfig(num_to_keep=2,
+                                               checkpoint_score_attribute=task.metric,
+                                               checkpoint_score_order=task.metric_mode),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+        ),
+    )
 
 
 class Worker:

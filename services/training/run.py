@@ -40,7 +40,7 @@ from services.core.modeling import describe_model_ref, load_tokenizer, prepare_m
 from services.core.raycluster import ensure_ray
 from services.core.registry import Registry
 from services.training.encoded import EncodedSplit
-from services.training.loop import LoopConfig, train_loop_per_worker
+from services.training.loop import LoopConfig, make_trainer
 from services.training.promotion import (decide, learned_check, majority_baseline,
                                           not_promoted_note, same_rows,
                                           single_predicted_class)
@@ -353,7 +353,7 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
                                       data_ref=ray.put(prep.data), task=task,
                                       progress_queue=queue, run_name=run_name,
                                       run_dir=str(run_dir))
-    trainer = _trainer(cfg, task, loop_cfg, run_name, runs_dir)
+    trainer = make_trainer(loop_cfg, cfg.cluster, run_name, str(runs_dir))
     progress = _Progress(out, progress_bar, task)
     tracker = RunTracker(run_dir, run_name, cfg.publish.name, config=cfg.to_dict(),
                          out=out, gauges=False)
@@ -396,29 +396,6 @@ def _open_run(prep: Prepared, resume: Optional[str],
         {"run": run_name, "config": cfg.to_dict(), "data": prep.data_info,
          "versions": _versions()}, indent=2, default=str))
     return run_name, runs_dir
-
-
-def _trainer(cfg: ResolvedTrainConfig, task: Task, loop_cfg: LoopConfig, run_name: str,
-             runs_dir: Path):
-    """Ray Train's TorchTrainer: the workers run loop.train_loop_per_worker(loop_cfg);
-    it keeps the two best checkpoints by the task's metric."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    c = cfg.cluster
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.use_gpu,
-                                     resources_per_worker={"CPU": c.cpus_per_worker}),
-        run_config=RunConfig(
-            name=run_name, storage_path=str(runs_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=2,
-                                               checkpoint_score_attribute=task.metric,
-                                               checkpoint_score_order=task.metric_mode),
-            failure_config=FailureConfig(max_failures=c.max_failures),
-        ),
-    )
 
 
 def _watch(trainer, queue, progress: _Progress, tracker: RunTracker, started_here: bool,
