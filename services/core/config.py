@@ -249,6 +249,16 @@ class TrainConfig:
     """End the run after at most N optimizer steps in all, counted across epochs (the
     learning rate decays to 0 there); it then evaluates and publishes the best
     checkpoint as usual. For smoke runs on big data. Default: no bound."""
+    search: bool = False
+    """Search the learning rate, epochs and warmup with Ray Tune: --search-trials runs
+    train in parallel on the cluster (each with --workers workers), ASHA stops the weak
+    ones early, and the best trial's best checkpoint is published as one version (its
+    manifest's `search` lists every trial, its settings and metrics)."""
+    search_trials: int = 4
+    """With --search: how many settings to try (the first is the run's own)."""
+    search_time_budget_s: Optional[float] = None
+    """With --search: stop every trial after this many seconds in all and publish the
+    best checkpoint so far. Default: no limit."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations in a row without the eval metric improving by
     more than early_stopping_min_delta; the best checkpoint is published. 0: off."""
@@ -372,7 +382,7 @@ def _check_finite(r: "ResolvedTrainConfig") -> None:
 
 def _check_integers(r: "ResolvedTrainConfig") -> None:
     for name in ("workers", "epochs", "batch_size", "grad_accum_steps", "max_length",
-                 "log_every_steps", "eval_steps", "max_steps"):
+                 "log_every_steps", "eval_steps", "max_steps", "search_trials"):
         value = getattr(r, name)
         if name in ("max_length", "eval_steps", "max_steps") and value is None:
             continue
@@ -405,6 +415,8 @@ def _check_ranges(r: "ResolvedTrainConfig") -> None:
         raise _bad("warmup_ratio", f"must be in [0, 1), got {r.warmup_ratio}")
     if r.max_grad_norm <= 0:
         raise _bad("max_grad_norm", f"must be > 0, got {r.max_grad_norm}")
+    if r.search_time_budget_s is not None and r.search_time_budget_s <= 0:
+        raise _bad("search_time_budget_s", f"must be > 0, got {r.search_time_budget_s}")
 
 
 def _check_batch_split(r: "ResolvedTrainConfig") -> None:
@@ -571,6 +583,15 @@ class ClusterSection:
 
 
 @dataclass(frozen=True)
+class SearchSection:
+    """The hyperparameter search with Ray Tune (services/training/search.py), if any."""
+
+    search: bool
+    search_trials: int
+    search_time_budget_s: Optional[float]
+
+
+@dataclass(frozen=True)
 class PublishSection:
     """What the registry gets: the model name, the registry and the promotion gate."""
 
@@ -582,7 +603,8 @@ class PublishSection:
 
 
 SECTIONS = (("data", DataSection), ("modeling", ModelSection), ("optim", OptimSection),
-            ("cluster", ClusterSection), ("publish", PublishSection))
+            ("cluster", ClusterSection), ("tuning", SearchSection),
+            ("publish", PublishSection))
 """ResolvedTrainConfig's sections; together with `task` they hold every TrainConfig
 field exactly once."""
 
@@ -598,6 +620,7 @@ class ResolvedTrainConfig:
     modeling: ModelSection
     optim: OptimSection
     cluster: ClusterSection
+    tuning: SearchSection
     publish: PublishSection
 
     @classmethod

@@ -44,6 +44,8 @@ from services.training.loop import LoopConfig, make_trainer
 from services.training.promotion import (decide, learned_check, majority_baseline,
                                           not_promoted_note, same_rows,
                                           single_predicted_class)
+from services.training.search import (SearchPlan, concurrent_trials, describe_params,
+                                       run_search, trial_params)
 from services.training.tasks import RESUME_ONLY_FILES, Task, make_task
 from services.training.tracking import RunTracker
 
@@ -226,8 +228,11 @@ def run_training(cfg: TrainConfig | ResolvedTrainConfig, *, publish: bool = True
     model_ref, tokenizer = preflight(resolved, publish=publish, resume=resume,
                                      progress_bar=progress_bar, out=out)
     prepared = prepare(resolved, model_ref, tokenizer, out)
-    fitted = fit(prepared, resume=resume, out=out, progress_bar=progress_bar,
-                 verbose=verbose)
+    if resolved.tuning.search:
+        fitted = fit_search(prepared, out=out, verbose=verbose)
+    else:
+        fitted = fit(prepared, resume=resume, out=out, progress_bar=progress_bar,
+                     verbose=verbose)
     res = fitted.result(prepared)
     check_converged(fitted.best_metrics, fitted.run_dir)
     quality = quality_record(prepared.task.label_names, fitted.best_metrics, res.metrics)
@@ -299,9 +304,16 @@ def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
     tokenizer."""
     if resume:
         _check_unfinished(resume, cfg.cluster.runs_dir)
+        if cfg.tuning.search:
+            raise ConfigError(f"--resume: run {resume!r} was a --search, which cannot be "
+                              "resumed; run the search again")
     elif cfg.cluster.run_name and \
             (Path(cfg.cluster.runs_dir) / cfg.cluster.run_name / RUN_CONFIG_FILE).is_file():
         _check_unfinished(cfg.cluster.run_name, cfg.cluster.runs_dir, flag="--run-name")
+        if cfg.tuning.search:
+            raise ConfigError(f"invalid config field 'run_name': run "
+                              f"{cfg.cluster.run_name!r} exists and a --search cannot be "
+                              "resumed; give another run name")
     if publish:
         _check_registry_task(cfg)
     model = cfg.modeling.model
@@ -373,6 +385,45 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
                   samples_per_s=progress.last_rate,
                   artifacts=tracker.artifacts(tracker.plot()),
                   steps=max((e["step"] for e in progress.history), default=None))
+
+
+def fit_search(prep: Prepared, *, out: Callable[[str], None], verbose: bool) -> Fitted:
+    """Runs the hyperparameter search (services/training/search.py) in a new run folder;
+    the best checkpoint of its best trial, with the search's record."""
+    import ray
+    from ray.train import Checkpoint
+
+    cfg, task = prep.cfg, prep.task
+    started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
+    resources = ray.cluster_resources()
+    _check_resources(cfg, resources, started_here, out)
+    run_name, runs_dir = _open_run(prep, None, out)
+    run_dir = runs_dir / run_name
+    loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,
+                                      data_ref=ray.put(prep.data), task=task,
+                                      progress_queue=None, run_name=run_name,
+                                      run_dir=str(run_dir))
+    trials = cfg.tuning.search_trials
+    plan = SearchPlan(loop_cfg=loop_cfg, cluster=cfg.cluster, storage=str(run_dir),
+                      params=trial_params(cfg.optim, trials, cfg.optim.seed),
+                      concurrent=concurrent_trials(cfg.cluster, resources, trials),
+                      time_budget_s=cfg.tuning.search_time_budget_s)
+    try:
+        found = run_search(plan, out)
+    except KeyboardInterrupt:
+        out(f"interrupted: search {run_name} stopped; nothing was published")
+        raise
+    except RuntimeError as exc:
+        raise TrainingFailed(f"the search failed, no trial reported an evaluation "
+                             f"(nothing was published): {exc}") from None
+    out(f"search: trial {found.best_trial} is best "
+        f"({describe_params(plan.params[found.best_trial])})")
+    return Fitted(run_name=run_name, run_dir=run_dir,
+                  checkpoint=Checkpoint.from_directory(found.checkpoint_path),
+                  best_metrics=found.best_metrics, history=found.history,
+                  samples_per_s=None, artifacts={},
+                  steps=max((e["step"] for e in found.history), default=None),
+                  search=found.record)
 
 
 def _open_run(prep: Prepared, resume: Optional[str],
