@@ -21,10 +21,12 @@ def containers(rendered) -> list[dict]:
         if obj["kind"] in ("RayService", "RayJob"):
             for _, template in pod_templates(obj):
                 out.extend(template["spec"]["containers"])
+        elif obj["kind"] in ("Deployment", "Job"):
+            out.extend(obj["spec"]["template"]["spec"]["containers"])
     return out
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + ["s3", "s3-minio"])
 def test_the_pull_policy_matches_the_reference(overlay):
     found = containers(render(str(K8S / "overlays" / overlay)))
     assert len(found) >= 5
