@@ -37,7 +37,7 @@ class TwoVersions:
     """A classifier and generator with versions v1 (the default) and v2; "boom" fails
     on whichever version runs it."""
 
-    async def classify(self, texts, version=None):
+    async def classify(self, texts, version=None, routing_key=None):
         version = version or "v1"
         if version not in KNOWN:
             raise ModelNotFound(f"model 'm' has no version '{version}'")
@@ -46,11 +46,11 @@ class TwoVersions:
         return {"version": version, "results": [
             {"label": "pos", "score": 1.0, "scores": [("pos", 1.0)]} for _ in texts]}
 
-    async def generate(self, prompt, params, version=None):
+    async def generate(self, prompt, params, version=None, routing_key=None):
         return {"text": prompt, "prompt_tokens": 1, "completion_tokens": 1,
                 "finish_reason": "length", "version": version or "v1"}
 
-    async def generate_stream(self, prompt, params, version=None):
+    async def generate_stream(self, prompt, params, version=None, routing_key=None):
         for word in prompt.split():
             yield {"text": word, "prompt_tokens": 1, "completion_tokens": 1,
                    "finish_reason": None, "version": version or "v2"}
@@ -223,3 +223,33 @@ def test_canary_alerts_fire_on_the_worse_version_only(tmp_path):
     proc = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_the_generator_labels_batches_tokens_and_first_tokens_by_version(
+        batching, tmp_path, monkeypatch):
+    """Both batching paths of the Generator deployment, in-process over a tiny engine
+    (as in test_generator_batching.py), record with the version that generated."""
+    from tests.helpers import build_bpe_tokenizer
+    from tests.unit.test_continuous import PROMPTS, _engine
+    from tests.unit.test_generator_batching import _serve
+
+    seen: list[tuple[str, dict]] = []
+    monkeypatch.setattr(metrics, "observe", lambda name, value, **tags: seen.append(
+        (name, tags)))
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1.0, **tags: seen.append(
+        (name, tags)))
+    tokenizer = build_bpe_tokenizer(PROMPTS * 3 + ["Q: A: the a of and to in"])
+    gen = _serve(_engine("gpt2", tokenizer), tmp_path, batching=batching)
+
+    async def calls():
+        return await asyncio.gather(*(gen.generate(p, {"max_new_tokens": 3,
+                                                       "ignore_eos": True})
+                                      for p in PROMPTS[:3]))
+
+    assert {a["version"] for a in asyncio.run(calls())} == {"v1"}
+    names = {"tuneserve_batch_size", "tuneserve_generated_tokens_total",
+             "tuneserve_time_to_first_token_seconds"}
+    recorded = {(name, tags["model"], tags["version"]) for name, tags in seen
+                if name in names}
+    assert recorded == {(name, "gen", "v1") for name in names}
