@@ -210,13 +210,18 @@ def test_canary_alerts_fire_on_the_worse_version_only(tmp_path):
         _series("ray_tuneserve_requests_total", "0+0.2x40", model="rare", version="v2",
                 method="Classify", code=SERVER_SIDE),
         # one version only, erring a lot: TuneserveHighErrorRatio's business, not these.
-        *_traffic("solo", "v1", 50, 50, fast=False),
+        *_traffic("solo", "v1", 50, 50, fast=True),
+        # a candidate whose failures production answered (fallbacks): none reach a
+        # client, yet 9 % of its requests failed.
+        *_traffic("fb", "v1", 1000, 0, fast=True),
+        *_traffic("fb", "v2", 91, 0, fast=True),
+        _series("ray_tuneserve_canary_fallbacks_total", "0+9x40", model="fb", version="v2"),
     ]
     bad = {"model": "toy", "version": "v2"}
     tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [{
         "interval": "1m", "input_series": series, "alert_rule_test": [
             _expect("TuneserveCanaryErrorRatio", "3m"),  # not yet: `for: 5m`
-            _expect("TuneserveCanaryErrorRatio", "20m", bad),
+            _expect("TuneserveCanaryErrorRatio", "20m", bad, {"model": "fb", "version": "v2"}),
             _expect("TuneserveCanaryLatency", "20m", {**bad, "method": "Classify"}),
         ]}]}
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
