@@ -131,7 +131,7 @@ def test_app_builder_refuses_an_empty_token_file(tmp_path, monkeypatch):
     from services.serving import app as app_module
 
     monkeypatch.setattr(app_module, "discover_models",
-                        lambda registry, wanted: {"m": "classification"})
+                        lambda *_: {"m": "classification"})
     (tmp_path / "admin").write_text("\n")
     with pytest.raises(ConfigError, match="holds no token") as err:
         app_module.app_builder({"registry": str(tmp_path),
@@ -476,7 +476,7 @@ def built(monkeypatch, tmp_path):
     from services.serving import app as app_module
 
     monkeypatch.setattr(app_module, "discover_models",
-                        lambda registry, wanted: {"m": "classification"})
+                        lambda *_: {"m": "classification"})
     monkeypatch.delenv("TUNESERVE_API_TOKEN", raising=False)
     monkeypatch.delenv("TUNESERVE_ADMIN_TOKEN", raising=False)
     records: list[logging.LogRecord] = []

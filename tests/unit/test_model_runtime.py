@@ -46,7 +46,7 @@ def test_app_builder_passes_the_dtype_to_every_model(monkeypatch, tmp_path):
     from services.serving import app as app_module
 
     monkeypatch.setattr(app_module, "discover_models",
-                        lambda registry, wanted: {"c": "classification", "g": "generation"})
+                        lambda *_: {"c": "classification", "g": "generation"})
     app = app_module.build_app(ServeConfig(registry=str(tmp_path), dtype="bfloat16"))
     models = app._bound_deployment.init_args[1]  # name -> the model deployment, bound
     assert {name: h._bound_deployment.init_kwargs["dtype"] for name, h in models.items()} \
@@ -190,7 +190,7 @@ def test_the_trace_setting_reaches_classifiers_only(monkeypatch, tmp_path):
     assert parser.parse_args(["serve"]).trace is True
     assert parser.parse_args(["serve", "--no-trace"]).trace is False
     monkeypatch.setattr(app_module, "discover_models",
-                        lambda registry, wanted: {"c": "classification", "g": "generation"})
+                        lambda *_: {"c": "classification", "g": "generation"})
     app = app_module.build_app(ServeConfig(registry=str(tmp_path), trace=False,
                                            colocate=True))
     specs = app._bound_deployment.init_args[1]

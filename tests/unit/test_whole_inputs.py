@@ -216,7 +216,7 @@ def test_the_settings_are_checked_and_reach_classifiers(monkeypatch, tmp_path):
     defaults = serve_config(build_parser().parse_args(["serve"]))
     assert (defaults.max_input_tokens, defaults.truncation) == (None, "truncate")
     monkeypatch.setattr(app_module, "discover_models",
-                        lambda registry, wanted: {"c": "classification", "g": "generation"})
+                        lambda *_: {"c": "classification", "g": "generation"})
     app = app_module.build_app(ServeConfig(registry=str(tmp_path), colocate=True,
                                            max_input_tokens=256, truncation="refuse"))
     specs = app._bound_deployment.init_args[1]
