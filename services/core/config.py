@@ -30,6 +30,7 @@ import yaml
 
 from services.core.errors import ConfigError, TuneserveError
 from services.core.names import validate_name
+from services.core.pooling import POOLINGS
 
 DEFAULT_HOME = Path(os.environ.get("TUNESERVE_HOME", ".tuneserve"))
 DEFAULT_REGISTRY = str(DEFAULT_HOME / "registry")
@@ -267,6 +268,20 @@ class TrainConfig:
     class_weights: Optional[str] = None
     """Classification: loss weights per class, 'balanced' (n / (classes x count), for
     imbalanced labels) or label=weight pairs, e.g. 'spam=3,ham=1'. Default: none."""
+    pooling: str = "auto"
+    """Classification: how the encoder's token states become one vector per text: mean
+    (their masked mean, as sentence-transformers encoders are trained), cls (the
+    model's own head), or auto: mean for a sentence-transformers model (its
+    1_Pooling/config.json says mean tokens), else cls. Saved with the checkpoint;
+    serving and eval apply it."""
+    small_data: str = "auto"
+    """Classification: settings for a small training set: enough optimizer steps
+    whatever its size (more epochs), a learning rate for them and a faster-learning
+    head. auto: on below 5,000 training rows; on; off. Fields given explicitly
+    (--epochs, --learning-rate, --warmup-ratio, --head-learning-rate) are kept."""
+    head_learning_rate: Optional[float] = None
+    """Classification: peak learning rate of the new classification head. Default:
+    1e-3 with small-data settings, else --learning-rate."""
     max_failures: int = 1
     """Worker failures (process or node lost) tolerated; after each, training resumes
     from the last checkpoint. More than this and the run fails."""
@@ -290,7 +305,10 @@ class TrainConfig:
         defaults filled in and the model name derived from the training file. This
         input is left as it is. ConfigError names the first bad field."""
         _check_required(self)
-        resolved = ResolvedTrainConfig.from_flat(_resolved_values(self))
+        resolved = dataclasses.replace(
+            ResolvedTrainConfig.from_flat(_resolved_values(self)),
+            defaulted=tuple(name for name in ("epochs", "learning_rate", "warmup_ratio")
+                            if getattr(self, name) is None))
         for check in TRAIN_CHECKS:
             check(resolved)
         return resolved
@@ -419,6 +437,23 @@ def _check_ranges(r: "ResolvedTrainConfig") -> None:
         raise _bad("search_time_budget_s", f"must be > 0, got {r.search_time_budget_s}")
 
 
+SMALL_DATA_MODES = ("auto", "on", "off")
+
+
+def _check_small_data(r: "ResolvedTrainConfig") -> None:
+    if r.pooling not in POOLINGS:
+        raise _bad("pooling", f"must be one of {', '.join(POOLINGS)}, got {r.pooling!r}")
+    if r.small_data not in SMALL_DATA_MODES:
+        raise _bad("small_data", f"must be one of {', '.join(SMALL_DATA_MODES)}, "
+                   f"got {r.small_data!r}")
+    for name, off in (("pooling", "auto"), ("small_data", "auto"),
+                      ("head_learning_rate", None)):
+        if getattr(r, name) != off and r.task != CLASSIFICATION:
+            raise _bad(name, f"applies to --task {CLASSIFICATION} only")
+    if r.head_learning_rate is not None and not 0.0 < r.head_learning_rate < 1.0:
+        raise _bad("head_learning_rate", f"must be in (0, 1), got {r.head_learning_rate}")
+
+
 def _check_batch_split(r: "ResolvedTrainConfig") -> None:
     per_step = r.workers * r.grad_accum_steps
     if r.batch_size % per_step:
@@ -515,7 +550,7 @@ def _check_extra(r: "ResolvedTrainConfig") -> None:
 TRAIN_CHECKS: tuple[Callable[["ResolvedTrainConfig"], None], ...] = (
     _check_finite, _check_integers, _check_ranges, _check_batch_split,
     _check_prompt_template, _check_packing, _check_lora, _check_columns, _check_name, _check_promotion,
-    _check_extra)
+    _check_extra, _check_small_data)
 """The checks of a resolved config, in the order its fields are reported."""
 
 
@@ -546,6 +581,8 @@ class ModelSection:
     lora_alpha: float
     lora_dropout: float
     lora_target_modules: Optional[tuple[str, ...]]
+    pooling: str
+    """auto until the model's files chose it (ResolvedTrainConfig.with_choices)."""
 
 
 @dataclass(frozen=True)
@@ -566,6 +603,8 @@ class OptimSection:
     max_steps: Optional[int]
     early_stopping_patience: int
     early_stopping_min_delta: float
+    small_data: str
+    head_learning_rate: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -622,6 +661,9 @@ class ResolvedTrainConfig:
     cluster: ClusterSection
     tuning: SearchSection
     publish: PublishSection
+    defaulted: tuple[str, ...] = field(default=(), compare=False)
+    """The fields the task's defaults filled in (not given by the user): what the
+    small-data settings may change."""
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "ResolvedTrainConfig":
@@ -638,6 +680,12 @@ class ResolvedTrainConfig:
     def micro_batch_size(self) -> int:
         """Examples per forward pass on one worker."""
         return self.optim.batch_size // (self.cluster.workers * self.optim.grad_accum_steps)
+
+    def with_choices(self, pooling: str, **optim: Any) -> "ResolvedTrainConfig":
+        """A copy with the pooling and optimizer fields chosen from the model and data."""
+        return dataclasses.replace(
+            self, modeling=dataclasses.replace(self.modeling, pooling=pooling),
+            optim=dataclasses.replace(self.optim, **optim))
 
     def with_max_length(self, max_length: int) -> "ResolvedTrainConfig":
         """A copy with the max_length the training data chose."""

@@ -16,6 +16,7 @@ from typing import Optional
 
 from services.core.config import SERVING_DTYPES
 from services.core.errors import ConfigError
+from services.core.pooling import apply_pooling, recorded_pooling
 
 SAFE_LOAD = {"use_safetensors": True, "trust_remote_code": False}
 """Keyword arguments of every `from_pretrained` here that reads weights."""
@@ -198,8 +199,10 @@ def load_tokenizer(ref: str):
     return tok
 
 
-def load_classifier_for_training(ref: str, id2label: dict[int, str], pad_token_id: Optional[int]):
-    """A sequence classifier with a fresh head sized for these labels."""
+def load_classifier_for_training(ref: str, id2label: dict[int, str], pad_token_id: Optional[int],
+                                 pooling: str = "cls"):
+    """A sequence classifier with a fresh head sized for these labels, run with
+    `pooling` (services.core.pooling: cls or mean)."""
     model = quiet_transformers().AutoModelForSequenceClassification.from_pretrained(
         ref,
         num_labels=len(id2label),
@@ -210,7 +213,7 @@ def load_classifier_for_training(ref: str, id2label: dict[int, str], pad_token_i
     )
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
-    return model
+    return apply_pooling(model, pooling)
 
 
 def serving_dtype(name: str = "auto"):
@@ -236,10 +239,11 @@ def dtype_name(model) -> str:
 
 def load_classifier_for_serving(path: str | Path, dtype: str = "auto"):
     """Model and tokenizer from a published version folder (safetensors only), the
-    weights in `serving_dtype(dtype)`."""
+    weights in `serving_dtype(dtype)`, run with the pooling its config records."""
     transformers = quiet_transformers()
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(path), dtype=serving_dtype(dtype), **SAFE_LOAD)
+    model = apply_pooling(model, recorded_pooling(model.config))
     if _torch().cuda.is_available():  # a replica given a GPU (ServeConfig.replica_gpus)
         model.to("cuda")
     model.eval()

@@ -52,14 +52,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float, head_lr_scale: float = 1.0,
+                 is_head=lambda name: False):
+    """AdamW's groups: with and without weight decay, the head's (`is_head`) apart
+    with its learning rate `head_lr_scale` times the schedule's (each group's
+    `lr_scale`)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        head = head_lr_scale != 1.0 and is_head(name)
+        decay = not (p.ndim < 2 or "norm" in name.lower())
+        groups.setdefault((head, decay), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": head_lr_scale if head else 1.0}
+            for (head, decay), params in sorted(groups.items(),
+                                                key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def save_trainer_state(folder: str, optimizer, state: dict[str, Any]) -> None:
@@ -343,8 +351,11 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.bf16 = self.cfg.use_gpu and torch.cuda.is_available() \
             and torch.cuda.is_bf16_supported()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg.optim.weight_decay),
-                                           lr=self.cfg.optim.learning_rate)
+        optim = self.cfg.optim
+        head_scale = (optim.head_learning_rate or optim.learning_rate) / optim.learning_rate
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, optim.weight_decay, head_scale,
+                         self.task.is_head_parameter), lr=optim.learning_rate)
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
@@ -447,7 +458,7 @@ class Worker:
         cfg, state = self.cfg, self.state
         lr = lr_at(state.step, self.total_steps, self.warmup_steps, cfg.optim.learning_rate)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

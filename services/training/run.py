@@ -344,7 +344,9 @@ def prepare(cfg: ResolvedTrainConfig, model_ref: str, tokenizer,
     out(task.describe_data())
     # Kept on the driver: the task itself goes to every worker.
     rows, task.eval_rows = task.eval_rows, None
-    # The max_length the data chose goes into the config the manifest records.
+    # What the data and model chose (max_length, pooling, small-data settings) goes
+    # into the config the workers train with and the manifest records.
+    cfg = task.choose_settings(cfg, len(data["train"]), out)
     return Prepared(cfg.with_max_length(task.max_length), task, data, data_info, rows)
 
 

@@ -30,6 +30,7 @@ from services.core.errors import ConfigError
 from services.core.modeling import (GENERATION_FILE, check_causal_lm, eos_token_ids,
                                     load_causal_lm_for_training,
                                     load_classifier_for_training)
+from services.core.pooling import is_head_parameter, resolve_pooling, unwrap
 from services.training.encoded import (EncodedSplit, choose_max_length, encode_pairs,
                                        encode_texts, model_limit, pad_batch)
 
@@ -102,6 +103,16 @@ class Task:
 
     def manifest_fields(self) -> dict[str, Any]:
         return {}
+
+    def choose_settings(self, cfg: ResolvedTrainConfig, train_rows: int,
+                        out=print) -> ResolvedTrainConfig:
+        """The run's config with what the model and data decide (after prepare_data);
+        the choices are printed with why, and recorded by manifest_fields."""
+        return cfg
+
+    def is_head_parameter(self, name: str) -> bool:
+        """Whether a named parameter is the new head's (head_learning_rate applies)."""
+        return False
 
     # ---- worker side -----------------------------------------------------------
     def build_model(self, tokenizer):
@@ -219,6 +230,51 @@ class _Examples:
         return self.split.example(i), self.second(i)
 
 
+SMALL_DATA_ROWS = 5000
+"""With small_data auto, training sets below this many rows get small-data settings."""
+SMALL_DATA_MIN_STEPS = 400
+"""Optimizer steps a small-data run takes at least (by its epochs)..."""
+SMALL_DATA_MAX_EPOCHS = 20
+"""... in at most this many epochs."""
+SMALL_DATA_LEARNING_RATE = 5e-5
+SMALL_DATA_WARMUP_RATIO = 0.1
+SMALL_DATA_HEAD_LEARNING_RATE = 1e-3
+"""The new head starts from random weights: it learns faster than the encoder."""
+# docs/quality.md ("Small training sets") says why each value is what it is.
+
+
+def small_data_settings(cfg: ResolvedTrainConfig, train_rows: int) -> dict[str, Any]:
+    """Whether small-data settings apply (mode, rows) and the optimizer fields they
+    set: only those the user left to the defaults (cfg.defaulted), and the head's
+    learning rate where it is unset. {"applied", "why", "settings"}."""
+    o = cfg.optim
+    mode = o.small_data
+    applied = mode == "on" or (mode == "auto" and train_rows < SMALL_DATA_ROWS)
+    if mode == "auto":
+        side = "below" if applied else "at least"
+        why = f"{train_rows} training rows, {side} {SMALL_DATA_ROWS}, with --small-data auto"
+    else:
+        why = f"--small-data {mode}"
+    settings: dict[str, Any] = {}
+    if applied:
+        steps_per_epoch = max(1, math.ceil(train_rows / o.batch_size))
+        if "epochs" in cfg.defaulted:
+            wanted = math.ceil(SMALL_DATA_MIN_STEPS / steps_per_epoch)
+            settings["epochs"] = int(min(SMALL_DATA_MAX_EPOCHS, max(o.epochs, wanted)))
+        if "learning_rate" in cfg.defaulted:
+            settings["learning_rate"] = SMALL_DATA_LEARNING_RATE
+        if "warmup_ratio" in cfg.defaulted:
+            settings["warmup_ratio"] = SMALL_DATA_WARMUP_RATIO
+        if o.head_learning_rate is None:
+            settings["head_learning_rate"] = SMALL_DATA_HEAD_LEARNING_RATE
+        kept = [f for f in ("epochs", "learning_rate", "warmup_ratio")
+                if f not in cfg.defaulted]
+        if kept:
+            why += f"; kept as given: {', '.join(kept)}"
+    return {"mode": mode, "applied": applied, "why": why, "train_rows": train_rows,
+            "settings": settings}
+
+
 class ClassificationTask(Task):
     name = CLASSIFICATION
     defaults = TASK_DEFAULTS[CLASSIFICATION]
@@ -229,6 +285,9 @@ class ClassificationTask(Task):
         super().__init__(cfg, model_ref)
         self.id2label: dict[int, str] = {}
         self.class_weights: Optional[list[float]] = None
+        self.pooling: str = cfg.modeling.pooling
+        self.choices: dict[str, Any] = {}
+        """What choose_settings chose and why (the manifest's pooling and small_data)."""
 
     @property
     def label_names(self) -> list[str]:  # type: ignore[override]
@@ -304,8 +363,41 @@ class ClassificationTask(Task):
         out["loss"] = float(metrics.get("eval_loss", float("nan")))
         return out
 
+    def choose_settings(self, cfg, train_rows, out=print):
+        """The pooling (services.core.pooling) and the small-data settings."""
+        pooling, pooling_why = resolve_pooling(cfg.modeling.pooling, self.model_ref)
+        small = small_data_settings(cfg, train_rows)
+        self.pooling = pooling
+        out(f"pooling: {pooling} ({pooling_why})")
+        if small["applied"]:
+            chosen = ", ".join(f"{k} {v:g}" for k, v in small["settings"].items())
+            out(f"small-data settings: {chosen or 'none left to choose'} ({small['why']}); "
+                "--small-data off turns them off")
+        chosen_cfg = cfg.with_choices(pooling, **small["settings"])
+        head_lr = chosen_cfg.optim.head_learning_rate
+        self.choices = {"pooling": {"value": pooling, "why": pooling_why},
+                        "small_data": {**small, "optim": {
+                            "epochs": chosen_cfg.optim.epochs,
+                            "learning_rate": chosen_cfg.optim.learning_rate,
+                            "warmup_ratio": chosen_cfg.optim.warmup_ratio,
+                            "head_learning_rate": head_lr or chosen_cfg.optim.learning_rate}}}
+        return chosen_cfg
+
+    def manifest_fields(self):
+        return dict(self.choices)
+
+    def is_head_parameter(self, name):
+        return is_head_parameter(name)
+
     def build_model(self, tokenizer):
-        return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id)
+        pooling = self.pooling
+        if pooling == "auto":  # choose_settings not run (a task made by hand)
+            pooling = resolve_pooling(pooling, self.model_ref)[0]
+        return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id,
+                                            pooling=pooling)
+
+    def load_weights(self, model, folder):
+        load_saved_weights(unwrap(model), folder)
 
     def dataset(self, split):
         return _Examples(split, "label")
