@@ -70,6 +70,9 @@ SPECS = {s.name: s for s in [
          "1 for each model version a replica serves", ("model", "version")),
     Spec("tuneserve_model_loads_total", "counter",
          "Model version loads by result (loaded, failed, refused)", ("model", "result")),
+    Spec("tuneserve_canary_percent", "gauge",
+         "Share of the requests (percent) a replica routes to its canary candidate; 0 "
+         "once the canary ended", ("model", "version")),
     Spec("tuneserve_canary_fallbacks_total", "counter",
          "Requests a canary candidate failed with a server-side error and production "
          "answered instead, by candidate version", ("model", "version")),

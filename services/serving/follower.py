@@ -122,6 +122,7 @@ class RegistryFollower:
         # the candidate loaded beside self.current (None until loaded, or refused).
         self.canary: Optional[dict[str, Any]] = None
         self.candidate: Optional[Any] = None
+        self._exported_share: Optional[tuple[str, float]] = None  # (candidate, percent)
 
     def _load_version(self, version: str) -> Any:
         """Verify, load and smoke-test one version (runs in a worker thread). The result
@@ -238,6 +239,7 @@ class RegistryFollower:
                 if served is not None:                      # series stay live
                     metrics.set_gauge("tuneserve_model_info", 1, model=self.name,
                                       version=served.version)
+            self._export_share()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
@@ -269,6 +271,20 @@ class RegistryFollower:
                 except TuneserveError:  # refused or to be tried again: status says
                     pass
         self.canary = canary
+
+    def _export_share(self) -> None:
+        """tuneserve_canary_percent: the share this replica routes to its candidate
+        (the rollout's step as served), 0 for a candidate it no longer holds."""
+        share = None
+        if self.canary is not None and self.candidate is not None and \
+                self.candidate.version == self.canary["version"]:
+            share = (self.candidate.version, float(self.canary["percent"]))
+        last, self._exported_share = self._exported_share, share
+        if last is not None and (share is None or last[0] != share[0]):
+            metrics.set_gauge("tuneserve_canary_percent", 0, model=self.name, version=last[0])
+        if share is not None:
+            metrics.set_gauge("tuneserve_canary_percent", share[1], model=self.name,
+                              version=share[0])
 
     def _hold_candidate(self, loaded: Any) -> None:
         """Hold `loaded` as the candidate (None: none); tuneserve_model_info counts it

@@ -258,3 +258,26 @@ def test_the_generator_labels_batches_tokens_and_first_tokens_by_version(
     recorded = {(name, tags["model"], tags["version"]) for name, tags in seen
                 if name in names}
     assert recorded == {(name, "gen", "v1") for name in names}
+
+
+def test_a_replica_exports_the_canary_share_it_routes(tmp_path, monkeypatch):
+    """tuneserve_canary_percent follows the share a replica routes to the candidate it
+    holds, and drops to 0 when the canary ends."""
+    from tests.unit.test_generator_batching import _InProcess
+
+    gauges: list[tuple[float, str]] = []
+    monkeypatch.setattr(metrics, "set_gauge", lambda name, value, **tags: gauges.append(
+        (value, tags["version"])) if name == "tuneserve_canary_percent" else None)
+    gen = _InProcess(None, tmp_path)
+
+    class Loaded:
+        version = "v2"
+
+    gen.candidate, gen.canary = Loaded(), {"version": "v2", "percent": 5.0}
+    gen._export_share()
+    gen.canary = {"version": "v2", "percent": 25.0}  # the rollout's next step
+    gen._export_share()
+    gen.canary, gen.candidate = None, None  # aborted or promoted
+    gen._export_share()
+    gen._export_share()
+    assert gauges == [(5.0, "v2"), (25.0, "v2"), (0, "v2")]
