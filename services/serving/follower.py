@@ -172,7 +172,11 @@ class RegistryFollower:
             if target:
                 await self._switch_to(target)
                 await self._fall_back(target)
-                await self._follow_canary()  # a replica added mid-rollout takes its share
+                try:  # a replica added mid-rollout takes its share at once
+                    await self._follow_canary()
+                except TuneserveError as exc:  # an unreadable canary: production serves
+                    self.last_error = exc.message
+                    logger.warning("%s: %s", self.name, exc.message)
         self._ensure_follower()
         self._wake.set()
 

@@ -283,3 +283,18 @@ def test_a_replica_started_mid_canary_takes_its_share_at_once(registry):
             registry.abort_canary(NAME)
 
     asyncio.run(scenario())
+
+
+def test_an_unreadable_canary_file_never_stops_a_replica(registry):
+    path = registry.backend.local_root / NAME / "canary.json"
+
+    async def scenario():
+        path.write_text("{not json")
+        try:
+            model = await replica(registry)  # starts, serving production
+            assert "unreadable toy canary pointer" in model.last_error
+            assert await versions_of(model, 10) == {"v1": 10}
+        finally:
+            path.unlink()
+
+    asyncio.run(scenario())
