@@ -140,6 +140,7 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "sum by (model, version) (rate(ray_tuneserve_requests_total",
         "histogram_quantile(0.99, sum by (le, model, version, method) "
         "(rate(ray_tuneserve_request_duration_seconds_bucket",
+        "max by (model, version) (ray_tuneserve_canary_percent",  # a rollout's steps
     ]:
         assert needle in text, needle
     for panel in dash["panels"]:
