@@ -65,6 +65,8 @@ def fake():
             if word == "fail":
                 _fail(context, (CODES.UNAVAILABLE, 0.01, True))
                 return
+            if word == "slow":
+                time.sleep(0.2)
             yield pb.GenerateResponse(text=word)
 
     def rollback(request, context):
@@ -192,6 +194,17 @@ def test_a_stream_is_tried_again_only_before_its_first_chunk(fake):
                 received.append(chunk.text)
         assert received == ["a"] and len(script.calls) == 1
         assert err.value.code() == CODES.UNAVAILABLE
+
+
+def test_a_cancelled_stream_ends_cancelled_and_is_not_sent_again(fake):
+    script, address = fake
+    with _client(address) as client:
+        stream = client.generate_stream("g", "a slow slow slow slow slow b")
+        assert next(stream).text == "a"
+        stream.cancel()
+        with pytest.raises(CallError) as err:
+            list(stream)
+    assert err.value.code() == CODES.CANCELLED and len(script.calls) == 1
 
 
 def test_max_attempts_is_checked():
