@@ -15,6 +15,7 @@ as it would have. ONNX Runtime runs float32 models on the CPU only.
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +26,9 @@ from services.core.config import CLASSIFIER_OPTIMIZERS as OPTIMIZERS
 OPTIMIZE_TOLERANCE = {"onnx": 1e-3, "onnx-int8": 0.05}
 """How far a runner's class probabilities may be from the model's on the probes."""
 ONNX_OPSET = 17
+INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+"""The module's arguments, in the order of its signature (an export passes them by
+position)."""
 
 
 class OptimizeRefused(Exception):
@@ -39,12 +43,15 @@ def _onnxruntime():
     return onnxruntime
 
 
-def export(module, example: dict[str, Any]) -> bytes:
+def export(module, example: dict[str, Any]) -> tuple[bytes, list[str]]:
     """`module` (the tokenizer's tensors -> logits) as ONNX, batch and length dynamic,
-    traced on the `example` batch."""
+    traced on the `example` batch; and the names of its inputs."""
     import torch
 
-    names = list(example)
+    names = [k for k in INPUT_ORDER if k in example]
+    if names != list(INPUT_ORDER[:len(names)]) or set(names) != set(example):
+        raise OptimizeRefused(f"the tokenizer gives {sorted(example)}; the export takes "
+                              f"{', '.join(INPUT_ORDER)} in that order")
     buffer = io.BytesIO()
     try:
         with torch.inference_mode(), warnings.catch_warnings():
@@ -56,7 +63,7 @@ def export(module, example: dict[str, Any]) -> bytes:
                               "logits": {0: "batch"}})
     finally:
         module.eval()  # the exporter puts back the mode it found, in every submodule
-    return buffer.getvalue()
+    return buffer.getvalue(), names
 
 
 def quantize(model: bytes) -> bytes:
@@ -65,11 +72,17 @@ def quantize(model: bytes) -> bytes:
     _onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source, target = Path(tmp, "model.onnx"), Path(tmp, "model.int8.onnx")
         source.write_bytes(model)
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        root.setLevel(logging.ERROR)  # the quantiser's advice, logged on the root logger
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         return target.read_bytes()
 
 
@@ -125,10 +138,10 @@ def onnx_runner(module, probes: list[dict[str, Any]], kind: str = "onnx") -> Cal
                               f"{str(weights.dtype).removeprefix('torch.')} on "
                               f"{weights.device.type}")
     try:
-        model = export(module, probes[0])
+        model, names = export(module, probes[0])
         if kind == "onnx-int8":
             model = quantize(model)
-        runner = session_runner(model, list(probes[0]))
+        runner = session_runner(model, names)
     except OptimizeRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter and ORT raise many kinds
