@@ -122,7 +122,8 @@ def test_serve_unknown_model_names_the_registry_not_its_repr(tmp_path):
     registry = Registry(tmp_path / "reg")
     with pytest.raises(Exception) as err:
         discover_models(registry, ["nope"])
-    assert str(err.value) == f"model 'nope' not found in registry {registry.uri}"
+    assert str(err.value) == (f"model 'nope' not found in registry {registry.uri} (to serve "
+                              f"it before its first version, name its task in model_tasks)")
     assert "Registry(" not in str(err.value)
 
 
