@@ -30,6 +30,10 @@ FINISHED_MARKER = "finished"
 by ASHA or the time budget)."""
 ASHA_MAX_T = 1 << 20
 """ASHA's bound on evaluations per trial: far above any run, so it never ends one."""
+TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024 * 1024}
+"""What a trial's Tune actor reserves: it only starts and waits for its Ray Train run
+(whose workers reserve the CPUs), so memory rather than a slice of a CPU, which would
+keep the last trial that the cluster's CPUs hold from starting."""
 REPORTED = ("epoch", "step", "epoch_progress", "early_stop")
 """What the loop reports besides its eval_* metrics (and the confusion matrix)."""
 
@@ -142,8 +146,12 @@ def run_search(plan: SearchPlan, out: Callable[[str], None]) -> SearchOutcome:
         + (f"; budget {plan.time_budget_s:g} s" if plan.time_budget_s else ""))
     for r in records:
         out(f"  trial {r.index}: {describe_params(r.params)}")
+    # Ctrl-C ends the search at once, with nothing published, as it ends a run; Tune's
+    # own handler would end it quietly and let the best trial so far be published.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01}),
+        tune.with_resources(tune.with_parameters(run_trial, plan=plan),
+                            TRIAL_DRIVER_RESOURCES),
         param_space={"trial": tune.grid_search(list(range(len(records))))},
         tune_config=tune.TuneConfig(
             metric=task.metric, mode=task.metric_mode,

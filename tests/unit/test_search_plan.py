@@ -154,3 +154,16 @@ def test_search_with_the_run_name_of_an_unfinished_run_is_refused(tmp_path):
                       runs_dir=str(tmp_path / "runs"))
     with pytest.raises(ConfigError, match="'run_name': run 's2' exists and a --search"):
         run_training(cfg, publish=False, out=lambda line: None)
+
+
+def test_a_trials_tune_actor_takes_no_cpu_from_its_workers():
+    """concurrent_trials counts the workers' CPUs only: the trial's own actor must not
+    reserve a slice of a CPU, or the last trial that fits would wait."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    from services.training.search import TRIAL_DRIVER_RESOURCES
+
+    pgf = resource_dict_to_pg_factory(TRIAL_DRIVER_RESOURCES)
+    assert not pgf.head_bundle_is_empty
+    assert pgf.required_resources.get("CPU", 0) == 0
+    assert pgf.required_resources.get("GPU", 0) == 0
