@@ -542,6 +542,8 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
         "bounds": bounds_record(cfg.optim.max_steps, fitted.steps),
     }
     if fitted.search is not None:
+        # The config that trained these weights: the best trial's, run without a search.
+        manifest["config"].update(fitted.search["best_params"], search=False)
         manifest["search"] = fitted.search
     name = cfg.publish.name
     registry = Registry(cfg.publish.registry)

@@ -3,6 +3,7 @@ trial's best checkpoint is published as one version, the search in its manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -33,10 +34,14 @@ def test_search_of_two_trials_publishes_the_better_one(tmp_path, tiny_model_dir,
     assert result.version == "v1"
     manifest = Registry(cfg.registry).manifest("searched", "v1")
     search = manifest["search"]
-    resolved = cfg.resolve()
-    expected = trial_params(resolved.optim, 2, resolved.optim.seed)
+    # Trial 0 is the run's own settings (the flags, and what small data chose), the
+    # other is drawn from the seed around them.
+    own = search["trials"][0]["params"]
+    assert own["learning_rate"] == 3e-3
+    optim = dataclasses.replace(cfg.resolve().optim, **own)
+    expected = trial_params(optim, 2, optim.seed)
     assert [t["params"] for t in search["trials"]] == expected
-    assert expected[0]["learning_rate"] == 3e-3 and expected[1] != expected[0]
+    assert expected[1] != expected[0]
     assert search["metric"] == "eval_accuracy" and search["concurrent_trials"] == 2
     trials = search["trials"]
     assert all(t["status"] in ("finished", "stopped early") and t["evaluations"] >= 1
@@ -56,5 +61,8 @@ def test_search_of_two_trials_publishes_the_better_one(tmp_path, tiny_model_dir,
     published = Path(result.checkpoint_dir) / "model.safetensors"
     assert _sha(published) == _sha(Path(winner["best"]["checkpoint"]) / "model.safetensors")
     assert manifest["best_epoch"] == winner["best"]["epoch"]
+    # The manifest's config is the one that trained the published weights.
+    assert {k: manifest["config"][k] for k in own} == winner["params"]
+    assert manifest["config"]["search"] is False
     assert any(line.startswith("search: 2 trials") for line in lines), lines
     assert any(f"trial {winner['trial']} is best" in line for line in lines), lines
