@@ -161,3 +161,15 @@ def test_cli_history_of_a_missing_model(reg, capsys):
     assert main(["models", "history", "--registry", reg.uri, "nosuch"]) == 1
     assert "model 'nosuch' not found" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--address", "127.0.0.1:1", "a"], "--address: give --percent, --promote or --abort"),
+    (["--token-file", "t", "a", "--abort"], "--token-file: only with --address"),
+    (["--tls", "a", "--abort"], "--tls: only with --address"),
+])
+def test_cli_canary_admin_flags_are_checked_before_any_call(reg, capsys, argv, message):
+    assert main(["models", "canary", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert reg.canary("a") is None
