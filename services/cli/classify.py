@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     with Client(args.address, token=token(args.token_file),
                 timeout_s=args.timeout_s, max_attempts=args.max_attempts,
                 **tls_options(args)) as client:
-        resp = client.classify(args.model, args.texts, version=args.model_version)
+        resp = client.classify(args.model, args.texts, version=args.model_version,
+                               routing_key=args.routing_key)
     if args.json:
         for text, r in zip(args.texts, resp.results):
             print(json.dumps({"text": text, "label": r.label, "score": round(r.score, 6),

@@ -12,11 +12,14 @@ from services.core.auth import API_TOKEN_ENV, read_token
 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:
-    """--address, --model and --version of an Inference call."""
+    """--address, --model, --version and --routing-key of an Inference call."""
     p.add_argument("--address", default="localhost:9000",
                    help="HOST:PORT of the gRPC API (default: %(default)s)")
     p.add_argument("--model", required=True)
     p.add_argument("--version", dest="model_version", default="")
+    p.add_argument("--routing-key", default="", metavar="KEY",
+                   help="during a canary, the same key gets the same version (a user or "
+                        "session id); default: by chance")
 
 
 def add_token_file_flag(p: argparse.ArgumentParser) -> None:

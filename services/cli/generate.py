@@ -71,7 +71,8 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "top_k": args.top_k, "stop": args.stop,
               "seed": args.seed, "ignore_eos": args.ignore_eos or None,
-              "version": args.model_version or None, "timeout_s": args.timeout_s}
+              "version": args.model_version or None, "timeout_s": args.timeout_s,
+              "routing_key": args.routing_key or None}
     params = {k: v for k, v in params.items() if v is not None}
     if params.get("seed", 0) < 0:
         raise InvalidInput(f"--seed: must be >= 0, got {params['seed']}")

@@ -546,7 +546,7 @@ class FakeClient:
     def __exit__(self, *exc):
         return None
 
-    def classify(self, model, texts, version=""):
+    def classify(self, model, texts, version="", routing_key=""):
         return pb.ClassifyResponse(
             results=[pb.Classification(label="pos", score=1.0) for _ in texts],
             model=model, version="v1")

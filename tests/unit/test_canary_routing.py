@@ -298,3 +298,37 @@ def test_an_unreadable_canary_file_never_stops_a_replica(registry):
             path.unlink()
 
     asyncio.run(scenario())
+
+
+def test_cli_passes_the_routing_key(monkeypatch, capsys):
+    import services.client
+    from services.cli import main
+    from services.protocol import pb
+
+    sent = []
+
+    class Recorder:
+        def __init__(self, address, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def classify(self, model, texts, version="", routing_key=""):
+            sent.append(("classify", routing_key))
+            return pb.ClassifyResponse(results=[pb.Classification(label="pos", score=1.0)],
+                                       model=model, version="v2")
+
+        def generate(self, model, prompt, **params):
+            sent.append(("generate", params.get("routing_key")))
+            return pb.GenerateResponse(text="hi", model=model, version="v2")
+
+    monkeypatch.setattr(services.client, "Client", Recorder)
+    assert main(["classify", "--model", "toy", "--routing-key", "user-7", "fine"]) == 0
+    assert main(["generate", "--model", "gen", "--routing-key", "user-7", "hello"]) == 0
+    assert main(["generate", "--model", "gen", "hello"]) == 0
+    assert sent == [("classify", "user-7"), ("generate", "user-7"), ("generate", None)]
+    assert "model toy v2" in capsys.readouterr().out
