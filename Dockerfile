@@ -21,6 +21,8 @@ ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 # ---- build: a virtual environment with every dependency and the project -----------------
 FROM ${BASE_IMAGE} AS builder
 ARG TORCH_VARIANT=cpu
+# Where torch's local versions (2.13.0+cpu) come from; empty: from the pip configuration.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
@@ -28,13 +30,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 
 # The dependencies before the source, so that a code change does not reinstall them.
-# The PyTorch index serves torch's local versions (2.13.0+cpu); PyPI the rest.
 WORKDIR /src
 COPY requirements*.lock ./
 RUN lock=requirements.lock \
     && if [ "${TORCH_VARIANT}" != cpu ]; then lock="requirements-${TORCH_VARIANT}.lock"; fi \
-    && pip install --require-hashes \
-        --extra-index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" -r "${lock}"
+    && pip install --require-hashes ${TORCH_INDEX:+--extra-index-url "${TORCH_INDEX}"} \
+        -r "${lock}"
 
 # The project last, without dependencies (all present). services/protocol holds the
 # generated gRPC code, checked in, so no code generation happens here.
