@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(),
                                 reason="import-linter is not installed (the dev extra has it)")
 
 # Every module the layers contract names, as a minimal package.
-FAKE_MODULES = ["__main__.py", "cli.py", "protogen.py", "demo.py", "evaluate.py",
+FAKE_MODULES = ["__main__.py", "cli.py", "protogen.py", "demo.py", "evaluate.py", "rollout.py",
                 "k8s/__init__.py", "client.py", "training/__init__.py",
                 "training/loop.py", "serving/__init__.py", "serving/ingress.py",
                 "serving/app.py", "runtime/__init__.py", "core/__init__.py",
