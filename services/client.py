@@ -61,7 +61,8 @@ class Client:
                  timeout_s: float = DEFAULT_TIMEOUT_S, connections: int = 1,
                  tls: bool = False, tls_ca: Optional[str] = None,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS):
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 admin_address: Optional[str] = None):
         """`application`: the Serve application to reach, when the cluster runs more
         than one (sent as the `application` metadata Serve's gRPC proxy routes by).
 
@@ -76,7 +77,10 @@ class Client:
         `tls`, `tls_ca`, `tls_cert`, `tls_key`: TLS (any of them turns it on), see the
         module docstring; the files are PEM.
 
-        `max_attempts`: tries of an idempotent call (1: no retries), see RetryPolicy."""
+        `max_attempts`: tries of an idempotent call (1: no retries), see RetryPolicy.
+
+        `admin_address`: the server's admin port (`tuneserve serve --admin-port`), where
+        Admin calls go; default `address` (a client made for Admin calls only)."""
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
         self.retry = RetryPolicy(max_attempts)
@@ -90,7 +94,15 @@ class Client:
                          for _ in range(connections)]
         self.channel = self.channels[0]
         self._inference = [pb_grpc.InferenceStub(ch) for ch in self.channels]
-        self._admin = [admin_pb_grpc.AdminStub(ch) for ch in self.channels]
+        self._admin_channels = []
+        if admin_address is not None and admin_address != address:
+            check_address(admin_address)
+            self._admin_channels = [
+                grpc.secure_channel(admin_address, credentials, options=options)
+                if credentials else grpc.insecure_channel(admin_address, options=options)]
+        self.admin_address = admin_address or address
+        self._admin = [admin_pb_grpc.AdminStub(ch)
+                       for ch in self._admin_channels or self.channels]
         self._turn = itertools.count()
         self._health_stub = health_pb2_grpc.HealthStub(self.channel)
         if token is None:
@@ -108,6 +120,11 @@ class Client:
         return self._inference[next(self._turn) % len(self._inference)]
 
     @property
+    def admin_channel(self) -> grpc.Channel:
+        """The channel Admin calls go on (to admin_address)."""
+        return (self._admin_channels or self.channels)[0]
+
+    @property
     def admin(self) -> admin_pb_grpc.AdminStub:
         return self._admin[next(self._turn) % len(self._admin)]
 
@@ -118,7 +135,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        for channel in self.channels:
+        for channel in self.channels + self._admin_channels:
             channel.close()
 
     def _timeout(self, timeout_s: Optional[float]) -> Optional[float]:

@@ -130,7 +130,8 @@ def publish_copy(registry: str, name: str, version: str, new_name: str) -> str:
 
 @pytest.fixture(scope="session")
 def server(trained, trained_generator):
-    """Serve's gRPC proxy on a free port in front of the trained registry.
+    """Serve's gRPC proxy on a free port in front of the trained registry, and the
+    Admin service on a port of its own (the client's admin_address).
 
     It serves "toy" (which tests expect at v1 throughout) and HOT_MODEL, a copy that
     test_hotload.py promotes, pins, rolls back and corrupts."""
@@ -140,18 +141,19 @@ def server(trained, trained_generator):
 
     cfg, _ = trained
     publish_copy(cfg.registry, "toy", "v1", HOT_MODEL)
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     # Autoscaling between 1 and 2 replicas with quick reactions, so that
     # test_autoscaling.py can watch Serve scale up under load and back down.
     serve_cfg = ServeConfig(registry=cfg.registry, grpc_port=port, replica_cpus=0.5,
                             poll_interval_s=0.5, min_replicas=1, max_replicas=2,
                             target_ongoing_requests=1, upscale_delay_s=1,
-                            downscale_delay_s=4,
+                            downscale_delay_s=4, admin_port=admin_port,
                             autoscaling_overrides={"metrics_interval_s": 0.5,
                                                    "look_back_period_s": 2})
     start_serving(serve_cfg,
                   http_port=free_port())
-    client = Client(f"127.0.0.1:{port}", timeout_s=60)
+    client = Client(f"127.0.0.1:{port}", timeout_s=60,
+                    admin_address=f"127.0.0.1:{admin_port}")
     client.serve_cfg = serve_cfg  # for tests that redeploy the same app with a change
     client.wait_until_serving(timeout_s=120)
     yield client

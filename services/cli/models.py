@@ -86,7 +86,8 @@ def _register_change(actions, action: str, text: str) -> None:
     where.add_argument("--registry", default=None,
                        help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
     where.add_argument("--address", default=None,
-                       help="act through a running server's Admin API (HOST:PORT)")
+                       help="act through a running server's Admin API: HOST:PORT of its "
+                            "admin port (tuneserve serve --admin-port)")
     q.add_argument("name")
     if action in ("promote", "pin"):
         q.add_argument("model_version", metavar="VERSION")

@@ -119,6 +119,10 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
                    help="Serve's per-request access log in the replica logs (it costs CPU "
                         "on every request: docs/benchmarks.md)")
     p.add_argument("--poll-interval-s", type=float, default=2.0)
+    p.add_argument("--admin-port", type=int, default=None, metavar="PORT",
+                   help="serve the Admin service (promote, roll back, pin) on this port, "
+                        "apart from inference, for the admin token only; off unless "
+                        "given (the inference port answers Admin calls UNIMPLEMENTED)")
     p.add_argument("--api-token-file", default=None, metavar="FILE",
                    help="file holding the token Inference calls must send as "
                         "'authorization: Bearer <token>' (default: $TUNESERVE_API_TOKEN)")
@@ -172,7 +176,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,
-                      admin_token_file=args.admin_token_file,
+                      admin_token_file=args.admin_token_file, admin_port=args.admin_port,
                       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
                       tls_client_ca_file=args.tls_client_ca)
     cfg.validate()
@@ -201,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
         _on_stop_signals(lambda *_: stop.set())
         tls = "" if not cfg.tls_cert_file else " with mutual TLS" \
             if cfg.tls_client_ca_file else " with TLS"
-        print(f"serving gRPC{tls} on port {cfg.grpc_port}; health: "
+        admin = f"; Admin on port {cfg.admin_port}" if cfg.admin_port else ""
+        print(f"serving gRPC{tls} on port {cfg.grpc_port}{admin}; health: "
               "grpc.health.v1.Health; Ctrl-C stops", flush=True)
         stop.wait()
     finally:

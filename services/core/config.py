@@ -1072,6 +1072,12 @@ class ServeConfig:
     tls_client_ca_file: Optional[str] = None
     """PEM CA certificates: with it, mutual TLS: a client must present a certificate
     signed by one of them."""
+    admin_port: Optional[int] = None
+    """Port of the Admin service (Promote, Rollback, Pin, Unpin), answered by each
+    ingress replica's own gRPC server on `host`, apart from inference; None: no Admin
+    service at all. The inference port answers Admin methods UNIMPLEMENTED. Callers
+    need an admin token (admin_token_file); an API token is PERMISSION_DENIED there.
+    With TLS files, the admin port is TLS too."""
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def validate(self) -> "ServeConfig":
@@ -1107,12 +1113,27 @@ class ServeConfig:
             return None
         server = {"host": self.host, "port": self.grpc_port,
                   "max_receive_bytes": 2 * self.limits.max_request_bytes}
-        if self.tls_cert_file:  # absolute: a replica's working folder is not ours
-            server["tls"] = {name: os.path.abspath(path) if path else None
-                             for name, path in (("cert_file", self.tls_cert_file),
-                                                ("key_file", self.tls_key_file),
-                                                ("client_ca_file", self.tls_client_ca_file))}
+        if self.tls_cert_file:
+            server["tls"] = self._tls_files()
         return server
+
+    def admin_grpc_server(self) -> Optional[dict[str, Any]]:
+        """The ingress's `admin_server` argument: where its Admin service listens (None:
+        no Admin service). TLS as on the inference port."""
+        if self.admin_port is None:
+            return None
+        server = {"host": self.host, "port": self.admin_port,
+                  "max_receive_bytes": 2 * self.limits.max_request_bytes}
+        if self.tls_cert_file:
+            server["tls"] = self._tls_files()
+        return server
+
+    def _tls_files(self) -> dict[str, Optional[str]]:
+        """The TLS files as absolute paths: a replica's working folder is not ours."""
+        return {name: os.path.abspath(path) if path else None
+                for name, path in (("cert_file", self.tls_cert_file),
+                                   ("key_file", self.tls_key_file),
+                                   ("client_ca_file", self.tls_client_ca_file))}
 
     def deployment_logging(self) -> dict[str, Any]:
         """Extra Serve deployment options for logging (none unless the access log is off)."""
@@ -1139,6 +1160,12 @@ def _check_serve_names(cfg: ServeConfig) -> None:
     check_port("grpc_port", cfg.grpc_port)
     if cfg.metrics_port is not None:
         check_port("metrics_port", cfg.metrics_port)
+    if cfg.admin_port is not None:
+        check_port("admin_port", cfg.admin_port)
+        if cfg.admin_port in (cfg.grpc_port, cfg.metrics_port):
+            raise _bad_serve("admin_port", f"port {cfg.admin_port} is already the "
+                             f"{'grpc' if cfg.admin_port == cfg.grpc_port else 'metrics'} "
+                             "port; the Admin service needs a port of its own")
     try:
         validate_name(cfg.channel, "channel")
     except TuneserveError as exc:

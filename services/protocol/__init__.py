@@ -17,10 +17,10 @@ ADMIN_SERVICE = admin_pb.DESCRIPTOR.services_by_name["Admin"].full_name
 # They are services/serving/app.py's versions of the generated `add_*Servicer_to_server`,
 # with deserializers that never raise, so that a malformed message gets
 # INVALID_ARGUMENT instead of UNKNOWN. The health service is routed through the proxy
-# like any other, so Kubernetes' native gRPC probe reaches the app.
+# like any other, so Kubernetes' native gRPC probe reaches the app. The Admin service is
+# not among them: it has a port of its own (ServeConfig.admin_port).
 SERVICER_FUNCTIONS = [
     "services.serving.servicers.add_inference_servicer",
-    "services.serving.servicers.add_admin_servicer",
     "services.serving.servicers.add_health_servicer",
 ]
 

@@ -167,7 +167,8 @@ def _colocated_ingress(cfg: ServeConfig, registry_uri: str, specs: dict[str, dic
         health_check_period_s=10, **cfg.deployment_logging())
     return ingress.bind(registry_uri, specs, served_tasks, dataclasses.asdict(cfg.limits),
                         board=board, auth=tokens.as_dict(),
-                        grpc_server=cfg.replica_grpc_server())
+                        grpc_server=cfg.replica_grpc_server(),
+                        admin_server=cfg.admin_grpc_server())
 
 
 def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
@@ -201,7 +202,8 @@ def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
                 if (settings := cfg.coalescing(task))}
     return ingress.bind(registry_uri, handles, served_tasks, dataclasses.asdict(cfg.limits),
                         board=board, auth=tokens.as_dict(), coalesce=coalesce,
-                        grpc_server=cfg.replica_grpc_server())
+                        grpc_server=cfg.replica_grpc_server(),
+                        admin_server=cfg.admin_grpc_server())
 
 
 def app_builder(args: dict[str, Any]):
@@ -253,7 +255,8 @@ def check_ports_free(cfg: ServeConfig, http_port: Optional[int]) -> None:
                           "--host 0.0.0.0 (every address) or one of this machine's")
     for field, flag, port in (("grpc_port", "--grpc-port", cfg.grpc_port),
                               ("http_port", "--http-port", http_port),
-                              ("metrics_port", "--metrics-port", cfg.metrics_port)):
+                              ("metrics_port", "--metrics-port", cfg.metrics_port),
+                              ("admin_port", "--admin-port", cfg.admin_port)):
         error = bind_error(port) if port else None
         if error == errno.EADDRINUSE:
             raise ConfigError(f"invalid serve setting '{field}': port {port} is already in "

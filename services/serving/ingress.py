@@ -1,12 +1,14 @@
 """The gRPC ingress deployment: turns protos into calls on model deployments.
 
 Ray Serve's gRPC proxy routes `/tuneserve.v1.Inference/<Method>` and
-`/grpc.health.v1.Health/<Method>` to the methods of the same name here. Every Inference
-and Admin call passes, in order: authorization (UNAUTHENTICATED / PERMISSION_DENIED), a
-request the proxy could parse (INVALID_ARGUMENT), its size (RESOURCE_EXHAUSTED), then
-the method. Domain errors answer their status code with its details (a retry hint, the
-invalid field: services/serving/status_codes.py); anything else INTERNAL with an error
-id. Health stays open. No torch import here.
+`/grpc.health.v1.Health/<Method>` to the methods of the same name here; Admin methods
+answer only calls from the replica's admin server (ServeConfig.admin_port), any other
+UNIMPLEMENTED. Every Inference and Admin call passes, in order: authorization
+(UNAUTHENTICATED / PERMISSION_DENIED), a request the proxy could parse
+(INVALID_ARGUMENT), its size (RESOURCE_EXHAUSTED), then the method. Domain errors answer
+their status code with its details (a retry hint, the invalid field:
+services/serving/status_codes.py); anything else INTERNAL with an error id. Health
+stays open. No torch import here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from services.core.config import CLASSIFICATION, GENERATION, ServeLimits
 from services.core.errors import (
     ModelLoading,
     ModelNotFound,
+    NotImplementedYet,
     Overloaded,
     TuneserveError,
     WrongTask,
@@ -59,6 +62,8 @@ METHOD_SCOPES = {"Classify": INFERENCE, "Generate": INFERENCE, "GenerateStream":
                  "ListModels": INFERENCE, "Promote": ADMIN, "Rollback": ADMIN, "Pin": ADMIN,
                  "Unpin": ADMIN, "StartCanary": ADMIN, "SetCanaryShare": ADMIN,
                  "PromoteCanary": ADMIN, "AbortCanary": ADMIN}
+ADMIN_ELSEWHERE = ("the Admin service is not served on this port: call it on the "
+                   "server's admin port (tuneserve serve --admin-port)")
 
 
 def _ray_actor_error() -> type[Exception]:
@@ -72,6 +77,10 @@ def _ray_actor_error() -> type[Exception]:
 def _replica_died(model: str, method: str) -> None:
     logger.warning("a %s replica died during a %s call; sending it again", model, method)
     metrics.inc("tuneserve_replica_retries_total", model=model)
+
+
+async def _stop_all(servers: list[ReplicaGrpcServer]) -> None:
+    await asyncio.gather(*(server.stop() for server in servers))
 
 
 def _generate_response(answer: dict[str, Any], model: str):
@@ -155,7 +164,7 @@ class InferenceIngress(AdminMethods):
     def __init__(self, registry: str, models: dict[str, Any], tasks: dict[str, str],
                  limits: Optional[dict] = None, board: Any = None,
                  auth: Optional[dict] = None, coalesce: Optional[dict] = None,
-                 grpc_server: Optional[dict] = None):
+                 grpc_server: Optional[dict] = None, admin_server: Optional[dict] = None):
         self.registry = Registry(registry)
         self.handles = models  # model name -> DeploymentHandle of its model deployment
         # Classifier model name -> Coalescer: concurrent Classify calls share one call
@@ -190,6 +199,10 @@ class InferenceIngress(AdminMethods):
         # loop: Serve builds the replica from its user-code event loop.
         self._grpc_server = None
         self._grpc_server_args = grpc_server
+        # ServeConfig.admin_port: {host, port, max_receive_bytes, tls} of the Admin
+        # service's server in this replica; without one no call reaches Admin methods.
+        self._admin_server = None
+        self._admin_server_args = admin_server
         if self.LISTEN_AT_INIT:
             self._listen()
 
@@ -198,31 +211,41 @@ class InferenceIngress(AdminMethods):
     whose models load first listens once they have (ColocatedIngress)."""
 
     def _listen(self) -> None:
-        """Bind and start the replica's own gRPC server, once (no-op without one). Until
-        it binds, the kernel gives the shared port's new connections to the other
-        replicas of the node."""
+        """Bind and start the replica's own gRPC servers, once (no-op without them).
+        Until the inference one binds, the kernel gives the shared port's new
+        connections to the other replicas of the node."""
         if self._grpc_server_args and self._grpc_server is None:
             self._grpc_server = ReplicaGrpcServer(self, **self._grpc_server_args)
             self._grpc_server.start()
+        if self._admin_server_args and self._admin_server is None:
+            self._admin_server = ReplicaGrpcServer(self, **self._admin_server_args,
+                                                   admin=True)
+            self._admin_server.start()
 
     async def check_health(self) -> None:
-        """Serve's periodic health check: the replica's own gRPC server, if any, runs."""
-        if self._grpc_server is not None:
-            self._grpc_server.check()
+        """Serve's periodic health check: the replica's own gRPC servers, if any, run."""
+        for server in (self._grpc_server, self._admin_server):
+            if server is not None:
+                server.check()
 
     def __del__(self):
         """Serve calls this when it stops the replica, and awaits what it returns: the
-        replica's own gRPC server, if any, refuses new calls and lets those in flight
+        replica's own gRPC servers, if any, refuse new calls and let those in flight
         finish (replica_grpc.STOP_GRACE_S)."""
-        server, self._grpc_server = getattr(self, "_grpc_server", None), None
-        return server.stop() if server is not None else None
+        servers = [s for s in (getattr(self, "_grpc_server", None),
+                               getattr(self, "_admin_server", None)) if s is not None]
+        self._grpc_server = self._admin_server = None
+        return _stop_all(servers) if servers else None
 
     # ---- helpers ---------------------------------------------------------------
     def _admit(self, method: str, request, grpc_context) -> None:
         """What every Inference and Admin call passes before its method runs: the
         token, a request the proxy could parse, the size limit."""
+        scope = METHOD_SCOPES[method]
+        if scope == ADMIN and not getattr(grpc_context, "admin_plane", False):
+            raise NotImplementedYet(ADMIN_ELSEWHERE)
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
-        self.auth.check(metadata, METHOD_SCOPES[method])
+        self.auth.check(metadata, scope)
         check_decoded(request)
         check_request_size(request, self.limits)
 

@@ -1,4 +1,5 @@
-"""The ingress replica's own gRPC server (ServeConfig.replica_grpc).
+"""The ingress replica's own gRPC servers: inference (ServeConfig.replica_grpc) and
+the Admin service (ServeConfig.admin_port).
 
 Every ingress replica runs a `grpc.aio` server of its own on grpc_port, in its own
 event loop, whose handlers are the ingress's methods: the same code, checks, status
@@ -9,6 +10,10 @@ its autoscaler cannot follow them (ServeConfig refuses max_replicas with replica
 With ServeConfig's TLS files the port is TLS (mutual TLS with a client CA), and the
 files are re-read when they change (CertificateFiles), so a renewed Secret reaches new
 connections without a restart.
+
+The Admin service is served only by an admin server (`admin=True`, on admin_port), which
+serves nothing else: its calls reach the ingress with an AdminContext, and the ingress
+refuses Admin calls that come any other way (UNIMPLEMENTED).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core.config import check_tls_files
 from services.core.errors import ConfigError
-from services.protocol import admin_pb, pb
+from services.protocol import ADMIN_SERVICE, INFERENCE_SERVICE
 from services.serving.servicers import (
     add_admin_servicer,
     add_health_servicer,
@@ -62,17 +67,42 @@ def _streaming(fn):
     return handler
 
 
+class AdminContext:
+    """A grpc.aio context of a call that came in on the admin port: the ingress serves
+    Admin methods only to calls with one (`admin_plane`)."""
+
+    admin_plane = True
+
+    def __init__(self, context: Any):
+        self._context = context
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+def _on_admin_plane(fn):
+    @functools.wraps(fn)
+    async def handler(request, context):
+        return await fn(request, AdminContext(context))
+
+    return handler
+
+
 class _Servicer:
     """The ingress's gRPC methods as grpc.aio handlers; methods the ingress does not
-    have (e.g. a newer grpc.health.v1 method) stay unregistered: UNIMPLEMENTED."""
+    have (e.g. a newer grpc.health.v1 method) stay unregistered: UNIMPLEMENTED. On the
+    admin server (`admin`), each call's context is an AdminContext."""
 
-    def __init__(self, ingress: Any):
+    def __init__(self, ingress: Any, admin: bool = False):
         self._ingress = ingress
+        self._admin = admin
 
     def __getattr__(self, name: str):
         fn = getattr(self._ingress, name) if name[:1].isupper() else None
         if fn is None:
             raise AttributeError(name)
+        if self._admin:
+            return _on_admin_plane(fn)
         return _streaming(fn) if inspect.isasyncgenfunction(fn) else fn
 
 
@@ -136,28 +166,34 @@ class CertificateFiles:
             self.initial, self.fetch, require_client_authentication=bool(self.files[2]))
 
 
+INFERENCE_SERVICES = ((add_inference_servicer, add_health_servicer),
+                      (INFERENCE_SERVICE, "grpc.health.v1.Health"))
+ADMIN_SERVICES = ((add_admin_servicer,), (ADMIN_SERVICE,))
+"""What each kind of server registers, and names in its reflection."""
+
+
 class ReplicaGrpcServer:
     """A grpc.aio server answering the ingress's services on host:port, bound at
-    construction (a port that cannot be bound fails the replica with a clear error).
-    `tls`: {cert_file, key_file, client_ca_file} (ServeConfig.replica_grpc_server), or
-    None for plaintext."""
+    construction (a port that cannot be bound fails the replica with a clear error):
+    Inference and Health, or with `admin` the Admin service alone. `tls`: {cert_file,
+    key_file, client_ca_file} (ServeConfig.replica_grpc_server), or None for
+    plaintext."""
 
     def __init__(self, ingress: Any, host: str, port: int, max_receive_bytes: int,
-                 tls: Optional[dict[str, Optional[str]]] = None):
+                 tls: Optional[dict[str, Optional[str]]] = None, admin: bool = False):
         self.address = f"{host}:{port}"
         self.tls = tls
+        self.admin = admin
         self.server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", -1),
         ])
-        servicer = _Servicer(ingress)
-        for add in (add_inference_servicer, add_admin_servicer, add_health_servicer):
+        servicer = _Servicer(ingress, admin)
+        adders, names = ADMIN_SERVICES if admin else INFERENCE_SERVICES
+        for add in adders:
             add(servicer, self.server)
-        reflection.enable_server_reflection(
-            [pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-             admin_pb.DESCRIPTOR.services_by_name["Admin"].full_name,
-             "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
         try:
             bound = self.server.add_secure_port(
                 self.address, CertificateFiles(**tls).credentials()) if tls else \
@@ -168,14 +204,16 @@ class ReplicaGrpcServer:
             cause = None
         if not bound:
             raise ConfigError(
-                f"invalid serve setting 'grpc_port': the ingress replica cannot listen on "
-                f"{self.address} (another program holds the port?)") from cause
+                f"invalid serve setting '{'admin_port' if admin else 'grpc_port'}': the "
+                f"ingress replica cannot listen on {self.address} (another program holds "
+                "the port?)") from cause
         self._started: Optional[asyncio.Task] = None
 
     def start(self) -> None:
         """Start serving from the running event loop (the replica's user-code loop)."""
         self._started = asyncio.get_running_loop().create_task(self.server.start())
-        logger.info("ingress replica serving gRPC on %s%s", self.address,
+        logger.info("ingress replica serving %s on %s%s",
+                    "the Admin service" if self.admin else "gRPC", self.address,
                     "" if not self.tls else " with mutual TLS"
                     if self.tls.get("client_ca_file") else " with TLS")
 

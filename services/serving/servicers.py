@@ -62,6 +62,7 @@ def add_health_servicer(servicer, server) -> None:
 
 
 GRPC_SERVICER_FUNCTIONS = [f"{__name__}.{fn.__name__}" for fn in
-                           (add_inference_servicer, add_admin_servicer, add_health_servicer)]
+                           (add_inference_servicer, add_health_servicer)]
 """Import paths for `gRPCOptions.grpc_servicer_functions` (Serve config files too);
-services.protocol.SERVICER_FUNCTIONS names the same (checked by a test)."""
+services.protocol.SERVICER_FUNCTIONS names the same (checked by a test). Not the
+Admin service: it is served on the admin port only (replica_grpc.py)."""

@@ -5,7 +5,8 @@ The session's app runs without tokens, so this module deploys a second Serve
 application with an API token and an admin token, read from files as a mounted
 Kubernetes Secret would give them (with a trailing newline), over its own copy of the
 toy classifier. Serve's gRPC proxy serves every application on the one port and routes
-by the `application` metadata, which every call here sends; the app is deleted when
+by the `application` metadata, which every call here sends; its Admin service has a
+port of its own (ServeConfig.admin_port) and answers nowhere else. The app is deleted when
 the module ends, and the session's app is reachable without metadata again.
 `test_token_rotation_without_a_restart` rewrites the API token file while the app
 serves (and puts it back).
@@ -27,7 +28,7 @@ from services.client import Client
 from services.core.config import ServeConfig
 from services.protocol import admin_pb, pb
 from services.core.registry import Registry
-from tests.helpers import delete_app
+from tests.helpers import delete_app, free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -51,16 +52,20 @@ def secured(server, trained, tmp_path_factory):
     registry.publish("toy", source.local_copy("toy", "v1"), manifest)
     (folder / "api-token").write_text(API_TOKEN + "\n")
     (folder / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    admin_address = f"127.0.0.1:{free_port()}"
     serve_cfg = ServeConfig(registry=registry.uri, replica_cpus=0.1, poll_interval_s=0.5,
                             dtype="bfloat16", api_token_file=str(folder / "api-token"),
-                            admin_token_file=str(folder / "admin-token"))
+                            admin_token_file=str(folder / "admin-token"),
+                            admin_port=int(admin_address.rsplit(":", 1)[1]))
     serve.run(build_app(serve_cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    probe = Client(server.address, token="", admin_token="", application=APP)
+    probe = Client(server.address, token="", admin_token="", application=APP,
+                   admin_address=admin_address)
 
     try:
         probe.wait_until_serving(timeout_s=180)
         yield {"address": server.address, "channel": probe.channel, "registry": registry,
-               "api_token_file": folder / "api-token"}
+               "api_token_file": folder / "api-token", "admin_address": admin_address,
+               "admin_channel": probe.admin_channel}
     finally:
         probe.close()
         delete_app(APP, server)
@@ -94,12 +99,16 @@ AUTHORIZED = {"Generate": CODES.FAILED_PRECONDITION,
               "Rollback": CODES.FAILED_PRECONDITION}
 
 
-def invoke(secured, method: str, md):
+def invoke(secured, method: str, md, port: str = ""):
+    """(code, details) of one call, on its own service's port (Admin: the admin port)
+    unless `port` ("inference" or "admin") says which."""
     from services.protocol import admin_pb_grpc, pb_grpc
 
     service = "Admin" if method in ADMIN_CALLS else "Inference"
+    port = port or ("admin" if service == "Admin" else "inference")
+    channel = secured["admin_channel" if port == "admin" else "channel"]
     stub = (admin_pb_grpc.AdminStub if service == "Admin" else pb_grpc.InferenceStub)(
-        secured["channel"])
+        channel)
     request = {**INFERENCE_CALLS, **ADMIN_CALLS}[method]
     try:
         response = getattr(stub, method)(request, timeout=30, metadata=md)
@@ -153,6 +162,18 @@ def test_admin_token_calls_everything(secured, method):
     assert code == AUTHORIZED.get(method, CODES.OK), f"{code.name}: {details}"
 
 
+@pytest.mark.parametrize("method", [*ADMIN_CALLS])
+def test_admin_is_unreachable_on_the_inference_port(secured, method):
+    code, details = invoke(secured, method, metadata(ADMIN_TOKEN), port="inference")
+    assert code == CODES.UNIMPLEMENTED, f"{code.name}: {details}"
+
+
+@pytest.mark.parametrize("token", [API_TOKEN, ADMIN_TOKEN])
+def test_the_admin_port_serves_admin_alone(secured, token):
+    code, details = invoke(secured, "Classify", metadata(token), port="admin")
+    assert code == CODES.UNIMPLEMENTED, f"{code.name}: {details}"
+
+
 def test_health_and_reflection_stay_open(secured):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -164,18 +185,24 @@ def test_health_and_reflection_stay_open(secured):
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     (answer,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
     names = {s.name for s in answer.list_services_response.service}
-    assert {"tuneserve.v1.Inference", "tuneserve.v1.Admin"} <= names
+    assert "tuneserve.v1.Inference" in names and "tuneserve.v1.Admin" not in names
+    reflection = reflection_pb2_grpc.ServerReflectionStub(secured["admin_channel"])
+    (answer,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in answer.list_services_response.service}
+    assert "tuneserve.v1.Admin" in names and "tuneserve.v1.Inference" not in names
 
 
 def test_client_sends_tokens_from_the_environment(secured, monkeypatch):
     monkeypatch.setenv("TUNESERVE_API_TOKEN", API_TOKEN)
     monkeypatch.setenv("TUNESERVE_ADMIN_TOKEN", ADMIN_TOKEN)
-    with Client(secured["address"], application=APP) as client:
+    with Client(secured["address"], application=APP,
+                admin_address=secured["admin_address"]) as client:
         assert client.classify("toy", ["a good film"]).version == "v1"
         assert client.pin("toy", "v1").version == "v1"
         assert client.unpin("toy").previous_version == "v1"
     monkeypatch.delenv("TUNESERVE_ADMIN_TOKEN")
-    with Client(secured["address"], application=APP) as client:
+    with Client(secured["address"], application=APP,
+                admin_address=secured["admin_address"]) as client:
         with pytest.raises(grpc.RpcError) as err:
             client.unpin("toy")  # falls back to the API token
         assert err.value.code() == CODES.PERMISSION_DENIED
@@ -187,7 +214,8 @@ def test_client_token_from_a_file(secured, tmp_path):
     path = tmp_path / "token"
     path.write_text(ADMIN_TOKEN + "\r\n")
     token = token_from(str(path), "TUNESERVE_ADMIN_TOKEN")
-    with Client(secured["address"], token="", admin_token=token, application=APP) as client:
+    with Client(secured["address"], token="", admin_token=token, application=APP,
+                admin_address=secured["admin_address"]) as client:
         assert client.unpin("toy").model == "toy"
         with pytest.raises(grpc.RpcError) as err:
             client.classify("toy", ["x"])  # no API token given: none is sent

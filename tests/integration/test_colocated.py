@@ -52,12 +52,13 @@ def colocated(server, trained, trained_generator, tmp_path_factory):
     copy_version(source, "toy", "v1", registry, "toy")
     copy_version(source, GEN_MODEL, "v1", registry, GEN_MODEL)
     # access_log off: Serve must accept the logging option on the ingress
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
                       poll_interval_s=0.5, access_log=False, replica_grpc=True,
-                      host="127.0.0.1", grpc_port=port)
+                      host="127.0.0.1", grpc_port=port, admin_port=admin_port)
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    clients = {"proxy": Client(server.address, token="", application=APP, timeout_s=60),
+    clients = {"proxy": Client(server.address, token="", application=APP, timeout_s=60,
+                               admin_address=f"127.0.0.1:{admin_port}"),
                "replica": Client(f"127.0.0.1:{port}", token="", timeout_s=60)}
     state = {"client": clients["proxy"], "clients": clients, "port": port,
              "registry": registry, "source": source, "deleted": False,

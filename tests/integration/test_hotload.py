@@ -187,14 +187,14 @@ def test_corrupt_versions_are_refused_and_old_keeps_serving(server, trained):
 def test_cli_models_commands_through_the_admin_api(server, capsys):
     from services.cli import main
 
-    assert main(["models", "pin", "--address", server.address, HOT_MODEL, "v1"]) == 0
+    assert main(["models", "pin", "--address", server.admin_address, HOT_MODEL, "v1"]) == 0
     assert f"{HOT_MODEL} pin: - -> v1" in capsys.readouterr().out
     assert wait_for(lambda: set(serving_versions(server)) == {"v1"}, SWAP_BOUND_S)
     production = model_info(server).production_version
-    assert main(["models", "unpin", "--address", server.address, HOT_MODEL]) == 0
+    assert main(["models", "unpin", "--address", server.admin_address, HOT_MODEL]) == 0
     assert wait_for(lambda: set(serving_versions(server)) == {production}, SWAP_BOUND_S)
     capsys.readouterr()
-    assert main(["models", "promote", "--address", server.address, HOT_MODEL, "v77"]) == 1
+    assert main(["models", "promote", "--address", server.admin_address, HOT_MODEL, "v77"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
