@@ -46,8 +46,13 @@ def toy_csv(tmp_path_factory, toy_rows):
 def ray_cluster():
     import ray
 
+    from services.core.config import ServeConfig
     from services.core.raycluster import ensure_ray
+    from services.serving.app import proxy_env
 
+    # Serve's gRPC proxy reads its message limit from the environment of the cluster,
+    # as `tuneserve serve` gives it to a cluster it starts (test_proxy_bounds.py).
+    os.environ.update(proxy_env(ServeConfig()))
     # Ray's metrics endpoint on a known port, for test_prometheus.py to scrape.
     metrics_port = free_port()
     ensure_ray(num_cpus=4, metrics_port=metrics_port)

@@ -201,3 +201,87 @@ def copy_version(source, name: str, version: str, target, new_name: str) -> str:
     manifest = {k: v for k, v in source.manifest(name, version).items()
                 if k not in ("files", "version", "name", "created_at")}
     return target.publish(new_name, source.local_copy(name, version), manifest).version
+
+
+# ---- a raw HTTP/2 client: what a hostile peer sends, byte by byte --------------------
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + \
+        stream.to_bytes(4, "big") + payload
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    """A header as an HPACK literal without indexing (no Huffman); short values only."""
+    n, v = name.encode(), value.encode()
+    assert len(n) < 127 and len(v) < 127
+    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
+
+
+def grpc_length_prefix_probe(port: int, path: str, declared_bytes: int,
+                             metadata: tuple = (), timeout_s: float = 30.0) -> dict:
+    """Open a connection to 127.0.0.1:port and start a gRPC call to `path` whose
+    message's length prefix says `declared_bytes`, followed by 1 KiB of it only: what a
+    client that means to send a huge message sends first. Returns {"status" (grpc-status
+    of the trailers, an int, or None), "message", "seconds"} once the server ends the
+    call or closes the connection."""
+    import re
+    import socket
+    import time
+
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
+               (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+               ("te", "trailers"), *metadata]
+    block = b"".join(_hpack_literal(k, v) for k, v in headers)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(H2_PREFACE + h2_frame(4, 0, 0, b"") + h2_frame(1, 4, 1, block)
+                     + h2_frame(0, 0, 1, b"\x00" + declared_bytes.to_bytes(4, "big")
+                                + b"x" * 1024))
+        received = b""
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+            if b"grpc-status" in received:
+                break
+    seconds = time.monotonic() - started
+    status = re.search(rb"grpc-status([\x01-\x03])(\d+)", received)
+    message = re.search(rb"grpc-message([\x01-\x7e])", received)
+    text = ""
+    if message:
+        start = message.end()
+        text = received[start:start + message.group(1)[0]].decode(errors="replace")
+    return {"status": int(status.group(2)) if status else None, "message": text,
+            "seconds": seconds}
+
+
+def idle_h2_connections(port: int, count: int) -> list:
+    """`count` connections to 127.0.0.1:port that send the HTTP/2 preface and settings,
+    then nothing: idle clients. The caller closes them."""
+    import socket
+
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(H2_PREFACE + h2_frame(4, 0, 0, b""))
+        socks.append(sock)
+    return socks
+
+
+def closed_by_server(sock, wait_s: float = 0.0) -> bool:
+    """Whether the server closed (or reset) this connection, reading what it sent."""
+    import select
+
+    while True:
+        ready, _, _ = select.select([sock], [], [], wait_s)
+        if not ready:
+            return False
+        try:
+            if not sock.recv(65536):
+                return True
+        except (ConnectionResetError, OSError):
+            return True

@@ -21,6 +21,7 @@ from services.core.config import (
     SERVING_DTYPES,
     TLS_LAYOUT,
     ServeConfig,
+    ServeLimits,
     check_port,
 )
 
@@ -115,6 +116,15 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
                         "of its own; replicas on a node share the port (with --colocate "
                         "and --num-replicas N: N model processes behind one port). "
                         "Serve's proxy moves to a free port; not with --max-replicas")
+    p.add_argument("--ingress-replicas", type=int, default=1, metavar="N",
+                   help="replicas of the ingress deployment (default layout; 2 or more in "
+                        "production, so that no one process carries every call)")
+    p.add_argument("--request-timeout-s", type=int, default=120, metavar="S",
+                   help="deadline of a call that sets none (behind Serve's proxy: of "
+                        "every unary call); past it, DEADLINE_EXCEEDED")
+    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="connections each of tuneserve's own gRPC servers (--replica-grpc, "
+                        "--admin-port) accepts at once")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="Serve's per-request access log in the replica logs (it costs CPU "
                         "on every request: docs/benchmarks.md)")
@@ -177,6 +187,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,
                       admin_token_file=args.admin_token_file, admin_port=args.admin_port,
+                      ingress_replicas=args.ingress_replicas,
+                      max_connections=args.max_connections,
+                      limits=ServeLimits(request_timeout_s=args.request_timeout_s),
                       tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
                       tls_client_ca_file=args.tls_client_ca)
     cfg.validate()

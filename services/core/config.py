@@ -905,7 +905,18 @@ class ServeLimits:
     max_request_bytes: int = 16 * 1024 * 1024
     """Serialized size of one request message; past it, RESOURCE_EXHAUSTED. The
     default fits the largest valid Classify request (128 texts of 20,000 four-byte
-    characters, about 10 MiB)."""
+    characters, about 10 MiB). Every gRPC server (Serve's proxy too) refuses a message
+    over twice this from its length prefix, before reading it."""
+    request_timeout_s: int = 120
+    """The deadline of a unary call that carries none (DEADLINE_EXCEEDED past it);
+    behind Serve's proxy, which passes no deadline on, of every unary call."""
+    max_watch_streams: int = 64
+    """Health Watch streams one ingress replica holds open at once (they need no
+    token); past it, a new one is RESOURCE_EXHAUSTED. Kept under the ingress's
+    max_ongoing_requests, so that Watch streams cannot take every slot."""
+    max_watch_streams_per_connection: int = 4
+    """Health Watch streams one connection may hold open at once, on the replicas' own
+    servers (replica_grpc; behind Serve's proxy the connection is not known)."""
 
 
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -1078,6 +1089,19 @@ class ServeConfig:
     service at all. The inference port answers Admin methods UNIMPLEMENTED. Callers
     need an admin token (admin_token_file); an API token is PERMISSION_DENIED there.
     With TLS files, the admin port is TLS too."""
+    max_connections: int = 1000
+    """Connections each of tuneserve's own gRPC servers (replica_grpc, admin_port)
+    accepts at once; more are closed at once."""
+    max_concurrent_rpcs: int = 1000
+    """Calls each of tuneserve's own gRPC servers runs at once; more answer
+    RESOURCE_EXHAUSTED."""
+    max_streams_per_connection: int = 100
+    """HTTP/2 streams (calls) one connection may have open at once on those servers."""
+    connection_idle_s: float = 300.0
+    """Those servers close a connection that has had no call for this long."""
+    connection_max_age_s: float = 3600.0
+    """Those servers ask a client to reconnect after this long (GOAWAY: calls in flight
+    get request_timeout_s more), which ends even a connection kept busy forever."""
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def validate(self) -> "ServeConfig":
@@ -1112,7 +1136,7 @@ class ServeConfig:
         if not self.replica_grpc:
             return None
         server = {"host": self.host, "port": self.grpc_port,
-                  "max_receive_bytes": 2 * self.limits.max_request_bytes}
+                  "max_receive_bytes": self.max_message_bytes(), "bounds": self.bounds()}
         if self.tls_cert_file:
             server["tls"] = self._tls_files()
         return server
@@ -1123,10 +1147,25 @@ class ServeConfig:
         if self.admin_port is None:
             return None
         server = {"host": self.host, "port": self.admin_port,
-                  "max_receive_bytes": 2 * self.limits.max_request_bytes}
+                  "max_receive_bytes": self.max_message_bytes(), "bounds": self.bounds()}
         if self.tls_cert_file:
             server["tls"] = self._tls_files()
         return server
+
+    def max_message_bytes(self) -> int:
+        """The largest message any gRPC server reads (its length prefix says; larger
+        ones are refused unread, RESOURCE_EXHAUSTED): twice the request limit, so that
+        requests up to that reach the ingress's size check and its message."""
+        return 2 * self.limits.max_request_bytes
+
+    def bounds(self) -> dict[str, Any]:
+        """The limits of tuneserve's own gRPC servers (ReplicaGrpcServer's `bounds`)."""
+        return {"max_connections": self.max_connections,
+                "max_concurrent_rpcs": self.max_concurrent_rpcs,
+                "max_streams_per_connection": self.max_streams_per_connection,
+                "connection_idle_s": self.connection_idle_s,
+                "connection_max_age_s": self.connection_max_age_s,
+                "grace_s": float(self.limits.request_timeout_s)}
 
     def _tls_files(self) -> dict[str, Optional[str]]:
         """The TLS files as absolute paths: a replica's working folder is not ours."""
@@ -1174,8 +1213,10 @@ def _check_serve_names(cfg: ServeConfig) -> None:
 
 def _check_serve_counts(cfg: ServeConfig) -> None:
     """Integers: (field, smallest value); None is "unset" where the field allows it."""
-    for name, low in (("num_replicas", 1), ("ingress_replicas", 1), ("max_ongoing_requests", 1),
-                      ("max_batch_size", 1), ("min_replicas", 0), ("max_replicas", 1)):
+    for name, low in (("num_replicas", 1), ("max_ongoing_requests", 1),
+                      ("max_batch_size", 1), ("min_replicas", 0), ("max_replicas", 1),
+                      ("ingress_replicas", 1), ("max_connections", 1),
+                      ("max_concurrent_rpcs", 1), ("max_streams_per_connection", 1)):
         value = getattr(cfg, name)
         if value is None and name in ("max_ongoing_requests", "min_replicas",
                                       "max_replicas"):
@@ -1199,7 +1240,9 @@ def _check_serve_numbers(cfg: ServeConfig) -> None:
                                  ("upscale_delay_s", 0.0, True),
                                  ("downscale_delay_s", 0.0, True),
                                  ("batch_wait_timeout_s", 0.0, True),
-                                 ("generation_batch_wait_timeout_s", 0.0, True)):
+                                 ("generation_batch_wait_timeout_s", 0.0, True),
+                                 ("connection_idle_s", 0.0, False),
+                                 ("connection_max_age_s", 0.0, False)):
         value = getattr(cfg, name)
         if not _is_number(value) or not math.isfinite(value):
             raise _bad_serve(name, f"must be a finite number, got {value!r}")
@@ -1283,6 +1326,12 @@ def _check_serve_ingress(cfg: ServeConfig) -> None:
         raise _bad_serve("colocate", "with direct_ingress the ingress replica listens on "
                          "grpc_port itself, so it runs one replica: set num_replicas 1 and "
                          "no max_replicas, or drop direct_ingress")
+    if cfg.ingress_replicas != 1 and (cfg.colocate or cfg.direct_ingress):
+        raise _bad_serve("ingress_replicas", "with colocate the ingress replicas are the "
+                         "model replicas (set num_replicas), and direct_ingress runs one "
+                         "ingress replica: leave ingress_replicas at 1"
+                         if cfg.colocate else "direct_ingress runs one ingress replica "
+                         "per node: leave ingress_replicas at 1")
     if cfg.replica_grpc and cfg.direct_ingress:
         raise _bad_serve("replica_grpc", "both replica_grpc and direct_ingress put a gRPC "
                          "server in the ingress replica on grpc_port: choose one")
@@ -1300,6 +1349,9 @@ def _check_serve_limits(cfg: ServeConfig) -> None:
             raise _bad_serve(f"limits.{f.name}", f"must be an integer >= {low}, got {value!r}")
     if cfg.limits.max_request_bytes < 1024:
         raise _bad_serve("limits.max_request_bytes", "must be at least 1024")
+    if cfg.max_message_bytes() >= 2 ** 31:
+        raise _bad_serve("limits.max_request_bytes", "must be under 1 GiB (gRPC reads "
+                         "messages up to twice it, and no message over 2 GiB)")
 
 
 TLS_FLAGS = {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key",

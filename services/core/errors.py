@@ -65,6 +65,13 @@ class Overloaded(TuneserveError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(TuneserveError):
+    """A call without a deadline ran past the server's default one
+    (ServeLimits.request_timeout_s)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class RequestTooLarge(TuneserveError):
     """A request message over ServeLimits.max_request_bytes."""
 

@@ -194,8 +194,11 @@ def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
     ingress = serve.deployment(InferenceIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=cfg.ingress_replicas,
         ray_actor_options={"num_cpus": cfg.ingress_cpus},
-        # The ingress only awaits model calls: it can hold many at once.
-        max_ongoing_requests=max([256] + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
+        # The ingress only awaits model calls: it can hold many at once. Health Watch
+        # streams (bounded by limits.max_watch_streams) take at most half of them.
+        max_ongoing_requests=max([256, 2 * cfg.limits.max_watch_streams]
+                                 + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
+        max_queued_requests=cfg.max_queued_requests,
         **cfg.deployment_logging(),
     )
     coalesce = {name: settings for name, task in served_tasks.items()
@@ -219,6 +222,19 @@ def app_builder(args: dict[str, Any]):
 
 def grpc_options(cfg: ServeConfig) -> dict[str, Any]:
     return {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
+
+
+PROXY_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+"""Where Ray Serve's gRPC proxy reads the largest message it accepts (default 2 GiB),
+in each proxy process as it starts."""
+
+
+def proxy_env(cfg: ServeConfig) -> dict[str, str]:
+    """The environment that gives Serve's gRPC proxy tuneserve's message limit: a larger
+    message is refused from its length prefix, before it is read. Ray reads it where
+    its processes start: `tuneserve serve` sets it for a cluster it starts; a cluster
+    of your own (a RayService) needs it in its pods' environment."""
+    return {PROXY_MESSAGE_ENV: str(cfg.max_message_bytes())}
 
 
 def direct_ingress_env(grpc_port: int) -> dict[str, str]:
@@ -290,9 +306,10 @@ def startup_needs(cfg: ServeConfig, models: int) -> list[tuple[str, float, str]]
         gpu_parts = f"{first} ingress replica(s) x --replica-gpus {cfg.replica_gpus:g}"
         gpus = first * cfg.replica_gpus
     else:
-        cpus = models * first * cfg.replica_cpus + cfg.ingress_cpus
+        cpus = models * first * cfg.replica_cpus + cfg.ingress_replicas * cfg.ingress_cpus
         parts = (f"{models} model(s) x {first} replica(s) x --replica-cpus "
-                 f"{cfg.replica_cpus:g}, + {cfg.ingress_cpus:g} for the ingress")
+                 f"{cfg.replica_cpus:g}, + {cfg.ingress_replicas} x {cfg.ingress_cpus:g} "
+                 "for the ingress")
         gpus = models * first * cfg.replica_gpus
         gpu_parts = (f"{models} model(s) x {first} replica(s) x --replica-gpus "
                      f"{cfg.replica_gpus:g}")
@@ -344,6 +361,8 @@ def start_serving(cfg: ServeConfig, *, http_port: Optional[int] = None, verbose:
         options["port"] = free_port()
         if cfg.tls_cert_file:  # Serve's proxy has no TLS: no plaintext way around it
             options["grpc_servicer_functions"] = []
+    if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.update(proxy_env(cfg))  # the local cluster started next inherits it
     local = ensure_ray(cfg.address, metrics_port=cfg.metrics_port, verbose=verbose)
     served = sum(1 for task in tasks.values() if task in _colocated().model_classes())
     warning = check_startup_resources(cfg, served, ray.cluster_resources(), local)

@@ -14,6 +14,7 @@ stays open. No torch import here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -26,6 +27,7 @@ from services.core import metrics
 from services.core.auth import ADMIN, INFERENCE, Authenticator, Tokens
 from services.core.config import CLASSIFICATION, GENERATION, ServeLimits
 from services.core.errors import (
+    DeadlineExceeded,
     ModelLoading,
     ModelNotFound,
     NotImplementedYet,
@@ -118,6 +120,16 @@ def _replica_status(r: dict[str, Any]):
         else "")
 
 
+def _peer(grpc_context) -> str:
+    """The connection a call came on ("ipv4:10.0.0.7:53124"), where the server knows
+    it (the replicas' own servers); "" behind Serve's proxy."""
+    try:
+        peer = grpc_context.peer()
+    except Exception:  # Serve's proxy context, or none
+        return ""
+    return peer if isinstance(peer, str) else ""
+
+
 def _cancelled_code(grpc_context) -> str:
     """The code a call cancelled under us is counted with: DEADLINE_EXCEEDED when its
     deadline has passed (seen where the replica terminates gRPC itself), else
@@ -140,7 +152,8 @@ def rpc(response_type):
             code_name, answered = "OK", None
             try:
                 self._admit(fn.__name__, request, grpc_context)
-                response = await fn(self, request, grpc_context)
+                async with self._default_deadline(grpc_context):
+                    response = await fn(self, request, grpc_context)
                 answered = _answered_version(response)
                 return response
             except asyncio.CancelledError:
@@ -203,6 +216,11 @@ class InferenceIngress(AdminMethods):
         # service's server in this replica; without one no call reaches Admin methods.
         self._admin_server = None
         self._admin_server_args = admin_server
+        # Open health Watch streams by connection ("" behind Serve's proxy, where the
+        # connection is not known): bounded (ServeLimits.max_watch_streams...), and
+        # ended when the replica stops (_closing).
+        self._watches: dict[str, int] = {}
+        self._closing = asyncio.Event()
         if self.LISTEN_AT_INIT:
             self._listen()
 
@@ -232,6 +250,9 @@ class InferenceIngress(AdminMethods):
         """Serve calls this when it stops the replica, and awaits what it returns: the
         replica's own gRPC servers, if any, refuse new calls and let those in flight
         finish (replica_grpc.STOP_GRACE_S)."""
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.set()  # Watch streams end now, not at the end of the grace period
         servers = [s for s in (getattr(self, "_grpc_server", None),
                                getattr(self, "_admin_server", None)) if s is not None]
         self._grpc_server = self._admin_server = None
@@ -248,6 +269,26 @@ class InferenceIngress(AdminMethods):
         self.auth.check(metadata, scope)
         check_decoded(request)
         check_request_size(request, self.limits)
+
+    @contextlib.asynccontextmanager
+    async def _default_deadline(self, grpc_context):
+        """A call that carries no deadline gets ServeLimits.request_timeout_s: past it,
+        DEADLINE_EXCEEDED (a call with a deadline of its own ends with it, as before)."""
+        try:
+            remaining = grpc_context.time_remaining()
+        except Exception:  # Serve's proxy context has none to read
+            remaining = None
+        if remaining is not None:
+            yield
+            return
+        limit = self.limits.request_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {limit} s, this server's deadline "
+                                   "for calls that set none; set a deadline of your "
+                                   "own, or retry") from None
 
     def _metric_model(self, request) -> str:
         """The model label: a served model's name, else "-" (labels stay bounded)."""
@@ -552,24 +593,53 @@ class InferenceIngress(AdminMethods):
     async def Watch(self, request, grpc_context=None):
         """Streams the status whenever it changes (polled each second). As the health
         protocol says, an unknown service gets SERVICE_UNKNOWN once and the stream stays
-        open (the services served here do not change while it runs)."""
+        open (the services served here do not change while it runs). Open streams are
+        bounded in all and per connection (RESOURCE_EXHAUSTED past either), and end
+        when the replica stops."""
         if isinstance(request, UndecodableRequest):
             await self.Check(request, grpc_context)
             raise StreamEnded(grpc.StatusCode.INVALID_ARGUMENT,
                               grpc_context.details() if grpc_context is not None else
                               "request: not a valid message")
-        if request.service not in ("", INFERENCE_SERVICE):
-            yield health_pb2.HealthCheckResponse(
-                status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            while True:
-                await asyncio.sleep(3600)
-        last = None
-        while True:
-            response = await self.Check(request, grpc_context)
-            if response.status != last:
-                last = response.status
-                yield response
-            await asyncio.sleep(HEALTH_CACHE_S)
+        peer = self._admit_watch(grpc_context)
+        try:
+            if request.service not in ("", INFERENCE_SERVICE):
+                yield health_pb2.HealthCheckResponse(
+                    status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                await self._closing.wait()
+                return
+            last = None
+            while not self._closing.is_set():
+                response = await self.Check(request, grpc_context)
+                if response.status != last:
+                    last = response.status
+                    yield response
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), HEALTH_CACHE_S)
+        finally:
+            self._watches[peer] -= 1
+            if not self._watches[peer]:
+                del self._watches[peer]
 
+    def _admit_watch(self, grpc_context) -> str:
+        """Count a new Watch stream in, by connection; StreamEnded (RESOURCE_EXHAUSTED)
+        past ServeLimits.max_watch_streams, or max_watch_streams_per_connection."""
+        peer = _peer(grpc_context)
+        if sum(self._watches.values()) >= self.limits.max_watch_streams:
+            why = (f"too many health Watch streams open on this server "
+                   f"({self.limits.max_watch_streams}); use Check, or retry later")
+        elif peer and self._watches.get(peer, 0) >= \
+                self.limits.max_watch_streams_per_connection:
+            why = (f"too many health Watch streams on this connection "
+                   f"({self.limits.max_watch_streams_per_connection})")
+        else:
+            self._watches[peer] = self._watches.get(peer, 0) + 1
+            return peer
+        metrics.inc("tuneserve_requests_total", method="Watch", code="RESOURCE_EXHAUSTED",
+                    model=metrics.UNKNOWN, version=metrics.UNKNOWN)
+        if grpc_context is not None:
+            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            grpc_context.set_details(why)
+        raise StreamEnded(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
 __all__ = ["InferenceIngress", "ModelLoading", "Overloaded"]

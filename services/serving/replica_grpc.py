@@ -44,6 +44,40 @@ logger = logging.getLogger("ray.serve")
 
 STOP_GRACE_S = 10.0
 """On shutdown, calls in flight get this long to finish; new calls are refused."""
+KEEPALIVE_S = 60.0
+"""The server pings a connection quiet for this long, and closes it when the ping gets
+no answer within KEEPALIVE_TIMEOUT_S: a vanished client frees its connection."""
+KEEPALIVE_TIMEOUT_S = 20.0
+MIN_CLIENT_PING_INTERVAL_S = 10.0
+"""A client pinging more often than this without calls is sent GOAWAY after
+MAX_PING_STRIKES such pings (grpc's keepalive enforcement)."""
+MAX_PING_STRIKES = 2
+
+
+def server_options(max_receive_bytes: int, max_connections: int = 1000,
+                   max_streams_per_connection: int = 100, connection_idle_s: float = 300.0,
+                   connection_max_age_s: float = 3600.0, grace_s: float = 120.0,
+                   **_unused) -> list[tuple[str, Any]]:
+    """grpc channel arguments of a tuneserve server: a message over max_receive_bytes is
+    refused from its length prefix, before it is read; connections and the streams
+    of each are bounded; an idle, silent, ping-flooding or very old connection is
+    closed (ServeConfig.bounds)."""
+    return [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(connection_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(connection_max_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         int(MIN_CLIENT_PING_INTERVAL_S * 1000)),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
 
 
 def _streaming(fn):
@@ -177,18 +211,19 @@ class ReplicaGrpcServer:
     construction (a port that cannot be bound fails the replica with a clear error):
     Inference and Health, or with `admin` the Admin service alone. `tls`: {cert_file,
     key_file, client_ca_file} (ServeConfig.replica_grpc_server), or None for
-    plaintext."""
+    plaintext. `bounds`: ServeConfig.bounds (connections, calls, streams, ages);
+    default: its defaults."""
 
     def __init__(self, ingress: Any, host: str, port: int, max_receive_bytes: int,
-                 tls: Optional[dict[str, Optional[str]]] = None, admin: bool = False):
+                 tls: Optional[dict[str, Optional[str]]] = None, admin: bool = False,
+                 bounds: Optional[dict[str, Any]] = None):
         self.address = f"{host}:{port}"
         self.tls = tls
         self.admin = admin
-        self.server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", max_receive_bytes),
-            ("grpc.max_send_message_length", -1),
-        ])
+        bounds = dict(bounds or {})
+        self.server = grpc.aio.server(
+            options=server_options(max_receive_bytes, **bounds),
+            maximum_concurrent_rpcs=bounds.get("max_concurrent_rpcs", 1000))
         servicer = _Servicer(ingress, admin)
         adders, names = ADMIN_SERVICES if admin else INFERENCE_SERVICES
         for add in adders:

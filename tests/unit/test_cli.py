@@ -174,7 +174,7 @@ def test_replicas_that_cannot_fit_fail_before_serve_starts(tmp_path, monkeypatch
     cfg = ServeConfig(registry=str(tmp_path / "reg"), grpc_port=free_port())
     with pytest.raises(ConfigError, match=re.escape(
             "serving needs 2.1 CPUs to start (2 model(s) x 1 replica(s) x --replica-cpus 1, "
-            "+ 0.1 for the ingress) and the Ray cluster has 2: lower --replica-cpus")):
+            "+ 1 x 0.1 for the ingress) and the Ray cluster has 2: lower --replica-cpus")):
         app.start_serving(cfg)
     with pytest.raises(Started):  # fits: on to Serve
         app.start_serving(ServeConfig(registry=cfg.registry, grpc_port=cfg.grpc_port,

@@ -316,7 +316,8 @@ def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(served):
 def test_replica_grpc_settings():
     cfg = ServeConfig(replica_grpc=True, grpc_port=9100, host="127.0.0.1").validate()
     assert cfg.replica_grpc_server() == {"host": "127.0.0.1", "port": 9100,
-                                         "max_receive_bytes": 2 * cfg.limits.max_request_bytes}
+                                         "max_receive_bytes": 2 * cfg.limits.max_request_bytes,
+                                         "bounds": cfg.bounds()}
     assert ServeConfig().replica_grpc_server() is None
     assert ServeConfig(replica_grpc=True, colocate=True, num_replicas=3).validate()
     with pytest.raises(ConfigError, match="'replica_grpc'.*choose one"):
