@@ -161,15 +161,15 @@ def main() -> int:
     args = build_parser().parse_args()
     registry = publish_twice(Path(tempfile.mkdtemp(prefix="tuneserve-bench-")))
     ensure_ray(num_cpus=max(2, args.replicas))
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     start_serving(ServeConfig(registry=str(registry), grpc_port=port,
                               num_replicas=args.replicas,
                               replica_cpus=max(0.1, 1.0 / args.replicas * 0.9),
-                              poll_interval_s=args.poll_interval_s),
+                              poll_interval_s=args.poll_interval_s, admin_port=admin_port),
                   http_port=free_port())
     address = f"127.0.0.1:{port}"
     load = Load(address, sentences(), args.clients)
-    admin = Client(address)
+    admin = Client(address, admin_address=f"127.0.0.1:{admin_port}")
     admin.wait_until_serving(120)
     at = promote_under_load(admin, load, args)
     write_json(args.json, report(args, load, at))
