@@ -20,6 +20,7 @@ from tests.helpers import (
     build_tiny_bert,
     build_tiny_gpt2,
     free_port,
+    server_port,
     toy_generation_pairs,
     toy_sentiment_rows,
     write_csv,
@@ -146,7 +147,7 @@ def server(trained, trained_generator):
 
     cfg, _ = trained
     publish_copy(cfg.registry, "toy", "v1", HOT_MODEL)
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_port(), server_port()
     # Autoscaling between 1 and 2 replicas with quick reactions, so that
     # test_autoscaling.py can watch Serve scale up under load and back down.
     serve_cfg = ServeConfig(registry=cfg.registry, grpc_port=port, replica_cpus=0.5,

@@ -11,6 +11,29 @@ from pathlib import Path
 
 from services.core.net import free_port  # noqa: F401  (one implementation, re-exported for tests)
 
+
+def server_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, for a server that binds it
+    later with SO_REUSEPORT (the replicas' own gRPC servers): a port from free_port()
+    can meanwhile be handed to a Ray process's internal gRPC server binding port 0,
+    also with SO_REUSEPORT, and the two would then split the connections."""
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(max(1024, low // 2), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "wonderful", "brilliant"]
 NEGATIVE = ["bad", "awful", "boring", "poor", "dull", "terrible", "clumsy"]
 NOUNS = ["movie", "film", "story", "show", "script", "ending"]

@@ -28,7 +28,7 @@ from services.client import Client
 from services.core.config import ServeConfig
 from services.protocol import admin_pb, pb
 from services.core.registry import Registry
-from tests.helpers import delete_app, free_port
+from tests.helpers import delete_app, server_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,7 +52,7 @@ def secured(server, trained, tmp_path_factory):
     registry.publish("toy", source.local_copy("toy", "v1"), manifest)
     (folder / "api-token").write_text(API_TOKEN + "\n")
     (folder / "admin-token").write_text(ADMIN_TOKEN + "\n")
-    admin_address = f"127.0.0.1:{free_port()}"
+    admin_address = f"127.0.0.1:{server_port()}"
     serve_cfg = ServeConfig(registry=registry.uri, replica_cpus=0.1, poll_interval_s=0.5,
                             dtype="bfloat16", api_token_file=str(folder / "api-token"),
                             admin_token_file=str(folder / "admin-token"),

@@ -18,8 +18,7 @@ from services.client import Client
 from services.core.config import ServeConfig
 from services.core.registry import Registry
 from tests.conftest import GEN_MODEL
-from services.core.net import free_port
-from tests.helpers import copy_version, delete_app, poll_until
+from tests.helpers import copy_version, delete_app, poll_until, server_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,7 +51,7 @@ def colocated(server, trained, trained_generator, tmp_path_factory):
     copy_version(source, "toy", "v1", registry, "toy")
     copy_version(source, GEN_MODEL, "v1", registry, GEN_MODEL)
     # access_log off: Serve must accept the logging option on the ingress
-    port, admin_port = free_port(), free_port()
+    port, admin_port = server_port(), server_port()
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
                       poll_interval_s=0.5, access_log=False, replica_grpc=True,
                       host="127.0.0.1", grpc_port=port, admin_port=admin_port)
