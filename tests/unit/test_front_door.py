@@ -132,6 +132,9 @@ def test_an_admin_method_called_another_way_is_unimplemented(front):
         def set_details(self, details):
             self.details = details
 
+        def set_trailing_metadata(self, metadata):
+            self.trailers = metadata
+
     context = ProxyContext()
     front["loop"].call(lambda: ingress.Promote(admin_pb.PromoteRequest(model="m",
                                                                        version="v1"), context))
