@@ -915,8 +915,8 @@ class ServeLimits:
     token); past it, a new one is RESOURCE_EXHAUSTED. Kept under the ingress's
     max_ongoing_requests, so that Watch streams cannot take every slot."""
     max_watch_streams_per_connection: int = 4
-    """Health Watch streams one connection may hold open at once, on the replicas' own
-    servers (replica_grpc; behind Serve's proxy the connection is not known)."""
+    """Health Watch streams one connection may hold open at once (by the call's peer,
+    which Serve's proxy passes on too)."""
 
 
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")

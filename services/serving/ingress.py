@@ -121,8 +121,8 @@ def _replica_status(r: dict[str, Any]):
 
 
 def _peer(grpc_context) -> str:
-    """The connection a call came on ("ipv4:10.0.0.7:53124"), where the server knows
-    it (the replicas' own servers); "" behind Serve's proxy."""
+    """The connection a call came on ("ipv4:10.0.0.7:53124"), as the server (or Serve's
+    proxy, which passes it on) saw it; "" where there is none."""
     try:
         peer = grpc_context.peer()
     except Exception:  # Serve's proxy context, or none
@@ -216,9 +216,9 @@ class InferenceIngress(AdminMethods):
         # service's server in this replica; without one no call reaches Admin methods.
         self._admin_server = None
         self._admin_server_args = admin_server
-        # Open health Watch streams by connection ("" behind Serve's proxy, where the
-        # connection is not known): bounded (ServeLimits.max_watch_streams...), and
-        # ended when the replica stops (_closing).
+        # Open health Watch streams by connection (the call's peer; "" where none is
+        # known): bounded (ServeLimits.max_watch_streams...), and ended when the
+        # replica stops (_closing).
         self._watches: dict[str, int] = {}
         self._closing = asyncio.Event()
         if self.LISTEN_AT_INIT:

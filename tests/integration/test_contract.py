@@ -185,7 +185,7 @@ def test_bytes_that_are_not_the_message(server, method, path, payload, streaming
     """Invalid UTF-8 in a string field (sent raw: a client library would refuse to
     build it) or bytes that are not protobuf at all: INVALID_ARGUMENT, not the
     parser's exception as UNKNOWN."""
-    channel = server.admin_channel if "/Admin/" in path else server.channel
+    channel = server.admin_channel if ".Admin/" in path else server.channel
     code, details = raw_call(channel, path, payload, streaming)
     assert code == CODES.INVALID_ARGUMENT, f"{code.name}: {details}"
     assert "not a valid tuneserve.v1." in details

@@ -48,22 +48,27 @@ def test_the_proxy_refuses_a_huge_message_from_its_length_prefix(server, declare
 
 
 def test_watch_streams_through_the_proxy_are_bounded(server):
-    bound = ServeConfig().limits.max_watch_streams
+    limits = ServeConfig().limits
+    bound = limits.max_watch_streams
+    # Serve's proxy passes each call's peer on: the bound per connection holds there
+    # too, so the streams are spread over enough connections to reach the total.
+    count = bound // limits.max_watch_streams_per_connection + 5
     channels = [grpc.insecure_channel(server.address,
                                       options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(4)]
+                for _ in range(count)]
     request = health_pb2.HealthCheckRequest(service="")
     streams, refused = [], []
     try:
         for i in range(bound + 20):  # no token: Watch needs none
-            stream = health_pb2_grpc.HealthStub(channels[i % 4]).Watch(request, timeout=120)
+            stream = health_pb2_grpc.HealthStub(channels[i % count]).Watch(request,
+                                                                           timeout=120)
             try:
                 assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
                 streams.append(stream)
             except grpc.RpcError as exc:
                 refused.append(exc.code())
                 stream.cancel()
-        assert len(streams) == bound and set(refused) == {CODES.RESOURCE_EXHAUSTED}
+        assert len(streams) == bound and set(refused) == {CODES.RESOURCE_EXHAUSTED}, refused
         assert len(refused) == 20
         # readiness and calls go on while the streams are open
         assert server.health() == "SERVING"
