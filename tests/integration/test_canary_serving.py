@@ -19,7 +19,7 @@ from services.cli import main
 from services.client import Client
 from services.core.config import ServeConfig
 from services.core.registry import Registry
-from tests.helpers import copy_version, delete_app, poll_until
+from tests.helpers import copy_version, delete_app, poll_until, server_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,10 +38,12 @@ def canary_app(server, trained, tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("canary") / "registry")
     copy_version(source, "toy", "v1", registry, "toy")
     copy_version(source, "toy", "v1", registry, "toy")  # v2, the candidate
+    admin_port = server_port()  # the Admin API answers on its own port only
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
-                      poll_interval_s=0.5)
+                      poll_interval_s=0.5, admin_port=admin_port)
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    client = Client(server.address, token="", application=APP, timeout_s=60)
+    client = Client(server.address, token="", application=APP, timeout_s=60,
+                    admin_address=f"127.0.0.1:{admin_port}")
     try:
         client.wait_until_serving(timeout_s=180)
         yield client, registry
