@@ -62,7 +62,8 @@ def _register_canary(actions) -> None:
     where.add_argument("--registry", default=None,
                        help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
     where.add_argument("--address", default=None,
-                       help="act through a running server's Admin API (HOST:PORT)")
+                       help="act through a running server's Admin API: HOST:PORT of its "
+                            "admin port (tuneserve serve --admin-port)")
     q.add_argument("name")
     q.add_argument("model_version", metavar="VERSION", nargs="?", default=None)
     what = q.add_mutually_exclusive_group()
