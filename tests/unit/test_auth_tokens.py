@@ -5,6 +5,7 @@ tests/integration/test_auth.py does it again through Serve's real gRPC proxy."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -389,8 +390,9 @@ def ingress(tmp_path):
     return make
 
 
-def run(ingress, method: str, request, metadata=()):
+def run(ingress, method: str, request, metadata=(), admin_plane=False):
     context = FakeContext(metadata)
+    context.admin_plane = admin_plane  # as the replica's admin server marks its calls
     response = asyncio.run(getattr(ingress, method)(request, context))
     return (context.code() or grpc.StatusCode.OK), context.details(), response
 
@@ -422,10 +424,13 @@ def test_ingress_checks_the_token_before_anything_else(ingress):
 def test_ingress_admin_needs_the_admin_token(ingress):
     server = ingress(Tokens.from_values(API, ADMIN_T))
     unpin = admin_pb.UnpinRequest(model="m")
-    assert run(server, "Unpin", unpin)[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert run(server, "Unpin", unpin, bearer(API))[0] == grpc.StatusCode.PERMISSION_DENIED
+    on_admin = functools.partial(run, server, "Unpin", unpin, admin_plane=True)
+    assert on_admin()[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert on_admin(bearer(API))[0] == grpc.StatusCode.PERMISSION_DENIED
     # Past authorization: this registry has no model "m".
-    assert run(server, "Unpin", unpin, bearer(ADMIN_T))[0] == grpc.StatusCode.NOT_FOUND
+    assert on_admin(bearer(ADMIN_T))[0] == grpc.StatusCode.NOT_FOUND
+    # Not on the admin port: no Admin, whatever the token.
+    assert run(server, "Unpin", unpin, bearer(ADMIN_T))[0] == grpc.StatusCode.UNIMPLEMENTED
     assert run(server, "ListModels", pb.ListModelsRequest(), bearer(ADMIN_T))[0] == \
         grpc.StatusCode.OK
 
