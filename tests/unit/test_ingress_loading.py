@@ -94,5 +94,9 @@ def test_health_watch_streams_the_status_and_keeps_unknown_services_open(tmp_pat
         assert context.code() is None
         return seen, still_open
 
-    assert asyncio.run(watch("", 2)) == ([status.NOT_SERVING, status.SERVING], True)
-    assert asyncio.run(watch("no.such.Service", 1)) == ([status.SERVICE_UNKNOWN], True)
+    async def both():  # one event loop, as in a replica (the ingress's events bind to it)
+        return await watch("", 2), await watch("no.such.Service", 1)
+
+    whole, unknown = asyncio.run(both())
+    assert whole == ([status.NOT_SERVING, status.SERVING], True)
+    assert unknown == ([status.SERVICE_UNKNOWN], True)
