@@ -308,3 +308,20 @@ def closed_by_server(sock, wait_s: float = 0.0) -> bool:
                 return True
         except (ConnectionResetError, OSError):
             return True
+
+
+def publish_toy_classifier(tiny_model_dir, folder: Path, max_length: int = 64):
+    """A registry in `folder` holding one version (v1) of a two-label classifier "toy"
+    made from the tiny BERT, published as trained with `max_length`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from services.core.registry import Registry
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    model.save_pretrained(folder / "ckpt")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder / "ckpt")
+    reg = Registry(folder / "registry")
+    reg.publish("toy", folder / "ckpt", {"task": "classification", "labels": ["neg", "pos"],
+                                        "config": {"max_length": max_length}, "metrics": {}})
+    return reg

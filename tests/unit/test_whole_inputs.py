@@ -14,7 +14,7 @@ import pytest
 
 from services.core.config import ServeConfig
 from services.core.errors import ConfigError, InvalidInput
-from services.core.registry import Registry
+from tests.helpers import publish_toy_classifier
 
 TRAINED_MAX_LENGTH = 16
 LIMIT = 128
@@ -24,18 +24,8 @@ LONG = "good " * 300  # 302 tokens: over the model's limit
 
 @pytest.fixture(scope="module")
 def registry(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("whole")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
-    model.save_pretrained(folder / "ckpt")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder / "ckpt")
-    reg = Registry(folder / "registry")
-    reg.publish("toy", folder / "ckpt", {
-        "task": "classification", "labels": ["neg", "pos"],
-        "config": {"max_length": TRAINED_MAX_LENGTH}, "metrics": {}})
-    return reg
+    return publish_toy_classifier(tiny_model_dir, tmp_path_factory.mktemp("whole"),
+                                  TRAINED_MAX_LENGTH)
 
 
 @pytest.fixture
