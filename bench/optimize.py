@@ -15,6 +15,7 @@ file for the accuracy column (default: SST-2 dev from ../shared/data where prese
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +23,26 @@ from typing import Any
 
 import torch
 
-from _common import SST2_DEV, build_checkpoint, machine, sentences, table, write_json
-from services.core.config import CLASSIFICATION
-from services.core.registry import Registry
-from services.evaluate import evaluate_local, parse_model_ref, read_data
-from services.runtime.classifier import CPU_TOKENS_PER_PASS, encode, forward_passes, \
-    load_classifier, predict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (  # noqa: E402
+    SST2_DEV,
+    build_checkpoint,
+    machine,
+    sentences,
+    table,
+    write_json,
+)
+from services.core.config import CLASSIFICATION  # noqa: E402
+from services.core.registry import Registry  # noqa: E402
+from services.evaluate import evaluate_local, parse_model_ref, read_data  # noqa: E402
+from services.runtime.classifier import (  # noqa: E402
+    CPU_TOKENS_PER_PASS,
+    encode,
+    forward_passes,
+    load_classifier,
+    predict,
+)
 
 RUNTIMES = ("eager", "torchscript", "onnx", "onnx-int8")
 
