@@ -246,7 +246,8 @@ SMALL_DATA_HEAD_LEARNING_RATE = 1e-3
 def small_data_settings(cfg: ResolvedTrainConfig, train_rows: int) -> dict[str, Any]:
     """Whether small-data settings apply (mode, rows) and the optimizer fields they
     set: only those the user left to the defaults (cfg.defaulted), and the head's
-    learning rate where it is unset. {"applied", "why", "settings"}."""
+    learning rate where it and the learning rate are unset. {"applied", "why",
+    "settings"}."""
     o = cfg.optim
     mode = o.small_data
     applied = mode == "on" or (mode == "auto" and train_rows < SMALL_DATA_ROWS)
@@ -265,7 +266,9 @@ def small_data_settings(cfg: ResolvedTrainConfig, train_rows: int) -> dict[str, 
             settings["learning_rate"] = SMALL_DATA_LEARNING_RATE
         if "warmup_ratio" in cfg.defaulted:
             settings["warmup_ratio"] = SMALL_DATA_WARMUP_RATIO
-        if o.head_learning_rate is None:
+        # A learning rate the user gave sets the pace of the whole model: the head's
+        # is raised only along with the encoder's default.
+        if o.head_learning_rate is None and "learning_rate" in cfg.defaulted:
             settings["head_learning_rate"] = SMALL_DATA_HEAD_LEARNING_RATE
         kept = [f for f in ("epochs", "learning_rate", "warmup_ratio")
                 if f not in cfg.defaulted]

@@ -44,6 +44,9 @@ def test_fields_given_explicitly_are_kept_and_named():
     plan = small_data_settings(_cfg(epochs=1, learning_rate=1e-4, head_learning_rate=5e-4), 900)
     assert plan["applied"] and plan["settings"] == {"warmup_ratio": 0.1}
     assert "kept as given: epochs, learning_rate" in plan["why"]
+    # a learning rate given sets the head's pace too: no head rate of its own
+    paced = small_data_settings(_cfg(learning_rate=1e-9), 900)
+    assert "head_learning_rate" not in paced["settings"] and "epochs" in paced["settings"]
 
 
 @pytest.mark.parametrize("field,value", [
