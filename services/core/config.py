@@ -968,7 +968,8 @@ class ServeConfig:
     max_queued_requests: int = 256
     """Requests waiting beyond that (Classify: in the ingress for room in a coalesced
     call; otherwise in Serve's router, per caller); past it, RESOURCE_EXHAUSTED. -1: no
-    bound."""
+    bound. The ingress deployment's own queue is bounded by the larger of this and the
+    requests it holds at once."""
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
     """Classifiers: how long an idle replica waits for a batch to fill (a lone request

@@ -191,14 +191,19 @@ def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
             health_check_period_s=10, **cfg.deployment_logging(),
         )
         handles[name] = deployment.bind(**spec["kwargs"], board=board)
+    # The ingress only awaits model calls: it can hold many at once. Health Watch
+    # streams (bounded by limits.max_watch_streams) take at most half of them.
+    ongoing = max([256, 2 * cfg.limits.max_watch_streams]
+                  + [cfg.ongoing_for(t) * 8 for t in tasks.values()])
     ingress = serve.deployment(InferenceIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=cfg.ingress_replicas,
         ray_actor_options={"num_cpus": cfg.ingress_cpus},
-        # The ingress only awaits model calls: it can hold many at once. Health Watch
-        # streams (bounded by limits.max_watch_streams) take at most half of them.
-        max_ongoing_requests=max([256, 2 * cfg.limits.max_watch_streams]
-                                 + [cfg.ongoing_for(t) * 8 for t in tasks.values()]),
-        max_queued_requests=cfg.max_queued_requests,
+        max_ongoing_requests=ongoing,
+        # Bounded, but never below what the ingress holds: a burst waits in the proxy's
+        # router while it picks a replica, and the models' own queues (max_queued_requests)
+        # are what answers a full server, with tuneserve's message and retry hint.
+        max_queued_requests=(-1 if cfg.max_queued_requests == -1
+                             else max(cfg.max_queued_requests, ongoing)),
         **cfg.deployment_logging(),
     )
     coalesce = {name: settings for name, task in served_tasks.items()

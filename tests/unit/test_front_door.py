@@ -347,3 +347,19 @@ def test_manifests_give_the_proxy_tuneserve_s_message_limit_and_two_ingresses():
                           **{k: v for k, v in args.items() if k in ServeConfig.__annotations__})
         assert int(env[PROXY_MESSAGE_ENV]) == cfg.max_message_bytes(), path
         assert cfg.ingress_replicas >= 2, path
+
+
+@pytest.mark.parametrize("queued", [2, 5000, -1])
+def test_the_ingress_queue_is_bounded_but_not_below_what_it_holds(monkeypatch, tmp_path, queued):
+    """A burst waits in the proxy's router while it picks an ingress replica: the
+    ingress's queue never trips before the models' own (max_queued_requests), whose
+    rejection carries tuneserve's message and retry hint; -1 leaves both unbounded."""
+    from services.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "discover_models", lambda *_: {"c": "classification"})
+    app = app_module.build_app(ServeConfig(registry=str(tmp_path), max_queued_requests=queued))
+    ingress = app._bound_deployment
+    model = ingress.init_args[1]["c"]._bound_deployment
+    assert model.max_queued_requests == queued
+    expected = -1 if queued == -1 else max(queued, ingress.max_ongoing_requests)
+    assert ingress.max_queued_requests == expected
