@@ -375,5 +375,7 @@ def test_generation_past_its_deadline_stops_on_the_server(server, method):
           f"{job['completion_tokens']} tokens ({len(seen)} attempt(s))")
     assert short.completion_tokens == 4
     assert job["finish_reason"] == "cancelled", seen
-    assert job["completion_tokens"] < 500, seen
+    # stopped within about a second of work (the 0.5 s deadline, then the cancel's way
+    # to the replica), however fast this machine generates
+    assert job["completion_tokens"] < 1000 * min(0.9, 1.0 / full_s), (full_s, seen)
     assert next_s < full_s / 2, (next_s, full_s)
