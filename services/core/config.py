@@ -924,7 +924,7 @@ SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 GENERATION_BATCHING = ("continuous", "static")
 CLASSIFIER_OPTIMIZERS = ("onnx", "onnx-int8")
 """ServeConfig.optimize: ONNX Runtime with the model's float32 weights, or with int8
-weights for its linear layers (services/runtime/optimized.py)."""
+weights (per output channel) for its linear layers (services/runtime/optimized.py)."""
 """What `ServeConfig.generation_batching` may name."""
 
 

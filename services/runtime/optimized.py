@@ -80,7 +80,8 @@ def quantize(model: bytes) -> bytes:
         source.write_bytes(model)
         root.setLevel(logging.ERROR)  # the quantiser's advice, logged on the root logger
         try:
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                             per_channel=True)
         finally:
             root.setLevel(level)
         return target.read_bytes()
