@@ -67,24 +67,34 @@ def export(module, example: dict[str, Any]) -> tuple[bytes, list[str]]:
 
 
 def quantize(model: bytes) -> bytes:
-    """The ONNX model with int8 weights for its linear layers (activations quantised
-    per batch at run time)."""
+    """The ONNX model with int8 weights (a scale per output channel) for its linear
+    layers (activations quantised per batch at run time)."""
     _onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The quantiser logs its advice on the root logger itself. A filter on that logger
+    # drops only records logged there directly, not those of other loggers (which pass
+    # its handlers, not its filters), so other threads' logs are left as they are.
     root = logging.getLogger()
-    level = root.level
+    advice = _BelowError()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source, target = Path(tmp, "model.onnx"), Path(tmp, "model.int8.onnx")
         source.write_bytes(model)
-        root.setLevel(logging.ERROR)  # the quantiser's advice, logged on the root logger
+        root.addFilter(advice)
         try:
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
                              per_channel=True)
         finally:
-            root.setLevel(level)
+            root.removeFilter(advice)
         return target.read_bytes()
+
+
+class _BelowError(logging.Filter):
+    """Drops records below ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def session_runner(model: bytes, names: list[str]) -> Callable[..., Any]:
