@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from services.core import metrics
+from services.serving.waiting import wait_event
 
 RETURN_WAIT_SHARE = 0.25
 """The longest wait for a batch's callers to come back, as a share of its compute time."""
@@ -113,9 +114,7 @@ class GreedyBatcher:
             if left <= 0:
                 return
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._arrived, left):
                 return
 
     async def _await_returning(self) -> float:

@@ -46,6 +46,7 @@ from services.core.errors import (
 from services.core.registry import CANARY_CHANNEL, Registry, validate_name, validate_version
 from services.core.registry.store import pointer_version
 from services.serving import serve_logs
+from services.serving.waiting import wait_event
 
 logger = logging.getLogger("ray.serve")
 _PROCESS_LOADS = threading.Lock()
@@ -245,10 +246,7 @@ class RegistryFollower:
                                       version=served.version)
             self._export_share()
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, self.poll_interval_s)
 
     def _read_canary(self) -> Optional[dict[str, Any]]:
         """The registry's canary, where it applies: this replica follows production and

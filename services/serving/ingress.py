@@ -52,6 +52,7 @@ from services.serving.validation import (
     validate_classify,
     validate_generate,
 )
+from services.serving.waiting import wait_event
 
 logger = logging.getLogger("ray.serve")
 
@@ -614,8 +615,7 @@ class InferenceIngress(AdminMethods):
                 if response.status != last:
                     last = response.status
                     yield response
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), HEALTH_CACHE_S)
+                await wait_event(self._closing, HEALTH_CACHE_S)
         finally:
             self._watches[peer] -= 1
             if not self._watches[peer]:
