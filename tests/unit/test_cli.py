@@ -146,7 +146,6 @@ def test_serve_on_a_busy_port_names_it_before_ray_starts(tmp_path):
                                      ({}, busy, "'http_port'")):
             with pytest.raises(ConfigError, match=f"{needle}: port {busy} is already in use"):
                 check_ports_free(ServeConfig(grpc_port=free, **kwargs), http)
-    assert not port_in_use(busy)
 
 
 def test_replicas_that_cannot_fit_fail_before_serve_starts(tmp_path, monkeypatch):
