@@ -218,6 +218,12 @@ class TrainConfig:
     """Number of Ray Train workers (data parallel)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; also the worker's torch thread count."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers on the cluster's nodes (the strategy of their
+    placement group): PACK (as few nodes as fit, so DDP's all-reduce stays within a
+    node where it can), SPREAD (one worker per node where there are nodes enough, else
+    shared), STRICT_PACK (all on one node) or STRICT_SPREAD (each on a node of its own;
+    after a node is lost the run waits for enough nodes again)."""
     use_gpu: bool = False
     """One GPU per worker, bf16 autocast where supported."""
     epochs: Optional[int] = None
@@ -416,6 +422,10 @@ def _check_integers(r: "ResolvedTrainConfig") -> None:
         raise _bad("seed", f"must be at most {SEED_MAX} (2**64 - 1), got {r.seed}")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+"""Ray placement group strategies for the training workers (TrainConfig.placement_strategy)."""
+
+
 def _check_ranges(r: "ResolvedTrainConfig") -> None:
     if r.early_stopping_min_delta < 0:
         raise _bad("early_stopping_min_delta", f"must be >= 0, got {r.early_stopping_min_delta}")
@@ -425,6 +435,9 @@ def _check_ranges(r: "ResolvedTrainConfig") -> None:
         parse_class_weights(r.class_weights)
     if r.cpus_per_worker <= 0:
         raise _bad("cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
+    if r.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise _bad("placement_strategy", f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                   f"got {r.placement_strategy!r}")
     if not (0.0 < r.learning_rate < 1.0):
         raise _bad("learning_rate", f"must be in (0, 1), got {r.learning_rate}")
     if not (0.0 <= r.weight_decay < 1.0):
@@ -613,6 +626,7 @@ class ClusterSection:
 
     workers: int
     cpus_per_worker: float
+    placement_strategy: str
     use_gpu: bool
     address: Optional[str]
     runs_dir: str

@@ -273,8 +273,9 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
 def make_trainer(cfg: LoopConfig, cluster: ClusterSection, run_name: str,
                  storage_path: str, callbacks: tuple = ()):
     """Ray Train's TorchTrainer whose workers run train_loop_per_worker(cfg) on the
-    cluster section's workers; it keeps the two best checkpoints by the task's metric
-    (`callbacks`: Ray Train UserCallbacks, e.g. Tune's report callback)."""
+    cluster section's workers, placed on the nodes by its placement strategy; it keeps
+    the two best checkpoints by the task's metric (`callbacks`: Ray Train
+    UserCallbacks, e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -283,7 +284,8 @@ def make_trainer(cfg: LoopConfig, cluster: ClusterSection, run_name: str,
         train_loop_per_worker,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cluster.cpus_per_worker},
+                                     placement_strategy=cluster.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=2,

@@ -192,11 +192,20 @@ def check_converged(best_metrics: dict[str, Any], run_dir: Path) -> None:
 
 
 def _check_resources(cfg: ResolvedTrainConfig, resources: dict[str, float], local: bool,
-                     out: Callable[[str], None]) -> None:
-    """A run that asks for more CPUs or GPUs than the cluster has would wait for them
-    without a word: on a cluster started here it never gets them (an error naming the
-    flags), on one joined with --address an autoscaler may add nodes (a warning)."""
+                     out: Callable[[str], None], nodes: int = 1) -> None:
+    """A run that asks for more CPUs or GPUs than the cluster has, or for more nodes
+    than its `nodes` alive (STRICT_SPREAD), would wait for them without a word: on a
+    cluster started here it never gets them (an error naming the flags), on one joined
+    with --address an autoscaler may add nodes (a warning)."""
     c = cfg.cluster
+    if c.placement_strategy == "STRICT_SPREAD" and c.workers > nodes:
+        what = (f"--placement-strategy STRICT_SPREAD puts each of the {c.workers} workers "
+                f"on a node of its own and the Ray cluster has {nodes}")
+        if local:
+            raise ConfigError(f"invalid config field 'placement_strategy': {what}; use "
+                              "SPREAD, or --address to a cluster with more nodes")
+        out(f"warning: {what}: the run waits until it has more (an autoscaling cluster "
+            "adds nodes)")
     needs = [("CPU", c.workers * c.cpus_per_worker,
               f"--workers {c.workers} x --cpus-per-worker {c.cpus_per_worker:g}")]
     if c.use_gpu:
@@ -212,6 +221,12 @@ def _check_resources(cfg: ResolvedTrainConfig, resources: dict[str, float], loca
                               "cluster")
         out(f"warning: this run needs {what}: it waits until the cluster has them (an "
             "autoscaling cluster adds nodes)")
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
 
 
 def run_training(cfg: TrainConfig | ResolvedTrainConfig, *, publish: bool = True,
@@ -356,13 +371,18 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
     checkpoint. TrainingFailed names the cause (and how to resume, where that helps)."""
     import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg, task = prep.cfg, prep.task
     started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
-    _check_resources(cfg, ray.cluster_resources(), started_here, out)
+    _check_resources(cfg, ray.cluster_resources(), started_here, out, nodes=_alive_nodes())
     run_name, runs_dir = _open_run(prep, resume, out)
     run_dir = runs_dir / run_name
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node, as Ray Train's controller is: a lost worker node costs the
+    # run a restart from its checkpoint, not its progress reports.
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
+                                 NodeAffinitySchedulingStrategy(
+                                     ray.get_runtime_context().get_node_id(), soft=False)})
     loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,
                                       data_ref=ray.put(prep.data), task=task,
                                       progress_queue=queue, run_name=run_name,
@@ -398,7 +418,7 @@ def fit_search(prep: Prepared, *, out: Callable[[str], None], verbose: bool) -> 
     cfg, task = prep.cfg, prep.task
     started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
     resources = ray.cluster_resources()
-    _check_resources(cfg, resources, started_here, out)
+    _check_resources(cfg, resources, started_here, out, nodes=_alive_nodes())
     run_name, runs_dir = _open_run(prep, None, out)
     run_dir = runs_dir / run_name
     loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,

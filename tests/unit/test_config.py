@@ -65,6 +65,8 @@ def test_yaml_round_trip_and_flag_override(tmp_path):
     ("max_grad_norm", float("nan"), "'max_grad_norm': must be a finite number"),
     ("cpus_per_worker", float("nan"), "'cpus_per_worker': must be a finite number"),
     ("cpus_per_worker", float("inf"), "'cpus_per_worker': must be a finite number"),
+    ("placement_strategy", "spread-out", "'placement_strategy': must be one of PACK, SPREAD, "
+                                         "STRICT_PACK, STRICT_SPREAD, got 'spread-out'"),
     ("early_stopping_min_delta", float("nan"), "'early_stopping_min_delta'"),
     ("columns", "text,text", "'columns': names a column twice: text"),
     ("label_column", "label", "'label_column': is the same column as text_column"),

@@ -185,6 +185,25 @@ def test_a_run_larger_than_the_cluster_is_named_before_it_waits():
     assert len(said) == 1
 
 
+def test_strict_spread_over_too_few_nodes_is_named_before_it_waits():
+    from services.training.run import _check_resources
+
+    said = []
+    cfg = TrainConfig(model="m", train="t.csv", workers=2,
+                      placement_strategy="STRICT_SPREAD").validate()
+    with pytest.raises(ConfigError, match=r"'placement_strategy': .*STRICT_SPREAD puts each "
+                                          r"of the 2 workers on a node of its own and the "
+                                          r"Ray cluster has 1; use SPREAD"):
+        _check_resources(cfg, {"CPU": 8.0}, True, said.append)
+    _check_resources(cfg, {"CPU": 8.0}, False, said.append)  # joined: a node may come
+    assert len(said) == 1 and said[0].startswith("warning: --placement-strategy")
+    _check_resources(cfg, {"CPU": 8.0}, True, said.append, nodes=2)
+    spread = TrainConfig(model="m", train="t.csv", workers=2,
+                         placement_strategy="SPREAD").validate()
+    _check_resources(spread, {"CPU": 8.0}, True, said.append)  # shares a node if it must
+    assert len(said) == 1
+
+
 def test_a_diverged_run_is_not_published(tmp_path):
     from services.core.errors import TrainingFailed
     from services.training.run import check_converged
