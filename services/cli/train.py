@@ -2,6 +2,11 @@
 
 Flags mirror TrainConfig's fields and override --config's; --resume continues a run
 with the config it started with. Training itself is imported in `run` only.
+
+With --rollout canary the published version then goes through the stepped canary
+rollout `tuneserve models rollout` runs (services/rollout.py) and the exit status says
+how it ended: 0 promoted, ROLLED_BACK rolled back (the summary and the model's history
+say why).
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ import json
 import shlex
 from typing import Any, Optional
 
-from services.core.config import TrainConfig, field_help, template_from_flag
-from services.core.errors import ConfigError
+from services.core.config import TrainConfig, field_help, rollout_policy, template_from_flag
+from services.core.errors import ConfigError, TuneserveError
 from services.core.tables import format_table
 from services.training.tracking import epoch_rows
 
 TRAIN_FLAG_SKIP = {"extra"}
 """TrainConfig fields that have no flag."""
+
+ROLLED_BACK = 3
+"""Exit status of a run whose --rollout canary rolled the new version back."""
 
 EPOCH_COLUMNS = ("loss", "accuracy", "macro_f1", "perplexity")
 """The per-epoch columns, in this order, where the task has them (all are in the
@@ -83,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.merged(overrides)
     if args.promote_anyway and args.no_publish:
         raise ConfigError("--promote-anyway promotes what is published: drop --no-publish")
+    if cfg.rollout and (args.no_publish or args.promote_anyway):
+        flag = "--no-publish" if args.no_publish else "--promote-anyway"
+        raise ConfigError(f"invalid config field 'rollout': --rollout {cfg.rollout} rolls "
+                          f"out what is published, and {flag} does not let it: drop one")
+    if cfg.rollout:
+        cfg = cfg.resolve()  # a bad rollout_* field fails here, before training
     result = run_training(cfg, publish=not args.no_publish, verbose=args.verbose,
                           resume=args.resume, promote=True if args.promote_anyway else None)
     summary = {"name": result.name, "version": result.version, "promoted": result.promoted,
@@ -92,9 +106,44 @@ def run(args: argparse.Namespace) -> int:
                "publish_s": None if result.publish_s is None else round(result.publish_s, 2),
                "samples_per_s": result.samples_per_s, "promotion": result.promotion,
                "epochs": epoch_rows(result.history), "best_epoch": result.best_epoch,
-               "artifacts": result.artifacts}
-    print(json.dumps(summary) if args.json else format_summary(summary))
-    return 0
+               "artifacts": result.artifacts, "rollout": None}
+    if not result.canary_ready:
+        print(json.dumps(summary) if args.json else format_summary(summary))
+        return 0
+    if not args.json:
+        print(format_summary(summary), flush=True)
+    summary["rollout"] = roll_out(cfg, result, out=(lambda line: None) if args.json
+                                  else lambda line: print(line, flush=True))
+    summary["promoted"] = summary["rollout"]["promoted"]
+    if args.json:
+        print(json.dumps(summary))
+    return 0 if summary["promoted"] else ROLLED_BACK
+
+
+def roll_out(cfg, result, out) -> dict[str, Any]:
+    """The published version's canary rollout under the run's policy (rollout_*
+    fields): {"promoted", "reason", "steps"}. An error that stops it says what was
+    published and how to roll it out again."""
+    from services.core.registry import Registry
+    from services.rollout import Rollout, metrics_reader
+
+    registry = Registry(result.registry)
+    urls = list(cfg.rollout_metrics_url)
+    read = metrics_reader(urls)
+    out(f"rolling out {result.name} {result.version} as a canary")
+    try:
+        read()  # an endpoint that cannot be read fails here, before the canary starts
+        outcome = Rollout(registry, result.name, result.version, read, rollout_policy(cfg),
+                          out=out).run()
+    except TuneserveError as exc:
+        again = " ".join(["tuneserve models rollout", "--registry",
+                          shlex.quote(result.registry), result.name, result.version,
+                          *(f"--metrics-url {shlex.quote(u)}" for u in urls)])
+        raise type(exc)(f"{result.name} {result.version} is published but its rollout "
+                        f"stopped: {exc.message}. Roll it out again with `{again}`") \
+            from None
+    return {"promoted": outcome.promoted, "reason": outcome.reason,
+            "steps": outcome.steps}
 
 
 def check_resume_flags(overrides: dict[str, Any], config: Optional[str]) -> None:

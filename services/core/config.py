@@ -22,6 +22,7 @@ import os
 import ssl
 import string
 import textwrap
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -303,6 +304,31 @@ class TrainConfig:
     generator's eval loss, as each run recorded it."""
     min_metric: Optional[str] = None
     """With --promote: also require e.g. accuracy=0.85."""
+    rollout: Optional[str] = None
+    """canary: after publishing, roll the new version out as `tuneserve models rollout`
+    does instead of promoting it: a canary beside production at the first of
+    rollout_steps, stepped up while its error ratio and p99 latency hold against
+    production's over each step, promoted after the last, rolled back at the first that
+    fails (with --promote, only a version that passes its gate goes out). Needs
+    rollout_metrics_url. A model's first version has no production to compare with and
+    becomes production as without it. Default: no rollout."""
+    rollout_metrics_url: Optional[list[str]] = None
+    """With --rollout canary: the serving cluster's Ray metrics endpoints,
+    http://HOST:PORT/metrics, one per node that serves (`tuneserve serve --metrics-port`;
+    port 8080 of each serving pod on Kubernetes)."""
+    rollout_steps: Optional[str] = None
+    """With --rollout canary: the candidate's share at each step, in percent, e.g.
+    5,25,50 (promoted after the last). Default: 5,25,50."""
+    rollout_min_requests: Optional[int] = None
+    """With --rollout canary: the candidate's requests in a step before it is judged.
+    Default: 100."""
+    rollout_min_step_s: Optional[float] = None
+    """With --rollout canary: the shortest time a step lasts. Default: 60."""
+    rollout_max_step_s: Optional[float] = None
+    """With --rollout canary: a step without rollout_min_requests in this long rolls the
+    candidate back. Default: 1800."""
+    rollout_poll_s: Optional[float] = None
+    """With --rollout canary: how often the serving metrics are read. Default: 5."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes kept in the manifest."""
 
@@ -391,6 +417,7 @@ def _resolved_values(cfg: TrainConfig) -> dict[str, Any]:
     values.update(TASK_DEFAULTS[cfg.task].fill(values))
     values["columns"] = _names(values["columns"])
     values["lora_target_modules"] = _names(values["lora_target_modules"])
+    values["rollout_metrics_url"] = _names(values["rollout_metrics_url"])
     if values["name"] is None:
         values["name"] = Path(cfg.train).stem
     return values
@@ -551,6 +578,59 @@ def _check_promotion(r: "ResolvedTrainConfig") -> None:
                        "(or drop min_metric)")
 
 
+ROLLOUTS = ("canary",)
+ROLLOUT_FIELDS = ("rollout_metrics_url", "rollout_steps", "rollout_min_requests",
+                  "rollout_min_step_s", "rollout_max_step_s", "rollout_poll_s")
+"""The settings of --rollout canary; each maps to the RolloutPolicy field it names
+less its `rollout_` (rollout_metrics_url excepted)."""
+
+
+def rollout_policy(r: "ResolvedTrainConfig | TrainConfig"):
+    """The RolloutPolicy of a run's rollout_* fields (RolloutPolicy's defaults for those
+    unset); ConfigError names the field."""
+    from services.core.analysis import RolloutPolicy
+
+    given: dict[str, Any] = {}
+    if r.rollout_steps is not None:
+        try:
+            given["steps"] = tuple(float(s) for s in str(r.rollout_steps).split(","))
+        except ValueError:
+            raise _bad("rollout_steps", f"expected shares in percent like 5,25,50, got "
+                       f"{r.rollout_steps!r}") from None
+    for name in ROLLOUT_FIELDS[2:]:
+        if getattr(r, name) is not None:
+            given[name.removeprefix("rollout_")] = getattr(r, name)
+    try:
+        return RolloutPolicy(**given)
+    except ValueError as exc:  # "<field>: what it expects"
+        field_name, _, expected = str(exc).partition(": ")
+        raise _bad(f"rollout_{field_name}", expected) from None
+
+
+def _check_rollout(r: "ResolvedTrainConfig") -> None:
+    if r.rollout is None:
+        given = [name for name in ROLLOUT_FIELDS if getattr(r, name) is not None]
+        if given:
+            raise _bad(given[0], "is a setting of --rollout canary: pass --rollout canary "
+                       "too (or drop it)")
+        return
+    if r.rollout not in ROLLOUTS:
+        raise _bad("rollout", f"must be one of {', '.join(ROLLOUTS)} (or left out for no "
+                   f"rollout), got {r.rollout!r}")
+    urls = r.rollout_metrics_url
+    if not urls:
+        raise _bad("rollout_metrics_url", "required with --rollout canary: the serving "
+                   "cluster's Ray metrics endpoints, http://HOST:PORT/metrics, one per node "
+                   "that serves (`tuneserve serve --metrics-port`; port 8080 of each serving "
+                   "pod on Kubernetes)")
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise _bad("rollout_metrics_url", f"expected http://HOST:PORT/metrics, got "
+                       f"{url!r}")
+    rollout_policy(r)
+
+
 def _check_extra(r: "ResolvedTrainConfig") -> None:
     if r.extra:
         try:
@@ -563,7 +643,7 @@ def _check_extra(r: "ResolvedTrainConfig") -> None:
 TRAIN_CHECKS: tuple[Callable[["ResolvedTrainConfig"], None], ...] = (
     _check_finite, _check_integers, _check_ranges, _check_batch_split,
     _check_prompt_template, _check_packing, _check_lora, _check_columns, _check_name, _check_promotion,
-    _check_extra, _check_small_data)
+    _check_extra, _check_small_data, _check_rollout)
 """The checks of a resolved config, in the order its fields are reported."""
 
 
@@ -655,9 +735,22 @@ class PublishSection:
     extra: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class RolloutSection:
+    """What follows the publish: a canary rollout and its policy (`rollout_policy`)."""
+
+    rollout: Optional[str]
+    rollout_metrics_url: Optional[tuple[str, ...]]
+    rollout_steps: Optional[str]
+    rollout_min_requests: Optional[int]
+    rollout_min_step_s: Optional[float]
+    rollout_max_step_s: Optional[float]
+    rollout_poll_s: Optional[float]
+
+
 SECTIONS = (("data", DataSection), ("modeling", ModelSection), ("optim", OptimSection),
             ("cluster", ClusterSection), ("tuning", SearchSection),
-            ("publish", PublishSection))
+            ("publish", PublishSection), ("release", RolloutSection))
 """ResolvedTrainConfig's sections; together with `task` they hold every TrainConfig
 field exactly once."""
 
@@ -675,6 +768,7 @@ class ResolvedTrainConfig:
     cluster: ClusterSection
     tuning: SearchSection
     publish: PublishSection
+    release: RolloutSection
     defaulted: tuple[str, ...] = field(default=(), compare=False)
     """The fields the task's defaults filled in (not given by the user): what the
     small-data settings may change."""

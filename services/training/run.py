@@ -68,6 +68,9 @@ class TrainResult:
     """Seconds the publish to the registry took (copy, checksums, manifest)."""
     samples_per_s: Optional[float] = None
     promotion: Optional[str] = None
+    canary_ready: bool = False
+    """Published beside production for --rollout canary to roll out (it learned, and
+    passed the --promote gate where given); production did not move."""
 
 
 def _versions() -> dict[str, str]:
@@ -548,7 +551,9 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
                  quality: dict[str, Any], out: Callable[[str], None] = print) -> None:
     """Publishes the best checkpoint with its manifest (into `res`). Production moves to
     it when it learned something (`quality`) and, with --promote, when the eval gate
-    lets it; `promote=True` (--promote-anyway) moves it regardless."""
+    lets it; `promote=True` (--promote-anyway) moves it regardless. With --rollout
+    canary, a version that would be promoted is marked `canary_ready` instead (the
+    caller rolls it out), unless it is the model's first."""
     cfg, task = prep.cfg, prep.task
     best = fitted.best_metrics
     manifest = {
@@ -589,9 +594,15 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
                                    task.metric.removeprefix("eval_"), task.metric_mode,
                                    cfg.publish.min_metric, baseline=quality["baseline"],
                                    gate=gate)
-        if ok:
+        if ok and cfg.release.rollout and registry.channel(name, "production") is not None:
+            res.canary_ready = True
+            res.promotion = (f"gate passed ({res.promotion.removeprefix('promoted: ')}): "
+                             "rolling it out as a canary")
+        elif ok:
             registry.set_channel(name, "production", pub.version)
             res.promoted = True
+    elif cfg.release.rollout and not pub.promoted and not held_back:
+        res.canary_ready = True
     elif held_back:
         res.promotion = not_promoted_note(quality["learned_check"], name, pub.version,
                                           registry.uri)

@@ -97,15 +97,16 @@ class Checkpoint:
 
 
 def _publish_run(tmp_path: Path, registry: Registry, folder: Path, accuracy: float,
-                 cm: list[list[int]]) -> TrainResult:
+                 cm: list[list[int]], **fields) -> TrainResult:
     """publish_best of a finished `--promote` run of "sent" whose checkpoint is `folder`
-    and whose own eval (on ROWS) measured `accuracy` with confusion matrix `cm`."""
+    and whose own eval (on ROWS) measured `accuracy` with confusion matrix `cm`;
+    `fields`: more of its config."""
     train = write_csv(tmp_path / "train.csv", [
         (f"{f} {w}", "pos" if w in POSITIVE else "neg")
         for f in FILLER for w in (*POSITIVE, *NEGATIVE)])
     cfg = TrainConfig(model=str(folder), train=str(train), name="sent",
                       registry=registry.uri, runs_dir=str(tmp_path / "runs"),
-                      promote=True).resolve()
+                      promote=True, **fields).resolve()
     task = ClassificationTask(cfg)
     task.id2label = dict(enumerate(LABELS))
     metrics = {"accuracy": accuracy, "macro_f1": accuracy, "loss": 0.3}
