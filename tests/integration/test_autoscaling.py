@@ -1,38 +1,70 @@
 """Serve autoscaling, driven by the same settings as the RayService: under load the
-model deployment grows to max_replicas while every call succeeds; idle, it shrinks."""
+model deployment grows to max_replicas while every call succeeds; idle, it shrinks.
+In the default layout (calls through Serve's gRPC proxy) and in the replica_grpc
+layout (calls on the ingress replicas' own gRPC servers, which Serve never sees: the
+model deployment scales on the ingress's calls to it)."""
 
+import dataclasses
 import threading
-import time
 
 import grpc
 import pytest
 
+from tests.helpers import copy_version, delete_app, server_port
 from tests.helpers import poll_until as wait_for
 
 from services.client import Client
+from services.core.registry import Registry
 from services.serving.app import APP_NAME, model_deployment_name
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def running_replicas(model: str = "toy") -> int:
+def running_replicas(model: str = "toy", app: str = APP_NAME) -> int:
     from ray import serve
 
-    app = serve.status().applications[APP_NAME]
-    return app.deployments[model_deployment_name(model)].replica_states.get("RUNNING", 0)
-
-
+    status = serve.status().applications[app]
+    return status.deployments[model_deployment_name(model)].replica_states.get("RUNNING", 0)
 
 
 def test_scales_up_under_load_and_back_down(server):
-    assert wait_for(lambda: running_replicas() == 1, 120), "did not settle at 1 replica"
+    scale_under_load(server, server.address, APP_NAME)
+
+
+REPLICA_GRPC_APP = "tuneserve-replica-grpc"
+
+
+def test_replica_grpc_layout_scales_the_model_deployment(server, trained, tmp_path):
+    """The ingress replicas answer on a port of their own; the model behind them still
+    goes 1 -> 2 -> 1 replicas under load and after it, with every call answered."""
+    from ray import serve
+
+    from services.serving.app import build_app
+
+    registry = Registry(tmp_path / "registry")
+    copy_version(Registry(trained[0].registry), "toy", "v1", registry, "toy")
+    port = server_port()
+    cfg = dataclasses.replace(server.serve_cfg, registry=registry.uri, replica_grpc=True,
+                              host="127.0.0.1", grpc_port=port, admin_port=None)
+    serve.run(build_app(cfg.validate()), name=REPLICA_GRPC_APP,
+              route_prefix=f"/{REPLICA_GRPC_APP}", blocking=False)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
+            client.wait_until_serving(timeout_s=180)
+        scale_under_load(server, f"127.0.0.1:{port}", REPLICA_GRPC_APP)
+    finally:
+        delete_app(REPLICA_GRPC_APP, server)
+
+
+def scale_under_load(server, address: str, app: str) -> None:
+    assert wait_for(lambda: running_replicas(app=app) == 1, 120), "did not settle at 1"
     stop = threading.Event()
     ok = [0]
     failures: list[str] = []
     lock = threading.Lock()
 
     def client_loop():
-        with Client(server.address, timeout_s=60) as c:
+        with Client(address, timeout_s=60) as c:
             while not stop.is_set():
                 try:
                     resp = c.classify("toy", ["a lovely film with superb acting"] * 8)
@@ -47,9 +79,10 @@ def test_scales_up_under_load_and_back_down(server):
     for t in threads:
         t.start()
     try:
-        scaled = wait_for(lambda: running_replicas() >= 2, 120)
-        # keep the load on a little while with both replicas serving
-        time.sleep(2)
+        scaled = wait_for(lambda: running_replicas(app=app) >= 2, 120)
+        # keep the load on until both replicas have answered calls
+        done = ok[0]
+        wait_for(lambda: ok[0] >= done + 20, 60)
     finally:
         stop.set()
         for t in threads:
@@ -57,5 +90,7 @@ def test_scales_up_under_load_and_back_down(server):
     assert scaled, "Serve did not add a replica under load"
     assert not failures, failures[:5]
     assert ok[0] > 20
-    assert wait_for(lambda: running_replicas() == 1, 180), "did not scale back down"
-    assert server.classify("toy", ["a superb film with lovely acting"]).results[0].label == "positive"
+    assert wait_for(lambda: running_replicas(app=app) == 1, 180), "did not scale back down"
+    with Client(address, timeout_s=60) as c:
+        assert c.classify("toy", ["a superb film with lovely acting"]).results[0].label == \
+            "positive"

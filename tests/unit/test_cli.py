@@ -329,11 +329,15 @@ def test_serve_refuses_colocated_direct_ingress_replicas_naming_the_field(tmp_pa
     assert "'colocate'" in err and "one replica" in err and "Traceback" not in err
 
 
-def test_serve_passes_replica_grpc_and_refuses_it_with_autoscaling(tmp_path, capsys):
+def test_serve_passes_replica_grpc_and_refuses_it_with_colocated_autoscaling(tmp_path,
+                                                                           capsys):
     assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
-                 "--max-replicas", "3"]) != 0
+                 "--colocate", "--max-replicas", "3"]) != 0
     err = capsys.readouterr().err
     assert "'replica_grpc'" in err and "autoscaler" in err and "Traceback" not in err
+    # the model deployments (not colocated) autoscale behind the replicas' servers
+    cfg = ServeConfig(replica_grpc=True, max_replicas=3).validate()
+    assert cfg.autoscaling_config()["max_replicas"] == 3
     assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
                  "--direct-ingress"]) != 0
     assert "'replica_grpc'" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_tls_cert_selects_the_replica_grpc_layout_and_says_so(pki, tmp_path, cap
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--max-replicas", "3"], "'max_replicas'.*--num-replicas"),
+    (["--colocate", "--max-replicas", "3"], "'max_replicas'.*--num-replicas"),
     (["--direct-ingress"], "'direct_ingress'.*no TLS"),
 ])
 def test_tls_refuses_the_layouts_that_cannot_serve_it(pki, tmp_path, capsys, flags, needle):
@@ -50,7 +50,17 @@ def test_tls_refuses_the_layouts_that_cannot_serve_it(pki, tmp_path, capsys, fla
     with pytest.raises(ConfigError, match=needle):
         ServeConfig(replica_grpc=not flags[0].startswith("--direct"), tls_cert_file=cert,
                     tls_key_file=key, direct_ingress=flags[0] == "--direct-ingress",
+                    colocate="--colocate" in flags,
                     max_replicas=3 if "--max-replicas" in flags else None).validate()
+
+
+def test_tls_with_autoscaled_model_deployments(pki):
+    """Not colocated, the model deployments autoscale behind the TLS servers."""
+    cert, key = pki.issue("server")
+    cfg = ServeConfig(replica_grpc=True, tls_cert_file=cert, tls_key_file=key,
+                      min_replicas=1, max_replicas=3).validate()
+    assert cfg.autoscaling_config()["max_replicas"] == 3
+    assert cfg.replica_grpc_server()["tls"]["cert_file"] == cert
 
 
 def test_tls_files_are_checked_naming_the_flag(pki, tmp_path):
