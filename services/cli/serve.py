@@ -128,7 +128,9 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="Serve's per-request access log in the replica logs (it costs CPU "
                         "on every request: docs/benchmarks.md)")
-    p.add_argument("--poll-interval-s", type=float, default=2.0)
+    p.add_argument("--poll-interval-s", type=float, default=2.0,
+                   help="how often each replica reads the registry (default 2 s); changes "
+                        "made through the Admin API reach the replicas at once")
     p.add_argument("--admin-port", type=int, default=None, metavar="PORT",
                    help="serve the Admin service (promote, roll back, pin) on this port, "
                         "apart from inference, for the admin token only; off unless "

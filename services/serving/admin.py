@@ -1,7 +1,10 @@
 """The tuneserve.v1.Admin methods of the ingress: move channels and pins, run canaries.
 
-They act on the registry; every replica picks the change up within its poll interval
-(and ListModels shows what each replica serves). Promote and Pin verify the version
+They act on the registry, then post a change notice on the status board, on which
+every replica of the model long-polls: the replicas read the registry at once, not at
+their next poll (services/serving/status.py). A notice that cannot be posted is logged;
+the replicas' polls pick the change up within their poll interval all the same.
+ListModels shows what each replica serves. Promote and Pin verify the version
 first (manifest, sha256 of every file, labels), so a bad version is refused here before
 any replica tries it.
 """
@@ -9,6 +12,7 @@ any replica tries it.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from services.core.errors import InvalidInput, ModelNotFound
 from services.core.registry import canary_percent
@@ -16,10 +20,27 @@ from services.core.registry.rollout import REASON_CHARS
 from services.protocol import admin_pb
 from services.serving.validation import check_model_field, check_name, check_version_field
 
+logger = logging.getLogger("ray.serve")
+NOTIFY_TIMEOUT_S = 5.0
+
 
 class AdminMethods:
-    """Mixed into InferenceIngress; expects self.registry, self.limits, self.handles.
-    Authorization (the admin token) is checked by the ingress before these run."""
+    """Mixed into InferenceIngress; expects self.registry, self.limits, self.handles
+    and self.board. Authorization (the admin token) is checked by the ingress before
+    these run."""
+
+    async def _notify(self, name: str) -> None:
+        """Tell the replicas of `name` that its registry entries changed."""
+        board = getattr(self, "board", None)
+        if board is None:
+            return
+        try:
+            async with asyncio.timeout(NOTIFY_TIMEOUT_S):
+                await board.notify.remote(name)
+        except Exception as exc:  # the replicas' polls find the change all the same
+            logger.warning("could not notify the replicas of %s (%s): they pick the "
+                           "change up at their next registry poll", name,
+                           type(exc).__name__)
 
     def _admin_model(self, model: str) -> str:
         name = check_model_field(model, self.limits)
@@ -47,6 +68,7 @@ class AdminMethods:
         previous = await asyncio.to_thread(self.registry.channel, name, channel)
         await asyncio.to_thread(self.registry.verify, name, version)
         await asyncio.to_thread(self.registry.set_channel, name, channel, version)
+        await self._notify(name)
         return admin_pb.AdminResponse(model=name, channel=channel, version=version,
                                       previous_version=previous or "")
 
@@ -55,6 +77,7 @@ class AdminMethods:
         channel = self._channel(request.channel)
         previous = await asyncio.to_thread(self.registry.channel, name, channel)
         version = await asyncio.to_thread(self.registry.rollback, name, channel)
+        await self._notify(name)
         return admin_pb.AdminResponse(model=name, channel=channel, version=version,
                                       previous_version=previous or "")
 
@@ -64,6 +87,7 @@ class AdminMethods:
         previous = await asyncio.to_thread(self.registry.pinned_or_unreadable, name) or ""
         await asyncio.to_thread(self.registry.verify, name, version)
         await asyncio.to_thread(self.registry.pin, name, version)
+        await self._notify(name)
         return admin_pb.AdminResponse(model=name, channel="pin", version=version,
                                       previous_version=previous or "")
 
@@ -71,6 +95,7 @@ class AdminMethods:
         name = self._admin_model(request.model)
         previous = await asyncio.to_thread(self.registry.pinned_or_unreadable, name) or ""
         await asyncio.to_thread(self.registry.unpin, name)
+        await self._notify(name)
         return admin_pb.AdminResponse(model=name, channel="pin", version="",
                                       previous_version=previous or "")
 
@@ -97,6 +122,7 @@ class AdminMethods:
         await asyncio.to_thread(self.registry.verify, name, version)
         state = await asyncio.to_thread(self.registry.start_canary, name, version, percent,
                                         reason)
+        await self._notify(name)
         return await self._canary_response(name, state, percent, 0.0)
 
     async def _set_canary_share(self, request):
@@ -105,6 +131,7 @@ class AdminMethods:
         reason = self._reason(request.reason)
         before = await asyncio.to_thread(self.registry.canary, name)
         state = await asyncio.to_thread(self.registry.set_canary_share, name, percent, reason)
+        await self._notify(name)
         return await self._canary_response(name, state, percent,
                                            before["percent"] if before else 0.0)
 
@@ -113,4 +140,5 @@ class AdminMethods:
         reason = self._reason(request.reason)
         end = self.registry.promote_canary if promote else self.registry.abort_canary
         state = await asyncio.to_thread(end, name, reason)
+        await self._notify(name)
         return await self._canary_response(name, state, 0.0, state["percent"])

@@ -98,9 +98,11 @@ def build_app(cfg: ServeConfig, tasks: Optional[dict[str, str]] = None):
     if not tasks:
         raise RegistryError(f"no models in registry {cfg.registry}: train one first "
                             "(tuneserve train ...)")
+    # Each model replica holds one long poll of the board open (change notices): a
+    # board stopping need not wait for them, they are asked again elsewhere.
     board = _ray().serve.deployment(StatusBoard).options(
         name="status-board", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=1000).bind()
+        max_ongoing_requests=1000, graceful_shutdown_timeout_s=1).bind()
     specs = _model_specs(cfg, registry.uri, tasks)
     served_tasks = {n: t for n, t in tasks.items() if n in specs}
     if tokens.open_warning():

@@ -1,8 +1,10 @@
 """The part every model deployment shares: following the registry. No gRPC in here.
 
 A replica follows its model's channel (`production` by default), or a version pinned
-through `reconfigure` (Serve `user_config`) or the registry: a background task polls,
-and when the target moves, verifies and loads the new version beside the old one (the
+through `reconfigure` (Serve `user_config`) or the registry: a background task reads
+the registry every poll interval, and at once when told of a change (a `reconfigure`,
+or a notice on the status board, which the Admin methods send after each change and
+a second task long-polls: services/serving/status.py); when the target moves, it verifies and loads the new version beside the old one (the
 subclass's `_load_version`, which smoke-tests it) and swaps the reference atomically.
 A version failing a check (a TuneserveError) is refused for good; other load failures
 are tried again up to LOAD_ATTEMPTS times, the old version serving meanwhile
@@ -54,6 +56,8 @@ _PROCESS_LOADS = threading.Lock()
 LOAD_ATTEMPTS = 3
 """Tries of a version whose load failed with an unexpected error before it is refused."""
 LOAD_RETRY_MAX_WAIT_S = 60.0
+WATCH_S = 10.0
+"""How long one long poll of the status board for change notices is held open."""
 REFUSED_RETRY_S = 300.0
 """A version refused after LOAD_ATTEMPTS unexpected failures (a read error, say) is tried
 again after this long; one refused by a check (a bad checksum) is not, unless its
@@ -117,6 +121,7 @@ class RegistryFollower:
         self._wake = asyncio.Event()
         self._load_lock = asyncio.Lock()
         self._follower: Optional[asyncio.Task] = None
+        self._watcher: Optional[asyncio.Task] = None  # long-polls the board's notices
         self._started = False
         self.board = board  # DeploymentHandle of the StatusBoard, if any
         # The registry's canary while it applies here: {"version", "percent", ...}, and
@@ -144,6 +149,27 @@ class RegistryFollower:
     def _ensure_follower(self) -> None:
         if self._follower is None or self._follower.done():
             self._follower = asyncio.get_running_loop().create_task(self._follow())
+        if self.board is not None and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Wake the follower whenever the status board has a change notice for this
+        model (and once as it starts, for a notice sent before the first long poll).
+        A board that cannot be reached is asked again after a poll interval; the
+        follower's polls go on meanwhile."""
+        seen: Optional[str] = None
+        while True:
+            try:
+                async with asyncio.timeout(WATCH_S + 10):
+                    mark = await self.board.wait_change.remote(self.name, seen, WATCH_S)
+            except Exception:  # the board restarting, or gone: polls alone meanwhile
+                logger.debug("change notices for %s unavailable", self.name, exc_info=True)
+                seen = None
+                await asyncio.sleep(self.poll_interval_s)
+                continue
+            if mark != seen:
+                self._wake.set()
+            seen = mark
 
     async def reconfigure(self, user_config: dict) -> None:
         """Record the target; later loads happen in the background (never blocks).
@@ -219,6 +245,9 @@ class RegistryFollower:
 
     async def _follow(self) -> None:
         while True:
+            # Cleared before the registry is read: a notice arriving during this pass
+            # wakes the next one at once.
+            self._wake.clear()
             try:
                 target = await asyncio.to_thread(self._target)
                 self._rearm(target)
@@ -245,7 +274,6 @@ class RegistryFollower:
                     metrics.set_gauge("tuneserve_model_info", 1, model=self.name,
                                       version=served.version)
             self._export_share()
-            self._wake.clear()
             await wait_event(self._wake, self.poll_interval_s)
 
     def _read_canary(self) -> Optional[dict[str, Any]]:
