@@ -323,7 +323,8 @@ def test_replica_grpc_settings():
     with pytest.raises(ConfigError, match="'replica_grpc'.*choose one"):
         ServeConfig(replica_grpc=True, direct_ingress=True).validate()
     with pytest.raises(ConfigError, match="'replica_grpc'.*num_replicas"):
-        ServeConfig(replica_grpc=True, max_replicas=3).validate()
+        ServeConfig(replica_grpc=True, colocate=True, max_replicas=3).validate()
+    assert ServeConfig(replica_grpc=True, max_replicas=3).validate()  # models autoscale
 
 
 def test_a_server_that_failed_to_start_fails_the_health_check(served):
