@@ -124,7 +124,7 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
                         "every unary call); past it, DEADLINE_EXCEEDED")
     p.add_argument("--max-connections", type=int, default=1000, metavar="N",
                    help="connections each of tuneserve's own gRPC servers (--replica-grpc, "
-                        "--admin-port) accepts at once")
+                        "--admin-port, --health-port) accepts at once")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="Serve's per-request access log in the replica logs (it costs CPU "
                         "on every request: docs/benchmarks.md)")
@@ -135,6 +135,10 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
                    help="serve the Admin service (promote, roll back, pin) on this port, "
                         "apart from inference, for the admin token only; off unless "
                         "given (the inference port answers Admin calls UNIMPLEMENTED)")
+    p.add_argument("--health-port", type=int, default=None, metavar="PORT",
+                   help="also answer grpc.health.v1 alone, in plaintext and without a "
+                        "token, on this port of every ingress replica (Kubernetes' gRPC "
+                        "probes cannot speak TLS); off unless given")
     p.add_argument("--api-token-file", default=None, metavar="FILE",
                    help="file holding the token Inference calls must send as "
                         "'authorization: Bearer <token>' (default: $TUNESERVE_API_TOKEN)")
@@ -189,6 +193,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,
                       admin_token_file=args.admin_token_file, admin_port=args.admin_port,
+                      health_port=args.health_port,
                       ingress_replicas=args.ingress_replicas,
                       max_connections=args.max_connections,
                       limits=ServeLimits(request_timeout_s=args.request_timeout_s),
@@ -221,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         tls = "" if not cfg.tls_cert_file else " with mutual TLS" \
             if cfg.tls_client_ca_file else " with TLS"
         admin = f"; Admin on port {cfg.admin_port}" if cfg.admin_port else ""
+        if cfg.health_port:
+            admin += f"; health alone on port {cfg.health_port}"
         print(f"serving gRPC{tls} on port {cfg.grpc_port}{admin}; health: "
               "grpc.health.v1.Health; Ctrl-C stops", flush=True)
         stop.wait()

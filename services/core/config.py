@@ -1200,9 +1200,14 @@ class ServeConfig:
     service at all. The inference port answers Admin methods UNIMPLEMENTED. Callers
     need an admin token (admin_token_file); an API token is PERMISSION_DENIED there.
     With TLS files, the admin port is TLS too."""
+    health_port: Optional[int] = None
+    """Port of a plaintext server in each ingress replica answering grpc.health.v1
+    alone (Check and Watch, no token, nothing else), on `host`; None: none. For
+    Kubernetes' gRPC probes, which cannot speak TLS: a probe of it asks the pod's own
+    ingress replica, not one elsewhere. The replicas of a node share it."""
     max_connections: int = 1000
-    """Connections each of tuneserve's own gRPC servers (replica_grpc, admin_port)
-    accepts at once; more are closed at once."""
+    """Connections each of tuneserve's own gRPC servers (replica_grpc, admin_port,
+    health_port) accepts at once; more are closed at once."""
     max_concurrent_rpcs: int = 1000
     """Calls each of tuneserve's own gRPC servers runs at once; more answer
     RESOURCE_EXHAUSTED."""
@@ -1263,6 +1268,14 @@ class ServeConfig:
             server["tls"] = self._tls_files()
         return server
 
+    def health_grpc_server(self) -> Optional[dict[str, Any]]:
+        """The ingress's `health_server` argument: where its plaintext health server
+        listens (None: none). Health requests are tiny: a small receive limit."""
+        if self.health_port is None:
+            return None
+        return {"host": self.host, "port": self.health_port, "max_receive_bytes": 4096,
+                "bounds": self.bounds()}
+
     def max_message_bytes(self) -> int:
         """The largest message any gRPC server reads (its length prefix says; larger
         ones are refused unread, RESOURCE_EXHAUSTED): twice the request limit, so that
@@ -1310,12 +1323,16 @@ def _check_serve_names(cfg: ServeConfig) -> None:
     check_port("grpc_port", cfg.grpc_port)
     if cfg.metrics_port is not None:
         check_port("metrics_port", cfg.metrics_port)
-    if cfg.admin_port is not None:
-        check_port("admin_port", cfg.admin_port)
-        if cfg.admin_port in (cfg.grpc_port, cfg.metrics_port):
-            raise _bad_serve("admin_port", f"port {cfg.admin_port} is already the "
-                             f"{'grpc' if cfg.admin_port == cfg.grpc_port else 'metrics'} "
-                             "port; the Admin service needs a port of its own")
+    taken = {cfg.grpc_port: "grpc", cfg.metrics_port: "metrics"}
+    for name, what in (("admin_port", "the Admin service"), ("health_port", "health")):
+        port = getattr(cfg, name)
+        if port is None:
+            continue
+        check_port(name, port)
+        if port in taken:
+            raise _bad_serve(name, f"port {port} is already the {taken[port]} port; "
+                             f"{what} needs a port of its own")
+        taken[port] = name.split("_")[0]
     try:
         validate_name(cfg.channel, "channel")
     except TuneserveError as exc:

@@ -170,7 +170,8 @@ def _colocated_ingress(cfg: ServeConfig, registry_uri: str, specs: dict[str, dic
     return ingress.bind(registry_uri, specs, served_tasks, dataclasses.asdict(cfg.limits),
                         board=board, auth=tokens.as_dict(),
                         grpc_server=cfg.replica_grpc_server(),
-                        admin_server=cfg.admin_grpc_server())
+                        admin_server=cfg.admin_grpc_server(),
+                        health_server=cfg.health_grpc_server())
 
 
 def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
@@ -213,7 +214,8 @@ def _ingress_over_models(cfg: ServeConfig, registry_uri: str,
     return ingress.bind(registry_uri, handles, served_tasks, dataclasses.asdict(cfg.limits),
                         board=board, auth=tokens.as_dict(), coalesce=coalesce,
                         grpc_server=cfg.replica_grpc_server(),
-                        admin_server=cfg.admin_grpc_server())
+                        admin_server=cfg.admin_grpc_server(),
+                        health_server=cfg.health_grpc_server())
 
 
 def app_builder(args: dict[str, Any]):
@@ -279,7 +281,8 @@ def check_ports_free(cfg: ServeConfig, http_port: Optional[int]) -> None:
     for field, flag, port in (("grpc_port", "--grpc-port", cfg.grpc_port),
                               ("http_port", "--http-port", http_port),
                               ("metrics_port", "--metrics-port", cfg.metrics_port),
-                              ("admin_port", "--admin-port", cfg.admin_port)):
+                              ("admin_port", "--admin-port", cfg.admin_port),
+                              ("health_port", "--health-port", cfg.health_port)):
         error = bind_error(port) if port else None
         if error == errno.EADDRINUSE:
             raise ConfigError(f"invalid serve setting '{field}': port {port} is already in "

@@ -87,13 +87,13 @@ class ColocatedIngress(InferenceIngress):
     def __init__(self, registry: str, models: dict[str, dict[str, Any]],
                  tasks: dict[str, str], limits: Optional[dict] = None, board: Any = None,
                  auth: Optional[dict] = None, grpc_server: Optional[dict] = None,
-                 admin_server: Optional[dict] = None):
+                 admin_server: Optional[dict] = None, health_server: Optional[dict] = None):
         classes = model_classes()
         self.models = {name: classes[spec["task"]](**spec["kwargs"], board=board)
                        for name, spec in models.items()}
         super().__init__(registry, {n: LocalModel(m) for n, m in self.models.items()},
                          tasks, limits, board=board, auth=auth, grpc_server=grpc_server,
-                         admin_server=admin_server)
+                         admin_server=admin_server, health_server=health_server)
 
     LISTEN_AT_INIT = False
 

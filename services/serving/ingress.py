@@ -178,7 +178,8 @@ class InferenceIngress(AdminMethods):
     def __init__(self, registry: str, models: dict[str, Any], tasks: dict[str, str],
                  limits: Optional[dict] = None, board: Any = None,
                  auth: Optional[dict] = None, coalesce: Optional[dict] = None,
-                 grpc_server: Optional[dict] = None, admin_server: Optional[dict] = None):
+                 grpc_server: Optional[dict] = None, admin_server: Optional[dict] = None,
+                 health_server: Optional[dict] = None):
         self.registry = Registry(registry)
         self.handles = models  # model name -> DeploymentHandle of its model deployment
         # Classifier model name -> Coalescer: concurrent Classify calls share one call
@@ -217,6 +218,10 @@ class InferenceIngress(AdminMethods):
         # service's server in this replica; without one no call reaches Admin methods.
         self._admin_server = None
         self._admin_server_args = admin_server
+        # ServeConfig.health_port: {host, port, max_receive_bytes} of a plaintext
+        # server answering grpc.health.v1 alone (Kubernetes' probes of this replica).
+        self._health_server = None
+        self._health_server_args = health_server
         # Open health Watch streams by connection (the call's peer; "" where none is
         # known): bounded (ServeLimits.max_watch_streams...), and ended when the
         # replica stops (_closing).
@@ -238,14 +243,22 @@ class InferenceIngress(AdminMethods):
             self._grpc_server.start()
         if self._admin_server_args and self._admin_server is None:
             self._admin_server = ReplicaGrpcServer(self, **self._admin_server_args,
-                                                   admin=True)
+                                                   plane="admin")
             self._admin_server.start()
+        if self._health_server_args and self._health_server is None:
+            self._health_server = ReplicaGrpcServer(self, **self._health_server_args,
+                                                    plane="health")
+            self._health_server.start()
+
+    def _own_servers(self) -> list[Any]:
+        return [s for s in (getattr(self, "_grpc_server", None),
+                            getattr(self, "_admin_server", None),
+                            getattr(self, "_health_server", None)) if s is not None]
 
     async def check_health(self) -> None:
         """Serve's periodic health check: the replica's own gRPC servers, if any, run."""
-        for server in (self._grpc_server, self._admin_server):
-            if server is not None:
-                server.check()
+        for server in self._own_servers():
+            server.check()
 
     def __del__(self):
         """Serve calls this when it stops the replica, and awaits what it returns: the
@@ -254,9 +267,8 @@ class InferenceIngress(AdminMethods):
         closing = getattr(self, "_closing", None)
         if closing is not None:
             closing.set()  # Watch streams end now, not at the end of the grace period
-        servers = [s for s in (getattr(self, "_grpc_server", None),
-                               getattr(self, "_admin_server", None)) if s is not None]
-        self._grpc_server = self._admin_server = None
+        servers = self._own_servers()
+        self._grpc_server = self._admin_server = self._health_server = None
         return _stop_all(servers) if servers else None
 
     # ---- helpers ---------------------------------------------------------------

@@ -1,19 +1,24 @@
-"""The ingress replica's own gRPC servers: inference (ServeConfig.replica_grpc) and
-the Admin service (ServeConfig.admin_port).
+"""The ingress replica's own gRPC servers: inference (ServeConfig.replica_grpc), the
+Admin service (ServeConfig.admin_port) and health alone (ServeConfig.health_port).
 
 Every ingress replica runs a `grpc.aio` server of its own on grpc_port, in its own
 event loop, whose handlers are the ingress's methods: the same code, checks, status
 codes and metrics as behind Serve's proxy, which keeps serving on its own port. The
-replicas of a node share the port (SO_REUSEPORT). Serve does not see these calls, so
-its autoscaler cannot follow them (ServeConfig refuses max_replicas with replica_grpc).
+replicas of a node share the port (SO_REUSEPORT). Serve does not see these calls (its
+autoscaler follows the ingress's calls to the model deployments instead; with colocate
+ServeConfig refuses max_replicas).
 
 With ServeConfig's TLS files the port is TLS (mutual TLS with a client CA), and the
 files are re-read when they change (CertificateFiles), so a renewed Secret reaches new
 connections without a restart.
 
-The Admin service is served only by an admin server (`admin=True`, on admin_port), which
-serves nothing else: its calls reach the ingress with an AdminContext, and the ingress
-refuses Admin calls that come any other way (UNIMPLEMENTED).
+The Admin service is served only by an admin server (`plane="admin"`, on admin_port),
+which serves nothing else: its calls reach the ingress with an AdminContext, and the
+ingress refuses Admin calls that come any other way (UNIMPLEMENTED).
+
+A health server (`plane="health"`, on health_port) answers grpc.health.v1 alone, in
+plaintext, for Kubernetes' gRPC probes (which cannot speak TLS): a probe of it asks the
+pod's own ingress replica, whatever the inference port's TLS.
 """
 
 from __future__ import annotations
@@ -200,32 +205,38 @@ class CertificateFiles:
             self.initial, self.fetch, require_client_authentication=bool(self.files[2]))
 
 
-INFERENCE_SERVICES = ((add_inference_servicer, add_health_servicer),
-                      (INFERENCE_SERVICE, "grpc.health.v1.Health"))
-ADMIN_SERVICES = ((add_admin_servicer,), (ADMIN_SERVICE,))
+HEALTH_SERVICE = "grpc.health.v1.Health"
+PLANES = {"inference": ((add_inference_servicer, add_health_servicer),
+                        (INFERENCE_SERVICE, HEALTH_SERVICE)),
+          "admin": ((add_admin_servicer,), (ADMIN_SERVICE,)),
+          "health": ((add_health_servicer,), (HEALTH_SERVICE,))}
 """What each kind of server registers, and names in its reflection."""
+PORT_SETTINGS = {"inference": "grpc_port", "admin": "admin_port", "health": "health_port"}
+"""The ServeConfig field of each kind of server's port, named in its errors."""
 
 
 class ReplicaGrpcServer:
     """A grpc.aio server answering the ingress's services on host:port, bound at
     construction (a port that cannot be bound fails the replica with a clear error):
-    Inference and Health, or with `admin` the Admin service alone. `tls`: {cert_file,
-    key_file, client_ca_file} (ServeConfig.replica_grpc_server), or None for
-    plaintext. `bounds`: ServeConfig.bounds (connections, calls, streams, ages);
-    default: its defaults."""
+    the services of its `plane` (PLANES): "inference" (Inference and Health), "admin"
+    (the Admin service alone) or "health" (Health alone). `tls`: {cert_file, key_file,
+    client_ca_file} (ServeConfig.replica_grpc_server), or None for plaintext.
+    `bounds`: ServeConfig.bounds (connections, calls, streams, ages); default: its
+    defaults."""
 
     def __init__(self, ingress: Any, host: str, port: int, max_receive_bytes: int,
-                 tls: Optional[dict[str, Optional[str]]] = None, admin: bool = False,
+                 tls: Optional[dict[str, Optional[str]]] = None, plane: str = "inference",
                  bounds: Optional[dict[str, Any]] = None):
         self.address = f"{host}:{port}"
         self.tls = tls
-        self.admin = admin
+        self.plane = plane
+        self.admin = plane == "admin"
         bounds = dict(bounds or {})
         self.server = grpc.aio.server(
             options=server_options(max_receive_bytes, **bounds),
             maximum_concurrent_rpcs=bounds.get("max_concurrent_rpcs", 1000))
-        servicer = _Servicer(ingress, admin)
-        adders, names = ADMIN_SERVICES if admin else INFERENCE_SERVICES
+        servicer = _Servicer(ingress, self.admin)
+        adders, names = PLANES[plane]
         for add in adders:
             add(servicer, self.server)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
@@ -239,7 +250,7 @@ class ReplicaGrpcServer:
             cause = None
         if not bound:
             raise ConfigError(
-                f"invalid serve setting '{'admin_port' if admin else 'grpc_port'}': the "
+                f"invalid serve setting '{PORT_SETTINGS[plane]}': the "
                 f"ingress replica cannot listen on {self.address} (another program holds "
                 "the port?)") from cause
         self._started: Optional[asyncio.Task] = None
@@ -248,7 +259,8 @@ class ReplicaGrpcServer:
         """Start serving from the running event loop (the replica's user-code loop)."""
         self._started = asyncio.get_running_loop().create_task(self.server.start())
         logger.info("ingress replica serving %s on %s%s",
-                    "the Admin service" if self.admin else "gRPC", self.address,
+                    {"admin": "the Admin service", "health": "gRPC health"}.get(
+                        self.plane, "gRPC"), self.address,
                     "" if not self.tls else " with mutual TLS"
                     if self.tls.get("client_ca_file") else " with TLS")
 

@@ -39,7 +39,7 @@ def tls_server(tmp_path, pki):
     loop, made = LoopThread(), []
     cert, key = pki.issue("server", serial=1001)
 
-    def make(client_ca: bool = False) -> int:
+    def make(client_ca: bool = False, health_port: int = None) -> int:
         port = free_port()
         tls = {"cert_file": cert, "key_file": key,
                "client_ca_file": pki.ca_file if client_ca else None}
@@ -50,7 +50,9 @@ def tls_server(tmp_path, pki):
                 {"m": "classification"}, {"max_request_bytes": 4096}, board=Board(),
                 auth=Tokens.from_values(None, None).as_dict(),
                 grpc_server={"host": "127.0.0.1", "port": port,
-                             "max_receive_bytes": 8192, "tls": tls})
+                             "max_receive_bytes": 8192, "tls": tls},
+                health_server=None if health_port is None else
+                {"host": "127.0.0.1", "port": health_port, "max_receive_bytes": 4096})
             made.append(ingress)
         loop.call(build)
         return port
@@ -171,3 +173,42 @@ def test_replica_grpc_server_settings_carry_absolute_tls_paths(pki, monkeypatch)
                       tls_key_file=os.path.basename(key)).validate()
     assert cfg.replica_grpc_server()["tls"] == {"cert_file": cert, "key_file": key,
                                                 "client_ca_file": None}
+
+
+def test_the_health_port_answers_health_alone_in_plaintext(tls_server, pki):
+    """ServeConfig.health_port: what a Kubernetes gRPC probe (no TLS) can ask of the
+    pod's own replica while its API port wants mutual TLS; nothing else is served."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health_port = free_port()
+    port = tls_server["make"](client_ca=True, health_port=health_port)
+    _refused(port)  # the API port: plaintext refused
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("", "tuneserve.v1.Inference"):
+            answer = check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        for method in ("/tuneserve.v1.Inference/Classify", "/tuneserve.v1.Admin/Promote"):
+            call = channel.unary_unary(method, request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as err:
+                call(b"", timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
+
+
+def test_health_port_settings(pki):
+    from services.core.config import ServeConfig
+    from services.core.errors import ConfigError
+
+    cert, key = pki.issue("server")
+    cfg = ServeConfig(replica_grpc=True, grpc_port=9001, health_port=9002,
+                      tls_cert_file=cert, tls_key_file=key).validate()
+    server = cfg.health_grpc_server()
+    assert server["port"] == 9002 and "tls" not in server  # plaintext, for probes
+    assert ServeConfig().health_grpc_server() is None  # off unless given
+    for kwargs, needle in (({"health_port": 9000}, "'health_port'.*grpc port"),
+                           ({"health_port": 9100, "admin_port": 9100},
+                            "'health_port'.*admin port"),
+                           ({"health_port": 0}, "'health_port'")):
+        with pytest.raises(ConfigError, match=needle):
+            ServeConfig(grpc_port=9000, **kwargs).validate()
