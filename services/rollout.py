@@ -9,7 +9,13 @@ candidate's, and the next share is set; a failing check aborts the canary at onc
 (production answers everything again), and so does an error that stops the rollout
 (metrics that cannot be read); passing every step promotes the candidate.
 Each decision, with its numbers and reason, goes into the model's history
-(`tuneserve models history NAME`).
+(`tuneserve models history NAME`), and into the process's metrics
+(tuneserve_rollout_step, tuneserve_rollout_percent, tuneserve_rollout_decisions_total:
+exported through Ray's metrics endpoint when the process is connected to Ray).
+
+The step is kept in the canary state (`step` in canary.json), so a rollout of the
+version whose canary is running (one that was interrupted, or whose process died)
+resumes at that step instead of starting over.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from services.core import metrics
 from services.core.analysis import RolloutPolicy, Snapshot, Verdict, check, snapshot, window
 from services.core.errors import InvalidInput, TuneserveError
 
@@ -121,34 +128,69 @@ class Rollout:
 
     def run(self) -> Outcome:
         steps = self.policy.steps
-        state = self.registry.start_canary(
-            self.name, self.version, steps[0],
-            reason=f"rollout: step 1 of {len(steps)} ({_shares(steps)})")
+        first = self._resume_at(steps)
+        if first is None:
+            state = self.registry.start_canary(
+                self.name, self.version, steps[0],
+                reason=f"rollout: step 1 of {len(steps)} ({_shares(steps)})")
+            first = 0
+        else:
+            state = self.registry.canary(self.name)
         self.production = state["production"]
         if self.accuracy is not None:
             self.accuracy.start(self.version, self.production)
         try:
-            return self._steps(steps)
+            return self._steps(steps, first)
         except CanaryGone:
+            self._record(0, 0.0, "stopped")
             raise
         except TuneserveError as exc:  # metrics unreadable, say: production takes over
             self.registry.abort_canary(self.name, reason=f"rollout stopped: {exc.message}")
+            self._record(0, 0.0, "stopped")
             raise
 
-    def _steps(self, steps: tuple[float, ...]) -> Outcome:
+    def _resume_at(self, steps: tuple[float, ...]) -> Optional[int]:
+        """The step a rollout of this version's running canary resumes at (the share
+        moved to that step's if it differs), or None when none of it is running."""
+        running = self.registry.canary(self.name)
+        if running is None or running["version"] != self.version:
+            return None
+        step = min(running["step"], len(steps) - 1)
+        if running["percent"] != steps[step] or running["step"] != step:
+            self.registry.set_canary_share(
+                self.name, steps[step], step=step,
+                reason=f"rollout resumed at step {step + 1} of {len(steps)}")
+        self.out(f"resuming the rollout of {self.version} at step {step + 1} of "
+                 f"{len(steps)}")
+        return step
+
+    def _record(self, step: int, percent: float, decision: Optional[str] = None) -> None:
+        """The rollout's metrics: its step (1-based, 0 once ended), its share, and a
+        decision when one was made."""
+        tags = {"model": self.name, "version": self.version}
+        metrics.set_gauge("tuneserve_rollout_step", step, **tags)
+        metrics.set_gauge("tuneserve_rollout_percent", percent, **tags)
+        if decision is not None:
+            metrics.inc("tuneserve_rollout_decisions_total", decision=decision, **tags)
+
+    def _steps(self, steps: tuple[float, ...], first: int = 0) -> Outcome:
         outcome = Outcome(False, "")
         for i, percent in enumerate(steps):
-            if i:
+            if i < first:
+                continue
+            if i > first:
                 self.registry.set_canary_share(
                     self.name, percent, step=i, **outcome.steps[-1]["numbers"],
                     reason=f"rollout: step {i} passed ({outcome.steps[-1]['reason']})")
             self.out(f"step {i + 1} of {len(steps)}: {self.version} at {percent:g} %")
+            self._record(i + 1, percent)
             verdict, took = self._step()
             outcome.steps.append({"percent": percent, "state": verdict.state,
                                   "reason": verdict.reason, "numbers": verdict.numbers,
                                   "seconds": round(took, 1)})
             if verdict.state != "pass":
                 return self._roll_back(outcome, i, verdict)
+            self._record(i + 1, percent, "step_passed")
             self.out(f"  passed: {verdict.reason}")
         if self.accuracy is not None:
             verdict = self.accuracy.verdict(wait=True)
@@ -160,6 +202,7 @@ class Rollout:
                           f"({_shares(steps)}) against {self.production}")
         self.registry.promote_canary(self.name, reason=f"rollout: {outcome.reason}",
                                      **outcome.steps[-1]["numbers"])
+        self._record(0, 0.0, "promoted")
         self.out(outcome.reason)
         return outcome
 
@@ -197,6 +240,7 @@ class Rollout:
         outcome.reason = f"rolled back at {share:g} % (step {i + 1}): {verdict.reason}"
         self.registry.abort_canary(self.name, reason=f"rollout: {outcome.reason}",
                                    **verdict.numbers)
+        self._record(0, 0.0, "rolled_back")
         self.out(outcome.reason)
         return outcome
 

@@ -24,7 +24,10 @@ def register_action(actions) -> None:
                     "node) and at each step compares the candidate's server-side error "
                     "ratio and p99 latency with production's over the same window. A "
                     "failing check aborts the canary at once; passing every step "
-                    "promotes it. Each decision goes into `tuneserve models history`.")
+                    "promotes it. Each decision goes into `tuneserve models history`. The step "
+                    "is kept in the registry's canary state: run on a version whose "
+                    "canary is running (an interrupted rollout), it resumes at that "
+                    "step.")
     q.add_argument("--registry", default=DEFAULT_REGISTRY)
     q.add_argument("name")
     q.add_argument("model_version", metavar="VERSION")
@@ -98,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         outcome = Rollout(reg, args.name, args.model_version, read, policy, out=out,
                           accuracy=accuracy).run()
     except KeyboardInterrupt:
-        print(f"interrupted: the canary of {args.model_version} keeps its share; end it "
-              f"with `tuneserve models canary --registry {args.registry} {args.name} "
-              "--abort` (or --promote)")
+        print(f"interrupted: the canary of {args.model_version} keeps its share and "
+              "step; run this command again to resume the rollout there, or end it with "
+              f"`tuneserve models canary --registry {args.registry} {args.name} --abort` "
+              "(or --promote)")
         return 130
     if args.json:
         print(json.dumps({"promoted": outcome.promoted, "reason": outcome.reason,

@@ -84,6 +84,16 @@ SPECS = {s.name: s for s in [
          ("model", "version")),
     Spec("tuneserve_model_load_duration_seconds", "histogram",
          "Time to verify, load and smoke-test a model version", ("model",), LOAD_BUCKETS_S),
+    # rollouts (recorded by the process that runs one: services/rollout.py)
+    Spec("tuneserve_rollout_step", "gauge",
+         "The step of the canary rollout being judged (1-based); 0 once it ended",
+         ("model", "version")),
+    Spec("tuneserve_rollout_percent", "gauge",
+         "The candidate's share (percent) at the rollout's current step; 0 once it "
+         "ended", ("model", "version")),
+    Spec("tuneserve_rollout_decisions_total", "counter",
+         "Rollout decisions by kind: step_passed, promoted, rolled_back, stopped",
+         ("model", "version", "decision")),
     # training
     Spec("tuneserve_train_loss", "gauge", "Training loss (mean over the last log window)",
          ("run", "model")),

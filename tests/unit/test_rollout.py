@@ -307,3 +307,68 @@ def test_analysis_data_rolls_back_a_less_accurate_candidate(
         assert "accuracy check: v2 accuracy 0.8750, production v1 1.0000 on the 32 rows" \
             in out
         assert last["action"] == "canary-abort" and "accuracy check" in last["reason"]
+
+
+def test_a_restarted_rollout_resumes_at_its_step(registry):
+    """The step is in the registry's canary state: a rollout whose process died in
+    step 2 is resumed there by the next one, not started over."""
+    serving = Serving(registry, "toy")
+    clock = Clock(serving)
+
+    def dies_in_step_two(seconds):
+        clock.sleep(seconds)
+        canary = registry.canary("toy")
+        if canary and canary["step"] == 1:
+            raise KeyboardInterrupt  # the process is gone; the canary stays
+
+    with pytest.raises(KeyboardInterrupt):
+        Rollout(registry, "toy", "v2", lambda: snapshot(serving.text()), POLICY,
+                out=lambda line: None, clock=lambda: clock.now,
+                sleep=dies_in_step_two).run()
+    assert registry.canary("toy")["step"] == 1 and registry.canary("toy")["percent"] == 25
+
+    lines: list[str] = []
+    outcome = Rollout(registry, "toy", "v2", lambda: snapshot(serving.text()), POLICY,
+                      out=lines.append, clock=lambda: clock.now, sleep=clock.sleep).run()
+    assert lines[0] == "resuming the rollout of v2 at step 2 of 3"
+    assert outcome.promoted and [s["percent"] for s in outcome.steps] == [25, 50]
+    actions = [e["action"] for e in registry.history("toy")]
+    assert actions.count("canary-start") == 1
+    assert actions[-3:] == ["canary-share", "canary-share", "canary-promote"]
+
+
+def test_a_resumed_rollout_takes_the_share_of_its_step(registry):
+    """A canary of the version set by hand (or under another policy) is taken over at
+    its recorded step, its share moved to that step's."""
+    registry.start_canary("toy", "v2", 12)
+    serving = Serving(registry, "toy")
+    clock = Clock(serving)
+    lines: list[str] = []
+    outcome = Rollout(registry, "toy", "v2", lambda: snapshot(serving.text()), POLICY,
+                      out=lines.append, clock=lambda: clock.now, sleep=clock.sleep).run()
+    assert lines[0] == "resuming the rollout of v2 at step 1 of 3"
+    assert outcome.promoted and [s["percent"] for s in outcome.steps] == [5, 25, 50]
+    resumed = [e for e in registry.history("toy") if e["action"] == "canary-share"][0]
+    assert (resumed["previous_percent"], resumed["percent"]) == (12, 5)
+    assert resumed["reason"] == "rollout resumed at step 1 of 3"
+
+
+@pytest.mark.parametrize("fail_every, decisions", [
+    (0, ["step_passed", "step_passed", "step_passed", "promoted"]),
+    (10, ["rolled_back"])])
+def test_decisions_are_recorded_as_metrics(registry, monkeypatch, fail_every, decisions):
+    from services.core import metrics
+
+    recorded: list[tuple] = []
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1.0, **tags: recorded.append(
+        (name, tags)))
+    monkeypatch.setattr(metrics, "set_gauge", lambda name, value, **tags: recorded.append(
+        (name, value, tags)))
+    _rollout(registry, Serving(registry, "toy", fail_every=fail_every), [])
+    for entry in recorded:
+        assert set(entry[-1]) == set(metrics.SPECS[entry[0]].labels), entry
+    assert [e[-1]["decision"] for e in recorded
+            if e[0] == "tuneserve_rollout_decisions_total"] == decisions
+    steps = [(e[1], e[-1]["version"]) for e in recorded if e[0] == "tuneserve_rollout_step"]
+    assert steps[0] == (1, "v2") and steps[-1] == (0, "v2")
+    assert max(value for value, _ in steps) == (3 if not fail_every else 1)
