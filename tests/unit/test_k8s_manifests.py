@@ -207,6 +207,19 @@ def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
 
 
+TLS_SECRET = "tuneserve-tls"
+
+
+def take_tls_files_as_mounted(monkeypatch) -> list[tuple]:
+    """The TLS files a Serve config names are the Secret tuneserve-tls, which exists on
+    the pods only: ServeConfig's checks record them here instead of reading them."""
+    import services.core.config as config_module
+
+    seen: list[tuple] = []
+    monkeypatch.setattr(config_module, "check_tls_files", lambda *files: seen.append(files))
+    return seen
+
+
 # ---- rendering and schemas ----------------------------------------------------------------
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_every_part(overlay):
@@ -214,9 +227,10 @@ def test_overlay_renders_every_part(overlay):
     kinds = sorted(o["kind"] for o in objects)
     # colocated: plus the Service of the ingress replicas' own gRPC port
     extra = {"colocated": ["Service"],
-             # the in-cluster Redis of GCS fault tolerance, and the disruption budgets
+             # the in-cluster Redis of GCS fault tolerance, the disruption budgets, and
+             # the Service of the TLS port
              "production": ["Service", "StatefulSet", "PodDisruptionBudget",
-                            "PodDisruptionBudget"]}.get(overlay, [])
+                            "PodDisruptionBudget", "Service"]}.get(overlay, [])
     # No Secret: the user creates tuneserve-api-tokens (test_no_token_value_in_the_manifests).
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "ConfigMap",
                             *["NetworkPolicy"] * 4, "PodMonitor", "PrometheusRule", "RayJob",
@@ -367,8 +381,10 @@ def network_policies(objects) -> list[dict[str, Any]]:
 def test_network_policy_admits_only_grpc_and_metrics_from_outside(overlay):
     policies = network_policies(render(str(K8S / "overlays" / overlay)))
     outside_ports, operator_ports = policy_ports(policies)
-    # colocated: the ingress replicas' own gRPC port (args.grpc_port) as well
-    assert outside_ports == {9000} | ({9001} if overlay == "colocated" else set())
+    # colocated: the ingress replicas' own gRPC port (args.grpc_port) as well;
+    # production: that port alone, over TLS (Serve's plaintext proxy port is closed)
+    assert outside_ports == {"colocated": {9000, 9001}, "production": {9001}}.get(
+        overlay, {9000})
     assert operator_ports == {8265, 8000}
     assert not {8265, 6379, 10001, 8080} & outside_ports
 
@@ -543,6 +559,7 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     objects = render(str(K8S / "overlays" / overlay))
     rayservice = one(objects, "RayService")
     doc = serve_config(rayservice)
+    tls_files = take_tls_files_as_mounted(monkeypatch)
     ServeDeploySchema.model_validate(doc)  # Serve's own checks (types, num_replicas rules)
     # ... which let unknown keys through: a misspelt option would be silently ignored.
     assert set(doc) <= set(ServeDeploySchema.model_fields), set(doc)
@@ -576,7 +593,11 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     if overlay == "colocated":
         _check_colocated_replica_grpc(objects, doc, cfg, deployments)
         return
-    assert cfg.grpc_port == doc["grpc_options"]["port"]  # Serve's proxy answers the API
+    if overlay == "production":
+        _check_tls_replica_grpc(objects, doc, cfg, tls_files)
+    else:
+        assert cfg.grpc_port == doc["grpc_options"]["port"]  # Serve's proxy: the API
+        assert not cfg.tls_cert_file and not tls_files
     # An ingress entry only places its replicas (production: one per node).
     ingress = deployments.pop(app_module.INGRESS_DEPLOYMENT, {"name": "ingress"})
     assert set(ingress) <= {"name", "max_replicas_per_node"}, ingress
@@ -657,6 +678,48 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
     assert {cfg.grpc_port, proxy_port} <= outside
 
 
+def _check_tls_replica_grpc(objects, doc, cfg, tls_files) -> None:
+    """The production overlay: the API over TLS on the ingress replicas' own port, from
+    files of the Secret mounted on every pod; model deployments that autoscale; health
+    alone in plaintext for the readiness probe; a Service and the NetworkPolicy on the
+    TLS port, and Serve's plaintext proxy port closed to clients."""
+    assert cfg.replica_grpc and not cfg.colocate and cfg.autoscaling_config() is not None
+    proxy_port = doc["grpc_options"]["port"]
+    assert len({cfg.grpc_port, cfg.health_port, proxy_port}) == 3
+    # The files checked are the Secret's, where every pod mounts it (head: app builder).
+    assert tls_files == [(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)]
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    for _, template in (("head", cluster["headGroupSpec"]["template"]),
+                        ("worker", cluster["workerGroupSpecs"][0]["template"])):
+        (volume,) = [v for v in template["spec"]["volumes"]
+                     if v.get("secret", {}).get("secretName") == TLS_SECRET]
+        ray = template["spec"]["containers"][0]
+        (mount,) = [m for m in ray["volumeMounts"] if m["name"] == volume["name"]]
+        assert "subPath" not in mount and mount.get("readOnly") is True
+        for path in (cfg.tls_cert_file, cfg.tls_key_file):
+            assert Path(path).parent == Path(mount["mountPath"]), path
+        assert Path(cfg.tls_cert_file).name == "tls.crt"  # kubernetes.io/tls keys
+        assert Path(cfg.tls_key_file).name == "tls.key"
+    worker = cluster["workerGroupSpecs"][0]["template"]
+    ray = worker["spec"]["containers"][0]
+    named = {p["name"]: p["containerPort"] for p in ray["ports"]}
+    assert {cfg.grpc_port, cfg.health_port} <= set(named.values())
+    # The readiness probe asks this pod's own replica, in plaintext, on the health port.
+    assert ray["readinessProbe"]["grpc"]["port"] == cfg.health_port
+    # One Service on the TLS port, selecting the serving workers.
+    pod_labels = {**worker["metadata"]["labels"], "ray.io/node-type": "worker"}
+    tls_services = [s for s in by_kind(objects, "Service")
+                    if any(named.get(p.get("targetPort"), p.get("targetPort")) ==
+                           cfg.grpc_port for p in s["spec"]["ports"])]
+    assert [s["metadata"]["name"] for s in tls_services] == ["tuneserve-grpc-tls"]
+    (service,) = tls_services
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0].get("appProtocol") != "kubernetes.io/h2c"  # TLS
+    outside, _ = policy_ports(network_policies(objects))
+    assert cfg.grpc_port in outside and proxy_port not in outside
+    assert cfg.health_port not in outside  # for the kubelet alone
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grpc_service_and_probes(overlay):
     from services.protocol import INFERENCE_SERVICE
@@ -676,7 +739,8 @@ def test_grpc_service_and_probes(overlay):
     # Serve's proxy (9000); with replica_grpc the ingress replicas' own port, which the
     # colocated overlay's Service sends connections to.
     args = serve_config(rayservice)["applications"][0]["args"]
-    probed = args["grpc_port"] if args.get("replica_grpc") else 9000
+    probed = args.get("health_port") or (args["grpc_port"] if args.get("replica_grpc")
+                                         else 9000)
     grpc = worker["readinessProbe"]["grpc"]
     assert grpc["port"] == probed and grpc.get("service", "") in ("", INFERENCE_SERVICE)
     startup, ready = worker["startupProbe"], worker["readinessProbe"]

@@ -22,9 +22,16 @@ import yaml
 
 from tests.unit.test_k8s_manifests import (K8S, admits, by_kind, network_policies, one,
                                            render, restricted_violations, selects,
-                                           serve_config, validate_object)
+                                           serve_config, take_tls_files_as_mounted,
+                                           validate_object)
 
 PRODUCTION = str(K8S / "overlays" / "production")
+
+
+@pytest.fixture(autouse=True)
+def _tls_files_on_the_pods(monkeypatch):
+    """The overlay's TLS files are a Secret's, on the pods only (test_k8s_manifests)."""
+    take_tls_files_as_mounted(monkeypatch)
 
 
 def _app(rayservice: dict[str, Any]) -> dict[str, Any]:
@@ -47,8 +54,10 @@ def test_gcs_fault_tolerance_uses_the_overlays_redis_and_a_secret():
     ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
     assert not by_kind(objects, "Secret")  # the user creates it
     # The address is the in-cluster Redis' Service, on its port.
-    service = one(objects, "Service")
-    assert service["metadata"]["name"] == host and \
+    named = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == host]
+    assert len(named) == 1, f"no Service {host!r} for the Redis address"
+    service = named[0]
+    assert \
         [p["port"] for p in service["spec"]["ports"]] == [int(port)]
     redis = one(objects, "StatefulSet")
     pod = redis["spec"]["template"]
@@ -140,7 +149,10 @@ def test_serve_config_is_the_bases_with_ha_settings_only():
     prod = _app(one(render(PRODUCTION), "RayService"))
     changed = {k for k in set(base["args"]) | set(prod["args"])
                if base["args"].get(k) != prod["args"].get(k)}
-    assert "min_replicas" in changed and changed <= {"ingress_replicas", "min_replicas"}
+    # HA, and the API over TLS on the ingress replicas' own servers (tls.yaml)
+    assert "min_replicas" in changed and changed <= {
+        "ingress_replicas", "min_replicas", "grpc_port", "replica_grpc", "health_port",
+        "tls_cert_file", "tls_key_file"}
     assert prod["args"]["ingress_replicas"] >= 2
     base_deps = {d["name"]: d for d in base["deployments"]}
     prod_deps = {d["name"]: {k: v for k, v in d.items() if k != "max_replicas_per_node"}
@@ -214,3 +226,29 @@ def test_the_checks_can_fail(break_it, monkeypatch):
                         lambda path: tuple(objects) if path == PRODUCTION else real(path))
     with pytest.raises(AssertionError):
         check()
+
+
+@pytest.mark.parametrize("break_it", ["public-proxy", "probe-tls-port", "head-mount"])
+def test_the_tls_checks_can_fail(break_it, monkeypatch):
+    """The TLS layout's check (test_k8s_manifests._check_tls_replica_grpc) fails on the
+    overlay broken the way a careless edit would."""
+    from tests.unit import test_k8s_manifests as manifests
+
+    objects = copy.deepcopy(render(PRODUCTION))
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    if break_it == "public-proxy":
+        policy = [p for p in by_kind(objects, "NetworkPolicy")
+                  if p["metadata"]["name"] == "tuneserve-ingress"][0]
+        policy["spec"]["ingress"][0]["ports"].append({"protocol": "TCP", "port": 9000})
+    elif break_it == "probe-tls-port":
+        ray = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+        ray["readinessProbe"]["grpc"]["port"] = 9001
+    else:
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        head["volumes"] = [v for v in head["volumes"] if "tls" not in v["name"]]
+    real = manifests.render
+    monkeypatch.setattr(manifests, "render",
+                        lambda path: tuple(objects) if path == PRODUCTION else real(path))
+    with pytest.raises((AssertionError, ValueError)):
+        manifests.test_serve_config_is_valid_for_ray_serve_and_tuneserve("production",
+                                                                         monkeypatch)
