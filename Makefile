@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tuneserve/v1/*.proto)
 
-.PHONY: setup demo test test-fast lint-imports protos bench lock clean
+.PHONY: setup demo test test-fast lint-imports protos bench bench-quick lock clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ bench: setup
 	$(PY) bench/train.py
 	$(PY) bench/hotload.py
 	$(PY) bench/generate.py
+
+# A regression guard: Classify at 1 and 32 clients and generation streams, each against
+# the model in-process, measured in the same run; prints the ratio tables.
+bench-quick: setup
+	$(PY) bench/serve.py --quick
+	$(PY) bench/generate.py --quick
 
 clean:
 	rm -rf $(VENV) .tuneserve .pytest_cache

@@ -64,6 +64,17 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
                         "auto: float32 on a CPU)")
 
 
+def parse_quick(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                quick: dict[str, Any]) -> argparse.Namespace:
+    """The arguments; with --quick, the `quick` values are the defaults (a flag given on
+    the command line wins)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "quick", False):
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2))

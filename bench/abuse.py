@@ -48,6 +48,7 @@ from bench._common import (  # noqa: E402
     add_layout_args,
     build_checkpoint,
     machine,
+    parse_quick,
     percentile,
     sentences,
     table,
@@ -276,12 +277,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--replica-cpus", type=float, default=1.0)
     add_layout_args(p)
     p.add_argument("--json", default=None, metavar="FILE")
-    args = p.parse_args()
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
-    return args
+    return parse_quick(p, None, QUICK)
 
 
 def main() -> int:

@@ -1,8 +1,8 @@
 """Generation benchmark: tokens/s and time to first token through gRPC vs Hugging Face
 `generate` in-process, on the same checkpoint and the same prompts, in one run.
 
-    .venv/bin/python bench/generate.py [--model-dir DIR] [--new-tokens 64] [--json out.json]
-        [--batching continuous|static] [--stagger-ms 40]
+    .venv/bin/python bench/generate.py [--quick] [--model-dir DIR] [--new-tokens 64]
+        [--batching continuous|static] [--stagger-ms 40] [--json out.json]
 
 The checkpoint is a causal LM folder (e.g. the GSM8K run of bench/gsm8k_prepare.py,
 found at /tmp/gsm8k/registry by default) or, without one, a GPT-2 built from a config
@@ -23,6 +23,9 @@ greedy, so both sides do the same work:
   3/4 or all of --new-tokens, so requests arrive while others decode and end at
   different times, as in real traffic. Continuous batching lets each join at the
   next token; a static batch makes it wait for the running batch to end.
+
+`--quick` (`make bench-quick`) runs the first three phases only (no redeploy), once
+each, with 32 new tokens; flags given win.
 
 `--batching` sets ServeConfig.generation_batching for the other phases (default
 continuous).
@@ -55,7 +58,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import add_layout_args, machine, table, write_json  # noqa: E402
+from bench._common import (  # noqa: E402
+    add_layout_args,
+    machine,
+    parse_quick,
+    table,
+    write_json,
+)
 from services.client import Client  # noqa: E402
 from services.core.config import GENERATION, ServeConfig, render_prompt  # noqa: E402
 from services.core.modeling import (  # noqa: E402
@@ -259,8 +268,15 @@ def median_run(fn, repeats: int) -> dict:
     return best
 
 
+QUICK = {"repeats": 1, "new_tokens": 32}
+"""--quick: the settings it changes, unless given on the command line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a regression guard (make bench-quick): 1 stream, N streams "
+                             "and N unary calls only, once each, 32 new tokens")
     parser.add_argument("--model-dir", default=None, help="causal LM folder (default: the "
                         "GSM8K run in /tmp/gsm8k, else a random GPT-2 from a config)")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -277,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout_args(parser)
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, --quick applied."""
+    parser = build_parser()
+    return parse_quick(parser, argv, QUICK)
 
 
 def serve_config(args, registry: Path, port: int) -> ServeConfig:
@@ -314,6 +336,8 @@ def run_phases(args, cfg: ServeConfig, address: str, hf, prompts: list[str]) -> 
 
     results = {"1 stream": measure(prompts[:1]), many: measure(prompts)}
     results[f"{args.streams} unary Generate"] = measure(prompts, unary=True)
+    if args.quick:
+        return results
     # The same streams with batching off: one request per generate call.
     redeploy(ServeConfig(**{**cfg.__dict__, "max_batch_size": 1}), address, prompts)
     results[f"{many}, batching off"] = {
@@ -332,9 +356,12 @@ def staggered_lengths(args, prompts: list[str]) -> tuple[list[int], list[int], l
 
 
 def run_staggered(args, cfg: ServeConfig, address: str, prompts: list[str]) -> dict:
-    """Staggered arrivals and lengths, served both ways: mode -> figures."""
+    """Staggered arrivals and lengths, served both ways: mode -> figures (none with
+    --quick)."""
     _, counts, delays = staggered_lengths(args, prompts)
     staggered = {}
+    if args.quick:
+        return staggered
     for mode in ("continuous", "static"):
         redeploy(ServeConfig(**{**cfg.__dict__, "generation_batching": mode}), address,
                  prompts)
@@ -365,6 +392,9 @@ def print_report(args, folder: Path, n_params: int, threads: int, prompts: list[
           f"layout: {layout or 'default (Serve proxy, model deployment)'}")
     print(table(rows, ["", "HF tok/s", "gRPC tok/s", "ratio", "HF TTFT ms", "gRPC TTFT ms",
                        "ratio", "requests/batch"]))
+    if not staggered:
+        print(f"(load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
+        return info
     cont, stat = staggered["continuous"], staggered["static"]
     lengths, _, _ = staggered_lengths(args, prompts)
     print(f"\n{len(prompts)} staggered streams: one every {args.stagger_ms:.0f} ms, "
@@ -383,7 +413,7 @@ def print_report(args, folder: Path, n_params: int, threads: int, prompts: list[
 
 
 def main() -> int:
-    args = build_parser().parse_args()
+    args = parse_args()
 
     import ray
     import torch

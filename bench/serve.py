@@ -1,7 +1,7 @@
 """Serving benchmark: Classify throughput and latency through the tuneserve gRPC server,
 against the same checkpoint called in-process and served by a peer (MLServer).
 
-    .venv/bin/python bench/serve.py [--concurrency 1,4,16,32,64] [--duration-s 10]
+    .venv/bin/python bench/serve.py [--quick] [--concurrency 1,4,16,32,64] [--duration-s 10]
         [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
         [--no-coalesce] [--direct-ingress] [--colocate] [--replica-grpc]
         [--no-access-log] [--dtype auto] [--channels 1] [--json out.json] [--plot out.png]
@@ -71,6 +71,7 @@ from bench._common import (  # noqa: E402
     add_layout_args,
     build_checkpoint,
     machine,
+    parse_quick,
     percentile,
     sentences,
     table,
@@ -98,6 +99,10 @@ TUNESERVE_METHOD = "/tuneserve.v1.Inference/Classify"
 OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CALL_TIMEOUT_S = 60.0
 PRIME_S = 3.0
+QUICK = {"concurrency": "1,32", "duration_s": 3.0, "warmup_s": 1.0, "peer": False,
+         "breakdown_calls": 0}
+"""--quick (`make bench-quick`): the settings it changes, unless given on the command
+line; what the issue's goals are stated at (1 and 32 clients) against in-process."""
 
 
 # ---- checkpoint ----------------------------------------------------------------------
@@ -677,6 +682,10 @@ def plot(path: str, levels: list[int], inproc, tuneserve, peer) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a regression guard (make bench-quick): C = 1 and 32, 3 s per "
+                             "level after 1 s warm-up, no peer, no breakdown; flags given "
+                             "win")
     parser.add_argument("--concurrency", default="1,4,16,32,64",
                         help="comma-separated client counts (default 1,4,16,32,64)")
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured, per level")
@@ -721,10 +730,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args() -> tuple[argparse.Namespace, list[int]]:
-    """The arguments, checked, and the concurrency levels."""
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[int]]:
+    """The arguments (--quick applied), checked, and the concurrency levels."""
     parser = build_parser()
-    args = parser.parse_args()
+    args = parse_quick(parser, argv, QUICK)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not levels or min(levels) < 1 or args.texts_per_request < 1 or args.channels < 1:
         parser.error("concurrency levels, --texts-per-request and --channels must be >= 1")
