@@ -1119,10 +1119,10 @@ class ServeConfig:
     Clients need several connections to reach several replicas. Serve's proxy answers the same methods on another port
     (`tuneserve serve` picks a free one; in a Serve config or RayService, give
     grpc_options a port other than grpc_port). Works on any cluster, nothing to set
-    when it starts. Not with direct_ingress. The model deployments autoscale as in the
-    default layout (max_replicas: the ingress calls them through Serve); with colocate
-    the ingress replicas are the model replicas, and Serve's autoscaler does not see
-    the calls their servers answer: set num_replicas there."""
+    when it starts. Not with direct_ingress. Autoscaling (max_replicas) works: the
+    model deployments scale on the ingress's calls to them, and with colocate the
+    ingress replicas report the calls their servers answer to Serve's autoscaler
+    (services/serving/autoscale.py)."""
     access_log: bool = True
     """Serve's access log: a line per request in each replica's log. It costs CPU on
     every request (docs/benchmarks.md); tuneserve's own request metrics count every
@@ -1463,11 +1463,6 @@ def _check_serve_ingress(cfg: ServeConfig) -> None:
     if cfg.replica_grpc and cfg.direct_ingress:
         raise _bad_serve("replica_grpc", "both replica_grpc and direct_ingress put a gRPC "
                          "server in the ingress replica on grpc_port: choose one")
-    if cfg.replica_grpc and cfg.colocate and cfg.max_replicas is not None:
-        raise _bad_serve("replica_grpc", "with colocate the ingress replicas are the model "
-                         "replicas, and Serve's autoscaler does not see the calls their own "
-                         "gRPC servers answer: set num_replicas instead of max_replicas, "
-                         "or drop colocate (the model deployments then autoscale)")
 
 
 def _check_serve_limits(cfg: ServeConfig) -> None:
@@ -1511,10 +1506,6 @@ def _check_serve_tls(cfg: ServeConfig) -> None:
     if not cfg.replica_grpc:
         raise _bad_serve("replica_grpc", f"{TLS_LAYOUT}: set replica_grpc "
                          "(`tuneserve serve` selects it when given --tls-cert)")
-    if cfg.max_replicas is not None and cfg.colocate:
-        raise _bad_serve("max_replicas", f"{TLS_LAYOUT}, and with colocate Serve's "
-                         "autoscaler does not see its calls: set num_replicas "
-                         "(--num-replicas) instead, or drop colocate (--colocate)")
     check_tls_files(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
 
 

@@ -25,6 +25,7 @@ from services.core.errors import ConfigError, ModelLoading, RegistryError, Tunes
 from services.core.net import bind_error, free_port, host_problem, port_in_use
 from services.core.raycluster import ensure_ray
 from services.core.registry import Registry
+from services.serving.autoscale import POLICY as AUTOSCALE_POLICY
 from services.serving.ingress import InferenceIngress
 from services.serving.servicers import GRPC_SERVICER_FUNCTIONS
 from services.serving.status import StatusBoard, model_states
@@ -159,8 +160,14 @@ def _model_actor(cfg: ServeConfig) -> dict[str, Any]:
 def _colocated_ingress(cfg: ServeConfig, registry_uri: str, specs: dict[str, dict[str, Any]],
                        served_tasks: dict[str, str], board, tokens: Tokens):
     """cfg.colocate: one ingress deployment whose replicas run every model themselves."""
+    replicas = _replicas(cfg)
+    if cfg.replica_grpc and "autoscaling_config" in replicas:
+        # Serve does not see the calls the replicas' own servers answer: they report
+        # them, and this policy counts them in (services/serving/autoscale.py).
+        replicas["autoscaling_config"] = {**replicas["autoscaling_config"],
+                                          "policy": {"policy_function": AUTOSCALE_POLICY}}
     ingress = _ray().serve.deployment(_colocated().ColocatedIngress).options(
-        name=INGRESS_DEPLOYMENT, **_replicas(cfg), ray_actor_options=_model_actor(cfg),
+        name=INGRESS_DEPLOYMENT, **replicas, ray_actor_options=_model_actor(cfg),
         max_ongoing_requests=max((cfg.ongoing_for(t) for t in served_tasks.values()),
                                  default=cfg.ongoing_for(CLASSIFICATION)),
         max_queued_requests=cfg.max_queued_requests,

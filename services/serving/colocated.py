@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from services.core.config import CLASSIFICATION, GENERATION
 from services.core.errors import ModelNotFound
+from services.serving.autoscale import OWN_CALLS
 from services.serving.classifier import Classifier
 from services.serving.generator import Generator
 from services.serving.ingress import InferenceIngress
@@ -119,6 +120,12 @@ class ColocatedIngress(InferenceIngress):
         if name not in self.models:
             raise ModelNotFound(f"model '{name}' is not served here")
         return await self.models[name].status()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the calls this replica's own gRPC server
+        is answering, which Serve does not count (services/serving/autoscale.py)."""
+        server = self._grpc_server
+        return {OWN_CALLS: float(server.in_flight.calls if server is not None else 0)}
 
     async def check_health(self) -> None:
         self._listen()  # in case Serve never called reconfigure (no user_config)

@@ -4,9 +4,10 @@ Admin service (ServeConfig.admin_port) and health alone (ServeConfig.health_port
 Every ingress replica runs a `grpc.aio` server of its own on grpc_port, in its own
 event loop, whose handlers are the ingress's methods: the same code, checks, status
 codes and metrics as behind Serve's proxy, which keeps serving on its own port. The
-replicas of a node share the port (SO_REUSEPORT). Serve does not see these calls (its
-autoscaler follows the ingress's calls to the model deployments instead; with colocate
-ServeConfig refuses max_replicas).
+replicas of a node share the port (SO_REUSEPORT). Serve does not see these calls: its
+autoscaler follows the ingress's calls to the model deployments instead, and with
+colocate the calls each server is answering (InFlight), which the ingress reports to
+Serve (services/serving/autoscale.py).
 
 With ServeConfig's TLS files the port is TLS (mutual TLS with a client CA), and the
 files are re-read when they change (CertificateFiles), so a renewed Secret reaches new
@@ -127,14 +128,51 @@ def _on_admin_plane(fn):
     return handler
 
 
+HEALTH_METHODS = frozenset({"Check", "Watch"})
+"""Not load: a health Watch stream stays open for as long as its client wants."""
+
+
+class InFlight:
+    """The calls a server is answering now (health excepted): the load Serve's
+    autoscaler cannot see on these servers (services/serving/autoscale.py)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def unary(self, fn):
+        @functools.wraps(fn)
+        async def handler(request, context):
+            self.calls += 1
+            try:
+                return await fn(request, context)
+            finally:
+                self.calls -= 1
+
+        return handler
+
+    def streaming(self, fn):
+        @functools.wraps(fn)
+        async def handler(request, context):
+            self.calls += 1
+            try:
+                async for item in fn(request, context):
+                    yield item
+            finally:
+                self.calls -= 1
+
+        return handler
+
+
 class _Servicer:
     """The ingress's gRPC methods as grpc.aio handlers; methods the ingress does not
     have (e.g. a newer grpc.health.v1 method) stay unregistered: UNIMPLEMENTED. On the
-    admin server (`admin`), each call's context is an AdminContext."""
+    admin server (`admin`), each call's context is an AdminContext. Calls other than
+    health are counted in `in_flight` while they run."""
 
-    def __init__(self, ingress: Any, admin: bool = False):
+    def __init__(self, ingress: Any, admin: bool = False, in_flight: Optional[InFlight] = None):
         self._ingress = ingress
         self._admin = admin
+        self._in_flight = in_flight
 
     def __getattr__(self, name: str):
         fn = getattr(self._ingress, name) if name[:1].isupper() else None
@@ -142,7 +180,12 @@ class _Servicer:
             raise AttributeError(name)
         if self._admin:
             return _on_admin_plane(fn)
-        return _streaming(fn) if inspect.isasyncgenfunction(fn) else fn
+        streaming = inspect.isasyncgenfunction(fn)
+        handler = _streaming(fn) if streaming else fn
+        if self._in_flight is None or name in HEALTH_METHODS:
+            return handler
+        return self._in_flight.streaming(handler) if streaming else \
+            self._in_flight.unary(handler)
 
 
 class CertificateFiles:
@@ -235,7 +278,8 @@ class ReplicaGrpcServer:
         self.server = grpc.aio.server(
             options=server_options(max_receive_bytes, **bounds),
             maximum_concurrent_rpcs=bounds.get("max_concurrent_rpcs", 1000))
-        servicer = _Servicer(ingress, self.admin)
+        self.in_flight = InFlight()
+        servicer = _Servicer(ingress, self.admin, self.in_flight)
         adders, names = PLANES[plane]
         for add in adders:
             add(servicer, self.server)

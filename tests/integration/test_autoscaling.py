@@ -20,44 +20,50 @@ from services.serving.app import APP_NAME, model_deployment_name
 pytestmark = pytest.mark.timeout(600)
 
 
-def running_replicas(model: str = "toy", app: str = APP_NAME) -> int:
+def running_replicas(deployment: str = model_deployment_name("toy"),
+                     app: str = APP_NAME) -> int:
     from ray import serve
 
     status = serve.status().applications[app]
-    return status.deployments[model_deployment_name(model)].replica_states.get("RUNNING", 0)
+    return status.deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 def test_scales_up_under_load_and_back_down(server):
-    scale_under_load(server, server.address, APP_NAME)
+    scale_under_load(server, server.address, APP_NAME, model_deployment_name("toy"))
 
 
 REPLICA_GRPC_APP = "tuneserve-replica-grpc"
 
 
-def test_replica_grpc_layout_scales_the_model_deployment(server, trained, tmp_path):
-    """The ingress replicas answer on a port of their own; the model behind them still
-    goes 1 -> 2 -> 1 replicas under load and after it, with every call answered."""
+@pytest.mark.parametrize("colocate", [False, True], ids=["models", "colocated"])
+def test_replica_grpc_layout_scales(server, trained, tmp_path, colocate):
+    """The ingress replicas answer on a port of their own, which Serve never sees; the
+    model deployment behind them (models), or the ingress replicas holding the model
+    (colocated: they report their servers' calls to Serve's autoscaler), still go
+    1 -> 2 -> 1 replicas under load and after it, with every call answered."""
     from ray import serve
 
-    from services.serving.app import build_app
+    from services.serving.app import INGRESS_DEPLOYMENT, build_app
 
     registry = Registry(tmp_path / "registry")
     copy_version(Registry(trained[0].registry), "toy", "v1", registry, "toy")
     port = server_port()
     cfg = dataclasses.replace(server.serve_cfg, registry=registry.uri, replica_grpc=True,
-                              host="127.0.0.1", grpc_port=port, admin_port=None)
+                              colocate=colocate, models=["toy"], host="127.0.0.1",
+                              grpc_port=port, admin_port=None)
     serve.run(build_app(cfg.validate()), name=REPLICA_GRPC_APP,
               route_prefix=f"/{REPLICA_GRPC_APP}", blocking=False)
     try:
         with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
             client.wait_until_serving(timeout_s=180)
-        scale_under_load(server, f"127.0.0.1:{port}", REPLICA_GRPC_APP)
+        scale_under_load(server, f"127.0.0.1:{port}", REPLICA_GRPC_APP,
+                         INGRESS_DEPLOYMENT if colocate else model_deployment_name("toy"))
     finally:
         delete_app(REPLICA_GRPC_APP, server)
 
 
-def scale_under_load(server, address: str, app: str) -> None:
-    assert wait_for(lambda: running_replicas(app=app) == 1, 120), "did not settle at 1"
+def scale_under_load(server, address: str, app: str, deployment: str) -> None:
+    assert wait_for(lambda: running_replicas(deployment, app) == 1, 120), "did not settle at 1"
     stop = threading.Event()
     ok = [0]
     failures: list[str] = []
@@ -79,7 +85,7 @@ def scale_under_load(server, address: str, app: str) -> None:
     for t in threads:
         t.start()
     try:
-        scaled = wait_for(lambda: running_replicas(app=app) >= 2, 120)
+        scaled = wait_for(lambda: running_replicas(deployment, app) >= 2, 120)
         # keep the load on until both replicas have answered calls
         done = ok[0]
         wait_for(lambda: ok[0] >= done + 20, 60)
@@ -90,7 +96,7 @@ def scale_under_load(server, address: str, app: str) -> None:
     assert scaled, "Serve did not add a replica under load"
     assert not failures, failures[:5]
     assert ok[0] > 20
-    assert wait_for(lambda: running_replicas(app=app) == 1, 180), "did not scale back down"
+    assert wait_for(lambda: running_replicas(deployment, app) == 1, 180), "did not scale back down"
     with Client(address, timeout_s=60) as c:
         assert c.classify("toy", ["a superb film with lovely acting"]).results[0].label == \
             "positive"

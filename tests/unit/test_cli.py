@@ -329,15 +329,13 @@ def test_serve_refuses_colocated_direct_ingress_replicas_naming_the_field(tmp_pa
     assert "'colocate'" in err and "one replica" in err and "Traceback" not in err
 
 
-def test_serve_passes_replica_grpc_and_refuses_it_with_colocated_autoscaling(tmp_path,
-                                                                           capsys):
-    assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
-                 "--colocate", "--max-replicas", "3"]) != 0
-    err = capsys.readouterr().err
-    assert "'replica_grpc'" in err and "autoscaler" in err and "Traceback" not in err
-    # the model deployments (not colocated) autoscale behind the replicas' servers
-    cfg = ServeConfig(replica_grpc=True, max_replicas=3).validate()
-    assert cfg.autoscaling_config()["max_replicas"] == 3
+def test_serve_passes_replica_grpc_with_autoscaling_and_refuses_direct_ingress(tmp_path,
+                                                                              capsys):
+    # the model deployments, or with colocate the ingress, autoscale behind the
+    # replicas' own servers
+    for colocate in (False, True):
+        cfg = ServeConfig(replica_grpc=True, colocate=colocate, max_replicas=3).validate()
+        assert cfg.autoscaling_config()["max_replicas"] == 3
     assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
                  "--direct-ingress"]) != 0
     assert "'replica_grpc'" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from services.core.errors import ConfigError, ModelNotFound
 from services.protocol import pb
 from services.core.auth import Tokens
 from services.serving.colocated import LocalModel
+from tests.helpers import poll_until
 
 API = "api-token-0123456789abcdef"
 
@@ -322,9 +323,8 @@ def test_replica_grpc_settings():
     assert ServeConfig(replica_grpc=True, colocate=True, num_replicas=3).validate()
     with pytest.raises(ConfigError, match="'replica_grpc'.*choose one"):
         ServeConfig(replica_grpc=True, direct_ingress=True).validate()
-    with pytest.raises(ConfigError, match="'replica_grpc'.*num_replicas"):
-        ServeConfig(replica_grpc=True, colocate=True, max_replicas=3).validate()
-    assert ServeConfig(replica_grpc=True, max_replicas=3).validate()  # models autoscale
+    for colocate in (False, True):  # the models, or the colocated ingress, autoscale
+        assert ServeConfig(replica_grpc=True, colocate=colocate, max_replicas=3).validate()
 
 
 def test_a_server_that_failed_to_start_fails_the_health_check(served):
@@ -428,3 +428,49 @@ def test_calls_ended_by_a_deadline_or_the_client_are_not_counted_ok(served, monk
         stream.cancel()
         wait_for(("GenerateStream", "CANCELLED"))
     assert ("Classify", "OK") not in counted and ("GenerateStream", "OK") not in counted
+
+
+def test_calls_in_flight_are_counted_for_the_autoscaler(served):
+    """What a colocated replica reports to Serve's autoscaler: the calls its own server
+    is answering now, unary and streams alike; health (a Watch stays open) is not load."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ingress = served["make"]()
+    in_flight = ingress._grpc_server.in_flight
+    model = served["model"]
+    with _client(served["port"]) as client:
+        assert client.classify("m", ["x"]).version == "v1" and in_flight.calls == 0
+        slow = client.inference.Classify.future(pb.ClassifyRequest(model="m", texts=["slow"]),
+                                                timeout=30)
+        stream = client.generate_stream("g", "a hold b")
+        assert next(stream).text == "a"
+        watch = health_pb2_grpc.HealthStub(client.channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert model.started.wait(10)
+        assert poll_until(lambda: in_flight.calls == 2, timeout_s=10), in_flight.calls
+        served["loop"].loop.call_soon_threadsafe(model.release.set)
+        served["loop"].loop.call_soon_threadsafe(model.hold.set)
+        assert slow.result(10).results[0].label == "pos"
+        assert [c.text for c in stream] == ["hold", "b"]
+        assert poll_until(lambda: in_flight.calls == 0, timeout_s=10), in_flight.calls
+        watch.cancel()
+
+
+def test_the_autoscaling_policy_adds_the_own_servers_calls():
+    from types import SimpleNamespace
+
+    from services.serving.autoscale import OWN_CALLS, own_servers_policy
+
+    def ctx(running, seen, own, target=2.0):
+        return SimpleNamespace(
+            current_num_replicas=running, target_num_replicas=running,
+            total_num_requests=seen, aggregated_metrics={OWN_CALLS: own},
+            config=SimpleNamespace(get_target_ongoing_requests=lambda: target))
+
+    # 2 replicas, each answering 4 calls on its own server, target 2: 4 replicas
+    assert own_servers_policy(ctx(2, 0, {"r1": 4.0, "r2": 4.0}))[0] == 4
+    # plus what Serve saw itself (its proxy / handles)
+    assert own_servers_policy(ctx(2, 2, {"r1": 1.0, "r2": 1.0}))[0] == 2
+    assert own_servers_policy(ctx(3, 0, {}))[0] == 0  # idle: Serve's bounds keep min
+    assert own_servers_policy(ctx(0, 0, {}))[0] == 0  # nothing running: Serve's target

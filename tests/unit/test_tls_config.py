@@ -38,7 +38,6 @@ def test_tls_cert_selects_the_replica_grpc_layout_and_says_so(pki, tmp_path, cap
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--colocate", "--max-replicas", "3"], "'max_replicas'.*--num-replicas"),
     (["--direct-ingress"], "'direct_ingress'.*no TLS"),
 ])
 def test_tls_refuses_the_layouts_that_cannot_serve_it(pki, tmp_path, capsys, flags, needle):
@@ -54,11 +53,13 @@ def test_tls_refuses_the_layouts_that_cannot_serve_it(pki, tmp_path, capsys, fla
                     max_replicas=3 if "--max-replicas" in flags else None).validate()
 
 
-def test_tls_with_autoscaled_model_deployments(pki):
-    """Not colocated, the model deployments autoscale behind the TLS servers."""
+@pytest.mark.parametrize("colocate", [False, True])
+def test_tls_with_autoscaling(pki, colocate):
+    """The model deployments, or the colocated ingress, autoscale behind the TLS
+    servers."""
     cert, key = pki.issue("server")
     cfg = ServeConfig(replica_grpc=True, tls_cert_file=cert, tls_key_file=key,
-                      min_replicas=1, max_replicas=3).validate()
+                      colocate=colocate, min_replicas=1, max_replicas=3).validate()
     assert cfg.autoscaling_config()["max_replicas"] == 3
     assert cfg.replica_grpc_server()["tls"]["cert_file"] == cert
 
