@@ -624,12 +624,15 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
     import services.serving.app as app_module
 
     assert cfg.colocate is True and cfg.replica_grpc is True
-    assert cfg.max_replicas is None and cfg.min_replicas is None  # no autoscaling
-    assert cfg.num_replicas >= 2  # several model processes behind one port
+    # Autoscaled: several model processes behind one port at least, and the entry leaves
+    # the count to the code's autoscaling_config (with the policy that counts the calls
+    # Serve does not see).
+    auto = cfg.autoscaling_config()
+    assert auto is not None and auto["min_replicas"] >= 2
+    assert auto["max_replicas"] > auto["min_replicas"]
     assert set(deployments) == {app_module.INGRESS_DEPLOYMENT}  # no model-<name> with colocate
     ingress = deployments[app_module.INGRESS_DEPLOYMENT]
-    assert "autoscaling_config" not in ingress
-    assert ingress["num_replicas"] == cfg.num_replicas
+    assert "autoscaling_config" not in ingress and "num_replicas" not in ingress
     # What build_app gives the colocated ingress and ColocatedIngress.reconfigure reads.
     user_config = ingress["user_config"]
     assert set(user_config) == {"channel", "pinned_versions", "poll_interval_s"}
@@ -651,7 +654,8 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
     assert cfg.grpc_port in {p["containerPort"] for p in ray["ports"]}
     ray_cpus = float(group.get("rayStartParams", {}).get("num-cpus")
                      or ray["resources"]["limits"]["cpu"])
-    assert ray_cpus >= cfg.num_replicas * cfg.replica_cpus
+    assert ray_cpus >= auto["min_replicas"] * cfg.replica_cpus  # on the pod always up
+    assert group["maxReplicas"] * ray_cpus >= auto["max_replicas"] * cfg.replica_cpus
     # A Service selects the serving worker pods (not the head, not training pods) on it.
     pod_labels = {**template["metadata"]["labels"], "ray.io/node-type": "worker"}
     head_labels = {**cluster["headGroupSpec"]["template"]["metadata"]["labels"],
