@@ -39,6 +39,8 @@ DEFAULT_RUNS_DIR = str(DEFAULT_HOME / "runs")
 CLASSIFICATION = "classification"
 GENERATION = "generation"
 TASKS = (CLASSIFICATION, GENERATION)
+STRATEGIES = ("auto", "ddp", "fsdp")
+"""TrainConfig.strategy: how the workers hold the model (services/training/parallel.py)."""
 """The task names a run, a manifest and a served model carry; compare with these
 constants, never with string literals."""
 SEED_MAX = 2**64 - 1
@@ -227,6 +229,17 @@ class TrainConfig:
     after a node is lost the run waits for enough nodes again)."""
     use_gpu: bool = False
     """One GPU per worker, bf16 autocast where supported."""
+    strategy: str = "auto"
+    """How the workers hold the model: ddp (each worker a whole copy, gradients
+    averaged), fsdp (FSDP2: weights, gradients and optimizer state sharded across the
+    workers, each layer gathered when it runs; checkpoints sharded during the run, one
+    consolidated model published) or auto: ddp on one worker or when the model's
+    training state (weights, gradients, AdamW moments) takes at most half of a worker's
+    memory (its GPU's, or its share of the node's RAM), else fsdp."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them:
+    less memory for about a third more compute (Hugging Face models that support
+    gradient checkpointing)."""
     epochs: Optional[int] = None
     """Passes over the training data. Default: 3 for classification, 2 for generation
     (docs/quality.md says why)."""
@@ -477,6 +490,14 @@ def _check_ranges(r: "ResolvedTrainConfig") -> None:
         raise _bad("search_time_budget_s", f"must be > 0, got {r.search_time_budget_s}")
 
 
+def _check_strategy(r: "ResolvedTrainConfig") -> None:
+    if r.strategy not in STRATEGIES:
+        raise _bad("strategy", f"must be one of {', '.join(STRATEGIES)}, got {r.strategy!r}")
+    if r.strategy == "fsdp" and r.workers < 2:
+        raise _bad("strategy", "fsdp shards the model across workers and one worker has "
+                   "nothing to share it with: use --workers 2 or more, or --strategy ddp")
+
+
 SMALL_DATA_MODES = ("auto", "on", "off")
 
 
@@ -641,7 +662,7 @@ def _check_extra(r: "ResolvedTrainConfig") -> None:
 
 
 TRAIN_CHECKS: tuple[Callable[["ResolvedTrainConfig"], None], ...] = (
-    _check_finite, _check_integers, _check_ranges, _check_batch_split,
+    _check_finite, _check_integers, _check_ranges, _check_strategy, _check_batch_split,
     _check_prompt_template, _check_packing, _check_lora, _check_columns, _check_name, _check_promotion,
     _check_extra, _check_small_data, _check_rollout)
 """The checks of a resolved config, in the order its fields are reported."""
@@ -702,12 +723,15 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class ClusterSection:
-    """Where the run goes: Ray workers and their resources, run state, reporting."""
+    """Where the run goes: Ray workers, their resources and how they hold the model,
+    run state, reporting."""
 
     workers: int
     cpus_per_worker: float
     placement_strategy: str
     use_gpu: bool
+    strategy: str
+    activation_checkpointing: bool
     address: Optional[str]
     runs_dir: str
     run_name: Optional[str]

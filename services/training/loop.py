@@ -1,11 +1,14 @@
 """The training loop every Ray Train worker runs: `train_loop_per_worker(LoopConfig)`.
 
 A `Worker` sets up (model, optimizer, resumed position), trains epoch by epoch
-(gradient accumulation with DDP's `no_sync` on all but the last micro-step, each global
-micro-batch dealt out to the ranks by padded size: services/training/sharding.py) and
-evaluates and checkpoints (exact over all ranks; rank 0 writes the checkpoint, every
-rank reports). The task in the LoopConfig (services/training/tasks.py) builds the
-model, the batches, the loss and the eval metrics.
+(gradient accumulation without a gradient sync on all but the last micro-step, each
+global micro-batch dealt out to the ranks by padded size: services/training/sharding.py)
+and evaluates and checkpoints (exact over all ranks; rank 0 writes the checkpoint, every
+rank reports). The model is held with DDP or sharded with FSDP
+(services/training/parallel.py); an FSDP checkpoint adds every rank's shards of the
+model and optimizer for resuming. The task in the LoopConfig
+(services/training/tasks.py) builds the model, the batches, the loss and the eval
+metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import numpy as np
 from services.core.config import ClusterSection, OptimSection, ResolvedTrainConfig
 from services.core.modeling import load_tokenizer, quiet_transformers
 from services.training.encoded import EncodedSplit
+from services.training.parallel import (DDP, FSDP, agree, broadcast_text, choose_strategy,
+                                        full_state_dict, gradient_sync, load_sharded,
+                                        save_sharded, smallest, training_state_bytes,
+                                        unwrapped, worker_memory_bytes, wrap)
 from services.training.sharding import MicroBatch, epoch_order, micro_batches, share_and_scale
 from services.training.tasks import Task, all_reduce
 from services.training.tracking import record_gauges
@@ -71,11 +78,14 @@ def param_groups(model, weight_decay: float, head_lr_scale: float = 1.0,
 
 
 def save_trainer_state(folder: str, optimizer, state: dict[str, Any]) -> None:
-    """Optimizer moments and RNG as safetensors, counters as JSON: no pickle anywhere."""
+    """Optimizer moments and RNG as safetensors, counters as JSON: no pickle anywhere.
+    `optimizer` None: the RNG and counters only (an FSDP checkpoint keeps the optimizer
+    sharded)."""
     import torch
     from safetensors.torch import save_file
 
-    opt = optimizer.state_dict()
+    opt = optimizer.state_dict() if optimizer is not None else {"state": {},
+                                                                 "param_groups": []}
     tensors = {"rng.torch": torch.get_rng_state()}
     scalars: dict[str, Any] = {}
     for idx, slots in opt["state"].items():
@@ -92,7 +102,8 @@ def save_trainer_state(folder: str, optimizer, state: dict[str, Any]) -> None:
 
 
 def load_trainer_state(folder: str, optimizer, device) -> dict[str, Any]:
-    """The counters saved by save_trainer_state; restores the optimizer and RNG."""
+    """The counters saved by save_trainer_state; restores the optimizer (unless None)
+    and RNG."""
     import torch
     from safetensors.torch import load_file
 
@@ -107,29 +118,50 @@ def load_trainer_state(folder: str, optimizer, device) -> dict[str, Any]:
     for name, value in state["optimizer"]["scalars"].items():
         idx, key = name.split(".", 1)
         slots.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": slots,
-                               "param_groups": state["optimizer"]["param_groups"]})
+    if optimizer is not None:
+        optimizer.load_state_dict({"state": slots,
+                                   "param_groups": state["optimizer"]["param_groups"]})
     return state
 
 
-def write_checkpoint(save) -> Any:
+def saved_strategy(folder: str) -> str:
+    """The strategy (ddp or fsdp) that wrote a checkpoint."""
+    with open(os.path.join(folder, TRAIN_STATE_FILE)) as fh:
+        return json.load(fh).get("strategy", DDP)
+
+
+def write_checkpoint(save, rank: int = 0, world: int = 1, device=None) -> Any:
     """A checkpoint written by `save(folder)` straight into the run's storage, where Ray
     Train keeps it: no temporary copy for Ray to copy again (reported with NO_UPLOAD).
     It is written under a hidden name and renamed whole, so a worker that dies while
     writing leaves no checkpoint that looks complete (and Ray never hears of it); a
-    write that fails (disk full) removes what it wrote and raises."""
+    write that fails (disk full) removes what it wrote and raises.
+
+    Called by rank 0 alone (world 1), or by every rank with `world` (an FSDP
+    checkpoint, each rank writing its shards into rank 0's folder, which the storage
+    path is shared for): then rank 0 gets the Checkpoint, the others None, and a
+    failure on any rank fails the write on all."""
     import ray.train
 
     storage = ray.train.get_context().get_storage()
-    name = storage.make_default_checkpoint_dir_name()
+    name = broadcast_text(storage.make_default_checkpoint_dir_name() if rank == 0 else None,
+                          rank, world)
     final = os.path.join(storage.experiment_fs_path, name)
     partial = os.path.join(storage.experiment_fs_path, f".{name}.partial")
-    os.makedirs(partial)
+    os.makedirs(partial, exist_ok=world > 1)
+    failed: Optional[BaseException] = None
     try:
         save(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others know
+        failed = exc
+    if agree(failed is not None, device, world) and failed is None:
+        failed = RuntimeError("another rank failed to write its part of the checkpoint")
+    if failed is not None:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise failed
+    if rank != 0:
+        return None
     os.rename(partial, final)
     return ray.train.Checkpoint.from_directory(final)
 
@@ -217,6 +249,9 @@ class LoopConfig:
     cpus_per_worker: float
     use_gpu: bool
     log_every_steps: int
+    strategy: str = "auto"
+    """ddp, fsdp or auto (services/training/parallel.py: choose_strategy)."""
+    activation_checkpointing: bool = False
     progress_queue: Any = None
     """ray.util.queue.Queue that rank 0's events go to (None: not reported)."""
     metric_tags: dict[str, str] = field(default_factory=dict)
@@ -232,7 +267,9 @@ class LoopConfig:
             model_ref=model_ref, data_ref=data_ref, task=task, optim=cfg.optim,
             micro_batch_size=cfg.micro_batch_size,
             cpus_per_worker=cfg.cluster.cpus_per_worker, use_gpu=cfg.cluster.use_gpu,
-            log_every_steps=cfg.cluster.log_every_steps, progress_queue=progress_queue,
+            log_every_steps=cfg.cluster.log_every_steps, strategy=cfg.cluster.strategy,
+            activation_checkpointing=cfg.cluster.activation_checkpointing,
+            progress_queue=progress_queue,
             metric_tags={"run": run_name, "model": cfg.publish.name}, run_dir=run_dir,
             fault_injection=os.environ.get(FAULT_ENV))
 
@@ -318,13 +355,16 @@ class Worker:
         self.dataset = self.task.dataset(self.train_split)
         self.lengths = self.train_split.lengths()
         restore = ray.train.get_checkpoint()
+        self.local_world = ctx.get_local_world_size()
         self._setup_model(restore)
         self._setup_schedule()
         self.state, resumed = TrainState(), None
         if restore is not None:
             with restore.as_directory() as folder:
-                self.state = TrainState.from_saved(
-                    load_trainer_state(folder, self.optimizer, self.device))
+                if self.strategy == FSDP:
+                    load_sharded(folder, self.model, self.optimizer)
+                self.state = TrainState.from_saved(load_trainer_state(
+                    folder, self.optimizer if self.strategy == DDP else None, self.device))
             resumed = {"epoch": self.state.epoch + 1, "step": self.state.step}
         optim = cfg.optim
         self.stopper = EarlyStopping(self.task.metric_mode, optim.early_stopping_patience or 0,
@@ -335,24 +375,36 @@ class Worker:
                    "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs,
                    "max_steps": cfg.optim.max_steps,
                    "world_size": self.world, "resumed": resumed,
+                   "strategy": self.strategy, "strategy_why": self.strategy_why,
                    "train_examples": len(self.train_split),
                    "eval_examples": len(self.eval_split)})
 
     # ---- setup -------------------------------------------------------------------
     def _setup_model(self, restore) -> None:
-        """The model (restored weights when resuming), wrapped for DDP, and AdamW."""
+        """The model, held by the strategy chosen (restored weights when resuming a DDP
+        checkpoint; an FSDP one is restored into the shards once they exist), and
+        AdamW."""
         import ray.train.torch
         import torch
 
-        self.tokenizer = load_tokenizer(self.cfg.model_ref)
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model_ref)
         model = self.task.build_model(self.tokenizer)
+        self.device = ray.train.torch.get_device()
+        self.bf16 = cfg.use_gpu and torch.cuda.is_available() \
+            and torch.cuda.is_bf16_supported()
+        saved = None
         if restore is not None:
             with restore.as_directory() as folder:
-                self.task.load_weights(model, folder)
-        self.model = ray.train.torch.prepare_model(model)
-        self.device = ray.train.torch.get_device()
-        self.bf16 = self.cfg.use_gpu and torch.cuda.is_available() \
-            and torch.cuda.is_bf16_supported()
+                saved = saved_strategy(folder)
+                if saved == DDP:
+                    self.task.load_weights(model, folder)
+        memory = smallest(worker_memory_bytes(self.device, self.local_world), self.device,
+                          self.world)
+        self.strategy, self.strategy_why = choose_strategy(
+            cfg.strategy, training_state_bytes(model), memory, self.world, saved)
+        self.model = wrap(model, self.strategy, self.device, self.world, bf16=self.bf16,
+                          activation_checkpointing=cfg.activation_checkpointing)
         optim = self.cfg.optim
         head_scale = (optim.head_learning_rate or optim.learning_rate) / optim.learning_rate
         self.optimizer = torch.optim.AdamW(
@@ -437,14 +489,12 @@ class Worker:
         return self.task.loss_denominator(self.train_split, examples)
 
     def _backward(self, mb: MicroBatch, sync: bool) -> None:
-        """This rank's share of a global micro-batch, forward and backward; DDP syncs
-        gradients only on an optimizer step's last micro-batch."""
+        """This rank's share of a global micro-batch, forward and backward; gradients
+        are synced across ranks only on an optimizer step's last micro-batch."""
         share, scale = share_and_scale(mb, self.world)
         batch = {k: v.to(self.device, non_blocking=True)
                  for k, v in self.task.collate([self.dataset[k] for k in share]).items()}
-        no_sync = contextlib.nullcontext() if (sync or self.world == 1) \
-            else self.model.no_sync()
-        with no_sync:
+        with gradient_sync(self.model, self.strategy, sync, self.world):
             loss_sum = self.task.loss_sum(self.model, batch, self.autocast)
             (loss_sum * scale).backward()
         w = self.window
@@ -503,15 +553,39 @@ class Worker:
         position = replace(state, epoch=epoch + 1, micro_in_epoch=0) if epoch_done \
             else replace(state)
         checkpoint = None
-        if self.rank == 0:
+        if self.strategy == FSDP:
+            checkpoint = write_checkpoint(
+                lambda folder: self._save_sharded(folder, position, metrics),
+                self.rank, self.world, self.device)
+        elif self.rank == 0:
             checkpoint = write_checkpoint(lambda folder: self._save(folder, position, metrics))
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         return stop
 
     def _save(self, folder: str, position: TrainState, metrics: dict[str, Any]) -> None:
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        self.task.save(model, folder, self.tokenizer)
+        """Rank 0's DDP checkpoint: the model, the tokenizer, the optimizer and RNG."""
+        self.task.save(unwrapped(self.model), folder, self.tokenizer)
         self.tokenizer.save_pretrained(folder)
         save_trainer_state(folder, self.optimizer, {
-            **asdict(position), "metrics": self.task.state_metrics(metrics)})
+            **asdict(position), "metrics": self.task.state_metrics(metrics),
+            "strategy": DDP})
+
+    def _save_sharded(self, folder: str, position: TrainState,
+                      metrics: dict[str, Any]) -> None:
+        """Every rank's part of an FSDP checkpoint: its shards of the model and the
+        optimizer; and from rank 0 the consolidated model, saved as a DDP run saves it
+        (a copy of the model built on the CPU takes the gathered weights), the
+        tokenizer, the RNG and counters."""
+        save_sharded(folder, self.model, self.optimizer)
+        weights = full_state_dict(self.model)
+        if self.rank != 0:
+            return
+        whole = self.task.build_model(self.tokenizer)
+        whole.load_state_dict(weights, strict=True, assign=True)
+        del weights
+        self.task.save(whole, folder, self.tokenizer)
+        self.tokenizer.save_pretrained(folder)
+        save_trainer_state(folder, None, {
+            **asdict(position), "metrics": self.task.state_metrics(metrics),
+            "strategy": FSDP})

@@ -92,6 +92,8 @@ class _Progress:
         self.bar = None
         self.history: list[dict[str, Any]] = []
         self.last_rate: Optional[float] = None
+        self.strategy: Optional[dict[str, str]] = None
+        """How the workers held the model (the start event's strategy and why)."""
 
     def handle(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
@@ -99,6 +101,9 @@ class _Progress:
             if ev.get("resumed"):
                 self.out(f"resumed from the checkpoint at epoch {ev['resumed']['epoch']}, "
                          f"step {ev['resumed']['step']}")
+            if ev.get("strategy"):
+                self.strategy = {"value": ev["strategy"], "why": ev.get("strategy_why", "")}
+                self.out(f"strategy: {ev['strategy']} ({self.strategy['why']})")
             bound = f" (--max-steps {ev['max_steps']})" if ev.get("max_steps") else ""
             self.out(f"training: {ev['train_examples']} examples, {ev['eval_examples']} for "
                      f"eval, {ev['world_size']} worker(s), {ev['epochs']} epoch(s), "
@@ -296,6 +301,8 @@ class Fitted:
     """Optimizer steps the run made (its last report's step)."""
     search: Optional[dict[str, Any]] = None
     """The search that chose this run (services/training/search.py), if any."""
+    strategy: Optional[dict[str, str]] = None
+    """How the workers held the model: {"value": ddp or fsdp, "why": ...}."""
 
     def result(self, prep: Prepared) -> TrainResult:
         """The run's result before publishing."""
@@ -351,6 +358,8 @@ def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
                         f"({tokenizer_help})") from None
     if cfg.task == GENERATION and cfg.modeling.lora_r:
         _check_lora_targets(model_ref, cfg.lora_target_modules)
+    if cfg.cluster.activation_checkpointing:
+        _check_activation_checkpointing(model_ref, cfg.task)
     return model_ref, tokenizer
 
 
@@ -409,7 +418,8 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
                   best_metrics=best_metrics, history=progress.history,
                   samples_per_s=progress.last_rate,
                   artifacts=tracker.artifacts(tracker.plot()),
-                  steps=max((e["step"] for e in progress.history), default=None))
+                  steps=max((e["step"] for e in progress.history), default=None),
+                  strategy=progress.strategy)
 
 
 def fit_search(prep: Prepared, *, out: Callable[[str], None], verbose: bool) -> Fitted:
@@ -565,6 +575,7 @@ def publish_best(prep: Prepared, fitted: Fitted, res: TrainResult, promote: Opti
         "config": cfg.to_dict(), "data": prep.data_info, "run": fitted.run_name,
         "versions": _versions(), "artifacts": res.artifacts,
         "bounds": bounds_record(cfg.optim.max_steps, fitted.steps),
+        "strategy": fitted.strategy,
     }
     if fitted.search is not None:
         # The config that trained these weights: the best trial's, run without a search.
@@ -712,3 +723,20 @@ def _check_lora_targets(model_ref: str, targets: Optional[list[str]]) -> None:
         raise ConfigError(f"invalid config field 'lora_target_modules': "
                           f"{str(exc).splitlines()[0]} (the model's linear layers: "
                           f"{', '.join(linear)})") from None
+
+
+def _check_activation_checkpointing(model_ref: str, task: str) -> None:
+    """The model supports Hugging Face gradient checkpointing: checked on an empty
+    (meta) copy of it here, not by every worker after Ray started."""
+    import torch
+    from transformers import (AutoConfig, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification)
+
+    config = AutoConfig.from_pretrained(model_ref)
+    auto = AutoModelForCausalLM if task == GENERATION else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError(f"invalid config field 'activation_checkpointing': "
+                          f"{type(model).__name__} does not support gradient checkpointing; "
+                          "drop --activation-checkpointing")

@@ -33,6 +33,7 @@ from services.core.modeling import (GENERATION_FILE, check_causal_lm, eos_token_
 from services.core.pooling import is_head_parameter, resolve_pooling, unwrap
 from services.training.encoded import (EncodedSplit, choose_max_length, encode_pairs,
                                        encode_texts, model_limit, pad_batch)
+from services.training.parallel import SHARDED_DIR
 
 IGNORE_INDEX = -100
 
@@ -150,8 +151,9 @@ class Task:
         load_saved_weights(model, folder)
 
 
-RESUME_ONLY_FILES = ("trainer_state.safetensors", "adapter.safetensors")
-"""Checkpoint files that only resuming needs; they are not published."""
+RESUME_ONLY_FILES = ("trainer_state.safetensors", "adapter.safetensors", SHARDED_DIR)
+"""Checkpoint files (and the folder of an FSDP run's shards) that only resuming needs;
+they are not published."""
 
 
 def load_saved_weights(model, folder: str) -> None:
@@ -207,6 +209,17 @@ def _shard_by_length(split: EncodedSplit, rank: int, world: int) -> list[int]:
     indices = list(range(rank, len(split), world))
     indices.sort(key=lambda i: split.offsets[i + 1] - split.offsets[i])
     return indices
+
+
+def eval_chunks(split: EncodedSplit, rank: int, world: int,
+                batch_size: int) -> list[tuple[list[int], bool]]:
+    """This rank's eval batches (its share, by length) as (indices, counted). Every
+    rank runs the same number of batches, since an FSDP forward gathers weights from
+    all ranks: a rank whose share ran out runs the split's first example, not counted."""
+    indices = _shard_by_length(split, rank, world)
+    most = math.ceil(math.ceil(len(split) / world) / batch_size)
+    chunks = [(indices[k:k + batch_size], True) for k in range(0, len(indices), batch_size)]
+    return chunks + [([0], False)] * (most - len(chunks))
 
 
 # ---- classification --------------------------------------------------------------
@@ -441,14 +454,14 @@ class ClassificationTask(Task):
         loss_sum, count = 0.0, 0
         model.eval()
         with torch.inference_mode():
-            indices = _shard_by_length(split, rank, world)
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
+            for chunk, counted in eval_chunks(split, rank, world, batch_size):
                 ids, mask = pad_batch([split.example(i) for i in chunk], self.pad_id)
                 labels = torch.from_numpy(split.labels[chunk])
                 with autocast():
                     logits = model(input_ids=ids.to(device),
                                    attention_mask=mask.to(device)).logits
+                if not counted:
+                    continue
                 logits = logits.float().cpu()
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 pred = logits.argmax(dim=-1)
@@ -658,14 +671,14 @@ class GenerationTask(Task):
         loss_sum, tokens, examples = 0.0, 0, 0
         model.eval()
         with torch.inference_mode():
-            indices = _shard_by_length(split, rank, world)
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
+            for chunk, counted in eval_chunks(split, rank, world, batch_size):
                 batch = lm_batch([(split.example(i), split.mask(i)) for i in chunk],
                                  self.pad_id)
                 with autocast():
                     logits = model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits
+                if not counted:
+                    continue
                 nll, n = token_nll(logits.float().cpu(), batch["labels"])
                 loss_sum += float(nll)
                 tokens += n
