@@ -56,7 +56,7 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
                         help="ServeConfig.colocate: the model runs in the ingress replica")
     parser.add_argument("--replica-grpc", action=argparse.BooleanOptionalAction,
                         default=False, help="the ingress replica's own gRPC server "
-                        "(tuneserve serve --replica-grpc)")
+                        "(tuneserve serve --layout colocated or models)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="ServeConfig.access_log: Serve's per-request log line")
     parser.add_argument("--dtype", choices=SERVING_DTYPES, default="auto",

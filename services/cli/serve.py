@@ -24,6 +24,7 @@ from services.core.config import (
     ServeLimits,
     check_port,
 )
+from services.core.errors import ConfigError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -48,8 +49,9 @@ def _add_placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus metrics port of the local Ray node")
     p.add_argument("--host", default="0.0.0.0", help="HTTP proxy host (Serve's gRPC proxy "
-                   "listens on all interfaces); with --replica-grpc also the address the "
-                   "replicas' gRPC servers listen on (127.0.0.1: this machine only)")
+                   "listens on all interfaces); with --layout colocated or models also the "
+                   "address the replicas' gRPC servers listen on (127.0.0.1: this machine "
+                   "only)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--models", default=None, help="comma-separated model names "
                    "(default: all in the registry)")
@@ -103,28 +105,27 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                    help="the ingress sends concurrent Classify requests to a model "
                         "together (one call per batch instead of one per request)")
-    p.add_argument("--direct-ingress", action="store_true",
-                   help="the ingress replica listens on --grpc-port itself, with no "
-                        "Serve proxy hop (Ray's experimental direct ingress; a cluster "
-                        "tuneserve starts, not --address)")
-    p.add_argument("--colocate", action="store_true",
-                   help="run the models inside the ingress replicas: no Ray call between "
-                        "the gRPC method and the model (the replica settings apply to "
-                        "the ingress)")
-    p.add_argument("--replica-grpc", action="store_true",
-                   help="each ingress replica answers gRPC on --grpc-port with a server "
-                        "of its own; replicas on a node share the port (with --colocate "
-                        "and --num-replicas N: N model processes behind one port). "
-                        "Serve's proxy moves to a free port; not with --max-replicas")
+    p.add_argument("--layout", choices=tuple(LAYOUTS), default="colocated",
+                   help="how a call reaches a model. colocated (default): each ingress "
+                        "replica answers gRPC on --grpc-port itself and runs every "
+                        "model in its own process (the fastest; replicas on a node share "
+                        "the port; the replica settings size the ingress). models: "
+                        "the same servers, calling a deployment per model, which Serve "
+                        "scales on its own. proxy: Serve's gRPC proxy -> ingress -> "
+                        "model deployments (what KubeRay's Service routes to; no TLS). "
+                        "direct: Ray's experimental direct ingress, one replica running "
+                        "the models (a cluster tuneserve starts; no TLS)")
     p.add_argument("--ingress-replicas", type=int, default=1, metavar="N",
-                   help="replicas of the ingress deployment (default layout; 2 or more in "
-                        "production, so that no one process carries every call)")
+                   help="replicas of the ingress deployment (--layout models or proxy; 2 "
+                        "or more in production, so that no one process carries every "
+                        "call; colocated: --num-replicas / --max-replicas size the "
+                        "ingress)")
     p.add_argument("--request-timeout-s", type=int, default=120, metavar="S",
                    help="deadline of a call that sets none (behind Serve's proxy: of "
                         "every unary call); past it, DEADLINE_EXCEEDED")
     p.add_argument("--max-connections", type=int, default=1000, metavar="N",
-                   help="connections each of tuneserve's own gRPC servers (--replica-grpc, "
-                        "--admin-port, --health-port) accepts at once")
+                   help="connections each of tuneserve's own gRPC servers (--layout colocated or "
+                        "models, --admin-port, --health-port) accepts at once")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="Serve's per-request access log in the replica logs (it costs CPU "
                         "on every request: docs/benchmarks.md)")
@@ -150,9 +151,8 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=None, metavar="FILE",
                    help="PEM certificate chain: TLS on --grpc-port (with --tls-key), "
-                        "re-read when the file changes. Serve's gRPC proxy cannot "
-                        "terminate TLS, so it selects --replica-grpc (not with "
-                        "--max-replicas or --direct-ingress)")
+                        "re-read when the file changes (--layout colocated or models: "
+                        "Serve's gRPC proxy cannot terminate TLS)")
     p.add_argument("--tls-key", default=None, metavar="FILE",
                    help="PEM private key (unencrypted) of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, metavar="FILE",
@@ -160,16 +160,19 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
                         "certificate one of them signed")
 
 
-def _replica_grpc(args: argparse.Namespace) -> bool:
-    """--replica-grpc, or TLS without a layout flag: the layout that terminates TLS
-    (said in one line)."""
-    if args.replica_grpc or args.direct_ingress or \
-            not (args.tls_cert or args.tls_key or args.tls_client_ca):
-        return args.replica_grpc
-    print(f"note: {TLS_LAYOUT}, so TLS selects it: each ingress replica serves "
-          "--grpc-port itself and Serve's gRPC proxy is off (not with --max-replicas)",
-          file=sys.stderr, flush=True)
-    return True
+LAYOUTS = {"colocated": {"colocate": True, "replica_grpc": True},
+           "models": {"replica_grpc": True},
+           "proxy": {},
+           "direct": {"direct_ingress": True, "colocate": True}}
+"""--layout: the ServeConfig fields each layout sets (docs/design.md, Layouts)."""
+
+
+def _layout(args: argparse.Namespace) -> dict[str, bool]:
+    if (args.tls_cert or args.tls_key or args.tls_client_ca) and \
+            not LAYOUTS[args.layout].get("replica_grpc"):
+        raise ConfigError(f"invalid serve setting 'layout': {TLS_LAYOUT}; --layout "
+                          f"{args.layout} has none: use --layout colocated or models")
+    return LAYOUTS[args.layout]
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -187,8 +190,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                       generation_batching=args.generation_batching,
                       max_input_tokens=args.max_input_tokens, truncation=args.truncation,
                       coalesce=args.coalesce,
-                      direct_ingress=args.direct_ingress, colocate=args.colocate,
-                      replica_grpc=_replica_grpc(args), access_log=args.access_log,
+                      **_layout(args), access_log=args.access_log,
                       poll_interval_s=args.poll_interval_s,
                       models=[m.strip() for m in args.models.split(",")] if args.models else None,
                       api_token_file=args.api_token_file,

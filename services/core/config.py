@@ -1506,9 +1506,9 @@ TLS_FLAGS = {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key",
              "tls_client_ca_file": "--tls-client-ca"}
 """The `tuneserve serve` flag of each TLS setting, named in its errors."""
 
-TLS_LAYOUT = ("TLS is terminated by each ingress replica's own gRPC server (the "
-              "replica_grpc layout, --replica-grpc); Serve's gRPC proxy cannot terminate "
-              "TLS (ray-project/ray#34103)")
+TLS_LAYOUT = ("TLS is terminated by each ingress replica's own gRPC server (replica_grpc: "
+              "tuneserve serve --layout colocated, the default, or models); Serve's gRPC "
+              "proxy cannot terminate TLS (ray-project/ray#34103)")
 
 
 def _bad_tls(name: str, why: str) -> ConfigError:
@@ -1526,10 +1526,9 @@ def _check_serve_tls(cfg: ServeConfig) -> None:
                            "and --tls-key go together")
     if cfg.direct_ingress:
         raise _bad_serve("direct_ingress", f"Ray's direct ingress has no TLS; {TLS_LAYOUT}: "
-                         "drop direct_ingress (--direct-ingress)")
+                         "drop direct_ingress")
     if not cfg.replica_grpc:
-        raise _bad_serve("replica_grpc", f"{TLS_LAYOUT}: set replica_grpc "
-                         "(`tuneserve serve` selects it when given --tls-cert)")
+        raise _bad_serve("replica_grpc", f"{TLS_LAYOUT}: set replica_grpc")
     check_tls_files(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
 
 

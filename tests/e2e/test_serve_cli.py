@@ -1,10 +1,11 @@
 """`tuneserve serve` as a user runs it: a separate process with its own local Ray
 cluster, answering over gRPC, stopped cleanly by Ctrl-C (SIGINT).
 
-It runs with --direct-ingress (the ingress replica itself listens on the port): the
-test session's own server (tests/conftest.py) covers the default path through Serve's
-proxy, and a cluster's direct-ingress switch is set when it starts, so this separate
-cluster is where it can be tested."""
+The first test runs with --layout direct (the ingress replica itself listens on the
+port through Ray's direct ingress): a cluster's direct-ingress switch is set when it
+starts, so this separate cluster is where it can be tested; the second runs the
+default layout (colocated: the replica's own gRPC server). The test session's own
+server (tests/conftest.py) covers the path through Serve's proxy."""
 
 import concurrent.futures
 import os
@@ -29,7 +30,7 @@ def test_serve_command_foreground_and_ctrl_c(trained, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", "serve", "--registry", cfg.registry,
          "--grpc-port", str(port), "--http-port", str(free_port()), "--replica-cpus", "0.5",
-         "--direct-ingress"],
+         "--layout", "direct"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         with Client(f"127.0.0.1:{port}", timeout_s=60) as client:

@@ -322,23 +322,47 @@ def test_serve_rejects_a_bad_batch_size_naming_the_field(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
 
 
-def test_serve_refuses_colocated_direct_ingress_replicas_naming_the_field(tmp_path, capsys):
-    assert main(["serve", "--registry", str(tmp_path / "none"), "--colocate",
-                 "--direct-ingress", "--num-replicas", "2"]) != 0
+def test_serve_refuses_direct_ingress_replicas_naming_the_field(tmp_path, capsys):
+    assert main(["serve", "--registry", str(tmp_path / "none"), "--layout", "direct",
+                 "--num-replicas", "2"]) != 0
     err = capsys.readouterr().err
     assert "'colocate'" in err and "one replica" in err and "Traceback" not in err
 
 
-def test_serve_passes_replica_grpc_with_autoscaling_and_refuses_direct_ingress(tmp_path,
-                                                                              capsys):
+@pytest.mark.parametrize("layout, fields", [
+    (None, {"colocate": True, "replica_grpc": True, "direct_ingress": False}),
+    ("colocated", {"colocate": True, "replica_grpc": True, "direct_ingress": False}),
+    ("models", {"colocate": False, "replica_grpc": True, "direct_ingress": False}),
+    ("proxy", {"colocate": False, "replica_grpc": False, "direct_ingress": False}),
+    ("direct", {"colocate": True, "replica_grpc": False, "direct_ingress": True}),
+])
+def test_serve_layouts(tmp_path, layout, fields):
+    """--layout picks the fields; the default is the fastest, the colocated one."""
+    import argparse
+
+    from services.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    flags = ["serve", "--registry", str(tmp_path / "r")] + \
+        (["--layout", layout] if layout else [])
+    cfg = serve.serve_config(parser.parse_args(flags))
+    assert {k: getattr(cfg, k) for k in fields} == fields
+
+
+def test_serve_layouts_with_autoscaling_and_refusals(tmp_path, capsys):
     # the model deployments, or with colocate the ingress, autoscale behind the
     # replicas' own servers
     for colocate in (False, True):
         cfg = ServeConfig(replica_grpc=True, colocate=colocate, max_replicas=3).validate()
         assert cfg.autoscaling_config()["max_replicas"] == 3
-    assert main(["serve", "--registry", str(tmp_path / "none"), "--replica-grpc",
-                 "--direct-ingress"]) != 0
-    assert "'replica_grpc'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--registry", str(tmp_path / "none"), "--layout", "sideways"])
+    assert exit_.value.code == 2 and "--layout" in capsys.readouterr().err
+    # the ingress replicas are the model replicas: --num-replicas sizes them
+    assert main(["serve", "--registry", str(tmp_path / "none"), "--ingress-replicas", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "'ingress_replicas'" in err and "num_replicas" in err and "Traceback" not in err
 
 
 def test_direct_ingress_environment_gives_the_ingress_exactly_the_grpc_port():

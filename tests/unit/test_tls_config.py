@@ -22,35 +22,29 @@ def _serve_args(tmp_path, *flags: str):
     return build_parser().parse_args(["serve", "--registry", str(tmp_path / "reg"), *flags])
 
 
-def test_tls_cert_selects_the_replica_grpc_layout_and_says_so(pki, tmp_path, capsys):
+def test_tls_with_the_default_layout(pki, tmp_path, capsys):
     cert, key = pki.issue("server")
     cfg = serve_config(_serve_args(tmp_path, "--tls-cert", cert, "--tls-key", key,
                                    "--tls-client-ca", pki.ca_file, "--num-replicas", "2"))
-    assert cfg.replica_grpc and cfg.tls_client_ca_file == pki.ca_file
+    assert cfg.replica_grpc and cfg.colocate and cfg.tls_client_ca_file == pki.ca_file
     assert cfg.replica_grpc_server()["tls"]["cert_file"] == cert
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "--replica-grpc" in err and "34103" in err
-    assert "--max-replicas" in err
+    assert capsys.readouterr().err == ""
     cfg = serve_config(_serve_args(tmp_path, "--tls-cert", cert, "--tls-key", key,
-                                   "--replica-grpc"))
-    assert cfg.replica_grpc and capsys.readouterr().err == ""  # chosen already: no note
-    assert not serve_config(_serve_args(tmp_path)).replica_grpc
+                                   "--layout", "models"))
+    assert cfg.replica_grpc and not cfg.colocate
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--direct-ingress"], "'direct_ingress'.*no TLS"),
-])
-def test_tls_refuses_the_layouts_that_cannot_serve_it(pki, tmp_path, capsys, flags, needle):
+@pytest.mark.parametrize("layout", ["proxy", "direct"])
+def test_tls_refuses_the_layouts_that_cannot_serve_it(pki, tmp_path, capsys, layout):
     cert, key = pki.issue("server")
     assert main(["serve", "--registry", str(tmp_path / "reg"), "--tls-cert", cert,
-                 "--tls-key", key, *flags]) == 2
+                 "--tls-key", key, "--layout", layout]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    with pytest.raises(ConfigError, match=needle):
-        ServeConfig(replica_grpc=not flags[0].startswith("--direct"), tls_cert_file=cert,
-                    tls_key_file=key, direct_ingress=flags[0] == "--direct-ingress",
-                    colocate="--colocate" in flags,
-                    max_replicas=3 if "--max-replicas" in flags else None).validate()
+    assert "Traceback" not in err and "'layout'" in err and "34103" in err
+    assert "--layout colocated or models" in err
+    with pytest.raises(ConfigError, match="'(direct_ingress|replica_grpc)'.*"):
+        ServeConfig(tls_cert_file=cert, tls_key_file=key,
+                    direct_ingress=layout == "direct").validate()
 
 
 @pytest.mark.parametrize("colocate", [False, True])
