@@ -1,11 +1,10 @@
 """`tuneserve serve` as a user runs it: a separate process with its own local Ray
 cluster, answering over gRPC, stopped cleanly by Ctrl-C (SIGINT).
 
-The first test runs with --layout direct (the ingress replica itself listens on the
-port through Ray's direct ingress): a cluster's direct-ingress switch is set when it
-starts, so this separate cluster is where it can be tested; the second runs the
-default layout (colocated: the replica's own gRPC server). The test session's own
-server (tests/conftest.py) covers the path through Serve's proxy."""
+It runs the default layout (--layout colocated: the ingress replica answers on the
+port with a gRPC server of its own and runs the model itself), as a user who passes no
+layout flag gets it. The test session's own server (tests/conftest.py) covers the path
+through Serve's proxy, tests/integration/test_train_serve.py direct ingress."""
 
 import concurrent.futures
 import os
@@ -29,15 +28,14 @@ def test_serve_command_foreground_and_ctrl_c(trained, tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", "serve", "--registry", cfg.registry,
-         "--grpc-port", str(port), "--http-port", str(free_port()), "--replica-cpus", "0.5",
-         "--layout", "direct"],
+         "--grpc-port", str(port), "--http-port", str(free_port()), "--replica-cpus", "0.5"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
             client.wait_until_serving(timeout_s=240)
             resp = client.classify("toy", ["a superb film with lovely acting"])
             assert resp.results[0].label == "positive" and resp.version == "v1"
-            # concurrent calls, which the ingress coalesces: each gets its own answer,
+            # concurrent calls, which the replica batches: each gets its own answer,
             # the one it gets alone
             texts = [f"{w} film" for w in ("a superb", "an awful", "a lovely", "a dull",
                                            "a brilliant", "a terrible")] * 4
