@@ -10,17 +10,34 @@ while the model computes, requests queue, and the next batch is everything queue
 never waits and batches grow with the load. A batch runs through
 `services.runtime.classifier.predict_batch`, once per model version; texts run whole
 up to the model's limit (or the serving limit), longer ones truncated or refused.
+
+A version loaded while another serves (a promote, a canary, a request naming it) goes
+live as soon as it is verified, loaded and smoke-tested, run by the model itself, and
+its TorchScript trace (`trace_classifier`, which checks the trace against the model
+on long probes and is most of a load's time) is built behind it in a thread of its
+own and used from the next batch once checked: a swap waits for no trace. Traces are
+built one at a time, and one whose version the replica no longer holds is skipped. A
+replica's first version is traced before it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from typing import Any, Optional
 
 from services.core import metrics
-from services.runtime.classifier import LoadedClassifier, load_classifier, predict_batch
+from services.runtime.classifier import (
+    LoadedClassifier,
+    load_classifier,
+    predict_batch,
+    trace_classifier,
+)
 from services.serving.batching import GreedyBatcher, observe_batch
 from services.serving.follower import RegistryFollower
+
+logger = logging.getLogger("ray.serve")
 
 
 class Classifier(RegistryFollower):
@@ -42,6 +59,7 @@ class Classifier(RegistryFollower):
         # limit or this one; a longer text is truncated, or its request refused.
         self.max_input_tokens = max_input_tokens
         self.refuse = truncation == "refuse"
+        self._trace_lock = threading.Lock()  # one trace built at a time (_trace_later)
         self._batcher = GreedyBatcher(
             self._predict, max_batch_size, batch_wait_timeout_s,
             on_wait=lambda s: metrics.observe("tuneserve_batch_wait_seconds", s,
@@ -58,8 +76,33 @@ class Classifier(RegistryFollower):
                 "torchscript": bool(self.current and self.current.runtime == "torchscript")}
 
     def _load_version(self, version: str) -> LoadedClassifier:
-        return load_classifier(self.registry, self.name, version, self.dtype, self.trace,
-                               self.max_input_tokens, self.refuse, self.optimize)
+        later = self.trace and not self.optimize and self.current is not None
+        loaded = load_classifier(self.registry, self.name, version, self.dtype,
+                                 self.trace and not later, self.max_input_tokens,
+                                 self.refuse, self.optimize)
+        if later:  # traced behind the swap (module docstring)
+            threading.Thread(target=self._trace_later, args=(loaded,), daemon=True,
+                             name=f"trace-{self.name}-{version}").start()
+        return loaded
+
+    def _trace_later(self, loaded: LoadedClassifier) -> None:
+        """Build and check `loaded`'s trace, then run it from the next forward pass on
+        (one reference set; the two answer alike, as the check proved)."""
+        if not self._trace_lock.acquire(blocking=False):
+            # Another trace ran meanwhile, long enough for this version to be swapped in
+            # (right after its load) and maybe out again: skipped if it is out.
+            self._trace_lock.acquire()
+            held = (self.current, self.candidate, *self.others.values())
+            if not any(v is loaded for v in held):
+                self._trace_lock.release()
+                return
+        try:
+            traced = trace_classifier(loaded, f"{self.name} {loaded.version}")
+        finally:
+            self._trace_lock.release()
+        if traced is not None:
+            loaded.traced, loaded.runtime = traced, "torchscript"
+            logger.info("%s %s: now running as TorchScript", self.name, loaded.version)
 
     async def classify(self, texts: list[str], version: Optional[str] = None,
                        routing_key: Optional[str] = None) -> dict[str, Any]:
