@@ -212,7 +212,9 @@ class TrainConfig:
     registry: str = DEFAULT_REGISTRY
     """Registry root folder."""
     runs_dir: str = DEFAULT_RUNS_DIR
-    """Where Ray Train keeps run state and checkpoints."""
+    """Where Ray Train keeps run state and checkpoints: a folder every node of the
+    cluster mounts, or object storage (s3://bucket/prefix, with the registry's optional
+    ?endpoint_override=... query; credentials from each node's AWS_* variables)."""
     run_name: Optional[str] = None
     """The run's folder in runs_dir. A run of this name that did not finish is resumed
     from its last checkpoint (a RayJob retry, a job submitted again); one that finished

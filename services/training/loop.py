@@ -130,25 +130,40 @@ def saved_strategy(folder: str) -> str:
         return json.load(fh).get("strategy", DDP)
 
 
-def write_checkpoint(save, rank: int = 0, world: int = 1, device=None) -> Any:
-    """A checkpoint written by `save(folder)` straight into the run's storage, where Ray
-    Train keeps it: no temporary copy for Ray to copy again (reported with NO_UPLOAD).
-    It is written under a hidden name and renamed whole, so a worker that dies while
-    writing leaves no checkpoint that looks complete (and Ray never hears of it); a
-    write that fails (disk full) removes what it wrote and raises.
+def write_checkpoint(save, rank: int = 0, world: int = 1,
+                     device=None) -> tuple[Any, Any]:
+    """A checkpoint written by `save(folder)`, and the upload mode to report it with.
+
+    In a run folder on a filesystem (local, or a volume every node mounts) it is
+    written straight where Ray Train keeps it: no temporary copy for Ray to copy again
+    (NO_UPLOAD). It is written under a hidden name and renamed whole, so a worker that
+    dies while writing leaves no checkpoint that looks complete (and Ray never hears of
+    it); a write that fails (disk full) removes what it wrote and raises.
+
+    In object storage it is written into a local temporary folder that Ray Train
+    uploads when it is reported and then removes (SYNC): a checkpoint exists for Ray
+    only once reported, after its upload, so a worker lost while uploading leaves
+    none that a resume would read.
 
     Called by rank 0 alone (world 1), or by every rank with `world` (an FSDP
-    checkpoint, each rank writing its shards into rank 0's folder, which the storage
-    path is shared for): then rank 0 gets the Checkpoint, the others None, and a
-    failure on any rank fails the write on all."""
+    checkpoint, each rank writing its shards): in a folder every rank writes into rank
+    0's, and rank 0 gets the Checkpoint, the others None; in object storage each rank
+    gets its own, which Ray Train uploads into the one checkpoint. A failure on any rank
+    fails the write on all."""
+    import pyarrow.fs as pafs
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     storage = ray.train.get_context().get_storage()
-    name = broadcast_text(storage.make_default_checkpoint_dir_name() if rank == 0 else None,
-                          rank, world)
-    final = os.path.join(storage.experiment_fs_path, name)
-    partial = os.path.join(storage.experiment_fs_path, f".{name}.partial")
-    os.makedirs(partial, exist_ok=world > 1)
+    remote = not isinstance(storage.storage_filesystem, pafs.LocalFileSystem)
+    if remote:
+        partial = tempfile.mkdtemp(prefix="tuneserve-checkpoint-")
+    else:
+        name = broadcast_text(storage.make_default_checkpoint_dir_name() if rank == 0
+                              else None, rank, world)
+        final = os.path.join(storage.experiment_fs_path, name)
+        partial = os.path.join(storage.experiment_fs_path, f".{name}.partial")
+        os.makedirs(partial, exist_ok=world > 1)
     failed: Optional[BaseException] = None
     try:
         save(partial)
@@ -157,20 +172,22 @@ def write_checkpoint(save, rank: int = 0, world: int = 1, device=None) -> Any:
     if agree(failed is not None, device, world) and failed is None:
         failed = RuntimeError("another rank failed to write its part of the checkpoint")
     if failed is not None:
-        if rank == 0:
+        if remote or rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise failed
+    if remote:
+        return ray.train.Checkpoint.from_directory(partial), CheckpointUploadMode.SYNC
     if rank != 0:
-        return None
+        return None, CheckpointUploadMode.NO_UPLOAD
     os.rename(partial, final)
-    return ray.train.Checkpoint.from_directory(final)
+    return ray.train.Checkpoint.from_directory(final), CheckpointUploadMode.NO_UPLOAD
 
 
 FAULT_ENV = "TUNESERVE_TEST_FAULT"
 
 
 def _maybe_inject_fault(spec: Optional[str], step: int, rank: int, world: int,
-                        run_dir: str, reports: int) -> None:
+                        reports: int) -> None:
     """Test hook, from TUNESERVE_TEST_FAULT='step=N[,action=kill|pause][,times=K]'.
 
     On reaching optimizer step N the last rank either kills its own process with
@@ -180,29 +197,40 @@ def _maybe_inject_fault(spec: Optional[str], step: int, rank: int, world: int,
     It first waits until Ray Train has registered this worker's `reports` reports: a
     report becomes a durable checkpoint at the controller's next health-check poll
     (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, services/core/raycluster.py), and a worker lost
-    before that loses it (Ray's semantics).
+    before that loses it (Ray's semantics). Its count is kept in the run's folder,
+    `.faults/fault-at-N`, on the run's storage (a folder or object storage).
     """
     if not spec or rank != world - 1:
         return
     fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
     if int(fields.get("step", -1)) != step:
         return
-    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs, run_dir = storage.storage_filesystem, storage.experiment_fs_path
+
+    def read(path: str) -> bytes:
+        with fs.open_input_stream(path) as src:
+            return src.read()
+
+    snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 120
     while reports and time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
-            with open(snapshot) as fh:
-                if json.load(fh).get("current_report_index", 0) >= reports:
-                    break
+            if json.loads(read(snapshot)).get("current_report_index", 0) >= reports:
+                break
         time.sleep(0.2)
-    marker_dir = os.path.join(run_dir, ".faults")
-    os.makedirs(marker_dir, exist_ok=True)
-    marker = os.path.join(marker_dir, f"fault-at-{step}")
-    done = int(open(marker).read()) if os.path.exists(marker) else 0
+    marker = f"{run_dir}/.faults/fault-at-{step}"
+    try:
+        done = int(read(marker))
+    except (OSError, ValueError):
+        done = 0
     if done >= int(fields.get("times", 1)):
         return
-    with open(marker, "w") as fh:
-        fh.write(str(done + 1))
+    fs.create_dir(f"{run_dir}/.faults")
+    with fs.open_output_stream(marker) as dst:
+        dst.write(str(done + 1).encode())
     if fields.get("action", "kill") == "pause":
         time.sleep(60)
     else:
@@ -255,14 +283,12 @@ class LoopConfig:
     progress_queue: Any = None
     """ray.util.queue.Queue that rank 0's events go to (None: not reported)."""
     metric_tags: dict[str, str] = field(default_factory=dict)
-    run_dir: Optional[str] = None
     fault_injection: Optional[str] = None
     """FAULT_ENV's value on the driver (a test hook)."""
 
     @classmethod
     def from_config(cls, cfg: ResolvedTrainConfig, *, model_ref: str, data_ref: Any,
-                    task: Task, progress_queue: Any, run_name: str,
-                    run_dir: str) -> "LoopConfig":
+                    task: Task, progress_queue: Any, run_name: str) -> "LoopConfig":
         return cls(
             model_ref=model_ref, data_ref=data_ref, task=task, optim=cfg.optim,
             micro_batch_size=cfg.micro_batch_size,
@@ -270,7 +296,7 @@ class LoopConfig:
             log_every_steps=cfg.cluster.log_every_steps, strategy=cfg.cluster.strategy,
             activation_checkpointing=cfg.cluster.activation_checkpointing,
             progress_queue=progress_queue,
-            metric_tags={"run": run_name, "model": cfg.publish.name}, run_dir=run_dir,
+            metric_tags={"run": run_name, "model": cfg.publish.name},
             fault_injection=os.environ.get(FAULT_ENV))
 
 
@@ -474,7 +500,7 @@ class Worker:
             self._optimizer_step(epoch, epoch_ends=i + 1 == self.micro_per_epoch)
             self.state.micro_in_epoch = i + 1
             _maybe_inject_fault(cfg.fault_injection, self.state.step, self.rank, world,
-                                cfg.run_dir or tempfile.gettempdir(), self.state.reports)
+                                self.state.reports)
             if i + 1 == self.micro_per_epoch:
                 break  # the epoch's end: run() evaluates it
             if self.state.step >= self.total_steps:
@@ -552,15 +578,17 @@ class Worker:
         state.reports += 1
         position = replace(state, epoch=epoch + 1, micro_in_epoch=0) if epoch_done \
             else replace(state)
-        checkpoint = None
+        checkpoint, mode = None, CheckpointUploadMode.NO_UPLOAD
         if self.strategy == FSDP:
-            checkpoint = write_checkpoint(
+            checkpoint, mode = write_checkpoint(
                 lambda folder: self._save_sharded(folder, position, metrics),
                 self.rank, self.world, self.device)
         elif self.rank == 0:
-            checkpoint = write_checkpoint(lambda folder: self._save(folder, position, metrics))
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+            checkpoint, mode = write_checkpoint(
+                lambda folder: self._save(folder, position, metrics))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=
+                         mode == CheckpointUploadMode.SYNC)
         return stop
 
     def _save(self, folder: str, position: TrainState, metrics: dict[str, Any]) -> None:

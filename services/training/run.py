@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from services.core.config import (DEFAULT_RUNS_DIR, GENERATION, ResolvedTrainCon
 from services.core.errors import (ConfigError, DataError, InvalidInput, RegistryError,
                                   TrainingFailed)
 from services.core.metrics import observe as metrics_observe
+from services.core.objectstore import is_remote
 from services.core.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
 from services.core.raycluster import ensure_ray
 from services.core.registry import Registry
@@ -44,6 +46,7 @@ from services.training.loop import LoopConfig, make_trainer
 from services.training.promotion import (decide, learned_check, majority_baseline,
                                           not_promoted_note, same_rows,
                                           single_predicted_class)
+from services.training.runs import RunsDir, checkpoint_location
 from services.training.search import (SearchPlan, concurrent_trials, describe_params,
                                        run_search, trial_params)
 from services.training.tasks import RESUME_ONLY_FILES, Task, make_task
@@ -161,23 +164,27 @@ def has_tokenizer_files(folder: Path) -> bool:
                for f in folder.iterdir())
 
 
-def _run_folder(run: str, runs_dir: Optional[str]) -> Path:
-    path = Path(run)
-    if not path.is_dir():
-        path = Path(runs_dir or DEFAULT_RUNS_DIR) / run
-    if not (path / RUN_CONFIG_FILE).is_file():
-        raise ConfigError(f"--resume: no run {run!r} (looked for {path / RUN_CONFIG_FILE}); "
-                          f"give a run name from --runs-dir or a run folder")
-    return path
+def _run_folder(run: str, runs_dir: Optional[str]) -> tuple[RunsDir, str]:
+    """(runs folder, run name) of an existing run: a name in runs_dir, or a local run
+    folder."""
+    if not is_remote(run) and Path(run).is_dir():
+        runs, name = RunsDir.of(Path(run).resolve().parent), Path(run).resolve().name
+    else:
+        runs, name = RunsDir.of(runs_dir or DEFAULT_RUNS_DIR), run
+    if not runs.exists(name, RUN_CONFIG_FILE):
+        raise ConfigError(f"--resume: no run {run!r} (looked for "
+                          f"{runs.shown(name)}/{RUN_CONFIG_FILE}); give a run name from "
+                          "--runs-dir or a run folder")
+    return runs, name
 
 
 def resume_config(run: str, runs_dir: Optional[str] = None,
                   address: Optional[str] = None) -> TrainConfig:
     """The config an interrupted run started with (its run folder's tuneserve_run.json)."""
-    folder = _run_folder(run, runs_dir)
-    path = folder / RUN_CONFIG_FILE
+    runs, name = _run_folder(run, runs_dir)
+    path = f"{runs.shown(name)}/{RUN_CONFIG_FILE}"
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(runs.read_text(name, RUN_CONFIG_FILE))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"--resume: {path} is unreadable ({type(exc).__name__}: {exc}); "
                           "the run cannot be resumed") from None
@@ -185,10 +192,11 @@ def resume_config(run: str, runs_dir: Optional[str] = None,
         raise ConfigError(f"--resume: {path} holds no run config (a 'config' mapping); "
                           "the run cannot be resumed")
     cfg = TrainConfig.from_dict(saved["config"], source=str(path))
-    return dataclasses.replace(cfg, runs_dir=str(folder.parent), address=address or cfg.address)
+    return dataclasses.replace(cfg, runs_dir=runs.storage_path,
+                               address=address or cfg.address)
 
 
-def check_converged(best_metrics: dict[str, Any], run_dir: Path) -> None:
+def check_converged(best_metrics: dict[str, Any], run_dir: str | Path) -> None:
     """A best checkpoint whose eval loss is not a number holds weights that are not
     numbers either (the loss diverged): it is never published."""
     loss = best_metrics.get("eval_loss")
@@ -266,7 +274,8 @@ def run_training(cfg: TrainConfig | ResolvedTrainConfig, *, publish: bool = True
     if publish:
         publish_best(prepared, fitted, res, promote, quality, out)
     res.wall_s = time.perf_counter() - started
-    (fitted.run_dir / FINISHED_FILE).write_text(json.dumps(
+    runs = fitted.runs or RunsDir.of(Path(fitted.run_dir).parent)
+    runs.write_text(fitted.run_name, FINISHED_FILE, json.dumps(
         {"name": res.name, "version": res.version, "checkpoint": res.checkpoint_dir}))
     return res
 
@@ -290,7 +299,8 @@ class Fitted:
     """A finished Ray Train run and its best checkpoint."""
 
     run_name: str
-    run_dir: Path
+    run_dir: str | Path
+    """The run's folder as shown: a path, or a URI in object storage."""
     checkpoint: Any
     """ray.train.Checkpoint of the best evaluation."""
     best_metrics: dict[str, Any]
@@ -303,6 +313,8 @@ class Fitted:
     """The search that chose this run (services/training/search.py), if any."""
     strategy: Optional[dict[str, str]] = None
     """How the workers held the model: {"value": ddp or fsdp, "why": ...}."""
+    runs: Optional[RunsDir] = None
+    """The folder of runs `run_dir` is in; None: run_dir's parent folder."""
 
     def result(self, prep: Prepared) -> TrainResult:
         """The run's result before publishing."""
@@ -316,7 +328,8 @@ class Fitted:
         return TrainResult(name=cfg.publish.name, version=None, promoted=False,
                            metrics=metrics,
                            run_dir=str(self.run_dir), registry=str(cfg.publish.registry),
-                           checkpoint_dir=self.checkpoint.path, history=self.history,
+                           checkpoint_dir=checkpoint_location(self.checkpoint),
+                           history=self.history,
                            best_epoch=self.best_metrics.get("epoch"),
                            artifacts=self.artifacts, samples_per_s=self.samples_per_s)
 
@@ -327,13 +340,18 @@ def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
     name that holds the other task, a model or tokenizer that cannot be loaded, LoRA
     targets the model lacks. Returns the model's reference for the workers and its
     tokenizer."""
+    runs = RunsDir.of(cfg.cluster.runs_dir)
+    runs.check()
+    if cfg.tuning.search and not runs.local:
+        raise ConfigError("invalid config field 'runs_dir': a --search keeps its trials in "
+                          "a folder (local, or a volume every node mounts), not in "
+                          f"object storage ({runs.shown()})")
     if resume:
         _check_unfinished(resume, cfg.cluster.runs_dir)
         if cfg.tuning.search:
             raise ConfigError(f"--resume: run {resume!r} was a --search, which cannot be "
                               "resumed; run the search again")
-    elif cfg.cluster.run_name and \
-            (Path(cfg.cluster.runs_dir) / cfg.cluster.run_name / RUN_CONFIG_FILE).is_file():
+    elif cfg.cluster.run_name and runs.exists(cfg.cluster.run_name, RUN_CONFIG_FILE):
         _check_unfinished(cfg.cluster.run_name, cfg.cluster.runs_dir, flag="--run-name")
         if cfg.tuning.search:
             raise ConfigError(f"invalid config field 'run_name': run "
@@ -382,14 +400,51 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
     """Runs Ray Train to the end, showing and recording rank 0's progress; the best
     checkpoint. TrainingFailed names the cause (and how to resume, where that helps)."""
     import ray
+
+    cfg = prep.cfg
+    started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
+    _check_resources(cfg, ray.cluster_resources(), started_here, out, nodes=_alive_nodes())
+    run_name, runs = _open_run(prep, resume, out)
+    # TensorBoard events and the curves: written into the run's folder, or for a run in
+    # object storage into a local folder first and copied there when the run ends.
+    staging = None if runs.local else Path(tempfile.mkdtemp(prefix=f"tuneserve-{run_name}-"))
+    run_dir = Path(runs.path(run_name)) if staging is None else staging
+    try:
+        fitted = _fit_run(prep, run_name, runs, run_dir, started_here, out=out,
+                          progress_bar=progress_bar)
+    finally:
+        if staging is not None:
+            _keep_staged(runs, run_name, staging, out)
+    if staging is not None:
+        fitted = dataclasses.replace(fitted, artifacts={
+            key: f"{runs.shown(run_name)}/{Path(path).relative_to(staging).as_posix()}"
+            for key, path in fitted.artifacts.items()})
+    return fitted
+
+
+def _keep_staged(runs: RunsDir, run_name: str, staging: Path,
+                 out: Callable[[str], None]) -> None:
+    """Copies what the driver wrote locally into the run's folder in object storage
+    (a failed copy is said in one line, never fails the run), and removes it here."""
+    try:
+        if any(staging.iterdir()):
+            runs.upload(run_name, staging)
+    except Exception as exc:  # noqa: BLE001 - the run's results do not depend on it
+        out(f"tensorboard and curves: not copied to {runs.shown(run_name)} "
+            f"({type(exc).__name__}: {exc})")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fit_run(prep: Prepared, run_name: str, runs: RunsDir, run_dir: Path,
+             started_here: bool, *, out: Callable[[str], None],
+             progress_bar: Optional[bool]) -> Fitted:
+    """fit's Ray Train run, its progress shown and recorded into `run_dir`."""
+    import ray
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg, task = prep.cfg, prep.task
-    started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
-    _check_resources(cfg, ray.cluster_resources(), started_here, out, nodes=_alive_nodes())
-    run_name, runs_dir = _open_run(prep, resume, out)
-    run_dir = runs_dir / run_name
     # On the driver's node, as Ray Train's controller is: a lost worker node costs the
     # run a restart from its checkpoint, not its progress reports.
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
@@ -397,13 +452,13 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
                                      ray.get_runtime_context().get_node_id(), soft=False)})
     loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,
                                       data_ref=ray.put(prep.data), task=task,
-                                      progress_queue=queue, run_name=run_name,
-                                      run_dir=str(run_dir))
-    trainer = make_trainer(loop_cfg, cfg.cluster, run_name, str(runs_dir))
+                                      progress_queue=queue, run_name=run_name)
+    trainer = make_trainer(loop_cfg, cfg.cluster, run_name, runs.storage_path)
     progress = _Progress(out, progress_bar, task)
     tracker = RunTracker(run_dir, run_name, cfg.publish.name, config=cfg.to_dict(),
                          out=out, gauges=False)
-    resume_hint = f"`tuneserve train --resume {run_name} --runs-dir {runs_dir}`"
+    resume_hint = (f"`tuneserve train --resume {run_name} --runs-dir "
+                   f"{shlex.quote(runs.storage_path)}`")
     outcome = _watch(trainer, queue, progress, tracker, started_here, out,
                      interrupted=(f"interrupted: run {run_name} stopped; nothing was "
                                   f"published. Continue it from its last checkpoint with "
@@ -414,12 +469,13 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
         raise TrainingFailed("training produced no checkpoint")
     best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path),
                         result.metrics)
-    return Fitted(run_name=run_name, run_dir=run_dir, checkpoint=best,
+    return Fitted(run_name=run_name, run_dir=runs.shown(run_name) if not runs.local
+                  else run_dir, checkpoint=best,
                   best_metrics=best_metrics, history=progress.history,
                   samples_per_s=progress.last_rate,
                   artifacts=tracker.artifacts(tracker.plot()),
                   steps=max((e["step"] for e in progress.history), default=None),
-                  strategy=progress.strategy)
+                  strategy=progress.strategy, runs=runs)
 
 
 def fit_search(prep: Prepared, *, out: Callable[[str], None], verbose: bool) -> Fitted:
@@ -432,12 +488,11 @@ def fit_search(prep: Prepared, *, out: Callable[[str], None], verbose: bool) -> 
     started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
     resources = ray.cluster_resources()
     _check_resources(cfg, resources, started_here, out, nodes=_alive_nodes())
-    run_name, runs_dir = _open_run(prep, None, out)
-    run_dir = runs_dir / run_name
+    run_name, runs = _open_run(prep, None, out)
+    run_dir = Path(runs.path(run_name))  # a folder: preflight refuses a search elsewhere
     loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,
                                       data_ref=ray.put(prep.data), task=task,
-                                      progress_queue=None, run_name=run_name,
-                                      run_dir=str(run_dir))
+                                      progress_queue=None, run_name=run_name)
     trials = cfg.tuning.search_trials
     plan = SearchPlan(loop_cfg=loop_cfg, cluster=cfg.cluster, storage=str(run_dir),
                       params=trial_params(cfg.optim, trials, cfg.optim.seed),
@@ -458,30 +513,28 @@ def fit_search(prep: Prepared, *, out: Callable[[str], None], verbose: bool) -> 
                   best_metrics=found.best_metrics, history=found.history,
                   samples_per_s=None, artifacts={},
                   steps=max((e["step"] for e in found.history), default=None),
-                  search=found.record)
+                  search=found.record, runs=runs)
 
 
 def _open_run(prep: Prepared, resume: Optional[str],
-              out: Callable[[str], None]) -> tuple[str, Path]:
+              out: Callable[[str], None]) -> tuple[str, RunsDir]:
     """(run name, runs folder): the interrupted run's, or a new run's folder with the
     config, data and versions `train --resume` starts from (RUN_CONFIG_FILE)."""
     cfg = prep.cfg
     named = cfg.cluster.run_name
-    if not resume and named and \
-            (Path(cfg.cluster.runs_dir) / named / RUN_CONFIG_FILE).is_file():
+    runs = RunsDir.of(cfg.cluster.runs_dir)
+    if not resume and named and runs.exists(named, RUN_CONFIG_FILE):
         resume = named  # a retry or a re-submission of the run: on from its checkpoint
     if resume:
-        folder = _run_folder(resume, cfg.cluster.runs_dir)
-        out(f"resuming run {folder.name}")
-        return folder.name, folder.parent.resolve()
+        runs, name = _run_folder(resume, cfg.cluster.runs_dir)
+        out(f"resuming run {name}")
+        return name, runs
     run_name = named or (f"{cfg.publish.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
                          f"-{uuid.uuid4().hex[:6]}")
-    runs_dir = Path(cfg.cluster.runs_dir).resolve()
-    (runs_dir / run_name).mkdir(parents=True, exist_ok=True)
-    (runs_dir / run_name / RUN_CONFIG_FILE).write_text(json.dumps(
+    runs.write_text(run_name, RUN_CONFIG_FILE, json.dumps(
         {"run": run_name, "config": cfg.to_dict(), "data": prep.data_info,
          "versions": _versions()}, indent=2, default=str))
-    return run_name, runs_dir
+    return run_name, runs
 
 
 def _watch(trainer, queue, progress: _Progress, tracker: RunTracker, started_here: bool,
@@ -670,11 +723,11 @@ def _root_cause(exc: BaseException) -> tuple[str, bool]:
 def _check_unfinished(run: str, runs_dir: Optional[str], flag: str = "--resume") -> None:
     """--resume (or --run-name) of a run that finished would train nothing and publish
     its checkpoint again as a new version."""
-    marker = _run_folder(run, runs_dir) / FINISHED_FILE
-    if not marker.is_file():
+    runs, name = _run_folder(run, runs_dir)
+    if not runs.exists(name, FINISHED_FILE):
         return
     try:
-        done = json.loads(marker.read_text(encoding="utf-8"))
+        done = json.loads(runs.read_text(name, FINISHED_FILE))
     except (OSError, UnicodeDecodeError, ValueError):
         done = {}
     where = (f" and was published as {done.get('name')} {done['version']}"

@@ -178,7 +178,7 @@ def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
     index = config["trial"]
     name = f"trial-{index}"
     folder = os.path.join(plan.storage, name)
-    loop_cfg = replace(plan.loop_cfg, run_dir=folder,
+    loop_cfg = replace(plan.loop_cfg,
                        optim=replace(plan.loop_cfg.optim, **plan.params[index]))
     make_trainer(loop_cfg, plan.cluster, name, plan.storage,
                  callbacks=(TuneReportCallback(),)).fit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -137,12 +138,15 @@ def test_trainer_state_round_trips_optimizer_moments_and_rng(tmp_path):
 
 def test_checkpoints_are_written_once_into_the_run_folder_and_only_whole(tmp_path,
                                                                          monkeypatch):
+    import pyarrow.fs as pafs
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     from services.training.loop import write_checkpoint
 
     names = iter(["checkpoint_a", "checkpoint_b"])
     storage = type("Storage", (), {"experiment_fs_path": str(tmp_path),
+                                   "storage_filesystem": pafs.LocalFileSystem(),
                                    "make_default_checkpoint_dir_name": lambda self: next(names)})
     context = type("Context", (), {"get_storage": lambda self: storage()})
     monkeypatch.setattr(ray.train, "get_context", lambda: context())
@@ -153,7 +157,8 @@ def test_checkpoints_are_written_once_into_the_run_folder_and_only_whole(tmp_pat
             fh.write("weights")
 
     seen: list = []
-    checkpoint = write_checkpoint(save)
+    checkpoint, mode = write_checkpoint(save)
+    assert mode == CheckpointUploadMode.NO_UPLOAD  # written where Ray keeps it
     assert seen == [[".checkpoint_a.partial"]]
     assert checkpoint.path == str(tmp_path / "checkpoint_a")
     assert os.listdir(tmp_path) == ["checkpoint_a"]
@@ -166,6 +171,38 @@ def test_checkpoints_are_written_once_into_the_run_folder_and_only_whole(tmp_pat
     with pytest.raises(OSError, match="No space left"):
         write_checkpoint(full_disk)
     assert os.listdir(tmp_path) == ["checkpoint_a"]  # nothing of the failed one
+
+
+def test_checkpoints_for_object_storage_are_written_locally_for_ray_to_upload(
+        tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from services.training.loop import write_checkpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    storage = type("Storage", (), {"experiment_fs_path": "bucket/runs/r",
+                                   "storage_filesystem": pafs._MockFileSystem()})
+    context = type("Context", (), {"get_storage": lambda self: storage()})
+    monkeypatch.setattr(ray.train, "get_context", lambda: context())
+
+    def save(folder):
+        with open(os.path.join(folder, "model.safetensors"), "w") as fh:
+            fh.write("weights")
+
+    checkpoint, mode = write_checkpoint(save)
+    assert mode == CheckpointUploadMode.SYNC  # Ray uploads it when it is reported
+    assert os.path.dirname(checkpoint.path) == str(tmp_path)
+    assert os.listdir(checkpoint.path) == ["model.safetensors"]
+
+    def full_disk(folder):
+        open(os.path.join(folder, "model.safetensors"), "w").write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(full_disk)
+    assert os.listdir(tmp_path) == [os.path.basename(checkpoint.path)]
 
 
 def test_a_run_larger_than_the_cluster_is_named_before_it_waits():
