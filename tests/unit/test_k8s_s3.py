@@ -62,20 +62,33 @@ def test_the_cache_stays_inside_the_serving_workers_tmp():
     assert int(env["TUNESERVE_CACHE_MAX_VERSIONS"]) >= 2  # one served, one loading
 
 
-def test_training_reads_s3_and_publishes_there_on_one_pod():
+def test_training_keeps_its_run_on_s3_and_trains_on_the_worker_pods():
+    """The run's folder is on the bucket, so the base's worker pods train (no volume
+    they share) and a RayJob retry resumes from the run's last checkpoint there."""
     objects = overlay("s3")
     run = yaml.safe_load(one(objects, "ConfigMap")["data"]["run.yaml"])
-    assert run["registry"] == REGISTRY
+    assert run["registry"] == REGISTRY and run["runs_dir"] == "s3://tuneserve/runs"
     assert run["train"].startswith("s3://tuneserve/") and run["eval"].startswith("s3://")
     expected = {**base_run(), "train": run["train"], "eval": run["eval"],
-                "registry": REGISTRY, "workers": 1}
+                "registry": REGISTRY, "runs_dir": run["runs_dir"]}
     assert run == expected, "run-s3.yaml drifted from k8s/base/train/run.yaml"
-    cluster = one(objects, "RayJob")["spec"]["rayClusterSpec"]
+    assert run["run_name"]  # the retry finds the run by its name
+    job = one(objects, "RayJob")
+    base_job = one(overlay("cpu"), "RayJob")
+    assert job["spec"]["backoffLimit"] >= 1
+    cluster = job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]
-    assert float(head["rayStartParams"]["num-cpus"]) >= run["workers"] * run["cpus_per_worker"]
-    assert [g["maxReplicas"] for g in cluster["workerGroupSpecs"]] == [0]
-    limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert float(limits["cpu"]) > float(head["rayStartParams"]["num-cpus"])  # + the driver
+    assert head["rayStartParams"] == base_job["spec"]["rayClusterSpec"]["headGroupSpec"][
+        "rayStartParams"]  # the driver alone on the head: no training worker there
+    [group] = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == run["workers"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert float(limits["cpu"]) >= run["cpus_per_worker"]
+    for template in (head["template"], group["template"]):
+        ray = template["spec"]["containers"][0]
+        tmp = volumes(template)[mounts(ray)["/tmp"]]["emptyDir"]
+        # a checkpoint is written under /tmp before Ray Train uploads it
+        assert int(tmp["sizeLimit"].removesuffix("Gi")) >= 4
 
 
 def test_minio_is_reachable_from_tuneserve_pods_only():
