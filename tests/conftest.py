@@ -79,6 +79,18 @@ def trained(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
     return cfg, result
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_run(ray_cluster, tmp_path_factory, tiny_model_dir, toy_csv):
+    """The training fault tests' run (tests.helpers.FAULT_RUN) without a fault, on the
+    session's cluster: what an interrupted run must match."""
+    from services.training.run import run_training
+    from tests.helpers import fault_run_config
+
+    tmp = tmp_path_factory.mktemp("plain")
+    return run_training(fault_run_config(tmp, tiny_model_dir, toy_csv, "plain"),
+                        progress_bar=False, out=lambda line: None)
+
+
 GEN_MODEL = "tinygen"
 
 
