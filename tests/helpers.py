@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 from services.core.net import free_port  # noqa: F401  (one implementation, re-exported for tests)
@@ -257,6 +258,140 @@ def assert_same_quality(metrics: dict, plain: dict, n_eval: int) -> None:
         <= max(1, n_eval // 20), (metrics, plain)
     assert metrics["loss"] == pytest.approx(plain["loss"], rel=0.25, abs=0.05), \
         (metrics, plain)
+
+
+# ---- a Ray cluster of several nodes on one machine (`ray start`) ------------------------
+RAY_BIN = str(Path(sys.executable).parent / "ray")
+ALIVE_NODES = "out = len([n for n in ray.nodes() if n['Alive']])"
+NODE_IDS = "out = {n['NodeManagerPort']: n['NodeID'] for n in ray.nodes() if n['Alive']}"
+"""Code for ray_query: the alive nodes' count, their ids by node manager port."""
+
+
+class RayNode:
+    """One Ray node: `ray start --block` in a process group of its own, so that killing
+    the group loses the node whole (its raylet, its workers, its agents), as a lost pod
+    or machine does."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
+        self.name, self.args, self.env, self.logs = name, args, env, logs
+        self.port = next(int(a.split("=")[1]) for a in args
+                         if a.startswith("--node-manager-port="))
+        self.proc = None
+
+    def start(self) -> "RayNode":
+        import subprocess
+
+        with open(self.logs / f"{self.name}.log", "ab") as log:
+            self.proc = subprocess.Popen([RAY_BIN, "start", "--block", *self.args],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        return self
+
+    def started(self) -> int:
+        """How many times this node came up (its `ray start` log says so each time)."""
+        log = self.logs / f"{self.name}.log"
+        return log.read_text(errors="replace").count("Ray runtime started") \
+            if log.exists() else 0
+
+    def processes(self, title: str) -> list[int]:
+        """The pids of this node's processes (those of its process group's session)
+        whose command line starts with `title`: Ray names its workers' processes, e.g.
+        'ray::RayTrainWorker' for a Ray Train worker's."""
+        pids = []
+        if self.proc is None or self.proc.poll() is not None:
+            return pids
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getsid(int(entry.name)) == self.proc.pid and \
+                        (entry / "cmdline").read_bytes().startswith(title.encode()):
+                    pids.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+        return pids
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def ray_node_args(temp_dir: str) -> list[str]:
+    """`ray start` flags that give a node ports of its own and the cluster's temp dir
+    (not /tmp/ray, which the session's cluster uses), on loopback."""
+    return [f"--dashboard-agent-listen-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}",
+            "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+
+def ray_query(address: str, code: str, env: dict[str, str]) -> object:
+    """Run `code` (which sets `out`) in a driver connected to the cluster at `address`,
+    in a process of its own (this one may be connected to the session's cluster); its
+    JSON, or None if it could not connect."""
+    import json
+    import subprocess
+
+    script = ("import json, ray\nray.init(address=%r, logging_level='ERROR')\n%s\n"
+              "print('OUT=' + json.dumps(out))\n" % (address, code))
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:  # no GCS to answer (yet)
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("OUT="):
+            return json.loads(line[4:])
+    return None
+
+
+def join_ray_nodes(nodes: list[RayNode], alive: int, address: str, env: dict[str, str],
+                   attempts: int = 2) -> None:
+    """Start nodes together and wait until the cluster has `alive` nodes; those whose
+    `ray start` gave up (it waits 30 s for its raylet, which a loaded machine can
+    exceed) are started once more."""
+    pending = list(nodes)
+    for _ in range(attempts):
+        before = {node.name: node.started() for node in pending}
+        for node in pending:
+            node.start()
+
+        def up(node: RayNode) -> bool:
+            # `ray start` says so once its raylet registered (or exits when it gave up).
+            return node.proc.poll() is None and node.started() > before[node.name]
+
+        poll_until(lambda: all(up(n) or n.proc.poll() is not None for n in pending),
+                   timeout_s=180, poll_s=1)
+        failed = [node for node in pending if not up(node)]
+        if not failed and poll_until(lambda: ray_query(address, ALIVE_NODES, env) == alive,
+                                     timeout_s=120):
+            return
+        pending = failed or pending
+        for node in pending:
+            node.kill()
+    raise AssertionError(f"nodes {[n.name for n in pending]} did not join; "
+                         f"see {pending[0].logs}")
+
+
+def join_ray_node(node: RayNode, alive: int, address: str, env: dict[str, str]) -> None:
+    """join_ray_nodes for one node."""
+    join_ray_nodes([node], alive, address, env)
+
+
+def keep_ray_logs(temp_dirs: list[str], logs: Path) -> None:
+    """Ray's own logs beside the nodes' (the session folders, with their sockets, go)."""
+    import shutil
+
+    for i, folder in enumerate(temp_dirs):
+        try:
+            shutil.copytree(Path(folder) / "session_latest" / "logs", logs / f"ray{i}",
+                            ignore=shutil.ignore_patterns("*.sock"), dirs_exist_ok=True)
+        except OSError:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- a raw HTTP/2 client: what a hostile peer sends, byte by byte --------------------

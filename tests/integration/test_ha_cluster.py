@@ -16,10 +16,8 @@ gives up waiting for its agents (docs/kubernetes.md).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,45 +32,24 @@ import yaml
 from services.client import Client
 from services.core.net import free_port
 from services.core.registry import Registry
-from tests.helpers import copy_version, poll_until
+from tests.helpers import (
+    NODE_IDS,
+    RayNode,
+    copy_version,
+    join_ray_node,
+    keep_ray_logs,
+    poll_until,
+    ray_node_args,
+    ray_query,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).parent / "ray")
 SERVE = str(Path(sys.executable).parent / "serve")
 TEXTS = ["a lovely film with superb acting"]
 FAILED_BOUND = 3
 """Calls that may fail while a node is lost: those in flight on its connections."""
-
-
-class Node:
-    """One Ray node: `ray start --block` in a process group of its own."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
-        self.name, self.args, self.env, self.logs = name, args, env, logs
-        self.port = next(int(a.split("=")[1]) for a in args
-                         if a.startswith("--node-manager-port="))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Node":
-        log = open(self.logs / f"{self.name}.log", "ab")
-        self.proc = subprocess.Popen([RAY, "start", "--block", *self.args], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
-        return self
-
-    def started(self) -> int:
-        """How many times this node came up (its `ray start` log says so each time)."""
-        log = self.logs / f"{self.name}.log"
-        return log.read_text(errors="replace").count("Ray runtime started") \
-            if log.exists() else 0
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
 
 
 class Load:
@@ -113,28 +90,12 @@ class Load:
             t.join(timeout=60)
 
 
-def _ray_query(address: str, code: str, env: dict[str, str]) -> object:
-    """Run `code` (which sets `out`) in a driver connected to the cluster; its JSON."""
-    script = ("import json, ray\nray.init(address=%r, logging_level='ERROR')\n%s\n"
-              "print('OUT=' + json.dumps(out))\n" % (address, code))
-    try:
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=60)
-    except subprocess.TimeoutExpired:  # no GCS to answer (yet)
-        return None
-    for line in proc.stdout.splitlines():
-        if line.startswith("OUT="):
-            return json.loads(line[4:])
-    return None
-
-
 PLACEMENT = """
 from ray._private import state
 out = [(a["Name"].split("#")[1], a["Address"]["NodeID"]) for a in state.actors().values()
        if (a.get("Name") or "").startswith("SERVE_REPLICA::tuneserve#")
        and a.get("State") == "ALIVE"]
 """
-NODE_IDS = "out = {n['NodeManagerPort']: n['NodeID'] for n in ray.nodes() if n['Alive']}"
 
 
 def _serve_config(path: Path, registry: Registry, grpc_port: int) -> Path:
@@ -157,20 +118,14 @@ def _serve_config(path: Path, registry: Registry, grpc_port: int) -> Path:
 
 
 def _nodes(env: dict[str, str], logs: Path, temp_dir: str, gcs_port: int,
-           password: str) -> tuple[Node, list[Node]]:
+           password: str) -> tuple[RayNode, list[RayNode]]:
     """The head (no CPUs, GCS in Redis) and two worker nodes, each on ports of its own."""
-    def ports() -> list[str]:
-        return [f"--dashboard-agent-listen-port={free_port()}",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}",
-                "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-
-    head = Node("head", ["--head", f"--port={gcs_port}", "--num-cpus=0",
-                         "--include-dashboard=true", f"--dashboard-port={free_port()}",
-                         f"--redis-password={password}",
-                         *ports()], env, logs)
-    workers = [Node(f"worker{i}", [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
-                                   *ports()], env, logs) for i in (1, 2)]
+    head = RayNode("head", ["--head", f"--port={gcs_port}", "--num-cpus=0",
+                            "--include-dashboard=true", f"--dashboard-port={free_port()}",
+                            f"--redis-password={password}",
+                            *ray_node_args(temp_dir)], env, logs)
+    workers = [RayNode(f"worker{i}", [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
+                                      *ray_node_args(temp_dir)], env, logs) for i in (1, 2)]
     return head, workers
 
 
@@ -205,7 +160,7 @@ def ha_cluster(trained, tmp_path_factory):
              "grpc": f"127.0.0.1:{grpc_port}", "logs": logs, "temp_dirs": [temp_dir]}
     try:
         for alive, node in enumerate([head, *workers], start=1):
-            _join(node, alive, address, env)
+            join_ray_node(node, alive, address, env)
         subprocess.run([SERVE, "run", "--non-blocking", "--address", address,
                         str(_serve_config(tmp / "serve.yaml", registry, grpc_port))],
                        env=env, check=True, timeout=180, capture_output=True)
@@ -217,51 +172,19 @@ def ha_cluster(trained, tmp_path_factory):
             node.kill()
         redis.kill()
         redis.wait(timeout=30)
-        _keep_ray_logs(state["temp_dirs"], logs)
-
-
-def _keep_ray_logs(temp_dirs: list[str], logs: Path) -> None:
-    """Ray's own logs beside the nodes' (the session folders go)."""
-    for i, folder in enumerate(temp_dirs):
-        try:
-            shutil.copytree(Path(folder) / "session_latest" / "logs", logs / f"ray{i}",
-                            ignore=shutil.ignore_patterns("*.sock"), dirs_exist_ok=True)
-        except OSError:
-            pass
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-ALIVE = "out = len([n for n in ray.nodes() if n['Alive']])"
-
-
-def _join(node: Node, alive: int, address: str, env: dict[str, str],
-          attempts: int = 2) -> None:
-    """Start a node and wait until the cluster has `alive` nodes. One at a time, and
-    once more if `ray start` gave up (it waits 30 s for its raylet, which a loaded
-    machine can exceed)."""
-    for _ in range(attempts):
-        before = node.started()
-        node.start()
-        # `ray start` says so once its raylet registered (or exits when it gave up).
-        poll_until(lambda: node.proc.poll() is not None or node.started() > before,
-                   timeout_s=180, poll_s=1)
-        if node.proc.poll() is None and node.started() > before and \
-                poll_until(lambda: _ray_query(address, ALIVE, env) == alive, timeout_s=120):
-            return
-        node.kill()
-    raise AssertionError(f"node {node.name} did not join; see {node.logs}")
+        keep_ray_logs(state["temp_dirs"], logs)
 
 
 def _replica_nodes(state, deployment: str = "model-toy") -> list[str]:
     """The node ids of a deployment's live replicas."""
-    placement = _ray_query(state["address"], PLACEMENT, state["env"]) or []
+    placement = ray_query(state["address"], PLACEMENT, state["env"]) or []
     return sorted(node for name, node in placement if name == deployment)
 
 
 def test_worker_node_lost_replica_rescheduled_under_load(ha_cluster):
     before = _replica_nodes(ha_cluster)
     assert len(before) == 2, before
-    node_ids = _ray_query(ha_cluster["address"], NODE_IDS, ha_cluster["env"])
+    node_ids = ray_query(ha_cluster["address"], NODE_IDS, ha_cluster["env"])
     # The node of a model replica (and whatever else runs there) is lost.
     victim = next(w for w in ha_cluster["workers"] if node_ids.get(str(w.port)) in before)
     survivor = next(w for w in ha_cluster["workers"] if w is not victim)
