@@ -16,8 +16,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls for the workers' reports, and a worker's next report
 # waits for it: a short poll keeps checkpoints from stalling training (docs/design.md).
-# A local cluster's processes inherit this; a running cluster's controller reads its
-# own environment.
+# Ray Train hands it from the driver to its controller, on a local cluster or a joined one.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
