@@ -90,6 +90,60 @@ def test_a_stale_pointer_write_is_refused(s3_registry, tmp_path):
     assert reg.channel("m") == "v1"
 
 
+def test_canary_writers_race_on_one_model(s3_registry, tmp_path):
+    """Canary starts racing: one wins, the others are refused as if it had run first;
+    then share changes, history records and a promote racing an abort: every history
+    entry is kept, and exactly one of the promote and the abort ends the canary."""
+    from services.core.errors import RegistryError
+
+    ck = fake_checkpoint(tmp_path / "ck")
+    for _ in range(WRITERS + 1):
+        s3_registry.publish("m", ck, manifest())  # v1 production, v2.. candidates
+
+    def start(i, r):
+        try:
+            return r.start_canary("m", f"v{i + 2}", 10)["version"]
+        except RegistryError as exc:
+            assert "has a canary running" in exc.message, exc.message
+            return None
+
+    won = [v for v in _race(s3_registry, WRITERS, start) if v]
+    assert len(won) == 1 and s3_registry.canary("m")["version"] == won[0]
+
+    def share(i, r):
+        if i % 2:
+            r.record("m", "note", n=i)
+        else:
+            r.set_canary_share("m", 10 + i, step=i)
+
+    _race(s3_registry, WRITERS, share)
+    history = s3_registry.history("m")
+    assert sum(e["action"] == "canary-start" for e in history) == 1
+    assert sorted(e["n"] for e in history if e["action"] == "note") == \
+        [i for i in range(WRITERS) if i % 2]
+    shares = [e for e in history if e["action"] == "canary-share"]
+    assert sorted(e["percent"] for e in shares) == [10 + i for i in range(0, WRITERS, 2)]
+    # the last write wins whole (its share with its step); the history's order is
+    # the order of its appends, which may differ from the pointer writes'
+    final = s3_registry.canary("m")
+    assert final["percent"] in {e["percent"] for e in shares}
+    assert final["step"] == final["percent"] - 10
+
+    def end(i, r):
+        try:
+            (r.promote_canary if i == 0 else r.abort_canary)("m")
+            return "promote" if i == 0 else "abort"
+        except RegistryError as exc:
+            assert "has no canary running" in exc.message, exc.message
+            return None
+
+    ended = [e for e in _race(s3_registry, 2, end) if e]
+    assert len(ended) == 1 and s3_registry.canary("m") is None
+    assert [e["action"] for e in s3_registry.history("m")].count(
+        f"canary-{ended[0]}") == 1
+    assert s3_registry.canary_state("m")["ended"]["how"] == ended[0]
+
+
 def _cached(root):
     found = cache.entries(root)
     return len(found), sum(e.size for e in found)

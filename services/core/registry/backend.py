@@ -177,16 +177,18 @@ class Backend:
         """Add bytes at the end of a small log file. Local: one O_APPEND write, synced
         (callers hold the model's lock). Object stores cannot append: the object is
         read and written again whole, its oldest bytes beyond `keep_bytes` dropped
-        (whole lines: the caller's data ends with a newline)."""
+        (whole lines: the caller's data ends with a newline), as a conditional write
+        that is made again on the fresh object when another writer got in first (no
+        concurrent entry lost)."""
         if self.remote:
-            try:
-                old = self.read_bytes(rel)
-            except (FileNotFoundError, OSError):
-                old = b""
-            budget = max(0, keep_bytes - len(data))
-            if len(old) > budget:  # cut, then drop what is left of the line cut
-                old = old[len(old) - budget:].partition(b"\n")[2] if budget else b""
-            self.write_atomic(rel, old + data)
+            def appended(old: Optional[bytes]) -> bytes:
+                old = old or b""
+                budget = max(0, keep_bytes - len(data))
+                if len(old) > budget:  # cut, then drop what is left of the line cut
+                    old = old[len(old) - budget:].partition(b"\n")[2] if budget else b""
+                return old + data
+
+            self.update(rel, appended, rel)
             return
         path = self.local_path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,13 @@
                                   moves, pins), when, with its numbers and reason
 
 The canary pointer is replaced whole, like the channel pointers (readers see the old
-state or the new one), so every replica on every node agrees on the candidate and its
-share. A cleared canary keeps the file with `"version": null`. A canary splits the
+state or the new one; on an object store by a conditional write, so no concurrent
+change is lost or overwritten unseen), so every replica on every node agrees on the
+candidate and its share. A cleared canary keeps the file with `"version": null`. A canary splits the
 traffic of the `production` channel only; a pin (registry or serving config) overrides
-it. The history is append-only; on an object store it is rewritten whole and keeps its
-newest HISTORY_KEEP_BYTES.
+it. The history is append-only; on an object store it is rewritten whole (a
+conditional write, so concurrent entries are all kept) and keeps its newest
+HISTORY_KEEP_BYTES.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from services.core.errors import InvalidInput, ModelNotFound, RegistryError
 from services.core.names import VERSION_RE, validate_name, validate_version
@@ -108,9 +110,22 @@ class RolloutMethods:
                             HISTORY_KEEP_BYTES)
         return entry
 
-    def _write_canary(self, name: str, state: dict[str, Any]) -> None:
-        self.backend.write_atomic(f"{name}/{CANARY_FILE}",
-                                  json.dumps(state, indent=2, sort_keys=True).encode())
+    def _change_canary(self, name: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+                       then: Callable[[dict[str, Any]], Any]) -> Any:
+        """Replace the canary pointer with change(its current state), which raises to
+        refuse, then run then(new state) (the history entry, the channel move): under
+        the model's lock on a filesystem; on an object store as a conditional write
+        (If-Match, `change` run again on the fresh state when another writer got in
+        first), `then` once it won. Returns what `then` returns."""
+        rel = f"{name}/{CANARY_FILE}"
+        if not self.backend.remote:
+            with self.backend.lock(f"{name}/.lock"):
+                new = change(self.canary_state(name))
+                self.backend.write_atomic(rel, json.dumps(new, indent=2,
+                                                          sort_keys=True).encode())
+                return then(new)
+        new = self._update_pointer(name, rel, f"{name} canary", change)
+        return then(new)
 
     def start_canary(self, name: str, version: str, percent: float,
                      reason: str = "") -> dict[str, Any]:
@@ -121,7 +136,8 @@ class RolloutMethods:
         if not self.exists(name, version):
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
         self.check_task(name, version)
-        with self.backend.lock(f"{name}/.lock"):
+
+        def start(current: dict[str, Any]) -> dict[str, Any]:
             production = self.channel(name, CANARY_CHANNEL)
             if production is None:
                 raise RegistryError(f"model '{name}' has no production version to compare "
@@ -132,21 +148,24 @@ class RolloutMethods:
             if pinned:
                 raise RegistryError(f"{name} is pinned to {pinned}, which every replica "
                                     f"serves: `tuneserve models unpin {name}` first")
-            running = self.canary(name)
+            running = active_canary(current)
             if running is not None:
                 raise RegistryError(
                     f"{name} has a canary running ({running['version']} at "
                     f"{running['percent']:g} %): change its share, promote or abort it")
             now = stamp()
-            state = {"version": version, "percent": percent, "production": production,
-                     "step": 0, "started_at": now, "updated_at": now}
-            self._write_canary(name, state)
-            self.record(name, "canary-start", reason, version=version, percent=percent,
-                        production=production, step=0)
-        return state
+            return {"version": version, "percent": percent, "production": production,
+                    "step": 0, "started_at": now, "updated_at": now}
 
-    def _running(self, name: str) -> dict[str, Any]:
-        running = self.canary(name)
+        def recorded(state: dict[str, Any]) -> dict[str, Any]:
+            self.record(name, "canary-start", reason, version=version, percent=percent,
+                        production=state["production"], step=0)
+            return state
+
+        return self._change_canary(name, start, recorded)
+
+    def _running(self, name: str, state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        running = active_canary(self.canary_state(name) if state is None else state)
         if running is None:
             if not self.exists(name):
                 raise ModelNotFound(f"model '{name}' not found in the registry")
@@ -160,47 +179,75 @@ class RolloutMethods:
         go into the history entry (an analysis's measurements)."""
         validate_name(name)
         percent = canary_percent(percent)
-        with self.backend.lock(f"{name}/.lock"):
-            state = self._running(name)
-            previous = state["percent"]
+        previous: list[float] = []
+
+        def share(current: dict[str, Any]) -> dict[str, Any]:
+            state = self._running(name, current)
+            previous[:] = [state["percent"]]
             state.update(percent=percent, updated_at=stamp(),
                          step=state["step"] if step is None else int(step))
-            self._write_canary(name, state)
+            return state
+
+        def recorded(state: dict[str, Any]) -> dict[str, Any]:
             self.record(name, "canary-share", reason, version=state["version"],
-                        percent=percent, previous_percent=previous,
+                        percent=percent, previous_percent=previous[0],
                         production=self.channel(name, CANARY_CHANNEL), step=state["step"],
                         **numbers)
-        return state
+            return state
+
+        return self._change_canary(name, share, recorded)
 
     def promote_canary(self, name: str, reason: str = "", **numbers: Any) -> dict[str, Any]:
         """Point production at the candidate and end the canary. Returns the ended
-        canary's state with `previous` (production before)."""
+        canary's state with `previous` (production before). Production moves first,
+        so a replica never sees the canary ended with production not yet moved (it
+        would drop the candidate it holds and load it again)."""
         validate_name(name)
-        with self.backend.lock(f"{name}/.lock"):
-            state = self._running(name)
+        ended: list[dict[str, Any]] = []
+        previous: list[Optional[str]] = []
+
+        def end(current: dict[str, Any]) -> dict[str, Any]:
+            state = self._running(name, current)
             version = state["version"]
             if not self.exists(name, version):
                 raise ModelNotFound(f"model '{name}' has no version '{version}'")
+            ended[:] = [state]
             before = self.channel_state(name, CANARY_CHANNEL)
-            self._write_channel(name, CANARY_CHANNEL, version, before)
-            self._end_canary(name, state, "promote")
-            previous = before.get("version")
-            self.record(name, "canary-promote", reason, version=version,
-                        production=version, previous=previous, percent=state["percent"],
-                        step=state["step"], **numbers)
-        return {**state, "previous": previous}
+            if before.get("version") != version:  # not yet moved by an earlier try
+                self._write_channel(name, CANARY_CHANNEL, version, before)
+                previous[:] = [before.get("version")]
+            return _ended(state, "promote")
+
+        def recorded(_: dict[str, Any]) -> dict[str, Any]:
+            state = ended[0]
+            before = previous[0] if previous else None
+            self.record(name, "canary-promote", reason, version=state["version"],
+                        production=state["version"], previous=before,
+                        percent=state["percent"], step=state["step"], **numbers)
+            return {**state, "previous": before}
+
+        return self._change_canary(name, end, recorded)
 
     def abort_canary(self, name: str, reason: str = "", **numbers: Any) -> dict[str, Any]:
         """End the canary: every request goes to production again. Returns its state."""
         validate_name(name)
-        with self.backend.lock(f"{name}/.lock"):
-            state = self._running(name)
-            self._end_canary(name, state, "abort")
+        ended: list[dict[str, Any]] = []
+
+        def end(current: dict[str, Any]) -> dict[str, Any]:
+            ended[:] = [self._running(name, current)]
+            return _ended(ended[0], "abort")
+
+        def recorded(_: dict[str, Any]) -> dict[str, Any]:
+            state = ended[0]
             self.record(name, "canary-abort", reason, version=state["version"],
                         production=self.channel(name, CANARY_CHANNEL),
                         percent=state["percent"], step=state["step"], **numbers)
-        return state
+            return state
 
-    def _end_canary(self, name: str, state: dict[str, Any], how: str) -> None:
-        self._write_canary(name, {"version": None, "percent": 0.0, "updated_at": stamp(),
-                                  "ended": {"version": state["version"], "how": how}})
+        return self._change_canary(name, end, recorded)
+
+
+def _ended(state: dict[str, Any], how: str) -> dict[str, Any]:
+    """The pointer of a canary that ended (cleared: `"version": null`)."""
+    return {"version": None, "percent": 0.0, "updated_at": stamp(),
+            "ended": {"version": state["version"], "how": how}}
