@@ -25,7 +25,8 @@ greedy, so both sides do the same work:
   next token; a static batch makes it wait for the running batch to end.
 
 `--quick` (`make bench-quick`) runs the first three phases only (no redeploy), once
-each, with 32 new tokens; flags given win.
+each, with 32 new tokens, in `tuneserve serve`'s default layout (`--colocate
+--replica-grpc`); flags given win.
 
 `--batching` sets ServeConfig.generation_batching for the other phases (default
 continuous).
@@ -268,7 +269,7 @@ def median_run(fn, repeats: int) -> dict:
     return best
 
 
-QUICK = {"repeats": 1, "new_tokens": 32}
+QUICK = {"repeats": 1, "new_tokens": 32, "colocate": True, "replica_grpc": True}
 """--quick: the settings it changes, unless given on the command line."""
 
 
@@ -276,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="a regression guard (make bench-quick): 1 stream, N streams "
-                             "and N unary calls only, once each, 32 new tokens")
+                             "and N unary calls only, once each, 32 new tokens, in tuneserve "
+                             "serve's default layout (--colocate --replica-grpc)")
     parser.add_argument("--model-dir", default=None, help="causal LM folder (default: the "
                         "GSM8K run in /tmp/gsm8k, else a random GPT-2 from a config)")
     parser.add_argument("--new-tokens", type=int, default=64)

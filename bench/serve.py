@@ -100,9 +100,10 @@ OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CALL_TIMEOUT_S = 60.0
 PRIME_S = 3.0
 QUICK = {"concurrency": "1,32", "duration_s": 3.0, "warmup_s": 1.0, "peer": False,
-         "breakdown_calls": 0}
+         "breakdown_calls": 0, "colocate": True, "replica_grpc": True}
 """--quick (`make bench-quick`): the settings it changes, unless given on the command
-line; what the issue's goals are stated at (1 and 32 clients) against in-process."""
+line: 1 and 32 clients against in-process, in `tuneserve serve`'s default layout
+(--layout colocated)."""
 
 
 # ---- checkpoint ----------------------------------------------------------------------
@@ -684,8 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="a regression guard (make bench-quick): C = 1 and 32, 3 s per "
-                             "level after 1 s warm-up, no peer, no breakdown; flags given "
-                             "win")
+                             "level after 1 s warm-up, no peer, no breakdown, in tuneserve "
+                             "serve's default layout (--colocate --replica-grpc); flags "
+                             "given win")
     parser.add_argument("--concurrency", default="1,4,16,32,64",
                         help="comma-separated client counts (default 1,4,16,32,64)")
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured, per level")

@@ -25,10 +25,14 @@ def test_serve_quick_settings_and_a_flag_that_wins():
     assert levels == [1, 32]
     assert (args.duration_s, args.warmup_s, args.peer, args.breakdown_calls) == \
         (3.0, 1.0, False, 0)
-    args, levels = serve.parse_args(["--quick", "--concurrency", "4", "--peer"])
+    assert args.colocate and args.replica_grpc  # tuneserve serve's default layout
+    args, levels = serve.parse_args(["--quick", "--concurrency", "4", "--peer",
+                                     "--no-colocate"])
     assert levels == [4] and args.peer is True and args.duration_s == 3.0
+    assert not args.colocate and args.replica_grpc
     args, levels = serve.parse_args([])
     assert levels == [1, 4, 16, 32, 64] and args.peer is True and args.duration_s == 10.0
+    assert not args.colocate and not args.replica_grpc
 
 
 def test_generate_quick_settings_and_a_flag_that_wins():
@@ -36,6 +40,7 @@ def test_generate_quick_settings_and_a_flag_that_wins():
 
     args = generate.parse_args(["--quick"])
     assert (args.quick, args.repeats, args.new_tokens) == (True, 1, 32)
+    assert args.colocate and args.replica_grpc
     args = generate.parse_args(["--quick", "--new-tokens", "8"])
     assert (args.repeats, args.new_tokens) == (1, 8)
     args = generate.parse_args([])
