@@ -224,6 +224,16 @@ def test_alerts_fire_on_the_exported_series(tmp_path):
             # good is served throughout.
             _series(info, "1x19 0x5 _x15", model="toy", version="v1"),
             _series(info, "1x40", model="good", version="v1"),
+            # toy v3's rollout passes a step at minute 5 and is rolled back at 8; good
+            # v2's passes its steps and is promoted.
+            _series("ray_tuneserve_rollout_decisions_total", "_x5 1x35", model="toy",
+                    version="v3", decision="step_passed"),
+            _series("ray_tuneserve_rollout_decisions_total", "_x8 1x32", model="toy",
+                    version="v3", decision="rolled_back"),
+            _series("ray_tuneserve_rollout_decisions_total", "_x5 1x2 3x30", model="good",
+                    version="v2", decision="step_passed"),
+            _series("ray_tuneserve_rollout_decisions_total", "_x8 1x32", model="good",
+                    version="v2", decision="promoted"),
         ],
         "alert_rule_test": [
             _fired("TuneserveHighErrorRatio", "5m"),  # not yet: `for: 10m`
@@ -236,6 +246,11 @@ def test_alerts_fire_on_the_exported_series(tmp_path):
             _fired("TuneserveNoModelServed", "15m"),
             _fired("TuneserveNoModelServed", "30m", "toy"),
             _fired("TuneserveNothingServed", "30m"),
+            _fired("TuneserveRolloutRolledBack", "7m"),
+            {"eval_time": "20m", "alertname": "TuneserveRolloutRolledBack", "exp_alerts": [
+                {"exp_labels": {**alert_rules()["TuneserveRolloutRolledBack"]["labels"],
+                                "model": "toy", "version": "v3"}}]},
+            _fired("TuneserveRolloutRolledBack", "39m"),  # past the 30 m window
         ],
     }
     nothing = {
