@@ -173,6 +173,12 @@ class TrainConfig:
     """Evaluation data; when absent, `eval_fraction` of the training data is held out."""
     eval_fraction: float = 0.1
     """Share of the training data held out for evaluation when no --eval file is given."""
+    data_streaming: str = "auto"
+    """Read and tokenise the data with Ray Data on the cluster and stream it to the
+    workers, so that the driver never holds it: on; off (the driver reads and tokenises
+    it and sends it to the workers whole); auto: on for a folder, a glob or data of at
+    least 64 MiB. --train and --eval then also take a folder of shards or a glob
+    (docs/design.md, "Streamed data")."""
     task: str = CLASSIFICATION
     """classification (sequence classifier) or generation (supervised fine-tuning of a
     causal language model on prompt/response pairs)."""
@@ -501,6 +507,16 @@ def _check_strategy(r: "ResolvedTrainConfig") -> None:
 
 
 SMALL_DATA_MODES = ("auto", "on", "off")
+DATA_STREAMING_MODES = ("auto", "on", "off")
+
+
+def _check_data_streaming(r: "ResolvedTrainConfig") -> None:
+    if r.data_streaming not in DATA_STREAMING_MODES:
+        raise _bad("data_streaming", f"must be one of {', '.join(DATA_STREAMING_MODES)}, "
+                   f"got {r.data_streaming!r}")
+    if r.data_streaming == "on" and r.search:
+        raise _bad("data_streaming", "--search trains on data in memory: use "
+                   "--data-streaming off or auto with --search")
 
 
 def _check_small_data(r: "ResolvedTrainConfig") -> None:
@@ -666,7 +682,7 @@ def _check_extra(r: "ResolvedTrainConfig") -> None:
 TRAIN_CHECKS: tuple[Callable[["ResolvedTrainConfig"], None], ...] = (
     _check_finite, _check_integers, _check_ranges, _check_strategy, _check_batch_split,
     _check_prompt_template, _check_packing, _check_lora, _check_columns, _check_name, _check_promotion,
-    _check_extra, _check_small_data, _check_rollout)
+    _check_extra, _check_small_data, _check_rollout, _check_data_streaming)
 """The checks of a resolved config, in the order its fields are reported."""
 
 
@@ -677,6 +693,7 @@ class DataSection:
     train: str
     eval: Optional[str]
     eval_fraction: float
+    data_streaming: str
     text_column: Optional[str]
     label_column: Optional[str]
     columns: Optional[tuple[str, ...]]

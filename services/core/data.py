@@ -206,7 +206,7 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
         yield Row(obj, f"{path}: row {i + 1}")
 
 
-def _pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
+def pick_column(path: Path, available: Sequence[str], wanted: Optional[str],
                  candidates: Sequence[str], what: str, headerless: Optional[str] = None,
                  taken: Optional[str] = None) -> str:
     """`headerless`: for a CSV/TSV read without --columns, the --columns value that would
@@ -266,8 +266,8 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
         if tcol is None:
             keys = list(row.values)
             hint = _headerless_hint(path, columns, "text,label")
-            tcol = _pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text", hint)
-            lcol = _pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label",
+            tcol = pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text", hint)
+            lcol = pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label",
                                 hint, taken=tcol)
         text = row.values.get(tcol)
         label = row.values.get(lcol)
@@ -355,9 +355,9 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
         if pcol is None:
             keys = list(row.values)
             hint = _headerless_hint(path, columns, "prompt,response")
-            pcol = _pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt",
+            pcol = pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt",
                                 hint)
-            rcol = _pick_column(path, keys, response_column, RESPONSE_COLUMN_CANDIDATES,
+            rcol = pick_column(path, keys, response_column, RESPONSE_COLUMN_CANDIDATES,
                                 "response", hint, taken=pcol)
             if pcol == rcol:
                 raise DataError(f"{path}: prompt and response are the same column '{pcol}'")

@@ -8,7 +8,9 @@ rank reports). The model is held with DDP or sharded with FSDP
 (services/training/parallel.py); an FSDP checkpoint adds every rank's shards of the
 model and optimizer for resuming. The task in the LoopConfig
 (services/training/tasks.py) builds the model, the batches, the loss and the eval
-metrics.
+metrics. The examples come from memory (`MemoryData`: the tokenised splits the driver
+put in the object store) or from Ray Data streams (services/training/streamed.py), both
+as `Micro` batches.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from services.training.parallel import (DDP, FSDP, agree, broadcast_text, choose
                                         full_state_dict, gradient_sync, load_sharded,
                                         save_sharded, smallest, training_state_bytes,
                                         unwrapped, worker_memory_bytes, wrap)
-from services.training.sharding import MicroBatch, epoch_order, micro_batches, share_and_scale
+from services.training.sharding import Micro, epoch_order, micro_batches, share_and_scale
+from services.training.streamed import StreamedData, StreamedSplits
 from services.training.tasks import Task, all_reduce
 from services.training.tracking import record_gauges
 
@@ -269,7 +272,8 @@ class LoopConfig:
     model_ref: str
     """What the workers load: a Hugging Face id or an absolute local folder."""
     data_ref: Any
-    """ray.ObjectRef of {"train": EncodedSplit, "eval": EncodedSplit}."""
+    """ray.ObjectRef of {"train": EncodedSplit, "eval": EncodedSplit}, or a
+    StreamedData when the trainer streams Ray Datasets to the workers."""
     task: Task
     optim: OptimSection
     """The run's schedule, batches, seed, evaluation and early stopping, as resolved."""
@@ -327,6 +331,39 @@ class _Window:
         self.loss, self.steps = 0.0, 0
 
 
+class MemoryData:
+    """The tokenised splits in the worker's memory: every rank draws the same order of
+    the epoch (sharding.epoch_order) and runs its share of each global micro-batch."""
+
+    def __init__(self, data: dict[str, EncodedSplit], task: Task, cfg: LoopConfig,
+                 rank: int, world: int):
+        self.train_split: EncodedSplit = data["train"]
+        self.eval_split: EncodedSplit = data["eval"]
+        self.task, self.cfg, self.rank, self.world = task, cfg, rank, world
+        self.dataset = task.dataset(self.train_split)
+        self.lengths = self.train_split.lengths()
+        self.train_rows, self.eval_rows = len(self.train_split), len(self.eval_split)
+
+    def micro_batches(self, epoch: int, start: int, reduce=None):
+        """The epoch's micro-batches from the `start`-th on (resuming)."""
+        cfg, world = self.cfg, self.world
+        order = epoch_order(self.train_rows, cfg.optim.seed, epoch,
+                            cfg.micro_batch_size * world,
+                            self.lengths if cfg.optim.group_by_length else None)
+        for mb in micro_batches(order, self.lengths, cfg.micro_batch_size,
+                                cfg.optim.grad_accum_steps, self.rank, world, start=start,
+                                denominator=self._denominator):
+            share, scale = share_and_scale(mb, world)
+            yield Micro(mb.index, [self.dataset[k] for k in share], scale,
+                        len(mb.everyone), int(self.lengths[mb.everyone].sum()))
+
+    def _denominator(self, examples: list[int]) -> float:
+        return self.task.loss_denominator(self.train_split, examples)
+
+    def eval_chunks(self, batch_size: int):
+        return self.task.eval_chunks(self.eval_split, self.rank, self.world, batch_size)
+
+
 def train_loop_per_worker(cfg: LoopConfig) -> None:
     """Ray Train's entry point on every worker: set up, then train epoch by epoch,
     evaluating and checkpointing, until the last epoch or early stopping."""
@@ -334,15 +371,18 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
 
 
 def make_trainer(cfg: LoopConfig, cluster: ClusterSection, run_name: str,
-                 storage_path: str, callbacks: tuple = ()):
+                 storage_path: str, callbacks: tuple = (), datasets: Optional[dict] = None):
     """Ray Train's TorchTrainer whose workers run train_loop_per_worker(cfg) on the
     cluster section's workers, placed on the nodes by its placement strategy; it keeps
     the two best checkpoints by the task's metric (`callbacks`: Ray Train
-    UserCallbacks, e.g. Tune's report callback)."""
+    UserCallbacks, e.g. Tune's report callback; `datasets`: the "train" and "eval" Ray
+    Datasets of a streamed run)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     task = cfg.task
+    streamed = {} if datasets is None else {"datasets": datasets,
+                                            "dataset_config": StreamedSplits()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
@@ -356,6 +396,7 @@ def make_trainer(cfg: LoopConfig, cluster: ClusterSection, run_name: str,
                                                checkpoint_score_order=task.metric_mode),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
         ),
+        **streamed,
     )
 
 
@@ -375,11 +416,11 @@ class Worker:
         # not run four BLAS threads each.
         torch.set_num_threads(max(1, int(math.ceil(cfg.cpus_per_worker))))
         seed_everything(cfg.optim.seed)
-        data = ray.get(cfg.data_ref)
-        self.train_split: EncodedSplit = data["train"]
-        self.eval_split: EncodedSplit = data["eval"]
-        self.dataset = self.task.dataset(self.train_split)
-        self.lengths = self.train_split.lengths()
+        if isinstance(cfg.data_ref, StreamedData):
+            self.data = cfg.data_ref.open(self.task, cfg, self.rank, self.world)
+        else:
+            self.data = MemoryData(ray.get(cfg.data_ref), self.task, cfg, self.rank,
+                                   self.world)
         restore = ray.train.get_checkpoint()
         self.local_world = ctx.get_local_world_size()
         self._setup_model(restore)
@@ -402,8 +443,8 @@ class Worker:
                    "max_steps": cfg.optim.max_steps,
                    "world_size": self.world, "resumed": resumed,
                    "strategy": self.strategy, "strategy_why": self.strategy_why,
-                   "train_examples": len(self.train_split),
-                   "eval_examples": len(self.eval_split)})
+                   "train_examples": self.data.train_rows,
+                   "eval_examples": self.data.eval_rows})
 
     # ---- setup -------------------------------------------------------------------
     def _setup_model(self, restore) -> None:
@@ -439,7 +480,7 @@ class Worker:
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
-        micro_per_epoch = math.ceil(len(self.train_split) / (cfg.micro_batch_size * self.world))
+        micro_per_epoch = math.ceil(self.data.train_rows / (cfg.micro_batch_size * self.world))
         self.micro_per_epoch = micro_per_epoch
         self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.optim.grad_accum_steps))
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
@@ -484,13 +525,9 @@ class Worker:
         MAX_STEPS: the run's last step (--max-steps) came before the epoch's end, and
         was evaluated and checkpointed; None: the epoch ran to its end."""
         cfg, world = self.cfg, self.world
-        order = epoch_order(len(self.train_split), cfg.optim.seed, epoch,
-                            cfg.micro_batch_size * world,
-                            self.lengths if cfg.optim.group_by_length else None)
-        batches = micro_batches(order, self.lengths, cfg.micro_batch_size,
-                                cfg.optim.grad_accum_steps, self.rank, world,
-                                start=self.state.micro_in_epoch,
-                                denominator=self._denominator)
+        batches = self.data.micro_batches(
+            epoch, self.state.micro_in_epoch,
+            reduce=lambda values: all_reduce(values, self.device, world))
         for mb in batches:
             i = mb.index
             last_micro = (i + 1) % cfg.optim.grad_accum_steps == 0 or i + 1 == self.micro_per_epoch
@@ -511,22 +548,19 @@ class Worker:
                 return EARLY_STOP
         return None
 
-    def _denominator(self, examples: list[int]) -> float:
-        return self.task.loss_denominator(self.train_split, examples)
-
-    def _backward(self, mb: MicroBatch, sync: bool) -> None:
+    def _backward(self, mb: Micro, sync: bool) -> None:
         """This rank's share of a global micro-batch, forward and backward; gradients
         are synced across ranks only on an optimizer step's last micro-batch."""
-        share, scale = share_and_scale(mb, self.world)
+        scale = mb.scale
         batch = {k: v.to(self.device, non_blocking=True)
-                 for k, v in self.task.collate([self.dataset[k] for k in share]).items()}
+                 for k, v in self.task.collate(mb.items).items()}
         with gradient_sync(self.model, self.strategy, sync, self.world):
             loss_sum = self.task.loss_sum(self.model, batch, self.autocast)
             (loss_sum * scale).backward()
         w = self.window
         w.loss += float(loss_sum) * scale / self.world  # this rank's part of the mean
-        w.samples += len(mb.everyone)
-        w.tokens += int(self.lengths[mb.everyone].sum())  # non-padding tokens
+        w.samples += mb.samples
+        w.tokens += mb.tokens  # non-padding tokens
 
     def _optimizer_step(self, epoch: int, epoch_ends: bool) -> None:
         """One optimizer step on the accumulated gradients, and a step report when one
@@ -568,9 +602,9 @@ class Worker:
         done = 1.0 if epoch_done else state.micro_in_epoch / self.micro_per_epoch
         metrics = {"epoch": epoch + 1, "step": state.step,
                    "epoch_progress": round(epoch + done, 4),
-                   **self.task.evaluate(self.model, self.eval_split, self.rank, self.world,
-                                        self.cfg.micro_batch_size * 2, self.device,
-                                        self.autocast)}
+                   **self.task.evaluate_chunks(
+                       self.model, self.data.eval_chunks(self.cfg.micro_batch_size * 2),
+                       self.world, self.device, self.autocast)}
         stop = self.stopper.update(float(metrics[self.task.metric]))
         state.best, state.bad_evals = self.stopper.best, self.stopper.bad_evals
         metrics["early_stop"] = stop

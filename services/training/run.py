@@ -5,7 +5,8 @@
     result = run_training(TrainConfig(model=..., train="data.csv", workers=2))
 
 preflight checks what can fail before Ray starts; prepare reads and tokenises the data
-once on the driver; fit runs Ray Train (workers: loop.py), shows rank 0's progress and
+once on the driver, or (streamed: services/training/streamed.py) counts it in one pass
+of Ray Data and leaves reading and tokenising to the cluster as it trains; fit runs Ray Train (workers: loop.py), shows rank 0's progress and
 records it (tracking.py); publish_best publishes the best checkpoint with a manifest
 that links those records, and gates promotion.
 """
@@ -41,6 +42,7 @@ from services.core.objectstore import is_remote
 from services.core.modeling import describe_model_ref, load_tokenizer, prepare_model_ref
 from services.core.raycluster import ensure_ray
 from services.core.registry import Registry
+from services.core.sources import resolve as resolve_source
 from services.training.encoded import EncodedSplit
 from services.training.loop import LoopConfig, make_trainer
 from services.training.promotion import (decide, learned_check, majority_baseline,
@@ -49,6 +51,7 @@ from services.training.promotion import (decide, learned_check, majority_baselin
 from services.training.runs import RunsDir, checkpoint_location
 from services.training.search import (SearchPlan, concurrent_trials, describe_params,
                                        run_search, trial_params)
+from services.training.streamed import StreamedData, decide as decide_streaming
 from services.training.tasks import RESUME_ONLY_FILES, Task, make_task
 from services.training.tracking import RunTracker
 
@@ -258,7 +261,7 @@ def run_training(cfg: TrainConfig | ResolvedTrainConfig, *, publish: bool = True
     resolved = cfg.resolve()
     model_ref, tokenizer = preflight(resolved, publish=publish, resume=resume,
                                      progress_bar=progress_bar, out=out)
-    prepared = prepare(resolved, model_ref, tokenizer, out)
+    prepared = prepare(resolved, model_ref, tokenizer, out, verbose=verbose)
     if resolved.tuning.search:
         fitted = fit_search(prepared, out=out, verbose=verbose)
     else:
@@ -291,7 +294,13 @@ class Prepared:
     """What the manifest records about the data (files, split, lengths)."""
     eval_rows: Optional[tuple[list[str], list[str]]] = None
     """A classifier run's eval texts and labels as read, for the promotion gate to
-    score production on (`promotion.same_rows`); None for a generation run."""
+    score production on (`promotion.same_rows`); None for a generation run or a
+    streamed one."""
+    streamed: Optional[StreamedData] = None
+    """A streamed run's row counts for the workers; `data` then holds the "train" and
+    "eval" Ray Datasets, which go to the trainer."""
+    ray_started: bool = False
+    """Whether preparing the data started the local Ray cluster (streamed runs)."""
 
 
 @dataclass(frozen=True)
@@ -381,11 +390,44 @@ def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
     return model_ref, tokenizer
 
 
+def data_task_cpus(cfg: ResolvedTrainConfig, resources: dict[str, float]) -> float:
+    """CPUs each Ray Data task of a streamed run asks for: 1, or 0 (one task at a time,
+    beside the workers) when the training workers reserve every CPU of the cluster."""
+    c = cfg.cluster
+    free = float(resources.get("CPU", 0.0)) - c.workers * c.cpus_per_worker
+    return 1.0 if free >= 1.0 else 0.0
+
+
 def prepare(cfg: ResolvedTrainConfig, model_ref: str, tokenizer,
-            out: Callable[[str], None]) -> Prepared:
-    """Reads and tokenises the data once, on the driver (the workers get the tokens)."""
+            out: Callable[[str], None], verbose: bool = False) -> Prepared:
+    """Reads and tokenises the data once, on the driver (the workers get the tokens);
+    or, streamed, counts it with Ray Data and plans its tokenising on the cluster."""
     task = make_task(cfg, model_ref)
+    d = cfg.data
+    mode = "off" if cfg.tuning.search and d.data_streaming == "auto" else d.data_streaming
+    streaming, why = False, "--data-streaming off"
+    if mode != "off":
+        sources = [resolve_source(d.train)] + ([resolve_source(d.eval)] if d.eval else [])
+        streaming, why = decide_streaming(mode, sources)
+    if streaming:
+        import ray
+
+        started = ensure_ray(cfg.cluster.address, verbose=verbose)
+        cpus = data_task_cpus(cfg, ray.cluster_resources())
+        out(f"data: streamed through Ray Data ({why})")
+        data, (n_train, n_eval), data_info = task.prepare_stream(
+            cfg, tokenizer, sources[0], sources[1] if d.eval else None, cpus)
+        data_info["streaming"] = {"on": True, "why": why}
+        out(task.describe_data())
+        cfg = task.choose_settings(cfg, n_train, out)
+        world = cfg.cluster.workers
+        if n_train < world:
+            raise DataError(f"{d.train}: {n_train} training rows for {world} workers")
+        return Prepared(cfg.with_max_length(task.max_length), task, data, data_info,
+                        streamed=StreamedData((n_train // world) * world, n_eval),
+                        ray_started=started)
     data, data_info = task.prepare_data(cfg, tokenizer)
+    data_info["streaming"] = {"on": False, "why": why}
     out(task.describe_data())
     # Kept on the driver: the task itself goes to every worker.
     rows, task.eval_rows = task.eval_rows, None
@@ -402,7 +444,7 @@ def fit(prep: Prepared, *, resume: Optional[str], out: Callable[[str], None],
     import ray
 
     cfg = prep.cfg
-    started_here = ensure_ray(cfg.cluster.address, verbose=verbose)
+    started_here = ensure_ray(cfg.cluster.address, verbose=verbose) or prep.ray_started
     _check_resources(cfg, ray.cluster_resources(), started_here, out, nodes=_alive_nodes())
     run_name, runs = _open_run(prep, resume, out)
     # TensorBoard events and the curves: written into the run's folder, or for a run in
@@ -450,10 +492,13 @@ def _fit_run(prep: Prepared, run_name: str, runs: RunsDir, run_dir: Path,
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
                                  NodeAffinitySchedulingStrategy(
                                      ray.get_runtime_context().get_node_id(), soft=False)})
+    streamed = prep.streamed is not None
     loop_cfg = LoopConfig.from_config(cfg, model_ref=task.model_ref,
-                                      data_ref=ray.put(prep.data), task=task,
+                                      data_ref=prep.streamed if streamed
+                                      else ray.put(prep.data), task=task,
                                       progress_queue=queue, run_name=run_name)
-    trainer = make_trainer(loop_cfg, cfg.cluster, run_name, runs.storage_path)
+    trainer = make_trainer(loop_cfg, cfg.cluster, run_name, runs.storage_path,
+                           datasets=prep.data if streamed else None)
     progress = _Progress(out, progress_bar, task)
     tracker = RunTracker(run_dir, run_name, cfg.publish.name, config=cfg.to_dict(),
                          out=out, gauges=False)

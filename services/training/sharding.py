@@ -123,6 +123,17 @@ def micro_batches(order: Sequence[int], lengths: np.ndarray, micro_batch_size: i
         yield MicroBatch(i, [everyone[p] for p in share], everyone, group, weight)
 
 
+@dataclass
+class Micro:
+    """What one rank runs for one micro-batch, from memory or from a stream."""
+
+    index: int  # in the epoch
+    items: list  # this rank's examples (Task.dataset items)
+    scale: float  # the factor loss_sum is scaled by before backward (share_and_scale)
+    samples: int  # examples in the whole global micro-batch
+    tokens: int  # their non-padding tokens
+
+
 def share_and_scale(mb: MicroBatch, world: int) -> tuple[list[int], float]:
     """The examples this rank runs for `mb` and the factor its task.loss_sum is scaled
     by before backward: world / the accumulation group's loss denominator, so that

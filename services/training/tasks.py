@@ -22,15 +22,19 @@ import numpy as np
 from services.core.config import (CLASSIFICATION, GENERATION, TASK_DEFAULTS,
                                   ResolvedTrainConfig, TaskDefaults, parse_class_weights,
                                   render_prompt)
-from services.core.data import (LabelSet, load_labelled, load_pairs, split_indices,
-                                stratified_split_indices)
+from services.core.data import (ALPACA_INPUT, LABEL_COLUMN_CANDIDATES,
+                                PROMPT_COLUMN_CANDIDATES, RESPONSE_COLUMN_CANDIDATES,
+                                TEXT_COLUMN_CANDIDATES, LabelSet, load_labelled, load_pairs,
+                                pick_column, split_indices, stratified_split_indices)
 from services.core.evaluation import metrics_from_confusion
 from services.core.evaluation import summary as evaluation_summary
-from services.core.errors import ConfigError
+from services.core.errors import ConfigError, DataError
 from services.core.modeling import (GENERATION_FILE, check_causal_lm, eos_token_ids,
                                     load_causal_lm_for_training,
                                     load_classifier_for_training)
 from services.core.pooling import is_head_parameter, resolve_pooling, unwrap
+from services.core.sources import DataSource, identity
+from services.training import streamed
 from services.training.encoded import (EncodedSplit, choose_max_length, encode_pairs,
                                        encode_texts, model_limit, pad_batch)
 from services.training.parallel import SHARDED_DIR
@@ -59,6 +63,13 @@ class Task:
 
     # ---- driver side -----------------------------------------------------------
     def prepare_data(self, cfg, tokenizer) -> tuple[dict[str, EncodedSplit], dict]:
+        raise NotImplementedError
+
+    def prepare_stream(self, cfg, tokenizer, train: DataSource, evald: Optional[DataSource],
+                       cpus: Optional[float]) -> tuple[dict[str, Any], tuple[int, int], dict]:
+        """The streamed counterpart of prepare_data: ({"train", "eval"} Ray Datasets
+        tokenised on the cluster, (train rows, eval rows), the manifest's data record).
+        `cpus`: per Ray Data task (streamed.task_args)."""
         raise NotImplementedError
 
     def describe_data(self) -> str:
@@ -133,8 +144,26 @@ class Task:
         """What loss_sum over these examples is divided by to give their mean loss."""
         raise NotImplementedError
 
+    def eval_chunks(self, split: EncodedSplit, rank: int, world: int, batch_size: int):
+        """This rank's eval batches (module eval_chunks) as (dataset items, counted)."""
+        dataset = self.dataset(split)
+        for indices, counted in eval_chunks(split, rank, world, batch_size):
+            yield [dataset[i] for i in indices], counted
+
+    def evaluate_chunks(self, model, chunks, world: int, device,
+                        autocast) -> dict[str, Any]:
+        """The eval metrics of the batches every rank is given in `chunks` ((dataset
+        items, counted) pairs: each rank its own share, the same number on every
+        rank, those not counted run only for FSDP's gathers), exact over all ranks."""
+        raise NotImplementedError
+
     def evaluate(self, model, split: EncodedSplit, rank: int, world: int, batch_size: int,
                  device, autocast) -> dict[str, Any]:
+        return self.evaluate_chunks(model, self.eval_chunks(split, rank, world, batch_size),
+                                    world, device, autocast)
+
+    def items_denominator(self, items: Sequence) -> float:
+        """loss_denominator of dataset items (a streamed micro-batch's)."""
         raise NotImplementedError
 
     def state_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -339,6 +368,76 @@ class ClassificationTask(Task):
                                   if self.class_weights else None)}
         return data, info
 
+    def prepare_stream(self, cfg, tokenizer, train, evald, cpus):
+        d, seed = cfg.data, cfg.optim.seed
+        fraction = 0.0 if evald else d.eval_fraction
+
+        def rows_of(source):
+            raw = streamed.read(source, d.columns, cpus)
+            names = streamed.columns_of(raw, source)
+            hint = "text,label" if d.columns is None and source.fmt in ("csv", "tsv") \
+                else None
+            tcol = pick_column(source.shown, names, d.text_column, TEXT_COLUMN_CANDIDATES,
+                               "text", hint)
+            lcol = pick_column(source.shown, names, d.label_column, LABEL_COLUMN_CANDIDATES,
+                               "label", hint, taken=tcol)
+            rows = raw.map_batches(streamed.labelled_rows, batch_format="pandas",
+                                   fn_kwargs={"text_column": tcol, "label_column": lcol,
+                                              "columns": d.columns, "seed": seed,
+                                              "where": source.shown},
+                                   **streamed.task_args(cpus))
+            return rows, tcol, lcol
+
+        rows, tcol, lcol = rows_of(train)
+        found = streamed.scan(rows, train, fraction, classes=True)
+        keep = found.keep()
+        n_train, n_eval = found.train_eval(classes=True)
+        train_counts = {k: tr + (ev if k in keep else 0) for k, (tr, ev) in found.counts.items()}
+        labelset = LabelSet.from_labels([k for k, n in train_counts.items() if n],
+                                        where=f"{d.train}: ")
+        eval_rows = ev_found = None
+        if evald:
+            eval_rows, _, _ = rows_of(evald)
+            ev_found = streamed.scan(eval_rows, evald, 0.0, classes=True)
+            labelset.encode(list(ev_found.counts), where=f"{d.eval}: ")
+            n_eval = ev_found.rows
+        elif n_eval == 0:
+            raise DataError(f"{d.train}: the hash split held out none of its {n_train} rows "
+                            f"for eval (--eval-fraction {d.eval_fraction}); pass --eval or a "
+                            "larger --eval-fraction")
+        self.id2label = labelset.id2label
+        self.pad_id = tokenizer.pad_token_id
+        length_info = self._resolve_max_length(cfg, tokenizer, ([a for a, _ in found.sample],))
+        counts = [train_counts[name] for name in self.label_names]
+        self.class_weights = resolve_class_weights(cfg.optim.class_weights, self.label_names,
+                                                   counts)
+        tokenise = {"fraction": fraction, "keep": keep, "model_ref": self.model_ref,
+                    "label_ids": {name: i for i, name in enumerate(self.label_names)},
+                    "max_length": self.max_length}
+        datasets = {
+            "train": rows.map_batches(streamed.tokenised_labelled, batch_format="pandas",
+                                      fn_kwargs={**tokenise, "part": "train",
+                                                 "where": train.shown},
+                                      **streamed.task_args(cpus)),
+            "eval": (eval_rows or rows).map_batches(
+                streamed.tokenised_labelled, batch_format="pandas",
+                fn_kwargs={**tokenise, "part": "all" if evald else "eval",
+                           "where": (evald or train).shown},
+                **streamed.task_args(cpus))}
+        info = {"train": {**identity(train), "rows": found.rows, "text_column": tcol,
+                          "label_column": lcol,
+                          "label_counts": dict(zip(self.label_names, counts))},
+                "eval": {**identity(evald), "rows": n_eval} if evald else None,
+                "split": None if evald else {
+                    "method": "hash of the row (text, label): each label held out at the "
+                              "same rate", "eval_fraction": d.eval_fraction, "seed": seed,
+                    "train_rows": n_train, "eval_rows": n_eval,
+                    "kept_in_training": keep},
+                "max_length": length_info,
+                "class_weights": (dict(zip(self.label_names, self.class_weights))
+                                  if self.class_weights else None)}
+        return datasets, (n_train, n_eval), info
+
     @staticmethod
     def _load_splits(cfg: ResolvedTrainConfig):
         """(the training file's data, train (texts, labels), eval (texts, labels), the
@@ -444,7 +543,12 @@ class ClassificationTask(Task):
             return float(np.asarray(self.class_weights)[split.labels[list(indices)]].sum())
         return float(len(indices))
 
-    def evaluate(self, model, split, rank, world, batch_size, device, autocast):
+    def items_denominator(self, items):
+        if self.class_weights:
+            return float(sum(self.class_weights[int(lab)] for _, lab in items))
+        return float(len(items))
+
+    def evaluate_chunks(self, model, chunks, world, device, autocast):
         """Exact over all ranks: confusion matrices, loss sums and counts all-reduced."""
         import torch
         import torch.nn.functional as F
@@ -454,9 +558,9 @@ class ClassificationTask(Task):
         loss_sum, count = 0.0, 0
         model.eval()
         with torch.inference_mode():
-            for chunk, counted in eval_chunks(split, rank, world, batch_size):
-                ids, mask = pad_batch([split.example(i) for i in chunk], self.pad_id)
-                labels = torch.from_numpy(split.labels[chunk])
+            for chunk, counted in chunks:
+                ids, mask = pad_batch([ex for ex, _ in chunk], self.pad_id)
+                labels = torch.tensor([int(lab) for _, lab in chunk], dtype=torch.long)
                 with autocast():
                     logits = model(input_ids=ids.to(device),
                                    attention_mask=mask.to(device)).logits
@@ -618,8 +722,73 @@ class GenerationTask(Task):
         # and truncated share are the data's, not capped at the limit.
         return [len(p) + len(r) + 1 for p, r in zip(p_ids, r_ids)]
 
+    def prepare_stream(self, cfg, tokenizer, train, evald, cpus):
+        check_causal_lm(cfg.modeling.model)
+        d, seed = cfg.data, cfg.optim.seed
+        fraction = 0.0 if evald else d.eval_fraction
+
+        def rows_of(source):
+            raw = streamed.read(source, d.columns, cpus)
+            names = streamed.columns_of(raw, source)
+            hint = "prompt,response" if d.columns is None and source.fmt in ("csv", "tsv") \
+                else None
+            pcol = pick_column(source.shown, names, d.prompt_column, PROMPT_COLUMN_CANDIDATES,
+                               "prompt", hint)
+            rcol = pick_column(source.shown, names, d.response_column,
+                               RESPONSE_COLUMN_CANDIDATES, "response", hint, taken=pcol)
+            extra = ALPACA_INPUT if (d.prompt_column is None and pcol == "instruction"
+                                     and ALPACA_INPUT in names and rcol != ALPACA_INPUT) \
+                else None
+            rows = raw.map_batches(streamed.pair_rows, batch_format="pandas",
+                                   fn_kwargs={"prompt_column": pcol, "response_column": rcol,
+                                              "extra": extra, "columns": d.columns,
+                                              "seed": seed, "where": source.shown},
+                                   **streamed.task_args(cpus))
+            return rows, (f"{pcol}+{extra}" if extra else pcol), rcol
+
+        rows, pcol, rcol = rows_of(train)
+        found = streamed.scan(rows, train, fraction, classes=False)
+        n_train, n_eval = found.train_eval(classes=False)
+        eval_rows = None
+        if evald:
+            eval_rows, _, _ = rows_of(evald)
+            n_eval = streamed.scan(eval_rows, evald, 0.0, classes=False).rows
+        elif n_eval == 0:
+            raise DataError(f"{d.train}: the hash split held out none of its {n_train} rows "
+                            f"for eval (--eval-fraction {d.eval_fraction}); pass --eval or a "
+                            "larger --eval-fraction")
+        self.pad_id = tokenizer.pad_token_id
+        sample = found.sample
+        length_info = self._resolve_max_length(cfg, tokenizer, ([a for a, _ in sample],
+                                                                [b for _, b in sample]))
+        tokenise = {"fraction": fraction, "model_ref": self.model_ref,
+                    "template": self.prompt_template, "max_length": self.max_length}
+        datasets = {
+            "train": rows.map_batches(streamed.tokenised_pairs, batch_format="pandas",
+                                      fn_kwargs={**tokenise, "part": "train",
+                                                 "packing": self.packing},
+                                      **streamed.task_args(cpus)),
+            # Eval is never packed: its loss is over each example on its own.
+            "eval": (eval_rows or rows).map_batches(
+                streamed.tokenised_pairs, batch_format="pandas",
+                fn_kwargs={**tokenise, "part": "all" if evald else "eval", "packing": False},
+                **streamed.task_args(cpus))}
+        self.stats = {"train": {"examples": n_train}, "eval": {"examples": n_eval}}
+        info = {"train": {**identity(train), "rows": found.rows, "prompt_column": pcol,
+                          "response_column": rcol, "examples": n_train},
+                "eval": {**(identity(evald) if evald else {}), "examples": n_eval},
+                "split": None if evald else {
+                    "method": "hash of the row (prompt, response)",
+                    "eval_fraction": d.eval_fraction, "seed": seed,
+                    "train_rows": n_train, "eval_rows": n_eval},
+                "max_length": length_info}
+        return datasets, (n_train, n_eval), info
+
     def describe_data(self) -> str:
         tr, ev = self.stats["train"], self.stats["eval"]
+        if "target_tokens" not in tr:  # streamed: tokenised on the cluster as it trains
+            return (f"generation: {tr['examples']} train pairs, {ev['examples']} eval pairs "
+                    "(tokenised on the cluster as they stream)")
         text = (f"generation: {tr['examples']} train pairs ({tr['target_tokens']} target "
                 f"tokens), {ev['examples']} eval pairs")
         if tr["truncated"] or ev["truncated"]:
@@ -664,16 +833,25 @@ class GenerationTask(Task):
                              for i in indices))
         return float(sum(int(split.mask(i)[1:].sum()) for i in indices))
 
-    def evaluate(self, model, split, rank, world, batch_size, device, autocast):
+    def items_denominator(self, items):
+        total = 0
+        for item in items:
+            mask = np.asarray(item[1], dtype=np.bool_)
+            if len(item) == 3:  # packed: no loss on each example's first token
+                total += int((mask & (np.asarray(item[2]) > 0)).sum())
+            else:
+                total += int(mask[1:].sum())
+        return float(total)
+
+    def evaluate_chunks(self, model, chunks, world, device, autocast):
         """Mean NLL over every target token of the split, exact over all ranks."""
         import torch
 
         loss_sum, tokens, examples = 0.0, 0, 0
         model.eval()
         with torch.inference_mode():
-            for chunk, counted in eval_chunks(split, rank, world, batch_size):
-                batch = lm_batch([(split.example(i), split.mask(i)) for i in chunk],
-                                 self.pad_id)
+            for chunk, counted in chunks:
+                batch = lm_batch([(item[0], item[1]) for item in chunk], self.pad_id)
                 with autocast():
                     logits = model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits
