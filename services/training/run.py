@@ -392,7 +392,8 @@ def preflight(cfg: ResolvedTrainConfig, *, publish: bool, resume: Optional[str],
 
 def data_task_cpus(cfg: ResolvedTrainConfig, resources: dict[str, float]) -> float:
     """CPUs each Ray Data task of a streamed run asks for: 1, or 0 (one task at a time,
-    beside the workers) when the training workers reserve every CPU of the cluster."""
+    beside the workers) when the training workers would leave less than one of the
+    CPUs free now (`resources`: ray.available_resources())."""
     c = cfg.cluster
     free = float(resources.get("CPU", 0.0)) - c.workers * c.cpus_per_worker
     return 1.0 if free >= 1.0 else 0.0
@@ -413,7 +414,7 @@ def prepare(cfg: ResolvedTrainConfig, model_ref: str, tokenizer,
         import ray
 
         started = ensure_ray(cfg.cluster.address, verbose=verbose)
-        cpus = data_task_cpus(cfg, ray.cluster_resources())
+        cpus = data_task_cpus(cfg, ray.available_resources())
         out(f"data: streamed through Ray Data ({why})")
         data, (n_train, n_eval), data_info = task.prepare_stream(
             cfg, tokenizer, sources[0], sources[1] if d.eval else None, cpus)

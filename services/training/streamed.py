@@ -366,7 +366,7 @@ def _tokenizer(model_ref: str):
     return _TOKENIZERS[model_ref]
 
 
-def _table(split: EncodedSplit):
+def encoded_table(split: EncodedSplit):
     """A tokenised batch as an Arrow table: input_ids (and loss_mask, positions) as
     list columns, label and length."""
     import pyarrow as pa
@@ -400,7 +400,7 @@ def tokenised_labelled(df, *, part: str, fraction: float, keep: Sequence[str],
             raise DataError(f"{where}: label {lab[:40]!r} does not occur in the training "
                             f"data (known labels: {', '.join(list(label_ids)[:20])})")
         ids.append(label_ids[lab])
-    return _table(encode_texts(_tokenizer(model_ref), df["a"].tolist(), ids, max_length))
+    return encoded_table(encode_texts(_tokenizer(model_ref), df["a"].tolist(), ids, max_length))
 
 
 def tokenised_pairs(df, *, part: str, fraction: float, model_ref: str,
@@ -410,7 +410,7 @@ def tokenised_pairs(df, *, part: str, fraction: float, model_ref: str,
     df = _part(df, part, fraction, ())
     split, _ = encode_pairs(_tokenizer(model_ref), df["a"].tolist(), df["b"].tolist(),
                             template, max_length, packing=packing)
-    return _table(split)
+    return encoded_table(split)
 
 
 # ---- the workers' side -------------------------------------------------------------
@@ -449,7 +449,11 @@ class StreamedData:
     eval_rows: int
 
     def open(self, task, cfg, rank: int, world: int) -> "StreamBatches":
-        return StreamBatches(self, task, cfg, rank, world)
+        import ray.train
+
+        return StreamBatches(self, task, cfg, rank, world,
+                             ray.train.get_dataset_shard("train"),
+                             ray.train.get_dataset_shard("eval"))
 
 
 def table_items(table) -> list[tuple]:
@@ -476,13 +480,11 @@ class StreamBatches:
     """One worker's micro-batches from its share of the training stream, and its eval
     chunks from its share of the eval stream."""
 
-    def __init__(self, meta: StreamedData, task, cfg, rank: int, world: int):
-        import ray.train
-
+    def __init__(self, meta: StreamedData, task, cfg, rank: int, world: int, train, evald):
+        """`train`, `evald`: this rank's shards (ray.data.DataIterator)."""
         self.task, self.cfg, self.rank, self.world = task, cfg, rank, world
         self.train_rows, self.eval_rows = meta.train_rows, meta.eval_rows
-        self.train = ray.train.get_dataset_shard("train")
-        self.eval = ray.train.get_dataset_shard("eval")
+        self.train, self.eval = train, evald
         self.micro = cfg.micro_batch_size
         self.micro_per_epoch = math.ceil(self.train_rows / (self.micro * world))
 

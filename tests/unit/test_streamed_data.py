@@ -154,3 +154,72 @@ def test_tokenised_batches_cross_arrow_as_the_examples_they_are(tiny_model_dir):
         streamed.tokenised_labelled(df, part="all", fraction=0.0, keep=[],
                                     label_ids={"neg": 0}, model_ref=str(tiny_model_dir),
                                     max_length=16, where="d")
+
+
+class _Shard:
+    """A rank's shard of a stream, as Ray Train's DataIterator yields it."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, *, batch_size, batch_format, **_):
+        assert batch_format == "pyarrow"
+        for k in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(k, batch_size)
+
+
+def _stream(rows: int, world: int, group: bool, seed: int = 0):
+    from types import SimpleNamespace
+
+    from services.core.config import TrainConfig
+    from services.training.encoded import EncodedSplit
+    from services.training.tasks import make_task
+
+    rng = np.random.default_rng(seed)
+    tokens = [list(range(1, int(n) + 1)) for n in rng.integers(2, 60, rows)]
+    table = streamed.encoded_table(EncodedSplit.from_lists(tokens, list(range(rows))))
+    resolved = TrainConfig(model="m", train="t.csv", workers=world, batch_size=8 * world,
+                           grad_accum_steps=2, group_by_length=group).resolve()
+    cfg = SimpleNamespace(micro_batch_size=4, optim=resolved.optim)
+    meta = streamed.StreamedData(train_rows=rows * world, eval_rows=0)
+    return streamed.StreamBatches(meta, make_task(resolved), cfg, 0, world, _Shard(table),
+                                  None)
+
+
+def _padding(micros) -> int:
+    return sum(max(len(x) for x, _ in m.items) * len(m.items) - sum(len(x) for x, _ in m.items)
+               for m in micros if m.scale)
+
+
+def test_a_stream_gives_every_rank_the_same_steps_and_groups_lengths():
+    reduced = []
+
+    def reduce(values):  # the other rank holds as much
+        reduced.append(values)
+        return [2 * v for v in values]
+
+    batches = _stream(37, world=2, group=True)
+    micros = list(batches.micro_batches(0, 0, reduce))
+    assert batches.micro_per_epoch == 10  # ceil(74 / (4 x 2))
+    assert [m.index for m in micros] == list(range(10))
+    assert sorted(lab for m in micros for _, lab in m.items) == list(range(37))
+    assert len(reduced) == 5  # one all-reduce per optimizer step (2 micro-batches)
+    assert [m.scale for m in micros[:2]] == [2 / (2 * 8)] * 2  # world / group's examples
+    assert sum(m.samples for m in micros) == 2 * 37
+    plain = list(_stream(37, world=2, group=False).micro_batches(0, 0, reduce))
+    assert _padding(micros) < _padding(plain) / 2
+
+
+def test_a_resumed_stream_skips_the_trained_micro_batches_and_a_short_one_pads():
+    def reduce(values):
+        return values
+
+    resumed = list(_stream(40, world=1, group=False).micro_batches(0, 4, reduce))
+    assert [m.index for m in resumed] == list(range(4, 10))
+    assert sorted(lab for m in resumed for _, lab in m.items) == list(range(16, 40))
+    short = _stream(30, world=1, group=False)
+    short.train_rows = 40  # the stream holds fewer rows than the steps were counted for
+    short.micro_per_epoch = 10
+    micros = list(short.micro_batches(0, 0, reduce))
+    assert len(micros) == 10
+    assert [(len(m.items), m.scale) for m in micros[8:]] == [(1, 0.0), (1, 0.0)]
