@@ -33,7 +33,7 @@ def test_streamed_runs_on_1_and_2_workers_reach_the_in_memory_loss(tmp_path, tin
     for mode, workers in (("off", 2), ("on", 2), ("on", 1)):
         cfg = TrainConfig(model=str(tiny_model_dir), train=str(toy_csv), eval=str(evald),
                           name=f"same-{mode}-{workers}", registry=str(tmp_path / "registry"),
-                          runs_dir=str(tmp_path / "runs"), workers=workers, epochs=5,
+                          runs_dir=str(tmp_path / "runs"), workers=workers, epochs=6,
                           batch_size=16, learning_rate=3e-3, warmup_ratio=0.0,
                           small_data="off", log_every_steps=100, seed=1,
                           data_streaming=mode)
@@ -46,7 +46,7 @@ def test_streamed_runs_on_1_and_2_workers_reach_the_in_memory_loss(tmp_path, tin
         assert data["train"]["rows"] == 200
     # Every run learned (chance is 0.69) and they end at the same loss: the batches
     # differ (a stream's order is not the in-memory permutation), the model does not.
-    assert max(losses.values()) < 0.06, losses
+    assert max(losses.values()) < 0.05, losses
     assert losses[("on", 2)] == pytest.approx(losses[("off", 2)], abs=0.02), losses
     assert losses[("on", 1)] == pytest.approx(losses[("on", 2)], abs=0.02), losses
 
