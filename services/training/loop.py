@@ -360,7 +360,8 @@ class MemoryData:
     def _denominator(self, examples: list[int]) -> float:
         return self.task.loss_denominator(self.train_split, examples)
 
-    def eval_chunks(self, batch_size: int):
+    def eval_chunks(self, batch_size: int, reduce=None):
+        """This rank's eval batches as (dataset items, counted): Task.eval_chunks."""
         return self.task.eval_chunks(self.eval_split, self.rank, self.world, batch_size)
 
 
@@ -603,7 +604,9 @@ class Worker:
         metrics = {"epoch": epoch + 1, "step": state.step,
                    "epoch_progress": round(epoch + done, 4),
                    **self.task.evaluate_chunks(
-                       self.model, self.data.eval_chunks(self.cfg.micro_batch_size * 2),
+                       self.model, self.data.eval_chunks(
+                           self.cfg.micro_batch_size * 2,
+                           reduce=lambda values: all_reduce(values, self.device, self.world)),
                        self.world, self.device, self.autocast)}
         stop = self.stopper.update(float(metrics[self.task.metric]))
         state.best, state.bad_evals = self.stopper.best, self.stopper.bad_evals

@@ -485,6 +485,8 @@ class StreamBatches:
         self.task, self.cfg, self.rank, self.world = task, cfg, rank, world
         self.train_rows, self.eval_rows = meta.train_rows, meta.eval_rows
         self.train, self.eval = train, evald
+        self.filler: Optional[list] = None
+        """One training example, which a rank whose eval share ran out runs."""
         self.micro = cfg.micro_batch_size
         self.micro_per_epoch = math.ceil(self.train_rows / (self.micro * world))
 
@@ -521,6 +523,8 @@ class StreamBatches:
         for first in range(0, self.micro_per_epoch, accum):
             group = [next(stream, None) for _ in range(min(accum, self.micro_per_epoch - first))]
             last = next((g for g in reversed(group) if g), last)
+            if last and self.filler is None:
+                self.filler = last[:1]
             if first < start:
                 continue
             mine = [g for g in group if g]
@@ -536,9 +540,23 @@ class StreamBatches:
                 else:
                     yield Micro(first + k, (last or [])[:1], 0.0, *counted)
 
-    def eval_chunks(self, batch_size: int) -> Iterator[list[tuple]]:
+    def _eval_local(self, batch_size: int) -> Iterator[list[tuple]]:
         for table in self.eval.iter_batches(batch_size=batch_size * GROUP_BATCHES,
                                             batch_format="pyarrow", prefetch_batches=2):
             items = sorted(table_items(table), key=lambda it: len(it[0]))
             for k in range(0, len(items), batch_size):
                 yield items[k:k + batch_size]
+
+    def eval_chunks(self, batch_size: int,
+                    reduce: Callable[[list[float]], Any]) -> Iterator[tuple[list, bool]]:
+        """This rank's batches of its share of the eval stream as (items, counted).
+        The shares differ in size, and an FSDP forward gathers weights from every rank:
+        the ranks go batch by batch together (one all-reduce of "mine has more" each)
+        until every share is done, a rank whose share ran out running one training
+        example, not counted."""
+        stream = self._eval_local(batch_size)
+        while True:
+            chunk = next(stream, None)
+            if float(reduce([0.0 if chunk is None else 1.0])[0]) == 0.0:
+                return
+            yield (chunk, True) if chunk is not None else (self.filler, False)

@@ -223,3 +223,18 @@ def test_a_resumed_stream_skips_the_trained_micro_batches_and_a_short_one_pads()
     micros = list(short.micro_batches(0, 0, reduce))
     assert len(micros) == 10
     assert [(len(m.items), m.scale) for m in micros[8:]] == [(1, 0.0), (1, 0.0)]
+
+
+def test_eval_shares_of_any_size_run_in_step_on_every_rank():
+    batches = _stream(24, world=2, group=False)
+    batches.eval = _Shard(batches.train.table.slice(0, 10))  # 10 rows: 3 batches of 4
+    list(batches.micro_batches(0, 0, lambda values: values))  # training sets the filler
+    others = iter([1.0] * 5 + [0.0])  # another rank has 5 batches
+
+    def reduce(values):  # "has more" summed over this rank and the other
+        return [values[0] + next(others)]
+
+    chunks = list(batches.eval_chunks(4, reduce))
+    assert [(len(items), counted) for items, counted in chunks] == \
+        [(4, True), (4, True), (2, True), (1, False), (1, False)]
+    assert sum(len(items) for items, counted in chunks if counted) == 10
