@@ -238,3 +238,15 @@ def test_eval_shares_of_any_size_run_in_step_on_every_rank():
     assert [(len(items), counted) for items, counted in chunks] == \
         [(4, True), (4, True), (2, True), (1, False), (1, False)]
     assert sum(len(items) for items, counted in chunks if counted) == 10
+
+
+def test_data_streaming_is_checked_with_the_other_fields():
+    from services.core.config import TrainConfig
+    from services.core.errors import ConfigError
+
+    assert TrainConfig(model="m", train="t.csv").resolve().data.data_streaming == "auto"
+    with pytest.raises(ConfigError, match="'data_streaming': must be one of auto, on, off"):
+        TrainConfig(model="m", train="t.csv", data_streaming="sometimes").resolve()
+    with pytest.raises(ConfigError, match="'data_streaming': --search trains on data in "
+                                          "memory"):
+        TrainConfig(model="m", train="t.csv", data_streaming="on", search=True).resolve()
