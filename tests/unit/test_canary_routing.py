@@ -141,9 +141,11 @@ def test_a_failing_candidate_costs_clients_nothing(registry, monkeypatch, fallba
     (production answers those), each one counted against the candidate."""
     real = runtime.run_encoded
     failed = collections.Counter()
+    armed = []  # from when the candidate serves: its load's smoke test must pass
 
     def flaky(loaded, enc, *args, **kwargs):
-        if loaded.version == "v2" and any(sum(ids) % 10 == 0 for ids in enc["input_ids"]):
+        if armed and loaded.version == "v2" and \
+                any(sum(ids) % 10 == 0 for ids in enc["input_ids"]):
             failed["batches"] += 1
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(loaded, enc, *args, **kwargs)
@@ -155,6 +157,7 @@ def test_a_failing_candidate_costs_clients_nothing(registry, monkeypatch, fallba
         registry.start_canary(NAME, "v2", 50)
         try:
             await follows(model, lambda: model.candidate is not None)
+            armed.append(True)
             counts = await versions_of(model, 400)  # raises if any call failed
         finally:
             registry.abort_canary(NAME)
