@@ -23,6 +23,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -601,8 +602,16 @@ def _watch(trainer, queue, progress: _Progress, tracker: RunTracker, started_her
     thread = threading.Thread(target=fit_run, name="tuneserve-fit", daemon=True)
     thread.start()
     stopped = False
+    # Ctrl-C is noted here and acted on at the loop's next turn (within 0.5 s): a
+    # KeyboardInterrupt raised inside Ray's calls (queue.get) can be lost there, and
+    # the run would go on.
+    ctrl_c = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set()) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         while thread.is_alive() or not queue.empty():
+            if ctrl_c.is_set():
+                raise KeyboardInterrupt
             try:
                 event = queue.get(timeout=0.5)
             except Empty:
@@ -620,6 +629,8 @@ def _watch(trainer, queue, progress: _Progress, tracker: RunTracker, started_her
             ray.shutdown()
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
         progress.close()
         tracker.close()
         if not stopped:
