@@ -1,7 +1,7 @@
 """Abuse benchmark: authenticated Classify while an unauthenticated flood runs.
 
     .venv/bin/python bench/abuse.py [--quick] [--duration-s 15] [--concurrency 8]
-        [--watch-streams 2000] [--idle-connections 500] [--flood-concurrency 32]
+        [--watch-streams 2000] [--idle-connections 2000] [--flood-concurrency 32]
         [--replica-grpc] [--json out.json]
 
 Checkpoint: the MiniLM-L6 classifier of bench/_common.py, published to a temporary
@@ -270,7 +270,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8,
                    help="authenticated clients, one call at a time each")
     p.add_argument("--watch-streams", type=int, default=2000)
-    p.add_argument("--idle-connections", type=int, default=500)
+    p.add_argument("--idle-connections", type=int, default=2000)
     p.add_argument("--flood-concurrency", type=int, default=32,
                    help="clients sending Classify without a token")
     p.add_argument("--replicas", type=int, default=1)

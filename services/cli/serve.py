@@ -123,9 +123,11 @@ def _add_ingress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout-s", type=int, default=120, metavar="S",
                    help="deadline of a call that sets none (behind Serve's proxy: of "
                         "every unary call); past it, DEADLINE_EXCEEDED")
-    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+    p.add_argument("--max-connections", type=int, default=ServeConfig.max_connections,
+                   metavar="N",
                    help="connections each of tuneserve's own gRPC servers (--layout colocated or "
-                        "models, --admin-port, --health-port) accepts at once")
+                        "models, --admin-port, --health-port) accepts at once (default "
+                        "%(default)s; the open-files limit is raised to fit)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="Serve's per-request access log in the replica logs (it costs CPU "
                         "on every request: docs/benchmarks.md)")

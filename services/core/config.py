@@ -1248,9 +1248,12 @@ class ServeConfig:
     alone (Check and Watch, no token, nothing else), on `host`; None: none. For
     Kubernetes' gRPC probes, which cannot speak TLS: a probe of it asks the pod's own
     ingress replica, not one elsewhere. The replicas of a node share it."""
-    max_connections: int = 1000
+    max_connections: int = 5000
     """Connections each of tuneserve's own gRPC servers (replica_grpc, admin_port,
-    health_port) accepts at once; more are closed at once."""
+    health_port) accepts at once; more are closed at once. Each server raises its
+    process's soft open-files limit to fit (up to the hard limit). An idle connection
+    costs a few kB; the bound is high enough that 2,000 idle connections held by
+    one client leave room for the others (bench/abuse.py)."""
     max_concurrent_rpcs: int = 1000
     """Calls each of tuneserve's own gRPC servers runs at once; more answer
     RESOURCE_EXHAUSTED."""

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core.config import check_tls_files
+from services.core.config import ServeConfig, check_tls_files
 from services.core.errors import ConfigError
 from services.protocol import ADMIN_SERVICE, INFERENCE_SERVICE
 from services.serving.servicers import (
@@ -60,7 +60,8 @@ MAX_PING_STRIKES such pings (grpc's keepalive enforcement)."""
 MAX_PING_STRIKES = 2
 
 
-def server_options(max_receive_bytes: int, max_connections: int = 1000,
+def server_options(max_receive_bytes: int,
+                   max_connections: int = ServeConfig.max_connections,
                    max_streams_per_connection: int = 100, connection_idle_s: float = 300.0,
                    connection_max_age_s: float = 3600.0, grace_s: float = 120.0,
                    **_unused) -> list[tuple[str, Any]]:
@@ -84,6 +85,29 @@ def server_options(max_receive_bytes: int, max_connections: int = 1000,
          int(MIN_CLIENT_PING_INTERVAL_S * 1000)),
         ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
     ]
+
+
+FILES_BESIDE_CONNECTIONS = 1024
+"""Open files a replica needs beside its connections (models, logs, Ray's sockets)."""
+
+
+def allow_open_files(max_connections: int) -> None:
+    """Raise this process's soft limit on open files so that `max_connections`
+    connections fit beside FILES_BESIDE_CONNECTIONS others (each connection is a file
+    descriptor; past the limit grpc cannot accept one). Up to the hard limit; below
+    it, a warning names the setting to lower."""
+    import resource
+
+    needed = max_connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            logger.warning("this process may open %d files (hard limit), fewer than "
+                           "max_connections=%d connections need: lower max_connections "
+                           "or raise the limit (ulimit -n)", target, max_connections)
 
 
 def _streaming(fn):
@@ -275,6 +299,7 @@ class ReplicaGrpcServer:
         self.plane = plane
         self.admin = plane == "admin"
         bounds = dict(bounds or {})
+        allow_open_files(bounds.get("max_connections", ServeConfig.max_connections))
         self.server = grpc.aio.server(
             options=server_options(max_receive_bytes, **bounds),
             maximum_concurrent_rpcs=bounds.get("max_concurrent_rpcs", 1000))

@@ -274,6 +274,43 @@ def test_connections_past_the_bound_are_closed(front):
             assert poll_until(lambda: _version_or_none(late), timeout_s=20)
 
 
+OPEN_FILES_PROBE = """
+import logging, resource, sys
+from services.serving.replica_grpc import allow_open_files
+logging.basicConfig(level=logging.WARNING)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+allow_open_files(int(sys.argv[3]))
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def _open_files_after(soft: int, hard: int, max_connections: int):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", OPEN_FILES_PROBE, str(soft), str(hard),
+                           str(max_connections)], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return int(proc.stdout.split()[-1]), proc.stderr
+
+
+def test_the_open_files_limit_is_raised_to_fit_the_connection_bound():
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 3000:
+        pytest.skip(f"the hard open-files limit here is {hard}")
+    soft, err = _open_files_after(1024, 3000, 1500)
+    assert soft == 1500 + 1024 and "lower max_connections" not in err
+    # only up to the hard limit, and then the warning names the setting
+    soft, err = _open_files_after(1024, 2000, 5000)
+    assert soft == 2000 and "max_connections=5000" in err
+    # a limit already high enough is left alone
+    soft, _ = _open_files_after(2900, 3000, 100)
+    assert soft == 2900
+
+
 def _version_or_none(client):
     try:
         return client.classify("m", ["x"]).version
