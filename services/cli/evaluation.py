@@ -42,8 +42,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="evaluate the first N examples only")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per request, with --address")
     p.add_argument("--optimize", choices=CLASSIFIER_OPTIMIZERS, default=None,
-                   help="with --registry: run the version on ONNX Runtime as `tuneserve "
-                        "serve --optimize` does (onnx-int8: int8 weights)")
+                   help="with --registry: run the version on ONNX Runtime or in bfloat16 "
+                        "as `tuneserve serve --optimize` does (onnx-int8: int8 weights; "
+                        "bf16: bfloat16 weights; auto: bf16 where the CPU computes it "
+                        "natively)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
                    help="also write the confusion matrix as a PNG")

@@ -89,9 +89,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="classifiers run as a TorchScript trace of the model, checked "
                         "against it at load (the model itself where tracing fails)")
     p.add_argument("--optimize", choices=CLASSIFIER_OPTIMIZERS, default=None,
-                   help="classifiers on a CPU: run on ONNX Runtime (onnx; onnx-int8 with "
-                        "int8 weights), checked against the model at load (same labels, "
-                        "scores within a tolerance; the model serves where it differs)")
+                   help="classifiers: run on ONNX Runtime on a CPU (onnx; onnx-int8 with "
+                        "int8 weights) or with bfloat16 weights as a TorchScript trace "
+                        "(bf16: a CPU with AVX512-BF16 or AMX-BF16, or a GPU with native "
+                        "bfloat16), checked against the float32 model at load (same "
+                        "labels, scores within a tolerance; the model serves where it "
+                        "differs or the device lacks native bfloat16); auto: bf16 where "
+                        "the device computes it natively, else none. The replica's load "
+                        "log line names the runtime it picked")
     p.add_argument("--max-input-tokens", type=int, default=None, metavar="N",
                    help="classifiers: the most tokens a text runs on (default: the "
                         "model's own limit, e.g. 512)")

@@ -1073,9 +1073,14 @@ class ServeLimits:
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """What `ServeConfig.dtype` may name (services.core.modeling.serving_dtype)."""
 GENERATION_BATCHING = ("continuous", "static")
-CLASSIFIER_OPTIMIZERS = ("onnx", "onnx-int8")
+CLASSIFIER_OPTIMIZERS = ("onnx", "onnx-int8", "bf16", "auto")
 """ServeConfig.optimize: ONNX Runtime with the model's float32 weights, or with int8
-weights (per output channel) for its linear layers (services/runtime/optimized.py)."""
+weights (per output channel) for its linear layers; the weights in bfloat16 as a
+TorchScript trace, where the CPU or GPU computes bfloat16 natively; auto: bf16 where
+it does, else none (services/runtime/optimized.py)."""
+BF16_OPTIMIZERS = ("bf16", "auto")
+"""The ServeConfig.optimize values that check bfloat16 weights against the float32
+model (loaded in float32 for that)."""
 """What `ServeConfig.generation_batching` may name."""
 
 
@@ -1208,10 +1213,13 @@ class ServeConfig:
     """Classifiers, a text over the limit: truncate (run its first tokens) or refuse
     (its request fails with INVALID_ARGUMENT naming the text and its length)."""
     optimize: Optional[str] = None
-    """Classifiers on a CPU: run each version on ONNX Runtime (onnx, or onnx-int8 with
-    int8 weights), exported when it loads and checked against the model on sample texts
-    (same labels, class probabilities within a tolerance); where it cannot run or
-    differs, the version serves as without it (trace). None: TorchScript or eager."""
+    """Classifiers: run each version on ONNX Runtime (onnx, or onnx-int8 with int8
+    weights; a CPU only), or with its weights in bfloat16 as a TorchScript trace (bf16;
+    a CPU with AVX512-BF16 or AMX-BF16, or a GPU that computes bfloat16 natively), made
+    when it loads and checked against the float32 model on sample texts (same labels,
+    class probabilities within a tolerance); where it cannot run or differs, the version
+    serves as without it (trace). auto: bf16 where the device computes bfloat16
+    natively, else none. None: TorchScript or eager."""
     models: Optional[list[str]] = None
     """Model names to serve; default: every model in the registry."""
     pinned_versions: dict[str, str] = field(default_factory=dict)
@@ -1489,6 +1497,10 @@ def _check_serve_runtime(cfg: ServeConfig) -> None:
     if cfg.optimize is not None and cfg.optimize not in CLASSIFIER_OPTIMIZERS:
         raise _bad_serve("optimize", f"{cfg.optimize!r} is not one of "
                          f"{', '.join(CLASSIFIER_OPTIMIZERS)}")
+    if cfg.optimize in BF16_OPTIMIZERS and cfg.dtype not in ("auto", "float32"):
+        raise _bad_serve("optimize", f"{cfg.optimize} checks bfloat16 weights against the "
+                         f"float32 model, so it loads float32: leave dtype auto or float32 "
+                         f"(not {cfg.dtype})")
     if cfg.truncation not in ("truncate", "refuse"):
         raise _bad_serve("truncation", f"{cfg.truncation!r} is not one of truncate, refuse")
 

@@ -26,11 +26,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from services.core import metrics
-from services.core.config import CLASSIFICATION
+from services.core.config import BF16_OPTIMIZERS, CLASSIFICATION
 from services.core.errors import CorruptVersion, InvalidInput
 from services.core.modeling import context_length, dtype_name, load_classifier_for_serving
 from services.core.registry import Registry
-from services.runtime.optimized import OptimizeRefused, onnx_runner
+from services.runtime.optimized import (
+    OptimizeRefused,
+    bf16_runner,
+    bf16_unsupported,
+    onnx_runner,
+)
 
 # The serving replicas' logger: a replica logs its loads there, and so does `tuneserve eval`.
 logger = logging.getLogger("ray.serve")
@@ -51,10 +56,13 @@ class LoadedClassifier:
     serving limit where that is lower. Longer texts are truncated (or refused)."""
     loaded_at: float
     traced: Any = None
-    """What `predict` runs where set: the model's TorchScript trace (`trace_classifier`)
-    or its ONNX Runtime session (`optimize_classifier`); None: the model itself."""
+    """What `predict` runs where set: the model's TorchScript trace (`trace_classifier`
+    and, on bfloat16 weights, `optimize_classifier`) or its ONNX Runtime session
+    (`optimize_classifier`); None: the model itself."""
     runtime: str = "eager"
-    """What runs the model: eager (the model itself), torchscript, onnx or onnx-int8."""
+    """What runs the model: eager (the model itself), torchscript, onnx, onnx-int8, bf16
+    (bfloat16 weights as a TorchScript trace) or bf16-eager (bfloat16 weights, where
+    tracing failed)."""
     name: str = ""
     """The model's name (the `model` label of its metrics)."""
     refuse: bool = False
@@ -97,10 +105,14 @@ def load_classifier(registry: Registry, name: str, version: str,
     thread); the weights in `services.core.modeling.serving_dtype(dtype)`; with `trace`,
     run as a TorchScript trace where that gives the model's own answers. Texts run up
     to the model's limit, or `max_input_tokens` where lower; `refuse`: see
-    LoadedClassifier.refuse; `optimize` (onnx, onnx-int8): run on ONNX Runtime where
-    that answers as the model does (`optimize_classifier`), else as without it."""
+    LoadedClassifier.refuse; `optimize` (onnx, onnx-int8, bf16, auto): run on ONNX
+    Runtime or in bfloat16 where that answers as the model does (`optimize_classifier`),
+    else as without it. bf16 and auto load the weights in float32 under dtype auto (the
+    reference their check needs)."""
     import torch
 
+    if optimize in BF16_OPTIMIZERS and dtype == "auto":
+        dtype = "float32"
     manifest = registry.verify(name, version)
     if manifest.get("task") != CLASSIFICATION:
         raise CorruptVersion(f"{name} {version}: task is {manifest.get('task')!r}, "
@@ -115,8 +127,7 @@ def load_classifier(registry: Registry, name: str, version: str,
     loaded = LoadedClassifier(version, model, tokenizer, labels, max_length, time.time(),
                               name=name, refuse=refuse)
     if optimize:
-        loaded.traced = optimize_classifier(loaded, optimize, f"{name} {version}")
-        loaded.runtime = optimize if loaded.traced is not None else "eager"
+        optimize_classifier(loaded, optimize, f"{name} {version}")
     if trace and loaded.traced is None:
         loaded.traced = trace_classifier(loaded, f"{name} {version}")
         loaded.runtime = "torchscript" if loaded.traced is not None else "eager"
@@ -138,6 +149,8 @@ def load_classifier_folder(folder: str | Path, name: str = "",
 
 
 # ---- TorchScript --------------------------------------------------------------------
+TRACED_RUNTIMES = ("torchscript", "bf16")
+"""LoadedClassifier.runtime values whose runner is a TorchScript trace."""
 TRACE_PROBES = [SMOKE_TEXT, "a", "two texts of different lengths, so one of them is padded"]
 """What a trace is made from; it is checked on these and `trace_probes`' long texts."""
 TRACE_KEYS = {"input_ids", "attention_mask", "token_type_ids"}
@@ -218,17 +231,33 @@ def trace_classifier(loaded: LoadedClassifier, what: str) -> Any:
         return None
 
 
-def optimize_classifier(loaded: LoadedClassifier, kind: str, what: str) -> Any:
-    """The model on ONNX Runtime (`kind`: onnx or onnx-int8, services.runtime.optimized),
-    checked against the model on `trace_probes` (all padded together, and each alone);
-    None, with a log line saying why, where it cannot run or answers differently."""
+def optimize_classifier(loaded: LoadedClassifier, kind: str, what: str) -> None:
+    """Run the model as `kind` says (services.runtime.optimized): onnx or onnx-int8 on
+    ONNX Runtime; bf16 with its weights in bfloat16 as a TorchScript trace, `loaded.model`
+    then the bfloat16 copy and the float32 model dropped; auto: bf16 where the device
+    computes bfloat16 natively, else nothing. Checked against the model on
+    `trace_probes` (all padded together, and each alone); sets loaded.traced and
+    loaded.runtime where accepted, and leaves `loaded` as it is, with a log line saying
+    why, where it cannot run or answers differently."""
+    if kind == "auto":
+        why = bf16_unsupported(loaded.model.device)
+        if why:
+            logger.info("%s: --optimize auto: not serving on bf16 (%s)", what, why)
+            return
+        kind = "bf16"
     probes = trace_probes(loaded.max_length)
     try:
         batches = [probe_batch(loaded, texts) for texts in [probes, *([t] for t in probes)]]
-        return onnx_runner(logits_module(loaded.model), batches, kind)
+        if kind == "bf16":
+            runner, low = bf16_runner(logits_module(loaded.model), batches)
+            loaded.model = low.inner
+            loaded.traced = runner
+            loaded.runtime = "bf16" if runner is not low else "bf16-eager"
+        else:
+            loaded.traced = onnx_runner(logits_module(loaded.model), batches, kind)
+            loaded.runtime = kind
     except (OptimizeRefused, ValueError) as exc:
         logger.warning("%s: not serving on %s (%s)", what, kind, exc)
-        return None
 
 
 # ---- inference ----------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from services.core import metrics
 from services.runtime.classifier import (
+    TRACED_RUNTIMES,
     LoadedClassifier,
     load_classifier,
     predict_batch,
@@ -54,7 +55,7 @@ class Classifier(RegistryFollower):
                          threads=threads, cache_versions=cache_versions, board=board,
                          dtype=dtype)
         self.trace = trace  # ServeConfig.trace: run each version as a TorchScript trace
-        self.optimize = optimize  # ServeConfig.optimize: or on ONNX Runtime
+        self.optimize = optimize  # ServeConfig.optimize: or on ONNX Runtime, or in bf16
         # ServeConfig.max_input_tokens and .truncation: texts run whole up to the model's
         # limit or this one; a longer text is truncated, or its request refused.
         self.max_input_tokens = max_input_tokens
@@ -73,7 +74,7 @@ class Classifier(RegistryFollower):
 
     def _status_extra(self) -> dict[str, Any]:
         return {"labels": self.current.labels if self.current else [],
-                "torchscript": bool(self.current and self.current.runtime == "torchscript")}
+                "torchscript": bool(self.current and self.current.runtime in TRACED_RUNTIMES)}
 
     def _load_version(self, version: str) -> LoadedClassifier:
         later = self.trace and not self.optimize and self.current is not None

@@ -77,7 +77,8 @@ def test_a_serving_replica_loads_its_versions_on_the_runtime_asked_for(classifie
 
 
 def test_an_unknown_runtime_is_a_config_error_naming_the_field(tmp_path):
-    with pytest.raises(ConfigError, match="optimize.*'tensorrt' is not one of onnx, onnx-int8"):
+    with pytest.raises(ConfigError,
+                       match="optimize.*'tensorrt' is not one of onnx, onnx-int8, bf16, auto"):
         ServeConfig(registry=str(tmp_path), optimize="tensorrt").validate()
 
 
