@@ -1,8 +1,9 @@
-"""Classifier runtimes side by side: eager PyTorch, TorchScript, ONNX Runtime, and ONNX
-Runtime with int8 weights (`tuneserve serve --optimize`), in one process on the same
-texts: texts/s as a ratio of eager, accuracy on a labelled file, and the FLOP/s each
-achieves against the machine's own float32 matrix-multiply rate (what the cores reach
-on one large GEMM, measured in the same run).
+"""Classifier runtimes side by side: eager PyTorch, TorchScript, ONNX Runtime, ONNX
+Runtime with int8 weights, and bfloat16 weights as a TorchScript trace (`tuneserve
+serve --optimize`), in one process on the same texts: texts/s as a ratio of eager,
+accuracy on a labelled file, and the FLOP/s each achieves against the machine's own
+matrix-multiply rate in the dtype it computes in (what the cores reach on one large
+float32 GEMM, and on one large bfloat16 GEMM for bf16, measured in the same run).
 
     python bench/optimize.py --registry REG --model sentiment     # a trained version
     python bench/optimize.py --quick                               # MiniLM-L6, untrained head
@@ -44,13 +45,15 @@ from services.runtime.classifier import (  # noqa: E402
     predict,
 )
 
-RUNTIMES = ("eager", "torchscript", "onnx", "onnx-int8")
+RUNTIMES = ("eager", "torchscript", "onnx", "onnx-int8", "bf16")
+OPTIMIZED = ("onnx", "onnx-int8", "bf16")
+"""The runtimes that `--optimize` picks."""
 
 
 def load(registry: Registry, name: str, version: str, runtime: str):
     loaded = load_classifier(registry, name, version, dtype="float32",
                              trace=runtime == "torchscript",
-                             optimize=runtime if runtime.startswith("onnx") else None)
+                             optimize=runtime if runtime in OPTIMIZED else None)
     if loaded.runtime != runtime:
         raise SystemExit(f"{runtime}: refused at load (it runs as {loaded.runtime}); "
                          f"see the log line above")
@@ -93,9 +96,9 @@ def throughput(loaded, texts: list[str], batch: int, seconds: float) -> dict[str
     return {"texts_per_s": done / elapsed, "gflops": flops * rounds / elapsed / 1e9}
 
 
-def gemm_gflops(seconds: float = 3.0, n: int = 2048) -> float:
-    """The float32 rate the cores reach on one large matrix multiply."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(seconds: float = 3.0, n: int = 2048, dtype=torch.float32) -> float:
+    """The rate the cores reach on one large matrix multiply in `dtype`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     runs, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -124,32 +127,41 @@ def run(args, work: Path) -> dict[str, Any]:
         data = read_data(args.data, None, None, None, args.limit)
     texts = sentences(args.texts)
     peak = gemm_gflops()
+    peak_bf16 = gemm_gflops(dtype=torch.bfloat16) if "bf16" in args.runtimes else None
     results: dict[str, Any] = {}
     for runtime in args.runtimes:
         loaded = load(registry, name, version, runtime)
         row = throughput(loaded, texts, args.batch, args.seconds)
         if data is not None:
             report = evaluate_local(registry.uri, name, version, data, progress=False,
-                                    optimize=runtime if runtime.startswith("onnx") else None)
+                                    optimize=runtime if runtime in OPTIMIZED else None)
             row["accuracy"] = report.metrics["accuracy"]
         results[runtime] = row
         print(f"{runtime}: {row['texts_per_s']:.1f} texts/s", flush=True)
-    return {"peak_gflops": peak, "results": results, "model": f"{name} {version}",
+    return {"peak_gflops": peak, "peak_bf16_gflops": peak_bf16, "results": results,
+            "model": f"{name} {version}",
             "threads": torch.get_num_threads(), "machine": machine()}
 
 
 def report(out: dict[str, Any]) -> str:
+    """The table; each runtime's GFLOP/s against the GEMM rate of the dtype it
+    computes in (bf16: bfloat16, the others: float32)."""
     base = out["results"].get("eager")
     rows = []
     for runtime, r in out["results"].items():
+        peak = out["peak_gflops"]
+        if runtime == "bf16" and out.get("peak_bf16_gflops"):
+            peak = out["peak_bf16_gflops"]
         ratio = r["texts_per_s"] / base["texts_per_s"] if base else float("nan")
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
         delta = (f"{100 * (r['accuracy'] - base['accuracy']):+.2f}"
                  if base and "accuracy" in r and "accuracy" in base else "-")
         rows.append([runtime, f"{r['texts_per_s']:.1f}", f"{ratio:.2f}x", acc, delta,
-                     f"{r['gflops']:.1f}", f"{100 * r['gflops'] / out['peak_gflops']:.1f}%"])
+                     f"{r['gflops']:.1f}", f"{100 * r['gflops'] / peak:.1f}%"])
+    bf16 = (f", bfloat16 GEMM {out['peak_bf16_gflops']:.1f} GFLOP/s"
+            if out.get("peak_bf16_gflops") else "")
     return (f"{out['model']}, {out['threads']} threads, float32 GEMM "
-            f"{out['peak_gflops']:.1f} GFLOP/s\n" + table(
+            f"{out['peak_gflops']:.1f} GFLOP/s{bf16}\n" + table(
                 rows, ["runtime", "texts/s", "vs eager", "accuracy", "points",
                        "GFLOP/s", "of GEMM"]))
 

@@ -28,3 +28,16 @@ def test_each_runtime_is_timed_scored_and_reported_against_eager(
                    "threads": 1, "machine": {}})
     rows = {line.split()[0]: line.split() for line in text.splitlines()[3:]}
     assert set(rows) == {"eager", "onnx"} and rows["eager"][2] == "1.00x"
+
+
+def test_the_bf16_row_reads_against_the_bfloat16_gemm_rate():
+    from bench.optimize import report
+
+    results = {"eager": {"texts_per_s": 100.0, "gflops": 5.0},
+               "bf16": {"texts_per_s": 300.0, "gflops": 15.0}}
+    text = report({"peak_gflops": 10.0, "peak_bf16_gflops": 60.0, "results": results,
+                   "model": "toy v1", "threads": 1, "machine": {}})
+    assert "float32 GEMM 10.0 GFLOP/s, bfloat16 GEMM 60.0 GFLOP/s" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[3:]}
+    assert rows["eager"][2] == "1.00x" and rows["eager"][-1] == "50.0%"
+    assert rows["bf16"][2] == "3.00x" and rows["bf16"][-1] == "25.0%"
