@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +42,7 @@ SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 WARMUP_STEPS = 5
 
 
-def load_rows(path: Path, n: int, seed: int) -> list[tuple[str, str]]:
+def load_rows(path: Path, n: Optional[int], seed: int) -> list[tuple[str, str]]:
     with path.open(encoding="utf-8", newline="") as fh:
         rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)][1:]
     rows = [(r[0], r[1]) for r in rows if len(r) >= 2 and r[0].strip()]
