@@ -193,7 +193,7 @@ def _epoch_lines(s: dict[str, Any]) -> list[str]:
     header = ["epoch", "step", "train loss", *(f"eval {c}" for c in cols)]
     best = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
     return ["", format_table(rows, header), "",
-            f"best epoch {s.get('best_epoch') or '?'} (*): {best}"]
+            f"published epoch {s.get('best_epoch') or '?'} (*): {best}"]
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -480,6 +480,25 @@ def _keep_staged(runs: RunsDir, run_name: str, staging: Path,
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def published_checkpoint(result, task: Task, out: Callable[[str], None]):
+    """The checkpoint a finished run publishes, and its metrics: the best evaluation by
+    the task's metric, or the last one where the task finds the two within the eval
+    set's noise (Task.prefer_last), which is then said."""
+    best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
+    if best is None:
+        raise TrainingFailed("training produced no checkpoint")
+    metrics = {c.path: m for c, m in result.best_checkpoints}
+    best_metrics = metrics.get(best.path, result.metrics)
+    last = result.checkpoint
+    if last is None or last.path == best.path:
+        return best, best_metrics
+    last_metrics = metrics.get(last.path, result.metrics)
+    keep_last, why = task.prefer_last(best_metrics, last_metrics)
+    if why:
+        out(why)
+    return (last, last_metrics) if keep_last else (best, best_metrics)
+
+
 def _fit_run(prep: Prepared, run_name: str, runs: RunsDir, run_dir: Path,
              started_here: bool, *, out: Callable[[str], None],
              progress_bar: Optional[bool]) -> Fitted:
@@ -511,11 +530,7 @@ def _fit_run(prep: Prepared, run_name: str, runs: RunsDir, run_dir: Path,
                                   f"published. Continue it from its last checkpoint with "
                                   f"{resume_hint}"))
     result = _succeeded(outcome, cfg, resume_hint)
-    best = result.get_best_checkpoint(task.metric, task.metric_mode) or result.checkpoint
-    if best is None:
-        raise TrainingFailed("training produced no checkpoint")
-    best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path),
-                        result.metrics)
+    best, best_metrics = published_checkpoint(result, task, out)
     return Fitted(run_name=run_name, run_dir=runs.shown(run_name) if not runs.local
                   else run_dir, checkpoint=best,
                   best_metrics=best_metrics, history=progress.history,

@@ -38,6 +38,7 @@ from services.training import streamed
 from services.training.encoded import (EncodedSplit, choose_max_length, encode_pairs,
                                        encode_texts, model_limit, pad_batch)
 from services.training.parallel import SHARDED_DIR
+from services.training.promotion import last_within_noise
 
 IGNORE_INDEX = -100
 
@@ -125,6 +126,11 @@ class Task:
     def is_head_parameter(self, name: str) -> bool:
         """Whether a named parameter is the new head's (head_learning_rate applies)."""
         return False
+
+    def prefer_last(self, best: dict[str, Any], last: dict[str, Any]) -> tuple[bool, str]:
+        """(publish the last checkpoint instead of the best evaluation?, why, or "" to
+        say nothing), given both checkpoints' reported metrics. The best, here."""
+        return False, ""
 
     # ---- worker side -----------------------------------------------------------
     def build_model(self, tokenizer):
@@ -503,6 +509,9 @@ class ClassificationTask(Task):
 
     def is_head_parameter(self, name):
         return is_head_parameter(name)
+
+    def prefer_last(self, best, last):
+        return last_within_noise(best, last)
 
     def build_model(self, tokenizer):
         pooling = self.pooling

@@ -1,5 +1,5 @@
 """--max-steps: a run ends after N optimizer steps counted across epochs, evaluates
-there and publishes its best checkpoint, with the bound in the manifest."""
+there and publishes its best checkpoint (docs/quality.md), with the bound in the manifest."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from services.core.config import TrainConfig
 from services.core.registry import Registry
 from services.training.loop import lr_at
+from services.training.promotion import noise_margin
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -39,6 +40,10 @@ def test_max_steps_ends_the_run_mid_epoch_and_publishes_its_best(tmp_path, tiny_
     manifest = Registry(cfg.registry).manifest("bounded", "v1")
     assert manifest["bounds"] == {"max_steps": 15, "steps": 15, "ended_by_max_steps": True}
     assert manifest["config"]["max_steps"] == 15
-    best = max(evals, key=lambda e: e["eval_accuracy"])
-    assert manifest["best_epoch"] == best["epoch"]
-    assert manifest["metrics"]["accuracy"] == pytest.approx(best["eval_accuracy"])
+    # the best evaluation, or the last where the best is within the 20 eval rows' noise
+    best, last = max(evals, key=lambda e: e["eval_accuracy"]), evals[-1]
+    within = best["eval_accuracy"] - last["eval_accuracy"] <= noise_margin(
+        last["eval_accuracy"], 20)
+    published = last if within else best
+    assert manifest["best_epoch"] == published["epoch"]
+    assert manifest["metrics"]["accuracy"] == pytest.approx(published["eval_accuracy"])

@@ -135,7 +135,7 @@ def test_epoch_rows_and_the_train_summary_table():
     first = next(line for line in lines if line.startswith("1 "))
     assert first.split() == ["1", "3", "0.6111", "0.5000", "0.7000", "0.6000"]
     assert any(line.startswith("2 *") for line in lines)
-    assert "best epoch 2 (*): accuracy 0.9000, macro_f1 0.8000, loss 0.2500" in lines
+    assert "published epoch 2 (*): accuracy 0.9000, macro_f1 0.8000, loss 0.2500" in lines
     assert "curves:    /runs/x/training_curves.png" in lines
     assert "published toy v3 -> /r/toy/v3 in 0.42s" in lines
     assert "tensorboard --logdir /runs/x/tensorboard" in lines
