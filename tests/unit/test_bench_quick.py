@@ -45,3 +45,12 @@ def test_generate_quick_settings_and_a_flag_that_wins():
     assert (args.repeats, args.new_tokens) == (1, 8)
     args = generate.parse_args([])
     assert (args.quick, args.repeats, args.new_tokens) == (False, 3, 64)
+
+
+def test_serve_optimize_reaches_tuneserve_only(tmp_path):
+    from bench import serve
+
+    args, _ = serve.parse_args(["--quick", "--optimize", "bf16"])
+    cfg = serve.serve_config(args, tmp_path, 9000)
+    assert (cfg.optimize, cfg.dtype) == ("bf16", "auto")
+    assert serve.serve_config(serve.parse_args(["--quick"])[0], tmp_path, 9000).optimize is None
