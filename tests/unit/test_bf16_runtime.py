@@ -107,7 +107,11 @@ def test_the_bf16_choices_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="optimize.: bf16 checks bfloat16 weights against "
                        "the float32 model.*not bfloat16"):
         ServeConfig(registry=str(tmp_path), optimize="bf16", dtype="bfloat16").validate()
+    from services.cli.serve import serve_config
+
     parser = build_parser()
+    args = parser.parse_args(["serve", "--registry", str(tmp_path), "--optimize", "auto"])
+    assert serve_config(args).optimize == "auto"
     for command in (["serve"], ["eval", "--data", "d.csv", "--model", "toy"]):
         for kind in ("bf16", "auto"):
             assert parser.parse_args([*command, "--optimize", kind]).optimize == kind
