@@ -51,6 +51,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_where_flags(q: argparse.ArgumentParser) -> None:
+    """--registry or --address: where a change to a model's versions is made."""
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--registry", default=None,
+                       help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
+    where.add_argument("--address", default=None,
+                       help="act through a running server's Admin API: HOST:PORT of its "
+                            "admin port (tuneserve serve --admin-port)")
+
+
+def _add_admin_auth_flags(q: argparse.ArgumentParser) -> None:
+    """--token-file and the TLS flags, for a change made through --address."""
+    q.add_argument("--token-file", default=None, metavar="FILE",
+                   help="with --address: file holding the admin token (default: "
+                        "$TUNESERVE_ADMIN_TOKEN)")
+    add_tls_flags(q)
+
+
 def _register_canary(actions) -> None:
     q = actions.add_parser(
         "canary", help="serve a candidate version beside production to a share of traffic",
@@ -58,12 +76,7 @@ def _register_canary(actions) -> None:
                     "the running one); --percent alone: change the share; --promote: "
                     "make the candidate production; --abort: end the canary. With no "
                     "flag: show the running canary.")
-    where = q.add_mutually_exclusive_group()
-    where.add_argument("--registry", default=None,
-                       help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
-    where.add_argument("--address", default=None,
-                       help="act through a running server's Admin API: HOST:PORT of its "
-                            "admin port (tuneserve serve --admin-port)")
+    _add_where_flags(q)
     q.add_argument("name")
     q.add_argument("model_version", metavar="VERSION", nargs="?", default=None)
     what = q.add_mutually_exclusive_group()
@@ -74,30 +87,19 @@ def _register_canary(actions) -> None:
     what.add_argument("--abort", action="store_true",
                       help="end the canary: production answers every request")
     q.add_argument("--reason", default="", help="why, for the history")
-    q.add_argument("--token-file", default=None, metavar="FILE",
-                   help="with --address: file holding the admin token (default: "
-                        "$TUNESERVE_ADMIN_TOKEN)")
-    add_tls_flags(q)
+    _add_admin_auth_flags(q)
     q.set_defaults(handler=run_canary)
 
 
 def _register_change(actions, action: str, text: str) -> None:
     q = actions.add_parser(action, help=text)
-    where = q.add_mutually_exclusive_group()
-    where.add_argument("--registry", default=None,
-                       help=f"act on the registry directly (default {DEFAULT_REGISTRY})")
-    where.add_argument("--address", default=None,
-                       help="act through a running server's Admin API: HOST:PORT of its "
-                            "admin port (tuneserve serve --admin-port)")
+    _add_where_flags(q)
     q.add_argument("name")
     if action in ("promote", "pin"):
         q.add_argument("model_version", metavar="VERSION")
     if action in ("promote", "rollback"):
         q.add_argument("--channel", default="production")
-    q.add_argument("--token-file", default=None, metavar="FILE",
-                   help="with --address: file holding the admin token (default: "
-                        "$TUNESERVE_ADMIN_TOKEN)")
-    add_tls_flags(q)
+    _add_admin_auth_flags(q)
     q.set_defaults(handler=run_change)
 
 
