@@ -278,6 +278,52 @@ class _Examples:
         return self.split.example(i), self.second(i)
 
 
+def stream_rows(source: DataSource, d, seed: int, cpus: Optional[float], make_rows,
+                first: tuple[str, Optional[str], Sequence[str]],
+                second: tuple[str, Optional[str], Sequence[str]], more=None):
+    """`source` read on the cluster as the rows `make_rows` (streamed.labelled_rows or
+    pair_rows) makes of its two columns: (rows, first column, second column, `more`'s
+    keyword arguments). `first`, `second`: (role, the column the config names or None,
+    the names guessed otherwise); make_rows takes them as `<role>_column`. `more(names,
+    first column, second column)`: further keyword arguments of make_rows."""
+    raw = streamed.read(source, d.columns, cpus)
+    names = streamed.columns_of(raw, source)
+    (role1, wanted1, candidates1), (role2, wanted2, candidates2) = first, second
+    hint = f"{role1},{role2}" if d.columns is None and source.fmt in ("csv", "tsv") \
+        else None
+    col1 = pick_column(source.shown, names, wanted1, candidates1, role1, hint)
+    col2 = pick_column(source.shown, names, wanted2, candidates2, role2, hint, taken=col1)
+    extra = more(names, col1, col2) if more else {}
+    rows = raw.map_batches(make_rows, batch_format="pandas",
+                           fn_kwargs={f"{role1}_column": col1, f"{role2}_column": col2,
+                                      **extra, "columns": d.columns,
+                                      "seed": seed, "where": source.shown},
+                           **streamed.task_args(cpus))
+    return rows, col1, col2, extra
+
+
+def held_out_none(d, n_train: int) -> DataError:
+    """The error of a streamed hash split that left no training row for eval."""
+    return DataError(f"{d.train}: the hash split held out none of its {n_train} rows "
+                     f"for eval (--eval-fraction {d.eval_fraction}); pass --eval or a "
+                     "larger --eval-fraction")
+
+
+def tokenised_splits(tokenise, rows, eval_rows, cpus: Optional[float],
+                     train_kwargs: dict[str, Any], eval_kwargs: dict[str, Any]):
+    """{"train", "eval"} Ray Datasets that `tokenise` (streamed.tokenised_labelled or
+    tokenised_pairs) makes of the training rows' train part and of the eval file's rows
+    (`eval_rows`, all of them) or, without one, the training rows' held-out part."""
+    return {
+        "train": rows.map_batches(tokenise, batch_format="pandas",
+                                  fn_kwargs={**train_kwargs, "part": "train"},
+                                  **streamed.task_args(cpus)),
+        "eval": (eval_rows or rows).map_batches(
+            tokenise, batch_format="pandas",
+            fn_kwargs={**eval_kwargs, "part": "eval" if eval_rows is None else "all"},
+            **streamed.task_args(cpus))}
+
+
 SMALL_DATA_ROWS = 5000
 """With small_data auto, training sets below this many rows get small-data settings."""
 SMALL_DATA_MIN_STEPS = 400
@@ -379,19 +425,10 @@ class ClassificationTask(Task):
         fraction = 0.0 if evald else d.eval_fraction
 
         def rows_of(source):
-            raw = streamed.read(source, d.columns, cpus)
-            names = streamed.columns_of(raw, source)
-            hint = "text,label" if d.columns is None and source.fmt in ("csv", "tsv") \
-                else None
-            tcol = pick_column(source.shown, names, d.text_column, TEXT_COLUMN_CANDIDATES,
-                               "text", hint)
-            lcol = pick_column(source.shown, names, d.label_column, LABEL_COLUMN_CANDIDATES,
-                               "label", hint, taken=tcol)
-            rows = raw.map_batches(streamed.labelled_rows, batch_format="pandas",
-                                   fn_kwargs={"text_column": tcol, "label_column": lcol,
-                                              "columns": d.columns, "seed": seed,
-                                              "where": source.shown},
-                                   **streamed.task_args(cpus))
+            rows, tcol, lcol, _ = stream_rows(
+                source, d, seed, cpus, streamed.labelled_rows,
+                ("text", d.text_column, TEXT_COLUMN_CANDIDATES),
+                ("label", d.label_column, LABEL_COLUMN_CANDIDATES))
             return rows, tcol, lcol
 
         rows, tcol, lcol = rows_of(train)
@@ -408,9 +445,7 @@ class ClassificationTask(Task):
             labelset.encode(list(ev_found.counts), where=f"{d.eval}: ")
             n_eval = ev_found.rows
         elif n_eval == 0:
-            raise DataError(f"{d.train}: the hash split held out none of its {n_train} rows "
-                            f"for eval (--eval-fraction {d.eval_fraction}); pass --eval or a "
-                            "larger --eval-fraction")
+            raise held_out_none(d, n_train)
         self.id2label = labelset.id2label
         self.pad_id = tokenizer.pad_token_id
         length_info = self._resolve_max_length(cfg, tokenizer, ([a for a, _ in found.sample],))
@@ -420,16 +455,9 @@ class ClassificationTask(Task):
         tokenise = {"fraction": fraction, "keep": keep, "model_ref": self.model_ref,
                     "label_ids": {name: i for i, name in enumerate(self.label_names)},
                     "max_length": self.max_length}
-        datasets = {
-            "train": rows.map_batches(streamed.tokenised_labelled, batch_format="pandas",
-                                      fn_kwargs={**tokenise, "part": "train",
-                                                 "where": train.shown},
-                                      **streamed.task_args(cpus)),
-            "eval": (eval_rows or rows).map_batches(
-                streamed.tokenised_labelled, batch_format="pandas",
-                fn_kwargs={**tokenise, "part": "all" if evald else "eval",
-                           "where": (evald or train).shown},
-                **streamed.task_args(cpus))}
+        datasets = tokenised_splits(streamed.tokenised_labelled, rows, eval_rows, cpus,
+                                    {**tokenise, "where": train.shown},
+                                    {**tokenise, "where": (evald or train).shown})
         info = {"train": {**identity(train), "rows": found.rows, "text_column": tcol,
                           "label_column": lcol,
                           "label_counts": dict(zip(self.label_names, counts))},
@@ -736,23 +764,19 @@ class GenerationTask(Task):
         d, seed = cfg.data, cfg.optim.seed
         fraction = 0.0 if evald else d.eval_fraction
 
-        def rows_of(source):
-            raw = streamed.read(source, d.columns, cpus)
-            names = streamed.columns_of(raw, source)
-            hint = "prompt,response" if d.columns is None and source.fmt in ("csv", "tsv") \
-                else None
-            pcol = pick_column(source.shown, names, d.prompt_column, PROMPT_COLUMN_CANDIDATES,
-                               "prompt", hint)
-            rcol = pick_column(source.shown, names, d.response_column,
-                               RESPONSE_COLUMN_CANDIDATES, "response", hint, taken=pcol)
+        def alpaca_input(names, pcol, rcol):
             extra = ALPACA_INPUT if (d.prompt_column is None and pcol == "instruction"
                                      and ALPACA_INPUT in names and rcol != ALPACA_INPUT) \
                 else None
-            rows = raw.map_batches(streamed.pair_rows, batch_format="pandas",
-                                   fn_kwargs={"prompt_column": pcol, "response_column": rcol,
-                                              "extra": extra, "columns": d.columns,
-                                              "seed": seed, "where": source.shown},
-                                   **streamed.task_args(cpus))
+            return {"extra": extra}
+
+        def rows_of(source):
+            rows, pcol, rcol, more = stream_rows(
+                source, d, seed, cpus, streamed.pair_rows,
+                ("prompt", d.prompt_column, PROMPT_COLUMN_CANDIDATES),
+                ("response", d.response_column, RESPONSE_COLUMN_CANDIDATES),
+                more=alpaca_input)
+            extra = more["extra"]
             return rows, (f"{pcol}+{extra}" if extra else pcol), rcol
 
         rows, pcol, rcol = rows_of(train)
@@ -763,25 +787,17 @@ class GenerationTask(Task):
             eval_rows, _, _ = rows_of(evald)
             n_eval = streamed.scan(eval_rows, evald, 0.0, classes=False).rows
         elif n_eval == 0:
-            raise DataError(f"{d.train}: the hash split held out none of its {n_train} rows "
-                            f"for eval (--eval-fraction {d.eval_fraction}); pass --eval or a "
-                            "larger --eval-fraction")
+            raise held_out_none(d, n_train)
         self.pad_id = tokenizer.pad_token_id
         sample = found.sample
         length_info = self._resolve_max_length(cfg, tokenizer, ([a for a, _ in sample],
                                                                 [b for _, b in sample]))
         tokenise = {"fraction": fraction, "model_ref": self.model_ref,
                     "template": self.prompt_template, "max_length": self.max_length}
-        datasets = {
-            "train": rows.map_batches(streamed.tokenised_pairs, batch_format="pandas",
-                                      fn_kwargs={**tokenise, "part": "train",
-                                                 "packing": self.packing},
-                                      **streamed.task_args(cpus)),
-            # Eval is never packed: its loss is over each example on its own.
-            "eval": (eval_rows or rows).map_batches(
-                streamed.tokenised_pairs, batch_format="pandas",
-                fn_kwargs={**tokenise, "part": "all" if evald else "eval", "packing": False},
-                **streamed.task_args(cpus))}
+        # Eval is never packed: its loss is over each example on its own.
+        datasets = tokenised_splits(streamed.tokenised_pairs, rows, eval_rows, cpus,
+                                    {**tokenise, "packing": self.packing},
+                                    {**tokenise, "packing": False})
         self.stats = {"train": {"examples": n_train}, "eval": {"examples": n_eval}}
         info = {"train": {**identity(train), "rows": found.rows, "prompt_column": pcol,
                           "response_column": rcol, "examples": n_train},
