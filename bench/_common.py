@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: sentences, percentiles, tables, JSON output."""
+"""Shared helpers for the benchmarks: sentences, percentiles, tables, JSON output, a
+classifier served under client load."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import csv
 import json
 import platform
 import os
+import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from services.core.config import SERVING_DTYPES
+from services.client import Client
+from services.core.config import CLASSIFICATION, SERVING_DTYPES, ServeConfig
 from services.core.modeling import demo_model_path, load_tokenizer, quiet_transformers
+from services.core.net import free_port
+from services.core.raycluster import ensure_ray
+from services.core.registry import Registry
 from services.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +101,75 @@ def build_checkpoint(folder: Path) -> Path:
     model.save_pretrained(folder)
     load_tokenizer(base).save_pretrained(folder)
     return folder
+
+
+def publish_classifier(work: Path, model: str, times: int) -> Registry:
+    """build_checkpoint's classifier published `times` times as `model` (v1, v2, ...)
+    in the registry work/registry."""
+    ckpt = build_checkpoint(work / "ckpt")
+    reg = Registry(work / "registry")
+    manifest = {"task": CLASSIFICATION, "labels": ["negative", "positive"],
+                "config": {"max_length": 128}, "metrics": {}}
+    for _ in range(times):
+        reg.publish(model, ckpt, manifest)
+    return reg
+
+
+def serve_registry(registry: Registry, replicas: int, poll_interval_s: float,
+                   wait_s: float, num_cpus: float,
+                   metrics_port: Optional[int] = None) -> Client:
+    """`registry` served by a local Ray cluster of num_cpus CPUs (its metrics on
+    metrics_port, if given) through Serve's gRPC proxy on a free port, with `replicas`
+    replicas sharing 0.9 of a CPU (0.1 each at least). Returns a Client of the proxy
+    with the Admin API's address, once it serves (within wait_s)."""
+    from services.serving.app import start_serving
+
+    ensure_ray(num_cpus=num_cpus, metrics_port=metrics_port)
+    port, admin_port = free_port(), free_port()
+    start_serving(ServeConfig(registry=registry.uri, grpc_port=port, num_replicas=replicas,
+                              replica_cpus=max(0.1, 1.0 / replicas * 0.9),
+                              poll_interval_s=poll_interval_s, admin_port=admin_port),
+                  http_port=free_port())
+    admin = Client(f"127.0.0.1:{port}", admin_address=f"127.0.0.1:{admin_port}")
+    admin.wait_until_serving(wait_s)
+    return admin
+
+
+class ClassifyLoad:
+    """Client threads calling Classify on `model` back to back, one try a call (a
+    failure the client would hide by retrying is counted): (start, end, version) of
+    each call that answered, (start, error) of each that failed."""
+
+    def __init__(self, address: str, model: str, texts: list[str], clients: int):
+        self.address, self.model, self.texts = address, model, texts
+        self.calls: list[tuple[float, float, str]] = []
+        self.errors: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.client_loop, args=(i,), daemon=True)
+                        for i in range(clients)]
+
+    def client_loop(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with Client(self.address, timeout_s=60, max_attempts=1) as c:
+            while not self.stop.is_set():
+                start = time.perf_counter()
+                try:
+                    resp = c.classify(self.model, [rng.choice(self.texts)])
+                    with self.lock:
+                        self.calls.append((start, time.perf_counter(), resp.version))
+                except Exception as exc:  # noqa: BLE001 - every failure is counted
+                    with self.lock:
+                        self.errors.append((start, str(exc)[:200]))
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def end(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
 
 
 def timed_ray_training(cfg, rate_key: str, warmup_steps: int,

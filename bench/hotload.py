@@ -22,10 +22,8 @@ of poll's.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,19 +31,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    build_checkpoint,
+    ClassifyLoad,
     machine,
     percentile,
+    publish_classifier,
     sentences,
+    serve_registry,
     table,
     write_json,
 )
 from services.client import Client  # noqa: E402
-from services.core.config import CLASSIFICATION, ServeConfig  # noqa: E402
-from services.core.net import free_port  # noqa: E402
-from services.core.raycluster import ensure_ray  # noqa: E402
 from services.core.registry import Registry  # noqa: E402
-from services.serving.app import start_serving  # noqa: E402
 
 
 MODEL = "bench"
@@ -67,44 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def publish_twice(work: Path) -> Path:
-    """The checkpoint published as MODEL v1 and v2; returns the registry."""
-    ckpt = build_checkpoint(work / "ckpt")
-    reg = Registry(work / "registry")
-    manifest = {"task": CLASSIFICATION, "labels": ["negative", "positive"],
-                "config": {"max_length": 128}, "metrics": {}}
-    reg.publish(MODEL, ckpt, manifest)
-    reg.publish(MODEL, ckpt, manifest)
-    return work / "registry"
-
-
-class Load:
-    """Client threads calling Classify back to back: (start, end, version) of each call
-    that answered, (start, error) of each that failed."""
-
-    def __init__(self, address: str, texts: list[str], clients: int):
-        self.address, self.texts = address, texts
-        self.calls: list[tuple[float, float, str]] = []
-        self.errors: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.client_loop, args=(i,), daemon=True)
-                        for i in range(clients)]
-
-    def client_loop(self, seed: int) -> None:
-        rng = random.Random(seed)
-        # One try a call: a failure the client would hide by retrying is counted.
-        with Client(self.address, timeout_s=60, max_attempts=1) as c:
-            while not self.stop.is_set():
-                start = time.perf_counter()
-                try:
-                    resp = c.classify(MODEL, [rng.choice(self.texts)])
-                    with self.lock:
-                        self.calls.append((start, time.perf_counter(), resp.version))
-                except Exception as exc:  # noqa: BLE001 - every failure is counted
-                    with self.lock:
-                        self.errors.append((start, str(exc)[:200]))
-
+class Load(ClassifyLoad):
     def phase(self, lo: float, hi: float) -> tuple[list[float], int]:
         """Latencies (ms) and failures of the calls started in [lo, hi)."""
         lat = [(e - s) * 1000 for s, e, _ in self.calls if lo <= s < hi]
@@ -134,8 +93,7 @@ def swaps_under_load(admin: Client, registry: Registry, load: Load,
     """A steady phase, then the swaps; the steady phase's start (perf_counter) and,
     for each swap, {"way", "version", "promoted", "all_swapped" (None: not within
     120 s), "end"}."""
-    for t in load.threads:
-        t.start()
+    load.start()
     time.sleep(2.0)  # warm-up, not measured
     steady_start = time.perf_counter()
     time.sleep(args.phase_s)
@@ -155,9 +113,7 @@ def swaps_under_load(admin: Client, registry: Registry, load: Load,
             time.sleep(args.settle_s)
             swaps.append({"way": way, "version": version, "promoted": promoted,
                           "all_swapped": all_swapped, "end": time.perf_counter()})
-    load.stop.set()
-    for t in load.threads:
-        t.join(timeout=60)
+    load.end()
     return steady_start, swaps
 
 
@@ -223,19 +179,12 @@ def report(args, load: Load, steady_start: float,
 
 def main() -> int:
     args = build_parser().parse_args()
-    registry = publish_twice(Path(tempfile.mkdtemp(prefix="tuneserve-bench-")))
-    ensure_ray(num_cpus=max(2, args.replicas))
-    port, admin_port = free_port(), free_port()
-    start_serving(ServeConfig(registry=str(registry), grpc_port=port,
-                              num_replicas=args.replicas,
-                              replica_cpus=max(0.1, 1.0 / args.replicas * 0.9),
-                              poll_interval_s=args.poll_interval_s, admin_port=admin_port),
-                  http_port=free_port())
-    address = f"127.0.0.1:{port}"
-    load = Load(address, sentences(), args.clients)
-    admin = Client(address, admin_address=f"127.0.0.1:{admin_port}")
-    admin.wait_until_serving(120)
-    steady_start, swaps = swaps_under_load(admin, Registry(registry), load, args)
+    registry = publish_classifier(Path(tempfile.mkdtemp(prefix="tuneserve-bench-")),
+                                  MODEL, 2)
+    admin = serve_registry(registry, args.replicas, args.poll_interval_s, wait_s=120,
+                           num_cpus=max(2, args.replicas))
+    load = Load(admin.address, MODEL, sentences(), args.clients)
+    steady_start, swaps = swaps_under_load(admin, registry, load, args)
     write_json(args.json, report(args, load, steady_start, swaps))
     import ray
 

@@ -17,10 +17,8 @@ the decision (a step's judgement; the promote's: every replica on the new versio
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,21 +26,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    build_checkpoint,
+    ClassifyLoad,
     machine,
     percentile,
+    publish_classifier,
     sentences,
+    serve_registry,
     table,
     write_json,
 )
 from services.client import Client  # noqa: E402
 from services.core.analysis import RolloutPolicy  # noqa: E402
-from services.core.config import CLASSIFICATION, ServeConfig  # noqa: E402
 from services.core.net import free_port  # noqa: E402
-from services.core.raycluster import ensure_ray  # noqa: E402
-from services.core.registry import Registry  # noqa: E402
 from services.rollout import Rollout, metrics_reader  # noqa: E402
-from services.serving.app import start_serving  # noqa: E402
 
 MODEL = "bench"
 
@@ -62,56 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def publish(work: Path, times: int) -> Registry:
-    ckpt = build_checkpoint(work / "ckpt")
-    reg = Registry(work / "registry")
-    manifest = {"task": CLASSIFICATION, "labels": ["negative", "positive"],
-                "config": {"max_length": 128}, "metrics": {}}
-    for _ in range(times):
-        reg.publish(MODEL, ckpt, manifest)
-    return reg
-
-
-class Load:
-    """Client threads calling Classify back to back: (start, end, version) of each call
-    that answered, (start, error) of each that failed."""
-
-    def __init__(self, address: str, texts: list[str], clients: int):
-        self.address, self.texts = address, texts
-        self.calls: list[tuple[float, float, str]] = []
-        self.errors: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.loop, args=(i,), daemon=True)
-                        for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def loop(self, seed: int) -> None:
-        rng = random.Random(seed)
-        with Client(self.address, timeout_s=60, max_attempts=1) as c:
-            while not self.stop.is_set():
-                start = time.perf_counter()
-                try:
-                    resp = c.classify(MODEL, [rng.choice(self.texts)])
-                    with self.lock:
-                        self.calls.append((start, time.perf_counter(), resp.version))
-                except Exception as exc:  # noqa: BLE001 - every failure is counted
-                    with self.lock:
-                        self.errors.append((start, str(exc)[:200]))
-
+class Load(ClassifyLoad):
     def phase(self, lo: float, hi: float, new: str) -> dict[str, Any]:
+        """The calls started in [lo, hi): their count, failures, p99 and the share
+        `new` answered."""
         lat = [(e - s) * 1000 for s, e, _ in self.calls if lo <= s < hi]
         answered = [v for s, _, v in self.calls if lo <= s < hi]
         return {"calls": len(lat), "failed": sum(1 for s, _ in self.errors if lo <= s < hi),
                 "p99_ms": percentile(lat, 99),
                 "new_share": answered.count(new) / len(answered) if answered else 0.0,
                 "seconds": hi - lo}
-
-    def end(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def all_on(admin: Client, version: str, replicas: int, timeout_s: float = 120) -> float:
@@ -131,19 +87,13 @@ def main() -> int:
     policy = RolloutPolicy(steps=tuple(float(s) for s in args.steps.split(",")),
                            min_requests=args.min_requests, min_step_s=args.min_step_s,
                            poll_s=args.poll_s, max_step_s=600)
-    registry = publish(Path(tempfile.mkdtemp(prefix="tuneserve-bench-")), 3)
+    registry = publish_classifier(Path(tempfile.mkdtemp(prefix="tuneserve-bench-")),
+                                  MODEL, 3)
     metrics_port = free_port()
-    ensure_ray(num_cpus=max(2, args.replicas + 1), metrics_port=metrics_port)
-    port, admin_port = free_port(), free_port()
-    start_serving(ServeConfig(registry=registry.uri, grpc_port=port,
-                              num_replicas=args.replicas,
-                              replica_cpus=max(0.1, 1.0 / args.replicas * 0.9),
-                              poll_interval_s=args.poll_interval_s, admin_port=admin_port),
-                  http_port=free_port())
-    address = f"127.0.0.1:{port}"
-    admin = Client(address, admin_address=f"127.0.0.1:{admin_port}")
-    admin.wait_until_serving(180)
-    load = Load(address, sentences(), args.clients)
+    admin = serve_registry(registry, args.replicas, args.poll_interval_s, wait_s=180,
+                           num_cpus=max(2, args.replicas + 1), metrics_port=metrics_port)
+    load = Load(admin.address, MODEL, sentences(), args.clients)
+    load.start()
     time.sleep(3.0)  # warm-up, not measured
     steady_start = time.perf_counter()
     time.sleep(args.steady_s)
