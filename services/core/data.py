@@ -239,8 +239,22 @@ def _names(columns: Sequence[str], width: int = 40) -> str:
     return ", ".join(c if len(c) <= width else c[:width - 3] + "..." for c in map(str, columns))
 
 
-def _headerless_hint(path: Path, columns: Optional[Sequence[str]], fields: str) -> Optional[str]:
-    return fields if columns is None and detect_format(path) in ("csv", "tsv") else None
+def pick_columns(where, available: Sequence[str],
+                 first: tuple[str, Optional[str], Sequence[str]],
+                 second: tuple[str, Optional[str], Sequence[str]],
+                 headerless: bool) -> tuple[str, str]:
+    """The columns of a record's two roles (text and label, prompt and response), each
+    given as (role, the column the config names or None, the names guessed otherwise);
+    the second is never guessed as the first. `headerless`: a CSV/TSV read without
+    --columns, whose first row may be data (the error then offers --columns)."""
+    (role1, wanted1, candidates1), (role2, wanted2, candidates2) = first, second
+    hint = f"{role1},{role2}" if headerless else None
+    col1 = pick_column(where, available, wanted1, candidates1, role1, hint)
+    return col1, pick_column(where, available, wanted2, candidates2, role2, hint, taken=col1)
+
+
+def _headerless(path: Path, columns: Optional[Sequence[str]]) -> bool:
+    return columns is None and detect_format(path) in ("csv", "tsv")
 
 
 @dataclass
@@ -264,11 +278,10 @@ def load_labelled(path: str | Path, text_column: Optional[str] = None,
     tcol = lcol = None
     for row in iter_rows(path, columns):
         if tcol is None:
-            keys = list(row.values)
-            hint = _headerless_hint(path, columns, "text,label")
-            tcol = pick_column(path, keys, text_column, TEXT_COLUMN_CANDIDATES, "text", hint)
-            lcol = pick_column(path, keys, label_column, LABEL_COLUMN_CANDIDATES, "label",
-                                hint, taken=tcol)
+            tcol, lcol = pick_columns(path, list(row.values),
+                                      ("text", text_column, TEXT_COLUMN_CANDIDATES),
+                                      ("label", label_column, LABEL_COLUMN_CANDIDATES),
+                                      _headerless(path, columns))
         text = row.values.get(tcol)
         label = row.values.get(lcol)
         if not isinstance(text, str):
@@ -342,6 +355,15 @@ class PairData:
     sha256: str
 
 
+def alpaca_input(prompt_column: Optional[str], pcol: str, rcol: str,
+                 available: Sequence[str]) -> Optional[str]:
+    """Alpaca-style records (a prompt column guessed as 'instruction'): the column of
+    the instruction's input (often empty), part of the prompt after a blank line; or
+    None."""
+    return ALPACA_INPUT if (prompt_column is None and pcol == "instruction"
+                            and ALPACA_INPUT in available and rcol != ALPACA_INPUT) else None
+
+
 def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
                response_column: Optional[str] = None,
                columns: Optional[Sequence[str]] = None) -> PairData:
@@ -354,18 +376,14 @@ def load_pairs(path: str | Path, prompt_column: Optional[str] = None,
     for row in iter_rows(path, columns):
         if pcol is None:
             keys = list(row.values)
-            hint = _headerless_hint(path, columns, "prompt,response")
-            pcol = pick_column(path, keys, prompt_column, PROMPT_COLUMN_CANDIDATES, "prompt",
-                                hint)
-            rcol = pick_column(path, keys, response_column, RESPONSE_COLUMN_CANDIDATES,
-                                "response", hint, taken=pcol)
+            pcol, rcol = pick_columns(path, keys,
+                                      ("prompt", prompt_column, PROMPT_COLUMN_CANDIDATES),
+                                      ("response", response_column,
+                                       RESPONSE_COLUMN_CANDIDATES),
+                                      _headerless(path, columns))
             if pcol == rcol:
                 raise DataError(f"{path}: prompt and response are the same column '{pcol}'")
-            # Alpaca-style records: the instruction's input (often empty) is part of
-            # the prompt, after a blank line.
-            extra = ALPACA_INPUT if (prompt_column is None and pcol == "instruction"
-                                     and ALPACA_INPUT in keys and rcol != ALPACA_INPUT) \
-                else None
+            extra = alpaca_input(prompt_column, pcol, rcol, keys)
         pair = []
         for col, what in ((pcol, "prompt"), (rcol, "response")):
             value = row.values.get(col)

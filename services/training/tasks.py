@@ -22,10 +22,10 @@ import numpy as np
 from services.core.config import (CLASSIFICATION, GENERATION, TASK_DEFAULTS,
                                   ResolvedTrainConfig, TaskDefaults, parse_class_weights,
                                   render_prompt)
-from services.core.data import (ALPACA_INPUT, LABEL_COLUMN_CANDIDATES,
-                                PROMPT_COLUMN_CANDIDATES, RESPONSE_COLUMN_CANDIDATES,
-                                TEXT_COLUMN_CANDIDATES, LabelSet, load_labelled, load_pairs,
-                                pick_column, split_indices, stratified_split_indices)
+from services.core.data import (LABEL_COLUMN_CANDIDATES, PROMPT_COLUMN_CANDIDATES,
+                                RESPONSE_COLUMN_CANDIDATES, TEXT_COLUMN_CANDIDATES, LabelSet,
+                                alpaca_input, load_labelled, load_pairs, pick_columns,
+                                split_indices, stratified_split_indices)
 from services.core.evaluation import metrics_from_confusion
 from services.core.evaluation import summary as evaluation_summary
 from services.core.errors import ConfigError, DataError
@@ -288,14 +288,11 @@ def stream_rows(source: DataSource, d, seed: int, cpus: Optional[float], make_ro
     first column, second column)`: further keyword arguments of make_rows."""
     raw = streamed.read(source, d.columns, cpus)
     names = streamed.columns_of(raw, source)
-    (role1, wanted1, candidates1), (role2, wanted2, candidates2) = first, second
-    hint = f"{role1},{role2}" if d.columns is None and source.fmt in ("csv", "tsv") \
-        else None
-    col1 = pick_column(source.shown, names, wanted1, candidates1, role1, hint)
-    col2 = pick_column(source.shown, names, wanted2, candidates2, role2, hint, taken=col1)
+    col1, col2 = pick_columns(source.shown, names, first, second,
+                              d.columns is None and source.fmt in ("csv", "tsv"))
     extra = more(names, col1, col2) if more else {}
     rows = raw.map_batches(make_rows, batch_format="pandas",
-                           fn_kwargs={f"{role1}_column": col1, f"{role2}_column": col2,
+                           fn_kwargs={f"{first[0]}_column": col1, f"{second[0]}_column": col2,
                                       **extra, "columns": d.columns,
                                       "seed": seed, "where": source.shown},
                            **streamed.task_args(cpus))
@@ -764,18 +761,13 @@ class GenerationTask(Task):
         d, seed = cfg.data, cfg.optim.seed
         fraction = 0.0 if evald else d.eval_fraction
 
-        def alpaca_input(names, pcol, rcol):
-            extra = ALPACA_INPUT if (d.prompt_column is None and pcol == "instruction"
-                                     and ALPACA_INPUT in names and rcol != ALPACA_INPUT) \
-                else None
-            return {"extra": extra}
-
         def rows_of(source):
             rows, pcol, rcol, more = stream_rows(
                 source, d, seed, cpus, streamed.pair_rows,
                 ("prompt", d.prompt_column, PROMPT_COLUMN_CANDIDATES),
                 ("response", d.response_column, RESPONSE_COLUMN_CANDIDATES),
-                more=alpaca_input)
+                more=lambda names, pcol, rcol: {
+                    "extra": alpaca_input(d.prompt_column, pcol, rcol, names)})
             extra = more["extra"]
             return rows, (f"{pcol}+{extra}" if extra else pcol), rcol
 
