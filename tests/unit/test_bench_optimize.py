@@ -9,7 +9,14 @@ pytest.importorskip("onnxruntime")
 
 def test_each_runtime_is_timed_scored_and_reported_against_eager(
         classifier_registry, tmp_path):
-    from bench.optimize import flops_per_token, load, padded_work, report, throughput
+    from bench.optimize import (
+        CLOCKS,
+        flops_per_token,
+        load,
+        padded_work,
+        report,
+        throughput,
+    )
 
     texts = ["a lovely film", "dull", "word " * 40, "fine"] * 8
     results = {}
@@ -18,6 +25,8 @@ def test_each_runtime_is_timed_scored_and_reported_against_eager(
         assert loaded.runtime == runtime
         results[runtime] = throughput(loaded, texts, batch=8, seconds=0.2)
         assert results[runtime]["texts_per_s"] > 0 and results[runtime]["gflops"] > 0
+    cpu = throughput(loaded, texts, batch=8, seconds=0.1, clock=CLOCKS["cpu"])
+    assert cpu["texts_per_s"] > 0 and cpu["gflops"] > 0
     tokens, flops = padded_work(loaded, texts, 8)
     config = loaded.model.config
     # every pass is at least as wide as its longest text; work grows with the width
