@@ -245,6 +245,29 @@ def fault_run_config(tmp_path: Path, model_dir, csv, name: str, **kw):
                           "runs_dir": str(tmp_path / "runs"), **FAULT_RUN, **kw})
 
 
+def train_with_fault(cfg, fault: str | None = None):
+    """run_training(cfg) with TUNESERVE_TEST_FAULT set to `fault` (unset without one)
+    while it runs, the variable as it was after: (the result, the lines it printed)."""
+    from services.training.loop import FAULT_ENV
+    from services.training.run import run_training
+
+    lines: list[str] = []
+    old = os.environ.pop(FAULT_ENV, None)
+    if fault:
+        os.environ[FAULT_ENV] = fault
+    try:
+        return run_training(cfg, progress_bar=False, out=lines.append), lines
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+        if old is not None:
+            os.environ[FAULT_ENV] = old
+
+
+def eval_events(result) -> list[dict]:
+    """A training result's evaluations, in order."""
+    return [e for e in result.history if e["type"] == "eval"]
+
+
 def assert_same_quality(metrics: dict, plain: dict, n_eval: int) -> None:
     """An interrupted run's published metrics within noise of the uninterrupted run's:
     at most one held-out example in twenty classified differently (compared in

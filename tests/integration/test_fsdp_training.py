@@ -11,36 +11,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from services.core.config import TrainConfig
 from services.core.registry import Registry
-from services.training.loop import FAULT_ENV
 from services.training.parallel import SHARDED_DIR
-from services.training.run import run_training
-from tests.helpers import GEN_TEMPLATE, toy_generation_pairs, write_jsonl
+from tests.helpers import (GEN_TEMPLATE, eval_events, toy_generation_pairs,
+                           train_with_fault, write_jsonl)
 
 pytestmark = pytest.mark.slow
-
-
-def _run(cfg: TrainConfig, fault: str | None = None):
-    lines: list[str] = []
-    old = os.environ.pop(FAULT_ENV, None)
-    if fault:
-        os.environ[FAULT_ENV] = fault
-    try:
-        return run_training(cfg, progress_bar=False, out=lines.append), lines
-    finally:
-        os.environ.pop(FAULT_ENV, None)
-        if old is not None:
-            os.environ[FAULT_ENV] = old
-
-
-def _evals(result):
-    return [e for e in result.history if e["type"] == "eval"]
 
 
 def _sharded_checkpoints(run_dir: str) -> list[Path]:
@@ -55,10 +36,10 @@ def test_fsdp_trains_to_the_loss_of_ddp_and_publishes_one_servable_checkpoint(
     cfg = TrainConfig(**{**ddp_cfg.to_dict(), "strategy": "fsdp", "name": "toy-fsdp",
                          "registry": str(tmp_path / "registry"),
                          "runs_dir": str(tmp_path / "runs")})
-    result, lines = _run(cfg)
+    result, lines = train_with_fault(cfg)
 
     assert "strategy: fsdp (--strategy)" in lines, "\n".join(lines)
-    fsdp_evals, ddp_evals = _evals(result), _evals(ddp)
+    fsdp_evals, ddp_evals = eval_events(result), eval_events(ddp)
     assert [e["step"] for e in fsdp_evals] == [e["step"] for e in ddp_evals]
     # The same optimisation, sharded: every epoch's eval loss matches DDP's closely
     # (float sums in another order), and so does every train-loss report.
@@ -114,12 +95,12 @@ def test_fsdp_lora_with_activation_checkpointing_resumes_after_a_worker_is_kille
                       lora_dropout=0.0, activation_checkpointing=True, epochs=2,
                       batch_size=8, eval_steps=3, learning_rate=1e-2, max_length=32,
                       log_every_steps=1, seed=3, max_failures=1)
-    result, lines = _run(cfg, fault="step=4,action=kill")
+    result, lines = train_with_fault(cfg, fault="step=4,action=kill")
 
     killed = list((Path(result.run_dir) / ".faults").glob("fault-at-*"))
     assert [p.read_text() for p in killed] == ["1"], "the worker was not killed"
     assert "resumed from the checkpoint at epoch 1, step 3" in lines, "\n".join(lines)
-    evals = _evals(result)
+    evals = eval_events(result)
     assert [e["step"] for e in evals if e["step"] > 3] == [5, 6, 9, 10]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 

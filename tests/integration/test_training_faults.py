@@ -27,8 +27,9 @@ from services.core.config import TrainConfig
 from services.core.errors import TrainingFailed
 from services.core.registry import Registry
 from services.training.loop import FAULT_ENV
-from services.training.run import RUN_CONFIG_FILE, run_training
-from tests.helpers import FAULT_RUN, assert_same_quality, fault_run_config, poll_until
+from services.training.run import RUN_CONFIG_FILE
+from tests.helpers import (FAULT_RUN, assert_same_quality, eval_events, fault_run_config,
+                           poll_until, train_with_fault)
 
 pytestmark = pytest.mark.slow
 
@@ -39,36 +40,19 @@ def _cfg(tmp_path: Path, model_dir, csv, name: str, **kw) -> TrainConfig:
     return fault_run_config(tmp_path, model_dir, csv, name, **kw)
 
 
-def _run(cfg: TrainConfig, fault: str | None = None):
-    lines: list[str] = []
-    old = os.environ.pop(FAULT_ENV, None)
-    if fault:
-        os.environ[FAULT_ENV] = fault
-    try:
-        return run_training(cfg, progress_bar=False, out=lines.append), lines
-    finally:
-        os.environ.pop(FAULT_ENV, None)
-        if old is not None:
-            os.environ[FAULT_ENV] = old
-
-
-def _evals(result):
-    return [e for e in result.history if e["type"] == "eval"]
-
-
 def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
         ray_cluster, tmp_path, tiny_model_dir, toy_csv, uninterrupted_run):
     # 180 training rows / 16 = 12 steps an epoch; checkpoints at steps 4 and 8; the
     # last worker dies at step 6, in the middle of epoch 1.
     cfg = _cfg(tmp_path, tiny_model_dir, toy_csv, "faulty", max_failures=1)
-    result, lines = _run(cfg, fault="step=6,action=kill")
+    result, lines = train_with_fault(cfg, fault="step=6,action=kill")
 
     killed = list((Path(result.run_dir) / ".faults").glob("fault-at-*"))
     assert [p.read_text() for p in killed] == ["1"], "the worker was not killed"
     resumed = [line for line in lines if line.startswith("resumed from")]
     assert resumed == ["resumed from the checkpoint at epoch 1, step 4"], "\n".join(lines)
-    evals = _evals(result)
-    plain = _evals(uninterrupted_run)
+    evals = eval_events(result)
+    plain = eval_events(uninterrupted_run)
     # Evaluations after the restart continue the same schedule to the same last step.
     assert evals[-1]["step"] == plain[-1]["step"] == 2 * 12
     assert [e["step"] for e in evals if e["step"] > 4] == \
@@ -87,7 +71,7 @@ def test_more_failures_than_allowed_exit_non_zero_and_publish_nothing(
         ray_cluster, tmp_path, tiny_model_dir, toy_csv):
     cfg = _cfg(tmp_path, tiny_model_dir, toy_csv, "doomed", max_failures=1)
     with pytest.raises(TrainingFailed) as err:
-        _run(cfg, fault="step=2,action=kill,times=10")
+        train_with_fault(cfg, fault="step=2,action=kill,times=10")
     message = str(err.value)
     assert "worker failures tolerated: 1" in message and "nothing was published" in message
     assert "--resume" in message and "Traceback" not in message
@@ -165,9 +149,9 @@ def test_a_last_batch_smaller_than_the_workers_still_steps_every_rank(
     cfg = _cfg(tmp_path, tiny_model_dir, train, "five", eval=str(held), batch_size=4,
                grad_accum_steps=2, eval_steps=None, log_every_steps=1,
                class_weights="balanced")
-    result, lines = _run(cfg)
+    result, lines = train_with_fault(cfg)
     steps = [e for e in result.history if e["type"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4], "\n".join(lines)
     assert all(0 < e["loss"] < 5 and e["samples_per_s"] > 0 for e in steps)
     assert result.version == "v1"
-    assert [e["epoch"] for e in _evals(result)] == [1, 2]
+    assert [e["epoch"] for e in eval_events(result)] == [1, 2]
