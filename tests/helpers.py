@@ -5,6 +5,7 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -190,6 +191,29 @@ def delete_app(name: str, server) -> None:
             return False
 
     assert poll_until(session_app_routed, timeout_s=60), "the session app is unreachable"
+
+
+@contextlib.contextmanager
+def second_app(server, name: str, cfg, **client_kw):
+    """`cfg` (a ServeConfig) deployed as the Serve app `name` beside the session's,
+    behind the session's gRPC proxy: a Client of it (timeout_s=60, the Admin API's
+    address when cfg has an admin_port; `client_kw` on top) once it serves; the app
+    deleted after."""
+    from ray import serve
+
+    from services.client import Client
+    from services.serving.app import build_app
+
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+    kw = {"timeout_s": 60, **({"admin_address": f"127.0.0.1:{cfg.admin_port}"}
+                              if cfg.admin_port else {}), **client_kw}
+    client = Client(server.address, application=name, **kw)
+    try:
+        client.wait_until_serving(timeout_s=180)
+        yield client
+    finally:
+        client.close()
+        delete_app(name, server)
 
 
 def listening_process(port: int) -> str:

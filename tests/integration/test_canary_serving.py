@@ -19,7 +19,7 @@ from services.cli import main
 from services.client import Client
 from services.core.config import ServeConfig
 from services.core.registry import Registry
-from tests.helpers import copy_version, delete_app, poll_until, server_port
+from tests.helpers import copy_version, poll_until, second_app, server_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -30,26 +30,15 @@ CALLS = 1500
 
 @pytest.fixture(scope="module")
 def canary_app(server, trained, tmp_path_factory):
-    from ray import serve
-
-    from services.serving.app import build_app
-
     source = Registry(trained[0].registry)
     registry = Registry(tmp_path_factory.mktemp("canary") / "registry")
     copy_version(source, "toy", "v1", registry, "toy")
     copy_version(source, "toy", "v1", registry, "toy")  # v2, the candidate
-    admin_port = server_port()  # the Admin API answers on its own port only
+    # the Admin API answers on its own port only
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
-                      poll_interval_s=0.5, admin_port=admin_port)
-    serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    client = Client(server.address, token="", application=APP, timeout_s=60,
-                    admin_address=f"127.0.0.1:{admin_port}")
-    try:
-        client.wait_until_serving(timeout_s=180)
+                      poll_interval_s=0.5, admin_port=server_port())
+    with second_app(server, APP, cfg, token="") as client:
         yield client, registry
-    finally:
-        client.close()
-        delete_app(APP, server)
 
 
 def _versions(client: Client, n: int, keys=None) -> list[str]:

@@ -21,7 +21,7 @@ from services.cli import main
 from services.client import Client
 from services.core.config import ServeConfig
 from services.core.registry import Registry
-from tests.helpers import copy_version, delete_app, poll_until, server_port
+from tests.helpers import copy_version, poll_until, second_app, server_port
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -32,22 +32,12 @@ TEXT = ["a lovely film with superb acting"]
 
 @pytest.fixture(scope="module")
 def rollout_app(server, trained, tmp_path_factory):
-    from ray import serve
-
-    from services.serving.app import build_app
-
     registry = Registry(tmp_path_factory.mktemp("rollout") / "registry")
     copy_version(Registry(trained[0].registry), "toy", "v1", registry, MODEL)
     cfg = ServeConfig(registry=registry.uri, colocate=True, replica_cpus=0.5,
                       poll_interval_s=0.5, admin_port=server_port())
-    serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    client = Client(server.address, token="", application=APP, timeout_s=60)
-    try:
-        client.wait_until_serving(timeout_s=180)
+    with second_app(server, APP, cfg, token="") as client:
         yield client, registry
-    finally:
-        client.close()
-        delete_app(APP, server)
 
 
 class Load:
