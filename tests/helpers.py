@@ -375,6 +375,34 @@ def ray_node_args(temp_dir: str) -> list[str]:
             "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ray_nodes_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's own `ray start` nodes: this one without RAY_ADDRESS
+    or a training fault, the repository importable, plus `extra`."""
+    from services.training.loop import FAULT_ENV
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           # a raylet waits this long for its agents to start: slow on a loaded machine
+           "RAY_agent_register_timeout_ms": "120000", **extra}
+    env.pop("RAY_ADDRESS", None)
+    env.pop(FAULT_ENV, None)
+    return env
+
+
+def head_and_workers(env: dict[str, str], logs: Path, temp_dir: str, gcs_port: int,
+                     head_args: tuple[str, ...] = ("--include-dashboard=false",)
+                     ) -> tuple[RayNode, list[RayNode]]:
+    """A head node with no CPUs (its GCS on gcs_port, plus `head_args`) and two worker
+    nodes of 2 CPUs each, on ports of their own; not started yet."""
+    head = RayNode("head", ["--head", f"--port={gcs_port}", "--num-cpus=0", *head_args,
+                            *ray_node_args(temp_dir)], env, logs)
+    workers = [RayNode(f"worker{i}", [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
+                                      *ray_node_args(temp_dir)], env, logs) for i in (1, 2)]
+    return head, workers
+
+
 def ray_query(address: str, code: str, env: dict[str, str]) -> object:
     """Run `code` (which sets `out`) in a driver connected to the cluster at `address`,
     in a process of its own (this one may be connected to the session's cluster); its

@@ -34,18 +34,17 @@ from services.core.net import free_port
 from services.core.registry import Registry
 from tests.helpers import (
     NODE_IDS,
-    RayNode,
     copy_version,
+    head_and_workers,
     join_ray_node,
     keep_ray_logs,
     poll_until,
-    ray_node_args,
+    ray_nodes_env,
     ray_query,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 SERVE = str(Path(sys.executable).parent / "serve")
 TEXTS = ["a lovely film with superb acting"]
 FAILED_BOUND = 3
@@ -117,18 +116,6 @@ def _serve_config(path: Path, registry: Registry, grpc_port: int) -> Path:
     return path
 
 
-def _nodes(env: dict[str, str], logs: Path, temp_dir: str, gcs_port: int,
-           password: str) -> tuple[RayNode, list[RayNode]]:
-    """The head (no CPUs, GCS in Redis) and two worker nodes, each on ports of its own."""
-    head = RayNode("head", ["--head", f"--port={gcs_port}", "--num-cpus=0",
-                            "--include-dashboard=true", f"--dashboard-port={free_port()}",
-                            f"--redis-password={password}",
-                            *ray_node_args(temp_dir)], env, logs)
-    workers = [RayNode(f"worker{i}", [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
-                                      *ray_node_args(temp_dir)], env, logs) for i in (1, 2)]
-    return head, workers
-
-
 @pytest.fixture(scope="module")
 def ha_cluster(trained, tmp_path_factory):
     if not shutil.which("redis-server"):
@@ -146,15 +133,15 @@ def ha_cluster(trained, tmp_path_factory):
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                               "--requirepass", password, "--save", "", "--appendonly", "no"],
                              stdout=open(logs / "redis.log", "wb"), stderr=subprocess.STDOUT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_REDIS_ADDRESS": f"127.0.0.1:{redis_port}",
-           "RAY_external_storage_namespace": f"ha-{os.getpid()}",
-           # workers wait this long for a lost GCS to come back before they give up
-           "RAY_gcs_rpc_server_reconnect_timeout_s": "120",
-           # a raylet waits this long for its agents to start: slow on a loaded machine
-           "RAY_agent_register_timeout_ms": "120000"}
-    env.pop("RAY_ADDRESS", None)
-    head, workers = _nodes(env, logs, temp_dir, gcs_port, password)
+    env = ray_nodes_env(RAY_REDIS_ADDRESS=f"127.0.0.1:{redis_port}",
+                        RAY_external_storage_namespace=f"ha-{os.getpid()}",
+                        # workers wait this long for a lost GCS to come back
+                        RAY_gcs_rpc_server_reconnect_timeout_s="120")
+    # the head's GCS keeps its tables in that Redis
+    head, workers = head_and_workers(
+        env, logs, temp_dir, gcs_port,
+        head_args=("--include-dashboard=true", f"--dashboard-port={free_port()}",
+                   f"--redis-password={password}"))
     address = f"127.0.0.1:{gcs_port}"
     state = {"address": address, "env": env, "head": head, "workers": workers,
              "grpc": f"127.0.0.1:{grpc_port}", "logs": logs, "temp_dirs": [temp_dir]}

@@ -19,12 +19,10 @@ gone.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -33,18 +31,17 @@ from services.core.net import free_port
 from services.core.registry import Registry
 from services.training.loop import FAULT_ENV
 from tests.helpers import (
-    RayNode,
     assert_same_quality,
     fault_run_config,
+    head_and_workers,
     join_ray_nodes,
     keep_ray_logs,
     poll_until,
-    ray_node_args,
+    ray_nodes_env,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 RESUMED = "resumed from the checkpoint at epoch 1, step 4"
 
 
@@ -55,17 +52,10 @@ def cluster(tmp_path):
     logs.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # unix sockets: a short path
     gcs_port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-           # a raylet waits this long for its agents to start: slow on a loaded machine
-           "RAY_agent_register_timeout_ms": "120000"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop(FAULT_ENV, None)
+    env = ray_nodes_env(RAY_health_check_period_ms="1000",
+                        RAY_health_check_failure_threshold="3")
     address = f"127.0.0.1:{gcs_port}"
-    head = RayNode("head", ["--head", f"--port={gcs_port}", "--num-cpus=0",
-                            "--include-dashboard=false", *ray_node_args(temp_dir)], env, logs)
-    workers = [RayNode(f"worker{i}", [f"--address={address}", "--num-cpus=2",
-                                      *ray_node_args(temp_dir)], env, logs) for i in (1, 2)]
+    head, workers = head_and_workers(env, logs, temp_dir, gcs_port)
     try:
         join_ray_nodes([head], 1, address, env)
         join_ray_nodes(workers, 3, address, env)
