@@ -9,6 +9,7 @@ import contextlib
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 from services.core.net import free_port  # noqa: F401  (one implementation, re-exported for tests)
@@ -214,6 +215,33 @@ def second_app(server, name: str, cfg, **client_kw):
     finally:
         client.close()
         delete_app(name, server)
+
+
+class ClientThreads:
+    """`threads` threads each running self.loop() until self.stop is set: started on
+    entering the context, stopped and joined on leaving it. self.lock guards what the
+    threads record."""
+
+    join_s = 60.0
+
+    def __init__(self, threads: int):
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, daemon=True)
+                        for _ in range(threads)]
+
+    def loop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.join_s)
 
 
 def listening_process(port: int) -> str:

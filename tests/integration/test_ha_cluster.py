@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from services.core.net import free_port
 from services.core.registry import Registry
 from tests.helpers import (
     NODE_IDS,
+    ClientThreads,
     copy_version,
     head_and_workers,
     join_ray_node,
@@ -51,17 +51,16 @@ FAILED_BOUND = 3
 """Calls that may fail while a node is lost: those in flight on its connections."""
 
 
-class Load:
+class Load(ClientThreads):
     """Client threads calling Classify on the shared port until stopped."""
 
     def __init__(self, address: str, threads: int = 3):
-        self.address, self.stop = address, threading.Event()
-        self.lock = threading.Lock()
+        super().__init__(threads)
+        self.address = address
         self.ok: list[float] = []
         self.failed: list[tuple[float, str]] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    def _run(self) -> None:
+    def loop(self) -> None:
         with Client(self.address, token="", timeout_s=20) as client:
             while not self.stop.is_set():
                 try:
@@ -77,16 +76,6 @@ class Load:
     def answered_since(self, t: float) -> int:
         with self.lock:
             return sum(1 for x in self.ok if x > t)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 PLACEMENT = """

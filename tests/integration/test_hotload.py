@@ -2,12 +2,12 @@
 pin and unpin through the Admin API; corrupt versions are refused while the old one
 keeps serving. Works on HOT_MODEL so that "toy" stays at v1 for the other tests."""
 
-import threading
 import time
 
 import grpc
 import pytest
 
+from tests.helpers import ClientThreads
 from tests.helpers import poll_until as wait_for
 
 from services.core.registry import Registry
@@ -30,18 +30,16 @@ def model_info(client, model=HOT_MODEL):
     return info
 
 
-class Load:
+class Load(ClientThreads):
     """Several client threads calling Classify until stopped; every outcome recorded."""
 
     def __init__(self, client, threads: int = 4):
+        super().__init__(threads)
         self.client = client
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.calls: list[tuple[float, float, str]] = []  # (start, end, version)
         self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    def _run(self):
+    def loop(self):
         from services.client import Client
 
         with Client(self.client.address, timeout_s=30) as c:
@@ -54,16 +52,6 @@ class Load:
                 except grpc.RpcError as exc:
                     with self.lock:
                         self.errors.append(f"{exc.code().name}: {exc.details()}")
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
     def count(self):
         with self.lock:

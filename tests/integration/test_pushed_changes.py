@@ -8,15 +8,13 @@ classifier, deleted when the module ends (as test_auth.py does)."""
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import pytest
 
 from services.client import Client
 from services.core.config import ServeConfig
 from services.core.registry import Registry
-from tests.helpers import delete_app, poll_until, server_port
+from tests.helpers import ClientThreads, copy_version, poll_until, second_app, server_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,31 +27,15 @@ REACHED_S = 60.0  # well inside one poll interval: a pass within it was woken by
 
 @pytest.fixture(scope="module")
 def pushed(server, trained, tmp_path_factory):
-    from ray import serve
-
-    from services.serving.app import build_app
-
-    cfg, _ = trained
-    source = Registry(cfg.registry)
+    source = Registry(trained[0].registry)
     registry = Registry(tmp_path_factory.mktemp("push") / "registry")
-    manifest = {k: v for k, v in source.manifest("toy", "v1").items()
-                if k not in ("files", "version", "name", "created_at")}
     for _ in range(3):
-        registry.publish(MODEL, source.local_copy("toy", "v1"), manifest)
-    admin_address = f"127.0.0.1:{server_port()}"
+        copy_version(source, "toy", "v1", registry, MODEL)
     serve_cfg = ServeConfig(registry=registry.uri, replica_cpus=0.1, num_replicas=2,
-                            poll_interval_s=POLL_S,
-                            admin_port=int(admin_address.rsplit(":", 1)[1]))
-    serve.run(build_app(serve_cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    client = Client(server.address, application=APP, admin_address=admin_address,
-                    timeout_s=60)
-    try:
-        client.wait_until_serving(timeout_s=180)
+                            poll_interval_s=POLL_S, admin_port=server_port())
+    with second_app(server, APP, serve_cfg) as client:
         assert poll_until(lambda: replica_versions(client) == ["v1", "v1"], 120)
         yield client
-    finally:
-        client.close()
-        delete_app(APP, server)
 
 
 def replica_versions(client) -> list[str]:
@@ -66,18 +48,16 @@ def replica_canaries(client) -> list[str]:
     return sorted(r.canary_version for r in info.replicas)
 
 
-class Load:
+class Load(ClientThreads):
     """Two client threads calling Classify until stopped; every outcome recorded."""
 
     def __init__(self, client):
+        super().__init__(2)
         self.client = client
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.versions: list[str] = []
         self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
 
-    def _run(self):
+    def loop(self):
         with Client(self.client.address, application=APP, timeout_s=30,
                     max_attempts=1) as c:
             while not self.stop.is_set():
@@ -92,16 +72,6 @@ class Load:
     def answered_by(self, version: str, after: int) -> bool:
         with self.lock:
             return version in self.versions[after:]
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def test_admin_promote_canary_and_cli_reach_every_replica_at_once(pushed):

@@ -27,7 +27,7 @@ from services.client import Client
 from services.protocol import pb, pb_grpc
 from services.serving.app import APP_NAME, build_app, model_deployment_name
 from tests.conftest import GEN_MODEL
-from tests.helpers import poll_until
+from tests.helpers import ClientThreads, poll_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -75,19 +75,18 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-class Load:
+class Load(ClientThreads):
     """Client threads calling Classify back to back; each call recorded as
     (started, ended, code name, details), times from time.monotonic()."""
 
+    join_s = 90.0
+
     def __init__(self, address: str, threads: int = LOAD_THREADS):
+        super().__init__(threads)
         self.address = address
         self.calls: list[tuple[float, float, str, str]] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, daemon=True)
-                        for _ in range(threads)]
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
         with Client(self.address, timeout_s=60) as c:
             while not self.stop.is_set():
                 started = time.monotonic()
@@ -98,16 +97,6 @@ class Load:
                     code, details = exc.code().name, exc.details() or ""
                 with self.lock:
                     self.calls.append((started, time.monotonic(), code, details))
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
 
     def snapshot(self) -> list[tuple[float, float, str, str]]:
         with self.lock:
