@@ -85,13 +85,11 @@ class _PeakRss:
 def test_millions_of_rows_train_bounded_with_the_driver_memory_flat(tmp_path, tiny_model_dir):
     from services.training.run import run_training
 
-    rng = random.Random(0)
+    choice = random.Random(0).choice
     path = tmp_path / "big.jsonl"
     with path.open("w") as fh:
-        for i in range(ROWS):
-            words = POSITIVE if i % 2 else NEGATIVE
-            fh.write(f'{{"text": "{rng.choice(words)} {rng.choice(NOUNS)} {i}", '
-                     f'"label": {i % 2}}}\n')
+        fh.writelines(f'{{"text": "{choice(POSITIVE if i % 2 else NEGATIVE)} '
+                      f'{choice(NOUNS)} {i}", "label": {i % 2}}}\n' for i in range(ROWS))
     cfg = TrainConfig(model=str(tiny_model_dir), train=str(path), name="big",
                       registry=str(tmp_path / "registry"), runs_dir=str(tmp_path / "runs"),
                       workers=1, batch_size=32, learning_rate=2e-3, max_steps=6,
