@@ -397,7 +397,11 @@ class RayNode:
 def ray_node_args(temp_dir: str) -> list[str]:
     """`ray start` flags that give a node ports of its own and the cluster's temp dir
     (not /tmp/ray, which the session's cluster uses), on loopback."""
+    # Every agent port given: a raylet whose agents pick their own ports waits a fixed
+    # ~15 s for them to write them down, and aborts when they start slower than that.
     return [f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
