@@ -188,3 +188,30 @@ def test_a_bad_cache_limit_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(cache.MAX_VERSIONS_ENV, "lots")
     with pytest.raises(InvalidInput, match="TUNESERVE_CACHE_MAX_VERSIONS"):
         cache.limits()
+
+
+def test_a_pointer_replaced_while_it_is_read_reads_whole(s3_registry):
+    """A reader racing a writer that replaces a pointer with one of another length gets
+    the old or the new bytes, never the new ones cut to the old length."""
+    rel = "m/channels/production.json"
+    short = b'{"version": "v1"}'
+    long = b'{"version": "v2", "history": ["' + b"x" * 4000 + b'"]}'
+    s3_registry.backend.write_atomic(rel, short)
+    stop = threading.Event()
+
+    def write():
+        writer = Registry(s3_registry.uri).backend
+        i = 0
+        while not stop.is_set():
+            writer.write_atomic(rel, long if i % 2 else short)
+            i += 1
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        seen = {s3_registry.backend.read_bytes(rel) for _ in range(300)}
+    finally:
+        stop.set()
+        thread.join()
+    assert seen <= {short, long}, sorted(len(b) for b in seen)
+    assert seen == {short, long}  # the race did run

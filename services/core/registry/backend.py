@@ -146,11 +146,22 @@ class Backend:
         return out
 
     def read_bytes(self, rel: str) -> bytes:
+        """A whole small file. On an object store it is one GET, so that an object
+        replaced while it is read gives the old or the new bytes, never the first
+        bytes of the new one cut to the old one's length (a streamed read asks for
+        the size first, then for ranges)."""
+        if self.remote:
+            data, _ = self.read_tagged(rel)
+            if data is None:
+                raise FileNotFoundError(rel)
+            return data
         with self.fs.open_input_stream(self._check(rel)) as fh:
             return fh.read()
 
     def read_tail(self, rel: str, nbytes: int) -> bytes:
         """The last `nbytes` of a file (all of a shorter one)."""
+        if self.remote:  # one GET, as read_bytes: the logs are kept small
+            return self.read_bytes(rel)[-nbytes:]
         with self.fs.open_input_file(self._check(rel)) as fh:
             size = fh.size()
             fh.seek(max(0, size - nbytes))
