@@ -1183,10 +1183,11 @@ class ServeConfig:
     in a check at load) gets static batches, with a warning. static: one Hugging Face
     `generate` call per batch, which runs until its longest request ends."""
     generation_batch_wait_timeout_s: float = 0.02
-    """Continuous batching: only a request that finds the replica idle waits, a quarter
-    of this for a second request and, once one came, all of it for the rest of the
-    burst, so that a burst's prompts go through the model in one pass; requests that
-    come while others decode join at the next token without waiting.
+    """Continuous batching: a lone request that finds the replica idle starts at once;
+    where two or more are already waiting when it goes idle (a burst), they wait up
+    to this for the rest of the burst, so that its prompts go through the model in one
+    pass; requests that come while others decode or prefill join at the next step
+    without waiting.
     Static batches: how long a request waits for others to join its batch. A batch runs
     until its longest request ends and later requests wait for it, so waiting a little
     for concurrent requests to join pays. A lone request waits a quarter of it for a

@@ -18,6 +18,7 @@ cancelled and the generating thread drops its row at the next token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import deque
@@ -47,7 +48,8 @@ RECENT_JOBS = 32
 STREAM_CHUNKS_PER_S = 100.0
 """Chunks per second one replica sends, shared by its open streams: after its first
 chunk (sent at once), a stream sends at most one chunk every open_streams / 100 s,
-holding the tokens generated meanwhile. Every chunk crosses three processes (this
+holding the tokens generated meanwhile; its last chunk goes as soon as generation
+ends. Every chunk crosses three processes (this
 replica, the ingress, the proxy), which costs more CPU than a decoding step of a small
 model; this bound keeps that cost flat as streams are added (docs/benchmarks.md).
 One stream gets a chunk every 10 ms, 8 streams one every 80 ms each."""
@@ -96,8 +98,10 @@ class Generator(RegistryFollower):
                     loaded.engine, self.max_batch_size,
                     on_admit=functools.partial(self._on_admit, version),
                     on_done=functools.partial(self._record, version),
-                    start_wait_s=self.batch_wait_timeout_s / 4,
-                    burst_wait_s=self.batch_wait_timeout_s)
+                    # a lone request starts at once (its first token is what
+                    # a caller waits for); requests already queued together are
+                    # a burst, which waits for the rest of itself
+                    start_wait_s=0.0, burst_wait_s=self.batch_wait_timeout_s)
         return loaded
 
     def _on_admit(self, version: str, rows: int, waits: list[float]) -> None:
@@ -161,18 +165,23 @@ class Generator(RegistryFollower):
                          params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        ended = asyncio.Event()  # the last text is in: no more waiting between chunks
+
+        def put(event) -> None:  # on the loop
+            events.put_nowait(event)
+            if event is None or event[2]:
+                ended.set()
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait,
-                                          (text, tokens, job.finish_reason))
+                loop.call_soon_threadsafe(put, (text, tokens, job.finish_reason))
             except RuntimeError:  # the caller's loop has closed: nobody reads this
                 job.cancel()
 
         job = loaded.engine.job(prompt, sampling_params(params), on_text)
         batch = self._submit(loaded, job)
         # Wakes the reader if the batch ends without a final chunk (it failed).
-        batch.add_done_callback(lambda _: events.put_nowait(None))
+        batch.add_done_callback(lambda _: put(None))
         self.streams += 1
         try:
             while True:
@@ -187,8 +196,11 @@ class Generator(RegistryFollower):
                            "finish_reason": finish, "version": loaded.version}
                     if finish:
                         return
-                    # Let tokens gather (see STREAM_CHUNKS_PER_S).
-                    await asyncio.sleep(self.streams / self.stream_chunks_per_s)
+                    # Let tokens gather (see STREAM_CHUNKS_PER_S), but send the last
+                    # ones as soon as they are in.
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(ended.wait(),
+                                               self.streams / self.stream_chunks_per_s)
                 if None in got:
                     batch.result()  # raises the batch's error
                     raise RuntimeError("generation ended without a finish reason")

@@ -128,6 +128,28 @@ def test_an_abandoned_stream_stops_generating(tokenizer, tmp_path):
     assert gen._status_extra()["cancelled"] == 1
 
 
+def test_a_lone_stream_neither_waits_for_company_nor_for_its_last_chunk(tokenizer, tmp_path):
+    """A request that finds the replica idle starts at once, whatever the burst wait,
+    and a stream's last text goes out when generation ends, not after the pause that
+    paces its chunks: here a burst wait of 30 s and one chunk every 10 s."""
+    engine = _engine("gpt2", tokenizer)
+    gen = _serve(engine, tmp_path, batching="continuous", batch_wait_timeout_s=30.0,
+                 stream_chunks_per_s=0.1)
+
+    async def stream():
+        started, chunks = time.monotonic(), []
+        async for chunk in gen.generate_stream("red cat", {"max_new_tokens": 12,
+                                                           "ignore_eos": True}):
+            chunks.append((time.monotonic() - started, chunk))
+        return chunks
+
+    chunks = asyncio.run(stream())
+    assert chunks[-1][1]["finish_reason"] == "length"
+    assert chunks[-1][1]["completion_tokens"] == 12
+    assert chunks[0][0] < 5.0, chunks  # a quarter of the burst wait would be 7.5 s
+    assert chunks[-1][0] < 5.0, chunks  # the pacing pause is 10 s
+
+
 def test_the_setting_is_checked():
     assert ServeConfig(generation_batching="static").validate().generation_batching == "static"
     with pytest.raises(ConfigError, match="'generation_batching'.*'dynamic' is not one of"):
