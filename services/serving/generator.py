@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections import deque
 from typing import Any, AsyncIterator, Optional
 
@@ -164,46 +165,54 @@ class Generator(RegistryFollower):
     async def _stream_on(self, loaded: LoadedGenerator, prompt: str,
                          params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        ended = asyncio.Event()  # the last text is in: no more waiting between chunks
-
-        def put(event) -> None:  # on the loop
-            events.put_nowait(event)
-            if event is None or event[2]:
-                ended.set()
+        texts: list[tuple[str, int, Optional[str]]] = []  # filled by the generating thread
+        lock = threading.Lock()
+        wake = asyncio.Event()
+        reader = {"waiting": False, "ended": False}
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
-            try:
-                loop.call_soon_threadsafe(put, (text, tokens, job.finish_reason))
-            except RuntimeError:  # the caller's loop has closed: nobody reads this
-                job.cancel()
+            finish = job.finish_reason
+            with lock:  # the event loop is woken only when the reader waits, or at the end
+                texts.append((text, tokens, finish))
+                notify = reader["waiting"] or bool(finish)
+                reader["waiting"] = False
+            if notify:
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the caller's loop has closed: nobody reads this
+                    job.cancel()
+
+        def batch_ended(_) -> None:  # on the loop; wakes a reader left without a last text
+            reader["ended"] = True
+            wake.set()
 
         job = loaded.engine.job(prompt, sampling_params(params), on_text)
         batch = self._submit(loaded, job)
-        # Wakes the reader if the batch ends without a final chunk (it failed).
-        batch.add_done_callback(lambda _: put(None))
+        batch.add_done_callback(batch_ended)
         self.streams += 1
         try:
             while True:
-                got = [await events.get()]
-                while not events.empty():  # whatever else is ready goes in this chunk
-                    got.append(events.get_nowait())
-                chunks = [g for g in got if g is not None]
-                if chunks:
-                    _, tokens, finish = chunks[-1]
-                    yield {"text": "".join(c[0] for c in chunks),
-                           "prompt_tokens": job.prompt_tokens, "completion_tokens": tokens,
-                           "finish_reason": finish, "version": loaded.version}
-                    if finish:
-                        return
-                    # Let tokens gather (see STREAM_CHUNKS_PER_S), but send the last
-                    # ones as soon as they are in.
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(ended.wait(),
-                                               self.streams / self.stream_chunks_per_s)
-                if None in got:
-                    batch.result()  # raises the batch's error
-                    raise RuntimeError("generation ended without a finish reason")
+                with lock:
+                    got, texts[:] = texts[:], []
+                    reader["waiting"] = not got
+                if not got:
+                    if reader["ended"]:  # the batch ended without a finish reason
+                        batch.result()  # raises the batch's error
+                        raise RuntimeError("generation ended without a finish reason")
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                _, tokens, finish = got[-1]
+                yield {"text": "".join(g[0] for g in got),
+                       "prompt_tokens": job.prompt_tokens, "completion_tokens": tokens,
+                       "finish_reason": finish, "version": loaded.version}
+                if finish:
+                    return
+                # Let tokens gather (see STREAM_CHUNKS_PER_S), but send the last ones
+                # as soon as they are in.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.streams / self.stream_chunks_per_s)
+                wake.clear()
         finally:
             self.streams -= 1
             if not job.done:
