@@ -101,14 +101,16 @@ PROMPTS = [
 ]
 
 
-def find_checkpoint(model_dir: str | None, work: Path) -> tuple[Path, str | None]:
-    """(checkpoint folder, prompt template)."""
+def find_checkpoint(model_dir: str | None, work: Path,
+                    size: str | None = None) -> tuple[Path, str | None]:
+    """(checkpoint folder, prompt template): --model-dir, else --size, else the GSM8K
+    run if there is one, else the tiny GPT-2."""
     if model_dir:
         folder = Path(model_dir)
-    elif DEFAULT_GSM8K.is_dir() and sorted(DEFAULT_GSM8K.glob("v*")):
+    elif size is None and DEFAULT_GSM8K.is_dir() and sorted(DEFAULT_GSM8K.glob("v*")):
         folder = sorted(DEFAULT_GSM8K.glob("v*"))[-1]
     else:
-        folder = build_random_gpt2(work / "gpt2")
+        folder = build_random_gpt2(work / "gpt2", size or "tiny")
     template = None
     task_file = folder / GENERATION_FILE
     if task_file.is_file():
@@ -116,7 +118,15 @@ def find_checkpoint(model_dir: str | None, work: Path) -> tuple[Path, str | None
     return folder, template
 
 
-def build_random_gpt2(folder: Path) -> Path:
+SIZES = {"tiny": {"n_embd": 192, "n_layer": 4, "n_head": 4, "vocab_size": None},
+         "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}}
+"""--size: GPT-2 shapes built from a config. tiny (2M parameters) times the serving
+path's own costs, which a decoding step of ~2 ms hides nowhere; gpt2-small is GPT-2's
+smallest real shape (124M parameters, its 50,257-token output layer), whose steps
+take what a real model's do."""
+
+
+def build_random_gpt2(folder: Path, size: str = "tiny") -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
@@ -131,13 +141,17 @@ def build_random_gpt2(folder: Path) -> Path:
                                         bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
+    shape = dict(SIZES[size])
+    vocab = shape.pop("vocab_size") or len(tokenizer)
     model = AutoModelForCausalLM.from_config(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=512, n_embd=192, n_layer=4, n_head=4,
-        bos_token_id=eos, eos_token_id=eos))
+        vocab_size=vocab, n_positions=512, **shape, bos_token_id=eos, eos_token_id=eos))
     # Random weights pick byte tokens as often as words, and a lone byte >= 0x80 is no
     # text: a stream of them would hold every chunk back. Their logits are set to 0, so
-    # the model writes whole characters (the timing does not change).
+    # the model writes whole characters (the timing does not change); so are those of
+    # the ids past the tokenizer's own (a larger output layer costs what it costs, but
+    # is never chosen: some real token's random logit is above 0).
     partial = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    partial += range(len(tokenizer), vocab)
     with torch.no_grad():
         model.get_output_embeddings().weight[partial] = 0
     model.save_pretrained(folder)
@@ -283,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "serve's default layout (--colocate --replica-grpc)")
     parser.add_argument("--model-dir", default=None, help="causal LM folder (default: the "
                         "GSM8K run in /tmp/gsm8k, else a random GPT-2 from a config)")
+    parser.add_argument("--size", choices=tuple(SIZES), default=None,
+                        help="serve a GPT-2 of this shape built from a config (random "
+                             "weights) instead of the GSM8K run: tiny (2M parameters, "
+                             "the default without /tmp/gsm8k) or gpt2-small (124M)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
@@ -425,7 +443,7 @@ def main() -> int:
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-gen-"))
-    folder, template = find_checkpoint(args.model_dir, work)
+    folder, template = find_checkpoint(args.model_dir, work, args.size)
     publish(folder, template, work / "registry")
     threads = max(1, int(args.replica_cpus))
     torch.set_num_threads(threads)
