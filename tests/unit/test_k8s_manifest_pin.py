@@ -15,10 +15,11 @@ from services.k8s.manifest import pin_in_manifest
 from tests.unit.test_k8s_client import k8s
 from tests.unit.test_k8s_manifests import K8S, render, serve_config
 
-# The file holding each overlay's serveConfigV2 (gpu and colocated replace the base's).
+# The file holding each overlay's serveConfigV2 (the others replace the base's).
 PIN_FILES = {"cpu": "base/rayservice.yaml",
              "gpu": "overlays/gpu/rayservice-gpu.yaml",
-             "colocated": "overlays/colocated/rayservice-colocated.yaml"}
+             "colocated": "overlays/colocated/rayservice-colocated.yaml",
+             "production": "overlays/production/rayservice-ha.yaml"}
 
 
 def changed_lines(before: str, after: str) -> list[str]:

@@ -590,15 +590,16 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
     assert cluster["enableInTreeAutoscaling"] is True
     workers = cluster["workerGroupSpecs"][0]
     assert workers["minReplicas"] >= 1 and workers["maxReplicas"] >= workers["minReplicas"]
-    if overlay == "colocated":
-        _check_colocated_replica_grpc(objects, doc, cfg, deployments)
+    if overlay in ("colocated", "production"):  # `tuneserve serve`'s default layout
+        _check_colocated_ingress(cfg, deployments)
+        if overlay == "colocated":
+            _check_colocated_replica_grpc(objects, doc, cfg)
+        else:
+            _check_tls_replica_grpc(objects, doc, cfg, tls_files)
         return
-    if overlay == "production":
-        _check_tls_replica_grpc(objects, doc, cfg, tls_files)
-    else:
-        assert cfg.grpc_port == doc["grpc_options"]["port"]  # Serve's proxy: the API
-        assert not cfg.tls_cert_file and not tls_files
-    # An ingress entry only places its replicas (production: one per node).
+    assert cfg.grpc_port == doc["grpc_options"]["port"]  # Serve's proxy: the API
+    assert not cfg.tls_cert_file and not tls_files
+    # An ingress entry only places its replicas.
     ingress = deployments.pop(app_module.INGRESS_DEPLOYMENT, {"name": "ingress"})
     assert set(ingress) <= {"name", "max_replicas_per_node"}, ingress
     assert set(deployments) == {app_module.model_deployment_name(m) for m in cfg.models}
@@ -618,21 +619,26 @@ def test_serve_config_is_valid_for_ray_serve_and_tuneserve(overlay, monkeypatch)
         assert cfg.replica_gpus == 1 and cfg.dtype in ("auto", "bfloat16")
 
 
-def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
-    """The colocated overlay: the models inside the ingress replicas, each answering gRPC
-    on cfg.grpc_port itself, reachable through a Service and the NetworkPolicy."""
+def _check_colocated_ingress(cfg, deployments) -> None:
+    """The colocated layout (the colocated and production overlays, `tuneserve serve`'s
+    default): the models inside the ingress replicas, each answering gRPC itself; the
+    ingress autoscales, and its one deployment entry leaves the count and the actor
+    options to the code (autoscaling_config with the policy that counts the calls Serve
+    does not see) and holds what ColocatedIngress.reconfigure reads."""
     import services.serving.app as app_module
 
     assert cfg.colocate is True and cfg.replica_grpc is True
-    # Autoscaled: several model processes behind one port at least, and the entry leaves
-    # the count to the code's autoscaling_config (with the policy that counts the calls
-    # Serve does not see).
+    # Autoscaled: several model processes behind one port at least.
     auto = cfg.autoscaling_config()
     assert auto is not None and auto["min_replicas"] >= 2
     assert auto["max_replicas"] > auto["min_replicas"]
+    assert auto["upscale_delay_s"] == ServeConfig.upscale_delay_s
+    assert auto["downscale_delay_s"] == ServeConfig.downscale_delay_s
+    assert cfg.ingress_replicas == 1  # with colocate the replica settings size the ingress
     assert set(deployments) == {app_module.INGRESS_DEPLOYMENT}  # no model-<name> with colocate
     ingress = deployments[app_module.INGRESS_DEPLOYMENT]
-    assert "autoscaling_config" not in ingress and "num_replicas" not in ingress
+    # Serve would replace the code's autoscaling_config / ray_actor_options as a whole.
+    assert set(ingress) <= {"name", "user_config", "max_replicas_per_node"}, ingress
     # What build_app gives the colocated ingress and ColocatedIngress.reconfigure reads.
     user_config = ingress["user_config"]
     assert set(user_config) == {"channel", "pinned_versions", "poll_interval_s"}
@@ -640,6 +646,12 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
     assert user_config["poll_interval_s"] == cfg.poll_interval_s
     assert isinstance(user_config["pinned_versions"], dict)
     assert set(user_config["pinned_versions"]) <= set(cfg.models)
+
+
+def _check_colocated_replica_grpc(objects, doc, cfg) -> None:
+    """The colocated overlay: the ingress replicas' gRPC port in plaintext, reachable
+    through a Service and the NetworkPolicy, two replicas on the pod always up."""
+    auto = cfg.autoscaling_config()
     # The replicas' own port is not the proxy's, which KubeRay's Service keeps using.
     proxy_port = doc["grpc_options"]["port"]
     assert cfg.grpc_port != proxy_port
@@ -684,10 +696,10 @@ def _check_colocated_replica_grpc(objects, doc, cfg, deployments) -> None:
 
 def _check_tls_replica_grpc(objects, doc, cfg, tls_files) -> None:
     """The production overlay: the API over TLS on the ingress replicas' own port, from
-    files of the Secret mounted on every pod; model deployments that autoscale; health
-    alone in plaintext for the readiness probe; a Service and the NetworkPolicy on the
-    TLS port, and Serve's plaintext proxy port closed to clients."""
-    assert cfg.replica_grpc and not cfg.colocate and cfg.autoscaling_config() is not None
+    files of the Secret mounted on every pod; health alone in plaintext for the
+    readiness probe; a Service and the NetworkPolicy on the TLS port, and Serve's
+    plaintext proxy port closed to clients."""
+    assert cfg.replica_grpc
     proxy_port = doc["grpc_options"]["port"]
     assert len({cfg.grpc_port, cfg.health_port, proxy_port}) == 3
     # The files checked are the Secret's, where every pod mounts it (head: app builder).

@@ -3,15 +3,17 @@ through a lost head, pod or node, checked on the rendered objects (no cluster).
 
 GCS fault tolerance wired to a Redis that the overlay runs (or a Service of that name),
 with the password from a Secret; PodDisruptionBudgets that select the Ray workers of
-each part and leave one serving; serving workers spread over nodes; two replicas at
-least of every model and of the ingress, one per node, on at least as many nodes; the
-Serve config in step with the base's; the upgrade strategy stated, and the incremental
-one as a component that validates against KubeRay's CRD.
+each part and leave one serving; serving workers spread over nodes; the layout
+`tuneserve serve` runs by default, with two ingress replicas at least (each holding
+every model), one per node, on at least as many nodes; the Serve config in step with
+the colocated overlay's; the upgrade strategy stated, and the incremental one as a
+component that validates against KubeRay's CRD.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -130,37 +132,73 @@ def test_serving_workers_spread_over_nodes_with_replicas_on_each():
     args = copy.deepcopy(application["args"])
     limits = args.pop("limits")
     cfg = ServeConfig(**args).validate()
-    assert cfg.min_replicas >= 2 and cfg.ingress_replicas >= 2 and limits
+    assert limits
+    # The replicas that hold the models, and the deployments they are: with colocate
+    # the ingress alone (min_replicas sizes it), else the ingress and a deployment per
+    # model; each on a node of its own.
+    if cfg.colocate:
+        always = cfg.min_replicas
+        placed = [INGRESS_DEPLOYMENT]
+        per_node = cfg.replica_cpus
+    else:
+        always = max(cfg.min_replicas, cfg.ingress_replicas)
+        placed = [INGRESS_DEPLOYMENT] + [model_deployment_name(m) for m in cfg.models]
+        per_node = len(cfg.models) * cfg.replica_cpus + cfg.ingress_cpus
+    assert cfg.min_replicas >= 2 and always >= 2
     deployments = {d["name"]: d for d in application["deployments"]}
-    placed = [INGRESS_DEPLOYMENT] + [model_deployment_name(m) for m in cfg.models]
+    assert set(deployments) == set(placed)
     for name in placed:
         assert deployments[name]["max_replicas_per_node"] == 1, name
-    # One replica per node: the nodes always up hold every replica always up.
-    assert group["minReplicas"] >= max(cfg.min_replicas, cfg.ingress_replicas)
+    # One replica per node: the nodes always up hold every replica always up, and
+    # autoscaling finds a node for each replica up to max_replicas.
+    assert group["minReplicas"] >= always
     assert group["maxReplicas"] >= cfg.max_replicas
-    # ... and each node has room for one replica of every model and the ingress.
+    # ... and each node has room for its replicas.
     cpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-    assert cpus >= len(cfg.models) * cfg.replica_cpus + cfg.ingress_cpus
+    assert cpus >= per_node
 
 
-def test_serve_config_is_the_bases_with_ha_settings_only():
-    """The production serveConfigV2 is a copy of the base's: they must not drift."""
-    base = _app(one(render(str(K8S / "overlays" / "cpu")), "RayService"))
+def test_serve_config_is_the_colocated_overlays_with_tls_and_placement_only():
+    """The production serveConfigV2 is a copy of the colocated overlay's (the layout
+    `tuneserve serve` runs by default): they must not drift."""
+    colocated = _app(one(render(str(K8S / "overlays" / "colocated")), "RayService"))
     prod = _app(one(render(PRODUCTION), "RayService"))
-    changed = {k for k in set(base["args"]) | set(prod["args"])
-               if base["args"].get(k) != prod["args"].get(k)}
-    # HA, and the API over TLS on the ingress replicas' own servers (tls.yaml)
-    assert "min_replicas" in changed and changed <= {
-        "ingress_replicas", "min_replicas", "grpc_port", "replica_grpc", "health_port",
-        "tls_cert_file", "tls_key_file"}
-    assert prod["args"]["ingress_replicas"] >= 2
-    base_deps = {d["name"]: d for d in base["deployments"]}
+    changed = {k for k in set(colocated["args"]) | set(prod["args"])
+               if colocated["args"].get(k) != prod["args"].get(k)}
+    # The API over TLS on the ingress replicas' own servers, health alone for the
+    # readiness probe (tls.yaml)
+    assert changed == {"health_port", "tls_cert_file", "tls_key_file"}
+    # ... and one replica per node
+    colocated_deps = {d["name"]: d for d in colocated["deployments"]}
     prod_deps = {d["name"]: {k: v for k, v in d.items() if k != "max_replicas_per_node"}
                  for d in prod["deployments"]}
-    assert prod_deps.pop("ingress") == {"name": "ingress"}
-    assert prod_deps == base_deps
-    assert {k: v for k, v in base.items() if k not in ("args", "deployments")} == \
+    assert prod_deps == colocated_deps
+    assert {k: v for k, v in colocated.items() if k not in ("args", "deployments")} == \
         {k: v for k, v in prod.items() if k not in ("args", "deployments")}
+
+
+def _layout(cfg) -> dict[str, Any]:
+    """The ServeConfig fields that `tuneserve serve --layout` sets, as cfg has them."""
+    from services.cli.serve import LAYOUTS
+
+    return {name: getattr(cfg, name) for fields in LAYOUTS.values() for name in fields}
+
+
+def test_production_serves_the_layout_tuneserve_serve_runs_by_default(monkeypatch):
+    """The layout of `tuneserve serve` with no layout flag (its parser's default, through
+    the ServeConfig the command builds) is the one the overlay's args build: the one
+    bench/serve.py measures as the default is the one production runs."""
+    import services.serving.app as app_module
+    from services.cli import build_parser
+    from services.cli.serve import LAYOUTS, serve_config
+
+    default = serve_config(build_parser().parse_args(["serve"]))
+    name = build_parser().parse_args(["serve"]).layout
+    assert _layout(default) == {**dict.fromkeys(_layout(default), False), **LAYOUTS[name]}
+    monkeypatch.setattr(app_module, "build_app", lambda cfg: cfg)
+    prod = app_module.app_builder(copy.deepcopy(_app(one(render(PRODUCTION),
+                                                           "RayService"))["args"]))
+    assert _layout(prod.validate()) == _layout(default), f"tuneserve serve: --layout {name}"
 
 
 def _with_components(tmp_path: Path, *components: str) -> tuple[dict[str, Any], ...]:
@@ -197,7 +235,8 @@ def test_upgrade_strategy_is_stated_and_incremental_is_a_component(tmp_path):
         assert first.startswith("# ") and len(first) > 20, component
 
 
-@pytest.mark.parametrize("break_it", ["address", "secret", "pdb", "spread", "per-node"])
+@pytest.mark.parametrize("break_it", ["address", "secret", "pdb", "spread", "per-node",
+                                      "layout"])
 def test_the_checks_can_fail(break_it, monkeypatch):
     """Each check above fails on the overlay broken the way a careless edit would."""
     objects = copy.deepcopy(render(PRODUCTION))
@@ -218,9 +257,15 @@ def test_the_checks_can_fail(break_it, monkeypatch):
         constraint = group["template"]["spec"]["topologySpreadConstraints"][0]
         constraint["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] = "train"
         check = test_serving_workers_spread_over_nodes_with_replicas_on_each
-    else:
+    elif break_it == "per-node":
         group["minReplicas"] = 1
         check = test_serving_workers_spread_over_nodes_with_replicas_on_each
+    else:  # the models layout: a deployment per model behind the replicas' servers
+        doc = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+        doc["applications"][0]["args"].pop("colocate")
+        rayservice["spec"]["serveConfigV2"] = yaml.safe_dump(doc)
+        check = functools.partial(
+            test_production_serves_the_layout_tuneserve_serve_runs_by_default, monkeypatch)
     real = render
     monkeypatch.setattr(sys.modules[__name__], "render",
                         lambda path: tuple(objects) if path == PRODUCTION else real(path))
