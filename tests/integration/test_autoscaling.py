@@ -1,8 +1,10 @@
 """Serve autoscaling, driven by the same settings as the RayService: under load the
 model deployment grows to max_replicas while every call succeeds; idle, it shrinks.
-In the default layout (calls through Serve's gRPC proxy) and in the replica_grpc
-layout (calls on the ingress replicas' own gRPC servers, which Serve never sees: the
-model deployment scales on the ingress's calls to it)."""
+In ServeConfig's default layout (calls through Serve's gRPC proxy) and in the
+replica_grpc layouts (calls on the ingress replicas' own gRPC servers, which Serve never
+sees): `models` (the model deployment scales on the ingress's calls to it) and the one
+`tuneserve serve` runs with no layout flag, which the production overlay renders
+(colocated: the ingress replicas hold the model and report their servers' calls)."""
 
 import dataclasses
 import threading
@@ -13,6 +15,8 @@ import pytest
 from tests.helpers import copy_version, delete_app, server_port
 from tests.helpers import poll_until as wait_for
 
+from services.cli import build_parser
+from services.cli.serve import LAYOUTS
 from services.client import Client
 from services.core.registry import Registry
 from services.serving.app import APP_NAME, model_deployment_name
@@ -33,10 +37,13 @@ def test_scales_up_under_load_and_back_down(server):
 
 
 REPLICA_GRPC_APP = "tuneserve-replica-grpc"
+DEFAULT_LAYOUT = build_parser().parse_args(["serve"]).layout
+"""`tuneserve serve`'s layout with no layout flag (colocated), the production overlay's
+(tests/unit/test_k8s_production.py)."""
 
 
-@pytest.mark.parametrize("colocate", [False, True], ids=["models", "colocated"])
-def test_replica_grpc_layout_scales(server, trained, tmp_path, colocate):
+@pytest.mark.parametrize("layout", ["models", DEFAULT_LAYOUT])
+def test_replica_grpc_layout_scales(server, trained, tmp_path, layout):
     """The ingress replicas answer on a port of their own, which Serve never sees; the
     model deployment behind them (models), or the ingress replicas holding the model
     (colocated: they report their servers' calls to Serve's autoscaler), still go
@@ -45,19 +52,22 @@ def test_replica_grpc_layout_scales(server, trained, tmp_path, colocate):
 
     from services.serving.app import INGRESS_DEPLOYMENT, build_app
 
+    flags = {"colocate": False, "direct_ingress": False, **LAYOUTS[layout]}
+    assert flags["replica_grpc"], layout  # a port of the replicas' own
     registry = Registry(tmp_path / "registry")
     copy_version(Registry(trained[0].registry), "toy", "v1", registry, "toy")
     port = server_port()
-    cfg = dataclasses.replace(server.serve_cfg, registry=registry.uri, replica_grpc=True,
-                              colocate=colocate, models=["toy"], host="127.0.0.1",
-                              grpc_port=port, admin_port=None)
+    cfg = dataclasses.replace(server.serve_cfg, registry=registry.uri, **flags,
+                              models=["toy"], host="127.0.0.1", grpc_port=port,
+                              admin_port=None)
     serve.run(build_app(cfg.validate()), name=REPLICA_GRPC_APP,
               route_prefix=f"/{REPLICA_GRPC_APP}", blocking=False)
     try:
         with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
             client.wait_until_serving(timeout_s=180)
         scale_under_load(server, f"127.0.0.1:{port}", REPLICA_GRPC_APP,
-                         INGRESS_DEPLOYMENT if colocate else model_deployment_name("toy"))
+                         INGRESS_DEPLOYMENT if flags["colocate"] else
+                         model_deployment_name("toy"))
     finally:
         delete_app(REPLICA_GRPC_APP, server)
 
