@@ -44,6 +44,11 @@ def register_action(actions) -> None:
                    help="a step without --min-requests in this long rolls back")
     q.add_argument("--poll-s", type=float, default=DEFAULTS.poll_s,
                    help="how often the metrics are read")
+    q.add_argument("--p99-factor", type=float, default=DEFAULTS.p99_factor,
+                   help="a step fails when the candidate's p99 latency is above this "
+                        "times production's plus --p99-slack-s")
+    q.add_argument("--p99-slack-s", type=float, default=DEFAULTS.p99_slack_s,
+                   help="seconds added to production's p99 in the latency check")
     q.add_argument("--analysis-data", default=None, metavar="FILE",
                    help="labelled rows (CSV/TSV/JSONL, as for `tuneserve eval`): a "
                         "classifier's candidate must be as accurate as production on "
@@ -61,7 +66,8 @@ def policy_from(args: argparse.Namespace) -> RolloutPolicy:
     try:
         return RolloutPolicy(steps=steps, min_requests=args.min_requests,
                              min_step_s=args.min_step_s, max_step_s=args.max_step_s,
-                             poll_s=args.poll_s)
+                             poll_s=args.poll_s, p99_factor=args.p99_factor,
+                             p99_slack_s=args.p99_slack_s)
     except ValueError as exc:  # "<field>: what it expects"
         field, _, expected = str(exc).partition(": ")
         raise InvalidInput(f"--{field.replace('_', '-')}: {expected}") from None

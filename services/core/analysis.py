@@ -61,6 +61,8 @@ class RolloutPolicy:
         for name in ("min_step_s", "max_step_s", "error_ratio_slack", "p99_slack_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}: expected a number >= 0")
+        if not (math.isfinite(self.p99_factor) and self.p99_factor > 0):
+            raise ValueError("p99_factor: expected a number > 0")
         if self.min_requests < 1:
             raise ValueError("min_requests: expected at least 1")
         if not (math.isfinite(self.poll_s) and self.poll_s > 0):

@@ -350,6 +350,11 @@ class TrainConfig:
     candidate back. Default: 1800."""
     rollout_poll_s: Optional[float] = None
     """With --rollout canary: how often the serving metrics are read. Default: 5."""
+    rollout_p99_factor: Optional[float] = None
+    """With --rollout canary: a step fails when the candidate's p99 latency is above this
+    times production's plus rollout_p99_slack_s. Default: 1.5."""
+    rollout_p99_slack_s: Optional[float] = None
+    """With --rollout canary: see rollout_p99_factor. Default: 0.01."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes kept in the manifest."""
 
@@ -619,7 +624,8 @@ def _check_promotion(r: "ResolvedTrainConfig") -> None:
 
 ROLLOUTS = ("canary",)
 ROLLOUT_FIELDS = ("rollout_metrics_url", "rollout_steps", "rollout_min_requests",
-                  "rollout_min_step_s", "rollout_max_step_s", "rollout_poll_s")
+                  "rollout_min_step_s", "rollout_max_step_s", "rollout_poll_s",
+                  "rollout_p99_factor", "rollout_p99_slack_s")
 """The settings of --rollout canary; each maps to the RolloutPolicy field it names
 less its `rollout_` (rollout_metrics_url excepted)."""
 
@@ -789,6 +795,8 @@ class RolloutSection:
     rollout_min_step_s: Optional[float]
     rollout_max_step_s: Optional[float]
     rollout_poll_s: Optional[float]
+    rollout_p99_factor: Optional[float]
+    rollout_p99_slack_s: Optional[float]
 
 
 SECTIONS = (("data", DataSection), ("modeling", ModelSection), ("optim", OptimSection),

@@ -203,6 +203,8 @@ def test_check_waits_for_requests_and_fails_on_either_check():
     (["--steps", "50,25"], "--steps: expected rising shares"),
     (["--min-requests", "0"], "--min-requests: expected at least 1"),
     (["--poll-s", "0"], "--poll-s: expected a number > 0"),
+    (["--p99-factor", "0"], "--p99-factor: expected a number > 0"),
+    (["--p99-slack-s", "-1"], "--p99-slack-s: expected a number >= 0"),
 ])
 def test_bad_flags_name_the_flag(registry, capsys, argv, message):
     code = main(["models", "rollout", "--registry", registry.uri, "toy", "v2",

@@ -46,6 +46,8 @@ URL = "http://127.0.0.1:8080/metrics"
      "'rollout_min_requests': expected at least 1"),
     (["--rollout", "canary", "--rollout-metrics-url", URL, "--rollout-poll-s", "0"],
      "'rollout_poll_s': expected a number > 0"),
+    (["--rollout", "canary", "--rollout-metrics-url", URL, "--rollout-p99-factor", "0"],
+     "'rollout_p99_factor': expected a number > 0"),
 ])
 @pytest.mark.parametrize("command", [["train"], ["k8s", "train", "--dry-run"]])
 def test_bad_rollout_settings_name_the_field_before_anything_starts(
@@ -70,24 +72,26 @@ def test_the_run_config_carries_the_rollout_and_its_policy(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ntrain: /data/t.csv\nrollout: canary\n"
                     "rollout_metrics_url: [http://a:8080/metrics, http://b:8080/metrics]\n"
-                    "rollout_steps: 10,50\nrollout_min_step_s: 30\n")
+                    "rollout_steps: 10,50\nrollout_min_step_s: 30\nrollout_p99_factor: 3\n")
     cfg = TrainConfig.from_yaml(path).resolve()
     assert cfg.rollout == "canary"
     assert cfg.rollout_metrics_url == ["http://a:8080/metrics", "http://b:8080/metrics"]
-    assert rollout_policy(cfg) == RolloutPolicy(steps=(10, 50), min_step_s=30)
+    assert rollout_policy(cfg) == RolloutPolicy(steps=(10, 50), min_step_s=30, p99_factor=3)
     # unset fields: the policy `tuneserve models rollout` defaults to
     assert rollout_policy(TrainConfig(model="m", train="t.csv").resolve()) == RolloutPolicy()
     # the RayJob's run config holds it as written, flags overriding it
-    cm, job = dry_run_objects(capsys, "--config", str(path), "--rollout-min-requests", "40")
+    cm, job = dry_run_objects(capsys, "--config", str(path), "--rollout-min-requests", "40",
+                              "--rollout-p99-slack-s", "0.5")
     sent = yaml.safe_load(cm["data"]["run.yaml"])
     assert {k: v for k, v in sent.items() if k.startswith("rollout")} == {
         "rollout": "canary",
         "rollout_metrics_url": ["http://a:8080/metrics", "http://b:8080/metrics"],
-        "rollout_steps": "10,50", "rollout_min_step_s": 30, "rollout_min_requests": 40}
+        "rollout_steps": "10,50", "rollout_min_step_s": 30, "rollout_min_requests": 40,
+        "rollout_p99_factor": 3, "rollout_p99_slack_s": 0.5}
     assert job["spec"]["entrypoint"] == "python -m services train --config /config/run.yaml"
     # and reads back as the same policy in the pod
     assert rollout_policy(TrainConfig.from_dict(sent).resolve()) == RolloutPolicy(
-        steps=(10, 50), min_step_s=30, min_requests=40)
+        steps=(10, 50), min_step_s=30, min_requests=40, p99_factor=3, p99_slack_s=0.5)
 
 
 def test_a_version_that_passes_the_gate_goes_out_as_a_canary_not_to_production(
