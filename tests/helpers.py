@@ -343,9 +343,11 @@ NODE_IDS = "out = {n['NodeManagerPort']: n['NodeID'] for n in ray.nodes() if n['
 
 
 class RayNode:
-    """One Ray node: `ray start --block` in a process group of its own, so that killing
-    the group loses the node whole (its raylet, its workers, its agents), as a lost pod
-    or machine does."""
+    """One Ray node: `ray start --block` in a session of its own. kill() kills its
+    process group (`ray start`, its raylet and agents: the node leaves the cluster; its
+    workers, in process groups of their own, exit a few seconds later when they see
+    their raylet gone); lose() kills every process of its session at once, workers
+    included, as a lost pod or machine does."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
         self.name, self.args, self.env, self.logs = name, args, env, logs
@@ -392,6 +394,28 @@ class RayNode:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+
+    def lose(self) -> None:
+        """SIGKILL every live process of this node's session, until none is left."""
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+
+        def sweep() -> bool:
+            alive = []
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and os.getsid(int(entry.name)) == self.proc.pid \
+                            and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(int(entry.name))
+                        os.kill(int(entry.name), signal.SIGKILL)
+                except OSError:  # gone meanwhile
+                    continue
+            return not alive
+
+        assert poll_until(sweep, timeout_s=30, poll_s=0.05), f"{self.name} outlived SIGKILL"
+        self.proc.wait(timeout=30)
 
 
 def ray_node_args(temp_dir: str) -> list[str]:
