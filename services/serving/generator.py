@@ -168,35 +168,34 @@ class Generator(RegistryFollower):
         texts: list[tuple[str, int, Optional[str]]] = []  # filled by the generating thread
         lock = threading.Lock()
         wake = asyncio.Event()
-        reader = {"waiting": False, "ended": False}
+        waiting = False  # the reader found no text and waits for the next (under lock)
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
+            nonlocal waiting
             finish = job.finish_reason
             with lock:  # the event loop is woken only when the reader waits, or at the end
                 texts.append((text, tokens, finish))
-                notify = reader["waiting"] or bool(finish)
-                reader["waiting"] = False
+                notify, waiting = waiting or bool(finish), False
             if notify:
                 try:
                     loop.call_soon_threadsafe(wake.set)
                 except RuntimeError:  # the caller's loop has closed: nobody reads this
                     job.cancel()
 
-        def batch_ended(_) -> None:  # on the loop; wakes a reader left without a last text
-            reader["ended"] = True
-            wake.set()
-
         job = loaded.engine.job(prompt, sampling_params(params), on_text)
         batch = self._submit(loaded, job)
-        batch.add_done_callback(batch_ended)
+        # Wakes a reader that the batch leaves without a last text (it failed).
+        batch.add_done_callback(lambda _: wake.set())
         self.streams += 1
         try:
             while True:
                 with lock:
                     got, texts[:] = texts[:], []
-                    reader["waiting"] = not got
+                    waiting = not got
                 if not got:
-                    if reader["ended"]:  # the batch ended without a finish reason
+                    # The batch's future is settled on this loop, after the generating
+                    # thread added its last text: done with no text left, none is coming.
+                    if batch.done():
                         batch.result()  # raises the batch's error
                         raise RuntimeError("generation ended without a finish reason")
                     await wake.wait()
