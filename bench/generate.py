@@ -1,12 +1,12 @@
 """Generation benchmark: tokens/s and time to first token through gRPC vs Hugging Face
 `generate` in-process, on the same checkpoint and the same prompts, in one run.
 
-    .venv/bin/python bench/generate.py [--quick] [--model-dir DIR] [--new-tokens 64]
-        [--batching continuous|static] [--stagger-ms 40] [--json out.json]
+    .venv/bin/python bench/generate.py [--quick] [--model-dir DIR | --size tiny|gpt2-small]
+        [--new-tokens 64] [--batching continuous|static] [--stagger-ms 40] [--json out.json]
 
 The checkpoint is a causal LM folder (e.g. the GSM8K run of bench/gsm8k_prepare.py,
-found at /tmp/gsm8k/registry by default) or, without one, a GPT-2 built from a config
-(random weights: the timing is the same). It is published to a temporary registry and
+found at /tmp/gsm8k/registry by default) or, with --size or without one, a GPT-2
+built from a config (random weights: the timing is the same; SIZES). It is published to a temporary registry and
 served by `start_serving` (Ray Serve, gRPC proxy, one Generator replica with
 --replica-cpus CPUs), and loaded in this process for HF with as many torch threads.
 Every request generates exactly --new-tokens tokens (ignore_eos; HF: min_new_tokens),
@@ -38,7 +38,8 @@ turns Serve's per-request log line off: the layouts of bench/serve.py.
 Time to first token is when the first token arrives (gRPC: first chunk at the client,
 mean over the streams, each on a channel connected before the clock starts; HF: the
 first decoding step's end, seen by a stopping-criteria hook); tokens/s counts all
-generated tokens over the wall time of the phase; requests/batch is how many requests
+generated tokens over the wall time of the phase (gRPC: to the last call's last
+chunk, before the clients close their channels); requests/batch is how many requests
 shared one generate call on the server (continuous batching: how many joined the
 running batch at once); latency is a request's whole time. Each figure is the median
 of --repeats runs.
