@@ -137,15 +137,17 @@ def test_share_sticky_keys_and_explicit_version(registry):
 
 
 def test_a_failing_candidate_costs_clients_nothing(registry, monkeypatch, fallbacks):
-    """The candidate raises on about a tenth of the inputs: every call is answered
-    (production answers those), each one counted against the candidate."""
+    """The candidate raises on about a tenth of its batches (those whose first input
+    is one of a tenth of the inputs, so that the share does not grow with the batches
+    the calls happen to form): every call is answered (production answers those),
+    each one counted against the candidate."""
     real = runtime.run_encoded
     failed = collections.Counter()
     armed = []  # from when the candidate serves: its load's smoke test must pass
 
     def flaky(loaded, enc, *args, **kwargs):
         if armed and loaded.version == "v2" and \
-                any(sum(ids) % 10 == 0 for ids in enc["input_ids"]):
+                sum(enc["input_ids"][0]) % 10 == 0:
             failed["batches"] += 1
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(loaded, enc, *args, **kwargs)
