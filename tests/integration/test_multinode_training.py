@@ -6,8 +6,9 @@ RayJob's head) and two worker nodes of 2 CPUs each, every node started with
 `ray start --block` in a process group of its own. `tuneserve train --address` runs the
 fault tests' run (tests.helpers.FAULT_RUN) on 2 workers with --placement-strategy
 SPREAD: one worker on each worker node. When the last rank reaches step 6 (after the
-checkpoint of step 4; TUNESERVE_TEST_FAULT pauses it there) one worker node is killed
-whole (raylet, workers, agents). The run resumes from the checkpoint of step 4 on the
+checkpoint of step 4; TUNESERVE_TEST_FAULT pauses it there) one worker node is lost
+whole: its raylet, agents and workers SIGKILLed at once (RayNode.lose), as when its
+machine goes. The run resumes from the checkpoint of step 4 on the
 node left (SPREAD shares a node when it must; the head has no CPUs, and no node
 replaces the lost one) and publishes a model of the uninterrupted run's quality.
 
@@ -94,7 +95,7 @@ def test_a_node_lost_mid_epoch_resumes_on_the_node_left(cluster, tmp_path, tiny_
 
         victim = cluster["workers"][0]
         killed = time.monotonic()
-        victim.kill()
+        victim.lose()
         assert poll_until(lambda: RESUMED in said() or proc.poll() is not None,
                           timeout_s=180), said()
         resumed_s = time.monotonic() - killed
