@@ -48,6 +48,29 @@ from services.protocol.status import Details, FieldViolation
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_KEEPALIVE_S = 20.0
+"""A connection with a call in flight is pinged after this long without a frame from
+the server; no answer closes it. It is twice tuneserve's servers' least ping interval
+(services/serving/replica_grpc.py), so they never count it as abuse."""
+MAX_PING_TIMEOUT_S = 10.0
+
+
+def keepalive_options(keepalive_s: Optional[float]) -> list[tuple[str, int]]:
+    """grpc channel arguments that ping a connection with calls in flight every
+    `keepalive_s` seconds without a frame from the server (Client's `keepalive_s`)."""
+    if keepalive_s is None:
+        return []
+    if isinstance(keepalive_s, bool) or not isinstance(keepalive_s, (int, float)) \
+            or not 0.1 <= keepalive_s <= 3600:
+        raise InvalidInput(f"keepalive_s: must be a number of seconds from 0.1 to 3600 or "
+                           f"None, got {keepalive_s!r}")
+    timeout_ms = int(min(keepalive_s, MAX_PING_TIMEOUT_S) * 1000)
+    # grpc (1.85) times its pings out after grpc.http2.ping_timeout_ms (default 60 s),
+    # whatever keepalive_timeout_ms says: both are set.
+    return [("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 0)]
 
 
 def token_from(token_file: Optional[str], env_name: str) -> Optional[str]:
@@ -62,7 +85,8 @@ class Client:
                  tls: bool = False, tls_ca: Optional[str] = None,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 admin_address: Optional[str] = None):
+                 admin_address: Optional[str] = None,
+                 keepalive_s: Optional[float] = DEFAULT_KEEPALIVE_S):
         """`application`: the Serve application to reach, when the cluster runs more
         than one (sent as the `application` metadata Serve's gRPC proxy routes by).
 
@@ -80,7 +104,14 @@ class Client:
         `max_attempts`: tries of an idempotent call (1: no retries), see RetryPolicy.
 
         `admin_address`: the server's admin port (`tuneserve serve --admin-port`), where
-        Admin calls go; default `address` (a client made for Admin calls only)."""
+        Admin calls go; default `address` (a client made for Admin calls only).
+
+        `keepalive_s`: while a call is in flight, the connection is pinged after this
+        many seconds without a frame from the server, and closed when the ping gets no
+        answer within min(keepalive_s, 10) s: a server whose machine vanished without
+        closing its connections (a lost node) fails the call as UNAVAILABLE, tried again
+        on a new connection, instead of holding it to its deadline. Idle connections
+        are not pinged. None: no pings (TCP alone notices, after minutes)."""
         if not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
         self.retry = RetryPolicy(max_attempts)
@@ -88,7 +119,7 @@ class Client:
         self.address = address
         self.timeout_s = _deadline(timeout_s)
         credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
-        options = [("grpc.use_local_subchannel_pool", 1)]
+        options = [("grpc.use_local_subchannel_pool", 1), *keepalive_options(keepalive_s)]
         self.channels = [grpc.secure_channel(address, credentials, options=options)
                          if credentials else grpc.insecure_channel(address, options=options)
                          for _ in range(connections)]

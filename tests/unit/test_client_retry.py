@@ -227,3 +227,99 @@ def test_cli_max_attempts(fake, capsys):
     assert main(["generate", "--address", address, "--model", "g",
                  "--max-attempts", "0", "x"]) == 2
     assert "--max-attempts" in capsys.readouterr().err and len(script.calls) == 2
+
+
+class Relay:
+    """A TCP relay in front of a server. freeze() makes it stop passing bytes on the
+    connections it has, without closing them: what a client sees of a server whose
+    machine vanished. Connections made after freeze() pass bytes as before."""
+
+    def __init__(self, upstream: str):
+        import socket
+
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.frozen: list[threading.Event] = []
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            frozen = threading.Event()
+            self.frozen.append(frozen)
+            self.sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst, frozen),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, frozen: threading.Event) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    return
+                if not frozen.is_set():
+                    dst.sendall(data)
+            except OSError:
+                return
+
+    def freeze(self) -> None:
+        for frozen in self.frozen:
+            frozen.set()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def relay(fake):
+    script, address = fake
+    relay = Relay(address)
+    yield script, relay
+    relay.close()
+
+
+def test_a_connection_whose_server_vanished_is_dropped_and_the_call_answered(relay):
+    """A call in flight on a connection that went silent: the keepalive ping gets no
+    answer, the connection is closed (UNAVAILABLE, no server answered) and the call
+    is tried again on a new connection, within its deadline."""
+    script, relay = relay
+    with _client(relay.address, keepalive_s=0.5) as client:
+        assert client.classify("m", ["warm"]).version == "v1"
+        relay.freeze()
+        assert client.classify("m", ["x"], timeout_s=20).version == "v1"
+    assert len(script.calls) == 2  # the frozen try never reached the server
+
+
+def test_without_keepalive_a_silent_connection_holds_the_call_to_its_deadline(relay):
+    script, relay = relay
+    with _client(relay.address, keepalive_s=None) as client:
+        assert client.classify("m", ["warm"]).version == "v1"
+        relay.freeze()
+        with pytest.raises(CallError) as err:
+            client.classify("m", ["x"], timeout_s=2)
+    assert err.value.code() == CODES.DEADLINE_EXCEEDED and len(script.calls) == 1
+
+
+@pytest.mark.parametrize("keepalive_s", [0, -1, 1e9, True, "20"])
+def test_keepalive_is_checked(keepalive_s):
+    with pytest.raises(InvalidInput, match="keepalive_s"):
+        Client("127.0.0.1:1", keepalive_s=keepalive_s)
+
+
+def test_the_default_keepalive_is_not_ping_abuse_to_tuneserve_servers():
+    from services.client import DEFAULT_KEEPALIVE_S
+    from services.serving.replica_grpc import MIN_CLIENT_PING_INTERVAL_S
+
+    assert DEFAULT_KEEPALIVE_S >= 2 * MIN_CLIENT_PING_INTERVAL_S
