@@ -199,18 +199,30 @@ def load_tokenizer(ref: str):
     return tok
 
 
+def empty_model(auto_class, ref: str, **config_fields):
+    """`auto_class`'s model of `ref`'s config on the meta device: every weight's shape
+    and dtype, no memory and no values (a training worker that gets its shards of the
+    weights from rank 0, services/training/parallel.py)."""
+    transformers = quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(ref, trust_remote_code=False,
+                                                     **config_fields)
+    with _torch().device("meta"):
+        return auto_class.from_config(config)
+
+
 def load_classifier_for_training(ref: str, id2label: dict[int, str], pad_token_id: Optional[int],
-                                 pooling: str = "cls"):
+                                 pooling: str = "cls", empty: bool = False):
     """A sequence classifier with a fresh head sized for these labels, run with
-    `pooling` (services.core.pooling: cls or mean)."""
-    model = quiet_transformers().AutoModelForSequenceClassification.from_pretrained(
-        ref,
-        num_labels=len(id2label),
-        id2label={int(k): v for k, v in id2label.items()},
-        label2id={v: int(k) for k, v in id2label.items()},
-        ignore_mismatched_sizes=True,
-        **SAFE_LOAD,
-    )
+    `pooling` (services.core.pooling: cls or mean). `empty`: on the meta device
+    (empty_model), without reading the weights."""
+    auto = quiet_transformers().AutoModelForSequenceClassification
+    labels = {"num_labels": len(id2label),
+              "id2label": {int(k): v for k, v in id2label.items()},
+              "label2id": {v: int(k) for k, v in id2label.items()}}
+    if empty:
+        model = empty_model(auto, ref, **labels)
+    else:
+        model = auto.from_pretrained(ref, **labels, ignore_mismatched_sizes=True, **SAFE_LOAD)
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return apply_pooling(model, pooling)
@@ -287,12 +299,18 @@ def context_length(config, tokenizer=None) -> int:
     return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
 
 
-def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None):
-    """Any AutoModelForCausalLM, sized for the tokenizer, optionally wrapped with LoRA."""
+def load_causal_lm_for_training(ref: str, tokenizer, lora: Optional[dict] = None,
+                                empty: bool = False):
+    """Any AutoModelForCausalLM, sized for the tokenizer, optionally wrapped with LoRA.
+    `empty`: on the meta device (empty_model), without reading the weights."""
     transformers = quiet_transformers()
-    model = transformers.AutoModelForCausalLM.from_pretrained(ref, **SAFE_LOAD)
+    if empty:
+        model = empty_model(transformers.AutoModelForCausalLM, ref)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref, **SAFE_LOAD)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))  # e.g. an added [PAD] token
+        # e.g. an added [PAD] token; an empty model's new rows get their values later
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training never reuses the KV cache

@@ -457,7 +457,6 @@ class Worker:
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_ref)
-        model = self.task.build_model(self.tokenizer)
         self.device = ray.train.torch.get_device()
         self.bf16 = cfg.use_gpu and torch.cuda.is_available() \
             and torch.cuda.is_bf16_supported()
@@ -465,14 +464,21 @@ class Worker:
         if restore is not None:
             with restore.as_directory() as folder:
                 saved = saved_strategy(folder)
-                if saved == DDP:
-                    self.task.load_weights(model, folder)
+        # The strategy is chosen from the model's shapes, before any weight is read.
+        model = self.task.build_model(self.tokenizer, empty=True)
         memory = smallest(worker_memory_bytes(self.device, self.local_world), self.device,
                           self.world)
         self.strategy, self.strategy_why = choose_strategy(
             cfg.strategy, training_state_bytes(model), memory, self.world, saved)
+        # FSDP: only rank 0 reads the weights; the others get their shards from it (wrap).
+        if self.strategy == DDP or self.rank == 0:
+            model = self.task.build_model(self.tokenizer)
+        if saved == DDP:
+            with restore.as_directory() as folder:
+                self.task.load_weights(model, folder)
         self.model = wrap(model, self.strategy, self.device, self.world, bf16=self.bf16,
-                          activation_checkpointing=cfg.activation_checkpointing)
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          rank=self.rank)
         optim = self.cfg.optim
         head_scale = (optim.head_learning_rate or optim.learning_rate) / optim.learning_rate
         self.optimizer = torch.optim.AdamW(

@@ -1,7 +1,8 @@
 """How the training workers hold the model: DDP (a whole copy each) or FSDP2 (sharded).
 
     strategy, why = choose_strategy(cfg.strategy, state_bytes, memory, world, saved)
-    model = wrap(model, strategy, device, world, bf16=..., activation_checkpointing=...)
+    model = wrap(model, strategy, device, world, bf16=..., activation_checkpointing=...,
+                 rank=...)
 
 DDP goes through Ray Train's `prepare_model`. FSDP applies `fully_shard`
 (torch.distributed.fsdp) to every transformer block (the model's `_no_split_modules`)
@@ -124,9 +125,15 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def wrap(model, strategy: str, device, world: int, *, bf16: bool,
-         activation_checkpointing: bool):
+         activation_checkpointing: bool, rank: int = 0):
     """The model ready to train on `device`: Ray Train's DDP wrapper, or sharded with
-    FSDP2 (bf16 compute and float32 gradient reduction where `bf16`)."""
+    FSDP2 (bf16 compute and float32 gradient reduction where `bf16`).
+
+    FSDP with several workers: rank 0's model holds the weights and every other
+    rank's is empty (on the meta device, Task.build_model(empty=True)), so a node
+    never holds more than one whole copy. Each rank shards its model, the empty ones
+    are given memory for their shards only, and rank 0 sends every weight and buffer
+    to the others, each keeping its shard."""
     import ray.train.torch
     import torch
 
@@ -139,6 +146,7 @@ def wrap(model, strategy: str, device, world: int, *, bf16: bool,
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    whole = model.state_dict() if rank == 0 and world > 1 else {}
     # fully_shard moves each unit's weights to the mesh's device as it shards them: a
     # worker never holds more than one unit unsharded on its GPU.
     mesh = init_device_mesh(device.type, (world,))
@@ -147,7 +155,26 @@ def wrap(model, strategy: str, device, world: int, *, bf16: bool,
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if world > 1:
+        _weights_from_rank0(model, whole, device, rank)
     return model
+
+
+def _weights_from_rank0(model, whole: dict[str, Any], device, rank: int) -> None:
+    """Every rank's shards of rank 0's weights (`whole`: rank 0's state dict from before
+    sharding, {} elsewhere), and rank 0's buffers, non-persistent ones included (a
+    rotary embedding's frequencies, BERT's position ids): an empty model gets memory
+    for them here, uninitialised until this fills it. All ranks call it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True,
+                                                                broadcast_from_rank0=True))
+    whole.clear()
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def gradient_sync(model, strategy: str, sync: bool, world: int):

@@ -133,7 +133,10 @@ class Task:
         return False, ""
 
     # ---- worker side -----------------------------------------------------------
-    def build_model(self, tokenizer):
+    def build_model(self, tokenizer, empty: bool = False):
+        """The model to train, its weights read from the model reference; `empty`: the
+        same model on the meta device, no weights read (an FSDP rank other than 0,
+        which gets its shards from rank 0)."""
         raise NotImplementedError
 
     def dataset(self, split: EncodedSplit):
@@ -538,12 +541,12 @@ class ClassificationTask(Task):
     def prefer_last(self, best, last):
         return last_within_noise(best, last)
 
-    def build_model(self, tokenizer):
+    def build_model(self, tokenizer, empty=False):
         pooling = self.pooling
         if pooling == "auto":  # choose_settings not run (a task made by hand)
             pooling = resolve_pooling(pooling, self.model_ref)[0]
         return load_classifier_for_training(self.model_ref, self.id2label, self.pad_id,
-                                            pooling=pooling)
+                                            pooling=pooling, empty=empty)
 
     def load_weights(self, model, folder):
         load_saved_weights(unwrap(model), folder)
@@ -826,8 +829,9 @@ class GenerationTask(Task):
     def manifest_fields(self) -> dict[str, Any]:
         return {"prompt_template": self.prompt_template, "lora": self.lora}
 
-    def build_model(self, tokenizer):
-        return load_causal_lm_for_training(self.model_ref, tokenizer, lora=self.lora)
+    def build_model(self, tokenizer, empty=False):
+        return load_causal_lm_for_training(self.model_ref, tokenizer, lora=self.lora,
+                                           empty=empty)
 
     def dataset(self, split):
         return _Examples(split, "mask")
