@@ -25,6 +25,7 @@ so that freed buffers leave the resident set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -118,11 +119,16 @@ def train_loop(cfg: dict) -> None:
                          num_hidden_layers=cfg["layers"], num_attention_heads=8,
                          num_key_value_heads=8, vocab_size=cfg["vocab"],
                          max_position_embeddings=cfg["seq_len"], tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config)
-    model.config.use_cache = False
     bf16 = cfg["use_gpu"] and torch.cuda.is_bf16_supported()
-    model = wrap(model, cfg["strategy"], device, world, bf16=bf16,
-                 activation_checkpointing=cfg["activation_checkpointing"])
+    # As `tuneserve train` holds it: with FSDP only rank 0 makes the weights, the other
+    # ranks' models are empty until wrap sends them their shards.
+    empty = cfg["strategy"] == "fsdp" and rank != 0
+    with PeakRss() as setup_rss:
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config)
+        model.config.use_cache = False
+        model = wrap(model, cfg["strategy"], device, world, bf16=bf16,
+                     activation_checkpointing=cfg["activation_checkpointing"], rank=rank)
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
     # The same global batch for every strategy: rank r trains rows r::world of it.
     gen = torch.Generator().manual_seed(1)
@@ -167,10 +173,13 @@ def train_loop(cfg: dict) -> None:
     if world > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     loss = float(all_reduce([losses[-1]], device, world)[0]) / world
+    # What the workers' set-up took together at its peak (one node's RAM on a CPU).
+    setup_peak = float(all_reduce([float(setup_rss.peak)], device, world)[0])
     step_s, state, setup, peak = packed.tolist()
     if rank == 0:
         Path(cfg["out"]).write_text(json.dumps({"step_s": step_s, "state_bytes": state,
                                                 "setup_bytes": setup, "peak_bytes": peak,
+                                                "setup_peak_bytes": setup_peak,
                                                 "loss": loss}))
 
 
@@ -238,13 +247,17 @@ def main(argv=None) -> int:
     base = rows[0]
     out = [[r["run"], f"{r['step_s']:.3f}", f"{r['step_s'] / base['step_s']:.2f}x",
             f"{r['state_bytes'] / MIB:.0f}", f"{r['state_bytes'] / base['state_bytes']:.2f}x",
-            f"{r['setup_bytes'] / MIB:.0f}", f"{r['peak_bytes'] / MIB:.0f}", f"{r['peak_bytes'] / base['peak_bytes']:.2f}x",
+            f"{r['setup_peak_bytes'] / MIB:.0f}",
+            f"{r['setup_peak_bytes'] / base['setup_peak_bytes']:.2f}x",
+            f"{r['setup_bytes'] / MIB:.0f}", f"{r['peak_bytes'] / MIB:.0f}",
+            f"{r['peak_bytes'] / base['peak_bytes']:.2f}x",
             f"{r['loss']:.4f}"] for r in rows]
     print(f"\n{params / 1e6:.1f}M parameters, {args.workers} workers, global batch "
           f"{args.batch_size} x {args.seq_len} tokens, {args.steps} steps "
           f"({'GPU' if args.use_gpu else 'CPU, gloo'})")
     print(table(out, ["run", "step s", "vs ddp", "state MiB/worker", "vs ddp",
-                      "set up MiB/worker", "peak MiB/worker", "vs ddp", "loss"]))
+                      "set-up peak MiB, all workers", "vs ddp", "set up MiB/worker",
+                      "peak MiB/worker", "vs ddp", "loss"]))
     write_json(args.json, {"machine": machine(), "args": vars(args), "params": params,
                            "runs": rows})
     return 0
