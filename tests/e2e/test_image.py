@@ -75,7 +75,7 @@ def base_image(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def image(base_image) -> str:
     mounts = [f"--volume={p}:{p}:ro" for p in HOST_MOUNTS if Path(p).exists()]
-    run("buildah", "bud", "--isolation", "chroot", "--layers", "--format", "docker",
+    run("buildah", "bud", "--isolation", "chroot", "--format", "docker",
         "--build-arg", f"BASE_IMAGE={base_image}", "--build-arg", "TORCH_INDEX=",
         *mounts, "-t", IMAGE, str(ROOT))
     return IMAGE
