@@ -6,7 +6,7 @@ chroot`, the machine's pip configuration, wheel folders and CA bundle mounted in
 RUN steps only (nothing host-specific lands in a layer), and the image run with `podman
 run` (runc, explicit ulimits): `--version`, `--help` and `tuneserve demo`.
 
-It takes about 5 minutes on 2 cores (a full dependency install). `.ci/run` installs the
+It takes about 4.5 minutes on 2 cores (a full dependency install). `.ci/run` installs the
 four tools, so CI runs it; elsewhere it runs as root where buildah, podman, runc and
 debootstrap are installed, and is skipped, saying which is missing, otherwise.
 TUNESERVE_IMAGE_TEST=0 skips it for a quicker local run.
