@@ -110,7 +110,7 @@ def shard_units(model) -> list:
 
 
 def enable_activation_checkpointing(model) -> None:
-    """Hugging Face gradient checkpointing, non-reentrant (it keeps the state dict's
+    """Hugging Face activation checkpointing, non-reentrant (it keeps the state dict's
     names, works with frozen inputs such as LoRA's, and with DDP and FSDP).
     ConfigError naming the field when the model does not support it."""
     from services.core.errors import ConfigError
@@ -121,7 +121,8 @@ def enable_activation_checkpointing(model) -> None:
                         False):
         raise ConfigError(f"invalid config field 'activation_checkpointing': "
                           f"{type(inner).__name__} does not support gradient checkpointing")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def wrap(model, strategy: str, device, world: int, *, bf16: bool,
