@@ -48,7 +48,7 @@ from services.core.errors import (
 from services.core.registry import CANARY_CHANNEL, Registry, validate_name, validate_version
 from services.core.registry.store import pointer_version
 from services.serving import serve_logs
-from services.serving.waiting import wait_event
+from services.serving.waiting import wait_event, wait_within
 
 logger = logging.getLogger("ray.serve")
 _PROCESS_LOADS = threading.Lock()
@@ -473,9 +473,9 @@ class RegistryFollower:
             return
         try:
             status = await self.status()
-            await asyncio.wait_for(
+            await wait_within(
                 self.board.report.remote(status, stale_after_s=3 * self.poll_interval_s + 10),
-                timeout=5)
+                5)
         except Exception:  # the board is advisory; serving goes on without it
             logger.warning("status report for %s failed", self.name, exc_info=True)
 

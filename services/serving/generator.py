@@ -18,7 +18,6 @@ cancelled and the generating thread drops its row at the next token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
@@ -42,6 +41,7 @@ from services.runtime.generator import (
 )
 from services.serving.batching import GreedyBatcher, observe_batch
 from services.serving.follower import RegistryFollower, falls_back
+from services.serving.waiting import wait_event
 
 logger = logging.getLogger("ray.serve")
 
@@ -209,8 +209,7 @@ class Generator(RegistryFollower):
                     return
                 # Let tokens gather (see STREAM_CHUNKS_PER_S), but send the last ones
                 # as soon as they are in.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.streams / self.stream_chunks_per_s)
+                await wait_event(wake, self.streams / self.stream_chunks_per_s)
                 wake.clear()
         finally:
             self.streams -= 1

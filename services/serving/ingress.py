@@ -52,7 +52,7 @@ from services.serving.validation import (
     validate_classify,
     validate_generate,
 )
-from services.serving.waiting import wait_event
+from services.serving.waiting import wait_event, wait_within
 
 logger = logging.getLogger("ray.serve")
 
@@ -363,7 +363,7 @@ class InferenceIngress(AdminMethods):
     async def _read_board(self) -> Optional[dict[str, list[dict]]]:
         """The status board's model -> replica statuses; None when it cannot be read."""
         try:
-            return await asyncio.wait_for(self.board.get.remote(), STATUS_TIMEOUT_S)
+            return await wait_within(self.board.get.remote(), STATUS_TIMEOUT_S)
         except Exception:
             logger.warning("status board unavailable", exc_info=True)
             return None
