@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from services.core import metrics
 from services.core.config import BF16_OPTIMIZERS, CLASSIFICATION
@@ -329,8 +329,10 @@ def predict(loaded: LoadedClassifier, texts: list[str], chunk: int = 64,
 
 
 def run_encoded(loaded: LoadedClassifier, enc: dict[str, list], chunk: int = 64,
-                max_tokens: Optional[int] = None):
-    """`predict` of texts `encode` tokenised."""
+                max_tokens: Optional[int] = None,
+                on_pass: Optional[Callable[[list[int], Any], None]] = None):
+    """`predict` of texts `encode` tokenised. `on_pass(rows, out)` is called after each
+    forward pass with the rows it filled in `out`."""
     import torch
 
     device = loaded.model.device
@@ -346,31 +348,38 @@ def run_encoded(loaded: LoadedClassifier, enc: dict[str, list], chunk: int = 64,
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = loaded.logits(batch).float()
             out[idx] = torch.softmax(logits, dim=-1).cpu()
+            if on_pass is not None:
+                on_pass(idx, out)
     return out
 
 
-def predict_batch(items: list[tuple[LoadedClassifier, list[str]]]) -> list[Any]:
+def predict_batch(items: list[tuple[LoadedClassifier, list[str]]],
+                  deliver: Optional[Callable[[int, Any], None]] = None) -> list[Any]:
     """Several requests, (version, texts) each: every request's probabilities (lists),
     in order. The texts of all requests on one version are tokenised and run together.
     Where the version refuses texts over its limit (LoadedClassifier.refuse), a request
     with one gets an InvalidInput (an answer, not raised) and the others run. A version
     that fails gives its requests the exception (as answers): the other versions'
-    requests in the batch are answered all the same (a canary fails only its own)."""
+    requests in the batch are answered all the same (a canary fails only its own).
+    `deliver(i, answer)` is called with each request's probabilities as soon as the
+    forward pass holding its last text ends, before the batch's other passes run."""
     groups: dict[int, list[int]] = {}
     for i, (loaded, _) in enumerate(items):
         groups.setdefault(id(loaded), []).append(i)
     answers: list[Any] = [None] * len(items)
     for members in groups.values():
         try:
-            _predict_group(items, members, answers)
+            _predict_group(items, members, answers, deliver)
         except Exception as exc:
             for i in members:
-                answers[i] = exc
+                if answers[i] is None:  # those delivered already had their answer
+                    answers[i] = exc
     return answers
 
 
 def _predict_group(items: list[tuple[LoadedClassifier, list[str]]], members: list[int],
-                   answers: list[Any]) -> None:
+                   answers: list[Any],
+                   deliver: Optional[Callable[[int, Any], None]] = None) -> None:
     """predict_batch for the requests `members` of one version, into `answers`."""
     loaded = items[members[0]][0]
     enc, over = encode(loaded, [t for i in members for t in items[i][1]])
@@ -390,9 +399,27 @@ def _predict_group(items: list[tuple[LoadedClassifier, list[str]]], members: lis
     keep = [first + j for i, first in rows for j in range(len(items[i][1]))]
     if len(keep) < pos:
         enc = {k: [v[r] for r in keep] for k, v in enc.items()}
-    probs = run_encoded(loaded, enc).tolist() if keep else []
-    at = 0
+    if not keep:
+        return
+    # the kept rows of each request: request -> (its first row in `out`, rows left)
+    spans, owner, at = {}, [], 0
     for i, _ in rows:
         n = len(items[i][1])
-        answers[i] = probs[at:at + n]
+        spans[i] = [at, n]
+        owner.extend([i] * n)
         at += n
+
+    def settle(i: int, out) -> None:
+        first, n = spans[i][0], len(items[i][1])
+        answers[i] = out[first:first + n].tolist()
+        if deliver is not None:
+            deliver(i, answers[i])
+
+    def on_pass(idx: list[int], out) -> None:
+        for r in idx:
+            span = spans[owner[r]]
+            span[1] -= 1
+            if span[1] == 0:
+                settle(owner[r], out)
+
+    run_encoded(loaded, enc, on_pass=on_pass)

@@ -3,9 +3,11 @@
 `GreedyBatcher`: a replica's requests queue while the model computes; when it is free,
 the next batch is everything queued (up to `max_batch_size`), after a bounded wait for
 the callers of the batch that just ended, or with `wait_timeout_s` > 0 for a batch to
-fill. Batches run one at a time on the batcher's own thread. `Coalescer`: the
-ingress's concurrent requests to one model, sent as few calls. Calls cancelled while
-queued are dropped; a failing batch fails each of its calls with the same exception.
+fill. Batches run one at a time on the batcher's own thread; with `early_results`, a
+batch's callers are answered as their results come, before the batch ends.
+`Coalescer`: the ingress's concurrent requests to one model, sent as few calls. Calls
+cancelled while queued are dropped; a failing batch fails each of its calls with the
+same exception.
 """
 
 from __future__ import annotations
@@ -45,17 +47,27 @@ class GreedyBatcher:
     list of items and returns one result per item (it runs in the batcher's own thread,
     one batch at a time). `return_wait_share` 0 turns the wait for returning callers off.
     `on_batch(n)` is told each batch's size and `on_wait(seconds)` how long it waited
-    for more requests (0: not at all)."""
+    for more requests (0: not at all).
 
-    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 32,
+    With `early_results`, `fn(items, deliver)` may call `deliver(i, result)` (from its
+    thread) as soon as item i's result is known: its caller is answered then, while
+    the batch goes on. A classifier's batch runs as several forward passes, so the
+    callers of its first passes come back while its last ones compute, and the next
+    batch starts full without the model idling for the whole batch's callers
+    (docs/design.md, "Batching")."""
+
+    def __init__(self, fn: Callable[..., Sequence[Any]], max_batch_size: int = 32,
                  wait_timeout_s: float = 0.0,
                  on_batch: Optional[Callable[[int], None]] = None,
                  on_wait: Optional[Callable[[float], None]] = None,
                  return_wait_share: float = RETURN_WAIT_SHARE,
-                 return_wait_max_s: float = RETURN_WAIT_MAX_S):
+                 return_wait_max_s: float = RETURN_WAIT_MAX_S,
+                 early_results: bool = False):
         if return_wait_share < 0 or return_wait_max_s < 0:
             raise ValueError("return_wait_share and return_wait_max_s must be >= 0")
         self._fn = fn
+        self._early_results = early_results
+        self._arrivals = 0  # requests submitted since the start
         self._on_batch = on_batch
         self._on_wait = on_wait
         # (item, its caller's future, when it arrived), oldest first
@@ -69,8 +81,9 @@ class GreedyBatcher:
         # (No thread starts before the first batch.)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tuneserve-batch")
-        # The last batch: calls it carried, its compute time, when it ended, and how
-        # many calls were queued then.
+        # The last batch: its callers not yet back when it ended (those answered early
+        # and back already are queued), its compute time, when it ended, and how many
+        # calls were queued then.
         self._last: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
         self.return_wait_share, self.return_wait_max_s = return_wait_share, return_wait_max_s
         self._backoff = self._skip_waits = 0
@@ -100,6 +113,7 @@ class GreedyBatcher:
             self._loop_task = loop.create_task(self._run())
         future = loop.create_future()
         now = time.monotonic()
+        self._arrivals += 1
         self._queue.append((item, future, now))
         if self._cut_short is not None and now - self._cut_short <= self.wait_timeout_s:
             # it would have joined that lone request with the whole wait: a burst split
@@ -185,11 +199,25 @@ class GreedyBatcher:
                 self._on_batch(len(batch))
             if self._on_wait is not None:
                 self._on_wait(waited)
-            started = time.monotonic()
+            started, arrivals = time.monotonic(), self._arrivals
+            loop = asyncio.get_running_loop()
+            args: tuple = ([item for item, _ in batch],)
+            early = [0]  # callers answered before the batch ended
+            if self._early_results:
+                futures = [future for _, future in batch]
+
+                def settle(future: asyncio.Future, result: Any) -> None:
+                    if not future.done():
+                        future.set_result(result)
+                        early[0] += 1
+
+                def deliver(i: int, result: Any) -> None:  # the batch's thread
+                    loop.call_soon_threadsafe(settle, futures[i], result)
+
+                args += (deliver,)
             try:
-                results = await asyncio.get_running_loop().run_in_executor(  # as to_thread
-                    self._thread, contextvars.copy_context().run, self._fn,
-                    [item for item, _ in batch])
+                results = await loop.run_in_executor(  # as to_thread
+                    self._thread, contextvars.copy_context().run, self._fn, *args)
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results "
                                        f"for {len(batch)} items")
@@ -199,8 +227,12 @@ class GreedyBatcher:
                         future.set_exception(exc)
                 continue
             finally:
+                # Early answers were scheduled before the batch's end, so they are
+                # settled by now; of those callers, at most the calls that arrived
+                # meanwhile are back (queued).
                 ended = time.monotonic()
-                self._last = (len(batch), ended - started, ended, len(self._queue))
+                back = min(early[0], self._arrivals - arrivals)
+                self._last = (len(batch) - back, ended - started, ended, len(self._queue))
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)

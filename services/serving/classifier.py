@@ -7,7 +7,8 @@ check, the smoke inference, TorchScript, forward passes): it follows the registr
 Requests are batched across callers by a GreedyBatcher (services/serving/batching.py):
 while the model computes, requests queue, and the next batch is everything queued
 (after a brief wait for the callers of the batch that just ended), so a lone request
-never waits and batches grow with the load. A batch runs through
+never waits and batches grow with the load. Each request is answered as soon as the
+forward pass holding its last text ends, while the batch's other passes run. A batch runs through
 `services.runtime.classifier.predict_batch`, once per model version; texts run whole
 up to the model's limit (or the serving limit), longer ones truncated or refused.
 
@@ -64,13 +65,15 @@ class Classifier(RegistryFollower):
         self._batcher = GreedyBatcher(
             self._predict, max_batch_size, batch_wait_timeout_s,
             on_wait=lambda s: metrics.observe("tuneserve_batch_wait_seconds", s,
-                                              model=self.name))
+                                              model=self.name),
+            early_results=True)
 
-    def _predict(self, items: list[tuple[LoadedClassifier, list[str]]]) -> list[Any]:
+    def _predict(self, items: list[tuple[LoadedClassifier, list[str]]],
+                 deliver: Any = None) -> list[Any]:
         """One batch (the batcher's thread): its size per version, then the forward
-        passes."""
+        passes, each request answered (`deliver`) once its texts have run."""
         observe_batch(self.name, [loaded.version for loaded, _ in items])
-        return predict_batch(items)
+        return predict_batch(items, deliver)
 
     def _status_extra(self) -> dict[str, Any]:
         return {"labels": self.current.labels if self.current else [],

@@ -397,3 +397,110 @@ def test_a_request_that_just_missed_a_lone_batch_brings_the_whole_wait_back():
     # LONE_FULL_WAITS of them caught nobody; then the short wait is back
     assert all(w >= 0.1 for w in waits[1:1 + LONE_FULL_WAITS]), waits
     assert 0.045 <= waits[-1] < 0.15, waits
+
+
+# ---- answers before the batch ends (early_results) -----------------------------------
+
+class HalvesModel(FakeModel):
+    """A batch of two halves, as a classifier's forward passes: the first half's
+    results are delivered as soon as it has run, the second's at the end."""
+
+    def __init__(self, compute_s: float = 0.0):
+        super().__init__(compute_s)
+        self.delivered_while_running: list[bool] = []
+        self.running = False
+
+    def __call__(self, items, deliver):
+        self.batches.append(list(items))
+        self.running = True
+        self.started.set()
+        half = (len(items) + 1) // 2
+        time.sleep(self.compute_s / 2)
+        for i in range(half):
+            deliver(i, 2 * items[i])
+        self.release.wait(10)
+        time.sleep(self.compute_s / 2)
+        self.running = False
+        return [2 * i for i in items]
+
+
+def test_early_results_answer_callers_while_the_batch_goes_on():
+    model = HalvesModel()
+    model.release.clear()
+    batcher = GreedyBatcher(model, max_batch_size=8, early_results=True)
+
+    async def main():
+        first, rest = await while_busy(model, batcher, 100, range(4))
+        model.release.set()
+        assert await first == 200
+        model.release.clear()  # the batch of 0..3 holds after its first half
+        early = await asyncio.wait_for(asyncio.gather(*rest[:2]), 10)
+        running = model.running  # answered while the batch has not ended
+        model.release.set()
+        return early, running, await asyncio.gather(*rest)
+
+    early, running, answers = run(main())
+    assert early == [0, 2] and running
+    assert answers == [0, 2, 4, 6] and model.batches == [[100], [0, 1, 2, 3]]
+
+
+def test_callers_answered_early_stay_one_batch_and_the_wait_stays_short():
+    """The callers of a batch's first half come back while its second half computes:
+    they are queued when it ends, and the next batch waits only for the second half's
+    callers, not until the wait's deadline for callers already back."""
+    model = HalvesModel(compute_s=0.1)
+    waits: list[float] = []
+    # max_batch_size above the callers: the batch size alone cannot end the wait
+    batcher = GreedyBatcher(model, max_batch_size=32, return_wait_share=0.5,
+                            return_wait_max_s=0.5, on_wait=waits.append,
+                            early_results=True)
+
+    async def caller(i: int):
+        await asyncio.sleep(0.003 * i)
+        for _ in range(8):
+            assert await batcher.submit(i) == 2 * i
+            await asyncio.sleep(0.002 * (i + 1))
+
+    async def main():
+        await asyncio.gather(*(caller(i) for i in range(8)))
+
+    run(main())
+    sizes = [len(b) for b in model.batches]
+    assert sizes == [1] + [8] * 7 + [7], sizes
+    # each wait ends when the last caller is back (16 ms at most here), far before the
+    # deadline of 50 ms (half of 0.1 s) that counting the early callers twice runs into
+    # (the last batch waits it out: caller 0 has made its last call)
+    assert max(waits[:-1]) < 0.04, waits
+
+
+def test_predict_batch_delivers_each_request_once_its_last_pass_has_run(
+        tiny_model_dir, tmp_path):
+    from services.core.errors import InvalidInput
+    from services.runtime import classifier as runtime
+    from tests.helpers import publish_toy_classifier
+
+    registry = publish_toy_classifier(tiny_model_dir, tmp_path, 16)
+    loaded = runtime.load_classifier(registry, "toy", "v1", trace=False, refuse=True)
+    passes = []
+    real = loaded.logits
+
+    def counting(batch):
+        passes.append(int(batch["input_ids"].shape[0]))
+        return real(batch)
+
+    loaded.logits = counting
+    delivered = []
+    # 102 tokens: a pass of its own (CPU passes hold 256 padded tokens); 302: refused
+    mid, long = "good " * 100, "good " * 300
+    items = [(loaded, [mid]), (loaded, ["fine", "great"]), (loaded, [long]),
+             (loaded, ["bad"])]
+    answers = runtime.predict_batch(
+        items, lambda i, answer: delivered.append((i, answer, len(passes))))
+    # the short texts run in the first pass (shortest first), the long one after
+    assert [(i, n) for i, _, n in delivered] == [(1, 1), (3, 1), (0, 2)]
+    assert all(answers[i] == answer for i, answer, _ in delivered)
+    assert isinstance(answers[2], InvalidInput)  # refused: answered, never delivered
+    assert [len(a) for a in (answers[0], answers[1], answers[3])] == [1, 2, 1]
+    again = runtime.predict_batch(items)  # the same answers without deliver
+    assert [again[i] for i in (0, 1, 3)] == [answers[i] for i in (0, 1, 3)]
+    assert str(again[2]) == str(answers[2])
