@@ -372,7 +372,7 @@ def predict_batch(items: list[tuple[LoadedClassifier, list[str]]],
             _predict_group(items, members, answers, deliver)
         except Exception as exc:
             for i in members:
-                if answers[i] is None:  # those delivered already had their answer
+                if answers[i] is None:  # delivered or refused ones keep their answer
                     answers[i] = exc
     return answers
 

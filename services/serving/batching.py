@@ -204,7 +204,6 @@ class GreedyBatcher:
             args: tuple = ([item for item, _ in batch],)
             early = [0]  # callers answered before the batch ended
             if self._early_results:
-                futures = [future for _, future in batch]
 
                 def settle(future: asyncio.Future, result: Any) -> None:
                     if not future.done():
@@ -212,7 +211,7 @@ class GreedyBatcher:
                         early[0] += 1
 
                 def deliver(i: int, result: Any) -> None:  # the batch's thread
-                    loop.call_soon_threadsafe(settle, futures[i], result)
+                    loop.call_soon_threadsafe(settle, batch[i][1], result)
 
                 args += (deliver,)
             try:

@@ -8,9 +8,10 @@ Requests are batched across callers by a GreedyBatcher (services/serving/batchin
 while the model computes, requests queue, and the next batch is everything queued
 (after a brief wait for the callers of the batch that just ended), so a lone request
 never waits and batches grow with the load. Each request is answered as soon as the
-forward pass holding its last text ends, while the batch's other passes run. A batch runs through
-`services.runtime.classifier.predict_batch`, once per model version; texts run whole
-up to the model's limit (or the serving limit), longer ones truncated or refused.
+forward pass holding its last text ends, while the batch's other passes run. A batch
+runs through `services.runtime.classifier.predict_batch`, once per model version;
+texts run whole up to the model's limit (or the serving limit), longer ones truncated
+or refused.
 
 A version loaded while another serves (a promote, a canary, a request naming it) goes
 live as soon as it is verified, loaded and smoke-tested, run by the model itself, and
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from services.core import metrics
 from services.runtime.classifier import (
@@ -69,7 +70,7 @@ class Classifier(RegistryFollower):
             early_results=True)
 
     def _predict(self, items: list[tuple[LoadedClassifier, list[str]]],
-                 deliver: Any = None) -> list[Any]:
+                 deliver: Optional[Callable[[int, Any], None]] = None) -> list[Any]:
         """One batch (the batcher's thread): its size per version, then the forward
         passes, each request answered (`deliver`) once its texts have run."""
         observe_batch(self.name, [loaded.version for loaded, _ in items])

@@ -407,7 +407,6 @@ class HalvesModel(FakeModel):
 
     def __init__(self, compute_s: float = 0.0):
         super().__init__(compute_s)
-        self.delivered_while_running: list[bool] = []
         self.running = False
 
     def __call__(self, items, deliver):
