@@ -425,22 +425,20 @@ class HalvesModel(FakeModel):
 
 def test_early_results_answer_callers_while_the_batch_goes_on():
     model = HalvesModel()
-    model.release.clear()
+    model.release.clear()  # a batch holds after its first half
     batcher = GreedyBatcher(model, max_batch_size=8, early_results=True)
 
     async def main():
-        first, rest = await while_busy(model, batcher, 100, range(4))
-        model.release.set()
-        assert await first == 200
-        model.release.clear()  # the batch of 0..3 holds after its first half
-        early = await asyncio.wait_for(asyncio.gather(*rest[:2]), 10)
+        # queued in one loop step, before the batcher's task first runs: one batch
+        calls = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        early = await asyncio.wait_for(asyncio.gather(*calls[:2]), 10)
         running = model.running  # answered while the batch has not ended
         model.release.set()
-        return early, running, await asyncio.gather(*rest)
+        return early, running, await asyncio.gather(*calls)
 
     early, running, answers = run(main())
     assert early == [0, 2] and running
-    assert answers == [0, 2, 4, 6] and model.batches == [[100], [0, 1, 2, 3]]
+    assert answers == [0, 2, 4, 6] and model.batches == [[0, 1, 2, 3]]
 
 
 def test_callers_answered_early_stay_one_batch_and_the_wait_stays_short():
