@@ -1,8 +1,12 @@
 """Session fixtures: one tiny model, one Ray cluster, one trained registry, one server.
 
-The Ray cluster is started once per test session (4 logical CPUs on 2 cores: training
-uses 2, serving replicas use fractions). Fixtures that need Ray are only created when a
-test asks for them, so `pytest tests/unit` never starts Ray.
+The Ray cluster is started once per test session (8 logical CPUs on 2 cores: training
+uses 2, the session's serving replicas hold about 2, and a streamed run's Ray Data tasks
+get CPUs of their own beside them instead of running one at a time). Fixtures that need
+Ray are only created when a test asks for them, so `pytest tests/unit` never starts Ray.
+
+The image tests (tests/e2e/test_image.py) run last: their image builds in the background
+from the moment the tests are collected.
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ from tests.helpers import (
     write_csv,
     write_jsonl,
 )
+
+
+def _image_tests(items):
+    return [item for item in items if item.path.parts[-2:] == ("e2e", "test_image.py")]
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config, items):
+    image = _image_tests(items)
+    if image:
+        items[:] = [item for item in items if item not in image] + image
+
+
+def pytest_collection_finish(session):
+    image = _image_tests(session.items)
+    if image and not session.config.option.collectonly:
+        image[0].module.start_build()
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +77,7 @@ def ray_cluster():
     os.environ.update(proxy_env(ServeConfig()))
     # Ray's metrics endpoint on a known port, for test_prometheus.py to scrape.
     metrics_port = free_port()
-    ensure_ray(num_cpus=4, metrics_port=metrics_port)
+    ensure_ray(num_cpus=8, metrics_port=metrics_port)
     yield {"metrics_port": metrics_port}
     from ray import serve
 
