@@ -74,8 +74,7 @@ class _Build:
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
         self._work = tempfile.TemporaryDirectory(prefix="tuneserve-image-")
-        self._thread = threading.Thread(target=self._run, daemon=True, name="image-build")
-        self._thread.start()
+        threading.Thread(target=self._run, daemon=True, name="image-build").start()
 
     def _run(self) -> None:
         try:
